@@ -1,0 +1,2330 @@
+"""SPECTER: lifecycle-first service primitives for Flask, gevent and Flask-SocketIO.
+
+Service Primitives for Event Control, Teardown, and Execution Runtime. Every
+piece of background work has an owner, teardown is deterministic, and services
+talk through clear boundaries: a bus, a registry and validated contracts. The
+whole framework is this one module; copy it into a project or install it.
+
+Guide and API reference: specter.md.
+Licensed under the Apache License, Version 2.0 (see LICENSE).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.2.0"
+
+__all__ = [
+    # bus
+    "EventBus", "bus",
+    # registry
+    "SPECTERRegistry", "Registry", "registry",
+    # lifecycle
+    "Service", "QueueService",
+    # state
+    "Store", "create_store", "Model", "create_model", "Cache", "create_cache",
+    # schema
+    "Field", "Schema", "SchemaError", "Outcome", "Operation", "OperationError",
+    # web
+    "HTTPError",
+]
+
+import collections
+import collections.abc
+import copy
+import decimal
+import functools
+import itertools
+import logging
+import math
+import numbers
+import re
+import sys
+import time
+import types
+
+import flask
+
+import gevent
+import gevent.event
+import gevent.queue
+from gevent import Greenlet
+from greenlet import getcurrent
+
+logger = logging.getLogger("specter")
+
+_MISSING = object()
+_monotonic = time.monotonic
+
+
+def _check_callable(value, what):
+    if not callable(value):
+        raise TypeError("%s must be callable, got %s" % (what, _describe(value)))
+    return value
+
+
+def _check_name(value, what):
+    """Names and event keys are non-empty strings; whitespace around them is dropped."""
+    if not isinstance(value, str):
+        raise TypeError("%s must be a non-empty string, got %s" % (what, _describe(value)))
+    value = value.strip()
+    if not value:
+        raise ValueError("%s must be a non-empty string, got an empty one" % what)
+    return value
+
+
+def _check_seconds(value, what, *, allow_none=False, positive=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("%s must be a number of seconds, got %s" % (what, _describe(value)))
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "greater than 0" if positive else "0 or more"
+        raise ValueError("%s must be %s seconds, got %r" % (what, bound, value))
+    return float(value)
+
+
+def _check_count(value, what, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("%s must be an integer, got %s" % (what, _describe(value)))
+    if value < minimum:
+        raise ValueError("%s must be %d or more, got %d" % (what, minimum, value))
+    return value
+
+
+def _check_owner(owner):
+    """An owner is anything with a callable add_cleanup (Service, Router, Handler...)."""
+    if owner is not None and not callable(getattr(owner, "add_cleanup", None)):
+        raise TypeError(
+            "owner must have a callable add_cleanup() (a Service, Router or Handler), got %s"
+            % _describe(owner)
+        )
+    return owner
+
+
+def _describe(value):
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return "%s %s" % (type(value).__name__, text)
+
+
+def _callable_name(fn):
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+###############################################################################
+# Bus ##########################################################################
+###############################################################################
+
+_bus_log = logging.getLogger("specter.bus")
+
+
+class EventBus:
+    """Synchronous publish/subscribe inside one process.
+
+    Listeners run in the emitting greenlet, in subscription order. A listener
+    that raises is logged with its traceback and the others still run. Each
+    event's listeners live in a tuple that is replaced, never mutated, so
+    subscribing or unsubscribing during an emit takes effect from the next
+    emit, and an emit with no listeners costs one dict lookup.
+    """
+
+    def __init__(self):
+        self._listeners = {}
+
+    def on(self, event, callback):
+        """Subscribe ``callback(data)``; subscribing it twice keeps one registration."""
+        event = _bus_event(event)
+        _check_callable(callback, "callback")
+        current = self._listeners.get(event, ())
+        if callback not in current:
+            self._listeners[event] = current + (callback,)
+        return functools.partial(self.off, event, callback)
+
+    def once(self, event, callback):
+        """Subscribe ``callback`` for the next emit only."""
+        event = _bus_event(event)
+        _check_callable(callback, "callback")
+        wrapper = _BusOnce(self, event, callback)
+        self._listeners[event] = self._listeners.get(event, ()) + (wrapper,)
+        return functools.partial(self._remove, event, wrapper)
+
+    def off(self, event, callback):
+        """Remove ``callback`` (including a pending ``once``); unknown pairs are ignored."""
+        current = self._listeners.get(event)
+        if not current:
+            return False
+        kept = tuple(
+            fn for fn in current
+            if fn != callback and not (type(fn) is _BusOnce and fn.callback == callback)
+        )
+        return self._replace(event, current, kept)
+
+    def emit(self, event, data=None):
+        """Call every listener of ``event`` with ``data``, now, in this greenlet."""
+        listeners = self._listeners.get(event)
+        if listeners is None:
+            # Only a miss can be a bad name: on() never stores one.
+            _bus_event(event)
+            return
+        for callback in listeners:
+            try:
+                callback(data)
+            except Exception:
+                _bus_log.exception("listener %s of %r raised", _callable_name(callback), event)
+
+    def clear(self, event=None):
+        """Drop the listeners of one event, or of every event."""
+        if event is None:
+            self._listeners.clear()
+        else:
+            self._listeners.pop(event, None)
+
+    def has_listeners(self, event):
+        return bool(self._listeners.get(event))
+
+    def listener_count(self, event=None):
+        if event is None:
+            return sum(len(fns) for fns in self._listeners.values())
+        return len(self._listeners.get(event, ()))
+
+    def _remove(self, event, wrapper):
+        current = self._listeners.get(event)
+        if not current:
+            return False
+        return self._replace(event, current, tuple(fn for fn in current if fn is not wrapper))
+
+    def _replace(self, event, current, kept):
+        if len(kept) == len(current):
+            return False
+        if kept:
+            self._listeners[event] = kept
+        else:
+            del self._listeners[event]
+        return True
+
+
+class _BusOnce:
+    __slots__ = ("bus", "event", "callback", "fired")
+
+    def __init__(self, bus, event, callback):
+        self.bus = bus
+        self.event = event
+        self.callback = callback
+        self.fired = False
+
+    def __call__(self, data):
+        if self.fired:
+            return None
+        self.fired = True
+        self.bus._remove(self.event, self)
+        return self.callback(data)
+
+    def __repr__(self):
+        return "once(%s)" % _callable_name(self.callback)
+
+
+def _bus_event(event):
+    if type(event) is not str or not event:
+        raise TypeError("event must be a non-empty string, got %s" % _describe(event))
+    return event
+
+
+###############################################################################
+# Registry #####################################################################
+###############################################################################
+
+_registry_log = logging.getLogger("specter.registry")
+
+
+class SPECTERRegistry:
+    """The composition root's service locator.
+
+    The app's wiring code provides values under string keys; features resolve
+    them late, by key, instead of importing each other. A value provided with
+    an ``owner`` disappears when that owner stops. ``wait_for`` lets a
+    greenlet block cooperatively until a key shows up.
+    """
+
+    def __init__(self):
+        self._entries = {}
+        self._waiters = {}
+
+    def provide(self, key, value, owner=None, replace=False):
+        """Store ``value`` under ``key`` and wake every ``wait_for(key)``."""
+        key = _registry_key(key)
+        _check_owner(owner)
+        if key in self._entries and not replace:
+            raise KeyError("%r is already provided; pass replace=True to overwrite it" % key)
+        self._entries[key] = value
+        if owner is not None:
+            owner.add_cleanup(functools.partial(self._release, key, value))
+        waiter = self._waiters.pop(key, None)
+        if waiter is not None:
+            waiter.set(value)
+        _registry_log.debug("provided %r", key)
+        return value
+
+    def unregister(self, key):
+        return self._entries.pop(_registry_key(key), _MISSING) is not _MISSING
+
+    def resolve(self, key):
+        """The value under ``key``, or None."""
+        try:
+            return self._entries[key]
+        except (KeyError, TypeError):
+            return self._entries.get(_registry_key(key))
+
+    def require(self, key):
+        """The value under ``key`` (even a falsy one); KeyError names the known keys."""
+        try:
+            return self._entries[key]
+        except (KeyError, TypeError):
+            pass
+        key = _registry_key(key)
+        try:
+            return self._entries[key]
+        except KeyError:
+            known = ", ".join(repr(k) for k in self._entries) or "none"
+            raise KeyError(
+                "nothing is provided under %r (known keys: %s); provide it at boot or "
+                "use resolve() for optional dependencies" % (key, known)
+            ) from None
+
+    def has(self, key):
+        return _registry_key(key) in self._entries
+
+    def list(self):
+        return list(self._entries)
+
+    def wait_for(self, key, timeout=None):
+        """Return the value under ``key``, waiting cooperatively until it is provided.
+
+        Raises TimeoutError when ``timeout`` seconds pass first, and
+        RuntimeError when the registry is cleared while waiting.
+        """
+        key = _registry_key(key)
+        timeout = _check_seconds(timeout, "timeout", allow_none=True)
+        value = self._entries.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+        waiter = self._waiters.get(key)
+        if waiter is None:
+            waiter = self._waiters[key] = gevent.event.AsyncResult()
+        waiter.wait(timeout)
+        if not waiter.ready():
+            raise TimeoutError("%r was not provided within %s seconds" % (key, timeout))
+        return waiter.get(block=False)
+
+    def clear(self):
+        """Drop every entry; pending ``wait_for`` calls raise RuntimeError."""
+        self._entries.clear()
+        waiters, self._waiters = self._waiters, {}
+        for key, waiter in waiters.items():
+            waiter.set_exception(RuntimeError("the registry was cleared while waiting for %r" % key))
+
+    def _release(self, key, value):
+        # Someone may have replaced the value since; only remove our own.
+        if self._entries.get(key, _MISSING) is value:
+            del self._entries[key]
+
+    def __contains__(self, key):
+        return self.has(key)
+
+    def __repr__(self):
+        return "<SPECTERRegistry %s>" % self.list()
+
+
+Registry = SPECTERRegistry
+
+
+def _registry_key(key):
+    if not isinstance(key, str):
+        raise TypeError("registry keys are non-empty strings, got %s" % _describe(key))
+    stripped = key.strip()
+    if not stripped:
+        raise TypeError("registry keys are non-empty strings, got %r" % key)
+    return stripped
+
+
+###############################################################################
+# Lifecycle ####################################################################
+###############################################################################
+
+_service_log = logging.getLogger("specter.service")
+
+# Statuses in which a service may acquire timers, greenlets and listeners.
+_ACTIVE = frozenset(("starting", "running", "failed"))
+_STOP_METHODS = ("stop", "close", "disconnect", "destroy", "terminate", "kill")
+_timer_ids = itertools.count(1)
+
+
+class _Owner:
+    """Cleanups and owned resources, released last-in-first-out.
+
+    The one ownership mechanism behind Service, Router and Handler: anything
+    with ``add_cleanup`` can own registry entries and subscriptions.
+    """
+
+    _cleanups = None
+
+    def add_cleanup(self, fn):
+        """Run ``fn()`` at teardown (last added runs first)."""
+        _check_callable(fn, "cleanup")
+        if self._cleanups is None:
+            self._cleanups = []
+        self._cleanups.append((fn, None))
+        return self
+
+    def own(self, resource, stop_method=None):
+        """Release ``resource`` at teardown and return it.
+
+        The cleanup is ``stop_method`` (a method name or a callable) or else
+        the first of stop, close, disconnect, destroy, terminate, kill.
+        """
+        if resource is None:
+            return None
+        if stop_method is None:
+            for name in _STOP_METHODS:
+                fn = getattr(resource, name, None)
+                if callable(fn):
+                    break
+            else:
+                raise TypeError(
+                    "cannot own %s: it has none of %s; pass stop_method="
+                    % (_describe(resource), ", ".join(_STOP_METHODS))
+                )
+        elif isinstance(stop_method, str):
+            fn = getattr(resource, stop_method, None)
+            if not callable(fn):
+                raise TypeError("%s has no callable %r" % (_describe(resource), stop_method))
+        else:
+            fn = _check_callable(stop_method, "stop_method")
+        if self._cleanups is None:
+            self._cleanups = []
+        self._cleanups.append((fn, resource))
+        return resource
+
+    def _run_cleanups(self):
+        """Run and forget the cleanups, newest first; failures are logged."""
+        cleanups, self._cleanups = self._cleanups, None
+        while cleanups:
+            fn, _ = cleanups.pop()
+            try:
+                fn()
+            except Exception:
+                _service_log.exception("%s: cleanup %s raised", self, _callable_name(fn))
+
+    def _resource_health(self):
+        report = []
+        for _, resource in self._cleanups or ():
+            health = getattr(resource, "health", None)
+            if callable(health):
+                try:
+                    report.append(health())
+                except Exception as exc:
+                    report.append({"name": repr(resource), "status": "error", "error": repr(exc)})
+        return report
+
+
+class Service(_Owner):
+    """A long-lived object that owns background work.
+
+    Everything acquired through the service (greenlets, timers, bus
+    listeners, child services, resources, cleanups) is released by
+    ``stop()``, which returns only once every owned greenlet is dead. Override
+    ``on_start`` and ``on_stop``; call the acquisition methods from
+    ``on_start`` or while running.
+    """
+
+    name = None
+    stop_timeout = 5.0
+    restart_backoff = 0.1
+    restart_max_backoff = 5.0
+
+    def __init__(self, name=None, initial_state=None):
+        if name is None:
+            name = type(self).name or type(self).__name__
+        self.name = _check_name(name, "service name")
+        if initial_state is not None and not isinstance(initial_state, dict):
+            raise TypeError("initial_state must be a dict, got %s" % _describe(initial_state))
+        self.state = dict(initial_state or {})
+        self._status = "created"
+        self._tasks = set()
+        self._timers = None
+        self._listeners = None
+        self._children = None
+        self._state_subs = _Subscribers()
+        self._stopper = None
+        self._stopped = None
+        self._errors = 0
+        self._last_error = None
+        self._restarts = 0
+        self._failure = None
+        self._stuck = ()
+
+    # Hooks ------------------------------------------------------------------
+
+    def on_start(self):
+        """Acquire timers, greenlets and listeners here."""
+
+    def on_stop(self):
+        """Runs first in stop(), while everything owned is still alive."""
+
+    # Control ----------------------------------------------------------------
+
+    @property
+    def status(self):
+        """'created', 'starting', 'running', 'stopping', 'stopped' or 'failed'."""
+        return self._status
+
+    @property
+    def running(self):
+        return self._status == "running" or self._status == "failed"
+
+    def start(self):
+        """Start the service; idempotent.
+
+        If ``on_start`` raises, everything it acquired is released in reverse
+        order, the service is left stopped and the exception propagates.
+        """
+        if self._status in _ACTIVE:
+            return self
+        if self._status == "stopping":
+            if self._stopper is getcurrent():
+                raise RuntimeError("%s: cannot start() from inside its own stop()" % self.name)
+            self._stopped.wait()
+        self._status = "starting"
+        self._failure = None
+        self._stuck = ()
+        try:
+            self._lifecycle_started()
+        except BaseException:
+            if self._status in _ACTIVE:
+                _service_log.debug("%s: start failed, rolling back", self.name)
+                self._status = "stopping"
+                self._release()
+                self._status = "stopped"
+            raise
+        if self._status == "starting":
+            self._status = "running"
+        _service_log.debug("%s: started", self.name)
+        return self
+
+    def stop(self):
+        """Stop the service; idempotent, and safe from the service's own callbacks.
+
+        Order: on_stop(); cancel intervals and timeouts; kill owned greenlets
+        (they get GreenletExit, so ``finally`` blocks run) and wait up to
+        ``stop_timeout`` for them; drop bus listeners; stop adopted children in
+        reverse adoption order; run cleanups last-in-first-out; drop state
+        subscribers. A greenlet of the service that calls stop() is spared
+        and ends when its callback returns. A second caller waits for the
+        first to finish.
+        """
+        status = self._status
+        if status == "stopping":
+            if self._stopper is not getcurrent():
+                self._stopped.wait()
+            return self
+        if status not in _ACTIVE:
+            if self._cleanups or self._children:
+                self._release()
+            return self
+        self._status = "stopping"
+        self._stopper = getcurrent()
+        self._stopped = gevent.event.Event()
+        try:
+            try:
+                self._lifecycle_stopping()
+                self.on_stop()
+            except Exception:
+                self._record_error("on_stop")
+            self._release()
+        finally:
+            self._status = "stopped"
+            self._stopper = None
+            self._stopped.set()
+        _service_log.debug("%s: stopped", self.name)
+        return self
+
+    # State ------------------------------------------------------------------
+
+    def set_state(self, partial):
+        """Shallow-merge ``partial`` into ``state``, then notify subscribers in commit order."""
+        if not isinstance(partial, dict):
+            raise TypeError("set_state() takes a dict, got %s" % _describe(partial))
+        self.state.update(partial)
+        if self._state_subs.entries:
+            self._state_subs.publish(self._deliver_state, dict(self.state))
+        return self
+
+    def get_state(self):
+        """A shallow copy of ``state``."""
+        return dict(self.state)
+
+    def subscribe(self, fn, immediate=False, owner=None):
+        """Call ``fn(state_copy, service)`` after each ``set_state``; returns an unsubscribe."""
+        _check_callable(fn, "subscriber")
+        unsubscribe = self._state_subs.add(fn, owner)
+        if immediate:
+            fn(self.get_state(), self)
+        return unsubscribe
+
+    def watch(self, fn, immediate=True):
+        """Like subscribe(), immediate by default; the subscription ends when the service stops."""
+        return self.subscribe(fn, immediate=immediate)
+
+    # Managed concurrency ----------------------------------------------------
+
+    def spawn(self, callback, *args, label=None, **kwargs):
+        """Run ``callback`` in a new owned greenlet; errors are logged and counted."""
+        self._check_active("spawn")
+        _check_callable(callback, "callback")
+        task = self._new_task(callback, args, kwargs, label)
+        task.start()
+        return task
+
+    def spawn_later(self, seconds, callback, *args, label=None, **kwargs):
+        """Like spawn(), after ``seconds``."""
+        self._check_active("spawn_later")
+        seconds = _check_seconds(seconds, "seconds")
+        _check_callable(callback, "callback")
+        task = self._new_task(callback, args, kwargs, label)
+        task.start_later(seconds)
+        return task
+
+    def interval(self, callback, seconds):
+        """Call ``callback()`` every ``seconds`` at a fixed rate; returns an id.
+
+        Tick k is due at t0 + k * seconds, so the schedule does not drift.
+        Each tick runs in its own owned greenlet; a tick that comes due while
+        the previous one is still running is skipped rather than queued. A
+        callback that raises is logged and the interval goes on.
+        """
+        self._check_active("interval")
+        _check_callable(callback, "callback")
+        seconds = _check_seconds(seconds, "interval seconds", positive=True)
+        return self._add_timer("interval", callback, seconds, True)
+
+    def timeout(self, callback, seconds):
+        """Call ``callback()`` once after ``seconds``; returns an id."""
+        self._check_active("timeout")
+        _check_callable(callback, "callback")
+        seconds = _check_seconds(seconds, "timeout seconds")
+        return self._add_timer("timeout", callback, seconds, False)
+
+    def cancel_interval(self, interval_id):
+        """Stop future ticks; a tick already running finishes. True if it existed."""
+        return self._cancel_timer(interval_id)
+
+    def cancel_timeout(self, timeout_id):
+        return self._cancel_timer(timeout_id)
+
+    def cancel_greenlet(self, glet):
+        """Kill an owned greenlet and stop tracking it."""
+        if not isinstance(glet, Greenlet):
+            raise TypeError("cancel_greenlet() takes a gevent Greenlet, got %s" % _describe(glet))
+        self._tasks.discard(glet)
+        if glet is getcurrent():
+            glet.kill(block=False)
+        else:
+            glet.kill(block=True, timeout=self.stop_timeout)
+        return self
+
+    def supervise(self, callback, *args, max_restarts=5, within=60.0, **kwargs):
+        """Run ``callback`` in an owned greenlet and restart it when it raises.
+
+        Restarts wait ``restart_backoff`` seconds, doubling up to
+        ``restart_max_backoff``. More than ``max_restarts`` failures within
+        ``within`` seconds mark the service 'failed', record the failure in
+        health() and emit 'service:failed' on the bus. A normal return ends
+        supervision.
+        """
+        self._check_active("supervise")
+        _check_callable(callback, "callback")
+        _check_count(max_restarts, "max_restarts", 0)
+        within = _check_seconds(within, "within", positive=True)
+        label = _callable_name(callback)
+        task = self._new_task(
+            self._supervise, (callback, args, kwargs, max_restarts, within, label), {}, label
+        )
+        task.start()
+        return task
+
+    # Bus --------------------------------------------------------------------
+
+    def listen(self, event, handler):
+        """Subscribe ``handler`` on the bus until the service stops."""
+        self._check_active("listen")
+        bus.on(event, handler)
+        if self._listeners is None:
+            self._listeners = []
+        self._listeners.append((event, handler))
+        return self
+
+    def emit(self, event, data=None):
+        bus.emit(event, data)
+        return self
+
+    # Ownership --------------------------------------------------------------
+
+    def adopt(self, child, start=True):
+        """Tie ``child``'s lifecycle to this one: it is stopped when this service stops."""
+        if child is None:
+            return self
+        if not isinstance(child, Service):
+            raise TypeError("adopt() takes a Service, got %s" % _describe(child))
+        if child is self:
+            raise ValueError("%s cannot adopt itself" % self.name)
+        self._check_active("adopt")
+        if self._children is None:
+            self._children = []
+        if child not in self._children:
+            self._children.append(child)
+        if start:
+            child.start()
+        return self
+
+    def start_process(self, args, *, name=None, **popen_kwargs):
+        """Start a ManagedProcess owned by this service (stopped with it)."""
+        self._check_active("start_process")
+        process = ManagedProcess(name or "%s.process" % self.name)
+        process.start(args, **popen_kwargs)
+        return self.own(process)
+
+    # Health -----------------------------------------------------------------
+
+    def health(self):
+        """A dict describing the service, its children and its resources."""
+        status = self._status
+        timers = self._timers or {}
+        intervals = sum(1 for t in timers.values() if t.repeat)
+        return {
+            "name": self.name,
+            "status": "ok" if status == "running" else ("failed" if status == "failed" else "stopped"),
+            "lifecycle": status,
+            "counts": {
+                "tasks": sum(1 for t in self._tasks if not t.dead),
+                "intervals": intervals,
+                "timeouts": len(timers) - intervals,
+                "listeners": len(self._listeners or ()),
+                "children": len(self._children or ()),
+                "cleanups": len(self._cleanups or ()),
+            },
+            "errors": self._errors,
+            "last_error": self._last_error,
+            "restarts": self._restarts,
+            "failure": self._failure,
+            "stuck": list(self._stuck),
+            "children": [child.health() for child in self._children or ()],
+            "resources": self._resource_health(),
+        }
+
+    def __repr__(self):
+        return "<%s %r %s>" % (type(self).__name__, self.name, self._status)
+
+    # Helpers ----------------------------------------------------------------
+
+    def _lifecycle_started(self):
+        # Subclasses with machinery of their own (QueueService) extend this
+        # rather than on_start, so overriding on_start cannot skip it.
+        self.on_start()
+
+    def _lifecycle_stopping(self):
+        """Runs before on_stop() while everything is still alive."""
+
+    def _check_active(self, what):
+        if self._status not in _ACTIVE:
+            raise RuntimeError(
+                "%s: cannot %s() while %s; call it from on_start() or while running"
+                % (self.name, what, self._status)
+            )
+
+    def _new_task(self, callback, args, kwargs, label):
+        task = Greenlet(self._run_task, callback, args, kwargs)
+        task.name = label or _callable_name(callback)
+        self._tasks.add(task)
+        task.rawlink(self._tasks.discard)
+        return task
+
+    def _run_task(self, callback, args, kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except Exception:
+            self._record_error(getcurrent().name)
+            return None
+
+    def _record_error(self, label):
+        """Log the exception being handled and remember it for health()."""
+        exc = sys.exc_info()[1]
+        self._errors += 1
+        self._last_error = "%s: %r" % (label, exc)
+        _service_log.exception("%s: %s raised", self.name, label)
+
+    def _add_timer(self, kind, callback, seconds, repeat):
+        timer_id = "%s-%d" % (kind, next(_timer_ids))
+        if self._timers is None:
+            self._timers = {}
+        self._timers[timer_id] = _ServiceTimer(self, timer_id, callback, seconds, repeat)
+        return timer_id
+
+    def _cancel_timer(self, timer_id):
+        timer = (self._timers or {}).pop(timer_id, None)
+        if timer is None:
+            return False
+        timer.cancel()
+        return True
+
+    def _supervise(self, callback, args, kwargs, max_restarts, within, label):
+        failures = collections.deque()
+        while True:
+            try:
+                return callback(*args, **kwargs)
+            except Exception as exc:
+                now = _monotonic()
+                failures.append(now)
+                while now - failures[0] > within:
+                    failures.popleft()
+                self._record_error(label)
+                if len(failures) > max_restarts:
+                    self._fail(label, exc)
+                    return None
+                self._restarts += 1
+                delay = self.restart_backoff * 2 ** (len(failures) - 1)
+                gevent.sleep(min(delay, self.restart_max_backoff))
+
+    def _fail(self, label, exc):
+        self._failure = {"label": label, "error": repr(exc), "at": time.time()}
+        if self._status in _ACTIVE:
+            self._status = "failed"
+        _service_log.error("%s: %s failed too often; the service is marked failed", self.name, label)
+        bus.emit("service:failed", {"service": self.name, "label": label, "error": str(exc)})
+
+    def _release(self):
+        """Release everything owned, in stop()'s documented order; never raises."""
+        current = getcurrent()
+        timers, self._timers = self._timers, None
+        for timer in (timers or {}).values():
+            timer.cancel()
+        others = [task for task in self._tasks if task is not current]
+        if others:
+            gevent.killall(others, block=False)
+            gevent.joinall(others, timeout=self.stop_timeout)
+            stuck = [task.name for task in others if not task.dead]
+            if stuck:
+                self._stuck = stuck
+                _service_log.error(
+                    "%s: %d greenlet(s) ignored GreenletExit for %s s: %s",
+                    self.name, len(stuck), self.stop_timeout, ", ".join(stuck),
+                )
+        self._tasks.difference_update(others)
+        listeners, self._listeners = self._listeners, None
+        for event, handler in listeners or ():
+            bus.off(event, handler)
+        children, self._children = self._children, None
+        for child in reversed(children or ()):
+            try:
+                child.stop()
+            except Exception:
+                self._record_error("stop of child %s" % child.name)
+        self._run_cleanups()
+        self._state_subs.clear()
+
+    def _deliver_state(self, snapshot):
+        for fn in self._state_subs.entries:
+            try:
+                fn(snapshot, self)
+            except Exception:
+                _service_log.exception("%s: state subscriber %s raised", self.name, _callable_name(fn))
+
+
+class QueueService(Service):
+    """A pool of worker greenlets consuming ``queue``, a gevent JoinableQueue.
+
+    Override ``handle_item``. Workers start after ``on_start`` and stop
+    before ``on_stop`` whether or not a subclass calls super. ``stop()``
+    drains the queue for up to ``drain_timeout`` seconds; whatever is still
+    queued then goes to ``on_dropped(items)``, so nothing is lost silently.
+    """
+
+    drain_timeout = 5.0
+
+    def __init__(self, name=None, *, worker_count=1, maxsize=0, poll_interval=0.5, initial_state=None):
+        super().__init__(name, initial_state)
+        self.worker_count = _check_count(worker_count, "worker_count", 1)
+        self.maxsize = _check_count(maxsize, "maxsize", 0)
+        self.poll_interval = _check_seconds(poll_interval, "poll_interval", positive=True)
+        self.queue = gevent.queue.JoinableQueue(maxsize or None)
+        self._workers = ()
+        self._processed = 0
+        self._failed = 0
+        self.state.update(queue_size=0, worker_count=worker_count, processed=0, failed=0)
+
+    # Hooks ------------------------------------------------------------------
+
+    def handle_item(self, item):
+        raise NotImplementedError("%s must override handle_item(item)" % type(self).__name__)
+
+    def on_workers_started(self):
+        """Called once the workers run."""
+
+    def on_workers_stopping(self):
+        """Called at stop(), before the queue is drained."""
+
+    def on_dropped(self, items):
+        """Receives what was still queued when the drain timed out."""
+        _service_log.warning("%s: dropped %d queued item(s) at stop", self.name, len(items))
+
+    # Control ----------------------------------------------------------------
+
+    def enqueue(self, item, *, block=False, timeout=None):
+        """Queue ``item``; False when full (or the timeout passed) or not running."""
+        if self._status not in _ACTIVE:
+            return False
+        if block:
+            timeout = _check_seconds(timeout, "timeout", allow_none=True)
+        try:
+            self.queue.put(item, block, timeout)
+        except gevent.queue.Full:
+            return False
+        return True
+
+    def pending_count(self):
+        return self.queue.qsize()
+
+    def join(self, timeout=None):
+        """Wait until every queued item has been handled; False on timeout."""
+        timeout = _check_seconds(timeout, "timeout", allow_none=True)
+        return bool(self.queue.join(timeout))
+
+    def get_state(self):
+        self.state["queue_size"] = self.queue.qsize()
+        return dict(self.state)
+
+    def health(self):
+        report = super().health()
+        report["queue"] = {
+            "size": self.queue.qsize(),
+            "workers": sum(1 for worker in self._workers if not worker.dead),
+            "processed": self._processed,
+            "failed": self._failed,
+        }
+        return report
+
+    # Helpers ----------------------------------------------------------------
+
+    def _lifecycle_started(self):
+        self.on_start()
+        self._workers = tuple(
+            self.spawn(self._work, label="%s.worker-%d" % (self.name, index))
+            for index in range(self.worker_count)
+        )
+        self.on_workers_started()
+
+    def _lifecycle_stopping(self):
+        try:
+            self.on_workers_stopping()
+        except Exception:
+            self._record_error("on_workers_stopping")
+        queue = self.queue
+        in_hand = 1 if getcurrent() in self._workers else 0
+        self._wait_idle(self.drain_timeout, in_hand)
+        dropped = []
+        while True:
+            try:
+                dropped.append(queue.get_nowait())
+            except gevent.queue.Empty:
+                break
+            queue.task_done()
+        if dropped:
+            self.state["queue_size"] = 0
+            try:
+                self.on_dropped(dropped)
+            except Exception:
+                self._record_error("on_dropped")
+        self._wait_idle(self.stop_timeout, in_hand)
+        self._workers = ()
+
+    def _wait_idle(self, timeout, in_hand):
+        if not in_hand:
+            self.queue.join(timeout)
+            return
+        # A worker is stopping the service: its own item can never finish
+        # while it waits, so wait for the others only.
+        deadline = _monotonic() + timeout
+        while self.queue.unfinished_tasks > in_hand and _monotonic() < deadline:
+            gevent.sleep(0.005)
+
+    def _work(self):
+        queue = self.queue
+        state = self.state
+        while True:
+            item = queue.get()
+            try:
+                self.handle_item(item)
+                self._processed += 1
+                state["processed"] = self._processed
+            except Exception:
+                self._failed += 1
+                state["failed"] = self._failed
+                self._record_error(getcurrent().name)
+            finally:
+                queue.task_done()
+
+
+# Watcher: the polling / stream-following observation loop lives here (issue #3).
+
+
+class _ServiceTimer:
+    """One interval or timeout: a hub timer that runs each tick in an owned greenlet.
+
+    The callback runs in the hub, so it only re-arms and spawns; it never
+    blocks. Between ticks an interval costs a timer watcher, not a greenlet.
+    """
+
+    __slots__ = ("service", "id", "callback", "period", "repeat", "due", "watcher", "task")
+
+    def __init__(self, service, timer_id, callback, seconds, repeat):
+        self.service = service
+        self.id = timer_id
+        self.callback = callback
+        self.period = seconds
+        self.repeat = repeat
+        self.due = _monotonic() + seconds
+        self.task = None
+        self.watcher = None
+        self._arm(seconds)
+
+    def cancel(self):
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            watcher.stop()
+            watcher.close()
+
+    def _arm(self, delay):
+        watcher = gevent.get_hub().loop.timer(delay)
+        watcher.start(self._fire, update=True)
+        self.watcher = watcher
+
+    def _fire(self):
+        if self.watcher is None:
+            return
+        self.watcher.close()
+        now = _monotonic()
+        if now < self.due:
+            self._arm(self.due - now)
+            return
+        service = self.service
+        if self.repeat:
+            period = self.period
+            self.due += period
+            if self.due <= now:
+                self.due += period * (math.floor((now - self.due) / period) + 1)
+            self._arm(self.due - now)
+            if self.task is not None and not self.task.dead:
+                return  # the previous tick overran: skip this one
+        else:
+            self.watcher = None
+            if service._timers is not None:
+                service._timers.pop(self.id, None)
+        self.task = service._new_task(self.callback, (), {}, "%s:%s" % (self.id, _callable_name(self.callback)))
+        self.task.start()
+
+
+class _Subscribers:
+    """Subscribers of one piece of state, notified in commit order.
+
+    ``publish`` delivers at once when no round is running; a change
+    committed during a round (by another greenlet, or by a subscriber
+    itself) is queued and delivered after it, so every subscriber sees the
+    changes in the order they were committed.
+    """
+
+    __slots__ = ("entries", "pending", "busy")
+
+    def __init__(self):
+        self.entries = ()
+        self.pending = collections.deque()
+        self.busy = False
+
+    def add(self, entry, owner=None):
+        _check_owner(owner)
+        self.entries += (entry,)
+        unsubscribe = functools.partial(self.remove, entry)
+        if owner is not None:
+            owner.add_cleanup(unsubscribe)
+        return unsubscribe
+
+    def remove(self, entry):
+        entries = self.entries
+        for index, candidate in enumerate(entries):
+            if candidate is entry:
+                self.entries = entries[:index] + entries[index + 1:]
+                return True
+        return False
+
+    def clear(self):
+        self.entries = ()
+
+    def publish(self, deliver, payload):
+        if self.busy:
+            self.pending.append((deliver, payload))
+            return
+        self.busy = True
+        try:
+            deliver(payload)
+            pending = self.pending
+            while pending:
+                deliver, payload = pending.popleft()
+                deliver(payload)
+        finally:
+            self.busy = False
+
+
+###############################################################################
+# State ########################################################################
+###############################################################################
+
+_state_log = logging.getLogger("specter.state")
+
+
+class Store:
+    """Flat shared state: a dict with atomic writes and ordered notifications.
+
+    Every write commits at once (no greenlet switch happens inside it) and
+    returns the new snapshot, a shallow copy shared by that round's
+    subscribers. Subscribers get ``fn(snapshot, store)`` in commit order,
+    even with concurrent writers.
+    """
+
+    def __init__(self, name, initial_state=None, *, emit_events=False, change_event=None):
+        self.name = _check_name(name, "store name")
+        self._state = _state_initial(initial_state)
+        self._subs = _Subscribers()
+        self._event = _state_event(self.name, emit_events, change_event)
+        self._version = 0
+
+    def get(self, key=None, default=None):
+        """The value under ``key`` (as stored), or a shallow copy of the whole state."""
+        if key is None:
+            return dict(self._state)
+        return self._state.get(key, default)
+
+    def snapshot(self):
+        return dict(self._state)
+
+    def access(self, reader):
+        """Call ``reader(live_state)`` atomically and return its result; no notification."""
+        _check_callable(reader, "reader")
+        return reader(self._state)
+
+    def set(self, partial):
+        """Shallow-merge ``partial``."""
+        if not isinstance(partial, dict):
+            raise TypeError("Store.set() takes a dict, got %s" % _describe(partial))
+        state = self._state
+        state.update(partial)
+        return self._commit(state)
+
+    def replace(self, state):
+        """Replace the whole state."""
+        if not isinstance(state, dict):
+            raise TypeError("Store.replace() takes a dict, got %s" % _describe(state))
+        self._state = dict(state)
+        return self._commit(self._state)
+
+    def delete(self, *keys):
+        """Remove ``keys``; subscribers hear of it only if something was removed."""
+        state = self._state
+        removed = [key for key in keys if state.pop(key, _MISSING) is not _MISSING]
+        if not removed:
+            return dict(state)
+        return self._commit(state)
+
+    def clear(self):
+        if not self._state:
+            return {}
+        self._state = {}
+        return self._commit(self._state)
+
+    def update(self, mutator):
+        """Apply ``mutator(draft)`` atomically.
+
+        The mutator edits ``draft`` (a copy) in place or returns a replacement
+        dict. If it yields and another write lands meanwhile, it is run again
+        on a fresh draft, so no write is ever lost.
+        """
+        _check_callable(mutator, "mutator")
+        while True:
+            version = self._version
+            draft = dict(self._state)
+            result = mutator(draft)
+            if result is None:
+                result = draft
+            elif not isinstance(result, dict):
+                raise TypeError(
+                    "update() mutators edit the draft or return a dict, got %s" % _describe(result)
+                )
+            if version == self._version:
+                self._state = dict(result) if result is not draft else draft
+                return self._commit(self._state)
+
+    def subscribe(self, fn, immediate=False, owner=None):
+        """Call ``fn(snapshot, store)`` after every change; returns an unsubscribe."""
+        _check_callable(fn, "subscriber")
+        unsubscribe = self._subs.add(fn, owner)
+        if immediate:
+            fn(dict(self._state), self)
+        return unsubscribe
+
+    def watch(self, fn, immediate=True, owner=None):
+        return self.subscribe(fn, immediate=immediate, owner=owner)
+
+    def destroy(self):
+        """Drop every subscriber."""
+        self._subs.clear()
+
+    stop = destroy
+
+    def health(self):
+        return {"name": self.name, "type": "store", "keys": len(self._state),
+                "subscribers": len(self._subs.entries)}
+
+    def __repr__(self):
+        return "<Store %r %d keys>" % (self.name, len(self._state))
+
+    def _commit(self, state):
+        self._version += 1
+        snapshot = dict(state)
+        if self._subs.entries or self._event:
+            self._subs.publish(self._deliver, snapshot)
+        return snapshot
+
+    def _deliver(self, snapshot):
+        for fn in self._subs.entries:
+            try:
+                fn(snapshot, self)
+            except Exception:
+                _state_log.exception("%s: subscriber %s raised", self.name, _callable_name(fn))
+        if self._event:
+            bus.emit(self._event, snapshot)
+
+
+class Model:
+    """Nested state addressed by paths, with selector subscriptions.
+
+    The internal tree is never mutated: a write copies only the dicts along
+    its path and shares every other subtree, so its cost follows the path
+    depth, not the size of the state, and unchanged subtrees compare by
+    identity. Everything that goes in or comes out is a deep copy.
+    """
+
+    def __init__(self, name, initial_state=None, *, emit_events=False, change_event=None):
+        self.name = _check_name(name, "model name")
+        self._root = _model_copy(_state_initial(initial_state))
+        self._subs = _Subscribers()
+        self._event = _state_event(self.name, emit_events, change_event)
+        self._version = 0
+
+    def get(self, path=None, default=None):
+        """A deep copy of the value at ``path`` (or of everything), or ``default``."""
+        if path is None:
+            return _model_copy(self._root)
+        keys = _model_paths.get(path) if type(path) is str else None
+        if keys is None:
+            keys = _model_path(path)
+        node = self._root
+        try:
+            for key in keys:
+                node = node[key]
+        except (KeyError, IndexError, TypeError):
+            node = _model_lookup(self._root, keys, _MISSING)
+            if node is _MISSING:
+                return default
+        cls = type(node)
+        if cls is str or cls is int or cls is float or cls is bool or node is None:
+            return node
+        return _model_copy(node)
+
+    def snapshot(self):
+        return _model_copy(self._root)
+
+    def select(self, selector, default=None):
+        """The value picked by ``selector``: a path, or a callable given the state."""
+        if callable(selector):
+            return _model_copy(selector(self._root))
+        return self.get(selector, default)
+
+    def set(self, path, value):
+        """Set the value at ``path``, creating missing dicts; equal values change nothing."""
+        keys = _model_path(path)
+        root = self._root
+        new_root = _model_assoc(root, keys, 0, _model_copy(value))
+        if new_root is not root:
+            self._commit(new_root)
+
+    def patch(self, partial):
+        """Shallow-merge ``partial`` at the root."""
+        if not isinstance(partial, dict):
+            raise TypeError("Model.patch() takes a dict, got %s" % _describe(partial))
+        root = self._root
+        new_root = None
+        for key, value in partial.items():
+            old = root.get(key, _MISSING)
+            if old is not _MISSING and type(old) is type(value) and old == value:
+                continue
+            if new_root is None:
+                new_root = dict(root)
+            new_root[key] = _model_copy(value)
+        if new_root is not None:
+            self._commit(new_root)
+
+    def update(self, mutator):
+        """Apply ``mutator(draft)`` to a deep copy; it edits the draft or returns a dict.
+
+        If it yields and another write lands meanwhile, it runs again on a
+        fresh draft.
+        """
+        _check_callable(mutator, "mutator")
+        while True:
+            version = self._version
+            draft = _model_copy(self._root)
+            result = mutator(draft)
+            if result is None:
+                result = draft
+            elif not isinstance(result, dict):
+                raise TypeError(
+                    "update() mutators edit the draft or return a dict, got %s" % _describe(result)
+                )
+            if version == self._version:
+                break
+        result = _model_copy(result)
+        if result != self._root:
+            self._commit(result)
+
+    def delete(self, path):
+        """Remove the value at ``path``; a missing path changes nothing."""
+        keys = _model_path(path)
+        root = self._root
+        new_root = _model_dissoc(root, keys, 0)
+        if new_root is not root:
+            self._commit(new_root)
+
+    def clear(self):
+        if self._root:
+            self._commit({})
+
+    def subscribe(self, fn, selector=None, immediate=False, owner=None):
+        """Call ``fn(value, model)`` on changes; returns an unsubscribe.
+
+        Without a selector ``value`` is a deep copy of the whole state and
+        every change is delivered. With one (a path, or a callable given the
+        read-only state) ``fn`` runs only when the selected value changes.
+        """
+        _check_callable(fn, "subscriber")
+        if selector is None:
+            entry = _ModelSubscriber(fn, None)
+        elif callable(selector):
+            entry = _ModelSubscriber(fn, selector)
+        else:
+            entry = _ModelSubscriber(fn, _model_path(selector))
+        entry.last = entry.select(self._root)
+        unsubscribe = self._subs.add(entry, owner)
+        if immediate:
+            fn(_model_copy(self._root if selector is None else entry.last), self)
+        return unsubscribe
+
+    def watch(self, fn, selector=None, immediate=True, owner=None):
+        return self.subscribe(fn, selector=selector, immediate=immediate, owner=owner)
+
+    def destroy(self):
+        self._subs.clear()
+
+    stop = destroy
+
+    def health(self):
+        return {"name": self.name, "type": "model", "keys": len(self._root),
+                "subscribers": len(self._subs.entries)}
+
+    def __repr__(self):
+        return "<Model %r>" % self.name
+
+    def _commit(self, root):
+        self._root = root
+        self._version += 1
+        if self._subs.entries or self._event:
+            self._subs.publish(self._deliver, root)
+
+    def _deliver(self, root):
+        snapshot = None
+        for entry in self._subs.entries:
+            try:
+                if entry.selector is None:
+                    if snapshot is None:
+                        snapshot = _model_copy(root)
+                    entry.fn(snapshot, self)
+                    continue
+                value = entry.select(root)
+                last = entry.last
+                if value is last or (type(value) is type(last) and value == last):
+                    continue
+                entry.last = value
+                entry.fn(_model_copy(value), self)
+            except Exception:
+                _state_log.exception("%s: subscriber %s raised", self.name, _callable_name(entry.fn))
+        if self._event:
+            bus.emit(self._event, _model_copy(root))
+
+
+class Cache:
+    """One computed value with a TTL, single-flight computation and invalidation.
+
+    ``ttl=0`` never expires; expiry uses the monotonic clock. ``None`` is a
+    value like any other. ``depends_on`` names bus events that invalidate
+    the cache; since invalidation emits ``'{name}:invalidated'``, caches
+    cascade, and a cycle stops after each cache has invalidated once.
+    """
+
+    def __init__(self, name, ttl=0, depends_on=None):
+        self.name = _check_name(name, "cache name")
+        self._ttl = _check_seconds(ttl, "ttl")
+        self._value = None
+        self._expires = -math.inf
+        self._updated_at = None
+        self._generation = 0
+        self._flight = None
+        self._callbacks = ()
+        self._invalidating = False
+        self._event = "%s:invalidated" % self.name
+        if depends_on is None:
+            depends_on = ()
+        elif isinstance(depends_on, str):
+            depends_on = (depends_on,)
+        elif not isinstance(depends_on, (list, tuple, set, frozenset)):
+            raise TypeError("depends_on must be a list of event names, got %s" % _describe(depends_on))
+        self._depends_on = tuple(_bus_event(event) for event in depends_on)
+        for event in self._depends_on:
+            bus.on(event, self._on_dependency)
+
+    @property
+    def ttl(self):
+        return self._ttl
+
+    @property
+    def updated_at(self):
+        """Wall-clock time (epoch seconds) of the last store, or None."""
+        return self._updated_at
+
+    def get(self, default=None):
+        """The cached value, or ``default`` when empty or expired; never waits."""
+        if _monotonic() < self._expires:
+            return self._value
+        return default
+
+    def is_valid(self):
+        return _monotonic() < self._expires
+
+    def set(self, value, ttl=None):
+        """Store ``value`` (``ttl`` overrides the cache's for this value)."""
+        ttl = self._ttl if ttl is None else _check_seconds(ttl, "ttl")
+        self._generation += 1
+        self._store(value, ttl)
+        return value
+
+    def get_or_compute(self, factory, ttl=None):
+        """The cached value, or ``factory()``'s, computed by one greenlet at a time.
+
+        Concurrent callers wait for the running computation and share its
+        result, or its exception. A result that an invalidate() overtook is
+        returned but not stored.
+        """
+        if _monotonic() < self._expires:
+            return self._value
+        _check_callable(factory, "factory")
+        ttl = self._ttl if ttl is None else _check_seconds(ttl, "ttl")
+        while True:
+            flight = self._flight
+            if flight is None:
+                break
+            flight.wait()
+            if flight.successful() or not isinstance(flight.exception, gevent.GreenletExit):
+                return flight.get(block=False)
+            # The computing greenlet was killed: compute here instead.
+            if _monotonic() < self._expires:
+                return self._value
+        flight = self._flight = gevent.event.AsyncResult()
+        generation = self._generation
+        try:
+            value = factory()
+        except BaseException as exc:
+            if self._flight is flight:
+                self._flight = None
+            flight.set_exception(exc)
+            raise
+        if self._flight is flight:
+            self._flight = None
+        if generation == self._generation:
+            self._store(value, ttl)
+        flight.set(value)
+        return value
+
+    def invalidate(self):
+        """Empty the cache, call on_invalidate callbacks, emit '{name}:invalidated'."""
+        if self._invalidating:
+            return  # a dependency cycle came back to us: this cascade is done
+        self._invalidating = True
+        try:
+            self._value = None
+            self._expires = -math.inf
+            self._updated_at = None
+            self._generation += 1
+            for callback in self._callbacks:
+                try:
+                    callback(self)
+                except Exception:
+                    _state_log.exception("%s: on_invalidate callback %s raised",
+                                         self.name, _callable_name(callback))
+            bus.emit(self._event, {"name": self.name})
+        finally:
+            self._invalidating = False
+
+    def on_invalidate(self, callback):
+        """Call ``callback(cache)`` on every invalidation; returns an unsubscribe."""
+        _check_callable(callback, "callback")
+        self._callbacks += (callback,)
+        return functools.partial(self._remove_callback, callback)
+
+    def destroy(self):
+        """Empty the cache and drop callbacks and ``depends_on`` subscriptions."""
+        for event in self._depends_on:
+            bus.off(event, self._on_dependency)
+        self._depends_on = ()
+        self._callbacks = ()
+        self._value = None
+        self._expires = -math.inf
+
+    stop = destroy
+
+    def health(self):
+        return {"name": self.name, "type": "cache", "valid": self.is_valid(),
+                "updated_at": self._updated_at}
+
+    def __repr__(self):
+        return "<Cache %r %s>" % (self.name, "valid" if self.is_valid() else "empty")
+
+    def _store(self, value, ttl):
+        self._value = value
+        self._expires = _monotonic() + ttl if ttl else math.inf
+        self._updated_at = time.time()
+
+    def _on_dependency(self, data):
+        self.invalidate()
+
+    def _remove_callback(self, callback):
+        kept = tuple(fn for fn in self._callbacks if fn is not callback)
+        changed = len(kept) != len(self._callbacks)
+        self._callbacks = kept
+        return changed
+
+
+def create_store(name, initial_state=None, **kwargs):
+    """A new Store (``emit_events``, ``change_event`` keywords)."""
+    return Store(name, initial_state, **kwargs)
+
+
+def create_model(name, initial_state=None, **kwargs):
+    """A new Model (``emit_events``, ``change_event`` keywords)."""
+    return Model(name, initial_state, **kwargs)
+
+
+def create_cache(name, ttl=0, depends_on=None):
+    """A new Cache."""
+    return Cache(name, ttl, depends_on)
+
+
+class _ModelSubscriber:
+    __slots__ = ("fn", "selector", "last")
+
+    def __init__(self, fn, selector):
+        self.fn = fn
+        self.selector = selector
+        self.last = None
+
+    def select(self, root):
+        selector = self.selector
+        if selector is None:
+            return None
+        if type(selector) is tuple:
+            return _model_lookup(root, selector, None)
+        return selector(root)
+
+
+_model_paths = {}
+_MODEL_ATOMS = frozenset((str, int, float, bool, type(None), bytes, complex))
+
+
+def _model_path(path):
+    """Parse 'a.b.c' or a key sequence into a tuple of keys (string paths are cached)."""
+    if isinstance(path, str):
+        keys = _model_paths.get(path)
+        if keys is not None:
+            return keys
+        keys = tuple(path.split("."))
+        if not path or "" in keys:
+            raise ValueError("path %r is empty or has an empty segment; use 'a.b.c'" % path)
+        if len(_model_paths) < 4096:
+            _model_paths[path] = keys
+        return keys
+    if isinstance(path, (tuple, list)):
+        if not path:
+            raise ValueError("path must name at least one key")
+        return tuple(path)
+    raise TypeError("path must be a string like 'a.b.c' or a sequence of keys, got %s"
+                    % _describe(path))
+
+
+def _model_lookup(node, keys, default):
+    for key in keys:
+        if isinstance(node, dict):
+            node = node.get(key, _MISSING)
+        elif isinstance(node, list):
+            index = _model_index(key, node)
+            node = node[index] if index is not None else _MISSING
+        else:
+            return default
+        if node is _MISSING:
+            return default
+    return node
+
+
+def _model_index(key, items):
+    if isinstance(key, str) and key.isdigit():
+        key = int(key)
+    if type(key) is int and -len(items) <= key < len(items):
+        return key
+    return None
+
+
+def _model_assoc(node, keys, depth, value):
+    """``node`` with ``value`` at ``keys[depth:]``, sharing every untouched subtree.
+
+    Returns ``node`` itself when nothing changes.
+    """
+    key = keys[depth]
+    last = depth == len(keys) - 1
+    if isinstance(node, dict):
+        old = node.get(key, _MISSING)
+    elif isinstance(node, list):
+        index = _model_index(key, node)
+        if index is None:
+            raise KeyError("list index %r is out of range at %s" % (key, ".".join(map(str, keys[:depth]))))
+        key, old = index, node[index]
+    else:
+        raise TypeError(
+            "cannot set %s: %s holds %s, not a dict"
+            % (".".join(map(str, keys)), ".".join(map(str, keys[:depth])) or "the root", _describe(node))
+        )
+    if last:
+        if old is value or (type(old) is type(value) and old == value):
+            return node
+        new_child = value
+    else:
+        child = {} if old is _MISSING or old is None else old
+        new_child = _model_assoc(child, keys, depth + 1, value)
+        if new_child is old:
+            return node
+    new_node = node.copy()
+    new_node[key] = new_child
+    return new_node
+
+
+def _model_dissoc(node, keys, depth):
+    key = keys[depth]
+    if isinstance(node, dict):
+        old = node.get(key, _MISSING)
+    elif isinstance(node, list):
+        key = _model_index(key, node)
+        old = _MISSING if key is None else node[key]
+    else:
+        return node
+    if old is _MISSING:
+        return node
+    new_node = node.copy()
+    if depth == len(keys) - 1:
+        del new_node[key]
+        return new_node
+    new_child = _model_dissoc(old, keys, depth + 1)
+    if new_child is old:
+        return node
+    new_node[key] = new_child
+    return new_node
+
+
+def _model_copy(value):
+    """A deep copy that shares immutable leaves."""
+    cls = type(value)
+    if cls in _MODEL_ATOMS:
+        return value
+    if cls is dict:
+        return {key: _model_copy(item) for key, item in value.items()}
+    if cls is list:
+        return [_model_copy(item) for item in value]
+    if cls is tuple:
+        return tuple(_model_copy(item) for item in value)
+    return copy.deepcopy(value)
+
+
+def _state_initial(initial_state):
+    if initial_state is None:
+        return {}
+    if not isinstance(initial_state, dict):
+        raise TypeError("initial_state must be a dict, got %s" % _describe(initial_state))
+    return dict(initial_state)
+
+
+def _state_event(name, emit_events, change_event):
+    if change_event is not None:
+        return _bus_event(change_event)
+    return "%s:changed" % name if emit_events else None
+
+###############################################################################
+# Schema #######################################################################
+###############################################################################
+
+_schema_log = logging.getLogger("specter.schema")
+
+
+class SchemaError(ValueError):
+    """A contract was not met.
+
+    Raised by coercers and validators to fail a field with their own
+    message; ``field`` names the field and ``errors`` maps paths to messages.
+    """
+
+    def __init__(self, message, *, field=None, errors=None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.errors = dict(errors or {})
+
+
+class Field:
+    """One field of a Schema: a type (or coercer) plus constraints.
+
+    ``type`` is int, float, str, bool, list, dict, a nested Schema or any
+    callable that converts the raw value (raising to refuse it). Checks run
+    after coercion: choices, min/max, min_length/max_length, pattern (the
+    whole string must match), items (a Field applied to each list element),
+    then ``validator(value)``, which fails the field by returning False or
+    raising.
+    """
+
+    __slots__ = ("type", "required", "default", "choices", "validator", "label", "min", "max",
+                 "min_length", "max_length", "pattern", "items", "_coerce", "_checks")
+
+    def __init__(self, type=str, *, required=False, default=None, choices=None, validator=None,
+                 label=None, min=None, max=None, min_length=None, max_length=None, pattern=None,
+                 items=None):
+        if isinstance(type, Schema):
+            coerce = None
+        elif type in _SCHEMA_COERCERS:
+            coerce = _SCHEMA_COERCERS[type]
+        elif callable(type):
+            coerce = type
+        else:
+            raise TypeError("Field type must be a type, a callable coercer or a Schema, got %s"
+                            % _describe(type))
+        if validator is not None:
+            _check_callable(validator, "validator")
+        if label is not None and not isinstance(label, str):
+            raise TypeError("label must be a string, got %s" % _describe(label))
+        if choices is not None:
+            if isinstance(choices, (str, bytes)) or not isinstance(choices, collections.abc.Iterable):
+                raise TypeError("choices must be a list of allowed values, got %s" % _describe(choices))
+            choices = tuple(choices)
+        for bound_name, bound in (("min", min), ("max", max)):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, numbers.Real)):
+                raise TypeError("%s must be a number, got %s" % (bound_name, _describe(bound)))
+        for bound_name, bound in (("min_length", min_length), ("max_length", max_length)):
+            if bound is not None:
+                _check_count(bound, bound_name, 0)
+        if pattern is not None:
+            if isinstance(pattern, str):
+                pattern = re.compile(pattern)
+            elif not isinstance(pattern, re.Pattern):
+                raise TypeError("pattern must be a regular expression string, got %s" % _describe(pattern))
+        if items is not None and not isinstance(items, Field):
+            raise TypeError("items must be a Field describing each element, got %s" % _describe(items))
+        self.type = type
+        self.required = bool(required)
+        self.default = default
+        self.choices = choices
+        self.validator = validator
+        self.label = label
+        self.min = min
+        self.max = max
+        self.min_length = min_length
+        self.max_length = max_length
+        self.pattern = pattern
+        self.items = items
+        self._coerce = coerce
+        self._checks = _schema_checks(self)
+
+    def make_default(self):
+        """The default for an absent field: a factory's result, or a copy of a list/dict."""
+        default = self.default
+        if callable(default):
+            return default()
+        if isinstance(default, (list, dict)):
+            return copy.deepcopy(default)
+        return default
+
+    def to_json_schema(self):
+        """This field as a JSON Schema fragment."""
+        kind = self.type
+        if isinstance(kind, Schema):
+            out = kind.to_json_schema(root=False)
+        else:
+            out = dict(_SCHEMA_JSON_TYPES.get(kind, {}))
+        if self.label:
+            out["title"] = self.label
+        if self.choices is not None:
+            out["enum"] = [choice for choice in self.choices if _schema_jsonable(choice)]
+        if self.min is not None:
+            out["minimum"] = self.min
+        if self.max is not None:
+            out["maximum"] = self.max
+        if self.min_length is not None:
+            out["minItems" if kind is list else "minProperties" if kind is dict else "minLength"] = self.min_length
+        if self.max_length is not None:
+            out["maxItems" if kind is list else "maxProperties" if kind is dict else "maxLength"] = self.max_length
+        if self.pattern is not None:
+            out["pattern"] = "^(?:%s)$" % self.pattern.pattern
+        if self.items is not None:
+            out["items"] = self.items.to_json_schema()
+        if self.default is not None and not callable(self.default) and _schema_jsonable(self.default):
+            out["default"] = self.default
+        return out
+
+    def __repr__(self):
+        kind = self.type
+        name = kind.name if isinstance(kind, Schema) else getattr(kind, "__name__", repr(kind))
+        return "Field(%s%s)" % (name, ", required=True" if self.required else "")
+
+    def _clean(self, value, path, errors, schema):
+        """The coerced, checked value, or _MISSING after recording an error at ``path``."""
+        try:
+            if self._coerce is None:
+                return self.type._clean_object(value, path + ".", errors, schema)
+            value = self._coerce(value)
+            if self.items is not None:
+                value = _schema_items(self.items, value, path, errors, schema)
+                if value is _MISSING:
+                    return _MISSING
+            elif type(value) is list or type(value) is dict:
+                _schema_measure(value, schema)
+            for check in self._checks:
+                check(value)
+            if self.validator is not None and self.validator(value) is False:
+                raise SchemaError("is invalid")
+        except SchemaError as exc:
+            errors[path] = exc.message
+            return _MISSING
+        except Exception as exc:
+            errors[path] = "is invalid (%s)" % _schema_clip(str(exc) or type(exc).__name__)
+            return _MISSING
+        return value
+
+
+class Schema:
+    """A named contract for dict payloads.
+
+    ``validate`` never raises: it returns an Outcome whose value is the
+    cleaned dict (declared fields only, defaults filled) or a 400 failure
+    naming every bad field, with ``meta['errors']`` mapping paths such as
+    ``'owner.email'`` or ``'tags[2]'`` to messages. Payloads nested deeper
+    than ``max_depth`` or holding more than ``max_items`` values are refused.
+    """
+
+    max_depth = 32
+    max_items = 10000
+
+    def __init__(self, name, fields, *, strict=False):
+        self.name = _check_name(name, "schema name")
+        if not isinstance(fields, dict):
+            raise TypeError("fields must be a dict of name -> Field, got %s" % _describe(fields))
+        for key, field in fields.items():
+            if not isinstance(key, str) or not key:
+                raise TypeError("field names must be non-empty strings, got %s" % _describe(key))
+            if not isinstance(field, Field):
+                raise TypeError("field %r must be a Field instance, got %s; wrap it: Field(%s)"
+                                % (key, _describe(field), getattr(field, "__name__", "...")))
+        self.fields = dict(fields)
+        self.strict = bool(strict)
+        self._plan = tuple(self.fields.items())
+
+    @property
+    def field_names(self):
+        return list(self.fields)
+
+    @property
+    def required_fields(self):
+        return [key for key, field in self._plan if field.required]
+
+    def validate(self, data):
+        """Check and coerce ``data``; an Outcome, never an exception."""
+        errors = {}
+        try:
+            clean = self._clean_object(data, "", errors, self)
+        except RecursionError:
+            errors = {"$": "is nested too deeply"}
+        if errors:
+            return Outcome(False, None, self._message(errors), 400, {"errors": errors})
+        return Outcome(True, clean, None, 200, None)
+
+    def require(self, data):
+        """The cleaned dict, or HTTPError(400) carrying the per-field errors."""
+        outcome = self.validate(data)
+        if outcome.ok:
+            return outcome.value
+        raise HTTPError(outcome.error, 400, payload={"errors": dict(outcome.meta["errors"])})
+
+    def extend(self, name, extra_fields, **kwargs):
+        """A new schema with this one's fields plus (or overridden by) ``extra_fields``."""
+        if not isinstance(extra_fields, dict):
+            raise TypeError("extra_fields must be a dict of name -> Field, got %s" % _describe(extra_fields))
+        kwargs.setdefault("strict", self.strict)
+        return Schema(name, {**self.fields, **extra_fields}, **kwargs)
+
+    def to_json_schema(self, root=True):
+        """The contract as a JSON Schema (draft 2020-12) dict."""
+        out = {}
+        if root:
+            out["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        out["title"] = self.name
+        out["type"] = "object"
+        out["properties"] = {key: field.to_json_schema() for key, field in self._plan}
+        required = self.required_fields
+        if required:
+            out["required"] = required
+        out["additionalProperties"] = not self.strict
+        return out
+
+    def __repr__(self):
+        return "<Schema %r %s>" % (self.name, self.field_names)
+
+    def _clean_object(self, data, prefix, errors, root):
+        if not isinstance(data, dict):
+            errors[prefix[:-1] or "$"] = "must be an object, got %s" % _schema_kind(data)
+            return _MISSING
+        if len(data) > root.max_items:
+            errors[prefix[:-1] or "$"] = "has more than %d keys" % root.max_items
+            return _MISSING
+        if prefix.count(".") > root.max_depth:
+            errors[prefix[:-1]] = "is nested more than %d levels deep" % root.max_depth
+            return _MISSING
+        clean = {}
+        for key, field in self._plan:
+            value = data.get(key)
+            if value is None:
+                if field.required:
+                    errors[prefix + key] = "is required"
+                else:
+                    clean[key] = field.make_default()
+                continue
+            value = field._clean(value, prefix + key, errors, root)
+            if value is not _MISSING:
+                clean[key] = value
+        if self.strict and len(data) > len(clean):
+            unknown = [key for key in data if key not in self.fields]
+            for key in unknown[:10]:
+                errors[prefix + _schema_clip(str(key))] = "is not an allowed field"
+            if len(unknown) > 10:
+                errors[prefix + "..."] = "%d more unknown fields" % (len(unknown) - 10)
+        return clean
+
+    def _message(self, errors):
+        parts = []
+        for path, message in errors.items():
+            field = self.fields.get(path)
+            parts.append("%s %s" % (field.label if field is not None and field.label else path, message))
+        return "Invalid %s: %s" % (self.name, "; ".join(parts))
+
+
+class Outcome:
+    """An immutable result: ``ok``, ``value``, ``error``, ``status`` and ``meta``.
+
+    Build one with ``Outcome.success`` or ``Outcome.failure``. Truthy when ok.
+    """
+
+    __slots__ = ("ok", "value", "error", "status", "meta")
+
+    def __init__(self, ok, value=None, error=None, status=200, meta=None):
+        set_attr = object.__setattr__
+        set_attr(self, "ok", bool(ok))
+        set_attr(self, "value", value)
+        set_attr(self, "error", error)
+        set_attr(self, "status", _outcome_status(status))
+        set_attr(self, "meta", types.MappingProxyType(dict(meta) if meta else {}))
+
+    @classmethod
+    def success(cls, value=None, *, status=200, **meta):
+        return cls(True, value, None, status, meta)
+
+    @classmethod
+    def failure(cls, error, *, status=400, value=None, **meta):
+        if not isinstance(error, str):
+            error = str(error)
+        return cls(False, value, error, status, meta)
+
+    def unwrap(self):
+        """The value, or RuntimeError carrying the error."""
+        if not self.ok:
+            raise RuntimeError(self.error)
+        return self.value
+
+    def to_dict(self):
+        """``meta`` plus ok, status and value (and error when failed): ready for jsonify."""
+        out = dict(self.meta)
+        out["ok"] = self.ok
+        out["status"] = self.status
+        if not self.ok:
+            out["error"] = self.error
+        out["value"] = self.value
+        return out
+
+    def to_tuple(self):
+        return (self.ok, self.value, self.error)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Outcome is immutable; build a new one with Outcome.success() or .failure()")
+
+    def __delattr__(self, name):
+        raise AttributeError("Outcome is immutable")
+
+    def __bool__(self):
+        return self.ok
+
+    def __eq__(self, other):
+        if not isinstance(other, Outcome):
+            return NotImplemented
+        return self.to_tuple() == other.to_tuple() and self.status == other.status and self.meta == other.meta
+
+    __hash__ = None
+
+    def __repr__(self):
+        if self.ok:
+            return "Outcome.success(%r, status=%d)" % (self.value, self.status)
+        return "Outcome.failure(%r, status=%d)" % (self.error, self.status)
+
+
+class OperationError(Exception):
+    """Raised inside an Operation to fail it with ``status`` and ``meta``."""
+
+    def __init__(self, message, *, status=400, meta=None):
+        super().__init__(message)
+        self.message = message
+        self.status = _outcome_status(status)
+        self.meta = dict(meta or {})
+
+
+class Operation:
+    """A reusable action: override ``validate`` (raise OperationError) and ``perform``.
+
+    ``run`` always returns an Outcome. An unexpected exception is logged and
+    becomes a 500 failure with a generic message, so no internal detail
+    reaches a client.
+    """
+
+    def validate(self, *args, **kwargs):
+        """Raise OperationError to refuse the arguments."""
+
+    def perform(self, *args, **kwargs):
+        raise NotImplementedError("%s must override perform()" % type(self).__name__)
+
+    def run(self, *args, **kwargs):
+        try:
+            checked = self.validate(*args, **kwargs)
+            if isinstance(checked, Outcome) and not checked.ok:
+                return checked
+            result = self.perform(*args, **kwargs)
+        except OperationError as exc:
+            return Outcome(False, None, exc.message, exc.status, exc.meta)
+        except Exception:
+            _schema_log.exception("operation %s raised", type(self).__name__)
+            return Outcome(False, None, "Internal error", 500, None)
+        if isinstance(result, Outcome):
+            return result
+        return Outcome(True, result, None, 200, None)
+
+    def success(self, value=None, *, status=200, **meta):
+        return Outcome.success(value, status=status, **meta)
+
+    def failure(self, error, *, status=400, value=None, **meta):
+        return Outcome.failure(error, status=status, value=value, **meta)
+
+
+def _schema_int(value):
+    cls = type(value)
+    if cls is int:
+        return value
+    if cls is bool:
+        raise SchemaError("must be an integer, got a boolean")
+    if cls is float:
+        if value.is_integer():
+            return int(value)
+        raise SchemaError("must be a whole number, got %s" % _schema_clip(repr(value)))
+    if cls is str:
+        text = value.strip()
+        if len(text) <= 64 and "_" not in text:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+            try:
+                number = float(text)
+            except ValueError:
+                pass
+            else:
+                if number.is_integer():
+                    return int(number)
+        raise SchemaError("must be an integer, got %s" % _schema_clip(repr(value)))
+    if isinstance(value, decimal.Decimal) and value.is_finite() and value == value.to_integral_value():
+        return int(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    raise SchemaError("must be an integer, got %s" % _schema_kind(value))
+
+
+def _schema_float(value):
+    cls = type(value)
+    if cls is float:
+        number = value
+    elif cls is int:
+        number = float(value)
+    elif cls is bool:
+        raise SchemaError("must be a number, got a boolean")
+    elif cls is str:
+        text = value.strip()
+        if len(text) > 64 or "_" in text:
+            raise SchemaError("must be a number, got %s" % _schema_clip(repr(value)))
+        try:
+            number = float(text)
+        except ValueError:
+            raise SchemaError("must be a number, got %s" % _schema_clip(repr(value))) from None
+    elif isinstance(value, numbers.Real):
+        number = float(value)
+    else:
+        raise SchemaError("must be a number, got %s" % _schema_kind(value))
+    if not math.isfinite(number):
+        raise SchemaError("must be a finite number, got %s" % _schema_clip(repr(value)))
+    return number
+
+
+def _schema_str(value):
+    cls = type(value)
+    if cls is str:
+        return value
+    if cls is int or cls is float:
+        return str(value)
+    raise SchemaError("must be a string, got %s" % _schema_kind(value))
+
+
+_SCHEMA_TRUE = frozenset(("true", "yes", "on", "1"))
+_SCHEMA_FALSE = frozenset(("false", "no", "off", "0"))
+
+
+def _schema_bool(value):
+    cls = type(value)
+    if cls is bool:
+        return value
+    if cls is int and (value == 0 or value == 1):
+        return bool(value)
+    if cls is str and len(value) <= 16:
+        word = value.strip().lower()
+        if word in _SCHEMA_TRUE:
+            return True
+        if word in _SCHEMA_FALSE:
+            return False
+    raise SchemaError("must be true or false (also yes/no, on/off, 1/0), got %s"
+                      % _schema_clip(repr(value)))
+
+
+def _schema_list(value):
+    if type(value) is list:
+        return list(value)
+    if type(value) is tuple:
+        return list(value)
+    raise SchemaError("must be a list, got %s" % _schema_kind(value))
+
+
+def _schema_dict(value):
+    if isinstance(value, dict):
+        return dict(value)
+    raise SchemaError("must be an object, got %s" % _schema_kind(value))
+
+
+_SCHEMA_COERCERS = {int: _schema_int, float: _schema_float, str: _schema_str, bool: _schema_bool,
+                    list: _schema_list, dict: _schema_dict}
+_SCHEMA_JSON_TYPES = {int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
+                      bool: {"type": "boolean"}, list: {"type": "array"}, dict: {"type": "object"}}
+
+
+def _schema_checks(field):
+    """The post-coercion checks a field needs, as a tuple of functions that raise SchemaError."""
+    checks = []
+    if field.choices is not None:
+        choices = field.choices
+
+        def check_choices(value):
+            if value not in choices:
+                raise SchemaError("must be one of %s" % ", ".join(map(repr, choices[:20])))
+        checks.append(check_choices)
+    if field.min is not None:
+        low = field.min
+
+        def check_min(value):
+            if value < low:
+                raise SchemaError("must be at least %s" % low)
+        checks.append(check_min)
+    if field.max is not None:
+        high = field.max
+
+        def check_max(value):
+            if value > high:
+                raise SchemaError("must be at most %s" % high)
+        checks.append(check_max)
+    if field.min_length is not None:
+        shortest = field.min_length
+
+        def check_min_length(value):
+            if len(value) < shortest:
+                raise SchemaError("must have at least %d %s" % (shortest, _schema_unit(value)))
+        checks.append(check_min_length)
+    if field.max_length is not None:
+        longest = field.max_length
+
+        def check_max_length(value):
+            if len(value) > longest:
+                raise SchemaError("must have at most %d %s" % (longest, _schema_unit(value)))
+        checks.append(check_max_length)
+    if field.pattern is not None:
+        pattern = field.pattern
+
+        def check_pattern(value):
+            if not isinstance(value, str) or pattern.fullmatch(value) is None:
+                raise SchemaError("must match the pattern %r" % pattern.pattern)
+        checks.append(check_pattern)
+    return tuple(checks)
+
+
+def _schema_items(item_field, value, path, errors, schema):
+    if not isinstance(value, list):
+        raise SchemaError("must be a list, got %s" % _schema_kind(value))
+    if len(value) > schema.max_items:
+        raise SchemaError("has more than %d items" % schema.max_items)
+    clean = []
+    failed = False
+    for index, item in enumerate(value):
+        item_path = "%s[%d]" % (path, index)
+        if item is None:
+            errors[item_path] = "is required"
+            failed = True
+            continue
+        item = item_field._clean(item, item_path, errors, schema)
+        if item is _MISSING:
+            failed = True
+        else:
+            clean.append(item)
+    return _MISSING if failed else clean
+
+
+def _schema_measure(value, schema):
+    """Refuse containers nested deeper than max_depth or holding more than max_items values."""
+    budget = schema.max_items
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > schema.max_depth:
+            raise SchemaError("is nested more than %d levels deep" % schema.max_depth)
+        children = node.values() if type(node) is dict else node
+        budget -= len(children)
+        if budget < 0:
+            raise SchemaError("holds more than %d values" % schema.max_items)
+        for child in children:
+            if type(child) is list or type(child) is dict:
+                stack.append((child, depth + 1))
+
+
+def _schema_kind(value):
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null", int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _schema_unit(value):
+    return "characters" if isinstance(value, str) else "items"
+
+
+def _schema_clip(text, limit=60):
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _schema_jsonable(value):
+    return isinstance(value, (str, int, float, bool, type(None), list, dict))
+
+
+def _outcome_status(status):
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+        raise ValueError("status must be an HTTP status code between 100 and 599, got %r" % (status,))
+    return status
+
+
+###############################################################################
+# Web ##########################################################################
+###############################################################################
+
+_web_log = logging.getLogger("specter.web")
+
+
+class HTTPError(Exception):
+    """An error meant for an HTTP client: a message, a status and a JSON payload.
+
+    ``json_endpoint`` turns it into a response whose body is ``payload``
+    plus ``error``; ``log_message`` (if any) goes to the log at
+    ``log_level`` instead of the client.
+    """
+
+    def __init__(self, message, status_code=400, *, status=None, payload=None, log_message=None,
+                 log_level=logging.WARNING):
+        super().__init__(message)
+        self.message = message
+        self.status_code = _outcome_status(status if status is not None else status_code)
+        if payload is not None and not isinstance(payload, dict):
+            raise TypeError("payload must be a dict, got %s" % _describe(payload))
+        self.payload = dict(payload or {})
+        self.log_message = log_message
+        self.log_level = log_level
+
+    def to_response(self):
+        """A Flask JSON response: payload plus ``error``, with ``status_code``."""
+        body = dict(self.payload)
+        body["error"] = self.message
+        response = flask.jsonify(body)
+        response.status_code = self.status_code
+        return response
+
+
+###############################################################################
+# Processes ####################################################################
+###############################################################################
+
+# ManagedProcess and start_process live here (issue #3).
+
+
+###############################################################################
+# Singletons ###################################################################
+###############################################################################
+
+bus = EventBus()
+registry = SPECTERRegistry()
