@@ -19,13 +19,15 @@ __all__ = [
     # registry
     "SPECTERRegistry", "Registry", "registry",
     # lifecycle
-    "Service", "QueueService",
+    "Service", "QueueService", "Watcher", "WatcherError",
     # state
     "Store", "create_store", "Model", "create_model", "Cache", "create_cache",
     # schema
     "Field", "Schema", "SchemaError", "Outcome", "Operation", "OperationError",
     # web
     "HTTPError",
+    # processes
+    "ManagedProcess", "start_process",
 ]
 
 import collections
@@ -37,7 +39,11 @@ import itertools
 import logging
 import math
 import numbers
+import os
+import random
 import re
+import signal
+import subprocess
 import sys
 import time
 import types
@@ -47,6 +53,7 @@ import flask
 import gevent
 import gevent.event
 import gevent.queue
+import gevent.subprocess
 from gevent import Greenlet
 from greenlet import getcurrent
 
@@ -973,7 +980,148 @@ class QueueService(Service):
                 queue.task_done()
 
 
-# Watcher: the polling / stream-following observation loop lives here (issue #3).
+class WatcherError(RuntimeError):
+    """Raised by a poll or stream function to report a failure without a traceback."""
+
+
+class Watcher:
+    """An observation loop: sample ``poll()`` every ``interval`` or follow ``stream()``.
+
+    Each value goes through ``transform`` (and ``dedupe``) and then to the
+    subscribers, ``fn(value, watcher)``, in the loop's greenlet. When poll,
+    stream or transform raises, the loop waits an exponential backoff with
+    jitter (starting at ``interval``, capped at ``max_backoff``, reset by the
+    next value) and tries again, or ends when ``retry`` is False. A stream
+    that ends normally is reopened after ``interval`` (with ``retry``).
+    ``stop()`` interrupts any wait at once.
+    """
+
+    stop_timeout = 5.0
+
+    def __init__(self, name, *, poll=None, stream=None, interval=5.0, retry=True, max_backoff=30.0,
+                 dedupe=False, transform=None):
+        self.name = _check_name(name, "watcher name")
+        if (poll is None) == (stream is None):
+            raise ValueError("Watcher %r needs exactly one of poll= or stream=" % self.name)
+        self._source = _check_callable(poll if poll is not None else stream,
+                                       "poll" if poll is not None else "stream")
+        self.mode = "poll" if poll is not None else "stream"
+        self.interval = _check_seconds(interval, "interval", positive=True)
+        self.max_backoff = _check_seconds(max_backoff, "max_backoff", positive=True)
+        self.retry = bool(retry)
+        self.dedupe = bool(dedupe)
+        self.transform = None if transform is None else _check_callable(transform, "transform")
+        self.last_value = None
+        self._subs = ()
+        self._loop = None
+        self._started_at = None
+        self._error_count = 0
+        self._last_error = None
+        self._last_value_at = None
+        self._has_value = False
+
+    @property
+    def running(self):
+        return self._loop is not None and not self._loop.dead
+
+    def start(self):
+        """Start the loop in its own greenlet; idempotent."""
+        if not self.running:
+            self._started_at = _monotonic()
+            self._loop = gevent.spawn(self._run)
+            self._loop.name = "watcher:%s" % self.name
+        return self
+
+    def stop(self):
+        """End the loop now, even mid-wait; returns once its greenlet is dead."""
+        loop, self._loop = self._loop, None
+        if loop is None or loop.dead:
+            return self
+        if loop is getcurrent():
+            loop.kill(block=False)  # a subscriber stopped us: end at the next switch
+            return self
+        loop.kill(block=True, timeout=self.stop_timeout)
+        if not loop.dead:
+            _service_log.error("watcher %s: loop ignored GreenletExit for %s s", self.name, self.stop_timeout)
+        return self
+
+    teardown = stop
+
+    def subscribe(self, fn):
+        """Call ``fn(value, watcher)`` for each delivered value; returns an unsubscribe."""
+        _check_callable(fn, "subscriber")
+        self._subs += (fn,)
+        return functools.partial(self._unsubscribe, fn)
+
+    def health(self):
+        return {
+            "name": self.name,
+            "type": "watcher",
+            "running": self.running,
+            "mode": self.mode,
+            "error_count": self._error_count,
+            "last_error": self._last_error,
+            "last_value_at": self._last_value_at,
+            "uptime_seconds": (_monotonic() - self._started_at) if self.running else 0.0,
+            "subscribers": len(self._subs),
+        }
+
+    def __repr__(self):
+        return "<Watcher %r %s %s>" % (self.name, self.mode, "running" if self.running else "stopped")
+
+    def _run(self):
+        failures = 0
+        while True:
+            try:
+                if self.mode == "poll":
+                    self._deliver(self._source())
+                    failures = 0
+                else:
+                    iterator = iter(self._source())
+                    try:
+                        for item in iterator:
+                            self._deliver(item)
+                            failures = 0
+                    finally:
+                        close = getattr(iterator, "close", None)
+                        if close is not None:
+                            close()
+                    if not self.retry:
+                        return
+                delay = self.interval
+            except Exception as exc:
+                self._error_count += 1
+                self._last_error = "%s: %s" % (type(exc).__name__, exc)
+                if isinstance(exc, WatcherError):
+                    _service_log.warning("watcher %s: %s", self.name, exc)
+                else:
+                    _service_log.exception("watcher %s: %s raised", self.name, self.mode)
+                if not self.retry:
+                    return
+                failures += 1
+                delay = min(self.interval * 2 ** (failures - 1), self.max_backoff)
+                delay *= 0.5 + random.random() / 2
+            gevent.sleep(delay)
+
+    def _deliver(self, value):
+        if self.transform is not None:
+            value = self.transform(value)
+        if self.dedupe and self._has_value and value == self.last_value:
+            return
+        self.last_value = value
+        self._has_value = True
+        self._last_value_at = time.time()
+        for fn in self._subs:
+            try:
+                fn(value, self)
+            except Exception:
+                _service_log.exception("watcher %s: subscriber %s raised", self.name, _callable_name(fn))
+
+    def _unsubscribe(self, fn):
+        kept = tuple(sub for sub in self._subs if sub is not fn)
+        changed = len(kept) != len(self._subs)
+        self._subs = kept
+        return changed
 
 
 class _ServiceTimer:
@@ -2319,7 +2467,257 @@ class HTTPError(Exception):
 # Processes ####################################################################
 ###############################################################################
 
-# ManagedProcess and start_process live here (issue #3).
+_process_log = logging.getLogger("specter.process")
+
+
+class ManagedProcess:
+    """A child process with owned stream readers and a stop that leaves no orphans.
+
+    The child runs in its own process group (a new session), so ``stop()``
+    can end it together with everything it spawned: SIGTERM to the group,
+    up to ``terminate_timeout`` seconds of grace, then SIGKILL. Waiting,
+    reading and stopping go through gevent's subprocess support and never
+    block the hub, whether or not the application monkey-patches.
+    """
+
+    PIPE = subprocess.PIPE
+    DEVNULL = subprocess.DEVNULL
+    STDOUT = subprocess.STDOUT
+
+    def __init__(self, name, *, terminate_timeout=5.0, kill_timeout=1.0):
+        self.name = _check_name(name, "process name")
+        self.terminate_timeout = _check_seconds(terminate_timeout, "terminate_timeout")
+        self.kill_timeout = _check_seconds(kill_timeout, "kill_timeout")
+        self.args = None
+        self._popen = None
+        self._pgid = None
+        self._readers = []
+
+    def start(self, args, *, owner=None, **popen_kwargs):
+        """Launch ``args`` (popen keywords pass through); RuntimeError if already running."""
+        if self.running:
+            raise RuntimeError("process %s is already running (pid %d); stop() it first"
+                               % (self.name, self._popen.pid))
+        if isinstance(args, (str, bytes)):
+            if not args.strip():
+                raise ValueError("args must name a program, got an empty string")
+        elif isinstance(args, (list, tuple)):
+            if not args:
+                raise ValueError("args must name a program, got an empty sequence")
+        else:
+            raise TypeError("args must be a list of strings or a string, got %s" % _describe(args))
+        _check_owner(owner)
+        if popen_kwargs.get("start_new_session") is False or "process_group" in popen_kwargs:
+            raise ValueError("ManagedProcess runs each child in its own session so stop() can end "
+                             "its whole process group; do not pass start_new_session or process_group")
+        popen_kwargs["start_new_session"] = True
+        self._stop_readers()
+        self.args = args
+        self._popen = gevent.subprocess.Popen(args, **popen_kwargs)
+        self._pgid = self._popen.pid  # a new session's leader leads its group
+        _process_log.debug("%s: started pid %d", self.name, self._popen.pid)
+        if owner is not None:
+            self.attach(owner)
+        return self
+
+    def attach(self, owner):
+        """Have ``owner`` stop this process when it stops."""
+        _check_owner(owner)
+        owner.add_cleanup(self.stop)
+        return self
+
+    def watch_stream(self, stream_name, handler, *, chunk_size=None, strip=True, label=None,
+                     close_on_exit=False):
+        """Read ``'stdout'`` or ``'stderr'`` in an owned greenlet, calling ``handler`` per line.
+
+        With ``chunk_size`` the handler gets raw chunks of up to that many
+        bytes instead. A handler that raises is logged and reading goes on.
+        """
+        if stream_name not in ("stdout", "stderr"):
+            raise ValueError("stream_name must be 'stdout' or 'stderr', got %r" % (stream_name,))
+        _check_callable(handler, "handler")
+        if chunk_size is not None:
+            _check_count(chunk_size, "chunk_size", 1)
+        stream = getattr(self._popen, stream_name, None)
+        if stream is None:
+            raise ValueError("%s of %s is not piped; start it with %s=ManagedProcess.PIPE"
+                             % (stream_name, self.name, stream_name))
+        label = label or stream_name
+        reader = gevent.spawn(self._read, stream, handler, chunk_size, strip, label, close_on_exit)
+        reader.name = "%s:%s" % (self.name, label)
+        self._readers.append(reader)
+        return reader
+
+    def follow_output(self, *, stdout_handler=None, stderr_handler=None, stdout_label="stdout",
+                      stderr_label="stderr"):
+        """Watch every piped stream; streams without a handler are logged at INFO."""
+        readers = []
+        for stream_name, handler, label in (("stdout", stdout_handler, stdout_label),
+                                            ("stderr", stderr_handler, stderr_label)):
+            if getattr(self._popen, stream_name, None) is None:
+                continue
+            if handler is None:
+                handler = functools.partial(self._log_line, label)
+            readers.append(self.watch_stream(stream_name, handler, label=label))
+        return readers
+
+    def wait(self, timeout=None):
+        """The exit code, waiting cooperatively; None if still running after ``timeout``."""
+        timeout = _check_seconds(timeout, "timeout", allow_none=True)
+        if self._popen is None:
+            return None
+        try:
+            return self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def poll(self):
+        return None if self._popen is None else self._popen.poll()
+
+    def stop(self, timeout=None):
+        """End the process group: SIGTERM, wait, then SIGKILL; stop readers, close pipes.
+
+        ``timeout`` overrides ``terminate_timeout``. Idempotent.
+        """
+        grace = self.terminate_timeout if timeout is None else _check_seconds(timeout, "timeout")
+        popen = self._popen
+        if popen is None:
+            return self
+        if popen.poll() is None or self._group_alive():
+            _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
+            self._signal_group(signal.SIGTERM)
+            if self._wait_group(grace):
+                _process_log.warning("%s: still running %.1f s after SIGTERM; killing", self.name, grace)
+                self._signal_group(signal.SIGKILL)
+                if self._wait_group(self.kill_timeout):
+                    _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
+        self._stop_readers()
+        for stream in (popen.stdin, popen.stdout, popen.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass  # already broken or closed: nothing left to release
+        return self
+
+    @property
+    def running(self):
+        return self._popen is not None and self._popen.poll() is None
+
+    @property
+    def pid(self):
+        return None if self._popen is None else self._popen.pid
+
+    @property
+    def returncode(self):
+        return None if self._popen is None else self._popen.poll()
+
+    def health(self):
+        return {"name": self.name, "type": "process", "pid": self.pid, "running": self.running,
+                "returncode": self.returncode, "readers": sum(1 for r in self._readers if not r.dead)}
+
+    def __repr__(self):
+        return "<ManagedProcess %r pid=%s %s>" % (self.name, self.pid,
+                                                  "running" if self.running else "stopped")
+
+    def _read(self, stream, handler, chunk_size, strip, label, close_on_exit):
+        try:
+            if chunk_size:
+                read = stream.read1 if hasattr(stream, "read1") else stream.read
+                while True:
+                    chunk = read(chunk_size)
+                    if not chunk:
+                        break
+                    self._handle(handler, chunk, label)
+            else:
+                newline = b"\r\n" if not isinstance(getattr(stream, "encoding", None), str) else "\r\n"
+                for line in stream:
+                    self._handle(handler, line.rstrip(newline) if strip else line, label)
+        except (OSError, ValueError):
+            pass  # the pipe was closed under us by stop(): reading is over
+        finally:
+            if close_on_exit:
+                try:
+                    stream.close()
+                except OSError:
+                    pass  # already closed
+
+    def _handle(self, handler, data, label):
+        try:
+            handler(data)
+        except Exception:
+            _process_log.exception("%s: %s handler %s raised", self.name, label, _callable_name(handler))
+
+    def _log_line(self, label, line):
+        _process_log.info("%s[%s] %s", self.name, label, line)
+
+    def _signal_group(self, signum):
+        try:
+            if self._pgid != os.getpgrp():
+                os.killpg(self._pgid, signum)
+            else:
+                self._popen.send_signal(signum)
+        except ProcessLookupError:
+            pass  # everyone in the group is already gone
+        except PermissionError:
+            self._popen.send_signal(signum)
+
+    def _group_alive(self):
+        members = _process_group_members(self._pgid)
+        if members is not None:
+            return bool(members)
+        try:
+            os.killpg(self._pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def _wait_group(self, timeout):
+        """Wait for the child and then its group to be gone; True if something is left."""
+        deadline = _monotonic() + timeout
+        self.wait(timeout)
+        while self._group_alive():
+            if _monotonic() >= deadline:
+                return True
+            gevent.sleep(0.005)
+        return self._popen.poll() is None
+
+    def _stop_readers(self):
+        readers, self._readers = self._readers, []
+        current = getcurrent()
+        others = [reader for reader in readers if reader is not current]
+        gevent.killall(others, block=False)
+        gevent.joinall(others, timeout=self.kill_timeout)
+
+
+def start_process(name, args, *, owner=None, **popen_kwargs):
+    """Create and start a ManagedProcess (owned by ``owner`` if given)."""
+    return ManagedProcess(name).start(args, owner=owner, **popen_kwargs)
+
+
+def _process_group_members(pgid):
+    """Live pids of process group ``pgid`` read from /proc, or None without /proc.
+
+    Zombies do not count: they are dead, merely waiting for a parent (often
+    an init that reaps slowly) to collect them, and no signal reaches them.
+    """
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    members = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as stat:
+                data = stat.read()
+        except OSError:
+            continue  # the process ended while we looked
+        fields = data[data.rfind(b")") + 2:].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry))
+    return members
 
 
 ###############################################################################
