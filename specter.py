@@ -25,11 +25,13 @@ __all__ = [
     # schema
     "Field", "Schema", "SchemaError", "Outcome", "Operation", "OperationError",
     # web
-    "HTTPError",
+    "HTTPError", "json_endpoint", "expect_json", "require_fields", "Router", "route",
+    "Handler", "SocketIngress", "Controller", "ServiceManager", "boot",
     # processes
     "ManagedProcess", "start_process",
 ]
 
+import atexit
 import collections
 import collections.abc
 import copy
@@ -49,6 +51,7 @@ import time
 import types
 
 import flask
+import werkzeug.exceptions
 
 import gevent
 import gevent.event
@@ -2435,12 +2438,15 @@ def _outcome_status(status):
 _web_log = logging.getLogger("specter.web")
 
 
+_JSON_LIMIT_DEFAULT = 8 * 1024 * 1024
+
+
 class HTTPError(Exception):
     """An error meant for an HTTP client: a message, a status and a JSON payload.
 
     ``json_endpoint`` turns it into a response whose body is ``payload``
     plus ``error``; ``log_message`` (if any) goes to the log at
-    ``log_level`` instead of the client.
+    ``log_level``, never to the client.
     """
 
     def __init__(self, message, status_code=400, *, status=None, payload=None, log_message=None,
@@ -2458,9 +2464,992 @@ class HTTPError(Exception):
         """A Flask JSON response: payload plus ``error``, with ``status_code``."""
         body = dict(self.payload)
         body["error"] = self.message
-        response = flask.jsonify(body)
-        response.status_code = self.status_code
+        return _web_json(body, self.status_code)
+
+
+def json_endpoint(error_message=None, *, logger=None, include_trace=True):
+    """Decorate a Flask view so that every outcome is a JSON response.
+
+    Works bare (``@json_endpoint``) or called (``@json_endpoint('Could not
+    save')``). Dicts, lists and Outcomes become JSON; ``(body, status[,
+    headers])`` tuples keep their status and headers; HTTPError and
+    Werkzeug HTTP exceptions (``abort(404)``) keep their status in a JSON
+    envelope; anything else is logged (with its traceback when
+    ``include_trace``) and answered 500 with ``error_message`` and no
+    traceback.
+    """
+    if callable(error_message):
+        return json_endpoint()(error_message)
+    if error_message is not None and not isinstance(error_message, str):
+        raise TypeError("error_message must be a string, got %s" % _describe(error_message))
+    message = error_message or "Internal server error"
+    log = logger or _web_log
+
+    def decorator(view):
+        _check_callable(view, "view")
+
+        @functools.wraps(view)
+        def endpoint(*args, **kwargs):
+            try:
+                return _web_response(view(*args, **kwargs))
+            except Exception as exc:
+                return _web_error_response(exc, message, log, include_trace)
+        return endpoint
+    return decorator
+
+
+def expect_json(*, required=None, error="Request body is required", allow_empty=False):
+    """The current request's JSON object body, or an HTTPError the client can act on.
+
+    Missing or unparsable bodies, and ``{}`` unless ``allow_empty``, are 400
+    with ``error``; a body that is not an object is 400; a body over the
+    size limit is 413 (Flask's ``MAX_CONTENT_LENGTH`` when set, else
+    ``SPECTER_MAX_JSON_BYTES``, 8 MiB by default); nesting too deep to
+    parse is 400; a form or text content type is 415. ``required`` fields
+    are checked with ``require_fields``.
+    """
+    request = flask.request
+    config = flask.current_app.config
+    limit = config.get("MAX_CONTENT_LENGTH") or config.get("SPECTER_MAX_JSON_BYTES", _JSON_LIMIT_DEFAULT)
+    if request.content_length is not None and request.content_length > limit:
+        raise HTTPError("Request body is too large (limit %d bytes)" % limit, 413)
+    if request.mimetype and not request.is_json:
+        raise HTTPError("Request body must be JSON (Content-Type: application/json), got %s"
+                        % request.mimetype, 415)
+    raw = request.get_data(cache=True) if request.content_length is not None \
+        else request.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise HTTPError("Request body is too large (limit %d bytes)" % limit, 413)
+    if not raw.strip():
+        if allow_empty:
+            return {}
+        raise HTTPError(error, 400)
+    try:
+        payload = flask.json.loads(raw)
+    except RecursionError:
+        raise HTTPError("Request body is nested too deeply", 400) from None
+    except ValueError:
+        raise HTTPError("%s (the body is not valid JSON)" % error, 400) from None
+    if not isinstance(payload, dict):
+        raise HTTPError("Request body must be a JSON object, got %s" % _schema_kind(payload), 400)
+    if not payload and not allow_empty:
+        raise HTTPError(error, 400)
+    if required:
+        require_fields(payload, required)
+    return payload
+
+
+def require_fields(payload, required, *, error=None, blank_is_missing=True):
+    """Return ``payload`` if every ``required`` field is present, not None and not blank.
+
+    Otherwise raise HTTPError(400) with ``payload={'missing': [...]}``.
+    """
+    if isinstance(required, str):
+        required = (required,)
+    elif not isinstance(required, (list, tuple, set, frozenset)):
+        raise TypeError("required must be a list of field names, got %s" % _describe(required))
+    if not isinstance(payload, dict):
+        raise HTTPError("Request body must be a JSON object, got %s" % _schema_kind(payload), 400,
+                        payload={"missing": list(required)})
+    missing = []
+    for name in required:
+        value = payload.get(name)
+        if value is None or (blank_is_missing and isinstance(value, str) and not value.strip()):
+            missing.append(name)
+    if missing:
+        raise HTTPError(error or "Missing required field%s: %s" % ("s" if len(missing) > 1 else "",
+                                                                   ", ".join(missing)),
+                        400, payload={"missing": missing})
+    return payload
+
+
+def route(rule, *, methods=None, endpoint=None, json_errors=None):
+    """Mark a Router method as a view for ``rule`` (stackable; GET by default)."""
+    spec = _web_route_spec(rule, methods, endpoint, json_errors)
+
+    def decorator(fn):
+        _check_callable(fn, "view")
+        fn.__dict__.setdefault("_specter_routes", []).append(spec)
+        return fn
+    return decorator
+
+
+class Router(_Owner):
+    """A class-based Flask Blueprint.
+
+    Methods marked with ``@route`` and views added with ``router.route``
+    become the blueprint's routes, bound to the instance. A view may return
+    an Outcome (sent as JSON with its status); ``json_errors='message'``
+    wraps a view in ``json_endpoint('message')``. ``teardown()`` runs
+    ``on_unmount`` and then the router's cleanups, newest first.
+    """
+
+    name = None
+    url_prefix = None
+
+    def __init__(self, name=None, *, url_prefix=None, import_name=None):
+        name = name or type(self).name or _web_snake(type(self).__name__)
+        self.name = _check_name(name, "router name")
+        prefix = url_prefix if url_prefix is not None else type(self).url_prefix
+        if prefix is not None and (not isinstance(prefix, str) or not prefix.startswith("/")):
+            raise ValueError("url_prefix must be a path starting with '/', got %r" % (prefix,))
+        self.url_prefix = prefix
+        self.import_name = import_name or type(self).__module__
+        self._views = []
+        self._blueprint = None
+        self._apps = []
+
+    # Hooks ------------------------------------------------------------------
+
+    def on_mount(self):
+        """Called once, after the blueprint is built."""
+
+    def on_unmount(self):
+        """Called by teardown(), before the cleanups."""
+
+    # Control ----------------------------------------------------------------
+
+    def route(self, rule, *, methods=None, endpoint=None, json_errors=None):
+        """Decorator adding a view to this router instance (before it is mounted)."""
+        spec = _web_route_spec(rule, methods, endpoint, json_errors)
+
+        def decorator(fn):
+            _check_callable(fn, "view")
+            if self._blueprint is not None:
+                raise RuntimeError("router %s is already mounted; add routes before mount() or register()"
+                                   % self.name)
+            self._views.append((fn, spec))
+            return fn
+        return decorator
+
+    def mount(self):
+        """Build the Blueprint once and return it."""
+        if self._blueprint is None:
+            blueprint = flask.Blueprint(self.name.replace(".", "_"), self.import_name,
+                                        url_prefix=self.url_prefix)
+            for fn, specs in self._class_views():
+                _web_add_rules(blueprint, fn, specs)
+            for fn, spec in self._views:
+                _web_add_rules(blueprint, fn, [spec])
+            self._blueprint = blueprint
+            self.on_mount()
+        return self._blueprint
+
+    def blueprint(self):
+        return self.mount()
+
+    def register(self, app):
+        """Register the blueprint on ``app`` (once per app) under ``url_prefix``."""
+        if not isinstance(app, flask.Flask):
+            raise TypeError("register() takes a Flask app, got %s" % _describe(app))
+        if app not in self._apps:
+            app.register_blueprint(self.mount())
+            self._apps.append(app)
+        return self
+
+    def teardown(self):
+        """Run on_unmount() and the cleanups; idempotent."""
+        if self._blueprint is not None or self._cleanups:
+            try:
+                if self._blueprint is not None:
+                    self.on_unmount()
+            except Exception:
+                _web_log.exception("router %s: on_unmount raised", self.name)
+            self._run_cleanups()
+        return self
+
+    def require(self, key):
+        return registry.require(key)
+
+    def resolve(self, key):
+        return registry.resolve(key)
+
+    def __repr__(self):
+        return "<Router %r %s>" % (self.name, self.url_prefix or "/")
+
+    def _class_views(self):
+        views = {}
+        for klass in reversed(type(self).__mro__):
+            for attr, value in vars(klass).items():
+                specs = getattr(value, "_specter_routes", None)
+                if specs:
+                    views[attr] = specs
+                elif attr in views:
+                    del views[attr]  # overridden without @route
+        return [(getattr(self, attr), specs) for attr, specs in views.items()]
+
+
+class Handler(_Owner):
+    """A class-based set of Socket.IO event handlers with an idempotent lifecycle.
+
+    ``events`` maps event names to method names; ``event_priorities`` orders
+    them against other subscribers of the ingress; ``on()`` adds more at run
+    time. When the registry holds ``'socket_ingress'`` the events go through
+    it (and teardown unsubscribes them); otherwise they bind directly on
+    Flask-SocketIO, and teardown mutes them.
+    """
+
+    name = None
+    namespace = "/"
+    events = {}
+    event_priorities = {}
+
+    def __init__(self, name=None, *, namespace=None):
+        self.name = _check_name(name or type(self).name or _web_snake(type(self).__name__), "handler name")
+        self.namespace = _web_namespace(namespace if namespace is not None else type(self).namespace)
+        self._bindings = []
+        self._socketio = None
+        self._registered = False
+        self._gate = None
+        if not isinstance(self.events, dict):
+            raise TypeError("%s.events must be a dict of event -> method name" % type(self).__name__)
+        for event, method_name in self.events.items():
+            method = getattr(self, method_name, None) if isinstance(method_name, str) else None
+            if not callable(method):
+                raise TypeError("%s.events maps %r to %r, which is not a method of the handler"
+                                % (type(self).__name__, event, method_name))
+            self._bindings.append((_bus_event(event), method, self.event_priorities.get(event, 100),
+                                   self.namespace, None))
+
+    # Hooks ------------------------------------------------------------------
+
+    def on_setup(self):
+        """Called after the events are bound."""
+
+    def on_teardown(self):
+        """Called before the events are unbound and cleanups run."""
+
+    # Control ----------------------------------------------------------------
+
+    @property
+    def registered(self):
+        return self._registered
+
+    @property
+    def socketio(self):
+        return self._socketio
+
+    def on(self, event, callback, priority=100, *, namespace=None, schema=None):
+        """Handle ``event`` with ``callback`` (bound now if the handler is set up)."""
+        binding = (_bus_event(event), _check_callable(callback, "callback"),
+                   _web_priority(priority), _web_namespace(namespace or self.namespace),
+                   _web_schema(schema))
+        self._bindings.append(binding)
+        if self._registered:
+            self._bind(binding)
+        return callback
+
+    def setup(self, socketio=None):
+        """Bind every event; idempotent."""
+        if self._registered:
+            return self
+        socketio = socketio or self._socketio
+        ingress = registry.resolve("socket_ingress")
+        if socketio is None and ingress is not None:
+            socketio = ingress.socketio
+        self._socketio = socketio
+        if socketio is None and ingress is None:
+            raise RuntimeError("handler %s has nothing to bind to: pass a Flask-SocketIO instance to "
+                               "setup() or boot an app that provides 'socket_ingress'" % self.name)
+        self._registered = True
+        try:
+            for binding in self._bindings:
+                self._bind(binding)
+            self.on_setup()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def teardown(self):
+        """Unbind every event and run cleanups; idempotent."""
+        if not self._registered and not self._cleanups:
+            return self
+        if self._registered:
+            try:
+                self.on_teardown()
+            except Exception:
+                _web_log.exception("handler %s: on_teardown raised", self.name)
+        self._registered = False
+        self._run_cleanups()
+        return self
+
+    stop = teardown
+
+    def require(self, key):
+        return registry.require(key)
+
+    def resolve(self, key):
+        return registry.resolve(key)
+
+    def health(self):
+        return {"name": self.name, "type": "handler", "registered": self._registered,
+                "namespace": self.namespace, "events": sorted({b[0] for b in self._bindings})}
+
+    def __repr__(self):
+        return "<%s %r %s>" % (type(self).__name__, self.name,
+                               "registered" if self._registered else "idle")
+
+    def _bind(self, binding):
+        event, callback, priority, namespace, schema = binding
+        callback = self._guarded(callback)
+        ingress = registry.resolve("socket_ingress")
+        if ingress is not None:
+            self.add_cleanup(ingress.subscribe(event, callback, priority=priority,
+                                               namespace=namespace, schema=schema))
+        else:
+            single = SocketIngress(self._socketio, name="%s.direct" % self.name)
+            single.subscribe(event, callback, namespace=namespace, schema=schema)
+            self.add_cleanup(single.clear)
+
+    def _guarded(self, callback):
+        gate = self._gate
+
+        def deliver(*args):
+            if not self._registered or (gate is not None and not gate()):
+                return None
+            return callback(*args)
+        deliver.__qualname__ = "%s.%s" % (self.name, _callable_name(callback))
+        return deliver
+
+
+class SocketIngress:
+    """One real Flask-SocketIO handler per event, fanning out to many subscribers.
+
+    Subscribers run in priority order (lower first; ties in subscription
+    order) in the greenlet Flask-SocketIO gives the event. One that raises
+    is logged, handed to the default-error subscribers, and the others still
+    run. The last non-None result is the handler's return value, i.e. the
+    client's ack. With ``schema=`` a subscriber only sees payloads that
+    validate (cleaned); an invalid one makes the ack the 400 error dict.
+    """
+
+    def __init__(self, socketio=None, *, name="socket_ingress"):
+        self.name = _check_name(name, "ingress name")
+        self._socketio = None
+        self._subs = {}
+        self._bound = set()
+        self._error_subs = ()
+        self._seq = itertools.count()
+        if socketio is not None:
+            self.attach(socketio)
+
+    @property
+    def socketio(self):
+        return self._socketio
+
+    def attach(self, socketio):
+        """Bind to a Flask-SocketIO instance, registering every pending event."""
+        if socketio is None or not callable(getattr(socketio, "on_event", None)):
+            raise TypeError("attach() takes a flask_socketio.SocketIO, got %s" % _describe(socketio))
+        if self._socketio is not None and self._socketio is not socketio:
+            raise RuntimeError("ingress %s is already attached to another SocketIO" % self.name)
+        self._socketio = socketio
+        for namespace, event in list(self._subs):
+            self._bind(namespace, event)
+        return self
+
+    def subscribe(self, event, callback, *, owner=None, priority=100, namespace="/", schema=None):
+        """Add a subscriber; returns an unsubscribe."""
+        event = _bus_event(event)
+        _check_callable(callback, "callback")
+        _check_owner(owner)
+        key = (_web_namespace(namespace), event)
+        entry = _IngressSubscriber(callback, _web_priority(priority), next(self._seq), _web_schema(schema))
+        subs = self._subs.get(key, ()) + (entry,)
+        self._subs[key] = tuple(sorted(subs, key=_IngressSubscriber.order))
+        self._bind(*key)
+        unsubscribe = functools.partial(self._remove, key, entry)
+        if owner is not None:
+            owner.add_cleanup(unsubscribe)
+        return unsubscribe
+
+    def on(self, event, callback=None, *, owner=None, priority=100, namespace="/", schema=None):
+        """Subscribe ``callback``, or decorate a function when it is omitted."""
+        if callback is None:
+            def decorator(fn):
+                self.subscribe(event, fn, owner=owner, priority=priority, namespace=namespace, schema=schema)
+                return fn
+            return decorator
+        self.subscribe(event, callback, owner=owner, priority=priority, namespace=namespace, schema=schema)
+        return callback
+
+    def handler(self, event, *, owner=None, priority=100, namespace="/", schema=None):
+        """Decorator form of subscribe()."""
+        return self.on(event, owner=owner, priority=priority, namespace=namespace, schema=schema)
+
+    def unsubscribe(self, event, callback, *, namespace="/"):
+        """Remove ``callback`` from ``event``; True if it was subscribed."""
+        key = (_web_namespace(namespace), event)
+        for entry in self._subs.get(key, ()):
+            if entry.callback == callback:
+                return self._remove(key, entry)
+        return False
+
+    def on_error_default(self, callback=None, *, owner=None, priority=100):
+        """Subscribe ``callback(exc)`` to subscriber failures (decorator when omitted)."""
+        if callback is None:
+            def decorator(fn):
+                self.subscribe_error_default(fn, owner=owner, priority=priority)
+                return fn
+            return decorator
+        self.subscribe_error_default(callback, owner=owner, priority=priority)
+        return callback
+
+    def subscribe_error_default(self, callback, *, owner=None, priority=100):
+        _check_callable(callback, "callback")
+        _check_owner(owner)
+        entry = _IngressSubscriber(callback, _web_priority(priority), next(self._seq), None)
+        self._error_subs = tuple(sorted(self._error_subs + (entry,), key=_IngressSubscriber.order))
+        unsubscribe = functools.partial(self._remove_error, entry)
+        if owner is not None:
+            owner.add_cleanup(unsubscribe)
+        return unsubscribe
+
+    def unsubscribe_error_default(self, callback):
+        for entry in self._error_subs:
+            if entry.callback == callback:
+                return self._remove_error(entry)
+        return False
+
+    def dispatch(self, event, *args, namespace="/", **kwargs):
+        """Run ``event``'s subscribers now, as a client event would; returns the ack value."""
+        subs = self._subs.get((_web_namespace(namespace), event))
+        if not subs:
+            return None
+        return self._run(subs, event, args, kwargs)
+
+    def dispatch_default_error(self, exc, *args, **kwargs):
+        """Hand ``exc`` to the default-error subscribers; returns their last non-None result."""
+        result = None
+        for entry in self._error_subs:
+            try:
+                value = entry.callback(exc, *args, **kwargs)
+            except Exception:
+                _web_log.exception("ingress %s: error subscriber %s raised", self.name,
+                                   _callable_name(entry.callback))
+                continue
+            if value is not None:
+                result = value
+        return result
+
+    def clear(self):
+        """Drop every subscriber; bound events then answer nothing."""
+        self._subs.clear()
+        self._error_subs = ()
+
+    def health(self):
+        return {"name": self.name, "type": "ingress", "attached": self._socketio is not None,
+                "events": {"%s %s" % key: len(subs) for key, subs in self._subs.items()}}
+
+    def __repr__(self):
+        return "<SocketIngress %r %d events>" % (self.name, len(self._subs))
+
+    def _bind(self, namespace, event):
+        socketio = self._socketio
+        if socketio is None or (namespace, event) in self._bound:
+            return
+        self._bound.add((namespace, event))
+        socketio.on_event(event, functools.partial(self._handle, namespace, event), namespace=namespace)
+
+    def _handle(self, namespace, event, *args):
+        subs = self._subs.get((namespace, event))
+        if not subs:
+            return None
+        return self._run(subs, event, args, {})
+
+    def _run(self, subs, event, args, kwargs):
+        result = None
+        for entry in subs:
+            call_args = args
+            if entry.schema is not None:
+                outcome = entry.schema.validate(args[0] if args else None)
+                if not outcome.ok:
+                    result = outcome.to_dict()
+                    continue
+                call_args = (outcome.value,) + args[1:]
+            try:
+                value = entry.callback(*call_args, **kwargs)
+            except Exception as exc:
+                _web_log.exception("ingress %s: subscriber %s of %r raised", self.name,
+                                   _callable_name(entry.callback), event)
+                value = self.dispatch_default_error(exc)
+            if value is not None:
+                result = value
+        return result
+
+    def _remove(self, key, entry):
+        subs = self._subs.get(key, ())
+        kept = tuple(sub for sub in subs if sub is not entry)
+        if len(kept) == len(subs):
+            return False
+        if kept:
+            self._subs[key] = kept
+        else:
+            del self._subs[key]
+        return True
+
+    def _remove_error(self, entry):
+        kept = tuple(sub for sub in self._error_subs if sub is not entry)
+        changed = len(kept) != len(self._error_subs)
+        self._error_subs = kept
+        return changed
+
+
+class Controller(Service):
+    """A feature's composition root: routes, socket events, schemas and state under one lifecycle.
+
+    Override ``build_routes(router)`` and ``build_events(handler)``; declare
+    ``schemas``. While the controller is not running its routes answer 503
+    and its socket events are not delivered. ``stop()`` tears the handler
+    down first, then stops like any Service (owned models and stores
+    included).
+    """
+
+    schemas = {}
+
+    def __init__(self, name=None):
+        super().__init__(name)
+        if not isinstance(self.schemas, dict) or not all(isinstance(s, Schema) for s in self.schemas.values()):
+            raise TypeError("%s.schemas must be a dict of name -> Schema" % type(self).__name__)
+        self._blueprint = None
+        self._handler = None
+
+    # Hooks ------------------------------------------------------------------
+
+    def build_routes(self, router):
+        """Add HTTP routes with ``@router.route(...)``."""
+
+    def build_events(self, handler):
+        """Add socket events with ``handler.on(event, callback, priority=100)``."""
+
+    # Control ----------------------------------------------------------------
+
+    def build_blueprint(self, url_prefix=None):
+        """The controller's Blueprint, built once; its routes are served under ``url_prefix``."""
+        if self._blueprint is None:
+            router = Router(self.name, url_prefix=url_prefix, import_name=type(self).__module__)
+            self.build_routes(router)
+            blueprint = router.mount()
+            blueprint.before_request(self._http_gate)
+            self._blueprint = blueprint
+        return self._blueprint
+
+    def create_handler(self):
+        """A new Handler carrying the events added by build_events()."""
+        handler = Handler(self.name)
+        handler._gate = lambda: self.running
+        self.build_events(handler)
+        return handler
+
+    def build_handler(self, socketio=None):
+        """The controller's Handler, built once (and set up when ``socketio`` is given)."""
+        if self._handler is None:
+            self._handler = self.create_handler()
+        if socketio is not None:
+            self._handler.setup(socketio)
+        return self._handler
+
+    @property
+    def socketio(self):
+        if self._handler is not None and self._handler.socketio is not None:
+            return self._handler.socketio
+        ingress = registry.resolve("socket_ingress")
+        return ingress.socketio if ingress is not None else None
+
+    def schema(self, name):
+        try:
+            return self.schemas[name]
+        except KeyError:
+            raise KeyError("%s has no schema %r (known: %s)"
+                           % (self.name, name, ", ".join(map(repr, self.schemas)) or "none")) from None
+
+    def create_model(self, name, initial_state=None, **kwargs):
+        """A Model owned by the controller (destroyed when it stops)."""
+        return self.own(Model(name, initial_state, **kwargs))
+
+    def create_store(self, name, initial_state=None, **kwargs):
+        """A Store owned by the controller (destroyed when it stops)."""
+        return self.own(Store(name, initial_state, **kwargs))
+
+    def service(self, key):
+        """The dependency provided under ``key`` (KeyError naming the known keys)."""
+        return registry.require(key)
+
+    def require(self, key):
+        return registry.require(key)
+
+    def resolve(self, key):
+        return registry.resolve(key)
+
+    def health(self):
+        report = super().health()
+        report["has_blueprint"] = self._blueprint is not None
+        report["has_handler"] = self._handler is not None
+        report["schemas"] = list(self.schemas)
+        return report
+
+    # Helpers ----------------------------------------------------------------
+
+    def _lifecycle_started(self):
+        super()._lifecycle_started()
+        if self._handler is not None and self._handler.socketio is not None:
+            self._handler.setup()  # a restart after stop()
+
+    def _lifecycle_stopping(self):
+        if self._handler is not None:
+            self._handler.teardown()
+        super()._lifecycle_stopping()
+
+    def _http_gate(self):
+        if not self.running:
+            return _web_json({"error": "%s is not running" % self.name}, 503)
+        return None
+
+
+class ServiceManager(Service):
+    """The composition root: registers services, handlers and controllers, boots and shuts down.
+
+    ``boot()`` starts the manager, provides ``'service_manager'`` and
+    ``'socket_ingress'`` (plus any providers), starts services in
+    registration order (rolling back on failure), sets up handlers, and
+    installs an atexit hook and SIGTERM/SIGINT handlers that shut down once.
+    ``shutdown()`` tears handlers down and stops services in reverse, clears
+    the ingress and the registry, and stops the manager.
+    """
+
+    def __init__(self, app=None, socketio=None, *, signals=True, name="service_manager"):
+        super().__init__(name)
+        self._app = app
+        self._socketio = socketio
+        self._signals = bool(signals)
+        self._ingress = SocketIngress(socketio) if socketio is not None else SocketIngress()
+        self._services = []
+        self._handlers = []
+        self._providers = []
+        self._booted = False
+        self._shutting_down = False
+        self._signal_watchers = []
+        self._atexit = False
+        self._server = None
+
+    @property
+    def app(self):
+        return self._app
+
+    @property
+    def socketio(self):
+        return self._socketio
+
+    @property
+    def socket_ingress(self):
+        return self._ingress
+
+    @property
+    def booted(self):
+        return self._booted
+
+    def register_service(self, service):
+        """Add a service (started at boot, or at once if already booted)."""
+        if not isinstance(service, Service):
+            raise TypeError("register_service() takes a Service, got %s" % _describe(service))
+        if service not in self._services:
+            self._services.append(service)
+            if self._booted:
+                service.start()
+        return service
+
+    def register_handler(self, handler):
+        """Add a handler (set up at boot, or at once if already booted)."""
+        if not callable(getattr(handler, "setup", None)) or not callable(getattr(handler, "teardown", None)):
+            raise TypeError("register_handler() takes an object with setup() and teardown(), got %s"
+                            % _describe(handler))
+        if handler not in self._handlers:
+            self._handlers.append(handler)
+            if self._booted:
+                handler.setup(self._socketio)
+        return handler
+
+    def register_controller(self, controller, *, url_prefix=None):
+        """Add a controller: its blueprint goes on the app, its handler is managed."""
+        if not isinstance(controller, Controller):
+            raise TypeError("register_controller() takes a Controller, got %s" % _describe(controller))
+        if self._app is not None:
+            blueprint = controller.build_blueprint(url_prefix)
+            if blueprint.name not in self._app.blueprints:
+                self._app.register_blueprint(blueprint)
+        self.register_service(controller)
+        self.register_handler(controller.build_handler())
+        return controller
+
+    def boot(self, providers=None):
+        """Start everything; idempotent. A service that fails to start undoes the boot."""
+        if providers:
+            self._add_providers(providers)
+        if self._booted:
+            return self
+        self.start()
+        started = []
+        try:
+            registry.provide("service_manager", self, owner=self, replace=True)
+            registry.provide("socket_ingress", self._ingress, owner=self, replace=True)
+            for key, value in self._providers:
+                registry.provide(key, value, owner=self, replace=True)
+            for service in self._services:
+                service.start()
+                started.append(service)
+            self._booted = True
+            for handler in self._handlers:
+                handler.setup(self._socketio)
+        except BaseException:
+            _web_log.error("boot failed; stopping what was started")
+            self._booted = False
+            for handler in reversed(self._handlers):
+                handler.teardown()
+            for service in reversed(started):
+                service.stop()
+            self.stop()
+            raise
+        if not self._atexit:
+            atexit.register(self._at_exit)
+            self._atexit = True
+        if self._signals:
+            self._install_signals()
+        _web_log.info("booted %d service(s) and %d handler(s)", len(self._services), len(self._handlers))
+        return self
+
+    def shutdown(self):
+        """Tear everything down in reverse; idempotent."""
+        if self._shutting_down or (not self._booted and not self.running):
+            return self
+        self._shutting_down = True
+        try:
+            for watcher in self._signal_watchers:
+                watcher.cancel()
+            self._signal_watchers = []
+            for handler in reversed(self._handlers):
+                try:
+                    handler.teardown()
+                except Exception:
+                    self._record_error("teardown of handler %r" % handler)
+            for service in reversed(self._services):
+                try:
+                    service.stop()
+                except Exception:
+                    self._record_error("stop of service %s" % service.name)
+            self._ingress.clear()
+            self.stop()
+            registry.clear()
+            self._booted = False
+            server, self._server = self._server, None
+            if server is not None:
+                server.stop(timeout=self.stop_timeout)
+        finally:
+            self._shutting_down = False
+        _web_log.info("shut down")
+        return self
+
+    def run(self, host="127.0.0.1", port=5000, **kwargs):
+        """Boot, serve the app on gevent (Socket.IO included) until shutdown, then return.
+
+        SIGTERM or SIGINT (when signals are on) or ``shutdown()`` from any
+        greenlet stops the server; ``log_output=True`` prints access logs;
+        other keywords go to gevent's WSGIServer.
+        """
+        if self._app is None:
+            raise RuntimeError("run() needs the Flask app: ServiceManager(app, socketio)")
+        from gevent import pywsgi
+        log_output = kwargs.pop("log_output", False)
+        self.boot()
+        server = pywsgi.WSGIServer((host, port), self._app, log="default" if log_output else None, **kwargs)
+        self._server = server
+        if self._socketio is not None:
+            self._socketio.wsgi_server = server  # so socketio.stop() works too
+        try:
+            server.serve_forever()
+        finally:
+            self.shutdown()
+        return self
+
+    def health(self):
+        report = super().health()
+        report["booted"] = self._booted
+        report["services"] = [service.health() for service in self._services]
+        report["handlers"] = [_web_health(handler) for handler in self._handlers]
+        report["ingress"] = self._ingress.health()
+        return report
+
+    # Helpers ----------------------------------------------------------------
+
+    def _add_providers(self, providers):
+        if not isinstance(providers, dict):
+            raise TypeError("providers must be a dict of key -> value, got %s" % _describe(providers))
+        for key, value in providers.items():
+            key = _registry_key(key)
+            self._providers.append((key, value))
+            if isinstance(value, Service) and value not in self._services:
+                # Providers are dependencies: they start before everything registered so far.
+                self._services.insert(sum(1 for _, v in self._providers[:-1] if isinstance(v, Service)), value)
+            if self._booted:
+                registry.provide(key, value, owner=self, replace=True)
+                if isinstance(value, Service):
+                    value.start()
+
+    def _install_signals(self):
+        if self._signal_watchers:
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._signal_watchers.append(gevent.signal_handler(signum, self._on_signal, signum))
+            except (ValueError, OSError) as exc:
+                _web_log.debug("cannot handle signal %s here: %s", signum, exc)
+
+    def _on_signal(self, signum):
+        _web_log.info("signal %s: shutting down", signal.Signals(signum).name)
+        serving = self._server is not None
+        self.shutdown()
+        if not serving:
+            raise SystemExit(0)
+
+    def _at_exit(self):
+        if self._booted:
+            try:
+                self.shutdown()
+            except Exception:
+                _web_log.exception("shutdown at exit raised")
+
+
+def boot(app, socketio, *, services=None, handlers=None, controllers=None, providers=None, signals=True):
+    """Register everything on a new ServiceManager, boot it and return it."""
+    manager = ServiceManager(app, socketio, signals=signals)
+    if providers:
+        manager._add_providers(providers)
+    for service in services or ():
+        manager.register_service(service)
+    for controller in controllers or ():
+        manager.register_controller(controller)
+    for handler in handlers or ():
+        manager.register_handler(handler)
+    return manager.boot()
+
+
+class _IngressSubscriber:
+    __slots__ = ("callback", "priority", "seq", "schema")
+
+    def __init__(self, callback, priority, seq, schema):
+        self.callback = callback
+        self.priority = priority
+        self.seq = seq
+        self.schema = schema
+
+    def order(self):
+        return (self.priority, self.seq)
+
+
+def _web_json(body, status):
+    response = flask.jsonify(body)
+    response.status_code = status
+    return response
+
+
+def _web_response(result):
+    """Turn a view's return value into something Flask can send, converting Outcomes."""
+    if isinstance(result, Outcome):
+        return _web_json(result.to_dict(), result.status)
+    if isinstance(result, tuple) and result and isinstance(result[0], (Outcome, dict, list)):
+        body = result[0]
+        if isinstance(body, Outcome):
+            body = body.to_dict()
+        return flask.make_response((flask.jsonify(body),) + result[1:])
+    if isinstance(result, list):
+        return flask.jsonify(result)
+    return result
+
+
+def _web_error_response(exc, message, log, include_trace):
+    if isinstance(exc, HTTPError):
+        if exc.log_message:
+            log.log(exc.log_level, exc.log_message)
+        return exc.to_response()
+    if isinstance(exc, werkzeug.exceptions.HTTPException) and exc.code is not None:
+        if exc.code < 400:
+            return exc.get_response()  # redirects stay redirects
+        response = _web_json({"error": exc.description or exc.name}, exc.code)
+        for header, value in exc.get_headers():
+            if header.lower() != "content-type":
+                response.headers[header] = value
         return response
+    if include_trace:
+        log.exception("%s: %s", message, flask.request.path if flask.has_request_context() else "")
+    else:
+        log.error("%s: %s: %s", message, type(exc).__name__, exc)
+    return _web_json({"error": message}, 500)
+
+
+def _web_route_spec(rule, methods, endpoint, json_errors):
+    if not isinstance(rule, str) or not rule.startswith("/"):
+        raise ValueError("route rule must be a path starting with '/', got %r" % (rule,))
+    if methods is not None:
+        if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
+            raise TypeError("methods must be a list of HTTP method names, got %r" % (methods,))
+        methods = [m.upper() for m in methods]
+    if endpoint is not None:
+        _check_name(endpoint, "endpoint")
+    if json_errors is not None and not isinstance(json_errors, str):
+        raise TypeError("json_errors must be the error message string, got %s" % _describe(json_errors))
+    return (rule, methods, endpoint, json_errors)
+
+
+def _web_add_rules(blueprint, fn, specs):
+    # One wrapper per view, shared by all its rules, so stacked routes share an endpoint.
+    views = {}
+    for rule, methods, endpoint, json_errors in specs:
+        view = views.get(json_errors)
+        if view is None:
+            view = views[json_errors] = _web_view(fn, json_errors)
+        blueprint.add_url_rule(rule, endpoint or view.__name__, view, methods=methods or ["GET"])
+
+
+def _web_view(fn, json_errors):
+    if json_errors is not None:
+        return json_endpoint(json_errors)(fn)
+
+    @functools.wraps(fn)
+    def view(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        if isinstance(result, Outcome):
+            return _web_json(result.to_dict(), result.status)
+        return result
+    return view
+
+
+def _web_namespace(namespace):
+    if not isinstance(namespace, str) or not namespace.startswith("/"):
+        raise ValueError("namespace must start with '/', got %r" % (namespace,))
+    return namespace
+
+
+def _web_priority(priority):
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError("priority must be an integer, got %s" % _describe(priority))
+    return priority
+
+
+def _web_schema(schema):
+    if schema is not None and not isinstance(schema, Schema):
+        raise TypeError("schema must be a specter.Schema, got %s" % _describe(schema))
+    return schema
+
+
+def _web_health(obj):
+    health = getattr(obj, "health", None)
+    if callable(health):
+        return health()
+    return {"name": getattr(obj, "name", repr(obj)), "registered": getattr(obj, "registered", None)}
+
+
+def _web_snake(name):
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 ###############################################################################
