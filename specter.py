@@ -909,10 +909,12 @@ class QueueService(Service):
         return bool(self.queue.join(timeout))
 
     def get_state(self):
-        self.state["queue_size"] = self.queue.qsize()
+        """A copy of ``state`` with the queue counters refreshed."""
+        self._refresh_counters()
         return dict(self.state)
 
     def health(self):
+        self._refresh_counters()
         report = super().health()
         report["queue"] = {
             "size": self.queue.qsize(),
@@ -948,13 +950,17 @@ class QueueService(Service):
                 break
             queue.task_done()
         if dropped:
-            self.state["queue_size"] = 0
             try:
                 self.on_dropped(dropped)
             except Exception:
                 self._record_error("on_dropped")
         self._wait_idle(self.stop_timeout, in_hand)
+        self._refresh_counters()
         self._workers = ()
+
+    def _refresh_counters(self):
+        # Workers count on attributes (cheap); state mirrors them on demand.
+        self.state.update(queue_size=self.queue.qsize(), processed=self._processed, failed=self._failed)
 
     def _wait_idle(self, timeout, in_hand):
         if not in_hand:
@@ -967,20 +973,18 @@ class QueueService(Service):
             gevent.sleep(0.005)
 
     def _work(self):
-        queue = self.queue
-        state = self.state
+        get, done = self.queue.get, self.queue.task_done
+        handle = self.handle_item
         while True:
-            item = queue.get()
+            item = get()
             try:
-                self.handle_item(item)
+                handle(item)
                 self._processed += 1
-                state["processed"] = self._processed
             except Exception:
                 self._failed += 1
-                state["failed"] = self._failed
                 self._record_error(getcurrent().name)
             finally:
-                queue.task_done()
+                done()
 
 
 class WatcherError(RuntimeError):
@@ -1545,6 +1549,7 @@ class Cache:
         self._updated_at = None
         self._generation = 0
         self._flight = None
+        self._flight_owner = None
         self._callbacks = ()
         self._invalidating = False
         self._event = "%s:invalidated" % self.name
@@ -1598,6 +1603,9 @@ class Cache:
             flight = self._flight
             if flight is None:
                 break
+            if self._flight_owner is getcurrent():
+                raise RuntimeError("the factory of cache %s called get_or_compute() on the same cache; "
+                                   "it would wait for itself forever" % self.name)
             flight.wait()
             if flight.successful() or not isinstance(flight.exception, gevent.GreenletExit):
                 return flight.get(block=False)
@@ -1605,6 +1613,7 @@ class Cache:
             if _monotonic() < self._expires:
                 return self._value
         flight = self._flight = gevent.event.AsyncResult()
+        self._flight_owner = getcurrent()
         generation = self._generation
         try:
             value = factory()
