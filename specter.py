@@ -1200,7 +1200,7 @@ class _Subscribers:
 
     def __init__(self):
         self.entries = ()
-        self.pending = collections.deque()
+        self.pending = None
         self.busy = False
 
     def add(self, entry, owner=None):
@@ -1224,6 +1224,8 @@ class _Subscribers:
 
     def publish(self, deliver, payload):
         if self.busy:
+            if self.pending is None:
+                self.pending = collections.deque()
             self.pending.append((deliver, payload))
             return
         self.busy = True
@@ -1973,13 +1975,17 @@ class Field:
         return "Field(%s%s)" % (name, ", required=True" if self.required else "")
 
     def _clean(self, value, path, errors, schema):
-        """The coerced, checked value, or _MISSING after recording an error at ``path``."""
+        """The coerced, checked value, or _MISSING after recording an error at ``path``.
+
+        ``path`` is a string, or ``(list_path, index)`` for a list item, formatted
+        only when it is needed.
+        """
         try:
             if self._coerce is None:
-                return self.type._clean_object(value, path + ".", errors, schema)
+                return self.type._clean_object(value, _schema_path(path) + ".", errors, schema)
             value = self._coerce(value)
             if self.items is not None:
-                value = _schema_items(self.items, value, path, errors, schema)
+                value = _schema_items(self.items, value, _schema_path(path), errors, schema)
                 if value is _MISSING:
                     return _MISSING
             elif type(value) is list or type(value) is dict:
@@ -1989,10 +1995,10 @@ class Field:
             if self.validator is not None and self.validator(value) is False:
                 raise SchemaError("is invalid")
         except SchemaError as exc:
-            errors[path] = exc.message
+            errors[_schema_path(path)] = exc.message
             return _MISSING
         except Exception as exc:
-            errors[path] = "is invalid (%s)" % _schema_clip(str(exc) or type(exc).__name__)
+            errors[_schema_path(path)] = "is invalid (%s)" % _schema_clip(str(exc) or type(exc).__name__)
             return _MISSING
         return value
 
@@ -2040,8 +2046,8 @@ class Schema:
         except RecursionError:
             errors = {"$": "is nested too deeply"}
         if errors:
-            return Outcome(False, None, self._message(errors), 400, {"errors": errors})
-        return Outcome(True, clean, None, 200, None)
+            return _outcome(False, None, self._message(errors), 400, {"errors": errors})
+        return _outcome(True, clean, None, 200, None)
 
     def require(self, data):
         """The cleaned dict, or HTTPError(400) carrying the per-field errors."""
@@ -2116,17 +2122,23 @@ class Outcome:
     """An immutable result: ``ok``, ``value``, ``error``, ``status`` and ``meta``.
 
     Build one with ``Outcome.success`` or ``Outcome.failure``. Truthy when ok.
+    The fields are read-only properties and ``meta`` a read-only mapping.
     """
 
-    __slots__ = ("ok", "value", "error", "status", "meta")
+    __slots__ = ("_ok", "_value", "_error", "_status", "_meta")
 
     def __init__(self, ok, value=None, error=None, status=200, meta=None):
-        set_attr = object.__setattr__
-        set_attr(self, "ok", bool(ok))
-        set_attr(self, "value", value)
-        set_attr(self, "error", error)
-        set_attr(self, "status", _outcome_status(status))
-        set_attr(self, "meta", types.MappingProxyType(dict(meta) if meta else {}))
+        self._ok = bool(ok)
+        self._value = value
+        self._error = error
+        self._status = _outcome_status(status)
+        self._meta = types.MappingProxyType(dict(meta)) if meta else _OUTCOME_NO_META
+
+    ok = property(lambda self: self._ok)
+    value = property(lambda self: self._value)
+    error = property(lambda self: self._error)
+    status = property(lambda self: self._status)
+    meta = property(lambda self: self._meta)
 
     @classmethod
     def success(cls, value=None, *, status=200, **meta):
@@ -2140,43 +2152,37 @@ class Outcome:
 
     def unwrap(self):
         """The value, or RuntimeError carrying the error."""
-        if not self.ok:
-            raise RuntimeError(self.error)
-        return self.value
+        if not self._ok:
+            raise RuntimeError(self._error)
+        return self._value
 
     def to_dict(self):
         """``meta`` plus ok, status and value (and error when failed): ready for jsonify."""
-        out = dict(self.meta)
-        out["ok"] = self.ok
-        out["status"] = self.status
-        if not self.ok:
-            out["error"] = self.error
-        out["value"] = self.value
+        out = dict(self._meta)
+        out["ok"] = self._ok
+        out["status"] = self._status
+        if not self._ok:
+            out["error"] = self._error
+        out["value"] = self._value
         return out
 
     def to_tuple(self):
-        return (self.ok, self.value, self.error)
-
-    def __setattr__(self, name, value):
-        raise AttributeError("Outcome is immutable; build a new one with Outcome.success() or .failure()")
-
-    def __delattr__(self, name):
-        raise AttributeError("Outcome is immutable")
+        return (self._ok, self._value, self._error)
 
     def __bool__(self):
-        return self.ok
+        return self._ok
 
     def __eq__(self, other):
         if not isinstance(other, Outcome):
             return NotImplemented
-        return self.to_tuple() == other.to_tuple() and self.status == other.status and self.meta == other.meta
+        return self.to_tuple() == other.to_tuple() and self._status == other._status and self._meta == other._meta
 
     __hash__ = None
 
     def __repr__(self):
-        if self.ok:
-            return "Outcome.success(%r, status=%d)" % (self.value, self.status)
-        return "Outcome.failure(%r, status=%d)" % (self.error, self.status)
+        if self._ok:
+            return "Outcome.success(%r, status=%d)" % (self._value, self._status)
+        return "Outcome.failure(%r, status=%d)" % (self._error, self._status)
 
 
 class OperationError(Exception):
@@ -2387,17 +2393,20 @@ def _schema_items(item_field, value, path, errors, schema):
     clean = []
     failed = False
     for index, item in enumerate(value):
-        item_path = "%s[%d]" % (path, index)
         if item is None:
-            errors[item_path] = "is required"
+            errors["%s[%d]" % (path, index)] = "is required"
             failed = True
             continue
-        item = item_field._clean(item, item_path, errors, schema)
+        item = item_field._clean(item, (path, index), errors, schema)
         if item is _MISSING:
             failed = True
         else:
             clean.append(item)
     return _MISSING if failed else clean
+
+
+def _schema_path(path):
+    return path if type(path) is str else "%s[%d]" % path
 
 
 def _schema_measure(value, schema):
@@ -2432,6 +2441,20 @@ def _schema_clip(text, limit=60):
 
 def _schema_jsonable(value):
     return isinstance(value, (str, int, float, bool, type(None), list, dict))
+
+
+def _outcome(ok, value, error, status, meta):
+    """An Outcome built from trusted parts, skipping the argument checks."""
+    outcome = Outcome.__new__(Outcome)
+    outcome._ok = ok
+    outcome._value = value
+    outcome._error = error
+    outcome._status = status
+    outcome._meta = types.MappingProxyType(meta) if meta else _OUTCOME_NO_META
+    return outcome
+
+
+_OUTCOME_NO_META = types.MappingProxyType({})
 
 
 def _outcome_status(status):
