@@ -865,6 +865,154 @@ def bench_model_get(cfg: Config) -> List[Row]:
 
 # -- memory ----------------------------------------------------------------
 
+@workload("process.watch_stream")
+def bench_watch_stream(cfg: Config) -> List[Row]:
+    """Lines per second through ManagedProcess.watch_stream vs the same child
+    read by a bare gevent.subprocess readline loop (both strip line endings
+    and call the same handler)."""
+    import gevent.subprocess as gsp
+    lines = cfg.pick(200000, 50000)
+    child = [sys.executable, "-c",
+             "import sys\nw = sys.stdout.write\nfor i in range(%d): w('line %%d of output\\n' %% i)" % lines]
+    seen = [0]
+
+    def handler(line):
+        seen[0] += 1
+
+    def spec(n):
+        proc = specter.ManagedProcess("bench.child")
+        proc.start(child, stdout=specter.ManagedProcess.PIPE)
+        reader = proc.watch_stream("stdout", handler)
+        proc.wait()
+        reader.join()
+        proc.stop()
+
+    def base(n):
+        proc = gsp.Popen(child, stdout=gsp.PIPE)
+        readline = proc.stdout.readline
+        while True:
+            line = readline()
+            if not line:
+                break
+            handler(line.rstrip(b"\r\n"))
+        proc.wait()
+        proc.stdout.close()
+
+    cfg_runs = Config(**{**asdict(cfg), "repeats": cfg.pick(7, 3)})
+    row = compare("watch_stream, per line", spec, base, n=lines, cfg=cfg_runs, target=1.3,
+                  calibrate=False, note="%s lines per child process" % format(lines, ","))
+    expected = lines * (2 * cfg_runs.repeats + 2)
+    if seen[0] != expected:
+        row.note += "; LINES LOST: %d of %d" % (seen[0], expected)
+        row.status = "ERROR"
+    return [row]
+
+
+def _web_apps():
+    """A Flask app with a plain jsonify view, a json_endpoint view and a Router class route."""
+    import flask
+
+    app = flask.Flask("bench")
+
+    @app.route("/plain")
+    def plain():
+        return flask.jsonify({"ok": True, "items": [1, 2, 3]})
+
+    @app.route("/endpoint")
+    @specter.json_endpoint
+    def endpoint():
+        return {"ok": True, "items": [1, 2, 3]}
+
+    class Items(specter.Router):
+        @specter.route("/router")
+        def listing(self):
+            return {"ok": True, "items": [1, 2, 3]}
+
+    Items("items").register(app)
+    return app
+
+
+@workload("web.http")
+def bench_web_http(cfg: Config) -> List[Row]:
+    """GET through json_endpoint and through a Router class route vs a plain
+    Flask view returning jsonify, all via Flask's test client."""
+    app = _web_apps()
+    client = app.test_client()
+    for path in ("/plain", "/endpoint", "/router"):
+        assert client.get(path).get_json() == {"ok": True, "items": [1, 2, 3]}, path
+
+    def getter(path):
+        def run(n):
+            get = client.get
+            for _ in range(n):
+                get(path)
+        return run
+
+    n = cfg.pick(2000, 1000)
+    stats, ns = measure({"plain": getter("/plain"), "endpoint": getter("/endpoint"),
+                         "router": getter("/router")}, n, cfg)
+    base = stats["plain"]
+    rows = []
+    for side, label in (("endpoint", "GET via json_endpoint"), ("router", "GET via Router route")):
+        s = stats[side]
+        rows.append(Row(label, s.median, base.median, s.median / base.median, 1.1,
+                        noise=max(s.iqr_pct, base.iqr_pct), n={side: ns[side], "plain": ns["plain"]},
+                        repeats=cfg.repeats, note="baseline: plain Flask view returning jsonify"))
+    return rows
+
+
+@workload("web.socket")
+def bench_web_socket(cfg: Config) -> List[Row]:
+    """One socket event through SocketIngress with 3 prioritised subscribers
+    vs a plain @socketio.on handler making the same 3 calls, via
+    Flask-SocketIO's test client (with an ack)."""
+    import flask
+    from flask_socketio import SocketIO
+
+    calls = [0]
+
+    def first(data):
+        calls[0] += 1
+
+    def second(data):
+        calls[0] += 1
+
+    def third(data):
+        calls[0] += 1
+        return {"ok": True}
+
+    app = flask.Flask("bench.socket")
+    socketio = SocketIO(app, async_mode="gevent")
+
+    @socketio.on("plain")
+    def plain(data):
+        first(data)
+        second(data)
+        return third(data)
+
+    ingress = specter.SocketIngress(socketio)
+    ingress.subscribe("routed", third, priority=30)
+    ingress.subscribe("routed", first, priority=10)
+    ingress.subscribe("routed", second, priority=20)
+    client = socketio.test_client(app)
+    assert client.emit("plain", {"n": 1}, callback=True) == {"ok": True}
+    assert client.emit("routed", {"n": 1}, callback=True) == {"ok": True}
+
+    def emitter(event):
+        def run(n):
+            emit = client.emit
+            for _ in range(n):
+                emit(event, {"n": 1}, callback=True)
+        return run
+
+    try:
+        return [compare("socket event via SocketIngress (3 subs)", emitter("routed"),
+                        emitter("plain"), n=cfg.pick(2000, 1000), cfg=cfg, target=1.2,
+                        note="baseline: plain @socketio.on handler doing the same 3 calls")]
+    finally:
+        client.disconnect()
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
