@@ -57,6 +57,7 @@ import gevent
 import gevent.event
 import gevent.queue
 import gevent.subprocess
+from gevent import pywsgi
 from gevent import Greenlet
 from greenlet import getcurrent
 
@@ -2629,6 +2630,7 @@ class Router(_Owner):
         self.import_name = import_name or type(self).__module__
         self._views = []
         self._blueprint = None
+        self._unmounted = False
         self._apps = []
 
     # Hooks ------------------------------------------------------------------
@@ -2663,6 +2665,7 @@ class Router(_Owner):
                 _web_add_rules(blueprint, fn, specs)
             for fn, spec in self._views:
                 _web_add_rules(blueprint, fn, [spec])
+            blueprint.register_error_handler(HTTPError, HTTPError.to_response)
             self._blueprint = blueprint
             self.on_mount()
         return self._blueprint
@@ -2680,14 +2683,14 @@ class Router(_Owner):
         return self
 
     def teardown(self):
-        """Run on_unmount() and the cleanups; idempotent."""
-        if self._blueprint is not None or self._cleanups:
+        """Run on_unmount() (once per mount) and the cleanups; idempotent."""
+        if self._blueprint is not None and not self._unmounted:
+            self._unmounted = True
             try:
-                if self._blueprint is not None:
-                    self.on_unmount()
+                self.on_unmount()
             except Exception:
                 _web_log.exception("router %s: on_unmount raised", self.name)
-            self._run_cleanups()
+        self._run_cleanups()
         return self
 
     def require(self, key):
@@ -3164,6 +3167,9 @@ class ServiceManager(Service):
         self._signal_watchers = []
         self._atexit = False
         self._server = None
+        if app is not None and HTTPError not in app.error_handler_spec[None][None]:
+            # Like any Flask extension: an HTTPError raised in any view is JSON.
+            app.register_error_handler(HTTPError, HTTPError.to_response)
 
     @property
     def app(self):
@@ -3290,9 +3296,9 @@ class ServiceManager(Service):
         """
         if self._app is None:
             raise RuntimeError("run() needs the Flask app: ServiceManager(app, socketio)")
-        from gevent import pywsgi
         log_output = kwargs.pop("log_output", False)
         self.boot()
+        kwargs.setdefault("handler_class", _WebSocketClosingHandler)
         server = pywsgi.WSGIServer((host, port), self._app, log="default" if log_output else None, **kwargs)
         self._server = server
         if self._socketio is not None:
@@ -3341,7 +3347,10 @@ class ServiceManager(Service):
         serving = self._server is not None
         self.shutdown()
         if not serving:
-            raise SystemExit(0)
+            # Nothing of ours is serving, so end the program the way Python
+            # would: SystemExit in the main greenlet (raising it here would
+            # only end this signal greenlet, whose watcher shutdown() closed).
+            gevent.get_hub().parent.throw(SystemExit(0))
 
     def _at_exit(self):
         if self._booted:
@@ -3363,6 +3372,19 @@ def boot(app, socketio, *, services=None, handlers=None, controllers=None, provi
     for handler in handlers or ():
         manager.register_handler(handler)
     return manager.boot()
+
+
+class _WebSocketClosingHandler(pywsgi.WSGIHandler):
+    """Close a connection once its websocket session ends.
+
+    Without gevent-websocket, pywsgi would keep the socket open and read the
+    client's late close frame as a new HTTP request, logging garbage.
+    """
+
+    def handle_one_response(self):
+        super().handle_one_response()
+        if self.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            self.close_connection = True
 
 
 class _IngressSubscriber:

@@ -6,6 +6,8 @@ only; nothing here monkey-patches. Waits are bounded: events, or
 """
 
 import ast
+import atexit
+import contextlib
 import decimal
 import gc
 import itertools
@@ -13,34 +15,59 @@ import json
 import logging
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import textwrap
 import time
 import unittest
+import urllib.error
+import urllib.request
+from unittest import mock
 
+import flask
 import gevent
 import gevent.event
 import gevent.queue
+import gevent.subprocess
 import greenlet
+import socketio
+import werkzeug.exceptions
+from flask import Flask, abort, request
+from flask_socketio import SocketIO
+from gevent import pywsgi
 
 import specter
 from specter import (
+    boot,
     Cache,
+    Controller,
+    create_cache,
+    create_model,
+    create_store,
     EventBus,
+    expect_json,
     Field,
+    Handler,
+    HTTPError,
+    json_endpoint,
     Model,
     Operation,
     OperationError,
     Outcome,
     QueueService,
-    SPECTERRegistry,
+    require_fields,
+    route,
+    Router,
     Schema,
     SchemaError,
     Service,
+    ServiceManager,
+    SocketIngress,
+    SPECTERRegistry,
     Store,
-    create_cache,
-    create_model,
-    create_store,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -3147,6 +3174,1707 @@ class TestOperation(SpecterTestCase):
 
         out = Echo().run(1, 2, key="v")
         self.assertEqual(out.value, ((1, 2), {"key": "v"}))
+
+
+# Bound for anything a real client or a child process has to do.
+CLIENT_TIMEOUT = 5.0
+
+
+# The directory holding specter.py, for child processes.
+SPECTER_DIR = os.path.dirname(os.path.abspath(specter.__file__))
+
+
+def pid_gone(pid):
+    """True once ``pid`` no longer runs: absent, or a zombie/dead entry awaiting a slow reaper."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as stat:
+            data = stat.read()
+    except OSError:
+        return True  # vanished between the two looks
+    return data[data.rfind(b")") + 2:].split()[0] in (b"Z", b"X")
+
+
+def make_web_app():
+    """A fresh Flask app and its gevent Flask-SocketIO server."""
+    app = Flask(__name__)
+    return app, SocketIO(app, async_mode="gevent")
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def captured_logs(name="specter"):
+    """Collect ``name``'s records without asserting any (keeps expected noise off stderr)."""
+    logger = logging.getLogger(name)
+    handler = _ListHandler()
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.level, logger.propagate = saved
+
+
+class RecordingService(Service):
+    """A Service that appends 'start:<name>' / 'stop:<name>' to a shared log."""
+
+    def __init__(self, name, log):
+        super().__init__(name)
+        self.log = log
+
+    def on_start(self):
+        self.log.append("start:" + self.name)
+
+    def on_stop(self):
+        self.log.append("stop:" + self.name)
+
+
+class RecordingHandler(Handler):
+    """A Handler answering 'ping' that logs its setup and teardown."""
+
+    events = {"ping": "ping"}
+
+    def __init__(self, label, log):
+        self.log = log
+        self.calls = []
+        super().__init__()
+        self.name = label
+
+    def on_setup(self):
+        self.log.append("setup:" + self.name)
+
+    def on_teardown(self):
+        self.log.append("teardown:" + self.name)
+
+    def ping(self, data=None):
+        self.calls.append(data)
+        return {"pong": data, "by": self.name}
+
+
+class EchoController(Controller):
+    """A Controller with one route and one socket event, counting deliveries."""
+
+    name = "echo"
+
+    def __init__(self, name=None):
+        super().__init__(name)
+        self.calls = []
+
+    def build_routes(self, router):
+        @router.route("/ping")
+        def ping():
+            return {"pong": True, "by": self.name}
+
+    def build_events(self, handler):
+        handler.on("echo", self.echo)
+
+    def echo(self, data=None):
+        self.calls.append(data)
+        return {"echo": data}
+
+
+class TestHTTPHelpers(SpecterTestCase):
+
+    def client_for(self, view, methods=("GET", "POST"), **config):
+        """A Flask test client whose app serves ``view`` at '/v'."""
+        app, _ = make_web_app()
+        app.config.update(config)
+        app.add_url_rule("/v", "v", view, methods=list(methods))
+        return app.test_client()
+
+    def assertJSON(self, response, status):
+        """The response's JSON body, after checking status, type and that no traceback leaked."""
+        self.assertEqual(response.status_code, status, response.get_data(as_text=True))
+        self.assertEqual(response.mimetype, "application/json")
+        self.assertNotIn("Traceback", response.get_data(as_text=True))
+        return response.get_json()
+
+    def echo_client(self, **kwargs):
+        """A client for a view returning what expect_json(**kwargs) accepted."""
+        config = kwargs.pop("config", {})
+
+        @json_endpoint
+        def view():
+            return {"got": expect_json(**kwargs)}
+        return self.client_for(view, **config)
+
+    # HTTPError ----------------------------------------------------------------
+
+    def test_http_error_attributes_and_response(self):
+        exc = HTTPError("Not yours", 403, payload={"owner": "ann"})
+        self.assertEqual((exc.message, exc.status_code, exc.payload), ("Not yours", 403, {"owner": "ann"}))
+        self.assertEqual(HTTPError("Bad").status_code, 400)
+        self.assertEqual(HTTPError("Taken", 400, status=409).status_code, 409)
+        self.assertIsInstance(exc, Exception)
+        app, _ = make_web_app()
+        with app.test_request_context():
+            response = exc.to_response()
+        self.assertEqual(response.status_code, 403)
+        self.assertEqual(response.get_json(), {"owner": "ann", "error": "Not yours"})
+
+    # json_endpoint ------------------------------------------------------------
+
+    def test_json_endpoint_bare_returns_dict_as_json(self):
+        @json_endpoint
+        def view():
+            return {"a": 1}
+        self.assertEqual(self.assertJSON(self.client_for(view).get("/v"), 200), {"a": 1})
+
+    def test_json_endpoint_called_returns_list_as_json(self):
+        @json_endpoint("Could not list")
+        def view():
+            return [1, 2, {"b": 3}]
+        self.assertEqual(self.assertJSON(self.client_for(view).get("/v"), 200), [1, 2, {"b": 3}])
+
+    def test_json_endpoint_keeps_tuple_status_and_headers(self):
+        @json_endpoint
+        def created():
+            return {"id": 7}, 201
+
+        @json_endpoint()
+        def accepted():
+            return {"queued": True}, 202, {"X-Job": "42"}
+        self.assertEqual(self.assertJSON(self.client_for(created).get("/v"), 201), {"id": 7})
+        response = self.client_for(accepted).get("/v")
+        self.assertEqual(self.assertJSON(response, 202), {"queued": True})
+        self.assertEqual(response.headers["X-Job"], "42")
+
+    def test_json_endpoint_converts_outcomes_with_their_status(self):
+        @json_endpoint
+        def failed():
+            return Outcome.failure("nope", status=409, code="taken")
+
+        @json_endpoint
+        def made():
+            return Outcome.success({"id": 1}, status=201)
+        body = self.assertJSON(self.client_for(failed).get("/v"), 409)
+        self.assertEqual(body, Outcome.failure("nope", status=409, code="taken").to_dict())
+        self.assertEqual((body["ok"], body["error"], body["code"]), (False, "nope", "taken"))
+        body = self.assertJSON(self.client_for(made).get("/v"), 201)
+        self.assertEqual((body["ok"], body["status"], body["value"]), (True, 201, {"id": 1}))
+
+    def test_json_endpoint_http_error_gives_payload_and_logs_its_log_message(self):
+        @json_endpoint("Could not save")
+        def view():
+            raise HTTPError("Quota exceeded", 429, payload={"limit": 5},
+                            log_message="user 9 hit the quota", log_level=logging.INFO)
+        with self.assertLogs("specter", "INFO") as logs:
+            response = self.client_for(view).get("/v")
+        self.assertEqual(self.assertJSON(response, 429), {"limit": 5, "error": "Quota exceeded"})
+        self.assertEqual([(r.levelno, r.getMessage()) for r in logs.records],
+                         [(logging.INFO, "user 9 hit the quota")])
+        self.assertNotIn("user 9", response.get_data(as_text=True))
+
+    def test_json_endpoint_http_error_without_log_message_is_answered(self):
+        @json_endpoint
+        def view():
+            raise HTTPError("Missing name")
+        self.assertEqual(self.assertJSON(self.client_for(view).get("/v"), 400), {"error": "Missing name"})
+
+    def test_json_endpoint_keeps_werkzeug_404_status_in_json(self):
+        @json_endpoint
+        def view():
+            abort(404)
+        body = self.assertJSON(self.client_for(view).get("/v"), 404)
+        self.assertEqual(list(body), ["error"])
+        self.assertIsInstance(body["error"], str)
+        self.assertTrue(body["error"])
+
+    def test_json_endpoint_keeps_405_status_and_allow_header(self):
+        @json_endpoint
+        def aborted():
+            abort(405, valid_methods=["GET", "PUT"])
+
+        @json_endpoint
+        def raised():
+            raise werkzeug.exceptions.MethodNotAllowed(valid_methods=["GET", "DELETE"])
+        response = self.client_for(aborted).get("/v")
+        self.assertIn("error", self.assertJSON(response, 405))
+        self.assertEqual(set(response.headers["Allow"].replace(" ", "").split(",")), {"GET", "PUT"})
+        response = self.client_for(raised).get("/v")
+        self.assertIn("error", self.assertJSON(response, 405))
+        self.assertEqual(set(response.headers["Allow"].replace(" ", "").split(",")), {"GET", "DELETE"})
+
+    def test_json_endpoint_answers_other_exceptions_500_without_details(self):
+        @json_endpoint("Could not save the job")
+        def view():
+            raise ValueError("db password is hunter2")
+        with self.assertLogs("specter", "ERROR") as logs:
+            response = self.client_for(view).get("/v")
+        self.assertEqual(self.assertJSON(response, 500), {"error": "Could not save the job"})
+        text = response.get_data(as_text=True)
+        self.assertNotIn("hunter2", text)
+        self.assertNotIn("ValueError", text)
+        logged = "\n".join(logs.output)
+        self.assertIn("hunter2", logged)
+        self.assertIn("Traceback", logged)
+        self.assertEqual(logs.records[-1].levelno, logging.ERROR)
+        self.assertIsNotNone(logs.records[-1].exc_info)
+
+    def test_json_endpoint_bare_500_has_an_error_message(self):
+        @json_endpoint
+        def view():
+            raise KeyError("internal-key")
+        with self.assertLogs("specter", "ERROR"):
+            response = self.client_for(view).get("/v")
+        body = self.assertJSON(response, 500)
+        self.assertEqual(list(body), ["error"])
+        self.assertIsInstance(body["error"], str)
+        self.assertNotIn("internal-key", response.get_data(as_text=True))
+
+    def test_json_endpoint_include_trace_false_logs_without_traceback(self):
+        @json_endpoint("Failed", include_trace=False)
+        def view():
+            raise RuntimeError("disk full")
+        with self.assertLogs("specter", "ERROR") as logs:
+            response = self.client_for(view).get("/v")
+        self.assertEqual(self.assertJSON(response, 500), {"error": "Failed"})
+        self.assertTrue(all(not r.exc_info for r in logs.records))
+        self.assertNotIn("Traceback", "\n".join(logs.output))
+
+    def test_json_endpoint_uses_the_given_logger(self):
+        custom = logging.getLogger("webtests.custom")
+
+        @json_endpoint("Failed", logger=custom)
+        def view():
+            raise RuntimeError("boom")
+        with self.assertLogs("webtests.custom", "ERROR") as logs:
+            self.assertJSON(self.client_for(view).get("/v"), 500)
+        self.assertEqual(logs.records[0].name, "webtests.custom")
+
+    # expect_json --------------------------------------------------------------
+
+    def test_expect_json_returns_the_object(self):
+        response = self.echo_client().post("/v", json={"name": "job", "n": 2})
+        self.assertEqual(self.assertJSON(response, 200), {"got": {"name": "job", "n": 2}})
+
+    def test_expect_json_missing_body_is_400_with_error(self):
+        client = self.echo_client(error="Send a job")
+        for response in (client.post("/v"), client.post("/v", data="", content_type="application/json"),
+                         client.post("/v", data="   ", content_type="application/json")):
+            body = self.assertJSON(response, 400)
+            self.assertIn("Send a job", body["error"])
+
+    def test_expect_json_invalid_json_is_400(self):
+        response = self.echo_client().post("/v", data="{bad json", content_type="application/json")
+        body = self.assertJSON(response, 400)
+        self.assertIsInstance(body["error"], str)
+
+    def test_expect_json_empty_object_counts_as_missing_unless_allowed(self):
+        body = self.assertJSON(self.echo_client().post("/v", json={}), 400)
+        self.assertEqual(body["error"], "Request body is required")
+        self.assertEqual(self.assertJSON(self.echo_client(allow_empty=True).post("/v", json={}), 200),
+                         {"got": {}})
+
+    def test_expect_json_non_object_body_is_400(self):
+        client = self.echo_client(allow_empty=True)
+        for data in ("[]", "[1, 2]", '"x"', "1", "null"):
+            with self.subTest(data=data):
+                response = client.post("/v", data=data, content_type="application/json")
+                self.assertIn("error", self.assertJSON(response, 400))
+
+    def test_expect_json_required_fields_give_missing_list(self):
+        client = self.echo_client(required=["name", "size"])
+        body = self.assertJSON(client.post("/v", json={"name": "a"}), 400)
+        self.assertEqual(body["missing"], ["size"])
+        body = self.assertJSON(client.post("/v", json={"name": "  ", "other": 1}), 400)
+        self.assertEqual(body["missing"], ["name", "size"])
+        self.assertEqual(self.assertJSON(client.post("/v", json={"name": "a", "size": 0}), 200),
+                         {"got": {"name": "a", "size": 0}})
+
+    def test_expect_json_form_content_type_is_415(self):
+        client = self.echo_client()
+        self.assertIn("error", self.assertJSON(client.post("/v", data={"name": "a"}), 415))
+        response = client.post("/v", data="name=a", content_type="application/x-www-form-urlencoded")
+        self.assertIn("error", self.assertJSON(response, 415))
+
+    def test_expect_json_over_specter_limit_is_413(self):
+        client = self.echo_client(config={"SPECTER_MAX_JSON_BYTES": 100})
+        big = {"name": "x" * 200}
+        self.assertIn("error", self.assertJSON(client.post("/v", json=big), 413))
+        self.assertEqual(self.assertJSON(client.post("/v", json={"name": "x"}), 200), {"got": {"name": "x"}})
+
+    def test_expect_json_over_max_content_length_is_413(self):
+        client = self.echo_client(config={"MAX_CONTENT_LENGTH": 100})
+        self.assertIn("error", self.assertJSON(client.post("/v", json={"name": "x" * 200}), 413))
+        self.assertEqual(self.assertJSON(client.post("/v", json={"name": "x"}), 200), {"got": {"name": "x"}})
+
+    def test_expect_json_max_content_length_wins_over_specter_limit(self):
+        client = self.echo_client(config={"MAX_CONTENT_LENGTH": 1000, "SPECTER_MAX_JSON_BYTES": 100})
+        payload = {"name": "x" * 300}
+        self.assertEqual(self.assertJSON(client.post("/v", json=payload), 200), {"got": payload})
+        self.assertIn("error", self.assertJSON(client.post("/v", json={"name": "x" * 2000}), 413))
+
+    def test_expect_json_absurdly_nested_body_is_a_clean_4xx(self):
+        @json_endpoint
+        def view():
+            payload = expect_json()
+            return {"keys": len(payload)}
+        client = self.client_for(view)
+        depth = 100000
+        for data in ("[" * depth + "]" * depth, '{"a":' * depth + "1" + "}" * depth):
+            with self.subTest(shape=data[:6]):
+                response = client.post("/v", data=data, content_type="application/json")
+                self.assertTrue(400 <= response.status_code < 500, response.status_code)
+                self.assertEqual(response.mimetype, "application/json")
+                self.assertIsInstance(response.get_json()["error"], str)
+                self.assertNotIn("Traceback", response.get_data(as_text=True))
+
+    def test_schema_require_inside_json_endpoint_is_400_with_field_errors(self):
+        schema = Schema("job", {"name": Field(str, required=True), "size": Field(int, required=True)})
+
+        @json_endpoint("Could not create the job")
+        def view():
+            return {"clean": schema.require(expect_json())}
+        client = self.client_for(view)
+        body = self.assertJSON(client.post("/v", json={"size": "big"}), 400)
+        self.assertEqual(set(body["errors"]), {"name", "size"})
+        self.assertIsInstance(body["error"], str)
+        body = self.assertJSON(client.post("/v", json={"name": "a", "size": "3"}), 200)
+        self.assertEqual(body, {"clean": {"name": "a", "size": 3}})
+
+    # require_fields -----------------------------------------------------------
+
+    def test_require_fields_returns_the_payload(self):
+        payload = {"a": 1, "b": "x", "c": 0, "d": False}
+        self.assertIs(require_fields(payload, ["a", "b", "c", "d"]), payload)
+
+    def test_require_fields_missing_none_and_blank(self):
+        with self.assertRaises(HTTPError) as caught:
+            require_fields({"a": None, "b": "  ", "d": "ok"}, ["a", "b", "c", "d"])
+        self.assertEqual(caught.exception.status_code, 400)
+        self.assertEqual(caught.exception.payload, {"missing": ["a", "b", "c"]})
+        self.assertIsInstance(caught.exception.message, str)
+
+    def test_require_fields_blank_allowed_when_blank_is_not_missing(self):
+        payload = {"a": "  "}
+        self.assertIs(require_fields(payload, ["a"], blank_is_missing=False), payload)
+        with self.assertRaises(HTTPError) as caught:
+            require_fields({"a": None}, ["a"], blank_is_missing=False)
+        self.assertEqual(caught.exception.payload, {"missing": ["a"]})
+
+    def test_require_fields_custom_error(self):
+        with self.assertRaises(HTTPError) as caught:
+            require_fields({}, ["title"], error="A job needs a title")
+        self.assertEqual(caught.exception.message, "A job needs a title")
+        self.assertEqual(caught.exception.payload, {"missing": ["title"]})
+
+
+class JobsRouter(Router):
+    name = "jobs"
+    url_prefix = "/jobs"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mounts = 0
+        self.log = []
+
+    def on_mount(self):
+        self.mounts += 1
+
+    def on_unmount(self):
+        self.log.append("unmount")
+
+    @route("/list")
+    @route("/all")
+    def index(self):
+        return {"jobs": ["a", "b"], "router": self.name}
+
+    @route("/list", methods=["POST"], endpoint="create_job")
+    def create(self):
+        return {"created": request.get_json()}, 201
+
+    @route("/boom", json_errors="Jobs are unavailable")
+    def boom(self):
+        raise ValueError("queue socket /var/run/secret.sock")
+
+    @route("/taken")
+    def taken(self):
+        return Outcome.failure("name taken", status=409, field="name")
+
+
+class TestRouter(SpecterTestCase):
+
+    def served(self, router):
+        app, _ = make_web_app()
+        self.assertIs(router.register(app), router)
+        return app, app.test_client()
+
+    def test_class_routes_are_served_under_the_class_prefix(self):
+        app, client = self.served(JobsRouter())
+        for path in ("/jobs/list", "/jobs/all"):
+            response = client.get(path)
+            self.assertEqual(response.status_code, 200)
+            self.assertEqual(response.get_json(), {"jobs": ["a", "b"], "router": "jobs"})
+        self.assertEqual(client.get("/list").status_code, 404)
+
+    def test_stacked_rules_share_one_endpoint(self):
+        app, _ = self.served(JobsRouter())
+        get_endpoints = {rule.rule: rule.endpoint for rule in app.url_map.iter_rules()
+                         if "GET" in rule.methods and rule.rule.startswith("/jobs/")}
+        self.assertEqual(get_endpoints["/jobs/all"], get_endpoints["/jobs/list"])
+        shared = [r.rule for r in app.url_map.iter_rules() if r.endpoint == get_endpoints["/jobs/all"]]
+        self.assertEqual(sorted(shared), ["/jobs/all", "/jobs/list"])
+
+    def test_methods_and_endpoint(self):
+        app, client = self.served(JobsRouter())
+        response = client.post("/jobs/list", json={"name": "x"})
+        self.assertEqual(response.status_code, 201)
+        self.assertEqual(response.get_json(), {"created": {"name": "x"}})
+        self.assertEqual(client.post("/jobs/all").status_code, 405)
+        self.assertEqual(client.delete("/jobs/list").status_code, 405)
+        with app.test_request_context():
+            self.assertEqual(flask.url_for("jobs.create_job"), "/jobs/list")
+        self.assertIn("jobs.create_job", {r.endpoint for r in app.url_map.iter_rules()})
+
+    def test_json_errors_wraps_the_view(self):
+        _, client = self.served(JobsRouter())
+        with self.assertLogs("specter", "ERROR") as logs:
+            response = client.get("/jobs/boom")
+        self.assertEqual(response.status_code, 500)
+        self.assertEqual(response.get_json(), {"error": "Jobs are unavailable"})
+        self.assertNotIn("secret.sock", response.get_data(as_text=True))
+        self.assertIn("secret.sock", "\n".join(logs.output))
+
+    def test_outcome_return_becomes_json_with_its_status(self):
+        _, client = self.served(JobsRouter())
+        response = client.get("/jobs/taken")
+        self.assertEqual(response.status_code, 409)
+        self.assertEqual(response.get_json(), Outcome.failure("name taken", status=409, field="name").to_dict())
+
+    def test_url_prefix_from_constructor_overrides_class_attribute(self):
+        router = JobsRouter(url_prefix="/v2/jobs")
+        self.assertEqual(router.url_prefix, "/v2/jobs")
+        _, client = self.served(router)
+        self.assertEqual(client.get("/v2/jobs/list").status_code, 200)
+        self.assertEqual(client.get("/jobs/list").status_code, 404)
+
+    def test_instance_routes(self):
+        router = Router("api", url_prefix="/api")
+        seen = []
+
+        @router.route("/ping", methods=["GET", "POST"])
+        def ping():
+            seen.append(request.method)
+            return {"pong": True}
+
+        @router.route("/state")
+        def state():
+            return Outcome.success({"up": True}, status=202)
+
+        @router.route("/fail", json_errors="API down")
+        def fail():
+            raise RuntimeError("no")
+        _, client = self.served(router)
+        self.assertEqual(client.get("/api/ping").get_json(), {"pong": True})
+        self.assertEqual(client.post("/api/ping").status_code, 200)
+        self.assertEqual(seen, ["GET", "POST"])
+        response = client.get("/api/state")
+        self.assertEqual((response.status_code, response.get_json()["value"]), (202, {"up": True}))
+        with self.assertLogs("specter", "ERROR"):
+            response = client.get("/api/fail")
+        self.assertEqual((response.status_code, response.get_json()), (500, {"error": "API down"}))
+
+    def test_mount_is_idempotent_and_on_mount_runs_once(self):
+        router = JobsRouter()
+        blueprint = router.mount()
+        self.assertIsInstance(blueprint, flask.Blueprint)
+        self.assertIs(router.mount(), blueprint)
+        self.assertIs(router.blueprint(), blueprint)
+        self.served(router)
+        self.assertIs(router.mount(), blueprint)
+        self.assertEqual(router.mounts, 1)
+
+    def test_route_after_mount_raises(self):
+        router = Router("late", url_prefix="/late")
+        router.mount()
+        with self.assertRaises(RuntimeError):
+            @router.route("/x")
+            def x():
+                return {}
+
+    def test_bad_rule_raises_value_error(self):
+        with self.assertRaises(ValueError):
+            route("no-slash")
+        router = Router("bad")
+        with self.assertRaises(ValueError):
+            router.route("relative/path")
+
+    def test_teardown_runs_on_unmount_then_cleanups_lifo(self):
+        router = JobsRouter()
+        router.mount()
+
+        class Resource:
+            def close(self):
+                router.log.append("close")
+        resource = Resource()
+        self.assertIs(router.add_cleanup(lambda: router.log.append("first")), router)
+        self.assertIs(router.own(resource), resource)
+        router.add_cleanup(lambda: router.log.append("last"))
+        self.assertIs(router.teardown(), router)
+        self.assertEqual(router.log, ["unmount", "last", "close", "first"])
+        router.teardown()
+        self.assertEqual(router.log.count("close"), 1)
+        self.assertEqual(router.log.count("first"), 1)
+
+    def test_own_rejects_unstoppable_and_ignores_none(self):
+        router = Router("owner")
+        self.assertIsNone(router.own(None))
+        with self.assertRaises(TypeError):
+            router.own(object())
+        closed = []
+        self.assertEqual(router.own("res", stop_method=lambda: closed.append(1)), "res")
+        router.teardown()
+        self.assertEqual(closed, [1])
+
+    def test_require_and_resolve_use_the_registry(self):
+        db = object()
+        specter.registry.provide("db", db)
+        router = Router("deps")
+        self.assertIs(router.require("db"), db)
+        self.assertIs(router.resolve("db"), db)
+        self.assertIsNone(router.resolve("cache"))
+        with self.assertRaises(KeyError):
+            router.require("cache")
+
+
+class ChatHandler(Handler):
+    name = "chat"
+    events = {"say": "on_say", "ping": "on_ping"}
+    event_priorities = {"say": 1}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log = []
+
+    def on_setup(self):
+        self.log.append("setup")
+
+    def on_teardown(self):
+        self.log.append("teardown")
+
+    def on_say(self, data=None):
+        self.log.append(("say", data))
+        return {"said": data}
+
+    def on_ping(self, data=None):
+        self.log.append(("ping", data))
+        return {"pong": data}
+
+
+class TestHandler(SpecterTestCase):
+
+    def test_binds_directly_without_an_ingress(self):
+        app, sio = make_web_app()
+        handler = ChatHandler()
+        self.addCleanup(handler.teardown)
+        self.assertFalse(handler.registered)
+        self.assertIs(handler.setup(sio), handler)
+        self.assertTrue(handler.registered)
+        self.assertIs(handler.socketio, sio)
+        client = sio.test_client(app)
+        self.assertEqual(client.emit("ping", {"x": 1}, callback=True), {"pong": {"x": 1}})
+        self.assertEqual(client.emit("say", "hi", callback=True), {"said": "hi"})
+        self.assertIs(handler.teardown(), handler)
+        self.assertFalse(handler.registered)
+        self.assertIn(client.emit("ping", {"x": 2}, callback=True), (None, []))
+        self.assertEqual(handler.log, ["setup", ("ping", {"x": 1}), ("say", "hi"), "teardown"])
+
+    def test_setup_teardown_and_stop_are_idempotent(self):
+        app, sio = make_web_app()
+        handler = ChatHandler()
+        self.addCleanup(handler.teardown)
+        handler.setup(sio)
+        self.assertIs(handler.setup(sio), handler)
+        self.assertEqual(handler.log, ["setup"])
+        handler.teardown()
+        self.assertIs(handler.teardown(), handler)
+        handler.stop()
+        self.assertEqual(handler.log, ["setup", "teardown"])
+        handler.setup(sio)
+        self.assertIs(handler.stop(), handler)
+        self.assertFalse(handler.registered)
+        self.assertEqual(handler.log, ["setup", "teardown", "setup", "teardown"])
+
+    def test_can_be_set_up_again_after_teardown(self):
+        app, sio = make_web_app()
+        handler = ChatHandler()
+        self.addCleanup(handler.teardown)
+        handler.setup(sio).teardown()
+        handler.setup(sio)
+        client = sio.test_client(app)
+        self.assertEqual(client.emit("ping", 3, callback=True), {"pong": 3})
+        self.assertEqual(handler.log.count(("ping", 3)), 1)
+
+    def test_events_go_through_the_ingress_when_provided(self):
+        app, sio = make_web_app()
+        ingress = SocketIngress(sio)
+        specter.registry.provide("socket_ingress", ingress)
+        order = []
+
+        class Ordered(ChatHandler):
+            def on_say(self, data=None):
+                order.append("handler")
+                return super().on_say(data)
+        ingress.subscribe("say", lambda data=None: order.append("other"), priority=50)
+        handler = Ordered()
+        self.addCleanup(handler.teardown)
+        handler.setup(sio)
+        client = sio.test_client(app)
+        self.assertEqual(client.emit("say", "hi", callback=True), {"said": "hi"})
+        self.assertEqual(order, ["handler", "other"])  # event_priorities: 1 runs before 50
+        self.assertEqual(ingress.dispatch("ping", 5), {"pong": 5})
+        handler.teardown()
+        self.assertIsNone(ingress.dispatch("ping", 6))
+        self.assertIn(client.emit("say", "bye", callback=True), (None, []))
+        self.assertEqual(order, ["handler", "other", "other"])
+        self.assertEqual(handler.log, ["setup", ("say", "hi"), ("ping", 5), "teardown"])
+
+    def test_setup_without_socketio_uses_the_ingress(self):
+        app, sio = make_web_app()
+        specter.registry.provide("socket_ingress", SocketIngress(sio))
+        handler = ChatHandler()
+        self.addCleanup(handler.teardown)
+        handler.setup()
+        self.assertIs(handler.socketio, sio)
+        self.assertEqual(sio.test_client(app).emit("ping", 1, callback=True), {"pong": 1})
+
+    def test_class_namespace(self):
+        class RoomHandler(ChatHandler):
+            namespace = "/chat"
+        app, sio = make_web_app()
+        handler = RoomHandler()
+        self.addCleanup(handler.teardown)
+        handler.setup(sio)
+        client = sio.test_client(app, namespace="/chat")
+        self.assertTrue(client.is_connected("/chat"))
+        self.assertEqual(client.emit("ping", "x", namespace="/chat", callback=True), {"pong": "x"})
+        root = sio.test_client(app)
+        self.assertIn(root.emit("ping", "y", callback=True), (None, []))
+        self.assertEqual([e for e in handler.log if e != "setup"], [("ping", "x")])
+
+    def test_owns_resources_and_cleanups_released_at_teardown(self):
+        app, sio = make_web_app()
+        handler = ChatHandler()
+        released = []
+
+        class Conn:
+            def disconnect(self):
+                released.append("conn")
+        conn = Conn()
+        handler.setup(sio)
+        self.assertIs(handler.add_cleanup(lambda: released.append("cleanup")), handler)
+        self.assertIs(handler.own(conn), conn)
+        handler.teardown()
+        self.assertEqual(released, ["conn", "cleanup"])
+        handler.teardown()
+        self.assertEqual(released, ["conn", "cleanup"])
+
+    def test_require_and_resolve(self):
+        store = specter.create_store("sessions", {})
+        specter.registry.provide("sessions", store)
+        handler = ChatHandler()
+        self.assertIs(handler.require("sessions"), store)
+        self.assertIs(handler.resolve("sessions"), store)
+        self.assertIsNone(handler.resolve("nothing"))
+        with self.assertRaises(KeyError):
+            handler.require("nothing")
+
+    def test_events_mapping_to_a_missing_method_is_a_type_error(self):
+        class Broken(Handler):
+            events = {"say": "no_such_method"}
+        with self.assertRaises(TypeError):
+            Broken()
+
+
+class TestSocketIngress(SpecterTestCase):
+
+    def make(self):
+        app, sio = make_web_app()
+        ingress = SocketIngress(sio)
+        return app, sio, ingress
+
+    def test_one_real_handler_per_event(self):
+        app, sio = make_web_app()
+        counts = []
+        with mock.patch.object(sio, "on_event", wraps=sio.on_event) as on_event:
+            ingress = SocketIngress(sio)
+            for label in "abc":
+                ingress.subscribe("job", lambda data, label=label: counts.append(label))
+            ingress.subscribe("other", lambda data: None)
+        bound = [c.args[0] for c in on_event.call_args_list]
+        self.assertEqual(sorted(bound), ["job", "other"])
+        self.assertIn("job", sio.server.handlers["/"])
+        client = sio.test_client(app)
+        client.emit("job", 1)
+        self.assertEqual(counts, ["a", "b", "c"])
+        client.emit("job", 2)
+        self.assertEqual(counts, ["a", "b", "c"] * 2)
+
+    def test_priority_order_with_stable_ties(self):
+        app, sio, ingress = self.make()
+        order = []
+        for label, priority in (("a", 100), ("b", 10), ("c", 100), ("d", 10), ("e", 50)):
+            ingress.subscribe("job", lambda data, label=label: order.append(label), priority=priority)
+        sio.test_client(app).emit("job", None)
+        self.assertEqual(order, ["b", "d", "e", "a", "c"])
+
+    def test_raising_subscriber_is_logged_and_others_run(self):
+        app, sio, ingress = self.make()
+        errors, ran = [], []
+        error = ValueError("bad job")
+
+        def boom(data):
+            raise error
+        ingress.subscribe("job", boom, priority=1)
+        ingress.subscribe("job", lambda data: ran.append(data) or "fine", priority=2)
+        ingress.subscribe_error_default(errors.append)
+        with self.assertLogs("specter", "ERROR") as logs:
+            ack = sio.test_client(app).emit("job", 7, callback=True)
+        self.assertEqual(ran, [7])
+        self.assertEqual(ack, "fine")
+        self.assertEqual(errors, [error])
+        self.assertIn("bad job", "\n".join(logs.output))
+
+    def test_error_default_decorator_and_unsubscribe(self):
+        app, sio, ingress = self.make()
+        seen = []
+
+        @ingress.on_error_default
+        def first(exc, *args, **kwargs):
+            seen.append(("first", type(exc)))
+
+        @ingress.on_error_default(priority=1)
+        def early(exc, *args, **kwargs):
+            seen.append(("early", type(exc)))
+        ingress.subscribe("job", lambda data: 1 / 0)
+        with self.assertLogs("specter", "ERROR"):
+            ingress.dispatch("job", None)
+        self.assertEqual(seen, [("early", ZeroDivisionError), ("first", ZeroDivisionError)])
+        self.assertTrue(ingress.unsubscribe_error_default(first))
+        self.assertFalse(ingress.unsubscribe_error_default(first))
+        seen.clear()
+        with self.assertLogs("specter", "ERROR"):
+            ingress.dispatch("job", None)
+        self.assertEqual(seen, [("early", ZeroDivisionError)])
+
+    def test_last_non_none_result_is_the_ack(self):
+        app, sio, ingress = self.make()
+        for result in ("first", None, "third", None):
+            ingress.subscribe("job", lambda data, result=result: result)
+        self.assertEqual(sio.test_client(app).emit("job", 0, callback=True), "third")
+        self.assertEqual(ingress.dispatch("job", 0), "third")
+
+    def test_on_and_handler_decorators(self):
+        app, sio, ingress = self.make()
+        calls = []
+
+        @ingress.on("job")
+        def on_job(data):
+            calls.append(("on", data))
+
+        @ingress.handler("job", priority=1)
+        def handle_job(data):
+            calls.append(("handler", data))
+            return "handled"
+
+        def plain(data):
+            calls.append(("plain", data))
+        self.assertIs(ingress.on("job", plain), plain)
+        self.assertTrue(callable(on_job) and callable(handle_job))
+        ack = sio.test_client(app).emit("job", 5, callback=True)
+        self.assertEqual(calls, [("handler", 5), ("on", 5), ("plain", 5)])
+        self.assertEqual(ack, "handled")
+
+    def test_subscribe_returns_unsubscribe_and_unsubscribe_returns_bool(self):
+        app, sio, ingress = self.make()
+        calls = []
+
+        def first(data):
+            calls.append("first")
+
+        def second(data):
+            calls.append("second")
+        unsubscribe = ingress.subscribe("job", first)
+        ingress.subscribe("job", second)
+        self.assertTrue(callable(unsubscribe))
+        unsubscribe()
+        ingress.dispatch("job", 1)
+        self.assertEqual(calls, ["second"])
+        self.assertTrue(ingress.unsubscribe("job", second))
+        self.assertFalse(ingress.unsubscribe("job", second))
+        self.assertFalse(ingress.unsubscribe("never", second))
+        self.assertIsNone(ingress.dispatch("job", 1))
+        self.assertEqual(calls, ["second"])
+
+    def test_owner_stop_unsubscribes(self):
+        app, sio, ingress = self.make()
+        owner = Service("owner").start()
+        self.addCleanup(owner.stop)
+        calls = []
+        ingress.subscribe("job", lambda data: calls.append(data) or "ok", owner=owner)
+        client = sio.test_client(app)
+        self.assertEqual(client.emit("job", 1, callback=True), "ok")
+        owner.stop()
+        self.assertIn(client.emit("job", 2, callback=True), (None, []))
+        self.assertEqual(calls, [1])
+        with self.assertRaises(TypeError):
+            ingress.subscribe("job", print, owner=object())
+
+    def test_namespaces_are_isolated(self):
+        app, sio, ingress = self.make()
+        calls = []
+        ingress.subscribe("job", lambda data: calls.append(("root", data)) or "root")
+        ingress.subscribe("job", lambda data: calls.append(("admin", data)) or "admin", namespace="/admin")
+        client = sio.test_client(app)
+        client.connect(namespace="/admin")
+        self.assertEqual(client.emit("job", 1, callback=True), "root")
+        self.assertEqual(client.emit("job", 2, namespace="/admin", callback=True), "admin")
+        self.assertEqual(calls, [("root", 1), ("admin", 2)])
+        self.assertEqual(ingress.dispatch("job", 3, namespace="/admin"), "admin")
+
+    def test_schema_validation_on_subscription(self):
+        app, sio, ingress = self.make()
+        schema = Schema("job", {"n": Field(int, required=True), "tag": Field(str, default="none")})
+        received = []
+        ingress.subscribe("job", lambda data: received.append(data) or {"queued": data["n"]}, schema=schema)
+        client = sio.test_client(app)
+        ack = client.emit("job", {"n": "many"}, callback=True)
+        self.assertEqual(received, [])
+        self.assertIsInstance(ack, dict)
+        self.assertEqual((ack["ok"], ack["status"]), (False, 400))
+        self.assertIn("n", ack["errors"])
+        self.assertIsInstance(ack["error"], str)
+        ack = client.emit("job", callback=True)
+        self.assertEqual(received, [])
+        self.assertEqual((ack["ok"], ack["status"]), (False, 400))
+        ack = client.emit("job", {"n": "5"}, callback=True)
+        self.assertEqual(received, [{"n": 5, "tag": "none"}])
+        self.assertEqual(ack, {"queued": 5})
+
+    def test_dispatch_runs_subscribers_directly(self):
+        _, _, ingress = self.make()
+        calls = []
+        ingress.subscribe("job", lambda *args, **kwargs: calls.append((args, kwargs)) or "done")
+        self.assertEqual(ingress.dispatch("job", 1, 2, flag=True), "done")
+        self.assertEqual(calls, [((1, 2), {"flag": True})])
+        self.assertIsNone(ingress.dispatch("unknown", 1))
+
+    def test_dispatch_default_error(self):
+        _, _, ingress = self.make()
+        ingress.subscribe_error_default(lambda exc: "first")
+        ingress.subscribe_error_default(lambda exc: None)
+        self.assertEqual(ingress.dispatch_default_error(RuntimeError("x")), "first")
+
+    def test_clear_drops_every_subscriber(self):
+        app, sio, ingress = self.make()
+        calls = []
+        ingress.subscribe("job", lambda data: calls.append(data) or "ok")
+        errors = []
+        ingress.subscribe_error_default(errors.append)
+        ingress.clear()
+        self.assertIsNone(ingress.dispatch("job", 1))
+        self.assertIn(sio.test_client(app).emit("job", 2, callback=True), (None, []))
+        ingress.subscribe("boom", lambda data: 1 / 0)
+        with self.assertLogs("specter", "ERROR"):
+            ingress.dispatch("boom", None)
+        self.assertEqual((calls, errors), ([], []))
+
+    def test_event_without_subscribers_answers_nothing(self):
+        app, sio, ingress = self.make()
+        calls = []
+        unsubscribe = ingress.subscribe("job", lambda data: calls.append(data) or "ok")
+        client = sio.test_client(app)
+        self.assertEqual(client.emit("job", 1, callback=True), "ok")
+        unsubscribe()
+        self.assertIn(client.emit("job", 2, callback=True), (None, []))
+        self.assertEqual(calls, [1])
+
+    def test_attach_binds_pending_events(self):
+        app, sio = make_web_app()
+        ingress = SocketIngress()
+        self.assertIsNone(ingress.socketio)
+        ingress.subscribe("job", lambda data: {"got": data})
+        self.assertIs(ingress.attach(sio), ingress)
+        self.assertIs(ingress.socketio, sio)
+        self.assertEqual(sio.test_client(app).emit("job", 4, callback=True), {"got": 4})
+        with self.assertRaises(TypeError):
+            SocketIngress().attach(None)
+
+
+class TestController(SpecterTestCase):
+
+    def test_schema_lookup(self):
+        class Jobs(Controller):
+            schemas = {"create": Schema("create", {"name": Field(str, required=True)}),
+                       "update": Schema("update", {"name": Field(str)})}
+        ctl = Jobs()
+        self.assertIs(ctl.schema("create"), Jobs.schemas["create"])
+        with self.assertRaises(KeyError) as caught:
+            ctl.schema("delete")
+        message = str(caught.exception)
+        self.assertIn("delete", message)
+        self.assertIn("create", message)
+        self.assertIn("update", message)
+
+    def test_build_blueprint_once_served_under_prefix(self):
+        routes = []
+
+        class Jobs(EchoController):
+            def build_routes(self, router):
+                routes.append(router)
+                super().build_routes(router)
+        ctl = Jobs()
+        self.addCleanup(ctl.stop)
+        blueprint = ctl.build_blueprint("/api")
+        self.assertIsInstance(blueprint, flask.Blueprint)
+        self.assertIs(ctl.build_blueprint("/api"), blueprint)
+        self.assertIs(ctl.build_blueprint(), blueprint)
+        self.assertEqual(len(routes), 1)
+        self.assertIsInstance(routes[0], Router)
+        app, _ = make_web_app()
+        app.register_blueprint(blueprint)
+        ctl.start()
+        response = app.test_client().get("/api/ping")
+        self.assertEqual((response.status_code, response.get_json()), (200, {"pong": True, "by": "echo"}))
+        self.assertEqual(app.test_client().get("/ping").status_code, 404)
+
+    def test_create_handler_and_build_handler(self):
+        handlers = []
+
+        class Jobs(EchoController):
+            def build_events(self, handler):
+                handlers.append(handler)
+                super().build_events(handler)
+        ctl = Jobs()
+        self.addCleanup(ctl.stop)
+        fresh = ctl.create_handler()
+        self.assertIsInstance(fresh, Handler)
+        self.assertIsNot(ctl.create_handler(), fresh)
+        self.assertEqual(handlers[:2], [fresh, handlers[1]])
+        app, sio = make_web_app()
+        handler = ctl.build_handler(sio)
+        self.assertIsInstance(handler, Handler)
+        self.assertTrue(handler.registered)
+        self.assertIs(ctl.build_handler(), handler)
+        self.assertIs(ctl.socketio, sio)
+        ctl.start()
+        self.assertEqual(sio.test_client(app).emit("echo", 9, callback=True), {"echo": 9})
+
+    def test_owned_model_and_store_are_destroyed_on_stop(self):
+        ctl = Controller("owner").start()
+        self.addCleanup(ctl.stop)
+        model = ctl.create_model("owner.model", {"a": 1})
+        store = ctl.create_store("owner.store", {"b": 1})
+        self.assertIsInstance(model, specter.Model)
+        self.assertIsInstance(store, specter.Store)
+        seen = []
+        model.subscribe(lambda value, m: seen.append(("model", value)))
+        store.subscribe(lambda snap, s: seen.append(("store", snap)))
+        model.set("a", 2)
+        store.set({"b": 2})
+        self.assertEqual(seen, [("model", {"a": 2}), ("store", {"b": 2})])
+        ctl.stop()
+        model.set("a", 3)
+        store.set({"b": 3})
+        self.assertEqual(len(seen), 2)
+
+    def test_service_require_and_resolve(self):
+        db = {"kind": "db"}
+        specter.registry.provide("db", db)
+        ctl = Controller("deps")
+        self.assertIs(ctl.service("db"), db)
+        self.assertIs(ctl.require("db"), db)
+        self.assertIs(ctl.resolve("db"), db)
+        self.assertIsNone(ctl.resolve("mail"))
+        with self.assertRaises(KeyError):
+            ctl.service("mail")
+        with self.assertRaises(KeyError):
+            ctl.require("mail")
+
+    def test_health(self):
+        class Jobs(EchoController):
+            schemas = {"create": Schema("create", {"name": Field(str)})}
+        ctl = Jobs()
+        self.addCleanup(ctl.stop)
+        health = ctl.health()
+        self.assertEqual((health["has_blueprint"], health["has_handler"]), (False, False))
+        self.assertEqual(list(health["schemas"]), ["create"])
+        self.assertEqual((health["name"], health["status"]), ("echo", "stopped"))
+        ctl.build_blueprint()
+        ctl.build_handler()
+        ctl.start()
+        health = ctl.health()
+        self.assertEqual((health["has_blueprint"], health["has_handler"], health["status"]), (True, True, "ok"))
+
+    def test_gated_while_not_running_and_restartable(self):
+        ctl = EchoController()
+        self.addCleanup(ctl.stop)
+        app, sio = make_web_app()
+        app.register_blueprint(ctl.build_blueprint("/api"))
+        ctl.build_handler(sio)
+        http = app.test_client()
+        sock = sio.test_client(app)
+
+        def answers():
+            response = http.get("/api/ping")
+            ack = sock.emit("echo", "hi", callback=True)
+            return response, ack
+
+        response, ack = answers()
+        self.assertEqual(response.status_code, 503)
+        self.assertEqual(response.mimetype, "application/json")
+        self.assertIsInstance(response.get_json()["error"], str)
+        self.assertEqual(ctl.calls, [])
+        ctl.start()
+        response, ack = answers()
+        self.assertEqual((response.status_code, ack), (200, {"echo": "hi"}))
+        self.assertEqual(ctl.calls, ["hi"])
+        ctl.stop()
+        response, ack = answers()
+        self.assertEqual(response.status_code, 503)
+        self.assertIn("error", response.get_json())
+        self.assertIn(ack, (None, []))
+        self.assertEqual(ctl.calls, ["hi"])
+        ctl.start()
+        response, ack = answers()
+        self.assertEqual((response.status_code, ack), (200, {"echo": "hi"}))
+        self.assertEqual(ctl.calls, ["hi", "hi"])
+
+    def test_stop_tears_the_handler_down_first(self):
+        seen = []
+
+        class Jobs(EchoController):
+            def on_stop(self):
+                seen.append(self.build_handler().registered)
+        app, sio = make_web_app()
+        ctl = Jobs()
+        self.addCleanup(ctl.stop)
+        handler = ctl.build_handler(sio)
+        ctl.start()
+        self.assertTrue(handler.registered)
+        ctl.stop()
+        self.assertEqual(seen, [False])
+        self.assertFalse(handler.registered)
+
+    def test_gated_through_the_manager(self):
+        app, sio = make_web_app()
+        ctl = EchoController()
+        manager = ServiceManager(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        manager.register_controller(ctl, url_prefix="/echo")
+        http = app.test_client()
+        sock = sio.test_client(app)
+        self.assertEqual(http.get("/echo/ping").status_code, 503)
+        self.assertIn(sock.emit("echo", 1, callback=True), (None, []))
+        manager.boot()
+        self.assertIs(ctl.socketio, sio)
+        self.assertEqual(http.get("/echo/ping").status_code, 200)
+        self.assertEqual(sock.emit("echo", 2, callback=True), {"echo": 2})
+        ctl.stop()
+        self.assertEqual(http.get("/echo/ping").status_code, 503)
+        self.assertIn(sock.emit("echo", 3, callback=True), (None, []))
+        ctl.start()
+        self.assertEqual(http.get("/echo/ping").status_code, 200)
+        self.assertEqual(sock.emit("echo", 4, callback=True), {"echo": 4})
+        self.assertEqual(ctl.calls, [2, 4])
+
+    def test_seed_item_controller_end_to_end(self):
+        class ItemController(Controller):
+            name = 'items'
+
+            schemas = {
+                'create': Schema('create', {
+                    'name': Field(str, required=True),
+                    'active': Field(bool, default=True),
+                })
+            }
+
+            def on_start(self):
+                self.state = self.create_model('items.state', {'items': []})
+
+            def build_routes(self, router):
+                @router.route('/api/items', methods=['POST'])
+                def create():
+                    clean = self.schema('create').require(request.get_json(silent=True) or {})
+                    return {'ok': True, 'name': clean['name']}
+
+            def build_events(self, handler):
+                handler.on('item_created', self._on_item_created)
+
+            def _on_item_created(self, data=None):
+                return {'ok': True}
+
+        app, sio = make_web_app()
+        ctl = ItemController()
+        manager = boot(app, sio, controllers=[ctl], signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertTrue(ctl.running)
+        self.assertIsInstance(ctl.state, specter.Model)
+        self.assertEqual(ctl.state.get("items"), [])
+        response = app.test_client().post("/api/items", json={"name": "lamp"})
+        self.assertEqual((response.status_code, response.get_json()), (200, {"ok": True, "name": "lamp"}))
+        self.assertEqual(sio.test_client(app).emit("item_created", {"id": 1}, callback=True), {"ok": True})
+        self.assertEqual(manager.health()["services"][0]["name"], "items")
+        model = ctl.state
+        seen = []
+        model.subscribe(lambda value, m: seen.append(value))
+        manager.shutdown()
+        self.assertFalse(ctl.running)
+        model.set("items", ["late"])
+        self.assertEqual(seen, [])
+
+
+class TestServiceManager(SpecterTestCase):
+
+    def manager(self, **kwargs):
+        app, sio = make_web_app()
+        manager = ServiceManager(app, sio, signals=False, **kwargs)
+        self.addCleanup(manager.shutdown)
+        return manager
+
+    def test_start_and_stop_order(self):
+        log = []
+        manager = self.manager()
+        for name in ("a", "b", "c"):
+            manager.register_service(RecordingService(name, log))
+        for name in ("h1", "h2"):
+            manager.register_handler(RecordingHandler(name, log))
+        self.assertIs(manager.boot(), manager)
+        self.assertEqual(log, ["start:a", "start:b", "start:c", "setup:h1", "setup:h2"])
+        del log[:]
+        self.assertIs(manager.shutdown(), manager)
+        self.assertEqual(log, ["teardown:h2", "teardown:h1", "stop:c", "stop:b", "stop:a"])
+
+    def test_registry_holds_manager_and_ingress_until_shutdown(self):
+        manager = self.manager()
+        manager.boot()
+        self.assertIs(specter.registry.require("service_manager"), manager)
+        self.assertIs(specter.registry.require("socket_ingress"), manager.socket_ingress)
+        specter.registry.provide("extra", 1)
+        manager.shutdown()
+        for key in ("service_manager", "socket_ingress", "extra"):
+            self.assertNotIn(key, specter.registry)
+        self.assertFalse(manager.running)
+
+    def test_boot_and_shutdown_are_idempotent(self):
+        log = []
+        manager = self.manager()
+        manager.register_service(RecordingService("a", log))
+        manager.register_handler(RecordingHandler("h", log))
+        manager.boot()
+        manager.boot()
+        self.assertEqual(log, ["start:a", "setup:h"])
+        manager.shutdown()
+        manager.shutdown()
+        self.assertEqual(log, ["start:a", "setup:h", "teardown:h", "stop:a"])
+        self.assertFalse(manager.booted)
+
+    def test_registration_after_boot_starts_at_once(self):
+        log = []
+        manager = self.manager()
+        manager.boot()
+        service = RecordingService("late", log)
+        manager.register_service(service)
+        handler = RecordingHandler("late_h", log)
+        manager.register_handler(handler)
+        self.assertEqual(log, ["start:late", "setup:late_h"])
+        self.assertTrue(handler.registered)
+        ctl = EchoController()
+        manager.register_controller(ctl, url_prefix="/late")
+        self.assertTrue(ctl.running)
+        response = manager.app.test_client().get("/late/ping")
+        self.assertEqual((response.status_code, response.get_json()), (200, {"pong": True, "by": "echo"}))
+        sock = manager.socketio.test_client(manager.app)
+        self.assertEqual(sock.emit("echo", 1, callback=True), {"echo": 1})
+        self.assertEqual(sock.emit("ping", 2, callback=True), {"pong": 2, "by": "late_h"})
+        manager.shutdown()
+        self.assertFalse(ctl.running)
+        self.assertFalse(handler.registered)
+        self.assertFalse(service.running)
+        self.assertEqual(log[-2:], ["teardown:late_h", "stop:late"])
+
+    def test_handlers_set_up_through_the_ingress(self):
+        manager = self.manager()
+        handler = RecordingHandler("h", [])
+        manager.register_handler(handler)
+        manager.boot()
+        self.assertEqual(manager.socket_ingress.dispatch("ping", 1), {"pong": 1, "by": "h"})
+        sock = manager.socketio.test_client(manager.app)
+        self.assertEqual(sock.emit("ping", 2, callback=True), {"pong": 2, "by": "h"})
+        manager.shutdown()
+        self.assertIsNone(manager.socket_ingress.dispatch("ping", 3))
+        self.assertEqual(handler.calls, [1, 2])
+
+    def test_providers_are_provided_and_service_providers_start_first(self):
+        log = []
+        metrics = RecordingService("metrics", log)
+        seen = {}
+
+        class Dashboard(Controller):
+            def on_start(self):
+                seen["metrics"] = self.service("metrics")
+                seen["config"] = self.require("config")
+        app, sio = make_web_app()
+        manager = boot(app, sio, services=[RecordingService("a", log)], controllers=[Dashboard("dash")],
+                       providers={"metrics": metrics, "config": {"debug": True}}, signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertIs(specter.registry.require("metrics"), metrics)
+        self.assertEqual(specter.registry.require("config"), {"debug": True})
+        self.assertEqual(seen, {"metrics": metrics, "config": {"debug": True}})
+        self.assertEqual(log, ["start:metrics", "start:a"])
+        self.assertTrue(metrics.running)
+        manager.shutdown()
+        self.assertFalse(metrics.running)
+        self.assertEqual(log, ["start:metrics", "start:a", "stop:a", "stop:metrics"])
+        self.assertNotIn("metrics", specter.registry)
+        self.assertNotIn("config", specter.registry)
+
+    def test_boot_rolls_back_when_a_service_fails(self):
+        log = []
+
+        class Broken(RecordingService):
+            def on_start(self):
+                super().on_start()
+                raise RuntimeError("cannot open the queue")
+        manager = self.manager()
+        services = [RecordingService("a", log), RecordingService("b", log), Broken("broken", log),
+                    RecordingService("c", log)]
+        for service in services:
+            manager.register_service(service)
+        handler = RecordingHandler("h", log)
+        manager.register_handler(handler)
+        with captured_logs():
+            with self.assertRaises(RuntimeError) as caught:
+                manager.boot()
+        self.assertEqual(str(caught.exception), "cannot open the queue")
+        self.assertEqual(log, ["start:a", "start:b", "start:broken", "stop:b", "stop:a"])
+        self.assertFalse(manager.booted)
+        self.assertFalse(any(service.running for service in services))
+        self.assertFalse(handler.registered)
+        self.assertNotIn("service_manager", specter.registry)
+
+    def test_boot_function_registers_everything(self):
+        log = []
+        app, sio = make_web_app()
+        handler = RecordingHandler("h", log)
+        ctl = EchoController()
+        manager = boot(app, sio, services=[RecordingService("a", log)], handlers=[handler],
+                       controllers=[ctl], signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertIsInstance(manager, ServiceManager)
+        self.assertTrue(manager.booted)
+        self.assertTrue(ctl.running)
+        self.assertTrue(handler.registered)
+        self.assertEqual(app.test_client().get("/ping").get_json(), {"pong": True, "by": "echo"})
+        self.assertEqual(log, ["start:a", "setup:h"])
+
+    def test_health_is_a_tree(self):
+        class Parent(Service):
+            def on_start(self):
+                self.adopt(Service("child"))
+                self.own(specter.create_model("parent.model", {"a": 1}))
+        manager = self.manager()
+        manager.register_service(Parent("parent"))
+        manager.register_handler(RecordingHandler("h", []))
+        manager.boot()
+        health = manager.health()
+        self.assertEqual(health["status"], "ok")
+        (parent,) = [s for s in health["services"] if s["name"] == "parent"]
+        self.assertEqual(parent["status"], "ok")
+        self.assertEqual([c["name"] for c in parent["children"]], ["child"])
+        self.assertEqual(parent["children"][0]["status"], "ok")
+        self.assertIn("parent.model", [r.get("name") for r in parent["resources"]])
+        self.assertEqual([h["name"] for h in health["handlers"]], ["h"])
+        manager.shutdown()
+        self.assertEqual(manager.health()["status"], "stopped")
+
+    def test_properties(self):
+        app, sio = make_web_app()
+        manager = ServiceManager(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertIs(manager.app, app)
+        self.assertIs(manager.socketio, sio)
+        self.assertIsInstance(manager.socket_ingress, SocketIngress)
+        self.assertIs(manager.socket_ingress.socketio, sio)
+        self.assertIsInstance(manager, Service)
+        self.assertFalse(manager.booted)
+        manager.boot()
+        self.assertTrue(manager.booted)
+        self.assertTrue(manager.running)
+        manager.shutdown()
+        self.assertFalse(manager.booted)
+
+    def test_boot_registers_an_atexit_shutdown(self):
+        log = []
+        app, sio = make_web_app()
+        with mock.patch.object(atexit, "register") as register:
+            manager = boot(app, sio, services=[RecordingService("a", log)], signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertEqual(register.call_count, 1)
+        callback, args, kwargs = register.call_args[0][0], register.call_args[0][1:], register.call_args[1]
+        self.assertTrue(manager.booted)
+        callback(*args, **kwargs)
+        self.assertFalse(manager.booted)
+        self.assertEqual(log, ["start:a", "stop:a"])
+        callback(*args, **kwargs)
+        self.assertEqual(log, ["start:a", "stop:a"])
+
+    def test_signals_true_installs_handlers_and_shutdown_removes_them(self):
+        saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+        for signum, handler in saved.items():
+            self.addCleanup(signal.signal, signum, handler)
+        app, sio = make_web_app()
+        manager = ServiceManager(app, sio)
+        self.addCleanup(manager.shutdown)
+        self.assertEqual(manager._signal_watchers, [])
+        manager.boot()
+        self.assertEqual(len(manager._signal_watchers), 2)
+        manager.shutdown()
+        self.assertEqual(manager._signal_watchers, [])
+        quiet = ServiceManager(*make_web_app(), signals=False)
+        self.addCleanup(quiet.shutdown)
+        quiet.boot()
+        self.assertEqual(quiet._signal_watchers, [])
+
+    def test_signal_handler_shuts_down_once(self):
+        log = []
+        app, sio = make_web_app()
+        with mock.patch.object(gevent, "signal_handler") as install:
+            manager = boot(app, sio, services=[RecordingService("a", log)])
+        self.addCleanup(manager.shutdown)
+        calls = install.call_args_list
+        self.assertEqual({c[0][0] for c in calls}, {signal.SIGTERM, signal.SIGINT})
+        for call in (calls[0], calls[1]):
+            callback, args = call[0][1], call[0][2:]
+            try:
+                callback(*args)
+            except SystemExit as exc:
+                self.assertIn(exc.code, (0, None))
+        self.assertFalse(manager.booted)
+        self.assertEqual(log, ["start:a", "stop:a"])
+        self.assertTrue(wait_until(lambda: install.return_value.cancel.called))
+        with mock.patch.object(gevent, "signal_handler") as install:
+            manager = boot(*make_web_app(), signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertFalse(install.called)
+
+
+class UpgradeClosingHandler(pywsgi.WSGIHandler):
+    """Close a connection once its websocket session ends.
+
+    Without gevent-websocket, pywsgi would keep the connection alive and
+    read the client's late close frame as an HTTP request, printing noise.
+    """
+
+    def handle_one_response(self):
+        super().handle_one_response()
+        if self.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            self.close_connection = True
+
+
+class TestRealClients(SpecterTestCase):
+
+    def blocking(self, fn, *args, **kwargs):
+        """Run a blocking call in a native thread, waiting for it cooperatively."""
+        return gevent.get_hub().threadpool.spawn(fn, *args, **kwargs).get()
+
+    def serve(self, app, sio, **boot_kwargs):
+        """Boot the app, serve it on an ephemeral port; the base URL and the manager."""
+        manager = boot(app, sio, signals=False, **boot_kwargs)
+        self.addCleanup(manager.shutdown)
+        server = pywsgi.WSGIServer(("127.0.0.1", 0), app, log=None, handler_class=UpgradeClosingHandler)
+        server.start()
+        self.addCleanup(server.stop, timeout=1)
+        return "http://127.0.0.1:%d" % server.server_port, manager
+
+    def connect(self, url, client=None, **kwargs):
+        client = client or socketio.Client()
+        self.blocking(client.connect, url, wait_timeout=CLIENT_TIMEOUT, **kwargs)
+        self.addCleanup(self.disconnect, client)
+        return client
+
+    def disconnect(self, client):
+        if client.connected:
+            self.blocking(client.disconnect)
+
+    def call(self, client, event, data=None, **kwargs):
+        return self.blocking(client.call, event, data, timeout=CLIENT_TIMEOUT, **kwargs)
+
+    def http_get(self, url):
+        def fetch():
+            try:
+                with urllib.request.urlopen(url, timeout=CLIENT_TIMEOUT) as response:
+                    return response.status, response.headers.get_content_type(), response.read()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.headers.get_content_type(), exc.read()
+        return self.blocking(fetch)
+
+    def test_connect_and_ack_through_a_handler(self):
+        app, sio = make_web_app()
+        handler = RecordingHandler("h", [])
+        url, _ = self.serve(app, sio, handlers=[handler])
+        client = self.connect(url)
+        self.assertTrue(client.connected)
+        self.assertTrue(client.sid)
+        self.assertEqual(self.call(client, "ping", {"x": 1}), {"pong": {"x": 1}, "by": "h"})
+        self.assertEqual(handler.calls, [{"x": 1}])
+
+    def test_ack_through_a_controller_and_http(self):
+        app, sio = make_web_app()
+        ctl = EchoController()
+        url, _ = self.serve(app, sio, controllers=[ctl])
+        client = self.connect(url)
+        self.assertEqual(self.call(client, "echo", [1, 2]), {"echo": [1, 2]})
+        status, kind, body = self.http_get(url + "/ping")
+        self.assertEqual((status, kind), (200, "application/json"))
+        self.assertEqual(flask.json.loads(body), {"pong": True, "by": "echo"})
+
+    def test_receives_emits_from_a_service_interval(self):
+        app, sio = make_web_app()
+
+        class Ticker(Service):
+            def on_start(self):
+                self.ticks = 0
+                self.interval(self.tick, 0.02)
+
+            def tick(self):
+                self.ticks += 1
+                sio.emit("tick", {"n": self.ticks})
+        ticker = Ticker()
+        url, _ = self.serve(app, sio, services=[ticker])
+        got = []
+        client = socketio.Client()
+        client.on("tick", got.append)
+        self.connect(url, client)
+        self.assertTrue(wait_until(lambda: len(got) >= 3, timeout=CLIENT_TIMEOUT))
+        numbers = [item["n"] for item in got[:3]]
+        self.assertEqual(numbers, sorted(numbers))
+        self.assertGreaterEqual(numbers[0], 1)
+
+    def test_receives_emits_from_a_bus_driven_service(self):
+        app, sio = make_web_app()
+
+        class Relay(Service):
+            def on_start(self):
+                self.listen("job:done", lambda data: sio.emit("job_done", data))
+        url, manager = self.serve(app, sio, services=[Relay()])
+        got = []
+        client = socketio.Client()
+        client.on("job_done", got.append)
+        self.connect(url, client)
+        specter.bus.emit("job:done", {"id": 7})
+        self.assertTrue(wait_until(lambda: got, timeout=CLIENT_TIMEOUT))
+        self.assertEqual(got, [{"id": 7}])
+        manager.shutdown()
+        self.assertFalse(specter.bus.has_listeners("job:done"))
+
+    def test_namespace(self):
+        class RoomHandler(RecordingHandler):
+            namespace = "/chat"
+        app, sio = make_web_app()
+        url, _ = self.serve(app, sio, handlers=[RoomHandler("room", [])])
+        client = self.connect(url, namespaces=["/chat"])
+        self.assertIn("/chat", client.namespaces)
+        self.assertEqual(self.call(client, "ping", "hi", namespace="/chat"), {"pong": "hi", "by": "room"})
+
+    def test_connect_and_disconnect_events(self):
+        class Presence(Handler):
+            events = {"connect": "joined", "disconnect": "left"}
+
+            def __init__(self):
+                super().__init__()
+                self.log = []
+
+            def joined(self, *args):
+                self.log.append(("joined", flask.request.sid))
+
+            def left(self, *args):
+                self.log.append(("left", flask.request.sid))
+        app, sio = make_web_app()
+        presence = Presence()
+        url, _ = self.serve(app, sio, handlers=[presence])
+        client = self.connect(url)
+        self.assertTrue(wait_until(lambda: presence.log, timeout=CLIENT_TIMEOUT))
+        self.assertEqual(presence.log[0][0], "joined")
+        self.blocking(client.disconnect)
+        self.assertFalse(client.connected)
+        self.assertTrue(wait_until(lambda: len(presence.log) >= 2, timeout=CLIENT_TIMEOUT))
+        self.assertEqual(presence.log[1], ("left", presence.log[0][1]))
+
+    def test_controller_stop_over_real_clients(self):
+        app, sio = make_web_app()
+        ctl = EchoController()
+        url, _ = self.serve(app, sio, controllers=[ctl])
+        client = self.connect(url)
+        self.assertEqual(self.call(client, "echo", 1), {"echo": 1})
+        self.assertEqual(self.http_get(url + "/ping")[0], 200)
+        ctl.stop()
+        status, kind, body = self.http_get(url + "/ping")
+        self.assertEqual((status, kind), (503, "application/json"))
+        self.assertIn("error", flask.json.loads(body))
+        try:
+            ack = self.call(client, "echo", 2)
+        except socketio.exceptions.TimeoutError:
+            ack = None
+        self.assertIsNone(ack)
+        self.assertEqual(ctl.calls, [1])
+        ctl.start()
+        self.assertEqual(self.call(client, "echo", 3), {"echo": 3})
+        self.assertEqual(self.http_get(url + "/ping")[0], 200)
+        self.assertEqual(ctl.calls, [1, 3])
+
+
+SIGNAL_APP = textwrap.dedent("""
+    import socket
+    import sys
+
+    from flask import Flask
+    from flask_socketio import SocketIO
+
+    import specter
+
+    marker = sys.argv[1]
+    app = Flask(__name__)
+    sio = SocketIO(app, async_mode="gevent")
+
+
+    @app.route("/ready")
+    def ready():
+        return "ok"
+
+
+    class Worker(specter.Service):
+        def on_start(self):
+            self.proc = self.start_process(["sh", "-c", "sleep 60 & echo $!; wait"],
+                                           stdout=specter.ManagedProcess.PIPE)
+            self.proc.watch_stream("stdout", self.announce)
+            self.interval(lambda: None, 0.05)
+
+        def announce(self, line):
+            if isinstance(line, bytes):
+                line = line.decode()
+            print("grandchild", line.strip(), flush=True)
+
+        def on_stop(self):
+            with open(marker, "w") as f:
+                f.write("stopped")
+
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    print("port", port, flush=True)
+    if sys.argv[2] == "manager":
+        manager = specter.ServiceManager(app, sio)
+        manager.register_service(Worker())
+        manager.run("127.0.0.1", port)
+    else:  # boot() with signals on, then the usual Flask-SocketIO server
+        manager = specter.boot(app, sio, services=[Worker()])
+        sio.run(app, host="127.0.0.1", port=port)
+    print("run returned", manager.booted, flush=True)
+""")
+
+
+class TestSignals(SpecterTestCase):
+
+    def blocking(self, fn, *args, **kwargs):
+        return gevent.get_hub().threadpool.spawn(fn, *args, **kwargs).get()
+
+    def served(self, port):
+        def fetch():
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:%d/ready" % port, timeout=1) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+        return self.blocking(fetch)
+
+    def run_and_signal(self, signum, mode="manager"):
+        workdir = tempfile.mkdtemp(prefix="specter-web-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "sigapp.py")
+        with open(script, "w") as f:
+            f.write(SIGNAL_APP)
+        marker = os.path.join(workdir, "stopped")
+        env = dict(os.environ, PYTHONPATH=SPECTER_DIR)
+        # stderr goes to a file: the grandchild inherits it, so a pipe would stay open while it lives.
+        errors_path = os.path.join(workdir, "stderr.txt")
+        with open(errors_path, "w") as errors:
+            child = gevent.subprocess.Popen([sys.executable, "-u", script, marker, mode], stdout=gevent.subprocess.PIPE,
+                                            stderr=errors, env=env, cwd=workdir, universal_newlines=True)
+        self.addCleanup(self.reap, child)
+
+        def stderr():
+            with open(errors_path) as f:
+                return f.read()
+        lines = {}
+        with gevent.Timeout(CLIENT_TIMEOUT, AssertionError("the child never became ready")):
+            while "port" not in lines or "grandchild" not in lines:
+                line = child.stdout.readline()
+                if not line:
+                    self.fail("the child ended early: %s" % stderr())
+                word, _, rest = line.strip().partition(" ")
+                lines[word] = rest
+        grandchild = int(lines["grandchild"])
+        self.addCleanup(self.kill_stray, grandchild)
+        self.assertFalse(pid_gone(grandchild))
+        port = int(lines["port"])
+        self.assertTrue(wait_until(lambda: self.served(port), timeout=CLIENT_TIMEOUT, step=0.02))
+        child.send_signal(signum)
+        try:
+            code = child.wait(timeout=CLIENT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+        if code is None:
+            self.fail("the child did not exit within %s s of signal %d; its stderr:\n%s"
+                      % (CLIENT_TIMEOUT, signum, stderr()))
+        rest = child.stdout.read()
+        self.assertEqual(code, 0, stderr())
+        if mode == "manager":
+            self.assertIn("run returned False", rest)
+        self.assertTrue(os.path.exists(marker))
+        with open(marker) as f:
+            self.assertEqual(f.read(), "stopped")
+        self.assertTrue(wait_until(lambda: pid_gone(grandchild), timeout=3.0, step=0.01))
+        self.assertNotIn("Traceback", stderr())
+
+    def reap(self, child):
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+
+    def kill_stray(self, pid):
+        if not pid_gone(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def test_sigterm_shuts_down_cleanly(self):
+        self.run_and_signal(signal.SIGTERM)
+
+    def test_sigint_shuts_down_cleanly(self):
+        self.run_and_signal(signal.SIGINT)
+
+    def test_sigterm_after_boot_without_run_exits_cleanly(self):
+        self.run_and_signal(signal.SIGTERM, mode="socketio")
 
 
 if __name__ == "__main__":
