@@ -1924,6 +1924,494 @@ class TestQueueService(SpecterTestCase):
         self.assertNoNewGreenlets(before)
 
 
+# Lifecycle: Watcher ###########################################################
+
+
+class TestWatcher(SpecterTestCase):
+
+    def make(self, name="w", **kwargs):
+        watcher = specter.Watcher(name, **kwargs)
+        self.addCleanup(watcher.stop)
+        return watcher
+
+    def counter_poll(self):
+        calls = []
+
+        def poll():
+            calls.append(time.monotonic())
+            return len(calls)
+
+        return poll, calls
+
+    # Construction -------------------------------------------------------------
+
+    def test_needs_exactly_one_of_poll_or_stream(self):
+        with self.assertRaises(ValueError):
+            specter.Watcher("w")
+        with self.assertRaises(ValueError):
+            specter.Watcher("w", poll=lambda: 1, stream=lambda: iter(()))
+
+    def test_non_callable_poll_is_type_error(self):
+        with self.assertRaises(TypeError):
+            specter.Watcher("w", poll=5)
+        with self.assertRaises(TypeError):
+            specter.Watcher("w", stream="not callable")
+
+    def test_interval_must_be_positive(self):
+        for bad in (0, 0.0, -1, -0.5):
+            with self.subTest(interval=bad), self.assertRaises(ValueError):
+                specter.Watcher("w", poll=lambda: 1, interval=bad)
+
+    # Poll mode ----------------------------------------------------------------
+
+    def test_poll_delivers_values_to_subscribers(self):
+        poll, _ = self.counter_poll()
+        watcher = self.make(poll=poll, interval=0.01)
+        got = []
+        watcher.subscribe(lambda value, w: got.append((value, w)))
+        self.assertIs(watcher.start(), watcher)
+        self.assertTrue(watcher.running)
+        self.assertTrue(wait_until(lambda: len(got) >= 3))
+        self.assertEqual([v for v, _ in got[:3]], [1, 2, 3])
+        self.assertTrue(all(w is watcher for _, w in got))
+        self.assertEqual(watcher.last_value, got[-1][0])
+
+    def test_poll_samples_every_interval(self):
+        poll, calls = self.counter_poll()
+        self.make(poll=poll, interval=0.05).start()
+        self.assertTrue(wait_until(lambda: len(calls) >= 3))
+        gaps = [b - a for a, b in zip(calls, calls[1:])]
+        for gap in gaps:
+            self.assertGreaterEqual(gap, 0.05 - SLACK)
+
+    def test_transform_applies_to_each_value(self):
+        poll, _ = self.counter_poll()
+        watcher = self.make(poll=poll, interval=0.01, transform=lambda v: v * 10)
+        got = []
+        watcher.subscribe(lambda value, w: got.append(value))
+        watcher.start()
+        self.assertTrue(wait_until(lambda: len(got) >= 3))
+        self.assertEqual(got[:3], [10, 20, 30])
+        self.assertEqual(watcher.last_value % 10, 0)
+
+    def test_dedupe_delivers_only_changes(self):
+        samples = [1, 1, 2, 2, 2, 3, 3, 1]
+        calls = []
+
+        def poll():
+            calls.append(1)
+            return samples[min(len(calls), len(samples)) - 1]
+
+        watcher = self.make(poll=poll, interval=0.005, dedupe=True)
+        got = []
+        watcher.subscribe(lambda value, w: got.append(value))
+        watcher.start()
+        self.assertTrue(wait_until(lambda: len(calls) >= len(samples) + 3))
+        self.assertEqual(got, [1, 2, 3, 1])
+        self.assertEqual(watcher.last_value, 1)
+
+    def test_without_dedupe_repeats_are_delivered(self):
+        watcher = self.make(poll=lambda: "same", interval=0.005)
+        got = []
+        watcher.subscribe(lambda value, w: got.append(value))
+        watcher.start()
+        self.assertTrue(wait_until(lambda: len(got) >= 3))
+        self.assertEqual(set(got), {"same"})
+
+    def test_dedupe_compares_transformed_values(self):
+        poll, calls = self.counter_poll()
+        watcher = self.make(poll=poll, interval=0.005, dedupe=True, transform=lambda v: v // 3)
+        got = []
+        watcher.subscribe(lambda value, w: got.append(value))
+        watcher.start()
+        self.assertTrue(wait_until(lambda: len(calls) >= 9))
+        watcher.stop()
+        self.assertEqual(got, sorted(set(got)))
+        self.assertEqual(got[:3], [0, 1, 2])
+
+    # Stream mode --------------------------------------------------------------
+
+    def test_stream_delivers_items_as_they_come(self):
+        gate = gevent.event.Event()
+
+        def stream():
+            yield "a"
+            gate.wait()
+            yield "b"
+            gevent.sleep(30)
+
+        watcher = self.make(stream=stream, interval=5.0)
+        got = []
+        watcher.subscribe(lambda value, w: got.append(value))
+        watcher.start()
+        self.assertTrue(wait_until(lambda: got == ["a"]))
+        gevent.sleep(0.02)
+        self.assertEqual(got, ["a"])  # "b" is not produced yet, and nothing was batched
+        self.assertEqual(watcher.health()["mode"], "stream")
+        gate.set()
+        self.assertTrue(wait_until(lambda: got == ["a", "b"]))
+        self.assertEqual(watcher.last_value, "b")
+
+    def test_stream_that_ends_is_reopened_after_interval_with_retry(self):
+        opens = []
+
+        def stream():
+            opens.append(time.monotonic())
+            yield len(opens)
+
+        watcher = self.make(stream=stream, interval=0.05, retry=True)
+        got = []
+        watcher.subscribe(lambda value, w: got.append(value))
+        watcher.start()
+        self.assertTrue(wait_until(lambda: len(opens) >= 3))
+        self.assertEqual(got[:3], [1, 2, 3])
+        for a, b in zip(opens, opens[1:]):
+            self.assertGreaterEqual(b - a, 0.05 - SLACK)
+        self.assertTrue(watcher.running)
+
+    def test_stream_that_ends_is_not_reopened_without_retry(self):
+        opens = []
+
+        def stream():
+            opens.append(time.monotonic())
+            yield "only"
+
+        watcher = self.make(stream=stream, interval=0.01, retry=False)
+        got = []
+        watcher.subscribe(lambda value, w: got.append(value))
+        watcher.start()
+        self.assertTrue(wait_until(lambda: not watcher.running))
+        self.assertFalse(wait_until(lambda: len(opens) > 1, timeout=0.1))
+        self.assertEqual(got, ["only"])
+        self.assertEqual(watcher.health()["error_count"], 0)
+
+    def test_stream_error_counts_and_retries(self):
+        opens = []
+
+        def stream():
+            opens.append(1)
+            yield len(opens)
+            raise ValueError("stream broke")
+
+        watcher = self.make(stream=stream, interval=0.01, max_backoff=0.01)
+        got = []
+        watcher.subscribe(lambda value, w: got.append(value))
+        with self.assertLogs("specter", "ERROR"):
+            watcher.start()
+            self.assertTrue(wait_until(lambda: len(opens) >= 3))
+        self.assertGreaterEqual(watcher.health()["error_count"], 2)
+        self.assertEqual(got[:3], [1, 2, 3])
+        self.assertIn("stream broke", watcher.health()["last_error"])
+
+    # Errors and backoff -------------------------------------------------------
+
+    def test_errors_count_and_set_last_error(self):
+        def poll():
+            raise ValueError("sensor offline")
+
+        watcher = self.make(poll=poll, interval=0.01, max_backoff=0.01)
+        self.assertEqual(watcher.health()["error_count"], 0)
+        self.assertIsNone(watcher.health()["last_error"])
+        with self.assertLogs("specter", "ERROR") as logs:
+            watcher.start()
+            self.assertTrue(wait_until(lambda: watcher.health()["error_count"] >= 2))
+        self.assertIn("sensor offline", watcher.health()["last_error"])
+        self.assertTrue(any(r.exc_info for r in logs.records))  # traceback kept
+        self.assertTrue(watcher.running)
+
+    def test_transform_error_counts_as_error(self):
+        def transform(value):
+            raise KeyError("bad sample")
+
+        watcher = self.make(poll=lambda: 1, interval=0.01, max_backoff=0.01, transform=transform)
+        got = []
+        watcher.subscribe(lambda value, w: got.append(value))
+        with self.assertLogs("specter", "ERROR"):
+            watcher.start()
+            self.assertTrue(wait_until(lambda: watcher.health()["error_count"] >= 2))
+        self.assertEqual(got, [])
+        self.assertIn("bad sample", watcher.health()["last_error"])
+
+    def test_watcher_error_is_logged_at_warning(self):
+        def poll():
+            raise specter.WatcherError("upstream returned 503")
+
+        watcher = self.make(poll=poll, interval=0.01, max_backoff=0.01)
+        with self.assertLogs("specter", "WARNING") as logs:
+            watcher.start()
+            self.assertTrue(wait_until(lambda: watcher.health()["error_count"] >= 1))
+        warnings = [r for r in logs.records
+                    if r.levelno == logging.WARNING and "upstream returned 503" in r.getMessage()]
+        self.assertTrue(warnings, logs.output)
+        self.assertIn("upstream returned 503", watcher.health()["last_error"])
+
+    def test_backoff_grows_and_is_capped(self):
+        # 5 failures then success. Nominal delays with interval=0.02 and
+        # max_backoff=0.06: 0.02, 0.04, 0.06, 0.06, 0.06, each times a jitter
+        # in [0.5, 1.0]. Uncapped, the 4th and 5th would be >= 0.08 and 0.16.
+        attempts = []
+
+        def poll():
+            attempts.append(time.monotonic())
+            if len(attempts) <= 5:
+                raise ValueError("attempt %d" % len(attempts))
+            return "ok"
+
+        watcher = self.make(poll=poll, interval=0.02, max_backoff=0.06)
+        got = []
+        watcher.subscribe(lambda value, w: got.append(value))
+        with self.assertLogs("specter", "ERROR"):
+            watcher.start()
+            self.assertTrue(wait_until(lambda: got))
+        self.assertEqual(len(attempts), 6)
+        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+        nominal = [0.02, 0.04, 0.06, 0.06, 0.06]
+        for gap, base in zip(gaps, nominal):
+            self.assertGreaterEqual(gap, 0.5 * base - SLACK, gaps)  # grows, jitter floor 0.5x
+        for gap in gaps:
+            self.assertLessEqual(gap, 0.06 + 0.06, gaps)  # capped (uncapped 5th >= 0.16)
+        self.assertEqual(watcher.health()["error_count"], 5)
+
+    def test_backoff_has_jitter(self):
+        # With max_backoff == interval every backoff is 0.04 x jitter, jitter
+        # in [0.5, 1.0]. A busy machine only lengthens gaps, so a gap clearly
+        # under 0.04 shows jitter (all 7 landing above 0.9x: ~1e-7).
+        attempts = []
+
+        def poll():
+            attempts.append(time.monotonic())
+            raise ValueError("down")
+
+        watcher = self.make(poll=poll, interval=0.04, max_backoff=0.04)
+        with self.assertLogs("specter", "ERROR"):
+            watcher.start()
+            self.assertTrue(wait_until(lambda: len(attempts) >= 8))
+        watcher.stop()
+        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+        self.assertTrue(all(gap >= 0.02 - SLACK for gap in gaps), gaps)
+        self.assertLess(min(gaps), 0.036, gaps)
+
+    def test_backoff_resets_after_success(self):
+        # 4 failures (nominal 0.02, 0.04, 0.08, 0.16), a success, then a
+        # failure: after a reset its backoff is <= 0.02; without one it would
+        # be 0.32 * jitter >= 0.16.
+        attempts = []
+        outcomes = ["fail", "fail", "fail", "fail", "ok", "fail", "ok"]
+
+        def poll():
+            attempts.append(time.monotonic())
+            outcome = outcomes[min(len(attempts), len(outcomes)) - 1]
+            if outcome == "fail":
+                raise ValueError("attempt %d" % len(attempts))
+            return len(attempts)
+
+        watcher = self.make(poll=poll, interval=0.02, max_backoff=1.0)
+        with self.assertLogs("specter", "ERROR"):
+            watcher.start()
+            self.assertTrue(wait_until(lambda: len(attempts) >= 7, timeout=3.0))
+        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+        self.assertGreaterEqual(gaps[3], 0.08 - SLACK, gaps)  # 4th failure backed off 0.16 x jitter
+        self.assertLess(gaps[5], 0.1, gaps)  # the failure after the success starts over
+
+    def test_without_retry_the_first_error_ends_the_loop(self):
+        calls = []
+
+        def poll():
+            calls.append(1)
+            raise ValueError("once")
+
+        watcher = self.make(poll=poll, interval=0.01, retry=False)
+        with self.assertLogs("specter", "ERROR"):
+            watcher.start()
+            self.assertTrue(wait_until(lambda: not watcher.running))
+        self.assertFalse(wait_until(lambda: len(calls) > 1, timeout=0.05))
+        self.assertEqual(calls, [1])
+        health = watcher.health()
+        self.assertFalse(health["running"])
+        self.assertEqual(health["error_count"], 1)
+
+    # Stop ---------------------------------------------------------------------
+
+    def test_stop_is_prompt_mid_interval(self):
+        loops = []
+
+        def poll():
+            loops.append(gevent.getcurrent())
+            return 1
+
+        watcher = self.make(poll=poll, interval=5.0)
+        watcher.start()
+        self.assertTrue(wait_until(lambda: loops))
+        started = time.monotonic()
+        self.assertIs(watcher.stop(), watcher)
+        self.assertLess(time.monotonic() - started, 0.1)
+        self.assertTrue(loops[0].dead)
+        self.assertFalse(watcher.running)
+        self.assertFalse(watcher.health()["running"])
+
+    def test_stop_is_prompt_during_backoff(self):
+        loops = []
+
+        def poll():
+            loops.append(gevent.getcurrent())
+            raise ValueError("down")
+
+        watcher = self.make(poll=poll, interval=5.0, max_backoff=30.0)
+        with self.assertLogs("specter", "ERROR"):
+            watcher.start()
+            self.assertTrue(wait_until(lambda: watcher.health()["error_count"] >= 1))
+        started = time.monotonic()
+        watcher.stop()
+        self.assertLess(time.monotonic() - started, 0.1)
+        self.assertTrue(loops[0].dead)
+        self.assertFalse(watcher.running)
+        self.assertEqual(len(loops), 1)
+
+    def test_stop_is_prompt_while_stream_blocks(self):
+        loops = []
+
+        def stream():
+            loops.append(gevent.getcurrent())
+            yield 1
+            gevent.sleep(30)
+            yield 2
+
+        watcher = self.make(stream=stream, interval=5.0)
+        watcher.start()
+        self.assertTrue(wait_until(lambda: watcher.last_value == 1))
+        started = time.monotonic()
+        watcher.stop()
+        self.assertLess(time.monotonic() - started, 0.1)
+        self.assertTrue(loops[0].dead)
+
+    def test_stop_is_idempotent_and_safe_before_start(self):
+        watcher = self.make(poll=lambda: 1, interval=5.0)
+        self.assertIs(watcher.stop(), watcher)
+        watcher.start()
+        watcher.stop()
+        self.assertIs(watcher.stop(), watcher)
+        self.assertFalse(watcher.running)
+
+    def test_teardown_is_an_alias_of_stop(self):
+        loops = []
+
+        def poll():
+            loops.append(gevent.getcurrent())
+            return 1
+
+        watcher = self.make(poll=poll, interval=5.0)
+        watcher.start()
+        self.assertTrue(wait_until(lambda: loops))
+        self.assertIs(watcher.teardown(), watcher)
+        self.assertFalse(watcher.running)
+        self.assertTrue(loops[0].dead)
+
+    def test_start_is_idempotent(self):
+        poll, calls = self.counter_poll()
+        watcher = self.make(poll=poll, interval=5.0)
+        self.assertIs(watcher.start(), watcher)
+        self.assertIs(watcher.start(), watcher)
+        self.assertTrue(wait_until(lambda: calls))
+        self.assertFalse(wait_until(lambda: len(calls) > 1, timeout=0.05))  # one loop, not two
+
+    def test_restart_after_stop(self):
+        poll, calls = self.counter_poll()
+        watcher = self.make(poll=poll, interval=0.01)
+        got = []
+        watcher.subscribe(lambda value, w: got.append(value))
+        watcher.start()
+        self.assertTrue(wait_until(lambda: len(got) >= 2))
+        watcher.stop()
+        seen = len(got)
+        self.assertFalse(wait_until(lambda: len(got) > seen, timeout=0.05))
+        watcher.start()
+        self.assertTrue(watcher.running)
+        self.assertTrue(wait_until(lambda: len(got) >= seen + 2))
+        self.assertTrue(watcher.health()["running"])
+
+    def test_service_owns_watcher(self):
+        service = specter.Service("owner")
+        service.start()
+        self.addCleanup(service.stop)
+        watcher = self.make(poll=lambda: 1, interval=5.0)
+        self.assertIs(service.own(watcher), watcher)
+        watcher.start()
+        self.assertTrue(wait_until(lambda: watcher.last_value == 1))
+        service.stop()
+        self.assertFalse(watcher.running)
+
+    # Subscribers --------------------------------------------------------------
+
+    def test_subscriber_that_raises_is_logged_and_loop_goes_on(self):
+        poll, _ = self.counter_poll()
+        watcher = self.make(poll=poll, interval=0.01)
+        bad_calls, good = [], []
+
+        def bad(value, w):
+            bad_calls.append(value)
+            raise RuntimeError("subscriber bug")
+
+        watcher.subscribe(bad)
+        watcher.subscribe(lambda value, w: good.append(value))
+        with self.assertLogs("specter", "ERROR") as logs:
+            watcher.start()
+            self.assertTrue(wait_until(lambda: len(good) >= 3))
+        self.assertGreaterEqual(len(bad_calls), 3)  # still called after raising
+        self.assertEqual(good[:3], [1, 2, 3])
+        self.assertTrue(watcher.running)
+        self.assertEqual(watcher.health()["error_count"], 0)  # the source did not fail
+        self.assertTrue(any(r.exc_info for r in logs.records), logs.output)  # traceback kept
+
+    def test_subscribe_returns_working_unsubscribe(self):
+        poll, _ = self.counter_poll()
+        watcher = self.make(poll=poll, interval=0.01)
+        first, second = [], []
+        unsubscribe = watcher.subscribe(lambda value, w: first.append(value))
+        watcher.subscribe(lambda value, w: second.append(value))
+        self.assertEqual(watcher.health()["subscribers"], 2)
+        watcher.start()
+        self.assertTrue(wait_until(lambda: len(first) >= 1))
+        unsubscribe()
+        self.assertEqual(watcher.health()["subscribers"], 1)
+        frozen = list(first)
+        seen = len(second)
+        self.assertTrue(wait_until(lambda: len(second) >= seen + 3))
+        self.assertEqual(first, frozen)
+
+    def test_subscribe_rejects_non_callable(self):
+        watcher = self.make(poll=lambda: 1)
+        with self.assertRaises(TypeError):
+            watcher.subscribe("nope")
+
+    # Health -------------------------------------------------------------------
+
+    def test_health_keys_and_values(self):
+        watcher = self.make("sensors", poll=lambda: 42, interval=0.01)
+        health = watcher.health()
+        for key in ("name", "running", "mode", "error_count", "uptime_seconds", "subscribers",
+                    "last_error", "last_value_at"):
+            self.assertIn(key, health)
+        self.assertEqual(health["name"], "sensors")
+        self.assertEqual(health["mode"], "poll")
+        self.assertFalse(health["running"])
+        self.assertIsNone(health["last_value_at"])
+        self.assertIsNone(watcher.last_value)
+        watcher.subscribe(lambda value, w: None)
+        watcher.start()
+        self.assertTrue(wait_until(lambda: watcher.last_value == 42))
+        gevent.sleep(0.02)
+        health = watcher.health()
+        self.assertTrue(health["running"])
+        self.assertEqual(health["subscribers"], 1)
+        self.assertIsNotNone(health["last_value_at"])
+        self.assertGreater(health["uptime_seconds"], 0)
+        self.assertEqual(health["error_count"], 0)
+        self.assertIsNone(health["last_error"])
+        watcher.stop()
+        self.assertFalse(watcher.health()["running"])
+        self.assertEqual(watcher.last_value, 42)  # kept after stop
+
+
 # State: Store #################################################################
 
 
@@ -3174,6 +3662,9 @@ class TestOperation(SpecterTestCase):
 
         out = Echo().run(1, 2, key="v")
         self.assertEqual(out.value, ((1, 2), {"key": "v"}))
+
+
+# Web ##########################################################################
 
 
 # Bound for anything a real client or a child process has to do.
@@ -4875,6 +5366,457 @@ class TestSignals(SpecterTestCase):
 
     def test_sigterm_after_boot_without_run_exits_cleanly(self):
         self.run_and_signal(signal.SIGTERM, mode="socketio")
+
+
+# Processes ####################################################################
+
+
+# Slack for bounds measured on a busy machine (seconds).
+SLACK = 0.005
+
+
+def child_args(code):
+    """argv running ``code`` in an unbuffered Python child."""
+    return [sys.executable, "-u", "-c", code]
+
+
+class TestManagedProcess(SpecterTestCase):
+
+    def make(self, name="child", **kwargs):
+        proc = specter.ManagedProcess(name, **kwargs)
+        self.addCleanup(proc.stop)
+        return proc
+
+    def run_child(self, code, name="child", make_kwargs=None, **popen_kwargs):
+        proc = self.make(name, **(make_kwargs or {}))
+        proc.start(child_args(code), **popen_kwargs)
+        return proc
+
+    def piped(self, code, **kwargs):
+        return self.run_child(code, stdout=specter.ManagedProcess.PIPE,
+                              stderr=specter.ManagedProcess.PIPE, **kwargs)
+
+    def collect(self, proc, stream_name, **kwargs):
+        items = []
+        reader = proc.watch_stream(stream_name, items.append, **kwargs)
+        return items, reader
+
+    # Argument checks ----------------------------------------------------------
+
+    def test_empty_args_is_value_error(self):
+        for args in ([], ""):
+            proc = self.make()
+            with self.subTest(args=args), self.assertRaises(ValueError):
+                proc.start(args)
+            self.assertFalse(proc.running)
+
+    def test_non_list_args_is_type_error(self):
+        for args in (42, None, {"argv": "ls"}):
+            proc = self.make()
+            with self.subTest(args=args), self.assertRaises(TypeError):
+                proc.start(args)
+
+    def test_negative_terminate_timeout_is_value_error(self):
+        with self.assertRaises(ValueError):
+            specter.ManagedProcess("p", terminate_timeout=-1)
+
+    def test_start_while_running_is_runtime_error(self):
+        proc = self.run_child("import time; time.sleep(30)")
+        pid = proc.pid
+        with self.assertRaises(RuntimeError):
+            proc.start(child_args("pass"))
+        self.assertEqual(proc.pid, pid)  # the running child is untouched
+        self.assertTrue(proc.running)
+
+    def test_string_args_run_a_program(self):
+        proc = self.make()
+        self.assertIs(proc.start("exit 7", shell=True), proc)
+        self.assertEqual(proc.wait(timeout=5), 7)
+
+    # Properties, wait, poll ---------------------------------------------------
+
+    def test_properties_before_start(self):
+        proc = self.make()
+        self.assertFalse(proc.running)
+        self.assertIsNone(proc.pid)
+        self.assertIsNone(proc.returncode)
+        self.assertIsNone(proc.poll())
+        self.assertIs(proc.stop(), proc)  # a no-op
+
+    def test_wait_returns_exit_code(self):
+        proc = self.run_child("import sys; sys.exit(3)")
+        self.assertIsInstance(proc.pid, int)
+        self.assertEqual(proc.wait(), 3)
+        self.assertEqual(proc.returncode, 3)
+        self.assertEqual(proc.poll(), 3)
+        self.assertFalse(proc.running)
+
+    def test_wait_with_timeout_returns_none_while_running(self):
+        proc = self.run_child("import time; time.sleep(30)")
+        started = time.monotonic()
+        self.assertIsNone(proc.wait(timeout=0.05))
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertTrue(proc.running)
+        self.assertIsNone(proc.poll())
+        self.assertIsNone(proc.returncode)
+        self.assertGreater(proc.pid, 0)
+
+    def test_returncode_readable_after_stop(self):
+        proc = self.run_child("import time; time.sleep(30)")
+        pid = proc.pid
+        self.assertIs(proc.stop(), proc)
+        self.assertFalse(proc.running)
+        self.assertEqual(proc.returncode, -signal.SIGTERM)
+        self.assertEqual(proc.poll(), -signal.SIGTERM)
+        self.assertEqual(proc.pid, pid)
+        self.assertIs(proc.stop(), proc)  # idempotent
+        self.assertEqual(proc.returncode, -signal.SIGTERM)
+
+    def test_restart_after_exit(self):
+        proc = self.run_child("import sys; sys.exit(0)", stdout=specter.ManagedProcess.PIPE)
+        self.assertEqual(proc.wait(timeout=5), 0)
+        proc.start(child_args("print('again'); raise SystemExit(5)"), stdout=specter.ManagedProcess.PIPE)
+        self.assertTrue(proc.running or proc.poll() == 5)  # a new child, not the old exit code
+        lines, reader = self.collect(proc, "stdout")
+        self.assertEqual(proc.wait(timeout=5), 5)
+        reader.join(timeout=2)
+        self.assertEqual(lines, [b"again"])
+        self.assertEqual(proc.returncode, 5)
+
+    # Reading ------------------------------------------------------------------
+
+    def test_stdout_lines_stripped(self):
+        proc = self.piped(r"import sys; sys.stdout.buffer.write(b'one\r\ntwo\nthree\n')")
+        lines, reader = self.collect(proc, "stdout")
+        reader.join(timeout=2)
+        self.assertTrue(reader.dead)
+        self.assertEqual(lines, [b"one", b"two", b"three"])
+
+    def test_stdout_lines_unstripped(self):
+        proc = self.piped(r"import sys; sys.stdout.buffer.write(b'one\r\ntwo\nthree')")
+        lines, reader = self.collect(proc, "stdout", strip=False)
+        reader.join(timeout=2)
+        self.assertTrue(reader.dead)
+        self.assertEqual(lines, [b"one\r\n", b"two\n", b"three"])
+
+    def test_stderr_lines_stripped_and_unstripped(self):
+        code = r"import sys; sys.stderr.buffer.write(b'err1\nerr2\r\n')"
+        proc = self.piped(code)
+        lines, reader = self.collect(proc, "stderr")
+        reader.join(timeout=2)
+        self.assertEqual(lines, [b"err1", b"err2"])
+        proc = self.piped(code, name="child2")
+        lines, reader = self.collect(proc, "stderr", strip=False)
+        reader.join(timeout=2)
+        self.assertEqual(lines, [b"err1\n", b"err2\r\n"])
+
+    def test_chunk_mode_passes_raw_bytes(self):
+        proc = self.piped(
+            r"import sys; sys.stdout.buffer.write(bytes(range(256)) * 4 + b'tail\r\n')"
+        )
+        chunks, reader = self.collect(proc, "stdout", chunk_size=64)
+        reader.join(timeout=2)
+        self.assertTrue(reader.dead)
+        expected = bytes(range(256)) * 4 + b"tail\r\n"
+        self.assertTrue(all(isinstance(c, bytes) for c in chunks))
+        self.assertTrue(all(0 < len(c) <= 64 for c in chunks), [len(c) for c in chunks])
+        self.assertGreaterEqual(len(chunks), len(expected) // 64)
+        self.assertEqual(b"".join(chunks), expected)
+
+    def test_text_mode_gives_str_lines(self):
+        proc = self.piped("print('alpha'); print('beta')", text=True)
+        lines, reader = self.collect(proc, "stdout")
+        reader.join(timeout=2)
+        self.assertEqual(lines, ["alpha", "beta"])
+        self.assertTrue(all(isinstance(line, str) for line in lines))
+
+    def test_lines_arrive_while_the_child_runs(self):
+        proc = self.piped("import time; print('first'); time.sleep(30)")
+        lines, reader = self.collect(proc, "stdout")
+        self.assertTrue(wait_until(lambda: lines == [b"first"]))
+        self.assertTrue(proc.running)
+        self.assertFalse(reader.dead)
+
+    def test_label_names_the_reader_in_logs(self):
+        proc = self.piped("print('hello')")
+
+        def handler(line):
+            raise ValueError("cannot parse")
+
+        with self.assertLogs("specter", "ERROR") as logs:
+            reader = proc.watch_stream("stdout", handler, label="jobs-out")
+            reader.join(timeout=2)
+        self.assertTrue(any("jobs-out" in line for line in logs.output), logs.output)
+
+    def test_close_on_exit_closes_the_stream_when_reading_ends(self):
+        proc = self.piped("print('bye')")
+        lines, reader = self.collect(proc, "stdout", close_on_exit=True)
+        reader.join(timeout=2)
+        self.assertTrue(reader.dead)
+        self.assertEqual(lines, [b"bye"])
+        self.assertTrue(proc._popen.stdout.closed)
+
+    def test_without_close_on_exit_the_stream_stays_open_until_stop(self):
+        proc = self.piped("print('bye')")
+        lines, reader = self.collect(proc, "stdout")
+        reader.join(timeout=2)
+        self.assertTrue(reader.dead)
+        self.assertFalse(proc._popen.stdout.closed)
+        proc.stop()
+        self.assertTrue(proc._popen.stdout.closed)
+
+    def test_follow_output_with_handlers(self):
+        proc = self.piped("import sys; print('to-out'); print('to-err', file=sys.stderr)")
+        out, err = [], []
+        readers = proc.follow_output(stdout_handler=out.append, stderr_handler=err.append)
+        self.assertEqual(len(readers), 2)
+        gevent.joinall(readers, timeout=2)
+        self.assertTrue(all(r.dead for r in readers))
+        self.assertEqual(out, [b"to-out"])
+        self.assertEqual(err, [b"to-err"])
+
+    def test_follow_output_without_handlers_logs_at_info(self):
+        proc = self.piped("import sys; print('out-line'); print('err-line', file=sys.stderr)")
+        with self.assertLogs("specter", "INFO") as logs:
+            readers = proc.follow_output(stdout_label="OUT", stderr_label="ERR")
+            gevent.joinall(readers, timeout=2)
+        info = [r.getMessage() for r in logs.records if r.levelno == logging.INFO]
+        self.assertTrue(any("out-line" in m and "OUT" in m for m in info), info)
+        self.assertTrue(any("err-line" in m and "ERR" in m for m in info), info)
+
+    def test_follow_output_skips_unpiped_streams(self):
+        proc = self.run_child("print('x')", stdout=specter.ManagedProcess.PIPE)
+        out = []
+        readers = proc.follow_output(stdout_handler=out.append, stderr_handler=out.append)
+        self.assertEqual(len(readers), 1)
+        gevent.joinall(readers, timeout=2)
+        self.assertEqual(out, [b"x"])
+
+    def test_watch_stream_unknown_or_unpiped_is_value_error(self):
+        proc = self.run_child("import time; time.sleep(30)", stdout=specter.ManagedProcess.PIPE)
+        with self.assertRaises(ValueError):
+            proc.watch_stream("stdin", lambda line: None)
+        with self.assertRaises(ValueError):
+            proc.watch_stream("bogus", lambda line: None)
+        with self.assertRaises(ValueError):
+            proc.watch_stream("stderr", lambda line: None)  # not piped
+
+    def test_watch_stream_non_callable_handler_is_type_error(self):
+        proc = self.piped("import time; time.sleep(30)")
+        with self.assertRaises(TypeError):
+            proc.watch_stream("stdout", "not callable")
+
+    def test_handler_that_raises_is_logged_and_reading_goes_on(self):
+        proc = self.piped("print('one'); print('two'); print('three')")
+        seen = []
+
+        def handler(line):
+            seen.append(line)
+            if line == b"one":
+                raise ValueError("bad line")
+
+        with self.assertLogs("specter", "ERROR") as logs:
+            reader = proc.watch_stream("stdout", handler)
+            reader.join(timeout=2)
+        self.assertEqual(seen, [b"one", b"two", b"three"])
+        self.assertTrue(any(r.exc_info for r in logs.records))
+
+    # Stop ---------------------------------------------------------------------
+
+    def test_stop_kills_a_child_that_ignores_sigterm(self):
+        proc = self.piped(
+            "import signal, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('ready')\n"
+            "time.sleep(30)\n",
+            make_kwargs={"terminate_timeout": 0.2},
+        )
+        lines, _ = self.collect(proc, "stdout")
+        self.assertTrue(wait_until(lambda: lines == [b"ready"], timeout=5))
+        started = time.monotonic()
+        with self.assertLogs("specter.process", "WARNING") as logs:
+            proc.stop()
+        elapsed = time.monotonic() - started
+        self.assertIn("killing", logs.output[0])
+        self.assertEqual(proc.returncode, -signal.SIGKILL)
+        self.assertGreaterEqual(elapsed, 0.2 - 0.02)
+        self.assertLess(elapsed, 1.0)
+        self.assertTrue(pid_gone(proc.pid))
+
+    def test_stop_timeout_argument_overrides_terminate_timeout(self):
+        proc = self.piped(
+            "import signal, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('ready')\n"
+            "time.sleep(30)\n",
+            make_kwargs={"terminate_timeout": 5.0},
+        )
+        lines, _ = self.collect(proc, "stdout")
+        self.assertTrue(wait_until(lambda: lines == [b"ready"], timeout=5))
+        started = time.monotonic()
+        with self.assertLogs("specter.process", "WARNING"):
+            proc.stop(timeout=0.1)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual(proc.returncode, -signal.SIGKILL)
+
+    def test_stop_ends_grandchildren(self):
+        proc = self.make("tree")
+        proc.start(["sh", "-c", "sleep 30 & echo $!; sleep 30 & echo $!; wait"],
+                   stdout=specter.ManagedProcess.PIPE)
+        lines, _ = self.collect(proc, "stdout")
+        self.assertTrue(wait_until(lambda: len(lines) >= 2, timeout=5))
+        pids = [int(line) for line in lines[:2]]
+        self.assertFalse(any(pid_gone(pid) for pid in pids))  # really running before stop
+        shell_pid = proc.pid
+        proc.stop()
+        for pid in pids + [shell_pid]:
+            self.assertTrue(pid_gone(pid), "pid %d survived stop()" % pid)
+        self.assertIsNotNone(proc.returncode)
+
+    def test_stop_kills_readers_and_closes_pipes(self):
+        proc = self.piped("import sys, time; print('o'); print('e', file=sys.stderr); time.sleep(30)")
+        out, err = [], []
+        out_reader = proc.watch_stream("stdout", out.append)
+        err_reader = proc.watch_stream("stderr", err.append)
+        self.assertTrue(wait_until(lambda: out and err))
+        self.assertFalse(out_reader.dead or err_reader.dead)
+        proc.stop()
+        self.assertTrue(out_reader.dead)
+        self.assertTrue(err_reader.dead)
+        self.assertTrue(proc._popen.stdout.closed)
+        self.assertTrue(proc._popen.stderr.closed)
+
+    def test_stop_kills_a_reader_busy_in_its_handler(self):
+        # EOF cannot end this reader: it is parked in its handler, so only
+        # stop() can; GreenletExit must reach it (its finally runs).
+        proc = self.piped("print('work')")
+        entered, finished = [], []
+
+        def handler(line):
+            entered.append(line)
+            try:
+                gevent.sleep(30)
+            finally:
+                finished.append(line)
+
+        reader = proc.watch_stream("stdout", handler)
+        self.assertTrue(wait_until(lambda: entered))
+        started = time.monotonic()
+        proc.stop()
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertTrue(reader.dead)
+        self.assertEqual(finished, [b"work"])
+
+    def test_waiting_does_not_block_the_hub(self):
+        proc = self.run_child("import time; time.sleep(0.3)")
+        ticks = [0]
+
+        def ticker():
+            while True:
+                ticks[0] += 1
+                gevent.sleep(0.01)
+
+        tick = gevent.spawn(ticker)
+        self.addCleanup(tick.kill)
+        self.assertEqual(proc.wait(timeout=5), 0)
+        self.assertGreaterEqual(ticks[0], 10)
+
+    def test_reading_does_not_block_the_hub(self):
+        proc = self.piped("import time; time.sleep(0.3); print('late')")
+        ticks = [0]
+
+        def ticker():
+            while True:
+                ticks[0] += 1
+                gevent.sleep(0.01)
+
+        tick = gevent.spawn(ticker)
+        self.addCleanup(tick.kill)
+        lines, reader = self.collect(proc, "stdout")
+        reader.join(timeout=5)
+        self.assertEqual(lines, [b"late"])
+        self.assertGreaterEqual(ticks[0], 10)
+
+    # Ownership ----------------------------------------------------------------
+
+    def test_start_process_with_owner_is_stopped_with_the_service(self):
+        service = specter.Service("jobs")
+        service.start()
+        self.addCleanup(service.stop)
+        proc = specter.start_process("sleeper", child_args("import time; time.sleep(30)"), owner=service)
+        self.addCleanup(proc.stop)
+        self.assertIsInstance(proc, specter.ManagedProcess)
+        self.assertEqual(proc.name, "sleeper")
+        self.assertTrue(proc.running)
+        service.stop()
+        self.assertFalse(proc.running)
+        self.assertIsNotNone(proc.returncode)
+        self.assertTrue(pid_gone(proc.pid))
+
+    def test_start_process_without_owner(self):
+        proc = specter.start_process("quick", child_args("raise SystemExit(4)"))
+        self.addCleanup(proc.stop)
+        self.assertEqual(proc.wait(timeout=5), 4)
+
+    def test_service_start_process_is_owned(self):
+        service = specter.Service("jobs")
+        service.start()
+        self.addCleanup(service.stop)
+        proc = service.start_process(child_args("import time; print('up'); time.sleep(30)"),
+                                     stdout=specter.ManagedProcess.PIPE)
+        self.addCleanup(proc.stop)
+        self.assertIsInstance(proc, specter.ManagedProcess)
+        self.assertTrue(proc.running)
+        lines, _ = self.collect(proc, "stdout")
+        self.assertTrue(wait_until(lambda: lines == [b"up"], timeout=5))
+        resources = service.health()["resources"]
+        self.assertTrue(any(r.get("pid") == proc.pid for r in resources), resources)
+        service.stop()
+        self.assertFalse(proc.running)
+        self.assertIsNotNone(proc.returncode)
+
+    def test_service_start_process_takes_a_name(self):
+        service = specter.Service("jobs")
+        service.start()
+        self.addCleanup(service.stop)
+        proc = service.start_process(child_args("import time; time.sleep(30)"), name="cruncher")
+        self.addCleanup(proc.stop)
+        self.assertEqual(proc.name, "cruncher")
+        service.stop()
+        self.assertIsNotNone(proc.returncode)
+
+    def test_start_with_owner_and_attach(self):
+        service = specter.Service("jobs")
+        service.start()
+        self.addCleanup(service.stop)
+        by_start = self.run_child("import time; time.sleep(30)", owner=service)
+        by_attach = self.run_child("import time; time.sleep(30)", name="other")
+        self.assertIs(by_attach.attach(service), by_attach)
+        service.stop()
+        self.assertIsNotNone(by_start.returncode)
+        self.assertIsNotNone(by_attach.returncode)
+
+    def test_attach_to_owner_without_add_cleanup_is_type_error(self):
+        proc = self.make()
+        with self.assertRaises(TypeError):
+            proc.attach(object())
+        with self.assertRaises(TypeError):
+            proc.start(child_args("pass"), owner=object())
+        self.assertFalse(proc.running)
+
+    def test_health_keys(self):
+        proc = self.run_child("import time; time.sleep(30)", name="sleeper")
+        health = proc.health()
+        for key in ("name", "pid", "running", "returncode"):
+            self.assertIn(key, health)
+        self.assertEqual(health["name"], "sleeper")
+        self.assertEqual(health["pid"], proc.pid)
+        self.assertTrue(health["running"])
+        self.assertIsNone(health["returncode"])
+        proc.stop()
+        health = proc.health()
+        self.assertFalse(health["running"])
+        self.assertEqual(health["returncode"], -signal.SIGTERM)
 
 
 if __name__ == "__main__":
