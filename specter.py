@@ -414,7 +414,15 @@ class _Owner:
         if self._cleanups is None:
             self._cleanups = []
         self._cleanups.append((fn, resource))
+        owners = getattr(resource, "_owners", None)
+        if type(owners) is list:
+            owners.append(self)  # so a resource released early can leave (see _disown)
         return resource
+
+    def _disown(self, resource):
+        """Forget ``resource``: it was released on its own before this owner's teardown."""
+        if self._cleanups:
+            self._cleanups = [entry for entry in self._cleanups if entry[1] is not resource]
 
     def _run_cleanups(self):
         """Run and forget the cleanups, newest first; failures are logged."""
@@ -701,8 +709,7 @@ class Service(_Owner):
         """Start a ManagedProcess owned by this service (stopped with it)."""
         self._check_active("start_process")
         process = ManagedProcess(name or "%s.process" % self.name)
-        process.start(args, **popen_kwargs)
-        return self.own(process)
+        return process.start(args, owner=self, **popen_kwargs)
 
     # Health -----------------------------------------------------------------
 
@@ -2367,14 +2374,14 @@ def _schema_checks(field):
 
         def check_min_length(value):
             if len(value) < shortest:
-                raise SchemaError("must have at least %d %s" % (shortest, _schema_unit(value)))
+                raise SchemaError("must have at least %d %s" % (shortest, _schema_unit(value, shortest)))
         checks.append(check_min_length)
     if field.max_length is not None:
         longest = field.max_length
 
         def check_max_length(value):
             if len(value) > longest:
-                raise SchemaError("must have at most %d %s" % (longest, _schema_unit(value)))
+                raise SchemaError("must have at most %d %s" % (longest, _schema_unit(value, longest)))
         checks.append(check_max_length)
     if field.pattern is not None:
         pattern = field.pattern
@@ -2432,8 +2439,9 @@ def _schema_kind(value):
             type(None): "null", int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
 
 
-def _schema_unit(value):
-    return "characters" if isinstance(value, str) else "items"
+def _schema_unit(value, count):
+    unit = "character" if isinstance(value, str) else "item"
+    return unit if count == 1 else unit + "s"
 
 
 def _schema_clip(text, limit=60):
@@ -3011,6 +3019,8 @@ class SocketIngress:
                 value = self.dispatch_default_error(exc)
             if value is not None:
                 result = value
+        if isinstance(result, Outcome):
+            return result.to_dict()
         return result
 
     def _remove(self, key, entry):
@@ -3042,6 +3052,7 @@ class Controller(Service):
     """
 
     schemas = {}
+    url_prefix = None
 
     def __init__(self, name=None):
         super().__init__(name)
@@ -3061,9 +3072,13 @@ class Controller(Service):
     # Control ----------------------------------------------------------------
 
     def build_blueprint(self, url_prefix=None):
-        """The controller's Blueprint, built once; its routes are served under ``url_prefix``."""
+        """The controller's Blueprint, built once; routes are served under ``url_prefix``.
+
+        Without the argument, the class attribute ``url_prefix`` applies.
+        """
         if self._blueprint is None:
-            router = Router(self.name, url_prefix=url_prefix, import_name=type(self).__module__)
+            prefix = url_prefix if url_prefix is not None else self.url_prefix
+            router = Router(self.name, url_prefix=prefix, import_name=type(self).__module__)
             self.build_routes(router)
             blueprint = router.mount()
             blueprint.before_request(self._http_gate)
@@ -3535,6 +3550,7 @@ class ManagedProcess:
         self._popen = None
         self._pgid = None
         self._readers = []
+        self._owners = []
 
     def start(self, args, *, owner=None, **popen_kwargs):
         """Launch ``args`` (popen keywords pass through); RuntimeError if already running."""
@@ -3564,9 +3580,16 @@ class ManagedProcess:
         return self
 
     def attach(self, owner):
-        """Have ``owner`` stop this process when it stops."""
+        """Have ``owner`` stop this process when it stops.
+
+        A process stopped earlier leaves its owner, so a service that runs
+        many short-lived processes does not accumulate them.
+        """
         _check_owner(owner)
-        owner.add_cleanup(self.stop)
+        if callable(getattr(owner, "own", None)):
+            owner.own(self)
+        else:
+            owner.add_cleanup(self.stop)
         return self
 
     def watch_stream(self, stream_name, handler, *, chunk_size=None, strip=True, label=None,
@@ -3641,6 +3664,9 @@ class ManagedProcess:
                     stream.close()
                 except OSError:
                     pass  # already broken or closed: nothing left to release
+        owners, self._owners = self._owners, []
+        for owner in owners:
+            owner._disown(self)
         return self
 
     @property

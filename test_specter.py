@@ -3331,6 +3331,12 @@ class TestField(SpecterTestCase):
                 with self.subTest(value=value):
                     self.assertRefuses(field, value)
 
+    def test_length_messages_are_grammatical(self):
+        schema = Schema("t", {"name": Field(str, min_length=1), "tags": Field(list, max_length=2)})
+        errors = schema.validate({"name": "", "tags": [1, 2, 3]}).meta["errors"]
+        self.assertEqual(errors, {"name": "must have at least 1 character",
+                                  "tags": "must have at most 2 items"})
+
     def test_pattern(self):
         field = Field(str, pattern=r"^[a-z]+$")
         self.assertAccepts(field, "abc", "abc")
@@ -4416,6 +4422,12 @@ class TestSocketIngress(SpecterTestCase):
         client.emit("job", 2)
         self.assertEqual(counts, ["a", "b", "c"] * 2)
 
+    def test_outcome_result_is_acked_as_its_dict(self):
+        app, sio, ingress = self.make()
+        ingress.subscribe("job", lambda data: Outcome.success({"id": data}, status=201))
+        ack = sio.test_client(app).emit("job", 7, callback=True)
+        self.assertEqual(ack, {"ok": True, "status": 201, "value": {"id": 7}})
+
     def test_priority_order_with_stable_ties(self):
         app, sio, ingress = self.make()
         order = []
@@ -4621,6 +4633,15 @@ class TestController(SpecterTestCase):
         self.assertIn("delete", message)
         self.assertIn("create", message)
         self.assertIn("update", message)
+
+    def test_url_prefix_class_attribute(self):
+        class Jobs(EchoController):
+            url_prefix = "/v2"
+        app, sio = make_web_app()
+        manager = boot(app, sio, controllers=[Jobs()], signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertEqual(app.test_client().get("/v2/ping").status_code, 200)
+        self.assertEqual(app.test_client().get("/ping").status_code, 404)
 
     def test_build_blueprint_once_served_under_prefix(self):
         routes = []
@@ -5752,6 +5773,20 @@ class TestManagedProcess(SpecterTestCase):
         self.assertFalse(proc.running)
         self.assertIsNotNone(proc.returncode)
         self.assertTrue(pid_gone(proc.pid))
+
+    def test_processes_stopped_early_leave_their_owner(self):
+        service = specter.Service("runner").start()
+        self.addCleanup(service.stop)
+        for _ in range(5):
+            proc = service.start_process(child_args("pass"))
+            proc.wait()
+            proc.stop()
+        self.assertEqual(service.health()["counts"]["cleanups"], 0)
+        self.assertEqual(service.health()["resources"], [])
+        live = service.start_process(child_args("import time; time.sleep(30)"))
+        self.assertEqual(service.health()["counts"]["cleanups"], 1)
+        service.stop()
+        self.assertIsNotNone(live.returncode)
 
     def test_start_process_without_owner(self):
         proc = specter.start_process("quick", child_args("raise SystemExit(4)"))
