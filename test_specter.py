@@ -9,6 +9,7 @@ import ast
 import atexit
 import contextlib
 import decimal
+import functools
 import gc
 import itertools
 import json
@@ -5852,6 +5853,236 @@ class TestManagedProcess(SpecterTestCase):
         health = proc.health()
         self.assertFalse(health["running"])
         self.assertEqual(health["returncode"], -signal.SIGTERM)
+
+
+# Examples #####################################################################
+
+
+# examples/ beside this file (the repository root) or beside the specter module under test.
+EXAMPLES = next((path for path in (
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples"),
+    os.path.join(os.path.dirname(os.path.abspath(specter.__file__)), "examples"),
+) if os.path.isfile(os.path.join(path, "jobboard", "app.py"))), None)
+
+
+# Short timings so each test takes a fraction of a second.
+DEMO_CONFIG = {
+    "JOBBOARD_WORKERS": 2,
+    "JOBBOARD_HOST_INTERVAL": 0.05,
+    "JOBBOARD_PUSH_INTERVAL": 0.005,
+    "JOBBOARD_PRUNE_INTERVAL": 0.02,
+    "JOBBOARD_STOP_GRACE": 1.0,
+    "TESTING": True,
+}
+
+
+def import_demo():
+    """The demo's create_app, imported from examples/ (not a package on the path otherwise)."""
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    from jobboard.app import create_app
+    return create_app
+
+
+class TestJobBoardDemo(SpecterTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.pool = gevent.get_hub().threadpool
+
+    def start_board(self, **overrides):
+        """Boot the demo and serve it on a free port; cleanups stop the server, then shut down."""
+        app, _socketio, boot_board = import_demo()(dict(DEMO_CONFIG, **overrides))
+        manager = boot_board(signals=False)
+        self.addCleanup(manager.shutdown)
+        server = pywsgi.WSGIServer(("127.0.0.1", 0), app, log=None, handler_class=UpgradeClosingHandler)
+        server.start()
+        self.addCleanup(server.stop, timeout=1)
+        self.manager = manager
+        self.http = app.test_client()
+        self.url = "http://127.0.0.1:%d" % server.server_port
+        self.runner = specter.registry.require("jobs.queue")
+        self.model = specter.registry.require("jobs.model")
+        return manager
+
+    def connect(self):
+        """A real Socket.IO client recording every pushed event as (name, data)."""
+        client = socketio.Client(reconnection=False)
+        events = []
+        for name in ("job:update", "job:removed", "host:update"):
+            client.on(name, functools.partial(self._record, events, name))
+        self.pool.spawn(client.connect, self.url, wait_timeout=5).get()
+        self.addCleanup(lambda: self.pool.spawn(client.disconnect).get())
+        return client, events
+
+    def call(self, client, event, data=None):
+        """Emit ``event`` and return the server's ack, waiting cooperatively."""
+        args = (event,) if data is None else (event, data)
+        return self.pool.spawn(client.call, *args, timeout=5).get()
+
+    def submit(self, **job):
+        response = self.http.post("/api/jobs", json=job)
+        self.assertEqual(response.status_code, 201, response.get_json())
+        return response.get_json()
+
+    @staticmethod
+    def _record(events, name, data):
+        events.append((name, data))  # runs in the client's thread: list.append is atomic
+
+    @staticmethod
+    def updates(events, job_id):
+        return [data for name, data in events if name == "job:update" and data["id"] == job_id]
+
+    def statuses(self, events, job_id):
+        """The statuses pushed for ``job_id``, in order."""
+        return [update["status"] for update in self.updates(events, job_id)]
+
+    def test_http_job_progresses_live_over_socketio_and_finishes(self):
+        self.start_board()
+        _client, events = self.connect()
+        job = self.submit(name="nightly report", steps=4, delay=0.02)
+        self.assertEqual((job["status"], job["progress"], job["steps"]), ("queued", 0, 4))
+
+        self.assertTrue(wait_until(lambda: "done" in self.statuses(events, job["id"])))
+        seen = self.updates(events, job["id"])
+        progress = [u["progress"] for u in seen]
+        self.assertEqual(progress, sorted(progress), "progress never goes backwards")
+        self.assertIn("running", self.statuses(events, job["id"]))
+        final = seen[-1]
+        self.assertEqual((final["status"], final["progress"], final["returncode"]), ("done", 4, 0))
+        self.assertEqual(final["output"], ["progress %d/4" % step for step in (1, 2, 3, 4)] + ["done"])
+        self.assertTrue(pid_gone(final["pid"]))
+        self.assertEqual(self.http.get("/api/jobs/%s" % job["id"]).get_json(), final)
+        listing = self.http.get("/api/jobs").get_json()
+        self.assertEqual((listing["count"], listing["jobs"]), (1, [final]))
+
+        first = self.http.get("/api/stats").get_json()
+        self.assertFalse(first["cached"])
+        self.assertEqual(first["stats"]["counts"]["done"], 1)
+        self.assertGreater(first["stats"]["average_duration"], 0)
+        self.assertTrue(self.http.get("/api/stats").get_json()["cached"])
+        self.submit(name="another", steps=1, delay=0.01)  # 'jobs:submitted' invalidates the cache
+        again = self.http.get("/api/stats").get_json()
+        self.assertFalse(again["cached"])
+        self.assertEqual(again["stats"]["total"], 2)
+
+    def test_invalid_jobs_get_a_400_with_per_field_errors(self):
+        self.start_board()
+        response = self.http.post("/api/jobs", json={"name": "  ", "steps": 0, "delay": "fast",
+                                                     "fail_at": 2.5, "colour": "red"})
+        self.assertEqual(response.status_code, 400)
+        body = response.get_json()
+        self.assertEqual(set(body["errors"]), {"name", "steps", "delay", "fail_at", "colour"})
+        self.assertIn("steps", body["error"])
+
+        empty = self.http.post("/api/jobs")
+        self.assertEqual(empty.status_code, 400)
+        self.assertEqual(empty.get_json()["errors"], {"name": "is required"})
+        too_long = self.http.post("/api/jobs", json={"name": "x" * 61})
+        self.assertEqual(set(too_long.get_json()["errors"]), {"name"})
+        not_json = self.http.post("/api/jobs", data="name=x", content_type="text/plain")
+        self.assertEqual(not_json.status_code, 415)
+        self.assertIn("error", not_json.get_json())
+
+        missing = self.http.get("/api/jobs/nope")
+        self.assertEqual(missing.status_code, 404)
+        self.assertIn("nope", missing.get_json()["error"])
+        self.assertEqual(self.http.get("/api/jobs").get_json(), {"jobs": [], "count": 0})
+
+    def test_socket_submit_acks_the_job_or_the_validation_error(self):
+        self.start_board()
+        client, events = self.connect()
+        ack = self.call(client, "job:submit", {"name": "via socket", "steps": 2, "delay": 0.01})
+        self.assertEqual((ack["ok"], ack["status"]), (True, 201))
+        job = ack["value"]
+        self.assertEqual((job["name"], job["steps"], job["status"]), ("via socket", 2, "queued"))
+
+        bad = self.call(client, "job:submit", {"name": "x", "steps": 51, "delay": 5})
+        self.assertEqual((bad["ok"], bad["status"]), (False, 400))
+        self.assertEqual(set(bad["errors"]), {"steps", "delay"})
+
+        failing = self.call(client, "job:submit",
+                            {"name": "flaky", "steps": 5, "delay": 0.01, "fail_at": 2})["value"]
+        self.assertTrue(wait_until(lambda: "done" in self.statuses(events, job["id"])
+                                   and "failed" in self.statuses(events, failing["id"])))
+        crashed = self.updates(events, failing["id"])[-1]
+        self.assertEqual((crashed["returncode"], crashed["progress"]), (3, 1))
+        self.assertEqual(crashed["output"][-1], "error: simulated failure at step 2")
+
+        listing = self.call(client, "jobs:list")
+        self.assertEqual(listing["count"], 2)
+        self.assertEqual([j["status"] for j in listing["jobs"]], ["done", "failed"])
+
+    def test_cancel_stops_a_running_job_and_skips_a_queued_one(self):
+        self.start_board(JOBBOARD_WORKERS=1)
+        _client, events = self.connect()
+        running = self.submit(name="long", steps=50, delay=0.05)
+        queued = self.submit(name="waiting", steps=2, delay=0.01)
+        self.assertTrue(wait_until(lambda: self.runner.get(running["id"])["progress"] >= 1))
+        pid = self.runner.get(running["id"])["pid"]
+        self.assertFalse(pid_gone(pid))
+
+        response = self.http.post("/api/jobs/%s/cancel" % queued["id"])
+        self.assertEqual((response.status_code, response.get_json()["status"]), (200, "cancelled"))
+        response = self.http.post("/api/jobs/%s/cancel" % running["id"])
+        self.assertEqual((response.status_code, response.get_json()["status"]), (200, "cancelled"))
+        self.assertTrue(wait_until(lambda: pid_gone(pid)))
+        self.assertTrue(wait_until(lambda: self.runner.get(running["id"])["returncode"] is not None))
+        self.assertLess(self.runner.get(running["id"])["returncode"], 0, "ended by a signal")
+        self.assertLess(self.runner.get(running["id"])["progress"], 50)
+
+        self.assertTrue(wait_until(lambda: self.runner.join(0)
+                                   and self.statuses(events, queued["id"])[-1:] == ["cancelled"]))
+        self.assertIsNone(self.runner.get(queued["id"])["pid"], "a cancelled queued job never starts")
+        self.assertEqual(self.statuses(events, running["id"])[-1], "cancelled")
+        again = self.http.post("/api/jobs/%s/cancel" % running["id"])
+        self.assertEqual((again.status_code, again.get_json()["job"]["status"]), (409, "cancelled"))
+        self.assertEqual(self.http.post("/api/jobs/nope/cancel").status_code, 404)
+
+    def test_shutdown_while_a_job_runs_leaves_no_process_behind(self):
+        manager = self.start_board(JOBBOARD_WORKERS=1)
+        running = self.submit(name="long", steps=50, delay=0.05)
+        queued = self.submit(name="waiting", steps=2, delay=0.01)
+        self.assertTrue(wait_until(lambda: self.runner.get(running["id"])["pid"] is not None))
+        pid = self.runner.get(running["id"])["pid"]
+
+        started = time.monotonic()
+        manager.shutdown()
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertTrue(pid_gone(pid), "the job process is gone when shutdown() returns")
+        self.assertFalse(manager.booted)
+        self.assertFalse(self.runner.running)
+        self.assertEqual(specter.registry.list(), [])
+        jobs = {job["id"]: job for job in self.model.get("jobs").values()}
+        self.assertEqual(jobs[running["id"]]["status"], "cancelled")
+        self.assertEqual(jobs[queued["id"]]["status"], "cancelled")
+        self.assertIsNone(jobs[queued["id"]]["pid"])
+        self.assertIn("cancelled: server shutting down", jobs[queued["id"]]["output"])
+        self.assertEqual(self.http.get("/api/jobs").status_code, 503, "routes answer 503 once stopped")
+
+    def test_health_host_updates_and_housekeeping(self):
+        self.start_board(JOBBOARD_KEEP_FINISHED=1)
+        client, events = self.connect()
+        self.assertTrue(wait_until(lambda: any(name == "host:update" for name, _ in events)))
+        host = next(data for name, data in events if name == "host:update")
+        self.assertEqual(set(host), {"load", "cpus", "running", "queued"})
+
+        response = self.http.get("/api/health")
+        self.assertEqual(response.status_code, 200)
+        health = response.get_json()
+        self.assertEqual(health["status"], "ok")
+        self.assertEqual([s["name"] for s in health["services"]],
+                         ["jobs.runner", "host.monitor", "live", "jobs.housekeeper", "jobs"])
+        self.assertTrue(all(s["status"] == "ok" for s in health["services"]))
+
+        ids = [self.submit(name="quick %d" % n, steps=1, delay=0.01)["id"] for n in range(3)]
+        removed = lambda: {data["id"] for name, data in events if name == "job:removed"}
+        self.assertTrue(wait_until(lambda: len(removed()) == 2 and len(self.runner.jobs()) == 1))
+        survivor = self.runner.jobs()[0]
+        self.assertEqual(survivor["status"], "done")
+        self.assertEqual(removed() | {survivor["id"]}, set(ids))
+        self.assertEqual(self.call(client, "jobs:list")["count"], 1)
+        self.assertEqual(self.http.get("/api/stats").get_json()["stats"]["total"], 1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,523 @@
+"""Job board: a small real-time job runner built with SPECTER.
+
+Users submit jobs over HTTP or Socket.IO; a worker pool runs each job as a
+real child process, parses its output line by line, and every connected
+browser watches the progress live. Host load is sampled alongside, summary
+statistics are cached until a job event invalidates them, and a supervised
+housekeeper prunes old jobs. Ctrl-C or SIGTERM shuts it all down with no job
+process left behind.
+
+Run from the repository root (after ``pip install .``, or from a checkout):
+
+    python examples/jobboard/app.py [--host 127.0.0.1] [--port 5000] [--workers 2]
+
+Tests boot it in-process: ``app, socketio, boot_board = create_app(config)``
+then ``manager = boot_board(signals=False)``. See README.md beside this file.
+"""
+
+import argparse
+import functools
+import logging
+import os
+import re
+import secrets
+import sys
+import time
+
+import gevent
+from flask import Flask, render_template
+from flask_socketio import SocketIO, emit
+
+try:
+    import specter
+except ImportError:  # a checkout without `pip install .`: use the specter.py two levels up
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+    import specter
+
+from specter import (Controller, Field, HTTPError, ManagedProcess, QueueService, Schema, SchemaError,
+                     Service, Watcher, create_cache, create_model, create_store, expect_json)
+
+logger = logging.getLogger("jobboard")
+
+DEFAULTS = {
+    "JOBBOARD_WORKERS": 2,            # jobs that run at once
+    "JOBBOARD_MAX_QUEUE": 100,        # queued jobs beyond this are refused with 503
+    "JOBBOARD_DRAIN_TIMEOUT": 0.0,    # seconds queued jobs may still start at shutdown
+    "JOBBOARD_STOP_GRACE": 2.0,       # seconds a job gets between SIGTERM and SIGKILL
+    "JOBBOARD_HOST_INTERVAL": 1.0,    # host load sampling period
+    "JOBBOARD_PUSH_INTERVAL": 0.05,   # job updates to browsers are coalesced over this window
+    "JOBBOARD_PRUNE_INTERVAL": 10.0,  # housekeeping period
+    "JOBBOARD_KEEP_SECONDS": 600.0,   # finished jobs older than this are pruned...
+    "JOBBOARD_KEEP_FINISHED": 50,     # ...and only this many finished jobs are kept
+}
+
+STATUSES = ("queued", "running", "done", "failed", "cancelled")
+FINISHED = frozenset(("done", "failed", "cancelled"))
+OUTPUT_TAIL = 5
+
+# The job itself: a child Python that reports progress on stdout. Its
+# parameters come in as argv (never pasted into the code), so a job name or
+# number cannot inject anything.
+JOB_SCRIPT = """\
+import sys, time
+steps, delay, fail_at = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+for step in range(1, steps + 1):
+    time.sleep(delay)
+    if step == fail_at:
+        print("error: simulated failure at step %d" % step)
+        sys.exit(3)
+    print("progress %d/%d" % (step, steps))
+print("done")
+"""
+
+_PROGRESS_LINE = re.compile(r"progress (\d+)/(\d+)")
+
+
+def _count_statuses(jobs):
+    counts = dict.fromkeys(STATUSES, 0)
+    for job in jobs:
+        counts[job["status"]] += 1
+    return counts
+
+
+def _not_blank(value):
+    if not value.strip():
+        raise SchemaError("must not be blank")
+    return True
+
+
+JOB_SCHEMA = Schema("job", {
+    "name": Field(str, required=True, min_length=1, max_length=60, validator=_not_blank),
+    "steps": Field(int, default=5, min=1, max=50),
+    "delay": Field(float, default=0.2, min=0.01, max=2.0),
+    "fail_at": Field(int, min=1, max=50),
+}, strict=True)
+
+
+###############################################################################
+# Services
+###############################################################################
+
+
+class JobRunner(QueueService):
+    """Runs queued jobs, one child process per job, and records them in the jobs model.
+
+    The model holds ``jobs.<id>``; the bus hears ``jobs:submitted``,
+    ``jobs:started`` and ``jobs:finished``. Stopping the runner cancels the
+    running jobs (their processes are stopped) and the queued ones (handed
+    back by ``on_dropped``).
+    """
+
+    name = "jobs.runner"
+
+    def __init__(self, model, *, worker_count=2, maxsize=100, drain_timeout=0.0, stop_grace=2.0):
+        super().__init__(worker_count=worker_count, maxsize=maxsize)
+        self.model = model
+        self.drain_timeout = drain_timeout
+        self.stop_grace = stop_grace
+        self._processes = {}
+        self._closing = False
+
+    # Hooks ------------------------------------------------------------------
+
+    def on_start(self):
+        self._closing = False
+
+    def on_workers_stopping(self):
+        # Runs before the queue is drained: from here on no new job starts,
+        # and the running ones end now instead of running to completion.
+        self._closing = True
+        for job_id in list(self._processes):
+            self.cancel(job_id, reason="server shutting down")
+
+    def on_dropped(self, items):
+        for job_id in items:
+            self._finish(job_id, "cancelled", note="cancelled: server shutting down")
+
+    def handle_item(self, job_id):
+        job = self.get(job_id)
+        if job is None or job["status"] != "queued":
+            return  # cancelled (or pruned) while it waited
+        if self._closing:
+            self._finish(job_id, "cancelled", note="cancelled: server shutting down")
+            return
+        args = [sys.executable, "-u", "-c", JOB_SCRIPT,
+                str(job["steps"]), repr(job["delay"]), str(job["fail_at"] or 0)]
+        process = ManagedProcess("job-%s" % job_id, terminate_timeout=self.stop_grace)
+        self._processes[job_id] = process
+        try:
+            try:
+                process.start(args, stdin=ManagedProcess.DEVNULL, stdout=ManagedProcess.PIPE,
+                              stderr=ManagedProcess.STDOUT, text=True, errors="replace")
+            except OSError as exc:
+                self._finish(job_id, "failed", note="error: could not start the job: %s" % exc)
+                return
+            if not self._patch(job_id, status="running", started_at=time.time(), pid=process.pid):
+                return  # cancelled while it was starting
+            self.emit("jobs:started", self.get(job_id))
+            reader = process.watch_stream("stdout", functools.partial(self._on_line, job_id))
+            returncode = process.wait()
+            reader.join(timeout=1.0)  # the last lines are parsed before the final status
+        finally:
+            # Also runs when the worker is killed: the process never outlives it.
+            process.stop(timeout=self.stop_grace)
+            self._processes.pop(job_id, None)
+        self._finish(job_id, "done" if returncode == 0 else "failed", returncode=returncode)
+
+    # Control ----------------------------------------------------------------
+
+    def submit(self, spec):
+        """Record and queue a validated job spec; the job, or None if the queue refused it."""
+        job_id = secrets.token_hex(4)
+        job = {
+            "id": job_id, "name": spec["name"].strip(), "status": "queued",
+            "progress": 0, "steps": spec["steps"], "delay": spec["delay"], "fail_at": spec["fail_at"],
+            "output": [], "pid": None, "returncode": None,
+            "created_at": time.time(), "started_at": None, "finished_at": None,
+        }
+        self.model.set(("jobs", job_id), job)
+        if not self.enqueue(job_id):
+            self.model.delete(("jobs", job_id))
+            return None
+        self.emit("jobs:submitted", job)
+        return job
+
+    def cancel(self, job_id, *, reason="requested by user"):
+        """Cancel a queued or running job (its process is stopped); the job, or None if unknown."""
+        job = self._finish(job_id, "cancelled", note="cancelled: %s" % reason)
+        process = self._processes.get(job_id)
+        if process is not None:
+            process.stop(timeout=self.stop_grace)
+        return job
+
+    def get(self, job_id):
+        return self.model.get(("jobs", job_id))
+
+    def jobs(self):
+        """Every job, oldest first."""
+        return sorted(self.model.get("jobs", {}).values(), key=lambda job: job["created_at"])
+
+    def counts(self):
+        """Jobs per status, read in place (no copy of the jobs is made)."""
+        return self.model.select(lambda root: _count_statuses(root.get("jobs", {}).values()))
+
+    # Helpers ----------------------------------------------------------------
+
+    def _patch(self, job_id, **fields):
+        """Update a queued or running job; False if it is gone or already finished."""
+        job = self.get(job_id)
+        if job is None or job["status"] in FINISHED:
+            return False
+        job.update(fields)
+        self.model.set(("jobs", job_id), job)
+        return True
+
+    def _on_line(self, job_id, line):
+        job = self.get(job_id)
+        if job is None:
+            return
+        match = _PROGRESS_LINE.fullmatch(line.strip())
+        if match and job["status"] not in FINISHED:
+            job["progress"] = int(match.group(1))
+        job["output"] = (job["output"] + [line])[-OUTPUT_TAIL:]
+        self.model.set(("jobs", job_id), job)
+
+    def _finish(self, job_id, status, *, returncode=None, note=None):
+        """Move a job to a final status once; later calls only fill in the return code."""
+        job = self.get(job_id)
+        if job is None:
+            return None
+        if returncode is not None:
+            job["returncode"] = returncode
+        first = job["status"] not in FINISHED
+        if first:
+            job.update(status=status, finished_at=time.time())
+            if note:
+                job["output"] = (job["output"] + [note])[-OUTPUT_TAIL:]
+        self.model.set(("jobs", job_id), job)
+        if first:
+            self.emit("jobs:finished", job)
+        return job
+
+
+class HostMonitor(Service):
+    """Samples host load and job counts into the 'host' store with a Watcher."""
+
+    name = "host.monitor"
+
+    def __init__(self, store, runner, *, interval=1.0):
+        super().__init__()
+        self.store = store
+        self.runner = runner
+        self.sample_interval = interval
+
+    def on_start(self):
+        watcher = self.own(Watcher("host.load", poll=self.sample, interval=self.sample_interval,
+                                   dedupe=True))
+        watcher.subscribe(lambda value, _watcher: self.store.set(value))
+        watcher.start()
+
+    def sample(self):
+        load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+        counts = self.runner.counts()
+        return {
+            "load": [round(value, 2) for value in load],
+            "cpus": os.cpu_count() or 1,
+            "running": counts["running"],
+            "queued": counts["queued"],
+        }
+
+
+class LiveUpdates(Service):
+    """Pushes job and host changes to every connected browser over Socket.IO.
+
+    Job changes are coalesced over ``push_interval`` seconds, then each job
+    that changed is sent once as 'job:update' (pruned ones as 'job:removed');
+    host samples go out as 'host:update'.
+    """
+
+    name = "live"
+
+    def __init__(self, socketio, model, host_store, *, push_interval=0.05):
+        super().__init__()
+        self.socketio = socketio
+        self.model = model
+        self.host_store = host_store
+        self.push_interval = push_interval
+        self._latest = None
+        self._sent = {}
+
+    def on_start(self):
+        self._sent = self.model.get("jobs", {})
+        self._latest = None
+        self.model.subscribe(self._on_jobs, selector="jobs", owner=self)
+        self.host_store.subscribe(self._on_host, owner=self)
+
+    def _on_jobs(self, jobs, _model):
+        # Runs in the writer's greenlet: remember the latest state and let one
+        # timer per window do the sending.
+        pending = self._latest is not None
+        self._latest = jobs or {}
+        if not pending and self.running:
+            self.timeout(self._flush, self.push_interval)
+
+    def _flush(self):
+        jobs, self._latest = self._latest, None
+        if jobs is None:
+            return
+        sent = self._sent
+        for job_id, job in jobs.items():
+            if sent.get(job_id) != job:
+                self.socketio.emit("job:update", job)
+        for job_id in sent.keys() - jobs.keys():
+            self.socketio.emit("job:removed", {"id": job_id})
+        self._sent = jobs
+
+    def _on_host(self, snapshot, _store):
+        self.socketio.emit("host:update", snapshot)
+
+
+class Housekeeper(Service):
+    """A supervised task that prunes finished jobs: too old, or beyond the newest ``keep``."""
+
+    name = "jobs.housekeeper"
+
+    def __init__(self, model, *, interval=10.0, max_age=600.0, keep=50):
+        super().__init__()
+        self.model = model
+        self.sweep_interval = interval
+        self.max_age = max_age
+        self.keep = keep
+
+    def on_start(self):
+        self.supervise(self._sweep_forever)
+
+    def prune(self, now=None):
+        """Remove expired finished jobs in one write; returns how many went."""
+        now = time.time() if now is None else now
+        jobs = self.model.get("jobs", {})
+        finished = sorted((job for job in jobs.values() if job["status"] in FINISHED),
+                          key=lambda job: job["finished_at"])
+        doomed = {job["id"] for job in finished if now - job["finished_at"] > self.max_age}
+        doomed.update(job["id"] for job in finished[:max(0, len(finished) - self.keep)])
+        if doomed:
+            self.model.set("jobs", {key: job for key, job in jobs.items() if key not in doomed})
+            self.emit("jobs:pruned", {"count": len(doomed)})
+        return len(doomed)
+
+    def _sweep_forever(self):
+        while True:
+            gevent.sleep(self.sweep_interval)
+            self.prune()
+
+
+###############################################################################
+# Controller
+###############################################################################
+
+
+class JobsController(Controller):
+    """HTTP routes and socket events for jobs; dependencies come from the registry."""
+
+    name = "jobs"
+    schemas = {"job": JOB_SCHEMA}
+
+    def on_start(self):
+        # Created per start and owned, so a restart gets fresh bus subscriptions.
+        self.stats = self.own(create_cache(
+            "jobs.stats", depends_on=["jobs:submitted", "jobs:started", "jobs:finished", "jobs:pruned"]))
+
+    @property
+    def runner(self):
+        return self.service("jobs.queue")
+
+    # HTTP -------------------------------------------------------------------
+
+    def build_routes(self, router):
+        @router.route("/api/jobs", methods=["POST"], json_errors="Could not submit the job")
+        def submit_job():
+            return self.submit(expect_json(allow_empty=True)), 201
+
+        @router.route("/api/jobs", json_errors="Could not list the jobs")
+        def list_jobs():
+            return self.list_jobs()
+
+        @router.route("/api/jobs/<job_id>", json_errors="Could not read the job")
+        def get_job(job_id):
+            return self.find(job_id)
+
+        @router.route("/api/jobs/<job_id>/cancel", methods=["POST"], json_errors="Could not cancel the job")
+        def cancel_job(job_id):
+            job = self.find(job_id)
+            if job["status"] in FINISHED:
+                raise HTTPError("Job %s is already %s" % (job_id, job["status"]), 409, payload={"job": job})
+            return self.runner.cancel(job_id)
+
+        @router.route("/api/health", json_errors="Could not read the health")
+        def health():
+            tree = self.service("service_manager").health()
+            return tree, 200 if tree["status"] == "ok" else 503
+
+        @router.route("/api/stats", json_errors="Could not compute the statistics")
+        def stats():
+            cached = self.stats.is_valid()
+            return {"stats": self.stats.get_or_compute(self.compute_stats), "cached": cached}
+
+    # Socket.IO --------------------------------------------------------------
+
+    def build_events(self, handler):
+        handler.on("connect", self.on_connect)
+        handler.on("job:submit", self.on_submit, schema=self.schema("job"))
+        handler.on("jobs:list", self.on_list)
+
+    def on_connect(self, auth=None):
+        emit("host:update", self.service("host.store").get())
+
+    def on_submit(self, spec):
+        # Invalid payloads never get here: the ingress acks them with the 400 error dict.
+        try:
+            return {"ok": True, "status": 201, "value": self.submit(spec)}
+        except HTTPError as exc:
+            return {"ok": False, "status": exc.status_code, "error": exc.message, "value": None}
+
+    def on_list(self, _data=None):
+        return self.list_jobs()
+
+    # Shared by both ---------------------------------------------------------
+
+    def submit(self, payload):
+        spec = self.schema("job").require(payload)
+        job = self.runner.submit(spec)
+        if job is None:
+            raise HTTPError("The job queue is full or shutting down; try again later", 503)
+        return job
+
+    def find(self, job_id):
+        job = self.runner.get(job_id)
+        if job is None:
+            raise HTTPError("No job %r" % job_id, 404)
+        return job
+
+    def list_jobs(self):
+        jobs = self.runner.jobs()
+        return {"jobs": jobs, "count": len(jobs)}
+
+    def compute_stats(self):
+        jobs = self.service("jobs.model").get("jobs", {}).values()
+        counts = _count_statuses(jobs)
+        durations = [job["finished_at"] - job["started_at"] for job in jobs
+                     if job["status"] == "done" and job["started_at"]]
+        return {
+            "counts": counts,
+            "total": sum(counts.values()),
+            "average_duration": round(sum(durations) / len(durations), 3) if durations else None,
+            "computed_at": time.time(),
+        }
+
+
+###############################################################################
+# Composition root
+###############################################################################
+
+
+def create_app(config=None):
+    """Build the Flask app, its SocketIO and the SPECTER pieces; nothing runs yet.
+
+    Returns ``(app, socketio, boot_board)``: ``boot_board(signals=True)``
+    boots everything once and returns the ServiceManager (``run()`` it to
+    serve, or ``shutdown()`` it).
+    """
+    app = Flask(__name__)
+    app.config.update(DEFAULTS)
+    app.config.update(config or {})
+    socketio = SocketIO(app, async_mode="gevent")
+    cfg = app.config
+
+    model = create_model("jobs", {"jobs": {}})
+    host = create_store("host", {"load": [0.0, 0.0, 0.0], "cpus": os.cpu_count() or 1,
+                                 "running": 0, "queued": 0})
+    runner = JobRunner(model, worker_count=cfg["JOBBOARD_WORKERS"], maxsize=cfg["JOBBOARD_MAX_QUEUE"],
+                       drain_timeout=cfg["JOBBOARD_DRAIN_TIMEOUT"], stop_grace=cfg["JOBBOARD_STOP_GRACE"])
+    services = [
+        HostMonitor(host, runner, interval=cfg["JOBBOARD_HOST_INTERVAL"]),
+        LiveUpdates(socketio, model, host, push_interval=cfg["JOBBOARD_PUSH_INTERVAL"]),
+        Housekeeper(model, interval=cfg["JOBBOARD_PRUNE_INTERVAL"], max_age=cfg["JOBBOARD_KEEP_SECONDS"],
+                    keep=cfg["JOBBOARD_KEEP_FINISHED"]),
+    ]
+
+    @app.get("/")
+    def index():
+        return render_template("index.html")
+
+    def boot_board(*, signals=True):
+        return specter.boot(
+            app, socketio,
+            providers={"jobs.model": model, "jobs.queue": runner, "host.store": host},
+            services=services,
+            controllers=[JobsController()],
+            signals=signals,
+        )
+
+    return app, socketio, boot_board
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="SPECTER job board demo")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000)")
+    parser.add_argument("--workers", type=int, default=DEFAULTS["JOBBOARD_WORKERS"],
+                        help="jobs that run at once (default %(default)s)")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be 1 or more")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    print("Job board on http://%s:%d/ (Ctrl-C to stop)" % (args.host, args.port), flush=True)
+    _app, _socketio, boot_board = create_app({"JOBBOARD_WORKERS": args.workers})
+    manager = boot_board()
+    manager.run(host=args.host, port=args.port)  # returns after SIGINT/SIGTERM shut everything down
+    print("Job board stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    main()
