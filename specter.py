@@ -995,6 +995,9 @@ class QueueService(Service):
                 done()
 
 
+_watcher_log = logging.getLogger("specter.watcher")
+
+
 class WatcherError(RuntimeError):
     """Raised by a poll or stream function to report a failure without a traceback."""
 
@@ -1057,7 +1060,7 @@ class Watcher:
             return self
         loop.kill(block=True, timeout=self.stop_timeout)
         if not loop.dead:
-            _service_log.error("watcher %s: loop ignored GreenletExit for %s s", self.name, self.stop_timeout)
+            _watcher_log.error("watcher %s: loop ignored GreenletExit for %s s", self.name, self.stop_timeout)
         return self
 
     teardown = stop
@@ -1108,9 +1111,9 @@ class Watcher:
                 self._error_count += 1
                 self._last_error = "%s: %s" % (type(exc).__name__, exc)
                 if isinstance(exc, WatcherError):
-                    _service_log.warning("watcher %s: %s", self.name, exc)
+                    _watcher_log.warning("watcher %s: %s", self.name, exc)
                 else:
-                    _service_log.exception("watcher %s: %s raised", self.name, self.mode)
+                    _watcher_log.exception("watcher %s: %s raised", self.name, self.mode)
                 if not self.retry:
                     return
                 failures += 1
@@ -1130,7 +1133,7 @@ class Watcher:
             try:
                 fn(value, self)
             except Exception:
-                _service_log.exception("watcher %s: subscriber %s raised", self.name, _callable_name(fn))
+                _watcher_log.exception("watcher %s: subscriber %s raised", self.name, _callable_name(fn))
 
     def _unsubscribe(self, fn):
         kept = tuple(sub for sub in self._subs if sub is not fn)
@@ -3202,6 +3205,11 @@ class ServiceManager(Service):
     def booted(self):
         return self._booted
 
+    @property
+    def server(self):
+        """The gevent WSGIServer while run() serves (its ``server_port`` is the bound port), else None."""
+        return self._server
+
     def register_service(self, service):
         """Add a service (started at boot, or at once if already booted)."""
         if not isinstance(service, Service):
@@ -3277,9 +3285,6 @@ class ServiceManager(Service):
             return self
         self._shutting_down = True
         try:
-            for watcher in self._signal_watchers:
-                watcher.cancel()
-            self._signal_watchers = []
             for handler in reversed(self._handlers):
                 try:
                     handler.teardown()
@@ -3299,6 +3304,11 @@ class ServiceManager(Service):
                 server.stop(timeout=self.stop_timeout)
         finally:
             self._shutting_down = False
+            # Signal handlers stay until the end, so a second Ctrl-C during a
+            # slow teardown cannot kill the process halfway through it.
+            watchers, self._signal_watchers = self._signal_watchers, []
+            for watcher in watchers:
+                watcher.cancel()
         _web_log.info("shut down")
         return self
 
@@ -3358,6 +3368,9 @@ class ServiceManager(Service):
                 _web_log.debug("cannot handle signal %s here: %s", signum, exc)
 
     def _on_signal(self, signum):
+        if self._shutting_down:
+            _web_log.warning("signal %s: already shutting down", signal.Signals(signum).name)
+            return
         _web_log.info("signal %s: shutting down", signal.Signals(signum).name)
         serving = self._server is not None
         self.shutdown()

@@ -11,6 +11,7 @@ import contextlib
 import decimal
 import functools
 import gc
+import glob
 import itertools
 import json
 import logging
@@ -31,6 +32,7 @@ from unittest import mock
 import flask
 import gevent
 import gevent.event
+import gevent.monkey
 import gevent.queue
 import gevent.subprocess
 import greenlet
@@ -213,13 +215,15 @@ class Sink(QueueService):
 
 
 class SpecterTestCase(unittest.TestCase):
-    """Clears the module singletons and arms a per-test time ceiling."""
+    """Clears the module singletons and arms a per-test time ceiling (``ceiling`` seconds)."""
+
+    ceiling = TEST_CEILING
 
     def setUp(self):
         specter.bus.clear()
         specter.registry.clear()
         timer = gevent.Timeout.start_new(
-            TEST_CEILING, AssertionError("test exceeded %ds" % TEST_CEILING)
+            self.ceiling, AssertionError("test exceeded %ds" % self.ceiling)
         )
         self.addCleanup(timer.close)
 
@@ -5256,6 +5260,7 @@ SIGNAL_APP = textwrap.dedent("""
     import socket
     import sys
 
+    import gevent
     from flask import Flask
     from flask_socketio import SocketIO
 
@@ -5284,6 +5289,7 @@ SIGNAL_APP = textwrap.dedent("""
             print("grandchild", line.strip(), flush=True)
 
         def on_stop(self):
+            gevent.sleep(float(sys.argv[3]))  # a slow teardown, when asked for
             with open(marker, "w") as f:
                 f.write("stopped")
 
@@ -5318,7 +5324,7 @@ class TestSignals(SpecterTestCase):
                 return False
         return self.blocking(fetch)
 
-    def run_and_signal(self, signum, mode="manager"):
+    def run_and_signal(self, signum, mode="manager", stop_delay=0.0, again_after=None):
         workdir = tempfile.mkdtemp(prefix="specter-web-")
         self.addCleanup(shutil.rmtree, workdir, True)
         script = os.path.join(workdir, "sigapp.py")
@@ -5329,7 +5335,8 @@ class TestSignals(SpecterTestCase):
         # stderr goes to a file: the grandchild inherits it, so a pipe would stay open while it lives.
         errors_path = os.path.join(workdir, "stderr.txt")
         with open(errors_path, "w") as errors:
-            child = gevent.subprocess.Popen([sys.executable, "-u", script, marker, mode], stdout=gevent.subprocess.PIPE,
+            child = gevent.subprocess.Popen([sys.executable, "-u", script, marker, mode, str(stop_delay)],
+                                            stdout=gevent.subprocess.PIPE,
                                             stderr=errors, env=env, cwd=workdir, universal_newlines=True)
         self.addCleanup(self.reap, child)
 
@@ -5350,6 +5357,9 @@ class TestSignals(SpecterTestCase):
         port = int(lines["port"])
         self.assertTrue(wait_until(lambda: self.served(port), timeout=CLIENT_TIMEOUT, step=0.02))
         child.send_signal(signum)
+        if again_after is not None:
+            gevent.sleep(again_after)
+            child.send_signal(signum)
         try:
             code = child.wait(timeout=CLIENT_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -5366,6 +5376,7 @@ class TestSignals(SpecterTestCase):
             self.assertEqual(f.read(), "stopped")
         self.assertTrue(wait_until(lambda: pid_gone(grandchild), timeout=3.0, step=0.01))
         self.assertNotIn("Traceback", stderr())
+        return stderr()
 
     def reap(self, child):
         if child.poll() is None:
@@ -5388,6 +5399,10 @@ class TestSignals(SpecterTestCase):
 
     def test_sigterm_after_boot_without_run_exits_cleanly(self):
         self.run_and_signal(signal.SIGTERM, mode="socketio")
+
+    def test_second_signal_during_a_slow_shutdown_does_not_cut_it_short(self):
+        errors = self.run_and_signal(signal.SIGINT, stop_delay=0.4, again_after=0.15)
+        self.assertIn("already shutting down", errors)
 
 
 # Processes ####################################################################
@@ -6083,6 +6098,97 @@ class TestJobBoardDemo(SpecterTestCase):
         self.assertEqual(removed() | {survivor["id"]}, set(ids))
         self.assertEqual(self.call(client, "jobs:list")["count"], 1)
         self.assertEqual(self.http.get("/api/stats").get_json()["stats"]["total"], 1)
+
+
+REPO = os.path.dirname(os.path.abspath(specter.__file__))
+
+
+EXAMPLE_TIMEOUT = 20  # one example's wall-clock limit
+
+
+# Examples whose short mode is not --once.
+SHORT_MODE = {"quickstart.py": ["--seconds", "0.3"]}
+
+
+# Directories under examples/ hold multi-file apps with their own tests.
+EXCLUDED = ("jobboard",)
+
+
+def example_files():
+    """The single-file examples directly under examples/, sorted; packages are left out."""
+    return sorted(
+        path for path in glob.glob(os.path.join(EXAMPLES, "*.py"))
+        if not os.path.basename(path).startswith(EXCLUDED + ("_",))
+    )
+
+
+def run_example(path):
+    """Run one example in its short mode; (returncode, stdout, stderr, seconds).
+
+    The example gets a session of its own, so a hung one is killed with
+    every process it started.
+    """
+    name = os.path.basename(path)
+    args = [sys.executable, os.path.relpath(path, REPO)] + SHORT_MODE.get(name, ["--once"])
+    env = dict(os.environ, PYTHONPATH=REPO)
+    started = time.monotonic()
+    process = gevent.subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=gevent.subprocess.PIPE, stderr=gevent.subprocess.PIPE,
+        universal_newlines=True, start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=EXAMPLE_TIMEOUT)
+    except gevent.subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        stderr += "\n[killed after %d s]" % EXAMPLE_TIMEOUT
+    return process.returncode, stdout, stderr, time.monotonic() - started
+
+
+class TestExamples(SpecterTestCase):
+    """Every examples/*.py runs to completion on its own, all of them concurrently."""
+
+    ceiling = 60
+
+    def test_discovers_every_small_example(self):
+        names = [os.path.basename(path) for path in example_files()]
+        for expected in ("quickstart.py", "polling_service.py", "queue_worker.py",
+                         "controller_app.py", "state_primitives.py", "process_watcher.py",
+                         "graceful_shutdown.py", "registry_and_bus.py"):
+            self.assertIn(expected, names)
+        self.assertFalse([name for name in names if name.startswith("jobboard")])
+
+    def test_examples_document_themselves_and_have_a_short_mode(self):
+        for path in example_files():
+            name = os.path.basename(path)
+            with self.subTest(example=name):
+                with open(path, encoding="utf-8") as source:
+                    text = source.read()
+                docstring = ast.get_docstring(ast.parse(text))
+                self.assertTrue(docstring, "%s has no module docstring" % name)
+                self.assertIn("Run:", docstring)
+                flag = SHORT_MODE.get(name, ["--once"])[0]
+                self.assertIn('"%s"' % flag, text, "%s does not accept %s" % (name, flag))
+
+    def test_every_example_exits_cleanly(self):
+        self.assertFalse(gevent.monkey.is_anything_patched(), "the test process must not monkey-patch")
+        paths = example_files()
+        started = time.monotonic()
+        runs = {path: gevent.spawn(run_example, path) for path in paths}
+        self.assertTrue(wait_until(lambda: all(run.ready() for run in runs.values()),
+                                   timeout=EXAMPLE_TIMEOUT + 10))
+        elapsed = time.monotonic() - started
+        for path, run in runs.items():
+            name = os.path.basename(path)
+            with self.subTest(example=name):
+                returncode, stdout, stderr, seconds = run.get()
+                report = "%s (%.1f s)\n--- stdout (tail)\n%s\n--- stderr\n%s" % (
+                    name, seconds, stdout[-2000:], stderr[-4000:])
+                self.assertEqual(returncode, 0, report)
+                self.assertNotIn("Traceback", stderr, report)
+                self.assertTrue(stdout.strip(), "%s printed nothing" % name)
+        # Concurrency is the point: the whole set takes about as long as the slowest one.
+        self.assertLess(elapsed, EXAMPLE_TIMEOUT)
 
 
 if __name__ == "__main__":
