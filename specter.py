@@ -49,6 +49,7 @@ import subprocess
 import sys
 import time
 import types
+import weakref
 
 import flask
 import werkzeug.exceptions
@@ -2676,7 +2677,7 @@ class Router(_Owner):
                 _web_add_rules(blueprint, fn, specs)
             for fn, spec in self._views:
                 _web_add_rules(blueprint, fn, [spec])
-            blueprint.register_error_handler(HTTPError, HTTPError.to_response)
+            blueprint.register_error_handler(HTTPError, _web_http_error)
             self._blueprint = blueprint
             self.on_mount()
         return self._blueprint
@@ -2838,15 +2839,9 @@ class Handler(_Owner):
 
     def _bind(self, binding):
         event, callback, priority, namespace, schema = binding
-        callback = self._guarded(callback)
-        ingress = registry.resolve("socket_ingress")
-        if ingress is not None:
-            self.add_cleanup(ingress.subscribe(event, callback, priority=priority,
-                                               namespace=namespace, schema=schema))
-        else:
-            single = SocketIngress(self._socketio, name="%s.direct" % self.name)
-            single.subscribe(event, callback, namespace=namespace, schema=schema)
-            self.add_cleanup(single.clear)
+        ingress = registry.resolve("socket_ingress") or _web_direct_ingress(self._socketio)
+        self.add_cleanup(ingress.subscribe(event, self._guarded(callback), priority=priority,
+                                           namespace=namespace, schema=schema))
 
     def _guarded(self, callback):
         gate = self._gate
@@ -3187,7 +3182,7 @@ class ServiceManager(Service):
         self._server = None
         if app is not None and HTTPError not in app.error_handler_spec[None][None]:
             # Like any Flask extension: an HTTPError raised in any view is JSON.
-            app.register_error_handler(HTTPError, HTTPError.to_response)
+            app.register_error_handler(HTTPError, _web_http_error)
 
     @property
     def app(self):
@@ -3428,6 +3423,28 @@ class _IngressSubscriber:
         return (self.priority, self.seq)
 
 
+_web_direct_ingresses = weakref.WeakKeyDictionary()
+
+
+def _web_direct_ingress(socketio):
+    """The ingress Handlers share on ``socketio`` when no app-wide one is provided.
+
+    Sharing it keeps several handlers of one event side by side, in priority
+    order, instead of the last one replacing the others in Flask-SocketIO.
+    """
+    ingress = _web_direct_ingresses.get(socketio)
+    if ingress is None:
+        ingress = _web_direct_ingresses[socketio] = SocketIngress(socketio, name="direct")
+    return ingress
+
+
+def _web_http_error(exc, log=_web_log):
+    """Flask error handler: an HTTPError raised in any view becomes its JSON response."""
+    if exc.log_message:
+        log.log(exc.log_level, exc.log_message)
+    return exc.to_response()
+
+
 def _web_json(body, status):
     response = flask.jsonify(body)
     response.status_code = status
@@ -3450,9 +3467,7 @@ def _web_response(result):
 
 def _web_error_response(exc, message, log, include_trace):
     if isinstance(exc, HTTPError):
-        if exc.log_message:
-            log.log(exc.log_level, exc.log_message)
-        return exc.to_response()
+        return _web_http_error(exc, log)
     if isinstance(exc, werkzeug.exceptions.HTTPException) and exc.code is not None:
         if exc.code < 400:
             return exc.get_response()  # redirects stay redirects
@@ -3689,6 +3704,19 @@ class ManagedProcess:
     @property
     def pid(self):
         return None if self._popen is None else self._popen.pid
+
+    @property
+    def stdin(self):
+        """The child's stdin pipe (a cooperative file object) when started with stdin=PIPE, else None."""
+        return None if self._popen is None else self._popen.stdin
+
+    @property
+    def stdout(self):
+        return None if self._popen is None else self._popen.stdout
+
+    @property
+    def stderr(self):
+        return None if self._popen is None else self._popen.stderr
 
     @property
     def returncode(self):

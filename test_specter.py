@@ -3881,6 +3881,19 @@ class TestHTTPHelpers(SpecterTestCase):
                          [(logging.INFO, "user 9 hit the quota")])
         self.assertNotIn("user 9", response.get_data(as_text=True))
 
+    def test_http_error_in_a_plain_view_of_a_managed_app_is_json(self):
+        app, sio = make_web_app()
+
+        @app.route("/quota")
+        def quota():
+            raise HTTPError("Quota exceeded", 429, log_message="user 9 hit the quota")
+        manager = ServiceManager(app, sio, signals=False).boot()
+        self.addCleanup(manager.shutdown)
+        with self.assertLogs("specter", "WARNING") as logs:
+            response = app.test_client().get("/quota")
+        self.assertEqual(self.assertJSON(response, 429), {"error": "Quota exceeded"})
+        self.assertEqual(logs.records[0].getMessage(), "user 9 hit the quota")
+
     def test_json_endpoint_http_error_without_log_message_is_answered(self):
         @json_endpoint
         def view():
@@ -4295,6 +4308,29 @@ class TestHandler(SpecterTestCase):
         self.assertFalse(handler.registered)
         self.assertIn(client.emit("ping", {"x": 2}, callback=True), (None, []))
         self.assertEqual(handler.log, ["setup", ("ping", {"x": 1}), ("say", "hi"), "teardown"])
+
+    def test_direct_handlers_of_one_event_coexist_in_priority_order(self):
+        app, sio = make_web_app()
+        calls = []
+
+        class Audit(Handler):
+            events = {"say": "on_say"}
+            event_priorities = {"say": 0}
+
+            def on_say(self, data=None):
+                calls.append(("audit", data))
+
+        chat, audit = ChatHandler(), Audit()
+        for handler in (chat, audit):
+            handler.setup(sio)
+            self.addCleanup(handler.teardown)
+        client = sio.test_client(app)
+        self.assertEqual(client.emit("say", "hi", callback=True), {"said": "hi"})
+        self.assertEqual(calls, [("audit", "hi")])
+        self.assertEqual(chat.log[-1], ("say", "hi"))
+        audit.teardown()
+        self.assertEqual(client.emit("say", "again", callback=True), {"said": "again"})
+        self.assertEqual(calls, [("audit", "hi")])
 
     def test_setup_teardown_and_stop_are_idempotent(self):
         app, sio = make_web_app()
@@ -5854,6 +5890,19 @@ class TestManagedProcess(SpecterTestCase):
         with self.assertRaises(TypeError):
             proc.start(child_args("pass"), owner=object())
         self.assertFalse(proc.running)
+
+    def test_stream_properties_expose_the_pipes(self):
+        proc = self.make("echo")
+        self.assertIsNone(proc.stdin)
+        proc.start(child_args("import sys; print(sys.stdin.readline().upper(), end='')"),
+                   stdin=specter.ManagedProcess.PIPE, stdout=specter.ManagedProcess.PIPE)
+        proc.stdin.write(b"hello\n")
+        proc.stdin.flush()
+        self.assertEqual(proc.stdout.readline(), b"HELLO\n")
+        self.assertIsNone(proc.stderr)
+        self.assertEqual(proc.wait(), 0)
+        proc.stop()
+        self.assertTrue(proc.stdin.closed and proc.stdout.closed)
 
     def test_health_keys(self):
         proc = self.run_child("import time; time.sleep(30)", name="sleeper")
