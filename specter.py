@@ -365,6 +365,11 @@ def _registry_key(key):
 
 _service_log = logging.getLogger("specter.service")
 
+# What a callback may raise and still be a callback failure (logged, counted,
+# retried): a gevent.Timeout it started and let escape is one too. GreenletExit
+# is not: that is the owner asking the greenlet to end.
+_CALLBACK_ERRORS = (Exception, gevent.Timeout)
+
 # Statuses in which a service may acquire timers, greenlets and listeners.
 _ACTIVE = frozenset(("starting", "running", "failed"))
 _STOP_METHODS = ("stop", "close", "disconnect", "destroy", "terminate", "kill")
@@ -475,8 +480,8 @@ class Service(_Owner):
         self._listeners = None
         self._children = None
         self._state_subs = _Subscribers()
-        self._stopper = None
-        self._stopped = None
+        self._transitioner = None
+        self._settled = None
         self._errors = 0
         self._last_error = None
         self._restarts = 0
@@ -506,15 +511,15 @@ class Service(_Owner):
         """Start the service; idempotent.
 
         If ``on_start`` raises, everything it acquired is released in reverse
-        order, the service is left stopped and the exception propagates.
+        order, the service is left stopped and the exception propagates. A
+        start() racing another greenlet's start() or stop() waits for it.
         """
+        self._await_transition()
         if self._status in _ACTIVE:
             return self
         if self._status == "stopping":
-            if self._stopper is getcurrent():
-                raise RuntimeError("%s: cannot start() from inside its own stop()" % self.name)
-            self._stopped.wait()
-        self._status = "starting"
+            raise RuntimeError("%s: cannot start() from inside its own stop()" % self.name)
+        self._begin_transition("starting")
         self._failure = None
         self._stuck = ()
         try:
@@ -523,11 +528,15 @@ class Service(_Owner):
             if self._status in _ACTIVE:
                 _service_log.debug("%s: start failed, rolling back", self.name)
                 self._status = "stopping"
-                self._release()
-                self._status = "stopped"
+                try:
+                    self._release()
+                finally:
+                    self._status = "stopped"
+            self._end_transition()
             raise
         if self._status == "starting":
             self._status = "running"
+        self._end_transition()
         _service_log.debug("%s: started", self.name)
         return self
 
@@ -538,33 +547,33 @@ class Service(_Owner):
         (they get GreenletExit, so ``finally`` blocks run) and wait up to
         ``stop_timeout`` for them; drop bus listeners; stop adopted children in
         reverse adoption order; run cleanups last-in-first-out; drop state
-        subscribers. A greenlet of the service that calls stop() is spared
-        and ends when its callback returns. A second caller waits for the
-        first to finish.
+        subscribers. The release runs even if the stopping greenlet is
+        interrupted. A greenlet of the service that calls stop() is spared
+        and ends when its callback returns; any other caller waits for a
+        stop in progress to finish.
         """
-        status = self._status
-        if status == "stopping":
-            if self._stopper is not getcurrent():
-                self._stopped.wait()
-            return self
-        if status not in _ACTIVE:
-            if self._cleanups or self._children:
+        current = getcurrent()
+        if self._status == "stopping" and (self._transitioner is current or current in self._tasks):
+            return self  # re-entrant, or one of ours: the stop under way finishes without us
+        if not (self._status == "starting" and self._transitioner is current):
+            self._await_transition()
+        if self._status not in _ACTIVE:
+            if self._cleanups or self._children or self._timers or self._tasks or self._listeners:
                 self._release()
             return self
-        self._status = "stopping"
-        self._stopper = getcurrent()
-        self._stopped = gevent.event.Event()
+        self._begin_transition("stopping")
         try:
             try:
                 self._lifecycle_stopping()
                 self.on_stop()
             except Exception:
                 self._record_error("on_stop")
-            self._release()
         finally:
-            self._status = "stopped"
-            self._stopper = None
-            self._stopped.set()
+            try:
+                self._release()
+            finally:
+                self._status = "stopped"
+                self._end_transition()
         _service_log.debug("%s: stopped", self.name)
         return self
 
@@ -677,10 +686,14 @@ class Service(_Owner):
     def listen(self, event, handler):
         """Subscribe ``handler`` on the bus until the service stops."""
         self._check_active("listen")
-        bus.on(event, handler)
+        _check_callable(handler, "handler")
+        # A wrapper of our own: the bus keeps one registration per callable, and
+        # another service listening with the same function must not lose it.
+        listener = functools.partial(handler)
+        bus.on(event, listener)
         if self._listeners is None:
             self._listeners = []
-        self._listeners.append((event, handler))
+        self._listeners.append((event, listener))
         return self
 
     def emit(self, event, data=None):
@@ -753,6 +766,21 @@ class Service(_Owner):
     def _lifecycle_stopping(self):
         """Runs before on_stop() while everything is still alive."""
 
+    def _begin_transition(self, status):
+        self._status = status
+        self._transitioner = getcurrent()
+        if self._settled is None or self._settled.is_set():
+            self._settled = gevent.event.Event()  # else: nested (stop() inside on_start), share it
+
+    def _end_transition(self):
+        self._transitioner = None
+        self._settled.set()
+
+    def _await_transition(self):
+        """Wait while another greenlet is starting or stopping this service."""
+        while self._status in ("starting", "stopping") and self._transitioner is not getcurrent():
+            self._settled.wait()
+
     def _check_active(self, what):
         if self._status not in _ACTIVE:
             raise RuntimeError(
@@ -770,7 +798,7 @@ class Service(_Owner):
     def _run_task(self, callback, args, kwargs):
         try:
             return callback(*args, **kwargs)
-        except Exception:
+        except _CALLBACK_ERRORS:
             self._record_error(getcurrent().name)
             return None
 
@@ -800,7 +828,7 @@ class Service(_Owner):
         while True:
             try:
                 return callback(*args, **kwargs)
-            except Exception as exc:
+            except _CALLBACK_ERRORS as exc:
                 now = _monotonic()
                 failures.append(now)
                 while now - failures[0] > within:
@@ -821,15 +849,36 @@ class Service(_Owner):
         bus.emit("service:failed", {"service": self.name, "label": label, "error": str(exc)})
 
     def _release(self):
-        """Release everything owned, in stop()'s documented order; never raises."""
-        current = getcurrent()
+        """Release everything owned, in stop()'s documented order.
+
+        Every step runs even if the releasing greenlet is interrupted (a kill
+        or a Timeout while it waits for greenlets to die); the interruption
+        is re-raised once the release is complete.
+        """
+        interrupted = None
+        for step in (self._release_timers, self._release_tasks, self._release_listeners,
+                     self._release_children, self._run_cleanups, self._state_subs.clear):
+            try:
+                step()
+            except BaseException as exc:  # noqa: B902 - finish the release, then re-raise
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
+
+    def _release_timers(self):
         timers, self._timers = self._timers, None
         for timer in (timers or {}).values():
             timer.cancel()
+
+    def _release_tasks(self):
+        current = getcurrent()
         others = [task for task in self._tasks if task is not current]
-        if others:
-            gevent.killall(others, block=False)
+        if not others:
+            return
+        gevent.killall(others, block=False)
+        try:
             gevent.joinall(others, timeout=self.stop_timeout)
+        finally:
             stuck = [task.name for task in others if not task.dead]
             if stuck:
                 self._stuck = stuck
@@ -837,18 +886,20 @@ class Service(_Owner):
                     "%s: %d greenlet(s) ignored GreenletExit for %s s: %s",
                     self.name, len(stuck), self.stop_timeout, ", ".join(stuck),
                 )
-        self._tasks.difference_update(others)
+            self._tasks.difference_update(others)
+
+    def _release_listeners(self):
         listeners, self._listeners = self._listeners, None
         for event, handler in listeners or ():
             bus.off(event, handler)
+
+    def _release_children(self):
         children, self._children = self._children, None
         for child in reversed(children or ()):
             try:
                 child.stop()
             except Exception:
                 self._record_error("stop of child %s" % child.name)
-        self._run_cleanups()
-        self._state_subs.clear()
 
     def _deliver_state(self, snapshot):
         for fn in self._state_subs.entries:
@@ -989,7 +1040,7 @@ class QueueService(Service):
             try:
                 handle(item)
                 self._processed += 1
-            except Exception:
+            except _CALLBACK_ERRORS:
                 self._failed += 1
                 self._record_error(getcurrent().name)
             finally:
@@ -1108,7 +1159,7 @@ class Watcher:
                     if not self.retry:
                         return
                 delay = self.interval
-            except Exception as exc:
+            except _CALLBACK_ERRORS as exc:
                 self._error_count += 1
                 self._last_error = "%s: %s" % (type(exc).__name__, exc)
                 if isinstance(exc, WatcherError):
@@ -2009,8 +2060,11 @@ class Field:
         except SchemaError as exc:
             errors[_schema_path(path)] = exc.message
             return _MISSING
-        except Exception as exc:
-            errors[_schema_path(path)] = "is invalid (%s)" % _schema_clip(str(exc) or type(exc).__name__)
+        except Exception:
+            # Only SchemaError messages are meant for clients; anything else
+            # may carry internals (a DSN, a path), so it goes to the log.
+            _schema_log.warning("field %s: %s raised", _schema_path(path), self, exc_info=True)
+            errors[_schema_path(path)] = "is invalid"
             return _MISSING
         return value
 
@@ -2108,14 +2162,18 @@ class Schema:
             if value is None:
                 if field.required:
                     errors[prefix + key] = "is required"
-                else:
+                    continue
+                try:
                     clean[key] = field.make_default()
+                except Exception:
+                    _schema_log.exception("field %s: the default factory raised", prefix + key)
+                    errors[prefix + key] = "has no usable default"
                 continue
             value = field._clean(value, prefix + key, errors, root)
             if value is not _MISSING:
                 clean[key] = value
-        if self.strict and len(data) > len(clean):
-            unknown = [key for key in data if key not in self.fields]
+        unknown = [key for key in data if key not in self.fields] if self.strict else ()
+        if unknown:
             for key in unknown[:10]:
                 errors[prefix + _schema_clip(str(key))] = "is not an allowed field"
             if len(unknown) > 10:
@@ -2559,8 +2617,8 @@ def expect_json(*, required=None, error="Request body is required", allow_empty=
     if request.content_length is not None and request.content_length > limit:
         raise HTTPError("Request body is too large (limit %d bytes)" % limit, 413)
     if request.mimetype and not request.is_json:
-        raise HTTPError("Request body must be JSON (Content-Type: application/json), got %s"
-                        % request.mimetype, 415)
+        raise HTTPError("%s (send it as JSON with Content-Type: application/json, not %s)"
+                        % (error, request.mimetype), 400)
     raw = request.get_data(cache=True) if request.content_length is not None \
         else request.stream.read(limit + 1)
     if len(raw) > limit:
@@ -2570,7 +2628,7 @@ def expect_json(*, required=None, error="Request body is required", allow_empty=
             return {}
         raise HTTPError(error, 400)
     try:
-        payload = flask.json.loads(raw)
+        payload = flask.json.loads(raw, parse_constant=_web_refuse_constant)
     except RecursionError:
         raise HTTPError("Request body is nested too deeply", 400) from None
     except ValueError:
@@ -2678,6 +2736,7 @@ class Router(_Owner):
             for fn, spec in self._views:
                 _web_add_rules(blueprint, fn, [spec])
             blueprint.register_error_handler(HTTPError, _web_http_error)
+            blueprint.register_error_handler(werkzeug.exceptions.InternalServerError, _web_server_error)
             self._blueprint = blueprint
             self.on_mount()
         return self._blueprint
@@ -3445,6 +3504,17 @@ def _web_http_error(exc, log=_web_log):
     return exc.to_response()
 
 
+def _web_server_error(exc):
+    """A blueprint's unhandled error, as JSON (Flask has logged it already)."""
+    if isinstance(getattr(exc, "original_exception", None), RecursionError):
+        return _web_json({"error": "Request body is nested too deeply"}, 400)
+    return _web_json({"error": "Internal server error"}, 500)
+
+
+def _web_refuse_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
 def _web_json(body, status):
     response = flask.jsonify(body)
     response.status_code = status
@@ -3452,9 +3522,17 @@ def _web_json(body, status):
 
 
 def _web_response(result):
-    """Turn a view's return value into something Flask can send, converting Outcomes."""
+    """Turn a view's return value into a Flask response, serialising JSON bodies here.
+
+    Serialising here (not later in Flask) keeps a body that cannot become
+    JSON inside the caller's error handling.
+    """
     if isinstance(result, Outcome):
         return _web_json(result.to_dict(), result.status)
+    if isinstance(result, dict):
+        return flask.jsonify(result)
+    if result is None:
+        raise TypeError("the view returned None; return a dict, a list, an Outcome or a response")
     if isinstance(result, tuple) and result and isinstance(result[0], (Outcome, dict, list)):
         body = result[0]
         if isinstance(body, Outcome):
@@ -3513,10 +3591,7 @@ def _web_view(fn, json_errors):
 
     @functools.wraps(fn)
     def view(*args, **kwargs):
-        result = fn(*args, **kwargs)
-        if isinstance(result, Outcome):
-            return _web_json(result.to_dict(), result.status)
-        return result
+        return _web_response(fn(*args, **kwargs))
     return view
 
 

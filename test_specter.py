@@ -4011,11 +4011,20 @@ class TestHTTPHelpers(SpecterTestCase):
         self.assertEqual(self.assertJSON(client.post("/v", json={"name": "a", "size": 0}), 200),
                          {"got": {"name": "a", "size": 0}})
 
-    def test_expect_json_form_content_type_is_415(self):
+    def test_expect_json_form_or_text_body_is_400_saying_to_send_json(self):
         client = self.echo_client()
-        self.assertIn("error", self.assertJSON(client.post("/v", data={"name": "a"}), 415))
-        response = client.post("/v", data="name=a", content_type="application/x-www-form-urlencoded")
-        self.assertIn("error", self.assertJSON(response, 415))
+        body = self.assertJSON(client.post("/v", data={"name": "a"}), 400)
+        self.assertIn("application/json", body["error"])
+        for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+            response = client.post("/v", data='{"name": "a"}', content_type=content_type)
+            self.assertIn(content_type, self.assertJSON(response, 400)["error"])
+
+    def test_expect_json_refuses_nan_and_infinity(self):
+        client = self.echo_client()
+        for literal in ("NaN", "Infinity", "-Infinity"):
+            response = client.post("/v", data='{"name": "a", "size": %s}' % literal,
+                                   content_type="application/json")
+            self.assertIn("not valid JSON", self.assertJSON(response, 400)["error"])
 
     def test_expect_json_over_specter_limit_is_413(self):
         client = self.echo_client(config={"SPECTER_MAX_JSON_BYTES": 100})
@@ -6045,7 +6054,7 @@ class TestJobBoardDemo(SpecterTestCase):
         too_long = self.http.post("/api/jobs", json={"name": "x" * 61})
         self.assertEqual(set(too_long.get_json()["errors"]), {"name"})
         not_json = self.http.post("/api/jobs", data="name=x", content_type="text/plain")
-        self.assertEqual(not_json.status_code, 415)
+        self.assertEqual(not_json.status_code, 400)
         self.assertIn("error", not_json.get_json())
 
         missing = self.http.get("/api/jobs/nope")
