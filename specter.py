@@ -37,6 +37,7 @@ import collections.abc
 import copy
 import decimal
 import functools
+import inspect
 import itertools
 import logging
 import math
@@ -49,7 +50,6 @@ import subprocess
 import sys
 import time
 import types
-import weakref
 
 import flask
 import werkzeug.exceptions
@@ -2851,8 +2851,10 @@ class Handler(_Owner):
             return self
         socketio = socketio or self._socketio
         ingress = registry.resolve("socket_ingress")
-        if socketio is None and ingress is not None:
-            socketio = ingress.socketio
+        if ingress is not None:
+            if ingress.socketio is None and socketio is not None:
+                ingress.attach(socketio)
+            socketio = socketio or ingress.socketio
         self._socketio = socketio
         if socketio is None and ingress is None:
             raise RuntimeError("handler %s has nothing to bind to: pass a Flask-SocketIO instance to "
@@ -2910,6 +2912,7 @@ class Handler(_Owner):
                 return None
             return callback(*args)
         deliver.__qualname__ = "%s.%s" % (self.name, _callable_name(callback))
+        deliver.__wrapped__ = callback  # so the ingress sees the real signature
         return deliver
 
 
@@ -2955,7 +2958,10 @@ class SocketIngress:
         _check_callable(callback, "callback")
         _check_owner(owner)
         key = (_web_namespace(namespace), event)
-        entry = _IngressSubscriber(callback, _web_priority(priority), next(self._seq), _web_schema(schema))
+        # Flask-SocketIO passes connect handlers the auth data and disconnect
+        # handlers a reason only if they take them; so do we.
+        arity = _web_arity(callback) if event in ("connect", "disconnect") else None
+        entry = _IngressSubscriber(callback, _web_priority(priority), next(self._seq), _web_schema(schema), arity)
         subs = self._subs.get(key, ()) + (entry,)
         self._subs[key] = tuple(sorted(subs, key=_IngressSubscriber.order))
         self._bind(*key)
@@ -3068,8 +3074,12 @@ class SocketIngress:
                     result = outcome.to_dict()
                     continue
                 call_args = (outcome.value,) + args[1:]
+            if entry.arity is not None:
+                call_args = call_args[:entry.arity]
             try:
                 value = entry.callback(*call_args, **kwargs)
+            except ConnectionRefusedError:
+                raise  # Flask-SocketIO's way for a connect handler to refuse the client
             except Exception as exc:
                 _web_log.exception("ingress %s: subscriber %s of %r raised", self.name,
                                    _callable_name(entry.callback), event)
@@ -3236,6 +3246,8 @@ class ServiceManager(Service):
         self._providers = []
         self._booted = False
         self._shutting_down = False
+        self._shutdown_greenlet = None
+        self._shutdown_done = None
         self._signal_watchers = []
         self._atexit = False
         self._server = None
@@ -3334,10 +3346,19 @@ class ServiceManager(Service):
         return self
 
     def shutdown(self):
-        """Tear everything down in reverse; idempotent."""
-        if self._shutting_down or (not self._booted and not self.running):
+        """Tear everything down in reverse; idempotent.
+
+        A call while another greenlet shuts down waits for it to finish.
+        """
+        if self._shutting_down:
+            if self._shutdown_greenlet is not getcurrent():
+                self._shutdown_done.wait()
+            return self
+        if not self._booted and not self.running:
             return self
         self._shutting_down = True
+        self._shutdown_greenlet = getcurrent()
+        self._shutdown_done = gevent.event.Event()
         try:
             for handler in reversed(self._handlers):
                 try:
@@ -3360,9 +3381,11 @@ class ServiceManager(Service):
             self._shutting_down = False
             # Signal handlers stay until the end, so a second Ctrl-C during a
             # slow teardown cannot kill the process halfway through it.
-            watchers, self._signal_watchers = self._signal_watchers, []
-            for watcher in watchers:
-                watcher.cancel()
+            self._remove_signals()
+            if self._atexit:
+                atexit.unregister(self._at_exit)
+                self._atexit = False
+            self._shutdown_done.set()
         _web_log.info("shut down")
         return self
 
@@ -3376,6 +3399,10 @@ class ServiceManager(Service):
         if self._app is None:
             raise RuntimeError("run() needs the Flask app: ServiceManager(app, socketio)")
         log_output = kwargs.pop("log_output", False)
+        unknown = sorted(set(kwargs) - _WEB_SERVER_OPTIONS)
+        if unknown:
+            raise TypeError("run() got unexpected keyword argument(s) %s; it accepts log_output and "
+                            "gevent WSGIServer options: %s" % (", ".join(unknown), ", ".join(sorted(_WEB_SERVER_OPTIONS))))
         self.boot()
         kwargs.setdefault("handler_class", _WebSocketClosingHandler)
         server = pywsgi.WSGIServer((host, port), self._app, log="default" if log_output else None, **kwargs)
@@ -3417,9 +3444,23 @@ class ServiceManager(Service):
             return
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
-                self._signal_watchers.append(gevent.signal_handler(signum, self._on_signal, signum))
+                previous = signal.getsignal(signum)
+                watcher = gevent.signal_handler(signum, self._on_signal, signum)
             except (ValueError, OSError) as exc:
                 _web_log.debug("cannot handle signal %s here: %s", signum, exc)
+                continue
+            self._signal_watchers.append((signum, watcher, previous))
+
+    def _remove_signals(self):
+        """Cancel our handlers and give each signal back the handler it had before boot()."""
+        watchers, self._signal_watchers = self._signal_watchers, []
+        for signum, watcher, previous in watchers:
+            watcher.cancel()
+            if previous is not None:
+                try:
+                    signal.signal(signum, previous)
+                except (ValueError, OSError, TypeError) as exc:
+                    _web_log.debug("cannot restore the handler of signal %s: %s", signum, exc)
 
     def _on_signal(self, signum):
         if self._shutting_down:
@@ -3470,19 +3511,24 @@ class _WebSocketClosingHandler(pywsgi.WSGIHandler):
 
 
 class _IngressSubscriber:
-    __slots__ = ("callback", "priority", "seq", "schema")
+    __slots__ = ("callback", "priority", "seq", "schema", "arity")
 
-    def __init__(self, callback, priority, seq, schema):
+    def __init__(self, callback, priority, seq, schema, arity=None):
         self.callback = callback
         self.priority = priority
         self.seq = seq
         self.schema = schema
+        self.arity = arity
 
     def order(self):
         return (self.priority, self.seq)
 
 
-_web_direct_ingresses = weakref.WeakKeyDictionary()
+_WEB_SERVER_OPTIONS = frozenset((
+    "backlog", "spawn", "error_log", "handler_class", "environ", "keyfile", "certfile", "ca_certs",
+    "cert_reqs", "ssl_version", "ciphers", "ssl_context", "server_side", "do_handshake_on_connect",
+    "suppress_ragged_eofs",
+))
 
 
 def _web_direct_ingress(socketio):
@@ -3491,9 +3537,9 @@ def _web_direct_ingress(socketio):
     Sharing it keeps several handlers of one event side by side, in priority
     order, instead of the last one replacing the others in Flask-SocketIO.
     """
-    ingress = _web_direct_ingresses.get(socketio)
+    ingress = getattr(socketio, "_specter_ingress", None)
     if ingress is None:
-        ingress = _web_direct_ingresses[socketio] = SocketIngress(socketio, name="direct")
+        ingress = socketio._specter_ingress = SocketIngress(socketio, name="direct")
     return ingress
 
 
@@ -3618,6 +3664,21 @@ def _web_health(obj):
     if callable(health):
         return health()
     return {"name": getattr(obj, "name", repr(obj)), "registered": getattr(obj, "registered", None)}
+
+
+def _web_arity(callback):
+    """How many positional arguments ``callback`` accepts, or None for any number."""
+    try:
+        parameters = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    count = 0
+    for parameter in parameters:
+        if parameter.kind is parameter.VAR_POSITIONAL:
+            return None
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            count += 1
+    return count
 
 
 def _web_snake(name):

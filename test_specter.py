@@ -1041,6 +1041,24 @@ class TestService(SpecterTestCase):
         self.assertEqual(finals, ["done"])
         self.assertEqual(svc.health()["counts"]["tasks"], 0)
 
+    def test_two_services_listening_with_one_function_keep_their_own_registration(self):
+        seen = []
+
+        def on_job(data):
+            seen.append(data)
+
+        class Listener(Service):
+            def on_start(self):
+                self.listen("job", on_job)
+
+        a, b = self.started(Listener("a")), self.started(Listener("b"))
+        a.stop()
+        specter.bus.emit("job", 1)
+        self.assertEqual(seen, [1])
+        b.stop()
+        specter.bus.emit("job", 2)
+        self.assertEqual(seen, [1])
+
     def test_listen_then_unsubscribed_on_stop(self):
         svc = self.started(Service("listener"))
         rec = Recorder()
@@ -1570,6 +1588,27 @@ class TestService(SpecterTestCase):
         self.assertEqual(health["restarts"], 5)
         self.assertEqual(health["status"], "ok")
         self.assertEqual(svc.status, "running")
+
+    def test_an_escaping_gevent_timeout_is_a_failure_that_gets_restarted(self):
+        attempts = []
+
+        class Fetcher(Service):
+            restart_backoff = 0.001
+
+            def on_start(self):
+                self.supervise(self.fetch)
+
+            def fetch(self):
+                attempts.append(1)
+                if len(attempts) < 3:
+                    with gevent.Timeout(0.001):
+                        gevent.sleep(1)
+                return "fetched"
+
+        with self.assertLogs("specter", "ERROR"):
+            svc = self.started(Fetcher())
+            self.assertEventually(lambda: len(attempts) == 3)
+        self.assertEqual((svc.health()["restarts"], svc.status), (2, "running"))
 
     def test_supervise_gives_up_after_max_restarts_within_window(self):
         attempts = []
@@ -3403,6 +3442,30 @@ class TestSchema(SpecterTestCase):
         self.assertIn("extra", out.meta["errors"])
         self.assertIn("extra", out.error)
 
+    def test_strict_rejects_unknown_keys_even_when_optional_fields_are_absent(self):
+        schema = Schema("user", {"name": Field(str), "age": Field(int, default=0)}, strict=True)
+        for payload in ({"nmae": "Ada"}, {"name": "Ada", "is_admin": True}):
+            out = schema.validate(payload)
+            self.assertFalse(out.ok, payload)
+        self.assertEqual(schema.validate({"name": "Ada"}).value, {"name": "Ada", "age": 0})
+
+    def test_coercer_exception_text_is_logged_not_returned(self):
+        def lookup(value):
+            raise ConnectionError("could not connect to postgres://app:s3cret@db/users")
+        schema = Schema("t", {"user": Field(lookup)})
+        with self.assertLogs("specter.schema", "WARNING") as logs:
+            out = schema.validate({"user": "ada"})
+        self.assertEqual(out.meta["errors"], {"user": "is invalid"})
+        self.assertNotIn("s3cret", out.error)
+        self.assertIn("s3cret", "".join(logs.output))
+
+    def test_raising_default_factory_is_a_field_error(self):
+        schema = Schema("t", {"n": Field(int, default=lambda: 1 / 0)})
+        with self.assertLogs("specter.schema", "ERROR"):
+            out = schema.validate({})
+        self.assertEqual((out.ok, out.status), (False, 400))
+        self.assertIn("n", out.meta["errors"])
+
     def test_extend_returns_a_new_schema(self):
         base = Schema("base", {"a": Field(int)})
         extended = base.extend("ext", {"b": Field(str, required=True)}, strict=True)
@@ -4478,6 +4541,26 @@ class TestSocketIngress(SpecterTestCase):
         ack = sio.test_client(app).emit("job", 7, callback=True)
         self.assertEqual(ack, {"ok": True, "status": 201, "value": {"id": 7}})
 
+    def test_connect_subscriber_can_refuse_the_client(self):
+        app, sio, ingress = self.make()
+
+        def authenticate(auth=None):
+            if not auth or auth.get("token") != "good":
+                raise ConnectionRefusedError("bad token")
+        ingress.subscribe("connect", authenticate)
+        self.assertFalse(sio.test_client(app, auth={"token": "bad"}).is_connected())
+        self.assertTrue(sio.test_client(app, auth={"token": "good"}).is_connected())
+
+    def test_connect_and_disconnect_subscribers_may_take_no_arguments(self):
+        app, sio, ingress = self.make()
+        seen = []
+        ingress.subscribe("connect", lambda: seen.append("connect"))
+        ingress.subscribe("disconnect", lambda: seen.append("disconnect"))
+        client = sio.test_client(app, auth={"token": "x"})
+        self.assertTrue(client.is_connected())
+        client.disconnect()
+        self.assertEqual(seen, ["connect", "disconnect"])
+
     def test_priority_order_with_stable_ties(self):
         app, sio, ingress = self.make()
         order = []
@@ -4944,6 +5027,35 @@ class TestServiceManager(SpecterTestCase):
         manager.shutdown()
         manager.shutdown()
         self.assertEqual(log, ["start:a", "setup:h", "teardown:h", "stop:a"])
+        self.assertFalse(manager.booted)
+
+    def test_a_second_shutdown_waits_for_the_first(self):
+        class Slow(Service):
+            def on_stop(self):
+                gevent.sleep(0.05)
+        manager = self.manager()
+        slow = manager.register_service(Slow())
+        manager.boot()
+        first = gevent.spawn(manager.shutdown)
+        gevent.sleep(0.01)
+        self.assertEqual(slow.status, "stopping")
+        manager.shutdown()
+        self.assertEqual((slow.status, manager.booted), ("stopped", False))
+        first.join()
+
+    def test_shutdown_gives_signals_back_their_previous_handlers(self):
+        before = signal.getsignal(signal.SIGINT)
+        app, sio = make_web_app()
+        manager = ServiceManager(app, sio).boot()
+        self.addCleanup(manager.shutdown)
+        manager.shutdown()
+        self.assertIs(signal.getsignal(signal.SIGINT), before)
+
+    def test_run_refuses_unknown_options(self):
+        app, sio = make_web_app()
+        manager = ServiceManager(app, sio, signals=False)
+        with self.assertRaisesRegex(TypeError, "debug"):
+            manager.run(port=0, debug=True)
         self.assertFalse(manager.booted)
 
     def test_registration_after_boot_starts_at_once(self):
