@@ -2060,9 +2060,14 @@ class Field:
         except SchemaError as exc:
             errors[_schema_path(path)] = exc.message
             return _MISSING
+        except (ValueError, TypeError, ArithmeticError, LookupError):
+            # An ordinary refusal by a coercer or validator. Only SchemaError
+            # messages are written for clients, so the text stays out.
+            errors[_schema_path(path)] = "is invalid"
+            return _MISSING
         except Exception:
-            # Only SchemaError messages are meant for clients; anything else
-            # may carry internals (a DSN, a path), so it goes to the log.
+            # Something broke (a lookup's connection, say): its text may carry
+            # internals, so it goes to the log, not to the client.
             _schema_log.warning("field %s: %s raised", _schema_path(path), self, exc_info=True)
             errors[_schema_path(path)] = "is invalid"
             return _MISSING
@@ -3715,6 +3720,8 @@ class ManagedProcess:
         self._pgid = None
         self._readers = []
         self._owners = []
+        self._watched = set()
+        self._reaper = None
 
     def start(self, args, *, owner=None, **popen_kwargs):
         """Launch ``args`` (popen keywords pass through); RuntimeError if already running."""
@@ -3734,10 +3741,14 @@ class ManagedProcess:
             raise ValueError("ManagedProcess runs each child in its own session so stop() can end "
                              "its whole process group; do not pass start_new_session or process_group")
         popen_kwargs["start_new_session"] = True
-        self._stop_readers()
+        if self._popen is not None:
+            self.stop()  # the previous run's group, readers and pipes
         self.args = args
         self._popen = gevent.subprocess.Popen(args, **popen_kwargs)
         self._pgid = self._popen.pid  # a new session's leader leads its group
+        self._watched = set()
+        self._reaper = gevent.spawn(self._reap, self._popen)
+        self._reaper.name = "%s:reaper" % self.name
         _process_log.debug("%s: started pid %d", self.name, self._popen.pid)
         if owner is not None:
             self.attach(owner)
@@ -3768,11 +3779,14 @@ class ManagedProcess:
         _check_callable(handler, "handler")
         if chunk_size is not None:
             _check_count(chunk_size, "chunk_size", 1)
+        if self._popen is None:
+            raise ValueError("process %s is not started; call start() before watch_stream()" % self.name)
         stream = getattr(self._popen, stream_name, None)
         if stream is None:
             raise ValueError("%s of %s is not piped; start it with %s=ManagedProcess.PIPE"
                              % (stream_name, self.name, stream_name))
         label = label or stream_name
+        self._watched.add(stream_name)
         reader = gevent.spawn(self._read, stream, handler, chunk_size, strip, label, close_on_exit)
         reader.name = "%s:%s" % (self.name, label)
         self._readers.append(reader)
@@ -3822,6 +3836,9 @@ class ManagedProcess:
                 if self._wait_group(self.kill_timeout):
                     _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
         self._stop_readers()
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None and reaper is not getcurrent():
+            reaper.kill(block=True, timeout=self.kill_timeout)
         for stream in (popen.stdin, popen.stdout, popen.stderr):
             if stream is not None:
                 try:
@@ -3880,7 +3897,11 @@ class ManagedProcess:
                 for line in stream:
                     self._handle(handler, line.rstrip(newline) if strip else line, label)
         except (OSError, ValueError):
-            pass  # the pipe was closed under us by stop(): reading is over
+            if not stream.closed:
+                # Not stop() closing the pipe: undecodable output, say. Log it and
+                # keep draining, or the child would block on a full pipe.
+                _process_log.exception("%s: reading %s failed; discarding the rest", self.name, label)
+                _process_drain(stream)
         finally:
             if close_on_exit:
                 try:
@@ -3909,24 +3930,41 @@ class ManagedProcess:
             self._popen.send_signal(signum)
 
     def _group_alive(self):
-        members = _process_group_members(self._pgid)
-        if members is not None:
-            return bool(members)
         try:
             os.killpg(self._pgid, 0)
         except (ProcessLookupError, PermissionError):
             return False
-        return True
+        # Something answers; only /proc can tell the living from zombies.
+        members = _process_group_members(self._pgid)
+        return True if members is None else bool(members)
 
     def _wait_group(self, timeout):
         """Wait for the child and then its group to be gone; True if something is left."""
         deadline = _monotonic() + timeout
         self.wait(timeout)
+        pause = 0.005
         while self._group_alive():
             if _monotonic() >= deadline:
                 return True
-            gevent.sleep(0.005)
+            gevent.sleep(min(pause, max(deadline - _monotonic(), 0)))
+            pause = min(pause * 2, 0.1)
         return self._popen.poll() is None
+
+    def _reap(self, popen):
+        """Once the child has exited and its output is read, release it without waiting for stop().
+
+        So a long-running service can run many short processes without
+        holding their pipes and owner entries. Descendants still alive, or a
+        pipe nobody reads, leave the release to stop().
+        """
+        popen.wait()
+        gevent.joinall(list(self._readers))
+        if self._popen is not popen or self._group_alive():
+            return
+        for name in ("stdout", "stderr"):
+            if getattr(popen, name) is not None and name not in self._watched:
+                return
+        self.stop()
 
     def _stop_readers(self):
         readers, self._readers = self._readers, []
@@ -3939,6 +3977,16 @@ class ManagedProcess:
 def start_process(name, args, *, owner=None, **popen_kwargs):
     """Create and start a ManagedProcess (owned by ``owner`` if given)."""
     return ManagedProcess(name).start(args, owner=owner, **popen_kwargs)
+
+
+def _process_drain(stream):
+    raw = getattr(stream, "buffer", stream)
+    read = getattr(raw, "read1", raw.read)
+    try:
+        while read(65536):
+            pass
+    except (OSError, ValueError):
+        pass  # closed at last: nothing more to drain
 
 
 def _process_group_members(pgid):

@@ -6012,6 +6012,52 @@ class TestManagedProcess(SpecterTestCase):
             proc.start(child_args("pass"), owner=object())
         self.assertFalse(proc.running)
 
+    def test_a_process_that_exits_and_was_read_releases_itself(self):
+        service = specter.Service("runner").start()
+        self.addCleanup(service.stop)
+        lines = []
+        for _ in range(3):
+            proc = service.start_process(child_args("print('hi')"), stdout=specter.ManagedProcess.PIPE)
+            proc.watch_stream("stdout", lines.append)
+            self.assertTrue(wait_until(lambda: proc.stdout.closed, timeout=5))
+        self.assertEqual(lines, [b"hi"] * 3)
+        self.assertEqual(service.health()["counts"]["cleanups"], 0)
+
+    def test_an_unread_pipe_keeps_the_process_owned_until_stop(self):
+        service = specter.Service("runner").start()
+        self.addCleanup(service.stop)
+        proc = service.start_process(child_args("print('unread')"), stdout=specter.ManagedProcess.PIPE)
+        self.assertEqual(proc.wait(), 0)
+        gevent.sleep(0.05)
+        self.assertEqual(service.health()["counts"]["cleanups"], 1)
+        self.assertEqual(proc.stdout.readline(), b"unread\n")  # still there to read
+        service.stop()
+        self.assertTrue(proc.stdout.closed)
+
+    def test_undecodable_output_is_logged_and_the_pipe_keeps_draining(self):
+        proc = self.make("binary")
+        # 200 kB after the bad bytes: more than a pipe holds, so the child
+        # finishes only if the reader keeps draining after the decode error.
+        proc.start(child_args("import sys\nsys.stdout.buffer.write(b'\\xff\\xfe\\n' + b'x' * 200000)"),
+                   stdout=specter.ManagedProcess.PIPE, text=True)
+        with self.assertLogs("specter.process", "ERROR") as logs:
+            reader = proc.watch_stream("stdout", lambda line: None)
+            self.assertEqual(proc.wait(timeout=5), 0)
+            reader.join(timeout=5)
+        self.assertTrue(reader.dead)
+        self.assertIn("reading stdout failed", logs.output[0])
+
+    def test_restarting_ends_the_previous_process_group(self):
+        proc = self.make("tree")
+        # The shell exits at once and leaves its background child in the group.
+        proc.start(["sh", "-c", "sleep 30 & echo $!"], stdout=specter.ManagedProcess.PIPE)
+        grandchild = int(proc.stdout.readline())
+        proc.wait()
+        self.assertFalse(pid_gone(grandchild))
+        proc.start(child_args("pass"))
+        self.assertTrue(wait_until(lambda: pid_gone(grandchild), timeout=3))
+        self.assertEqual(proc.wait(), 0)
+
     def test_stream_properties_expose_the_pipes(self):
         proc = self.make("echo")
         self.assertIsNone(proc.stdin)
