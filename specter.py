@@ -163,7 +163,7 @@ class EventBus:
 
     def off(self, event, callback):
         """Remove ``callback`` (including a pending ``once``); unknown pairs are ignored."""
-        current = self._listeners.get(event)
+        current = self._listeners.get(_bus_event(event))
         if not current:
             return False
         kept = tuple(
@@ -190,15 +190,15 @@ class EventBus:
         if event is None:
             self._listeners.clear()
         else:
-            self._listeners.pop(event, None)
+            self._listeners.pop(_bus_event(event), None)
 
     def has_listeners(self, event):
-        return bool(self._listeners.get(event))
+        return bool(self._listeners.get(_bus_event(event)))
 
     def listener_count(self, event=None):
         if event is None:
             return sum(len(fns) for fns in self._listeners.values())
-        return len(self._listeners.get(event, ()))
+        return len(self._listeners.get(_bus_event(event), ()))
 
     def _remove(self, event, wrapper):
         current = self._listeners.get(event)
@@ -325,6 +325,8 @@ class SPECTERRegistry:
             waiter = self._waiters[key] = gevent.event.AsyncResult()
         waiter.wait(timeout)
         if not waiter.ready():
+            if not waiter.linkcount() and self._waiters.get(key) is waiter:
+                del self._waiters[key]  # the last one waiting gave up
             raise TimeoutError("%r was not provided within %s seconds" % (key, timeout))
         return waiter.get(block=False)
 
@@ -654,6 +656,10 @@ class Service(_Owner):
         """Kill an owned greenlet and stop tracking it."""
         if not isinstance(glet, Greenlet):
             raise TypeError("cancel_greenlet() takes a gevent Greenlet, got %s" % _describe(glet))
+        if glet.dead:
+            return self
+        if glet not in self._tasks:
+            raise ValueError("%r is not a greenlet of %s; only its own can be cancelled" % (glet, self.name))
         self._tasks.discard(glet)
         if glet is getcurrent():
             glet.kill(block=False)
@@ -1028,8 +1034,11 @@ class QueueService(Service):
             return
         # A worker is stopping the service: its own item can never finish
         # while it waits, so wait for the others only.
+        current = getcurrent()
         deadline = _monotonic() + timeout
         while self.queue.unfinished_tasks > in_hand and _monotonic() < deadline:
+            if not any(worker is not current and not worker.dead for worker in self._workers):
+                return  # nobody else could finish what is left
             gevent.sleep(0.005)
 
     def _work(self):
@@ -1293,7 +1302,11 @@ class _Subscribers:
             return
         self.busy = True
         try:
-            deliver(payload)
+            if self.pending:
+                # Left over by a round whose greenlet was killed: they are older.
+                self.pending.append((deliver, payload))
+            else:
+                deliver(payload)
             pending = self.pending
             while pending:
                 deliver, payload = pending.popleft()
@@ -1616,7 +1629,7 @@ class Cache:
         self._flight = None
         self._flight_owner = None
         self._callbacks = ()
-        self._invalidating = False
+        self._invalidating = None
         self._event = "%s:invalidated" % self.name
         if depends_on is None:
             depends_on = ()
@@ -1696,14 +1709,15 @@ class Cache:
 
     def invalidate(self):
         """Empty the cache, call on_invalidate callbacks, emit '{name}:invalidated'."""
-        if self._invalidating:
+        if self._invalidating is getcurrent():
             return  # a dependency cycle came back to us: this cascade is done
-        self._invalidating = True
+        outer, self._invalidating = self._invalidating, getcurrent()
         try:
             self._value = None
             self._expires = -math.inf
             self._updated_at = None
             self._generation += 1
+            self._flight = None  # callers from now on must not join a computation this overtook
             for callback in self._callbacks:
                 try:
                     callback(self)
@@ -1712,7 +1726,7 @@ class Cache:
                                          self.name, _callable_name(callback))
             bus.emit(self._event, {"name": self.name})
         finally:
-            self._invalidating = False
+            self._invalidating = outer
 
     def on_invalidate(self, callback):
         """Call ``callback(cache)`` on every invalidation; returns an unsubscribe."""

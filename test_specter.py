@@ -535,6 +535,13 @@ class TestEventBus(SpecterTestCase):
                     self.bus.once(bad, Recorder())
                 with self.assertRaises(TypeError):
                     self.bus.emit(bad)
+                calls = (self.bus.has_listeners,) if bad is None else (
+                    self.bus.has_listeners, self.bus.listener_count, self.bus.clear)  # None = all
+                for call in calls:
+                    with self.assertRaises(TypeError):
+                        call(bad)
+                with self.assertRaises(TypeError):
+                    self.bus.off(bad, Recorder())
 
 
     def test_module_bus_is_shared(self):
@@ -674,6 +681,13 @@ class TestRegistry(SpecterTestCase):
         elapsed = time.monotonic() - started
         self.assertGreaterEqual(elapsed, SHORT * 0.8)
         self.assertLess(elapsed, 1.0)
+
+    def test_wait_for_timeouts_leave_no_waiter_behind(self):
+        reg = SPECTERRegistry()
+        for _ in range(3):
+            with self.assertRaises(TimeoutError):
+                reg.wait_for("never", timeout=0.001)
+        self.assertEqual(reg._waiters, {})  # internal, but a leak is only visible there
 
     def test_wait_for_negative_timeout_is_value_error(self):
         with self.assertRaises(ValueError):
@@ -1019,6 +1033,14 @@ class TestService(SpecterTestCase):
         self.assertFalse(svc.cancel_interval("interval-unknown"))
         counts = svc.health()["counts"]
         self.assertEqual((counts["intervals"], counts["timeouts"]), (0, 0))
+
+    def test_cancel_greenlet_refuses_a_greenlet_it_does_not_own(self):
+        svc = self.started(Service("owner"))
+        stranger = gevent.spawn(gevent.sleep, 1)
+        self.addCleanup(stranger.kill)
+        with self.assertRaises(ValueError):
+            svc.cancel_greenlet(stranger)
+        self.assertFalse(stranger.dead)
 
     def test_cancel_greenlet_kills_it_and_runs_finally(self):
         svc = self.started(Service("cancel-glet"))
@@ -2460,6 +2482,23 @@ class TestWatcher(SpecterTestCase):
 
 
 class TestStore(SpecterTestCase):
+    def test_changes_left_by_a_killed_round_are_delivered_before_newer_ones(self):
+        store = create_store("s", {"v": 0})
+        seen = []
+        gate = gevent.event.Event()
+
+        def slow(snapshot, s):
+            seen.append(snapshot["v"])
+            if snapshot["v"] == 1:
+                gate.wait()
+        store.subscribe(slow)
+        writer = gevent.spawn(store.set, {"v": 1})
+        gevent.sleep(0)
+        store.set({"v": 2})  # queued behind the round of 1
+        writer.kill()  # the round's greenlet dies with 2 still queued
+        store.set({"v": 3})
+        self.assertEqual(seen, [1, 2, 3])
+
     def test_create_store(self):
         store = create_store("connections", {"count": 0, "active": []})
         self.assertIsInstance(store, Store)
@@ -2977,6 +3016,42 @@ class TestModel(SpecterTestCase):
 
 
 class TestCache(SpecterTestCase):
+    def test_caller_after_invalidate_does_not_join_the_overtaken_computation(self):
+        cache = create_cache("c")
+        release = gevent.event.Event()
+        versions = iter(["old", "new"])
+
+        def slow():
+            value = next(versions)
+            if value == "old":
+                release.wait()
+            return value
+        first = gevent.spawn(cache.get_or_compute, slow)
+        gevent.sleep(0)
+        cache.invalidate()
+        later = gevent.spawn(cache.get_or_compute, slow)
+        gevent.sleep(0)
+        release.set()
+        self.assertEqual((first.get(timeout=1), later.get(timeout=1)), ("old", "new"))
+        self.assertEqual(cache.get(), "new")
+
+    def test_concurrent_invalidations_from_two_greenlets_both_happen(self):
+        cache = create_cache("c")
+        calls = []
+
+        def slow_callback(c):
+            calls.append(gevent.getcurrent())
+            gevent.sleep(0.01)
+        cache.on_invalidate(slow_callback)
+        cache.set(1)
+        first = gevent.spawn(cache.invalidate)
+        gevent.sleep(0)
+        cache.set(2)  # lands while the first invalidation's callback yields
+        cache.invalidate()
+        first.join()
+        self.assertEqual(len(calls), 2)
+        self.assertFalse(cache.is_valid())
+
     def test_create_cache_and_properties(self):
         cache = create_cache("drives", ttl=300)
         self.assertIsInstance(cache, Cache)
