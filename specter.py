@@ -113,6 +113,18 @@ def _check_owner(owner):
     return owner
 
 
+def _drop(obj, attr, item):
+    """Remove ``item`` (by identity) from the tuple ``obj.<attr>``; True if it was there.
+
+    Listener tuples are replaced, never mutated, so a loop already running
+    over the old tuple is unaffected.
+    """
+    items = getattr(obj, attr)
+    kept = tuple(entry for entry in items if entry is not item)
+    setattr(obj, attr, kept)
+    return len(kept) != len(items)
+
+
 def _describe(value):
     text = repr(value)
     if len(text) > 60:
@@ -431,6 +443,14 @@ class _Owner:
         """Forget ``resource``: it was released on its own before this owner's teardown."""
         if self._cleanups:
             self._cleanups = [entry for entry in self._cleanups if entry[1] is not resource]
+
+    def require(self, key):
+        """The registry value under ``key`` (KeyError naming the known keys)."""
+        return registry.require(key)
+
+    def resolve(self, key):
+        """The registry value under ``key``, or None."""
+        return registry.resolve(key)
 
     def _run_cleanups(self):
         """Run and forget the cleanups, newest first; failures are logged."""
@@ -1130,7 +1150,7 @@ class Watcher:
         """Call ``fn(value, watcher)`` for each delivered value; returns an unsubscribe."""
         _check_callable(fn, "subscriber")
         self._subs += (fn,)
-        return functools.partial(self._unsubscribe, fn)
+        return functools.partial(_drop, self, "_subs", fn)
 
     def health(self):
         return {
@@ -1195,12 +1215,6 @@ class Watcher:
                 fn(value, self)
             except Exception:
                 _watcher_log.exception("watcher %s: subscriber %s raised", self.name, _callable_name(fn))
-
-    def _unsubscribe(self, fn):
-        kept = tuple(sub for sub in self._subs if sub is not fn)
-        changed = len(kept) != len(self._subs)
-        self._subs = kept
-        return changed
 
 
 class _ServiceTimer:
@@ -1284,12 +1298,7 @@ class _Subscribers:
         return unsubscribe
 
     def remove(self, entry):
-        entries = self.entries
-        for index, candidate in enumerate(entries):
-            if candidate is entry:
-                self.entries = entries[:index] + entries[index + 1:]
-                return True
-        return False
+        return _drop(self, "entries", entry)
 
     def clear(self):
         self.entries = ()
@@ -1388,20 +1397,9 @@ class Store:
         dict. If it yields and another write lands meanwhile, it is run again
         on a fresh draft, so no write is ever lost.
         """
-        _check_callable(mutator, "mutator")
-        while True:
-            version = self._version
-            draft = dict(self._state)
-            result = mutator(draft)
-            if result is None:
-                result = draft
-            elif not isinstance(result, dict):
-                raise TypeError(
-                    "update() mutators edit the draft or return a dict, got %s" % _describe(result)
-                )
-            if version == self._version:
-                self._state = dict(result) if result is not draft else draft
-                return self._commit(self._state)
+        result, draft = _state_mutate(self, self.snapshot, mutator)
+        self._state = draft if result is draft else dict(result)
+        return self._commit(self._state)
 
     def subscribe(self, fn, immediate=False, owner=None):
         """Call ``fn(snapshot, store)`` after every change; returns an unsubscribe."""
@@ -1519,20 +1517,8 @@ class Model:
         If it yields and another write lands meanwhile, it runs again on a
         fresh draft.
         """
-        _check_callable(mutator, "mutator")
-        while True:
-            version = self._version
-            draft = _model_copy(self._root)
-            result = mutator(draft)
-            if result is None:
-                result = draft
-            elif not isinstance(result, dict):
-                raise TypeError(
-                    "update() mutators edit the draft or return a dict, got %s" % _describe(result)
-                )
-            if version == self._version:
-                break
-        result = _model_copy(result)
+        result, _ = _state_mutate(self, self.snapshot, mutator)
+        result = _model_copy(result)  # the caller may still hold the draft
         if result != self._root:
             self._commit(result)
 
@@ -1732,7 +1718,7 @@ class Cache:
         """Call ``callback(cache)`` on every invalidation; returns an unsubscribe."""
         _check_callable(callback, "callback")
         self._callbacks += (callback,)
-        return functools.partial(self._remove_callback, callback)
+        return functools.partial(_drop, self, "_callbacks", callback)
 
     def destroy(self):
         """Empty the cache and drop callbacks and ``depends_on`` subscriptions."""
@@ -1759,12 +1745,6 @@ class Cache:
 
     def _on_dependency(self, data):
         self.invalidate()
-
-    def _remove_callback(self, callback):
-        kept = tuple(fn for fn in self._callbacks if fn is not callback)
-        changed = len(kept) != len(self._callbacks)
-        self._callbacks = kept
-        return changed
 
 
 def create_store(name, initial_state=None, **kwargs):
@@ -1912,6 +1892,25 @@ def _model_copy(value):
     if cls is tuple:
         return tuple(_model_copy(item) for item in value)
     return copy.deepcopy(value)
+
+
+def _state_mutate(state, draft_of, mutator):
+    """Run ``mutator`` on a fresh draft until no other write lands meanwhile.
+
+    Returns (result, draft): the dict the mutator returned, or the draft it
+    edited in place.
+    """
+    _check_callable(mutator, "mutator")
+    while True:
+        version = state._version
+        draft = draft_of()
+        result = mutator(draft)
+        if result is None:
+            result = draft
+        elif not isinstance(result, dict):
+            raise TypeError("update() mutators edit the draft or return a dict, got %s" % _describe(result))
+        if version == state._version:
+            return result, draft
 
 
 def _state_initial(initial_state):
@@ -2783,12 +2782,6 @@ class Router(_Owner):
         self._run_cleanups()
         return self
 
-    def require(self, key):
-        return registry.require(key)
-
-    def resolve(self, key):
-        return registry.resolve(key)
-
     def __repr__(self):
         return "<Router %r %s>" % (self.name, self.url_prefix or "/")
 
@@ -2902,12 +2895,6 @@ class Handler(_Owner):
         return self
 
     stop = teardown
-
-    def require(self, key):
-        return registry.require(key)
-
-    def resolve(self, key):
-        return registry.resolve(key)
 
     def health(self):
         return {"name": self.name, "type": "handler", "registered": self._registered,
@@ -3026,7 +3013,7 @@ class SocketIngress:
         _check_owner(owner)
         entry = _IngressSubscriber(callback, _web_priority(priority), next(self._seq), None)
         self._error_subs = tuple(sorted(self._error_subs + (entry,), key=_IngressSubscriber.order))
-        unsubscribe = functools.partial(self._remove_error, entry)
+        unsubscribe = functools.partial(_drop, self, "_error_subs", entry)
         if owner is not None:
             owner.add_cleanup(unsubscribe)
         return unsubscribe
@@ -3034,7 +3021,7 @@ class SocketIngress:
     def unsubscribe_error_default(self, callback):
         for entry in self._error_subs:
             if entry.callback == callback:
-                return self._remove_error(entry)
+                return _drop(self, "_error_subs", entry)
         return False
 
     def dispatch(self, event, *args, namespace="/", **kwargs):
@@ -3119,12 +3106,6 @@ class SocketIngress:
         else:
             del self._subs[key]
         return True
-
-    def _remove_error(self, entry):
-        kept = tuple(sub for sub in self._error_subs if sub is not entry)
-        changed = len(kept) != len(self._error_subs)
-        self._error_subs = kept
-        return changed
 
 
 class Controller(Service):
@@ -3211,12 +3192,6 @@ class Controller(Service):
     def service(self, key):
         """The dependency provided under ``key`` (KeyError naming the known keys)."""
         return registry.require(key)
-
-    def require(self, key):
-        return registry.require(key)
-
-    def resolve(self, key):
-        return registry.resolve(key)
 
     def health(self):
         report = super().health()
