@@ -42,6 +42,7 @@ import itertools
 import logging
 import math
 import numbers
+import operator
 import os
 import random
 import re
@@ -1462,19 +1463,16 @@ class Model:
         """A deep copy of the value at ``path`` (or of everything), or ``default``."""
         if path is None:
             return _model_copy(self._root)
-        keys = _model_paths.get(path) if type(path) is str else None
-        if keys is None:
-            keys = _model_path(path)
-        node = self._root
+        getter = _model_getters.get(path) if type(path) is str else None
+        if getter is None:
+            getter = _model_getter(_model_path(path))
         try:
-            for key in keys:
-                node = node[key]
+            node = getter(self._root)
         except (KeyError, IndexError, TypeError):
-            node = _model_lookup(self._root, keys, _MISSING)
+            node = _model_lookup(self._root, _model_path(path), _MISSING)
             if node is _MISSING:
                 return default
-        cls = type(node)
-        if cls is str or cls is int or cls is float or cls is bool or node is None:
+        if type(node) in _MODEL_ATOMS:
             return node
         return _model_copy(node)
 
@@ -1780,6 +1778,7 @@ class _ModelSubscriber:
 
 
 _model_paths = {}
+_model_getters = {}
 _MODEL_ATOMS = frozenset((str, int, float, bool, type(None), bytes, complex))
 
 
@@ -1794,6 +1793,7 @@ def _model_path(path):
             raise ValueError("path %r is empty or has an empty segment; use 'a.b.c'" % path)
         if len(_model_paths) < 4096:
             _model_paths[path] = keys
+            _model_getters[path] = _model_getter(keys)
         return keys
     if isinstance(path, (tuple, list)):
         if not path:
@@ -1801,6 +1801,20 @@ def _model_path(path):
         return tuple(path)
     raise TypeError("path must be a string like 'a.b.c' or a sequence of keys, got %s"
                     % _describe(path))
+
+
+def _model_getter(keys):
+    """A function reading ``keys`` from a tree with plain subscripts (Model.get's fast path)."""
+    if len(keys) == 1:
+        k0, = keys
+        return lambda root: root[k0]
+    if len(keys) == 2:
+        k0, k1 = keys
+        return lambda root: root[k0][k1]
+    if len(keys) == 3:
+        k0, k1, k2 = keys
+        return lambda root: root[k0][k1][k2]
+    return lambda root: functools.reduce(operator.getitem, keys, root)
 
 
 def _model_lookup(node, keys, default):
