@@ -511,15 +511,11 @@ class Service(_Owner):
         self._failure = None
         self._stuck = ()
 
-    # Hooks ------------------------------------------------------------------
-
     def on_start(self):
         """Acquire timers, greenlets and listeners here."""
 
     def on_stop(self):
         """Runs first in stop(), while everything owned is still alive."""
-
-    # Control ----------------------------------------------------------------
 
     @property
     def status(self):
@@ -600,8 +596,6 @@ class Service(_Owner):
         _service_log.debug("%s: stopped", self.name)
         return self
 
-    # State ------------------------------------------------------------------
-
     def set_state(self, partial):
         """Shallow-merge ``partial`` into ``state``, then notify subscribers in commit order."""
         if not isinstance(partial, dict):
@@ -626,8 +620,6 @@ class Service(_Owner):
     def watch(self, fn, immediate=True):
         """Like subscribe(), immediate by default; the subscription ends when the service stops."""
         return self.subscribe(fn, immediate=immediate)
-
-    # Managed concurrency ----------------------------------------------------
 
     def spawn(self, callback, *args, label=None, **kwargs):
         """Run ``callback`` in a new owned greenlet; errors are logged and counted."""
@@ -708,8 +700,6 @@ class Service(_Owner):
         task.start()
         return task
 
-    # Bus --------------------------------------------------------------------
-
     def listen(self, event, handler):
         """Subscribe ``handler`` on the bus until the service stops."""
         self._check_active("listen")
@@ -726,8 +716,6 @@ class Service(_Owner):
     def emit(self, event, data=None):
         bus.emit(event, data)
         return self
-
-    # Ownership --------------------------------------------------------------
 
     def adopt(self, child, start=True):
         """Tie ``child``'s lifecycle to this one: it is stopped when this service stops."""
@@ -751,8 +739,6 @@ class Service(_Owner):
         self._check_active("start_process")
         process = ManagedProcess(name or "%s.process" % self.name)
         return process.start(args, owner=self, **popen_kwargs)
-
-    # Health -----------------------------------------------------------------
 
     def health(self):
         """A dict describing the service, its children and its resources."""
@@ -782,8 +768,6 @@ class Service(_Owner):
 
     def __repr__(self):
         return "<%s %r %s>" % (type(self).__name__, self.name, self._status)
-
-    # Helpers ----------------------------------------------------------------
 
     def _lifecycle_started(self):
         # Subclasses with machinery of their own (QueueService) extend this
@@ -887,7 +871,7 @@ class Service(_Owner):
                      self._release_children, self._run_cleanups, self._state_subs.clear):
             try:
                 step()
-            except BaseException as exc:  # noqa: B902 - finish the release, then re-raise
+            except BaseException as exc:  # finish the release, then re-raise
                 interrupted = interrupted or exc
         if interrupted is not None:
             raise interrupted
@@ -958,8 +942,6 @@ class QueueService(Service):
         self._failed = 0
         self.state.update(queue_size=0, worker_count=worker_count, processed=0, failed=0)
 
-    # Hooks ------------------------------------------------------------------
-
     def handle_item(self, item):
         raise NotImplementedError("%s must override handle_item(item)" % type(self).__name__)
 
@@ -972,8 +954,6 @@ class QueueService(Service):
     def on_dropped(self, items):
         """Receives what was still queued when the drain timed out."""
         _service_log.warning("%s: dropped %d queued item(s) at stop", self.name, len(items))
-
-    # Control ----------------------------------------------------------------
 
     def enqueue(self, item, *, block=False, timeout=None):
         """Queue ``item``; False when full (or the timeout passed) or not running."""
@@ -1010,8 +990,6 @@ class QueueService(Service):
             "failed": self._failed,
         }
         return report
-
-    # Helpers ----------------------------------------------------------------
 
     def _lifecycle_started(self):
         self.on_start()
@@ -2735,15 +2713,11 @@ class Router(_Owner):
         self._unmounted = False
         self._apps = []
 
-    # Hooks ------------------------------------------------------------------
-
     def on_mount(self):
         """Called once, after the blueprint is built."""
 
     def on_unmount(self):
         """Called by teardown(), before the cleanups."""
-
-    # Control ----------------------------------------------------------------
 
     def route(self, rule, *, methods=None, endpoint=None, json_errors=None):
         """Decorator adding a view to this router instance (before it is mounted)."""
@@ -2843,15 +2817,11 @@ class Handler(_Owner):
             self._bindings.append((_bus_event(event), method, self.event_priorities.get(event, 100),
                                    self.namespace, None))
 
-    # Hooks ------------------------------------------------------------------
-
     def on_setup(self):
         """Called after the events are bound."""
 
     def on_teardown(self):
         """Called before the events are unbound and cleanups run."""
-
-    # Control ----------------------------------------------------------------
 
     @property
     def registered(self):
@@ -3142,15 +3112,11 @@ class Controller(Service):
         self._blueprint = None
         self._handler = None
 
-    # Hooks ------------------------------------------------------------------
-
     def build_routes(self, router):
         """Add HTTP routes with ``@router.route(...)``."""
 
     def build_events(self, handler):
         """Add socket events with ``handler.on(event, callback, priority=100)``."""
-
-    # Control ----------------------------------------------------------------
 
     def build_blueprint(self, url_prefix=None):
         """The controller's Blueprint, built once; routes are served under ``url_prefix``.
@@ -3213,8 +3179,6 @@ class Controller(Service):
         report["has_handler"] = self._handler is not None
         report["schemas"] = list(self.schemas)
         return report
-
-    # Helpers ----------------------------------------------------------------
 
     def _lifecycle_started(self):
         super()._lifecycle_started()
@@ -3430,8 +3394,6 @@ class ServiceManager(Service):
         report["handlers"] = [_web_health(handler) for handler in self._handlers]
         report["ingress"] = self._ingress.health()
         return report
-
-    # Helpers ----------------------------------------------------------------
 
     def _add_providers(self, providers):
         if not isinstance(providers, dict):
