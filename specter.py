@@ -51,6 +51,7 @@ import subprocess
 import sys
 import time
 import types
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import flask
 import werkzeug.exceptions
@@ -67,6 +68,12 @@ logger = logging.getLogger("specter")
 
 _MISSING = object()
 _monotonic = time.monotonic
+
+_T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
+_O = TypeVar("_O", bound="_Owner")
+_S = TypeVar("_S", bound="Service")
+_C = TypeVar("_C", bound="Controller")
 
 
 def _check_callable(value, what):
@@ -157,7 +164,7 @@ class EventBus:
     def __init__(self):
         self._listeners = {}
 
-    def on(self, event, callback):
+    def on(self, event: str, callback: Callable[..., Any]) -> Callable[[], bool]:
         """Subscribe ``callback(data)``; subscribing it twice keeps one registration."""
         event = _bus_event(event)
         _check_callable(callback, "callback")
@@ -166,7 +173,7 @@ class EventBus:
             self._listeners[event] = current + (callback,)
         return functools.partial(self.off, event, callback)
 
-    def once(self, event, callback):
+    def once(self, event: str, callback: Callable[..., Any]) -> Callable[[], bool]:
         """Subscribe ``callback`` for the next emit only."""
         event = _bus_event(event)
         _check_callable(callback, "callback")
@@ -174,7 +181,7 @@ class EventBus:
         self._listeners[event] = self._listeners.get(event, ()) + (wrapper,)
         return functools.partial(self._remove, event, wrapper)
 
-    def off(self, event, callback):
+    def off(self, event: str, callback: Callable[..., Any]) -> bool:
         """Remove ``callback`` (including a pending ``once``); unknown pairs are ignored."""
         current = self._listeners.get(_bus_event(event))
         if not current:
@@ -185,7 +192,7 @@ class EventBus:
         )
         return self._replace(event, current, kept)
 
-    def emit(self, event, data=None):
+    def emit(self, event: str, data: Any = None) -> None:
         """Call every listener of ``event`` with ``data``, now, in this greenlet."""
         listeners = self._listeners.get(event)
         if listeners is None:
@@ -198,17 +205,17 @@ class EventBus:
             except Exception:
                 _bus_log.exception("listener %s of %r raised", _callable_name(callback), event)
 
-    def clear(self, event=None):
+    def clear(self, event: Optional[str] = None) -> None:
         """Drop the listeners of one event, or of every event."""
         if event is None:
             self._listeners.clear()
         else:
             self._listeners.pop(_bus_event(event), None)
 
-    def has_listeners(self, event):
+    def has_listeners(self, event: str) -> bool:
         return bool(self._listeners.get(_bus_event(event)))
 
-    def listener_count(self, event=None):
+    def listener_count(self, event: Optional[str] = None) -> int:
         if event is None:
             return sum(len(fns) for fns in self._listeners.values())
         return len(self._listeners.get(_bus_event(event), ()))
@@ -275,7 +282,7 @@ class SPECTERRegistry:
         self._entries = {}
         self._waiters = {}
 
-    def provide(self, key, value, owner=None, replace=False):
+    def provide(self, key: str, value: _T, owner: Any = None, replace: bool = False) -> _T:
         """Store ``value`` under ``key`` and wake every ``wait_for(key)``."""
         key = _registry_key(key)
         _check_owner(owner)
@@ -290,17 +297,17 @@ class SPECTERRegistry:
         _registry_log.debug("provided %r", key)
         return value
 
-    def unregister(self, key):
+    def unregister(self, key: str) -> bool:
         return self._entries.pop(_registry_key(key), _MISSING) is not _MISSING
 
-    def resolve(self, key):
+    def resolve(self, key: str) -> Any:
         """The value under ``key``, or None."""
         try:
             return self._entries[key]
         except (KeyError, TypeError):
             return self._entries.get(_registry_key(key))
 
-    def require(self, key):
+    def require(self, key: str) -> Any:
         """The value under ``key`` (even a falsy one); KeyError names the known keys."""
         try:
             return self._entries[key]
@@ -316,13 +323,13 @@ class SPECTERRegistry:
                 "use resolve() for optional dependencies" % (key, known)
             ) from None
 
-    def has(self, key):
+    def has(self, key: str) -> bool:
         return _registry_key(key) in self._entries
 
-    def list(self):
+    def list(self) -> List[str]:
         return list(self._entries)
 
-    def wait_for(self, key, timeout=None):
+    def wait_for(self, key: str, timeout: Optional[float] = None) -> Any:
         """Return the value under ``key``, waiting cooperatively until it is provided.
 
         Raises TimeoutError when ``timeout`` seconds pass first, and
@@ -343,7 +350,7 @@ class SPECTERRegistry:
             raise TimeoutError("%r was not provided within %s seconds" % (key, timeout))
         return waiter.get(block=False)
 
-    def clear(self):
+    def clear(self) -> None:
         """Drop every entry; pending ``wait_for`` calls raise RuntimeError."""
         self._entries.clear()
         waiters, self._waiters = self._waiters, {}
@@ -398,9 +405,9 @@ class _Owner:
     with ``add_cleanup`` can own registry entries and subscriptions.
     """
 
-    _cleanups = None
+    _cleanups: Optional[List[Tuple[Callable[..., Any], Any]]] = None
 
-    def add_cleanup(self, fn):
+    def add_cleanup(self: _O, fn: Callable[..., Any]) -> _O:
         """Run ``fn()`` at teardown (last added runs first)."""
         _check_callable(fn, "cleanup")
         if self._cleanups is None:
@@ -408,14 +415,14 @@ class _Owner:
         self._cleanups.append((fn, None))
         return self
 
-    def own(self, resource, stop_method=None):
+    def own(self, resource: _T, stop_method: Union[str, Callable[..., Any], None] = None) -> _T:
         """Release ``resource`` at teardown and return it.
 
         The cleanup is ``stop_method`` (a method name or a callable) or else
         the first of stop, close, disconnect, destroy, terminate, kill.
         """
         if resource is None:
-            return None
+            return None  # type: ignore[return-value]  # _T is None here
         if stop_method is None:
             for name in _STOP_METHODS:
                 fn = getattr(resource, name, None)
@@ -445,11 +452,11 @@ class _Owner:
         if self._cleanups:
             self._cleanups = [entry for entry in self._cleanups if entry[1] is not resource]
 
-    def require(self, key):
+    def require(self, key: str) -> Any:
         """The registry value under ``key`` (KeyError naming the known keys)."""
         return registry.require(key)
 
-    def resolve(self, key):
+    def resolve(self, key: str) -> Any:
         """The registry value under ``key``, or None."""
         return registry.resolve(key)
 
@@ -485,7 +492,7 @@ class Service(_Owner):
     ``on_start`` or while running.
     """
 
-    name = None
+    name: Optional[str] = None
     stop_timeout = 5.0
     restart_backoff = 0.1
     restart_max_backoff = 5.0
@@ -511,22 +518,22 @@ class Service(_Owner):
         self._failure = None
         self._stuck = ()
 
-    def on_start(self):
+    def on_start(self) -> None:
         """Acquire timers, greenlets and listeners here."""
 
-    def on_stop(self):
+    def on_stop(self) -> None:
         """Runs first in stop(), while everything owned is still alive."""
 
     @property
-    def status(self):
+    def status(self) -> str:
         """'created', 'starting', 'running', 'stopping', 'stopped' or 'failed'."""
         return self._status
 
     @property
-    def running(self):
+    def running(self) -> bool:
         return self._status == "running" or self._status == "failed"
 
-    def start(self):
+    def start(self: _S) -> _S:
         """Start the service; idempotent.
 
         If ``on_start`` raises, everything it acquired is released in reverse
@@ -559,7 +566,7 @@ class Service(_Owner):
         _service_log.debug("%s: started", self.name)
         return self
 
-    def stop(self):
+    def stop(self: _S) -> _S:
         """Stop the service; idempotent, and safe from the service's own callbacks.
 
         Order: on_stop(); cancel intervals and timeouts; kill owned greenlets
@@ -596,7 +603,7 @@ class Service(_Owner):
         _service_log.debug("%s: stopped", self.name)
         return self
 
-    def set_state(self, partial):
+    def set_state(self: _S, partial: Dict[str, Any]) -> _S:
         """Shallow-merge ``partial`` into ``state``, then notify subscribers in commit order."""
         if not isinstance(partial, dict):
             raise TypeError("set_state() takes a dict, got %s" % _describe(partial))
@@ -605,11 +612,12 @@ class Service(_Owner):
             self._state_subs.publish(self._deliver_state, dict(self.state))
         return self
 
-    def get_state(self):
+    def get_state(self) -> Dict[str, Any]:
         """A shallow copy of ``state``."""
         return dict(self.state)
 
-    def subscribe(self, fn, immediate=False, owner=None):
+    def subscribe(self, fn: Callable[..., Any], immediate: bool = False,
+                  owner: Any = None) -> Callable[[], bool]:
         """Call ``fn(state_copy, service)`` after each ``set_state``; returns an unsubscribe."""
         _check_callable(fn, "subscriber")
         unsubscribe = self._state_subs.add(fn, owner)
@@ -617,11 +625,12 @@ class Service(_Owner):
             fn(self.get_state(), self)
         return unsubscribe
 
-    def watch(self, fn, immediate=True):
+    def watch(self, fn: Callable[..., Any], immediate: bool = True) -> Callable[[], bool]:
         """Like subscribe(), immediate by default; the subscription ends when the service stops."""
         return self.subscribe(fn, immediate=immediate)
 
-    def spawn(self, callback, *args, label=None, **kwargs):
+    def spawn(self, callback: Callable[..., Any], *args: Any, label: Optional[str] = None,
+              **kwargs: Any) -> Greenlet:
         """Run ``callback`` in a new owned greenlet; errors are logged and counted."""
         self._check_active("spawn")
         _check_callable(callback, "callback")
@@ -629,7 +638,8 @@ class Service(_Owner):
         task.start()
         return task
 
-    def spawn_later(self, seconds, callback, *args, label=None, **kwargs):
+    def spawn_later(self, seconds: float, callback: Callable[..., Any], *args: Any,
+                    label: Optional[str] = None, **kwargs: Any) -> Greenlet:
         """Like spawn(), after ``seconds``."""
         self._check_active("spawn_later")
         seconds = _check_seconds(seconds, "seconds")
@@ -638,7 +648,7 @@ class Service(_Owner):
         task.start_later(seconds)
         return task
 
-    def interval(self, callback, seconds):
+    def interval(self, callback: Callable[..., Any], seconds: float) -> str:
         """Call ``callback()`` every ``seconds`` at a fixed rate; returns an id.
 
         Tick k is due at t0 + k * seconds, so the schedule does not drift.
@@ -651,21 +661,21 @@ class Service(_Owner):
         seconds = _check_seconds(seconds, "interval seconds", positive=True)
         return self._add_timer("interval", callback, seconds, True)
 
-    def timeout(self, callback, seconds):
+    def timeout(self, callback: Callable[..., Any], seconds: float) -> str:
         """Call ``callback()`` once after ``seconds``; returns an id."""
         self._check_active("timeout")
         _check_callable(callback, "callback")
         seconds = _check_seconds(seconds, "timeout seconds")
         return self._add_timer("timeout", callback, seconds, False)
 
-    def cancel_interval(self, interval_id):
+    def cancel_interval(self, interval_id: str) -> bool:
         """Stop future ticks; a tick already running finishes. True if it existed."""
         return self._cancel_timer(interval_id)
 
-    def cancel_timeout(self, timeout_id):
+    def cancel_timeout(self, timeout_id: str) -> bool:
         return self._cancel_timer(timeout_id)
 
-    def cancel_greenlet(self, glet):
+    def cancel_greenlet(self: _S, glet: Greenlet) -> _S:
         """Kill an owned greenlet and stop tracking it."""
         if not isinstance(glet, Greenlet):
             raise TypeError("cancel_greenlet() takes a gevent Greenlet, got %s" % _describe(glet))
@@ -680,7 +690,8 @@ class Service(_Owner):
             glet.kill(block=True, timeout=self.stop_timeout)
         return self
 
-    def supervise(self, callback, *args, max_restarts=5, within=60.0, **kwargs):
+    def supervise(self, callback: Callable[..., Any], *args: Any, max_restarts: int = 5,
+                  within: float = 60.0, **kwargs: Any) -> Greenlet:
         """Run ``callback`` in an owned greenlet and restart it when it raises.
 
         Restarts wait ``restart_backoff`` seconds, doubling up to
@@ -700,7 +711,7 @@ class Service(_Owner):
         task.start()
         return task
 
-    def listen(self, event, handler):
+    def listen(self: _S, event: str, handler: Callable[..., Any]) -> _S:
         """Subscribe ``handler`` on the bus until the service stops."""
         self._check_active("listen")
         _check_callable(handler, "handler")
@@ -713,11 +724,11 @@ class Service(_Owner):
         self._listeners.append((event, listener))
         return self
 
-    def emit(self, event, data=None):
+    def emit(self: _S, event: str, data: Any = None) -> _S:
         bus.emit(event, data)
         return self
 
-    def adopt(self, child, start=True):
+    def adopt(self: _S, child: Optional[Service], start: bool = True) -> _S:
         """Tie ``child``'s lifecycle to this one: it is stopped when this service stops."""
         if child is None:
             return self
@@ -734,13 +745,14 @@ class Service(_Owner):
             child.start()
         return self
 
-    def start_process(self, args, *, name=None, **popen_kwargs):
+    def start_process(self, args: Union[str, bytes, Sequence[Any]], *, name: Optional[str] = None,
+                      **popen_kwargs: Any) -> ManagedProcess:
         """Start a ManagedProcess owned by this service (stopped with it)."""
         self._check_active("start_process")
         process = ManagedProcess(name or "%s.process" % self.name)
         return process.start(args, owner=self, **popen_kwargs)
 
-    def health(self):
+    def health(self) -> Dict[str, Any]:
         """A dict describing the service, its children and its resources."""
         status = self._status
         timers = self._timers or {}
@@ -942,20 +954,20 @@ class QueueService(Service):
         self._failed = 0
         self.state.update(queue_size=0, worker_count=worker_count, processed=0, failed=0)
 
-    def handle_item(self, item):
+    def handle_item(self, item: Any) -> None:
         raise NotImplementedError("%s must override handle_item(item)" % type(self).__name__)
 
-    def on_workers_started(self):
+    def on_workers_started(self) -> None:
         """Called once the workers run."""
 
-    def on_workers_stopping(self):
+    def on_workers_stopping(self) -> None:
         """Called at stop(), before the queue is drained."""
 
-    def on_dropped(self, items):
+    def on_dropped(self, items: List[Any]) -> None:
         """Receives what was still queued when the drain timed out."""
         _service_log.warning("%s: dropped %d queued item(s) at stop", self.name, len(items))
 
-    def enqueue(self, item, *, block=False, timeout=None):
+    def enqueue(self, item: Any, *, block: bool = False, timeout: Optional[float] = None) -> bool:
         """Queue ``item``; False when full (or the timeout passed) or not running."""
         if self._status not in _ACTIVE:
             return False
@@ -967,20 +979,20 @@ class QueueService(Service):
             return False
         return True
 
-    def pending_count(self):
+    def pending_count(self) -> int:
         return self.queue.qsize()
 
-    def join(self, timeout=None):
+    def join(self, timeout: Optional[float] = None) -> bool:
         """Wait until every queued item has been handled; False on timeout."""
         timeout = _check_seconds(timeout, "timeout", allow_none=True)
         return bool(self.queue.join(timeout))
 
-    def get_state(self):
+    def get_state(self) -> Dict[str, Any]:
         """A copy of ``state`` with the queue counters refreshed."""
         self._refresh_counters()
         return dict(self.state)
 
-    def health(self):
+    def health(self) -> Dict[str, Any]:
         self._refresh_counters()
         report = super().health()
         report["queue"] = {
@@ -1099,10 +1111,10 @@ class Watcher:
         self._has_value = False
 
     @property
-    def running(self):
+    def running(self) -> bool:
         return self._loop is not None and not self._loop.dead
 
-    def start(self):
+    def start(self) -> Watcher:
         """Start the loop in its own greenlet; idempotent."""
         if not self.running:
             self._started_at = _monotonic()
@@ -1110,7 +1122,7 @@ class Watcher:
             self._loop.name = "watcher:%s" % self.name
         return self
 
-    def stop(self):
+    def stop(self) -> Watcher:
         """End the loop now, even mid-wait; returns once its greenlet is dead."""
         loop, self._loop = self._loop, None
         if loop is None or loop.dead:
@@ -1125,13 +1137,13 @@ class Watcher:
 
     teardown = stop
 
-    def subscribe(self, fn):
+    def subscribe(self, fn: Callable[..., Any]) -> Callable[[], bool]:
         """Call ``fn(value, watcher)`` for each delivered value; returns an unsubscribe."""
         _check_callable(fn, "subscriber")
         self._subs += (fn,)
         return functools.partial(_drop, self, "_subs", fn)
 
-    def health(self):
+    def health(self) -> Dict[str, Any]:
         return {
             "name": self.name,
             "type": "watcher",
@@ -1326,21 +1338,21 @@ class Store:
         self._event = _state_event(self.name, emit_events, change_event)
         self._version = 0
 
-    def get(self, key=None, default=None):
+    def get(self, key: Any = None, default: Any = None) -> Any:
         """The value under ``key`` (as stored), or a shallow copy of the whole state."""
         if key is None:
             return dict(self._state)
         return self._state.get(key, default)
 
-    def snapshot(self):
+    def snapshot(self) -> Dict[str, Any]:
         return dict(self._state)
 
-    def access(self, reader):
+    def access(self, reader: Callable[..., _T]) -> _T:
         """Call ``reader(live_state)`` atomically and return its result; no notification."""
         _check_callable(reader, "reader")
         return reader(self._state)
 
-    def set(self, partial):
+    def set(self, partial: Dict[str, Any]) -> Dict[str, Any]:
         """Shallow-merge ``partial``."""
         if not isinstance(partial, dict):
             raise TypeError("Store.set() takes a dict, got %s" % _describe(partial))
@@ -1348,14 +1360,14 @@ class Store:
         state.update(partial)
         return self._commit(state)
 
-    def replace(self, state):
+    def replace(self, state: Dict[str, Any]) -> Dict[str, Any]:
         """Replace the whole state."""
         if not isinstance(state, dict):
             raise TypeError("Store.replace() takes a dict, got %s" % _describe(state))
         self._state = dict(state)
         return self._commit(self._state)
 
-    def delete(self, *keys):
+    def delete(self, *keys: Any) -> Dict[str, Any]:
         """Remove ``keys``; subscribers hear of it only if something was removed."""
         state = self._state
         removed = [key for key in keys if state.pop(key, _MISSING) is not _MISSING]
@@ -1363,13 +1375,13 @@ class Store:
             return dict(state)
         return self._commit(state)
 
-    def clear(self):
+    def clear(self) -> Dict[str, Any]:
         if not self._state:
             return {}
         self._state = {}
         return self._commit(self._state)
 
-    def update(self, mutator):
+    def update(self, mutator: Callable[..., Any]) -> Dict[str, Any]:
         """Apply ``mutator(draft)`` atomically.
 
         The mutator edits ``draft`` (a copy) in place or returns a replacement
@@ -1380,7 +1392,8 @@ class Store:
         self._state = draft if result is draft else dict(result)
         return self._commit(self._state)
 
-    def subscribe(self, fn, immediate=False, owner=None):
+    def subscribe(self, fn: Callable[..., Any], immediate: bool = False,
+                  owner: Any = None) -> Callable[[], bool]:
         """Call ``fn(snapshot, store)`` after every change; returns an unsubscribe."""
         _check_callable(fn, "subscriber")
         unsubscribe = self._subs.add(fn, owner)
@@ -1388,16 +1401,16 @@ class Store:
             fn(dict(self._state), self)
         return unsubscribe
 
-    def watch(self, fn, immediate=True, owner=None):
+    def watch(self, fn: Callable[..., Any], immediate: bool = True, owner: Any = None) -> Callable[[], bool]:
         return self.subscribe(fn, immediate=immediate, owner=owner)
 
-    def destroy(self):
+    def destroy(self) -> None:
         """Drop every subscriber."""
         self._subs.clear()
 
     stop = destroy
 
-    def health(self):
+    def health(self) -> Dict[str, Any]:
         return {"name": self.name, "type": "store", "keys": len(self._state),
                 "subscribers": len(self._subs.entries)}
 
@@ -1437,7 +1450,7 @@ class Model:
         self._event = _state_event(self.name, emit_events, change_event)
         self._version = 0
 
-    def get(self, path=None, default=None):
+    def get(self, path: Union[str, Sequence[Any], None] = None, default: Any = None) -> Any:
         """A deep copy of the value at ``path`` (or of everything), or ``default``."""
         if path is None:
             return _model_copy(self._root)
@@ -1454,16 +1467,16 @@ class Model:
             return node
         return _model_copy(node)
 
-    def snapshot(self):
+    def snapshot(self) -> Dict[str, Any]:
         return _model_copy(self._root)
 
-    def select(self, selector, default=None):
+    def select(self, selector: Union[str, Sequence[Any], Callable[..., Any]], default: Any = None) -> Any:
         """The value picked by ``selector``: a path, or a callable given the state."""
         if callable(selector):
             return _model_copy(selector(self._root))
         return self.get(selector, default)
 
-    def set(self, path, value):
+    def set(self, path: Union[str, Sequence[Any]], value: Any) -> None:
         """Set the value at ``path``, creating missing dicts; equal values change nothing."""
         keys = _model_path(path)
         root = self._root
@@ -1471,7 +1484,7 @@ class Model:
         if new_root is not root:
             self._commit(new_root)
 
-    def patch(self, partial):
+    def patch(self, partial: Dict[str, Any]) -> None:
         """Shallow-merge ``partial`` at the root."""
         if not isinstance(partial, dict):
             raise TypeError("Model.patch() takes a dict, got %s" % _describe(partial))
@@ -1487,7 +1500,7 @@ class Model:
         if new_root is not None:
             self._commit(new_root)
 
-    def update(self, mutator):
+    def update(self, mutator: Callable[..., Any]) -> None:
         """Apply ``mutator(draft)`` to a deep copy; it edits the draft or returns a dict.
 
         If it yields and another write lands meanwhile, it runs again on a
@@ -1498,7 +1511,7 @@ class Model:
         if result != self._root:
             self._commit(result)
 
-    def delete(self, path):
+    def delete(self, path: Union[str, Sequence[Any]]) -> None:
         """Remove the value at ``path``; a missing path changes nothing."""
         keys = _model_path(path)
         root = self._root
@@ -1506,11 +1519,13 @@ class Model:
         if new_root is not root:
             self._commit(new_root)
 
-    def clear(self):
+    def clear(self) -> None:
         if self._root:
             self._commit({})
 
-    def subscribe(self, fn, selector=None, immediate=False, owner=None):
+    def subscribe(self, fn: Callable[..., Any],
+                  selector: Union[str, Sequence[Any], Callable[..., Any], None] = None,
+                  immediate: bool = False, owner: Any = None) -> Callable[[], bool]:
         """Call ``fn(value, model)`` on changes; returns an unsubscribe.
 
         Without a selector ``value`` is a deep copy of the whole state and
@@ -1530,15 +1545,17 @@ class Model:
             fn(_model_copy(self._root if selector is None else entry.last), self)
         return unsubscribe
 
-    def watch(self, fn, selector=None, immediate=True, owner=None):
+    def watch(self, fn: Callable[..., Any],
+              selector: Union[str, Sequence[Any], Callable[..., Any], None] = None,
+              immediate: bool = True, owner: Any = None) -> Callable[[], bool]:
         return self.subscribe(fn, selector=selector, immediate=immediate, owner=owner)
 
-    def destroy(self):
+    def destroy(self) -> None:
         self._subs.clear()
 
     stop = destroy
 
-    def health(self):
+    def health(self) -> Dict[str, Any]:
         return {"name": self.name, "type": "model", "keys": len(self._root),
                 "subscribers": len(self._subs.entries)}
 
@@ -1604,31 +1621,31 @@ class Cache:
             bus.on(event, self._on_dependency)
 
     @property
-    def ttl(self):
+    def ttl(self) -> float:
         return self._ttl
 
     @property
-    def updated_at(self):
+    def updated_at(self) -> Optional[float]:
         """Wall-clock time (epoch seconds) of the last store, or None."""
         return self._updated_at
 
-    def get(self, default=None):
+    def get(self, default: Any = None) -> Any:
         """The cached value, or ``default`` when empty or expired; never waits."""
         if _monotonic() < self._expires:
             return self._value
         return default
 
-    def is_valid(self):
+    def is_valid(self) -> bool:
         return _monotonic() < self._expires
 
-    def set(self, value, ttl=None):
+    def set(self, value: _T, ttl: Optional[float] = None) -> _T:
         """Store ``value`` (``ttl`` overrides the cache's for this value)."""
         ttl = self._ttl if ttl is None else _check_seconds(ttl, "ttl")
         self._generation += 1
         self._store(value, ttl)
         return value
 
-    def get_or_compute(self, factory, ttl=None):
+    def get_or_compute(self, factory: Callable[..., _T], ttl: Optional[float] = None) -> _T:
         """The cached value, or ``factory()``'s, computed by one greenlet at a time.
 
         Concurrent callers wait for the running computation and share its
@@ -1669,7 +1686,7 @@ class Cache:
         flight.set(value)
         return value
 
-    def invalidate(self):
+    def invalidate(self) -> None:
         """Empty the cache, call on_invalidate callbacks, emit '{name}:invalidated'."""
         if self._invalidating is getcurrent():
             return  # a dependency cycle came back to us: this cascade is done
@@ -1690,13 +1707,13 @@ class Cache:
         finally:
             self._invalidating = outer
 
-    def on_invalidate(self, callback):
+    def on_invalidate(self, callback: Callable[..., Any]) -> Callable[[], bool]:
         """Call ``callback(cache)`` on every invalidation; returns an unsubscribe."""
         _check_callable(callback, "callback")
         self._callbacks += (callback,)
         return functools.partial(_drop, self, "_callbacks", callback)
 
-    def destroy(self):
+    def destroy(self) -> None:
         """Empty the cache and drop callbacks and ``depends_on`` subscriptions."""
         for event in self._depends_on:
             bus.off(event, self._on_dependency)
@@ -1707,7 +1724,7 @@ class Cache:
 
     stop = destroy
 
-    def health(self):
+    def health(self) -> Dict[str, Any]:
         return {"name": self.name, "type": "cache", "valid": self.is_valid(),
                 "updated_at": self._updated_at}
 
@@ -1723,17 +1740,17 @@ class Cache:
         self.invalidate()
 
 
-def create_store(name, initial_state=None, **kwargs):
+def create_store(name: str, initial_state: Optional[Dict[str, Any]] = None, **kwargs: Any) -> Store:
     """A new Store (``emit_events``, ``change_event`` keywords)."""
     return Store(name, initial_state, **kwargs)
 
 
-def create_model(name, initial_state=None, **kwargs):
+def create_model(name: str, initial_state: Optional[Dict[str, Any]] = None, **kwargs: Any) -> Model:
     """A new Model (``emit_events``, ``change_event`` keywords)."""
     return Model(name, initial_state, **kwargs)
 
 
-def create_cache(name, ttl=0, depends_on=None):
+def create_cache(name: str, ttl: float = 0, depends_on: Union[str, Iterable[str], None] = None) -> Cache:
     """A new Cache."""
     return Cache(name, ttl, depends_on)
 
@@ -2001,7 +2018,7 @@ class Field:
         self._coerce = coerce
         self._checks = _schema_checks(self)
 
-    def make_default(self):
+    def make_default(self) -> Any:
         """The default for an absent field: a factory's result, or a copy of a list/dict."""
         default = self.default
         if callable(default):
@@ -2010,7 +2027,7 @@ class Field:
             return copy.deepcopy(default)
         return default
 
-    def to_json_schema(self):
+    def to_json_schema(self) -> Dict[str, Any]:
         """This field as a JSON Schema fragment."""
         kind = self.type
         if isinstance(kind, Schema):
@@ -2107,16 +2124,16 @@ class Schema:
         self._plan = tuple(self.fields.items())
 
     @property
-    def field_names(self):
+    def field_names(self) -> List[str]:
         return list(self.fields)
 
     @property
-    def required_fields(self):
+    def required_fields(self) -> List[str]:
         return [key for key, field in self._plan if field.required]
 
-    def validate(self, data):
+    def validate(self, data: Any) -> Outcome:
         """Check and coerce ``data``; an Outcome, never an exception."""
-        errors = {}
+        errors: Dict[str, str] = {}
         try:
             clean = self._clean_object(data, "", errors, self)
         except RecursionError:
@@ -2125,23 +2142,23 @@ class Schema:
             return _outcome(False, None, self._message(errors), 400, {"errors": errors})
         return _outcome(True, clean, None, 200, None)
 
-    def require(self, data):
+    def require(self, data: Any) -> Dict[str, Any]:
         """The cleaned dict, or HTTPError(400) carrying the per-field errors."""
         outcome = self.validate(data)
         if outcome.ok:
             return outcome.value
         raise HTTPError(outcome.error, 400, payload={"errors": dict(outcome.meta["errors"])})
 
-    def extend(self, name, extra_fields, **kwargs):
+    def extend(self, name: str, extra_fields: Dict[str, Field], **kwargs: Any) -> Schema:
         """A new schema with this one's fields plus (or overridden by) ``extra_fields``."""
         if not isinstance(extra_fields, dict):
             raise TypeError("extra_fields must be a dict of name -> Field, got %s" % _describe(extra_fields))
         kwargs.setdefault("strict", self.strict)
         return Schema(name, {**self.fields, **extra_fields}, **kwargs)
 
-    def to_json_schema(self, root=True):
+    def to_json_schema(self, root: bool = True) -> Dict[str, Any]:
         """The contract as a JSON Schema (draft 2020-12) dict."""
-        out = {}
+        out: Dict[str, Any] = {}
         if root:
             out["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         out["title"] = self.name
@@ -2214,29 +2231,43 @@ class Outcome:
         self._status = _outcome_status(status)
         self._meta = types.MappingProxyType(dict(meta)) if meta else _OUTCOME_NO_META
 
-    ok = property(lambda self: self._ok)
-    value = property(lambda self: self._value)
-    error = property(lambda self: self._error)
-    status = property(lambda self: self._status)
-    meta = property(lambda self: self._meta)
+    @property
+    def ok(self) -> bool:
+        return self._ok
+
+    @property
+    def value(self) -> Any:
+        return self._value
+
+    @property
+    def error(self) -> Optional[str]:
+        return self._error
+
+    @property
+    def status(self) -> int:
+        return self._status
+
+    @property
+    def meta(self) -> Mapping[str, Any]:
+        return self._meta
 
     @classmethod
-    def success(cls, value=None, *, status=200, **meta):
+    def success(cls, value: Any = None, *, status: int = 200, **meta: Any) -> Outcome:
         return cls(True, value, None, status, meta)
 
     @classmethod
-    def failure(cls, error, *, status=400, value=None, **meta):
+    def failure(cls, error: Any, *, status: int = 400, value: Any = None, **meta: Any) -> Outcome:
         if not isinstance(error, str):
             error = str(error)
         return cls(False, value, error, status, meta)
 
-    def unwrap(self):
+    def unwrap(self) -> Any:
         """The value, or RuntimeError carrying the error."""
         if not self._ok:
             raise RuntimeError(self._error)
         return self._value
 
-    def to_dict(self):
+    def to_dict(self) -> Dict[str, Any]:
         """``meta`` plus ok, status and value (and error when failed): ready for jsonify."""
         out = dict(self._meta)
         out["ok"] = self._ok
@@ -2246,7 +2277,7 @@ class Outcome:
         out["value"] = self._value
         return out
 
-    def to_tuple(self):
+    def to_tuple(self) -> Tuple[bool, Any, Optional[str]]:
         return (self._ok, self._value, self._error)
 
     def __bool__(self):
@@ -2283,13 +2314,13 @@ class Operation:
     reaches a client.
     """
 
-    def validate(self, *args, **kwargs):
+    def validate(self, *args: Any, **kwargs: Any) -> Any:
         """Raise OperationError to refuse the arguments."""
 
-    def perform(self, *args, **kwargs):
+    def perform(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("%s must override perform()" % type(self).__name__)
 
-    def run(self, *args, **kwargs):
+    def run(self, *args: Any, **kwargs: Any) -> Outcome:
         try:
             checked = self.validate(*args, **kwargs)
             if isinstance(checked, Outcome) and not checked.ok:
@@ -2304,10 +2335,10 @@ class Operation:
             return result
         return Outcome(True, result, None, 200, None)
 
-    def success(self, value=None, *, status=200, **meta):
+    def success(self, value: Any = None, *, status: int = 200, **meta: Any) -> Outcome:
         return Outcome.success(value, status=status, **meta)
 
-    def failure(self, error, *, status=400, value=None, **meta):
+    def failure(self, error: Any, *, status: int = 400, value: Any = None, **meta: Any) -> Outcome:
         return Outcome.failure(error, status=status, value=value, **meta)
 
 
@@ -2573,14 +2604,15 @@ class HTTPError(Exception):
         self.log_message = log_message
         self.log_level = log_level
 
-    def to_response(self):
+    def to_response(self) -> flask.Response:
         """A Flask JSON response: payload plus ``error``, with ``status_code``."""
         body = dict(self.payload)
         body["error"] = self.message
         return _web_json(body, self.status_code)
 
 
-def json_endpoint(error_message=None, *, logger=None, include_trace=True):
+def json_endpoint(error_message: Union[str, Callable[..., Any], None] = None, *,
+                  logger: Optional[logging.Logger] = None, include_trace: bool = True) -> Callable[..., Any]:
     """Decorate a Flask view so that every outcome is a JSON response.
 
     Works bare (``@json_endpoint``) or called (``@json_endpoint('Could not
@@ -2611,7 +2643,8 @@ def json_endpoint(error_message=None, *, logger=None, include_trace=True):
     return decorator
 
 
-def expect_json(*, required=None, error="Request body is required", allow_empty=False):
+def expect_json(*, required: Union[str, Iterable[str], None] = None, error: str = "Request body is required",
+                allow_empty: bool = False) -> Dict[str, Any]:
     """The current request's JSON object body, or an HTTPError the client can act on.
 
     Missing or unparsable bodies, and ``{}`` unless ``allow_empty``, are 400
@@ -2652,7 +2685,8 @@ def expect_json(*, required=None, error="Request body is required", allow_empty=
     return payload
 
 
-def require_fields(payload, required, *, error=None, blank_is_missing=True):
+def require_fields(payload: Any, required: Union[str, Iterable[str]], *, error: Optional[str] = None,
+                   blank_is_missing: bool = True) -> Dict[str, Any]:
     """Return ``payload`` if every ``required`` field is present, not None and not blank.
 
     Otherwise raise HTTPError(400) with ``payload={'missing': [...]}``.
@@ -2676,7 +2710,8 @@ def require_fields(payload, required, *, error=None, blank_is_missing=True):
     return payload
 
 
-def route(rule, *, methods=None, endpoint=None, json_errors=None):
+def route(rule: str, *, methods: Optional[Iterable[str]] = None, endpoint: Optional[str] = None,
+          json_errors: Optional[str] = None) -> Callable[[_F], _F]:
     """Mark a Router method as a view for ``rule`` (stackable; GET by default)."""
     spec = _web_route_spec(rule, methods, endpoint, json_errors)
 
@@ -2697,8 +2732,8 @@ class Router(_Owner):
     ``on_unmount`` and then the router's cleanups, newest first.
     """
 
-    name = None
-    url_prefix = None
+    name: Optional[str] = None
+    url_prefix: Optional[str] = None
 
     def __init__(self, name=None, *, url_prefix=None, import_name=None):
         name = name or type(self).name or _web_snake(type(self).__name__)
@@ -2713,13 +2748,14 @@ class Router(_Owner):
         self._unmounted = False
         self._apps = []
 
-    def on_mount(self):
+    def on_mount(self) -> None:
         """Called once, after the blueprint is built."""
 
-    def on_unmount(self):
+    def on_unmount(self) -> None:
         """Called by teardown(), before the cleanups."""
 
-    def route(self, rule, *, methods=None, endpoint=None, json_errors=None):
+    def route(self, rule: str, *, methods: Optional[Iterable[str]] = None, endpoint: Optional[str] = None,
+              json_errors: Optional[str] = None) -> Callable[[_F], _F]:
         """Decorator adding a view to this router instance (before it is mounted)."""
         spec = _web_route_spec(rule, methods, endpoint, json_errors)
 
@@ -2732,11 +2768,11 @@ class Router(_Owner):
             return fn
         return decorator
 
-    def mount(self):
+    def mount(self) -> flask.Blueprint:
         """Build the Blueprint once and return it."""
         if self._blueprint is None:
-            blueprint = flask.Blueprint(self.name.replace(".", "_"), self.import_name,
-                                        url_prefix=self.url_prefix)
+            blueprint = flask.Blueprint(self.name.replace(".", "_"),  # type: ignore[union-attr]
+                                        self.import_name, url_prefix=self.url_prefix)
             for fn, specs in self._class_views():
                 _web_add_rules(blueprint, fn, specs)
             for fn, spec in self._views:
@@ -2747,10 +2783,10 @@ class Router(_Owner):
             self.on_mount()
         return self._blueprint
 
-    def blueprint(self):
+    def blueprint(self) -> flask.Blueprint:
         return self.mount()
 
-    def register(self, app):
+    def register(self, app: flask.Flask) -> Router:
         """Register the blueprint on ``app`` (once per app) under ``url_prefix``."""
         if not isinstance(app, flask.Flask):
             raise TypeError("register() takes a Flask app, got %s" % _describe(app))
@@ -2759,7 +2795,7 @@ class Router(_Owner):
             self._apps.append(app)
         return self
 
-    def teardown(self):
+    def teardown(self) -> Router:
         """Run on_unmount() (once per mount) and the cleanups; idempotent."""
         if self._blueprint is not None and not self._unmounted:
             self._unmounted = True
@@ -2795,10 +2831,10 @@ class Handler(_Owner):
     Flask-SocketIO, and teardown mutes them.
     """
 
-    name = None
+    name: Optional[str] = None
     namespace = "/"
-    events = {}
-    event_priorities = {}
+    events: Dict[str, str] = {}
+    event_priorities: Dict[str, int] = {}
 
     def __init__(self, name=None, *, namespace=None):
         self.name = _check_name(name or type(self).name or _web_snake(type(self).__name__), "handler name")
@@ -2817,21 +2853,22 @@ class Handler(_Owner):
             self._bindings.append((_bus_event(event), method, self.event_priorities.get(event, 100),
                                    self.namespace, None))
 
-    def on_setup(self):
+    def on_setup(self) -> None:
         """Called after the events are bound."""
 
-    def on_teardown(self):
+    def on_teardown(self) -> None:
         """Called before the events are unbound and cleanups run."""
 
     @property
-    def registered(self):
+    def registered(self) -> bool:
         return self._registered
 
     @property
-    def socketio(self):
+    def socketio(self) -> Any:
         return self._socketio
 
-    def on(self, event, callback, priority=100, *, namespace=None, schema=None):
+    def on(self, event: str, callback: _F, priority: int = 100, *, namespace: Optional[str] = None,
+           schema: Optional[Schema] = None) -> _F:
         """Handle ``event`` with ``callback`` (bound now if the handler is set up)."""
         binding = (_bus_event(event), _check_callable(callback, "callback"),
                    _web_priority(priority), _web_namespace(namespace or self.namespace),
@@ -2841,7 +2878,7 @@ class Handler(_Owner):
             self._bind(binding)
         return callback
 
-    def setup(self, socketio=None):
+    def setup(self, socketio: Any = None) -> Handler:
         """Bind every event; idempotent."""
         if self._registered:
             return self
@@ -2865,7 +2902,7 @@ class Handler(_Owner):
             raise
         return self
 
-    def teardown(self):
+    def teardown(self) -> Handler:
         """Unbind every event and run cleanups; idempotent."""
         if not self._registered and not self._cleanups:
             return self
@@ -2880,7 +2917,7 @@ class Handler(_Owner):
 
     stop = teardown
 
-    def health(self):
+    def health(self) -> Dict[str, Any]:
         return {"name": self.name, "type": "handler", "registered": self._registered,
                 "namespace": self.namespace, "events": sorted({b[0] for b in self._bindings})}
 
@@ -2928,10 +2965,10 @@ class SocketIngress:
             self.attach(socketio)
 
     @property
-    def socketio(self):
+    def socketio(self) -> Any:
         return self._socketio
 
-    def attach(self, socketio):
+    def attach(self, socketio: Any) -> SocketIngress:
         """Bind to a Flask-SocketIO instance, registering every pending event."""
         if socketio is None or not callable(getattr(socketio, "on_event", None)):
             raise TypeError("attach() takes a flask_socketio.SocketIO, got %s" % _describe(socketio))
@@ -2942,7 +2979,8 @@ class SocketIngress:
             self._bind(namespace, event)
         return self
 
-    def subscribe(self, event, callback, *, owner=None, priority=100, namespace="/", schema=None):
+    def subscribe(self, event: str, callback: Callable[..., Any], *, owner: Any = None, priority: int = 100,
+                  namespace: str = "/", schema: Optional[Schema] = None) -> Callable[[], bool]:
         """Add a subscriber; returns an unsubscribe."""
         event = _bus_event(event)
         _check_callable(callback, "callback")
@@ -2960,7 +2998,8 @@ class SocketIngress:
             owner.add_cleanup(unsubscribe)
         return unsubscribe
 
-    def on(self, event, callback=None, *, owner=None, priority=100, namespace="/", schema=None):
+    def on(self, event: str, callback: Optional[Callable[..., Any]] = None, *, owner: Any = None,
+           priority: int = 100, namespace: str = "/", schema: Optional[Schema] = None) -> Callable[..., Any]:
         """Subscribe ``callback``, or decorate a function when it is omitted."""
         if callback is None:
             def decorator(fn):
@@ -2970,11 +3009,12 @@ class SocketIngress:
         self.subscribe(event, callback, owner=owner, priority=priority, namespace=namespace, schema=schema)
         return callback
 
-    def handler(self, event, *, owner=None, priority=100, namespace="/", schema=None):
+    def handler(self, event: str, *, owner: Any = None, priority: int = 100, namespace: str = "/",
+                schema: Optional[Schema] = None) -> Callable[[_F], _F]:
         """Decorator form of subscribe()."""
         return self.on(event, owner=owner, priority=priority, namespace=namespace, schema=schema)
 
-    def unsubscribe(self, event, callback, *, namespace="/"):
+    def unsubscribe(self, event: str, callback: Callable[..., Any], *, namespace: str = "/") -> bool:
         """Remove ``callback`` from ``event``; True if it was subscribed."""
         key = (_web_namespace(namespace), event)
         for entry in self._subs.get(key, ()):
@@ -2982,7 +3022,8 @@ class SocketIngress:
                 return self._remove(key, entry)
         return False
 
-    def on_error_default(self, callback=None, *, owner=None, priority=100):
+    def on_error_default(self, callback: Optional[Callable[..., Any]] = None, *, owner: Any = None,
+                         priority: int = 100) -> Callable[..., Any]:
         """Subscribe ``callback(exc)`` to subscriber failures (decorator when omitted)."""
         if callback is None:
             def decorator(fn):
@@ -2992,7 +3033,8 @@ class SocketIngress:
         self.subscribe_error_default(callback, owner=owner, priority=priority)
         return callback
 
-    def subscribe_error_default(self, callback, *, owner=None, priority=100):
+    def subscribe_error_default(self, callback: Callable[..., Any], *, owner: Any = None,
+                                priority: int = 100) -> Callable[[], bool]:
         _check_callable(callback, "callback")
         _check_owner(owner)
         entry = _IngressSubscriber(callback, _web_priority(priority), next(self._seq), None)
@@ -3002,20 +3044,20 @@ class SocketIngress:
             owner.add_cleanup(unsubscribe)
         return unsubscribe
 
-    def unsubscribe_error_default(self, callback):
+    def unsubscribe_error_default(self, callback: Callable[..., Any]) -> bool:
         for entry in self._error_subs:
             if entry.callback == callback:
                 return _drop(self, "_error_subs", entry)
         return False
 
-    def dispatch(self, event, *args, namespace="/", **kwargs):
+    def dispatch(self, event: str, *args: Any, namespace: str = "/", **kwargs: Any) -> Any:
         """Run ``event``'s subscribers now, as a client event would; returns the ack value."""
         subs = self._subs.get((_web_namespace(namespace), event))
         if not subs:
             return None
         return self._run(subs, event, args, kwargs)
 
-    def dispatch_default_error(self, exc, *args, **kwargs):
+    def dispatch_default_error(self, exc: BaseException, *args: Any, **kwargs: Any) -> Any:
         """Hand ``exc`` to the default-error subscribers; returns their last non-None result."""
         result = None
         for entry in self._error_subs:
@@ -3029,12 +3071,12 @@ class SocketIngress:
                 result = value
         return result
 
-    def clear(self):
+    def clear(self) -> None:
         """Drop every subscriber; bound events then answer nothing."""
         self._subs.clear()
         self._error_subs = ()
 
-    def health(self):
+    def health(self) -> Dict[str, Any]:
         return {"name": self.name, "type": "ingress", "attached": self._socketio is not None,
                 "events": {"%s %s" % key: len(subs) for key, subs in self._subs.items()}}
 
@@ -3102,8 +3144,8 @@ class Controller(Service):
     included).
     """
 
-    schemas = {}
-    url_prefix = None
+    schemas: Dict[str, Schema] = {}
+    url_prefix: Optional[str] = None
 
     def __init__(self, name=None):
         super().__init__(name)
@@ -3112,13 +3154,13 @@ class Controller(Service):
         self._blueprint = None
         self._handler = None
 
-    def build_routes(self, router):
+    def build_routes(self, router: Router) -> None:
         """Add HTTP routes with ``@router.route(...)``."""
 
-    def build_events(self, handler):
+    def build_events(self, handler: Handler) -> None:
         """Add socket events with ``handler.on(event, callback, priority=100)``."""
 
-    def build_blueprint(self, url_prefix=None):
+    def build_blueprint(self, url_prefix: Optional[str] = None) -> flask.Blueprint:
         """The controller's Blueprint, built once; routes are served under ``url_prefix``.
 
         Without the argument, the class attribute ``url_prefix`` applies.
@@ -3132,14 +3174,14 @@ class Controller(Service):
             self._blueprint = blueprint
         return self._blueprint
 
-    def create_handler(self):
+    def create_handler(self) -> Handler:
         """A new Handler carrying the events added by build_events()."""
         handler = Handler(self.name)
         handler._gate = lambda: self.running
         self.build_events(handler)
         return handler
 
-    def build_handler(self, socketio=None):
+    def build_handler(self, socketio: Any = None) -> Handler:
         """The controller's Handler, built once (and set up when ``socketio`` is given)."""
         if self._handler is None:
             self._handler = self.create_handler()
@@ -3148,32 +3190,32 @@ class Controller(Service):
         return self._handler
 
     @property
-    def socketio(self):
+    def socketio(self) -> Any:
         if self._handler is not None and self._handler.socketio is not None:
             return self._handler.socketio
         ingress = registry.resolve("socket_ingress")
         return ingress.socketio if ingress is not None else None
 
-    def schema(self, name):
+    def schema(self, name: str) -> Schema:
         try:
             return self.schemas[name]
         except KeyError:
             raise KeyError("%s has no schema %r (known: %s)"
                            % (self.name, name, ", ".join(map(repr, self.schemas)) or "none")) from None
 
-    def create_model(self, name, initial_state=None, **kwargs):
+    def create_model(self, name: str, initial_state: Optional[Dict[str, Any]] = None, **kwargs: Any) -> Model:
         """A Model owned by the controller (destroyed when it stops)."""
         return self.own(Model(name, initial_state, **kwargs))
 
-    def create_store(self, name, initial_state=None, **kwargs):
+    def create_store(self, name: str, initial_state: Optional[Dict[str, Any]] = None, **kwargs: Any) -> Store:
         """A Store owned by the controller (destroyed when it stops)."""
         return self.own(Store(name, initial_state, **kwargs))
 
-    def service(self, key):
+    def service(self, key: str) -> Any:
         """The dependency provided under ``key`` (KeyError naming the known keys)."""
         return registry.require(key)
 
-    def health(self):
+    def health(self) -> Dict[str, Any]:
         report = super().health()
         report["has_blueprint"] = self._blueprint is not None
         report["has_handler"] = self._handler is not None
@@ -3228,27 +3270,27 @@ class ServiceManager(Service):
             app.register_error_handler(HTTPError, _web_http_error)
 
     @property
-    def app(self):
+    def app(self) -> Optional[flask.Flask]:
         return self._app
 
     @property
-    def socketio(self):
+    def socketio(self) -> Any:
         return self._socketio
 
     @property
-    def socket_ingress(self):
+    def socket_ingress(self) -> SocketIngress:
         return self._ingress
 
     @property
-    def booted(self):
+    def booted(self) -> bool:
         return self._booted
 
     @property
-    def server(self):
+    def server(self) -> Optional[pywsgi.WSGIServer]:
         """The gevent WSGIServer while run() serves (its ``server_port`` is the bound port), else None."""
         return self._server
 
-    def register_service(self, service):
+    def register_service(self, service: _S) -> _S:
         """Add a service (started at boot, or at once if already booted)."""
         if not isinstance(service, Service):
             raise TypeError("register_service() takes a Service, got %s" % _describe(service))
@@ -3258,7 +3300,7 @@ class ServiceManager(Service):
                 service.start()
         return service
 
-    def register_handler(self, handler):
+    def register_handler(self, handler: _T) -> _T:
         """Add a handler (set up at boot, or at once if already booted)."""
         if not callable(getattr(handler, "setup", None)) or not callable(getattr(handler, "teardown", None)):
             raise TypeError("register_handler() takes an object with setup() and teardown(), got %s"
@@ -3266,10 +3308,10 @@ class ServiceManager(Service):
         if handler not in self._handlers:
             self._handlers.append(handler)
             if self._booted:
-                handler.setup(self._socketio)
+                handler.setup(self._socketio)  # type: ignore[attr-defined]  # any object with setup()
         return handler
 
-    def register_controller(self, controller, *, url_prefix=None):
+    def register_controller(self, controller: _C, *, url_prefix: Optional[str] = None) -> _C:
         """Add a controller: its blueprint goes on the app, its handler is managed."""
         if not isinstance(controller, Controller):
             raise TypeError("register_controller() takes a Controller, got %s" % _describe(controller))
@@ -3281,7 +3323,7 @@ class ServiceManager(Service):
         self.register_handler(controller.build_handler())
         return controller
 
-    def boot(self, providers=None):
+    def boot(self, providers: Optional[Dict[str, Any]] = None) -> ServiceManager:
         """Start everything; idempotent. A service that fails to start undoes the boot."""
         if providers:
             self._add_providers(providers)
@@ -3317,7 +3359,7 @@ class ServiceManager(Service):
         _web_log.info("booted %d service(s) and %d handler(s)", len(self._services), len(self._handlers))
         return self
 
-    def shutdown(self):
+    def shutdown(self) -> ServiceManager:
         """Tear everything down in reverse; idempotent.
 
         A call while another greenlet shuts down waits for it to finish.
@@ -3361,7 +3403,7 @@ class ServiceManager(Service):
         _web_log.info("shut down")
         return self
 
-    def run(self, host="127.0.0.1", port=5000, **kwargs):
+    def run(self, host: str = "127.0.0.1", port: int = 5000, **kwargs: Any) -> ServiceManager:
         """Boot, serve the app on gevent (Socket.IO included) until shutdown, then return.
 
         SIGTERM or SIGINT (when signals are on) or ``shutdown()`` from any
@@ -3387,7 +3429,7 @@ class ServiceManager(Service):
             self.shutdown()
         return self
 
-    def health(self):
+    def health(self) -> Dict[str, Any]:
         report = super().health()
         report["booted"] = self._booted
         report["services"] = [service.health() for service in self._services]
@@ -3453,7 +3495,9 @@ class ServiceManager(Service):
                 _web_log.exception("shutdown at exit raised")
 
 
-def boot(app, socketio, *, services=None, handlers=None, controllers=None, providers=None, signals=True):
+def boot(app: flask.Flask, socketio: Any, *, services: Optional[Iterable[Service]] = None,
+         handlers: Optional[Iterable[Any]] = None, controllers: Optional[Iterable[Controller]] = None,
+         providers: Optional[Dict[str, Any]] = None, signals: bool = True) -> ServiceManager:
     """Register everything on a new ServiceManager, boot it and return it."""
     manager = ServiceManager(app, socketio, signals=signals)
     if providers:
@@ -3688,7 +3732,8 @@ class ManagedProcess:
         self._watched = set()
         self._reaper = None
 
-    def start(self, args, *, owner=None, **popen_kwargs):
+    def start(self, args: Union[str, bytes, Sequence[Any]], *, owner: Any = None,
+              **popen_kwargs: Any) -> ManagedProcess:
         """Launch ``args`` (popen keywords pass through); RuntimeError if already running."""
         if self.running:
             raise RuntimeError("process %s is already running (pid %d); stop() it first"
@@ -3719,7 +3764,7 @@ class ManagedProcess:
             self.attach(owner)
         return self
 
-    def attach(self, owner):
+    def attach(self, owner: Any) -> ManagedProcess:
         """Have ``owner`` stop this process when it stops.
 
         A process stopped earlier leaves its owner, so a service that runs
@@ -3732,8 +3777,9 @@ class ManagedProcess:
             owner.add_cleanup(self.stop)
         return self
 
-    def watch_stream(self, stream_name, handler, *, chunk_size=None, strip=True, label=None,
-                     close_on_exit=False):
+    def watch_stream(self, stream_name: str, handler: Callable[..., Any], *, chunk_size: Optional[int] = None,
+                     strip: bool = True, label: Optional[str] = None,
+                     close_on_exit: bool = False) -> Greenlet:
         """Read ``'stdout'`` or ``'stderr'`` in an owned greenlet, calling ``handler`` per line.
 
         With ``chunk_size`` the handler gets raw chunks of up to that many
@@ -3757,8 +3803,9 @@ class ManagedProcess:
         self._readers.append(reader)
         return reader
 
-    def follow_output(self, *, stdout_handler=None, stderr_handler=None, stdout_label="stdout",
-                      stderr_label="stderr"):
+    def follow_output(self, *, stdout_handler: Optional[Callable[..., Any]] = None,
+                      stderr_handler: Optional[Callable[..., Any]] = None, stdout_label: str = "stdout",
+                      stderr_label: str = "stderr") -> List[Greenlet]:
         """Watch every piped stream; streams without a handler are logged at INFO."""
         readers = []
         for stream_name, handler, label in (("stdout", stdout_handler, stdout_label),
@@ -3770,7 +3817,7 @@ class ManagedProcess:
             readers.append(self.watch_stream(stream_name, handler, label=label))
         return readers
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
         """The exit code, waiting cooperatively; None if still running after ``timeout``."""
         timeout = _check_seconds(timeout, "timeout", allow_none=True)
         if self._popen is None:
@@ -3780,10 +3827,10 @@ class ManagedProcess:
         except subprocess.TimeoutExpired:
             return None
 
-    def poll(self):
+    def poll(self) -> Optional[int]:
         return None if self._popen is None else self._popen.poll()
 
-    def stop(self, timeout=None):
+    def stop(self, timeout: Optional[float] = None) -> ManagedProcess:
         """End the process group: SIGTERM, wait, then SIGKILL; stop readers, close pipes.
 
         ``timeout`` overrides ``terminate_timeout``. Idempotent.
@@ -3816,31 +3863,31 @@ class ManagedProcess:
         return self
 
     @property
-    def running(self):
+    def running(self) -> bool:
         return self._popen is not None and self._popen.poll() is None
 
     @property
-    def pid(self):
+    def pid(self) -> Optional[int]:
         return None if self._popen is None else self._popen.pid
 
     @property
-    def stdin(self):
+    def stdin(self) -> Any:
         """The child's stdin pipe (a cooperative file object) when started with stdin=PIPE, else None."""
         return None if self._popen is None else self._popen.stdin
 
     @property
-    def stdout(self):
+    def stdout(self) -> Any:
         return None if self._popen is None else self._popen.stdout
 
     @property
-    def stderr(self):
+    def stderr(self) -> Any:
         return None if self._popen is None else self._popen.stderr
 
     @property
-    def returncode(self):
+    def returncode(self) -> Optional[int]:
         return None if self._popen is None else self._popen.poll()
 
-    def health(self):
+    def health(self) -> Dict[str, Any]:
         return {"name": self.name, "type": "process", "pid": self.pid, "running": self.running,
                 "returncode": self.returncode, "readers": sum(1 for r in self._readers if not r.dead)}
 
@@ -3939,7 +3986,8 @@ class ManagedProcess:
         gevent.joinall(others, timeout=self.kill_timeout)
 
 
-def start_process(name, args, *, owner=None, **popen_kwargs):
+def start_process(name: str, args: Union[str, bytes, Sequence[Any]], *, owner: Any = None,
+                  **popen_kwargs: Any) -> ManagedProcess:
     """Create and start a ManagedProcess (owned by ``owner`` if given)."""
     return ManagedProcess(name).start(args, owner=owner, **popen_kwargs)
 
