@@ -1772,8 +1772,8 @@ class _ModelSubscriber:
         return selector(root)
 
 
-_model_paths = {}
-_model_getters = {}
+_model_paths: Dict[str, Tuple[Any, ...]] = {}
+_model_getters: Dict[str, Callable[[Any], Any]] = {}
 _MODEL_ATOMS = frozenset((str, int, float, bool, type(None), bytes, complex))
 
 
@@ -2288,7 +2288,7 @@ class Outcome:
             return NotImplemented
         return self.to_tuple() == other.to_tuple() and self._status == other._status and self._meta == other._meta
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]  # equal by value, so not hashable
 
     def __repr__(self):
         if self._ok:
@@ -2566,7 +2566,7 @@ def _outcome(ok, value, error, status, meta):
     return outcome
 
 
-_OUTCOME_NO_META = types.MappingProxyType({})
+_OUTCOME_NO_META: Mapping[str, Any] = types.MappingProxyType({})
 
 
 def _outcome_status(status):
@@ -2826,9 +2826,10 @@ class Handler(_Owner):
 
     ``events`` maps event names to method names; ``event_priorities`` orders
     them against other subscribers of the ingress; ``on()`` adds more at run
-    time. When the registry holds ``'socket_ingress'`` the events go through
-    it (and teardown unsubscribes them); otherwise they bind directly on
-    Flask-SocketIO, and teardown mutes them.
+    time. The events go through the app-wide ingress when the registry
+    holds ``'socket_ingress'``, else through one ingress shared by every
+    Handler of that SocketIO; either way several handlers of an event
+    coexist in priority order and teardown removes only this one's.
     """
 
     name: Optional[str] = None
@@ -3265,9 +3266,12 @@ class ServiceManager(Service):
         self._signal_watchers = []
         self._atexit = False
         self._server = None
-        if app is not None and HTTPError not in app.error_handler_spec[None][None]:
-            # Like any Flask extension: an HTTPError raised in any view is JSON.
-            app.register_error_handler(HTTPError, _web_http_error)
+        if app is not None:
+            # Like any Flask extension: findable on the app, and an HTTPError
+            # raised in any of its views is answered as JSON.
+            app.extensions["specter"] = self
+            if HTTPError not in app.error_handler_spec[None][None]:  # keep the app's own
+                app.register_error_handler(HTTPError, _web_http_error)
 
     @property
     def app(self) -> Optional[flask.Flask]:
@@ -3317,8 +3321,13 @@ class ServiceManager(Service):
             raise TypeError("register_controller() takes a Controller, got %s" % _describe(controller))
         if self._app is not None:
             blueprint = controller.build_blueprint(url_prefix)
-            if blueprint.name not in self._app.blueprints:
+            registered = self._app.blueprints.get(blueprint.name)
+            if registered is None:
                 self._app.register_blueprint(blueprint)
+            elif registered is not blueprint:
+                raise ValueError(
+                    "the app already has a blueprint named %r (from another controller or router); "
+                    "give this controller another name" % blueprint.name)
         self.register_service(controller)
         self.register_handler(controller.build_handler())
         return controller
@@ -3430,9 +3439,15 @@ class ServiceManager(Service):
         return self
 
     def health(self) -> Dict[str, Any]:
+        """The manager's health with every service's nested under ``services``.
+
+        ``status`` is 'degraded' while the manager runs but a service does not.
+        """
         report = super().health()
         report["booted"] = self._booted
         report["services"] = [service.health() for service in self._services]
+        if report["status"] == "ok" and any(child["status"] != "ok" for child in report["services"]):
+            report["status"] = "degraded"
         report["handlers"] = [_web_health(handler) for handler in self._handlers]
         report["ingress"] = self._ingress.health()
         return report

@@ -5252,6 +5252,24 @@ class TestServiceManager(SpecterTestCase):
         manager.shutdown()
         self.assertEqual(manager.health()["status"], "stopped")
 
+    def test_health_is_degraded_while_a_service_is_down(self):
+        manager = self.manager()
+        worker = manager.register_service(Service("worker"))
+        manager.boot()
+        self.assertEqual(manager.health()["status"], "ok")
+        worker.stop()
+        self.assertEqual(manager.health()["status"], "degraded")
+
+    def test_the_manager_is_the_apps_specter_extension(self):
+        manager = self.manager()
+        self.assertIs(manager.app.extensions["specter"], manager)
+
+    def test_two_controllers_with_one_name_are_refused(self):
+        manager = self.manager()
+        manager.register_controller(EchoController())
+        with self.assertRaisesRegex(ValueError, "already has a blueprint named 'echo'"):
+            manager.register_controller(EchoController())
+
     def test_properties(self):
         app, sio = make_web_app()
         manager = ServiceManager(app, sio, signals=False)
