@@ -14,9 +14,16 @@ The example shows:
 * ``PresenceHandler``: a ``Handler`` subclass with an ``events`` mapping.
 * A subscriber added straight on the ``SocketIngress`` with ``schema=``.
 * ``boot(app, socketio, ..., providers=..., signals=False)``.
+* The same wiring by hand (``wire_by_hand``): ``ServiceManager(app,
+  socketio, signals=False)``, ``register_service``, ``register_controller``,
+  ``register_handler``, then ``manager.boot(providers=...)``; nothing starts
+  before ``boot()``. On that app, ``manager.socket_ingress.dispatch(...)``
+  drives a socket event from server-side code (no client), and the message
+  contract is served as JSON Schema (``Schema.to_json_schema()``).
 
 With --once the app is driven in-process with Flask's test_client and
-Flask-SocketIO's test_client, and every response and ack is printed.
+Flask-SocketIO's test_client, and every response and ack is printed; then a
+second app, wired by hand, is driven the same way.
 Without it the app is served on http://127.0.0.1:5001 by ``manager.run()``
 (Ctrl-C to stop, or --seconds N to stop by itself).
 
@@ -42,6 +49,8 @@ from specter import (
     Router,
     Schema,
     Service,
+    ServiceManager,
+    SocketIngress,
     boot,
     expect_json,
     json_endpoint,
@@ -106,6 +115,10 @@ class ChatController(Controller):
         @router.route("/rooms/<room>/messages")
         def list_messages(room):
             return Outcome.success(self.rooms.get(("rooms", room), []), room=room)
+
+        @router.route("/schemas/message")
+        def message_contract():
+            return self.schema("message").to_json_schema()  # clients can validate before sending
 
     def build_events(self, handler):
         handler.on("send_message", self.audit, priority=10)  # runs first, sees the raw payload
@@ -211,6 +224,27 @@ def wire(app, socketio):
     return manager, chat
 
 
+def wire_by_hand(app, socketio):
+    """What wire() does with boot(), as explicit ServiceManager calls; returns (manager, chat).
+
+    Registration only records things (and mounts the controller's blueprint);
+    ``manager.boot()`` provides the registry keys, starts the services in
+    registration order and sets up the handlers.
+    """
+    manager = ServiceManager(app, socketio, signals=False)
+    moderation = manager.register_service(Moderation())  # registered first: started first
+    chat = manager.register_controller(ChatController(), url_prefix="/chat")
+    presence = manager.register_handler(PresenceHandler())
+    print("registered, before boot(): moderation=%s chat=%s presence.registered=%s booted=%s"
+          % (moderation.status, chat.status, presence.registered, manager.booted))
+    manager.boot(providers={"moderation": moderation})  # also provided under a key, for service()
+    print("after boot(): moderation=%s chat=%s presence.registered=%s booted=%s; "
+          "chat.service('moderation') is moderation -> %s"
+          % (moderation.status, chat.status, presence.registered, manager.booted,
+             chat.service("moderation") is moderation))
+    return manager, chat
+
+
 # Demo #########################################################################
 
 def show_http(http, method, url, **kwargs):
@@ -283,6 +317,36 @@ def demo(app, socketio, manager, chat):
     print("\nshutdown: booted=%s, manager status=%s" % (manager.booted, manager.status))
 
 
+def demo_by_hand(app, socketio, manager, chat):
+    http = app.test_client()
+
+    print("\n== the message contract as JSON Schema: GET /chat/schemas/message")
+    contract = http.get("/chat/schemas/message").get_json()
+    print(json.dumps(contract, indent=2))
+    assert contract == message_schema.to_json_schema() and contract["required"] == ["room", "text"]
+
+    print("\n== SocketIngress.dispatch: a socket event driven from server-side code")
+    ingress = manager.socket_ingress  # the one SocketIngress every handler of this app goes through
+    print("manager.socket_ingress is a SocketIngress: %s; events: %s"
+          % (isinstance(ingress, SocketIngress), ingress.health()["events"]))
+    carol = socketio.test_client(app)
+    show_ack(carol, "join", {"room": "ops"})
+    # A cron job or a webhook can reuse the event's whole pipeline (priorities, schema, ack):
+    ack = ingress.dispatch("send_message", {"room": "ops", "text": "deploy finished", "author": "ci-bot"})
+    print("dispatch('send_message', valid)   -> %s" % json.dumps(ack))
+    refused = ingress.dispatch("send_message", {"room": "ops"})
+    print("dispatch('send_message', invalid) -> %s" % json.dumps(refused))
+    print("dispatch('no_such_event') -> %r (no subscribers)" % ingress.dispatch("no_such_event"))
+    received = ["%s %s" % (e["name"], json.dumps(e["args"][0])) for e in carol.get_received()]
+    print("carol, in room 'ops', received: %s" % received)
+    assert ack["ok"] and ack["status"] == 201 and refused["status"] == 400
+    assert [e.split()[0] for e in received] == ["new_message"]
+
+    carol.disconnect()
+    manager.shutdown()
+    print("\nshutdown: booted=%s, chat status=%s" % (manager.booted, chat.status))
+
+
 def setup_logging():
     """Send specter's log to stdout, one line per record (an expected error shows no traceback)."""
     class OneLine(logging.Formatter):
@@ -309,6 +373,9 @@ def main():
     manager, chat = wire(app, socketio)
     if args.once:
         demo(app, socketio, manager, chat)
+        print("\n== a second app, wired by hand: ServiceManager + register_* + boot()")
+        app, socketio = create_app()
+        demo_by_hand(app, socketio, *wire_by_hand(app, socketio))
         return
     if args.seconds is not None:
         gevent.spawn_later(args.seconds, manager.shutdown)

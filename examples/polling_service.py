@@ -4,9 +4,16 @@ A greenhouse sensor is read ten times a second. The example shows:
 
 * ``interval``: a fixed rate. Tick k is due at start + k * period, so the
   30 ms each read takes does not push the later ticks back.
-* ``spawn``: owned greenlets (a one-off calibration, and a heartbeat loop
-  whose ``finally`` block runs when ``stop()`` kills it).
+* ``spawn``: owned greenlets (a heartbeat loop whose ``finally`` block runs
+  when ``stop()`` kills it, and a scan for a backup sensor);
+  ``spawn_later``: the calibration, 0.15 s after the start.
 * ``timeout``: a one-shot callback.
+* Cancelling work that is no longer needed: once calibrated, the service
+  stops its calibration blinker (``cancel_interval``), disarms a watchdog
+  (``cancel_timeout``) and ends the backup scan (``cancel_greenlet``; its
+  ``finally`` runs).
+* ``adopt``: a child ``ReadingLog`` service is started with the poller and
+  stopped by the poller's ``stop()``.
 * ``listen`` / ``emit``: the service publishes readings on the bus and takes
   commands from it.
 * ``set_state`` with ``subscribe`` (an outside observer) and ``watch`` (an
@@ -32,6 +39,17 @@ from specter import Service, bus
 PERIOD = 0.1  # seconds between two reads
 
 
+class ReadingLog(Service):
+    """Records every reading; adopted by the poller, so its lifecycle follows the poller's."""
+
+    def on_start(self):
+        self.readings = []
+        self.listen("sensor:reading", lambda reading: self.readings.append(reading["celsius"]))
+
+    def on_stop(self):
+        print("ReadingLog.on_stop: stopped with its parent, after logging %d readings" % len(self.readings))
+
+
 class SensorPoller(Service):
     """Reads a (simulated) sensor every PERIOD seconds and publishes each reading."""
 
@@ -40,11 +58,17 @@ class SensorPoller(Service):
             "ticks": 0, "celsius": None, "threshold": threshold, "alarm": False, "calibrated": False,
         })
         self.tick_offsets = []
+        self.log = ReadingLog()
 
     def on_start(self):
         self.started_at = time.monotonic()
+        self.adopt(self.log)  # started now, stopped by our stop()
         self.interval(self.read_sensor, PERIOD)
-        self.spawn(self.calibrate, label="calibrate")
+        self.blinks = 0
+        self.blinker = self.interval(self.blink, 0.05)  # an LED blinks while calibrating
+        self.watchdog = self.timeout(self.calibration_overdue, 0.5)  # fires only if calibration hangs
+        self.scanner = self.spawn(self.scan_for_backup, label="scan")
+        self.spawn_later(0.15, self.calibrate, label="calibrate")
         self.spawn(self.heartbeat, label="heartbeat")
         self.timeout(self.first_report, 0.35)
         self.listen("sensor:set-threshold", self.on_set_threshold)
@@ -66,8 +90,29 @@ class SensorPoller(Service):
         self.emit("sensor:reading", {"tick": ticks, "celsius": celsius, "at": offset})
 
     def calibrate(self):
-        gevent.sleep(0.15)
+        """Runs once, 0.15 s after the start; then the calibration-time work is cancelled."""
         self.set_state({"calibrated": True})
+        print("calibrated at %.2f s after %d blinks: cancel_interval(blinker) -> %s, "
+              "cancel_timeout(watchdog) -> %s, cancel_timeout again -> %s"
+              % (time.monotonic() - self.started_at, self.blinks, self.cancel_interval(self.blinker),
+                 self.cancel_timeout(self.watchdog), self.cancel_timeout(self.watchdog)))
+        self.cancel_greenlet(self.scanner)  # kills it and waits: its finally has run on return
+        print("cancel_greenlet(scanner) returned; scanner dead: %s" % self.scanner.dead)
+
+    def blink(self):
+        self.blinks += 1
+
+    def calibration_overdue(self):
+        print("watchdog: calibration is overdue!")  # never printed: calibrate() disarms it
+
+    def scan_for_backup(self):
+        tries = 0
+        try:
+            while True:
+                gevent.sleep(0.04)
+                tries += 1
+        finally:
+            print("scanner: finally block ran after %d tries (cancel_greenlet sent GreenletExit)" % tries)
 
     def heartbeat(self):
         beats = 0
@@ -159,11 +204,14 @@ def main():
     poller.stop()
     after = live_greenlets()
     health = poller.health()
-    print("stopped: status=%s counts=%s" % (health["status"], health["counts"]))
+    print("stopped: status=%s counts=%s; adopted ReadingLog status=%s"
+          % (health["status"], health["counts"], poller.log.status))
     print("live greenlets after stop: %d (before start: %d); 'sensor:set-threshold' listeners left: %d"
           % (after, before, bus.listener_count("sensor:set-threshold")))
     assert after == before, "stop() left greenlets behind"
     assert health["status"] == "stopped" and not any(health["counts"].values())
+    assert poller.log.status == "stopped" and poller.log.readings
+    assert poller.blinks and poller.state["calibrated"]
 
 
 if __name__ == "__main__":

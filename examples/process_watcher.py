@@ -14,6 +14,10 @@ The example shows:
    (``transform``, ``dedupe``, and retry with backoff on a flaky
    thermometer) and one in stream mode following a child's output. Its
    ``stop()`` stops both and the child they follow.
+7. ``attach(owner)``: children started with no owner are handed to a
+   service afterwards; its ``stop()`` stops them. A child that is stopped
+   earlier leaves its owner, so a long-lived service does not pile up the
+   short-lived processes it once owned.
 
 Run:  python examples/process_watcher.py [--once | --seconds N]
 """
@@ -232,6 +236,26 @@ def hub_demo(seconds):
     assert thermometer["error_count"] == 3 and not alive(child)
 
 
+class Supervisor(Service):
+    """Owns nothing of its own: the children are attached to it from outside."""
+
+
+def attach_demo():
+    print("\n== 7. attach(owner): hand already-running children to a service")
+    supervisor = Supervisor().start()
+    workers = [start_process("worker-%d" % n, ["sleep", "30"]) for n in (1, 2)]  # no owner yet
+    for worker in workers:
+        worker.attach(supervisor)  # supervisor.stop() will now stop it
+    print("attached pids %s; supervisor owns %d resource(s)"
+          % ([w.pid for w in workers], len(supervisor.health()["resources"])))
+    workers[0].stop()  # ended early: it leaves its owner
+    print("worker-1 stopped early: supervisor owns %d resource(s)" % len(supervisor.health()["resources"]))
+    supervisor.stop()
+    print("supervisor stopped: worker-2 running=%s returncode=%r (SIGTERM); pids alive: %s"
+          % (workers[1].running, workers[1].returncode, [alive(w.pid) for w in workers]))
+    assert not any(w.running or alive(w.pid) for w in workers)
+
+
 def setup_logging():
     """Send specter's log to stdout, one line per record (an expected error shows no traceback)."""
     class OneLine(logging.Formatter):
@@ -257,6 +281,7 @@ def main():
     stubborn_demo()
     group_demo()
     hub_demo(0.9 if args.once else max(args.seconds, 0.9))
+    attach_demo()
 
 
 if __name__ == "__main__":

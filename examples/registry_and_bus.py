@@ -11,6 +11,10 @@ The example shows:
   keys), ``resolve``, ``replace=True``; ``wait_for`` binding late to a
   value another greenlet provides, or timing out; entries provided with
   ``owner=`` a service disappear when that service stops.
+* ``SPECTERRegistry`` (also exported as ``Registry``): ``registry`` is one
+  instance of it; code that takes its registry as an argument can be wired
+  with a private ``SPECTERRegistry()`` in a test, isolated from the global
+  one.
 * ``Operation`` / ``OperationError`` / ``Outcome``: ``run()`` always returns
   an Outcome, for a success, a refusal (with status and meta) and an
   unexpected crash (a generic 500; the details stay in the log).
@@ -26,7 +30,17 @@ import sys
 
 import gevent
 
-from specter import EventBus, Operation, OperationError, Outcome, Service, bus, registry
+from specter import (
+    EventBus,
+    Operation,
+    OperationError,
+    Outcome,
+    Registry,
+    Service,
+    SPECTERRegistry,
+    bus,
+    registry,
+)
 
 
 def bus_demo():
@@ -130,6 +144,42 @@ def registry_demo():
     registry.clear()
 
 
+def send_welcome(user, services=registry):
+    """Feature code that takes its registry as an argument: the global one unless told otherwise."""
+    mailer = services.require("mailer")
+    return mailer("Welcome, %s!" % user)
+
+
+def private_registry_demo():
+    print("\n== SPECTERRegistry: a private registry for isolated wiring")
+    print("Registry is SPECTERRegistry -> %s; the global registry is one: isinstance -> %s"
+          % (Registry is SPECTERRegistry, isinstance(registry, SPECTERRegistry)))
+    sent = []
+
+    def fake_mailer(text):
+        sent.append(text)
+        return "queued"
+
+    test_services = SPECTERRegistry()  # a test's own composition root
+    test_services.provide("mailer", fake_mailer)
+    print("send_welcome('ana', services=test_services) -> %r; the fake mailer recorded %s"
+          % (send_welcome("ana", services=test_services), sent))
+    print("the global registry never saw it: has('mailer') -> %s; keys: %s"
+          % (registry.has("mailer"), registry.list()))
+    try:
+        send_welcome("bob")  # the default: the global registry, where nothing is provided
+    except KeyError as exc:
+        print("send_welcome('bob') on the global registry -> KeyError: %s" % exc.args[0])
+    worker = JobStore().start()  # provides itself in the *global* registry, owned by itself
+    scoped = Registry()
+    scoped.provide("jobs.store", worker, owner=worker)  # owner= works on any registry
+    worker.stop()
+    print("owner-scoped entries leave every registry: global has('jobs.store') -> %s, private -> %s"
+          % (registry.has("jobs.store"), scoped.has("jobs.store")))
+    assert sent == ["Welcome, ana!"] and not registry.has("mailer") and not scoped.has("jobs.store")
+    test_services.clear()
+
+
 class ScheduleJob(Operation):
     """Schedule a job: refuse bad input with OperationError, crash on a 'boom' job."""
 
@@ -188,6 +238,7 @@ def main():
     setup_logging()
     bus_demo()
     registry_demo()
+    private_registry_demo()
     operation_demo()
     print("\nthe module-level bus has %d listeners left" % bus.listener_count())
 

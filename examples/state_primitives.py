@@ -5,6 +5,9 @@ The example shows:
 * ``Store``: ``set``, ``update`` (edit a draft, or return a replacement),
   ``delete`` (no notification when nothing was removed), ``subscribe`` and
   ``emit_events`` (a ``'jobs:changed'`` bus event after every change).
+  ``create_store``/``create_model``/``create_cache`` return plain ``Store``,
+  ``Model`` and ``Cache`` instances; the classes can be constructed directly
+  or subclassed to add domain methods (a ``Tally(Store)`` here).
 * ``Model``: paths (``'a.b.c'`` or a tuple), path and callable selectors
   that fire only when the selected value changes, ``patch``, ``update``,
   ``delete``, copies in and out, and commit-order notifications: a write
@@ -26,12 +29,21 @@ import sys
 
 import gevent
 
-from specter import bus, create_cache, create_model, create_store
+from specter import Cache, Model, Store, bus, create_cache, create_model, create_store
+
+
+class Tally(Store):
+    """A Store subclass: a domain method on top of update(); subscribers work as usual."""
+
+    def bump(self, key, by=1):
+        return self.update(lambda draft: draft.update({key: draft.get(key, 0) + by}))
 
 
 def store_demo():
     print("== Store: flat shared state")
     jobs = create_store("jobs", {"queued": 0, "running": 0}, emit_events=True)
+    print("create_store(...) returned a %s: isinstance(jobs, Store) -> %s"
+          % (type(jobs).__name__, isinstance(jobs, Store)))
     jobs.subscribe(lambda snapshot, store: print("  subscriber: %s" % snapshot))
     stop_listening = bus.on("jobs:changed", lambda snapshot: print("  bus 'jobs:changed': %s" % snapshot))
 
@@ -49,6 +61,15 @@ def store_demo():
     stop_listening()
     jobs.destroy()
 
+    print("Tally(Store) constructed directly, with a bump() method of its own")
+    outcomes = Tally("outcomes", {"ok": 0})
+    outcomes.subscribe(lambda snapshot, store: print("  subscriber: %s" % snapshot))
+    outcomes.bump("ok")
+    outcomes.bump("failed")
+    outcomes.bump("ok", by=2)
+    assert isinstance(outcomes, Store) and outcomes.get() == {"ok": 3, "failed": 1}
+    outcomes.destroy()
+
 
 def model_demo():
     print("\n== Model: nested state, paths and selectors")
@@ -59,6 +80,8 @@ def model_demo():
         },
         "alerts": [],
     })
+    print("create_model(...) returned a %s: isinstance(fleet, Model) -> %s"
+          % (type(fleet).__name__, isinstance(fleet, Model)))
 
     def online(state):
         return sorted(name for name, sensor in state["sensors"].items() if sensor.get("online"))
@@ -138,9 +161,11 @@ def cache_demo():
     assert len(calls) == 2 and len(lookups) == 1
 
     print("\n== Cache: depends_on cascades readings -> stats -> report")
-    readings = create_cache("readings")
-    stats = create_cache("stats", depends_on=["readings:invalidated"])
+    readings = Cache("readings")  # the class itself: create_cache(...) is the same call
+    stats = Cache("stats", depends_on=["readings:invalidated"])
     report = create_cache("report", depends_on=["stats:invalidated"])
+    print("Cache(...) and create_cache(...) make the same kind of object: %s"
+          % all(type(cache) is Cache for cache in (forecast, readings, stats, report)))
     order = []
     for cache in (readings, stats, report):
         cache.set("%s v1" % cache.name)
