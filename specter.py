@@ -133,6 +133,25 @@ def _drop(obj, attr, item):
     return len(kept) != len(items)
 
 
+def _run_all(steps, on_error):
+    """Run every step even when one fails: teardown must not stop halfway.
+
+    An Exception goes to ``on_error(label)`` (which logs it); the first
+    interruption (GreenletExit, a Timeout, KeyboardInterrupt) is re-raised
+    once every step has run.
+    """
+    interrupted = None
+    for step in steps:
+        try:
+            step()
+        except Exception:
+            on_error(_callable_name(step))
+        except BaseException as exc:  # finish first, then let it through
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
+
+
 def _describe(value):
     text = repr(value)
     if len(text) > 60:
@@ -439,13 +458,18 @@ class _Owner:
                 raise TypeError("%s has no callable %r" % (_describe(resource), stop_method))
         else:
             fn = _check_callable(stop_method, "stop_method")
+        self._hold(fn, resource)
+        return resource
+
+    def _hold(self, fn, resource):
         if self._cleanups is None:
             self._cleanups = []
+        elif any(held is resource for _, held in self._cleanups):
+            return  # owned already: one release is enough
         self._cleanups.append((fn, resource))
         owners = getattr(resource, "_owners", None)
-        if type(owners) is list:
+        if type(owners) is list and self not in owners:
             owners.append(self)  # so a resource released early can leave (see _disown)
-        return resource
 
     def _disown(self, resource):
         """Forget ``resource``: it was released on its own before this owner's teardown."""
@@ -464,7 +488,10 @@ class _Owner:
         """Run and forget the cleanups, newest first; failures are logged."""
         cleanups, self._cleanups = self._cleanups, None
         while cleanups:
-            fn, _ = cleanups.pop()
+            fn, resource = cleanups.pop()
+            owners = getattr(resource, "_owners", None)
+            if type(owners) is list and self in owners:
+                owners.remove(self)  # this owner is done with it for good
             try:
                 fn()
             except Exception:
@@ -512,6 +539,7 @@ class Service(_Owner):
         self._state_subs = _Subscribers()
         self._transitioner = None
         self._settled = None
+        self._stop_requested = False
         self._errors = 0
         self._last_error = None
         self._restarts = 0
@@ -548,22 +576,24 @@ class Service(_Owner):
         self._begin_transition("starting")
         self._failure = None
         self._stuck = ()
+        self._stop_requested = False
         try:
             self._lifecycle_started()
         except BaseException:
-            if self._status in _ACTIVE:
-                _service_log.debug("%s: start failed, rolling back", self.name)
-                self._status = "stopping"
-                try:
-                    self._release()
-                finally:
-                    self._status = "stopped"
-            self._end_transition()
+            _service_log.debug("%s: start failed, rolling back", self.name)
+            self._status = "stopping"
+            try:
+                self._release()
+            finally:
+                self._status = "stopped"
+                self._end_transition()
             raise
         if self._status == "starting":
             self._status = "running"
         self._end_transition()
         _service_log.debug("%s: started", self.name)
+        if self._stop_requested:
+            self.stop()
         return self
 
     def stop(self: _S) -> _S:
@@ -576,13 +606,20 @@ class Service(_Owner):
         subscribers. The release runs even if the stopping greenlet is
         interrupted. A greenlet of the service that calls stop() is spared
         and ends when its callback returns; any other caller waits for a
-        stop in progress to finish.
+        start or stop in progress to finish. Called while the service is
+        starting, from on_start or a greenlet it spawned, stop() is deferred:
+        start() stops the service as soon as on_start returns.
         """
         current = getcurrent()
-        if self._status == "stopping" and (self._transitioner is current or current in self._tasks):
+        ours = self._transitioner is current or current in self._tasks
+        if self._status == "stopping" and ours:
             return self  # re-entrant, or one of ours: the stop under way finishes without us
-        if not (self._status == "starting" and self._transitioner is current):
-            self._await_transition()
+        if self._status == "starting" and ours:
+            # From on_start or a greenlet it spawned: tearing down under a
+            # running on_start would race it, so start() stops once it returns.
+            self._stop_requested = True
+            return self
+        self._await_transition()
         if self._status not in _ACTIVE:
             if self._cleanups or self._children or self._timers or self._tasks or self._listeners:
                 self._release()
@@ -613,8 +650,9 @@ class Service(_Owner):
         return self
 
     def get_state(self) -> Dict[str, Any]:
-        """A shallow copy of ``state``."""
-        return dict(self.state)
+        """A shallow copy of ``state`` (a snapshot, if a subclass replaced it with a Store or Model)."""
+        state = self.state
+        return state.snapshot() if isinstance(state, (Store, Model)) else dict(state)
 
     def subscribe(self, fn: Callable[..., Any], immediate: bool = False,
                   owner: Any = None) -> Callable[[], bool]:
@@ -792,8 +830,7 @@ class Service(_Owner):
     def _begin_transition(self, status):
         self._status = status
         self._transitioner = getcurrent()
-        if self._settled is None or self._settled.is_set():
-            self._settled = gevent.event.Event()  # else: nested (stop() inside on_start), share it
+        self._settled = gevent.event.Event()
 
     def _end_transition(self):
         self._transitioner = None
@@ -878,15 +915,9 @@ class Service(_Owner):
         or a Timeout while it waits for greenlets to die); the interruption
         is re-raised once the release is complete.
         """
-        interrupted = None
-        for step in (self._release_timers, self._release_tasks, self._release_listeners,
-                     self._release_children, self._run_cleanups, self._state_subs.clear):
-            try:
-                step()
-            except BaseException as exc:  # finish the release, then re-raise
-                interrupted = interrupted or exc
-        if interrupted is not None:
-            raise interrupted
+        _run_all((self._release_timers, self._release_tasks, self._release_listeners,
+                  self._release_children, self._run_cleanups, self._state_subs.clear),
+                 self._record_error)
 
     def _release_timers(self):
         timers, self._timers = self._timers, None
@@ -918,11 +949,7 @@ class Service(_Owner):
 
     def _release_children(self):
         children, self._children = self._children, None
-        for child in reversed(children or ()):
-            try:
-                child.stop()
-            except Exception:
-                self._record_error("stop of child %s" % child.name)
+        _run_all([child.stop for child in reversed(children or ())], self._record_error)
 
     def _deliver_state(self, snapshot):
         for fn in self._state_subs.entries:
@@ -1055,7 +1082,8 @@ class QueueService(Service):
     def _work(self):
         get, done = self.queue.get, self.queue.task_done
         handle = self.handle_item
-        while True:
+        workers = self._workers
+        while self._workers is workers:  # a worker that stopped the service ends here
             item = get()
             try:
                 handle(item)
@@ -1608,7 +1636,7 @@ class Cache:
         self._flight = None
         self._flight_owner = None
         self._callbacks = ()
-        self._invalidating = None
+        self._invalidating = set()  # greenlets inside an invalidation cascade of this cache
         self._event = "%s:invalidated" % self.name
         if depends_on is None:
             depends_on = ()
@@ -1688,9 +1716,10 @@ class Cache:
 
     def invalidate(self) -> None:
         """Empty the cache, call on_invalidate callbacks, emit '{name}:invalidated'."""
-        if self._invalidating is getcurrent():
+        current = getcurrent()
+        if current in self._invalidating:
             return  # a dependency cycle came back to us: this cascade is done
-        outer, self._invalidating = self._invalidating, getcurrent()
+        self._invalidating.add(current)
         try:
             self._value = None
             self._expires = -math.inf
@@ -1705,7 +1734,7 @@ class Cache:
                                          self.name, _callable_name(callback))
             bus.emit(self._event, {"name": self.name})
         finally:
-            self._invalidating = outer
+            self._invalidating.discard(current)
 
     def on_invalidate(self, callback: Callable[..., Any]) -> Callable[[], bool]:
         """Call ``callback(cache)`` on every invalidation; returns an unsubscribe."""
@@ -3116,7 +3145,11 @@ class SocketIngress:
             except Exception as exc:
                 _web_log.exception("ingress %s: subscriber %s of %r raised", self.name,
                                    _callable_name(entry.callback), event)
+                if event == "connect":
+                    return False  # fail closed: a crashed check must not let the client in
                 value = self.dispatch_default_error(exc)
+            if value is False and event == "connect":
+                return False  # one refusal is final, whatever later subscribers say
             if value is not None:
                 result = value
         if isinstance(result, Outcome):
@@ -3382,24 +3415,11 @@ class ServiceManager(Service):
         self._shutting_down = True
         self._shutdown_greenlet = getcurrent()
         self._shutdown_done = gevent.event.Event()
+        steps = [handler.teardown for handler in reversed(self._handlers)]
+        steps += [service.stop for service in reversed(self._services)]
+        steps += [self._ingress.clear, self.stop, registry.clear, self._stop_server]
         try:
-            for handler in reversed(self._handlers):
-                try:
-                    handler.teardown()
-                except Exception:
-                    self._record_error("teardown of handler %r" % handler)
-            for service in reversed(self._services):
-                try:
-                    service.stop()
-                except Exception:
-                    self._record_error("stop of service %s" % service.name)
-            self._ingress.clear()
-            self.stop()
-            registry.clear()
-            self._booted = False
-            server, self._server = self._server, None
-            if server is not None:
-                server.stop(timeout=self.stop_timeout)
+            _run_all(steps, self._record_error)
         finally:
             self._shutting_down = False
             # Signal handlers stay until the end, so a second Ctrl-C during a
@@ -3465,6 +3485,12 @@ class ServiceManager(Service):
                 registry.provide(key, value, owner=self, replace=True)
                 if isinstance(value, Service):
                     value.start()
+
+    def _stop_server(self):
+        self._booted = False
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop(timeout=self.stop_timeout)
 
     def _install_signals(self):
         if self._signal_watchers:
@@ -3745,6 +3771,7 @@ class ManagedProcess:
         self._readers = []
         self._owners = []
         self._watched = set()
+        self._group_gone = False
         self._reaper = None
 
     def start(self, args: Union[str, bytes, Sequence[Any]], *, owner: Any = None,
@@ -3772,6 +3799,9 @@ class ManagedProcess:
         self._popen = gevent.subprocess.Popen(args, **popen_kwargs)
         self._pgid = self._popen.pid  # a new session's leader leads its group
         self._watched = set()
+        self._group_gone = False
+        for holder in self._owners:
+            holder._hold(self.stop, self)  # its owners own the new run too
         self._reaper = gevent.spawn(self._reap, self._popen)
         self._reaper.name = "%s:reaper" % self.name
         _process_log.debug("%s: started pid %d", self.name, self._popen.pid)
@@ -3811,6 +3841,9 @@ class ManagedProcess:
         if stream is None:
             raise ValueError("%s of %s is not piped; start it with %s=ManagedProcess.PIPE"
                              % (stream_name, self.name, stream_name))
+        if stream.closed:
+            raise ValueError("%s of %s is closed: the process has ended and been released"
+                             % (stream_name, self.name))
         label = label or stream_name
         self._watched.add(stream_name)
         reader = gevent.spawn(self._read, stream, handler, chunk_size, strip, label, close_on_exit)
@@ -3854,7 +3887,7 @@ class ManagedProcess:
         popen = self._popen
         if popen is None:
             return self
-        if popen.poll() is None or self._group_alive():
+        if popen.poll() is None or (not self._group_gone and self._group_alive()):
             _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
             self._signal_group(signal.SIGTERM)
             if self._wait_group(grace):
@@ -3866,15 +3899,8 @@ class ManagedProcess:
         reaper, self._reaper = self._reaper, None
         if reaper is not None and reaper is not getcurrent():
             reaper.kill(block=True, timeout=self.kill_timeout)
-        for stream in (popen.stdin, popen.stdout, popen.stderr):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass  # already broken or closed: nothing left to release
-        owners, self._owners = self._owners, []
-        for owner in owners:
-            owner._disown(self)
+        _process_close(popen.stdin, popen.stdout, popen.stderr)
+        self._leave_owners()
         return self
 
     @property
@@ -3961,8 +3987,9 @@ class ManagedProcess:
             os.killpg(self._pgid, 0)
         except (ProcessLookupError, PermissionError):
             return False
-        # Something answers; only /proc can tell the living from zombies.
-        members = _process_group_members(self._pgid)
+        # Something answers; only /proc can tell the living from zombies. The
+        # scan reads every /proc/*/stat, so it runs off the hub, in a thread.
+        members = gevent.get_hub().threadpool.apply(_process_group_members, (self._pgid,))
         return True if members is None else bool(members)
 
     def _wait_group(self, timeout):
@@ -3978,20 +4005,28 @@ class ManagedProcess:
         return self._popen.poll() is None
 
     def _reap(self, popen):
-        """Once the child has exited and its output is read, release it without waiting for stop().
+        """Once the child and its group are gone and its watched output is read, release it.
 
         So a long-running service can run many short processes without
-        holding their pipes and owner entries. Descendants still alive, or a
-        pipe nobody reads, leave the release to stop().
+        holding their pipes and owner entries. Descendants still alive leave
+        the release to stop(); a pipe read by hand stays open for its reader.
         """
         popen.wait()
-        gevent.joinall(list(self._readers))
+        while True:  # readers added late, while the others finished, count too
+            readers = [reader for reader in self._readers if not reader.dead]
+            if not readers:
+                break
+            gevent.joinall(readers)
         if self._popen is not popen or self._group_alive():
             return
-        for name in ("stdout", "stderr"):
-            if getattr(popen, name) is not None and name not in self._watched:
-                return
-        self.stop()
+        self._group_gone = True  # its pgid may be reused from now on: never signal it again
+        _process_close(popen.stdin, *(getattr(popen, name) for name in self._watched))
+        self._leave_owners()
+
+    def _leave_owners(self):
+        """Drop out of the owners' teardown lists; they take the process back if it restarts."""
+        for holder in self._owners:
+            holder._disown(self)
 
     def _stop_readers(self):
         readers, self._readers = self._readers, []
@@ -4005,6 +4040,15 @@ def start_process(name: str, args: Union[str, bytes, Sequence[Any]], *, owner: A
                   **popen_kwargs: Any) -> ManagedProcess:
     """Create and start a ManagedProcess (owned by ``owner`` if given)."""
     return ManagedProcess(name).start(args, owner=owner, **popen_kwargs)
+
+
+def _process_close(*streams):
+    for stream in streams:
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass  # already broken or closed: nothing left to release
 
 
 def _process_drain(stream):

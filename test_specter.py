@@ -1632,6 +1632,31 @@ class TestService(SpecterTestCase):
             self.assertEventually(lambda: len(attempts) == 3)
         self.assertEqual((svc.health()["restarts"], svc.status), (2, "running"))
 
+    def test_stop_from_a_greenlet_spawned_by_on_start_is_deferred_not_deadlocked(self):
+        class Connector(Service):
+            def on_start(self):
+                self.spawn(self.stop).join()  # gives up while on_start still waits for it
+
+        svc = Connector()
+        self.assertIs(svc.start(), svc)
+        self.assertEqual(svc.status, "stopped")
+        self.assertEqual(svc.health()["counts"]["tasks"], 0)
+
+    def test_stop_inside_on_start_stops_once_on_start_returns(self):
+        steps = []
+
+        class Quitter(Service):
+            def on_start(self):
+                self.interval(lambda: None, 1)
+                self.stop()
+                steps.append(self.status)
+
+        svc = Quitter().start()
+        self.assertEqual((steps, svc.status), (["starting"], "stopped"))
+        self.assertEqual(svc.health()["counts"]["intervals"], 0)
+        svc.start()  # and it can start again
+        self.assertEqual(svc.status, "stopped")
+
     def test_supervise_gives_up_after_max_restarts_within_window(self):
         attempts = []
         failures = Recorder()
@@ -1874,6 +1899,24 @@ class TestQueueService(SpecterTestCase):
         gate.set()
         self.assertTrue(svc.join(timeout=WAIT))
         self.assertEqual(svc.pending_count(), 0)
+
+    def test_a_worker_that_stops_its_service_ends_with_it(self):
+        class Poison(QueueService):
+            def handle_item(self, item):
+                if item == "stop":
+                    self.stop()
+
+        svc = Poison("poison", worker_count=1).start()
+        self.addCleanup(svc.stop)
+        started = time.monotonic()
+        svc.enqueue("stop")
+        self.assertTrue(wait_until(lambda: svc.status == "stopped"))
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertTrue(wait_until(lambda: svc.health()["counts"]["tasks"] == 0))
+        svc.start()
+        svc.enqueue("work")
+        self.assertTrue(svc.join(timeout=1))
+        self.assertEqual(svc.health()["counts"]["tasks"], 1)  # only the new worker
 
     def test_workers_run_without_super_on_start_or_on_stop(self):
         hooks = []
@@ -2206,6 +2249,7 @@ class TestWatcher(SpecterTestCase):
         with self.assertLogs("specter", "WARNING") as logs:
             watcher.start()
             self.assertTrue(wait_until(lambda: watcher.health()["error_count"] >= 1))
+            watcher.stop()
         warnings = [r for r in logs.records
                     if r.levelno == logging.WARNING and "upstream returned 503" in r.getMessage()]
         self.assertTrue(warnings, logs.output)
@@ -3034,6 +3078,15 @@ class TestCache(SpecterTestCase):
         release.set()
         self.assertEqual((first.get(timeout=1), later.get(timeout=1)), ("old", "new"))
         self.assertEqual(cache.get(), "new")
+
+    def test_concurrent_cascades_through_a_cycle_terminate(self):
+        counts = {"a": 0, "b": 0}
+        a = create_cache("a", depends_on=["b:invalidated"])
+        b = create_cache("b", depends_on=["a:invalidated"])
+        for cache in (a, b):
+            cache.on_invalidate(lambda c: (counts.__setitem__(c.name, counts[c.name] + 1), gevent.sleep(0)))
+        gevent.joinall([gevent.spawn(a.invalidate), gevent.spawn(b.invalidate)], timeout=2)
+        self.assertEqual(counts, {"a": 2, "b": 2})  # each cascade invalidates each cache once
 
     def test_concurrent_invalidations_from_two_greenlets_both_happen(self):
         cache = create_cache("c")
@@ -4626,6 +4679,20 @@ class TestSocketIngress(SpecterTestCase):
         self.assertFalse(sio.test_client(app, auth={"token": "bad"}).is_connected())
         self.assertTrue(sio.test_client(app, auth={"token": "good"}).is_connected())
 
+    def test_connect_fails_closed(self):
+        app, sio, ingress = self.make()
+
+        def crashing_check(auth=None):
+            raise KeyError("token store unavailable")
+        ingress.subscribe("connect", crashing_check, priority=1)
+        ingress.subscribe("connect", lambda auth=None: True, priority=2)
+        with self.assertLogs("specter", "ERROR"):
+            self.assertFalse(sio.test_client(app, auth={"token": "x"}).is_connected())
+        ingress.clear()
+        ingress.subscribe("connect", lambda auth=None: False, priority=1)
+        ingress.subscribe("connect", lambda auth=None: True, priority=2)
+        self.assertFalse(sio.test_client(app, auth={"token": "x"}).is_connected())
+
     def test_connect_and_disconnect_subscribers_may_take_no_arguments(self):
         app, sio, ingress = self.make()
         seen = []
@@ -5132,6 +5199,20 @@ class TestServiceManager(SpecterTestCase):
         with self.assertRaisesRegex(TypeError, "debug"):
             manager.run(port=0, debug=True)
         self.assertFalse(manager.booted)
+
+    def test_an_interrupted_shutdown_still_stops_everything(self):
+        class Slow(Service):
+            def on_stop(self):
+                gevent.sleep(0.2)
+        manager = self.manager()
+        fast = manager.register_service(Service("fast"))
+        manager.register_service(Slow())
+        manager.boot()
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(0.05):
+                manager.shutdown()
+        self.assertEqual((fast.status, manager.booted), ("stopped", False))
+        self.assertEqual(specter.registry.list(), [])
 
     def test_registration_after_boot_starts_at_once(self):
         log = []
@@ -6116,16 +6197,40 @@ class TestManagedProcess(SpecterTestCase):
         self.assertEqual(lines, [b"hi"] * 3)
         self.assertEqual(service.health()["counts"]["cleanups"], 0)
 
-    def test_an_unread_pipe_keeps_the_process_owned_until_stop(self):
+    def test_a_pipe_read_by_hand_stays_open_after_the_process_releases_itself(self):
         service = specter.Service("runner").start()
         self.addCleanup(service.stop)
-        proc = service.start_process(child_args("print('unread')"), stdout=specter.ManagedProcess.PIPE)
+        proc = service.start_process(child_args("print('by hand')"), stdout=specter.ManagedProcess.PIPE)
         self.assertEqual(proc.wait(), 0)
-        gevent.sleep(0.05)
-        self.assertEqual(service.health()["counts"]["cleanups"], 1)
-        self.assertEqual(proc.stdout.readline(), b"unread\n")  # still there to read
-        service.stop()
+        self.assertTrue(wait_until(lambda: service.health()["counts"]["cleanups"] == 0))
+        self.assertEqual(proc.stdout.readline(), b"by hand\n")  # still there for its reader
+        proc.stop()
         self.assertTrue(proc.stdout.closed)
+
+    def test_a_restarted_process_is_still_owned(self):
+        service = specter.Service("runner").start()
+        self.addCleanup(service.stop)
+        proc = specter.ManagedProcess("again").attach(service)
+        proc.start(child_args("pass"))
+        self.assertEqual(proc.wait(), 0)
+        proc.start(child_args("import time; time.sleep(30)"))
+        self.assertEqual(service.health()["counts"]["cleanups"], 1)
+        service.stop()
+        self.assertIsNotNone(proc.returncode)  # the owner stopped the second run
+
+    def test_watch_stream_added_late_still_gets_all_output(self):
+        proc = self.make("late")
+        proc.start(child_args("import sys\nprint('out')\nsys.stderr.write('err\\n' * 200)"),
+                   stdout=specter.ManagedProcess.PIPE, stderr=specter.ManagedProcess.PIPE)
+        errors = []
+
+        def slow_stdout(line):
+            gevent.sleep(0.05)  # still busy when the child exits
+            errors_reader.append(proc.watch_stream("stderr", errors.append))
+        errors_reader = []
+        proc.watch_stream("stdout", slow_stdout)
+        self.assertTrue(wait_until(lambda: errors_reader and errors_reader[0].dead, timeout=5))
+        self.assertEqual(len(errors), 200)
 
     def test_undecodable_output_is_logged_and_the_pipe_keeps_draining(self):
         proc = self.make("binary")
