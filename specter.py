@@ -1060,6 +1060,8 @@ class QueueService(Service):
                 self._record_error("on_dropped")
         self._wait_idle(self.stop_timeout, in_hand)
         self._refresh_counters()
+        if in_hand:
+            queue.put(_QUEUE_STOP)  # the worker stopping us ends once its item is done
         self._workers = ()
 
     def _refresh_counters(self):
@@ -1082,9 +1084,11 @@ class QueueService(Service):
     def _work(self):
         get, done = self.queue.get, self.queue.task_done
         handle = self.handle_item
-        workers = self._workers
-        while self._workers is workers:  # a worker that stopped the service ends here
+        while True:
             item = get()
+            if item is _QUEUE_STOP:
+                done()
+                return
             try:
                 handle(item)
                 self._processed += 1
@@ -1234,6 +1238,9 @@ class Watcher:
                 fn(value, self)
             except Exception:
                 _watcher_log.exception("watcher %s: subscriber %s raised", self.name, _callable_name(fn))
+
+
+_QUEUE_STOP = object()  # tells the worker that stopped its QueueService to end
 
 
 class _ServiceTimer:
