@@ -2011,7 +2011,7 @@ class Field:
                  items=None):
         if isinstance(type, Schema):
             coerce = None
-        elif type in _SCHEMA_COERCERS:
+        elif isinstance(type, collections.abc.Hashable) and type in _SCHEMA_COERCERS:
             coerce = _SCHEMA_COERCERS[type]
         elif callable(type):
             coerce = type
@@ -3673,7 +3673,7 @@ def _web_route_spec(rule, methods, endpoint, json_errors):
     if not isinstance(rule, str) or not rule.startswith("/"):
         raise ValueError("route rule must be a path starting with '/', got %r" % (rule,))
     if methods is not None:
-        if isinstance(methods, str) or not all(isinstance(m, str) for m in methods):
+        if not isinstance(methods, (list, tuple, set, frozenset)) or not all(isinstance(m, str) for m in methods):
             raise TypeError("methods must be a list of HTTP method names, got %r" % (methods,))
         methods = [m.upper() for m in methods]
     if endpoint is not None:

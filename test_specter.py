@@ -3556,6 +3556,12 @@ class TestSchema(SpecterTestCase):
                 self.assertFalse(out.ok)
                 self.assertEqual(out.status, 400)
 
+    def test_field_type_must_be_a_type_coercer_or_schema(self):
+        for bad in ([1], {}, 5, "int"):
+            with self.subTest(bad=bad):
+                with self.assertRaisesRegex(TypeError, "Field type must be"):
+                    Field(bad)
+
     def test_fields_must_be_field_instances(self):
         for bad in (str, "str", None, {"type": int}):
             with self.subTest(bad=bad):
@@ -4428,6 +4434,12 @@ class TestRouter(SpecterTestCase):
         router = Router("bad")
         with self.assertRaises(ValueError):
             router.route("relative/path")
+
+    def test_bad_methods_raise_type_error(self):
+        for methods in (5, "GET", [1]):
+            with self.subTest(methods=methods):
+                with self.assertRaisesRegex(TypeError, "methods must be a list"):
+                    route("/x", methods=methods)
 
     def test_teardown_runs_on_unmount_then_cleanups_lifo(self):
         router = JobsRouter()
