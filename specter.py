@@ -60,8 +60,7 @@ import gevent
 import gevent.event
 import gevent.queue
 import gevent.subprocess
-from gevent import pywsgi
-from gevent import Greenlet
+from gevent import Greenlet, pywsgi
 from greenlet import getcurrent
 
 logger = logging.getLogger("specter")
