@@ -926,11 +926,8 @@ class Service(_Owner):
     def _release_tasks(self):
         current = getcurrent()
         others = [task for task in self._tasks if task is not current]
-        if not others:
-            return
-        gevent.killall(others, block=False)
         try:
-            gevent.joinall(others, timeout=self.stop_timeout)
+            _kill_greenlets(others, self.stop_timeout)
         finally:
             stuck = [task.name for task in others if not task.dead]
             if stuck:
@@ -1240,6 +1237,13 @@ class Watcher:
 
 
 _QUEUE_STOP = object()  # tells the worker that stopped its QueueService to end
+
+
+def _kill_greenlets(greenlets, timeout):
+    """Throw GreenletExit into every greenlet at once, then wait up to ``timeout`` for them all."""
+    if greenlets:
+        gevent.killall(greenlets, block=False)
+        gevent.joinall(greenlets, timeout=timeout)
 
 
 class _ServiceTimer:
@@ -3902,9 +3906,6 @@ class ManagedProcess:
                 if self._wait_group(self.kill_timeout):
                     _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
         self._stop_readers()
-        reaper, self._reaper = self._reaper, None
-        if reaper is not None and reaper is not getcurrent():
-            reaper.kill(block=True, timeout=self.kill_timeout)
         _process_close(popen.stdin, popen.stdout, popen.stderr)
         self._leave_owners()
         return self
@@ -4035,11 +4036,11 @@ class ManagedProcess:
             holder._disown(self)
 
     def _stop_readers(self):
-        readers, self._readers = self._readers, []
+        """Kill the stream readers and the reaper (unless one of them is calling)."""
+        owned, self._readers = self._readers + [self._reaper], []
+        self._reaper = None
         current = getcurrent()
-        others = [reader for reader in readers if reader is not current]
-        gevent.killall(others, block=False)
-        gevent.joinall(others, timeout=self.kill_timeout)
+        _kill_greenlets([g for g in owned if g is not None and g is not current], self.kill_timeout)
 
 
 def start_process(name: str, args: Union[str, bytes, Sequence[Any]], *, owner: Any = None,
