@@ -2622,6 +2622,7 @@ _web_log = logging.getLogger("specter.web")
 
 
 _JSON_LIMIT_DEFAULT = 8 * 1024 * 1024
+_WEB_TOO_DEEP = "Request body is nested too deeply"
 
 
 class HTTPError(Exception):
@@ -2644,10 +2645,23 @@ class HTTPError(Exception):
         self.log_level = log_level
 
     def to_response(self) -> flask.Response:
-        """A Flask JSON response: payload plus ``error``, with ``status_code``."""
+        """A Flask JSON response: payload plus ``error``, with ``status_code``.
+
+        A payload JSON cannot encode is a bug on the server's side, not the
+        client's: it is logged and left out, and the client still gets the
+        message and the status as JSON rather than Flask's HTML 500.
+        """
         body = dict(self.payload)
         body["error"] = self.message
-        return _web_json(body, self.status_code)
+        try:
+            return _web_json(body, self.status_code)
+        except Exception:
+            _web_log.exception("HTTPError %d %r: its payload cannot be encoded as JSON; answering without it",
+                               self.status_code, self.message)
+        try:
+            return _web_json({"error": self.message}, self.status_code)
+        except Exception:  # the message itself is no JSON string
+            return _web_json({"error": "Internal server error"}, 500)
 
 
 def json_endpoint(error_message: Union[str, Callable[..., Any], None] = None, *,
@@ -2712,7 +2726,7 @@ def expect_json(*, required: Union[str, Iterable[str], None] = None, error: str 
     try:
         payload = flask.json.loads(raw, parse_constant=_web_refuse_constant)
     except RecursionError:
-        raise HTTPError("Request body is nested too deeply", 400) from None
+        raise HTTPError(_WEB_TOO_DEEP, 400) from None
     except ValueError:
         raise HTTPError("%s (the body is not valid JSON)" % error, 400) from None
     if not isinstance(payload, dict):
@@ -3617,9 +3631,27 @@ def _web_http_error(exc, log=_web_log):
 
 def _web_server_error(exc):
     """A blueprint's unhandled error, as JSON (Flask has logged it already)."""
-    if isinstance(getattr(exc, "original_exception", None), RecursionError):
-        return _web_json({"error": "Request body is nested too deeply"}, 400)
+    if _web_too_deep(getattr(exc, "original_exception", None)):
+        return _web_json({"error": _WEB_TOO_DEEP}, 400)
     return _web_json({"error": "Internal server error"}, 500)
+
+
+def _web_too_deep(exc):
+    """True for the RecursionError of a JSON decoder given absurdly nested input.
+
+    That is the client's fault (``request.get_json()`` on a hostile body),
+    so it is a 400; a RecursionError anywhere else is the server's own bug.
+    The innermost frame tells them apart: the decoder's module (``json.decoder``,
+    or whichever JSON library the app's provider uses) has "json" in its name.
+    """
+    if not isinstance(exc, RecursionError):
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "json" in (tb.tb_frame.f_globals.get("__name__") or "")
 
 
 def _web_refuse_constant(name):
@@ -3657,6 +3689,10 @@ def _web_response(result):
 def _web_error_response(exc, message, log, include_trace):
     if isinstance(exc, HTTPError):
         return _web_http_error(exc, log)
+    if isinstance(exc, werkzeug.exceptions.HTTPException) and exc.response is not None:
+        return exc.get_response()  # abort(response): the view chose the response itself
+    if _web_too_deep(exc):
+        return _web_json({"error": _WEB_TOO_DEEP}, 400)
     if isinstance(exc, werkzeug.exceptions.HTTPException) and exc.code is not None:
         if exc.code < 400:
             return exc.get_response()  # redirects stay redirects

@@ -4121,6 +4121,67 @@ class TestHTTPHelpers(SpecterTestCase):
         self.assertIn("error", self.assertJSON(response, 405))
         self.assertEqual(set(response.headers["Allow"].replace(" ", "").split(",")), {"GET", "DELETE"})
 
+    def test_json_endpoint_answers_an_absurdly_nested_get_json_body_400(self):
+        seen = []
+
+        @json_endpoint
+        def view():
+            seen.append(request.get_json(silent=True))
+            return {"read": True}
+        client = self.client_for(view)
+        depth = 100000
+        nested = "[" * depth + "]" * depth
+        for encoding in ("utf-8", "utf-16"):
+            with self.subTest(encoding=encoding):
+                response = client.post("/v", data=nested.encode(encoding), content_type="application/json")
+                self.assertEqual(self.assertJSON(response, 400), {"error": "Request body is nested too deeply"})
+        self.assertEqual(seen, [])
+        self.assertEqual(self.assertJSON(client.post("/v", json=[[1]]), 200), {"read": True})
+
+    def test_json_endpoint_keeps_a_recursion_bug_of_its_own_a_500(self):
+        @json_endpoint("Could not walk the tree")
+        def view():
+            def walk(node):
+                return walk(node)
+            return walk(1)
+        with self.assertLogs("specter", "ERROR"):
+            response = self.client_for(view).get("/v")
+        self.assertEqual(self.assertJSON(response, 500), {"error": "Could not walk the tree"})
+
+    def test_json_endpoint_abort_with_a_response_keeps_that_response(self):
+        @json_endpoint
+        def view():
+            abort(flask.Response("brewing", status=418, headers={"X-Pot": "tea"}))
+        response = self.client_for(view).get("/v")
+        self.assertEqual((response.status_code, response.get_data(as_text=True)), (418, "brewing"))
+        self.assertEqual(response.headers["X-Pot"], "tea")
+
+        @json_endpoint
+        def json_view():
+            abort(flask.make_response(flask.jsonify(reason="quota"), 429))
+        response = self.client_for(json_view).get("/v")
+        self.assertEqual(self.assertJSON(response, 429), {"reason": "quota"})
+
+    def test_http_error_whose_payload_json_cannot_encode_is_still_a_json_body(self):
+        @json_endpoint
+        def view():
+            raise HTTPError("Tag conflict", 409, payload={"tags": {"a", "b"}})
+        with self.assertLogs("specter", "ERROR") as logs:
+            response = self.client_for(view).get("/v")
+        self.assertEqual(self.assertJSON(response, 409), {"error": "Tag conflict"})
+        self.assertIn("cannot be encoded as JSON", "\n".join(logs.output))
+
+        app, sio = make_web_app()
+
+        @app.route("/plain")
+        def plain():
+            raise HTTPError("Tag conflict", 409, payload={"tags": {"a"}})
+        manager = ServiceManager(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        with self.assertLogs("specter", "ERROR"):
+            response = app.test_client().get("/plain")
+        self.assertEqual(self.assertJSON(response, 409), {"error": "Tag conflict"})
+
     def test_json_endpoint_answers_other_exceptions_500_without_details(self):
         @json_endpoint("Could not save the job")
         def view():
