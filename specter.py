@@ -2623,6 +2623,7 @@ _web_log = logging.getLogger("specter.web")
 
 _JSON_LIMIT_DEFAULT = 8 * 1024 * 1024
 _WEB_TOO_DEEP = "Request body is nested too deeply"
+_WEB_BODY_REQUIRED = "Request body is required"  # expect_json's default error
 
 
 class HTTPError(Exception):
@@ -2700,12 +2701,12 @@ def expect_json(*, required: Union[str, Iterable[str], None] = None, error: str 
                 allow_empty: bool = False) -> Dict[str, Any]:
     """The current request's JSON object body, or an HTTPError the client can act on.
 
-    Missing or unparsable bodies, and ``{}`` unless ``allow_empty``, are 400
-    with ``error``; a body that is not an object is 400; a body over the
-    size limit is 413 (Flask's ``MAX_CONTENT_LENGTH`` when set, else
-    ``SPECTER_MAX_JSON_BYTES``, 8 MiB by default); nesting too deep to
-    parse is 400; a form or text content type is 415. ``required`` fields
-    are checked with ``require_fields``.
+    No body is 400 with ``error``. A body that was sent but cannot be used
+    is 400 saying what was wrong: not JSON, sent as a form or text, empty
+    (``{}`` too, unless ``allow_empty``), not an object, nested too deep to
+    parse. A body over the size limit is 413 (Flask's ``MAX_CONTENT_LENGTH``
+    when set, else ``SPECTER_MAX_JSON_BYTES``, 8 MiB by default).
+    ``required`` fields are checked with ``require_fields``.
     """
     request = flask.request
     config = flask.current_app.config
@@ -2713,8 +2714,8 @@ def expect_json(*, required: Union[str, Iterable[str], None] = None, error: str 
     if request.content_length is not None and request.content_length > limit:
         raise HTTPError("Request body is too large (limit %d bytes)" % limit, 413)
     if request.mimetype and not request.is_json:
-        raise HTTPError("%s (send it as JSON with Content-Type: application/json, not %s)"
-                        % (error, request.mimetype), 400)
+        raise HTTPError(_web_body_error(error, "send the body as JSON (Content-Type: application/json); "
+                                               "it was sent as %s" % request.mimetype), 400)
     raw = request.get_data(cache=True) if request.content_length is not None \
         else request.stream.read(limit + 1)
     if len(raw) > limit:
@@ -2722,17 +2723,17 @@ def expect_json(*, required: Union[str, Iterable[str], None] = None, error: str 
     if not raw.strip():
         if allow_empty:
             return {}
-        raise HTTPError(error, 400)
+        raise HTTPError(_web_body_error(error, "the body is empty") if raw else error, 400)
     try:
         payload = flask.json.loads(raw, parse_constant=_web_refuse_constant)
     except RecursionError:
         raise HTTPError(_WEB_TOO_DEEP, 400) from None
     except ValueError:
-        raise HTTPError("%s (the body is not valid JSON)" % error, 400) from None
+        raise HTTPError(_web_body_error(error, "the body is not valid JSON"), 400) from None
     if not isinstance(payload, dict):
         raise HTTPError("Request body must be a JSON object, got %s" % _schema_kind(payload), 400)
     if not payload and not allow_empty:
-        raise HTTPError(error, 400)
+        raise HTTPError(_web_body_error(error, "the body is empty ({})"), 400)
     if required:
         require_fields(payload, required)
     return payload
@@ -3652,6 +3653,18 @@ def _web_too_deep(exc):
     while tb.tb_next is not None:
         tb = tb.tb_next
     return "json" in (tb.tb_frame.f_globals.get("__name__") or "")
+
+
+def _web_body_error(error, reason):
+    """The message for a body that was sent but is unusable: what was wrong, first.
+
+    The default ``error`` ("Request body is required") would be untrue
+    once a body arrived, so the reason stands alone; an ``error`` of the
+    caller's own leads, with the reason after a colon.
+    """
+    if error == _WEB_BODY_REQUIRED:
+        return reason[0].upper() + reason[1:]
+    return "%s: %s" % (error, reason)
 
 
 def _web_refuse_constant(name):

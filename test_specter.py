@@ -4249,9 +4249,32 @@ class TestHTTPHelpers(SpecterTestCase):
 
     def test_expect_json_empty_object_counts_as_missing_unless_allowed(self):
         body = self.assertJSON(self.echo_client().post("/v", json={}), 400)
-        self.assertEqual(body["error"], "Request body is required")
+        self.assertEqual(body["error"], "The body is empty ({})")
         self.assertEqual(self.assertJSON(self.echo_client(allow_empty=True).post("/v", json={}), 200),
                          {"got": {}})
+
+    def test_expect_json_messages_say_what_was_wrong_with_the_body(self):
+        client = self.echo_client()
+        cases = [
+            ({}, "Request body is required"),
+            ({"data": "{bad json", "content_type": "application/json"}, "The body is not valid JSON"),
+            ({"data": "   ", "content_type": "application/json"}, "The body is empty"),
+            ({"json": {}}, "The body is empty ({})"),
+            ({"data": {"name": "a"}},
+             "Send the body as JSON (Content-Type: application/json); "
+             "it was sent as application/x-www-form-urlencoded"),
+            ({"data": '{"name": "a"}', "content_type": "text/plain"},
+             "Send the body as JSON (Content-Type: application/json); it was sent as text/plain"),
+        ]
+        for kwargs, message in cases:
+            with self.subTest(message=message):
+                self.assertEqual(self.assertJSON(client.post("/v", **kwargs), 400)["error"], message)
+        custom = self.echo_client(error="Send a job")
+        self.assertEqual(self.assertJSON(custom.post("/v"), 400)["error"], "Send a job")
+        response = custom.post("/v", data="{bad", content_type="application/json")
+        self.assertEqual(self.assertJSON(response, 400)["error"], "Send a job: the body is not valid JSON")
+        self.assertEqual(self.assertJSON(custom.post("/v", json={}), 400)["error"],
+                         "Send a job: the body is empty ({})")
 
     def test_expect_json_non_object_body_is_400(self):
         client = self.echo_client(allow_empty=True)
