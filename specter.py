@@ -2786,14 +2786,13 @@ class Router(_Owner):
     ``on_unmount`` and then the router's cleanups, newest first.
     """
 
-    name: Optional[str] = None
-    url_prefix: Optional[str] = None
+    name: str = "router"
+    url_prefix: Optional[str] = ""
 
     def __init__(self, name=None, *, url_prefix=None, import_name=None):
-        name = name or type(self).name or _web_snake(type(self).__name__)
-        self.name = _check_name(name, "router name")
+        self.name = _check_name(name or _web_default_name(self, Router), "router name")
         prefix = url_prefix if url_prefix is not None else type(self).url_prefix
-        if prefix is not None and (not isinstance(prefix, str) or not prefix.startswith("/")):
+        if prefix and (not isinstance(prefix, str) or not prefix.startswith("/")):
             raise ValueError("url_prefix must be a path starting with '/', got %r" % (prefix,))
         self.url_prefix = prefix
         self.import_name = import_name or type(self).__module__
@@ -2886,13 +2885,13 @@ class Handler(_Owner):
     coexist in priority order and teardown removes only this one's.
     """
 
-    name: Optional[str] = None
+    name: str = "unnamed_handler"
     namespace = "/"
     events: Dict[str, str] = {}
     event_priorities: Dict[str, int] = {}
 
     def __init__(self, name=None, *, namespace=None):
-        self.name = _check_name(name or type(self).name or _web_snake(type(self).__name__), "handler name")
+        self.name = _check_name(name or _web_default_name(self, Handler), "handler name")
         self.namespace = _web_namespace(namespace if namespace is not None else type(self).namespace)
         self._bindings = []
         self._socketio = None
@@ -3793,6 +3792,22 @@ def _web_arity(callback):
         if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
             count += 1
     return count
+
+
+def _web_default_name(obj, base):
+    """The name of a Router or Handler built without one.
+
+    A class that sets ``name`` gives it; a subclass that does not is named
+    after itself in snake case (``JobsRouter`` -> ``'jobs_router'``), so two
+    such classes do not share a name; ``base`` itself keeps its class
+    default ('router', 'unnamed_handler').
+    """
+    for klass in type(obj).__mro__:
+        if klass is base:
+            break
+        if vars(klass).get("name"):
+            return vars(klass)["name"]
+    return base.name if type(obj) is base else _web_snake(type(obj).__name__)
 
 
 def _web_snake(name):

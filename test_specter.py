@@ -4552,6 +4552,30 @@ class TestRouter(SpecterTestCase):
         router.teardown()
         self.assertEqual(closed, [1])
 
+    def test_class_defaults_are_name_router_and_an_empty_url_prefix(self):
+        self.assertEqual((Router.name, Router.url_prefix), ("router", ""))
+        router = Router()
+        self.assertEqual((router.name, router.url_prefix), ("router", ""))
+
+        class SensorRouter(Router):
+            @route("/sensors")
+            def sensors(self):
+                return {"sensors": []}
+
+        class LegacyRouter(SensorRouter):
+            name = "legacy"
+
+        class OldLegacyRouter(LegacyRouter):
+            pass
+        self.assertEqual(SensorRouter().name, "sensor_router")
+        self.assertEqual(OldLegacyRouter().name, "legacy")
+        _, client = self.served(SensorRouter())
+        self.assertEqual(client.get("/sensors").get_json(), {"sensors": []})
+        _, client = self.served(SensorRouter(url_prefix=""))
+        self.assertEqual(client.get("/sensors").status_code, 200)
+        with self.assertRaisesRegex(ValueError, "starting with '/'"):
+            Router(url_prefix="api")
+
     def test_require_and_resolve_use_the_registry(self):
         db = object()
         specter.registry.provide("db", db)
@@ -4727,6 +4751,17 @@ class TestHandler(SpecterTestCase):
         self.assertIsNone(handler.resolve("nothing"))
         with self.assertRaises(KeyError):
             handler.require("nothing")
+
+    def test_class_defaults_are_unnamed_handler_and_no_events(self):
+        self.assertEqual((Handler.name, Handler.events), ("unnamed_handler", {}))
+        handler = Handler()
+        self.assertEqual(handler.name, "unnamed_handler")
+        self.assertEqual(handler.health()["events"], [])
+        self.assertEqual(ChatHandler().name, "chat")
+
+        class PresenceHandler(Handler):
+            pass
+        self.assertEqual(PresenceHandler().name, "presence_handler")
 
     def test_events_mapping_to_a_missing_method_is_a_type_error(self):
         class Broken(Handler):
