@@ -3233,16 +3233,18 @@ class Controller(Service):
         return self._blueprint
 
     def create_handler(self) -> Handler:
-        """A new Handler carrying the events added by build_events()."""
-        handler = Handler(self.name)
-        handler._gate = lambda: self.running
-        self.build_events(handler)
-        return handler
+        """The controller's Handler, carrying the events added by build_events(); built once."""
+        if self._handler is None:
+            handler = Handler(self.name)
+            handler._gate = lambda: self.running
+            self.build_events(handler)
+            self._handler = handler
+        return self._handler
 
     def build_handler(self, socketio: Any = None) -> Handler:
         """The controller's Handler, built once (and set up when ``socketio`` is given)."""
         if self._handler is None:
-            self._handler = self.create_handler()
+            self._handler = self.create_handler()  # a subclass's create_handler may build its own
         if socketio is not None:
             self._handler.setup(socketio)
         return self._handler

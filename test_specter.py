@@ -5071,7 +5071,7 @@ class TestController(SpecterTestCase):
         self.assertEqual((response.status_code, response.get_json()), (200, {"pong": True, "by": "echo"}))
         self.assertEqual(app.test_client().get("/ping").status_code, 404)
 
-    def test_create_handler_and_build_handler(self):
+    def test_create_handler_and_build_handler_build_once_and_return_the_same_handler(self):
         handlers = []
 
         class Jobs(EchoController):
@@ -5080,18 +5080,24 @@ class TestController(SpecterTestCase):
                 super().build_events(handler)
         ctl = Jobs()
         self.addCleanup(ctl.stop)
-        fresh = ctl.create_handler()
-        self.assertIsInstance(fresh, Handler)
-        self.assertIsNot(ctl.create_handler(), fresh)
-        self.assertEqual(handlers[:2], [fresh, handlers[1]])
-        app, sio = make_web_app()
-        handler = ctl.build_handler(sio)
+        self.assertFalse(ctl.health()["has_handler"])
+        handler = ctl.create_handler()
         self.assertIsInstance(handler, Handler)
+        self.assertEqual(handler.name, "echo")
+        self.assertIs(ctl.create_handler(), handler)
+        self.assertTrue(ctl.health()["has_handler"])
+        app, sio = make_web_app()
+        self.assertIs(ctl.build_handler(sio), handler)
         self.assertTrue(handler.registered)
         self.assertIs(ctl.build_handler(), handler)
+        self.assertIs(ctl.create_handler(), handler)
+        self.assertEqual(handlers, [handler])
         self.assertIs(ctl.socketio, sio)
         ctl.start()
         self.assertEqual(sio.test_client(app).emit("echo", 9, callback=True), {"echo": 9})
+        fresh = Jobs()
+        self.addCleanup(fresh.stop)
+        self.assertIs(fresh.build_handler(), fresh.create_handler())
 
     def test_owned_model_and_store_are_destroyed_on_stop(self):
         ctl = Controller("owner").start()
