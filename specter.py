@@ -3353,29 +3353,29 @@ class ServiceManager(Service):
         """The gevent WSGIServer while run() serves (its ``server_port`` is the bound port), else None."""
         return self._server
 
-    def register_service(self, service: _S) -> _S:
-        """Add a service (started at boot, or at once if already booted)."""
+    def register_service(self, service: Service) -> ServiceManager:
+        """Add a service (started at boot, or at once if already booted); returns the manager."""
         if not isinstance(service, Service):
             raise TypeError("register_service() takes a Service, got %s" % _describe(service))
         if service not in self._services:
             self._services.append(service)
             if self._booted:
                 service.start()
-        return service
+        return self
 
-    def register_handler(self, handler: _T) -> _T:
-        """Add a handler (set up at boot, or at once if already booted)."""
+    def register_handler(self, handler: Any) -> ServiceManager:
+        """Add a handler (set up at boot, or at once if already booted); returns the manager."""
         if not callable(getattr(handler, "setup", None)) or not callable(getattr(handler, "teardown", None)):
             raise TypeError("register_handler() takes an object with setup() and teardown(), got %s"
                             % _describe(handler))
         if handler not in self._handlers:
             self._handlers.append(handler)
             if self._booted:
-                handler.setup(self._socketio)  # type: ignore[attr-defined]  # any object with setup()
-        return handler
+                handler.setup(self._socketio)
+        return self
 
-    def register_controller(self, controller: _C, *, url_prefix: Optional[str] = None) -> _C:
-        """Add a controller: its blueprint goes on the app, its handler is managed."""
+    def register_controller(self, controller: Controller, *, url_prefix: Optional[str] = None) -> ServiceManager:
+        """Add a controller: its blueprint goes on the app, its handler is managed; returns the manager."""
         if not isinstance(controller, Controller):
             raise TypeError("register_controller() takes a Controller, got %s" % _describe(controller))
         if self._app is not None:
@@ -3388,8 +3388,7 @@ class ServiceManager(Service):
                     "the app already has a blueprint named %r (from another controller or router); "
                     "give this controller another name" % blueprint.name)
         self.register_service(controller)
-        self.register_handler(controller.build_handler())
-        return controller
+        return self.register_handler(controller.build_handler())
 
     def boot(self, providers: Optional[Dict[str, Any]] = None) -> ServiceManager:
         """Start everything; idempotent. A service that fails to start undoes the boot."""

@@ -5284,6 +5284,24 @@ class TestServiceManager(SpecterTestCase):
         self.assertIs(manager.shutdown(), manager)
         self.assertEqual(log, ["teardown:h2", "teardown:h1", "stop:c", "stop:b", "stop:a"])
 
+    def test_register_calls_return_the_manager_so_they_chain(self):
+        log = []
+        manager = self.manager()
+        service, handler, ctl = RecordingService("a", log), RecordingHandler("h", log), EchoController()
+        self.assertIs(manager.register_service(service), manager)
+        self.assertIs(manager.register_handler(handler), manager)
+        self.assertIs(manager.register_controller(ctl, url_prefix="/echo"), manager)
+        chained = self.manager()
+        returned = (chained.register_service(RecordingService("b", log))
+                    .register_handler(RecordingHandler("h2", log))
+                    .register_controller(EchoController(), url_prefix="/echo")
+                    .boot())
+        self.assertIs(returned, chained)
+        self.assertEqual(log, ["start:b", "setup:h2"])
+        self.assertEqual(chained.app.test_client().get("/echo/ping").get_json(), {"pong": True, "by": "echo"})
+        self.assertIs(chained.register_service(service), chained)  # booted: starts at once
+        self.assertTrue(service.running)
+
     def test_registry_holds_manager_and_ingress_until_shutdown(self):
         manager = self.manager()
         manager.boot()
@@ -5313,7 +5331,8 @@ class TestServiceManager(SpecterTestCase):
             def on_stop(self):
                 gevent.sleep(0.05)
         manager = self.manager()
-        slow = manager.register_service(Slow())
+        slow = Slow()
+        manager.register_service(slow)
         manager.boot()
         first = gevent.spawn(manager.shutdown)
         gevent.sleep(0.01)
@@ -5342,8 +5361,8 @@ class TestServiceManager(SpecterTestCase):
             def on_stop(self):
                 gevent.sleep(0.2)
         manager = self.manager()
-        fast = manager.register_service(Service("fast"))
-        manager.register_service(Slow())
+        fast = Service("fast")
+        manager.register_service(fast).register_service(Slow())
         manager.boot()
         with self.assertRaises(gevent.Timeout):
             with gevent.Timeout(0.05):
@@ -5472,7 +5491,8 @@ class TestServiceManager(SpecterTestCase):
 
     def test_health_is_degraded_while_a_service_is_down(self):
         manager = self.manager()
-        worker = manager.register_service(Service("worker"))
+        worker = Service("worker")
+        manager.register_service(worker)
         manager.boot()
         self.assertEqual(manager.health()["status"], "ok")
         worker.stop()

@@ -232,9 +232,10 @@ def wire_by_hand(app, socketio):
     registration order and sets up the handlers.
     """
     manager = ServiceManager(app, socketio, signals=False)
-    moderation = manager.register_service(Moderation())  # registered first: started first
-    chat = manager.register_controller(ChatController(), url_prefix="/chat")
-    presence = manager.register_handler(PresenceHandler())
+    moderation, chat, presence = Moderation(), ChatController(), PresenceHandler()
+    (manager.register_service(moderation)  # registered first: started first
+     .register_controller(chat, url_prefix="/chat")
+     .register_handler(presence))  # each register_* returns the manager
     print("registered, before boot(): moderation=%s chat=%s presence.registered=%s booted=%s"
           % (moderation.status, chat.status, presence.registered, manager.booted))
     manager.boot(providers={"moderation": moderation})  # also provided under a key, for service()
