@@ -3484,16 +3484,18 @@ class ServiceManager(Service):
         return self
 
     def health(self) -> Dict[str, Any]:
-        """The manager's health with every service's nested under ``services``.
+        """The manager's health, with ``services`` and ``handlers`` keyed by name.
 
-        ``status`` is 'degraded' while the manager runs but a service does not.
+        Each service's value is its own health tree; each handler's has at
+        least ``registered``. ``status`` is 'degraded' while the manager runs
+        but a service does not.
         """
         report = super().health()
         report["booted"] = self._booted
-        report["services"] = [service.health() for service in self._services]
-        if report["status"] == "ok" and any(child["status"] != "ok" for child in report["services"]):
+        report["services"] = _web_by_name(service.health() for service in self._services)
+        if report["status"] == "ok" and any(child["status"] != "ok" for child in report["services"].values()):
             report["status"] = "degraded"
-        report["handlers"] = [_web_health(handler) for handler in self._handlers]
+        report["handlers"] = _web_by_name(_web_health(handler) for handler in self._handlers)
         report["ingress"] = self._ingress.health()
         return report
 
@@ -3775,9 +3777,22 @@ def _web_schema(schema):
 
 def _web_health(obj):
     health = getattr(obj, "health", None)
-    if callable(health):
-        return health()
-    return {"name": getattr(obj, "name", repr(obj)), "registered": getattr(obj, "registered", None)}
+    report = dict(health()) if callable(health) else {}
+    report.setdefault("name", getattr(obj, "name", None) or repr(obj))
+    report.setdefault("registered", getattr(obj, "registered", None))
+    return report
+
+
+def _web_by_name(reports):
+    """Health reports keyed by their ``name``, in order; a repeated name gets '#2', '#3'..."""
+    keyed: Dict[str, Any] = {}
+    for report in reports:
+        key, count = report["name"], 1
+        while key in keyed:
+            count += 1
+            key = "%s#%d" % (report["name"], count)
+        keyed[key] = report
+    return keyed
 
 
 def _web_arity(callback):

@@ -5253,7 +5253,7 @@ class TestController(SpecterTestCase):
         response = app.test_client().post("/api/items", json={"name": "lamp"})
         self.assertEqual((response.status_code, response.get_json()), (200, {"ok": True, "name": "lamp"}))
         self.assertEqual(sio.test_client(app).emit("item_created", {"id": 1}, callback=True), {"ok": True})
-        self.assertEqual(manager.health()["services"][0]["name"], "items")
+        self.assertEqual(manager.health()["services"]["items"]["name"], "items")
         model = ctl.state
         seen = []
         model.subscribe(lambda value, m: seen.append(value))
@@ -5480,14 +5480,42 @@ class TestServiceManager(SpecterTestCase):
         manager.boot()
         health = manager.health()
         self.assertEqual(health["status"], "ok")
-        (parent,) = [s for s in health["services"] if s["name"] == "parent"]
+        parent = health["services"]["parent"]
         self.assertEqual(parent["status"], "ok")
         self.assertEqual([c["name"] for c in parent["children"]], ["child"])
         self.assertEqual(parent["children"][0]["status"], "ok")
         self.assertIn("parent.model", [r.get("name") for r in parent["resources"]])
-        self.assertEqual([h["name"] for h in health["handlers"]], ["h"])
+        self.assertEqual(list(health["handlers"]), ["h"])
         manager.shutdown()
         self.assertEqual(manager.health()["status"], "stopped")
+
+    def test_health_keys_services_and_handlers_by_name(self):
+        class Bare:
+            """A handler with setup/teardown and nothing else."""
+            registered = False
+
+            def setup(self, socketio=None):
+                self.registered = True
+
+            def teardown(self):
+                self.registered = False
+        manager = self.manager()
+        db, search = Service("db"), EchoController("search")
+        manager.register_service(db).register_controller(search).register_handler(RecordingHandler("h", []))
+        bare = Bare()
+        manager.register_service(Service("db")).register_handler(bare)
+        manager.boot()
+        health = manager.health()
+        self.assertIsInstance(health["services"], dict)
+        self.assertEqual(list(health["services"]), ["db", "search", "db#2"])
+        self.assertEqual(health["services"]["db"], db.health())
+        self.assertEqual(health["services"]["search"]["has_handler"], True)
+        self.assertIsInstance(health["handlers"], dict)
+        self.assertEqual(list(health["handlers"]), ["search", "h", repr(bare)])
+        self.assertTrue(all(h["registered"] is True for h in health["handlers"].values()))
+        json.dumps(health)
+        manager.shutdown()
+        self.assertTrue(all(h["registered"] is False for h in manager.health()["handlers"].values()))
 
     def test_health_is_degraded_while_a_service_is_down(self):
         manager = self.manager()
@@ -6657,9 +6685,9 @@ class TestJobBoardDemo(SpecterTestCase):
         self.assertEqual(response.status_code, 200)
         health = response.get_json()
         self.assertEqual(health["status"], "ok")
-        self.assertEqual([s["name"] for s in health["services"]],
-                         ["jobs.runner", "host.monitor", "live", "jobs.housekeeper", "jobs"])
-        self.assertTrue(all(s["status"] == "ok" for s in health["services"]))
+        self.assertEqual(sorted(health["services"]),
+                         ["host.monitor", "jobs", "jobs.housekeeper", "jobs.runner", "live"])
+        self.assertTrue(all(s["status"] == "ok" for s in health["services"].values()))
 
         ids = [self.submit(name="quick %d" % n, steps=1, delay=0.01)["id"] for n in range(3)]
         removed = lambda: {data["id"] for name, data in events if name == "job:removed"}

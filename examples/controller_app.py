@@ -178,14 +178,14 @@ class StatusRouter(Router):
     @route("/")
     def index(self):
         manager = self.require("service_manager")
-        return {"booted": manager.booted, "services": [s["name"] for s in manager.health()["services"]]}
+        return {"booted": manager.booted, "services": list(manager.health()["services"])}
 
     @route("/services/<name>", json_errors="Could not read the service status")
     def service_status(self, name):
-        for health in self.require("service_manager").health()["services"]:
-            if health["name"] == name:
-                return Outcome.success({"status": health["status"], "errors": health["errors"]})
-        return Outcome.failure("No service named %r" % name, status=404)
+        health = self.require("service_manager").health()["services"].get(name)  # keyed by name
+        if health is None:
+            return Outcome.failure("No service named %r" % name, status=404)
+        return Outcome.success({"status": health["status"], "errors": health["errors"]})
 
 
 # The app ######################################################################
