@@ -3003,9 +3003,16 @@ class SocketIngress:
     Subscribers run in priority order (lower first; ties in subscription
     order) in the greenlet Flask-SocketIO gives the event. One that raises
     is logged, handed to the default-error subscribers, and the others still
-    run. The last non-None result is the handler's return value, i.e. the
-    client's ack. With ``schema=`` a subscriber only sees payloads that
-    validate (cleaned); an invalid one makes the ack the 400 error dict.
+    run; its result is what those subscribers return, else the generic 500
+    error dict. The last non-None result is the handler's return value, i.e.
+    the client's ack; one Socket.IO cannot encode is logged and replaced by
+    that error dict, so the client's call() never waits in vain. With
+    ``schema=`` a subscriber only sees payloads that validate (cleaned); an
+    invalid one makes the ack the 400 error dict.
+
+    Attached to a SocketIO, the ingress is also its default error handler:
+    an exception from any event handler on it, a plain ``@socketio.on`` one
+    included, is logged and reaches the default-error subscribers.
     """
 
     def __init__(self, socketio=None, *, name="socket_ingress"):
@@ -3029,6 +3036,7 @@ class SocketIngress:
         if self._socketio is not None and self._socketio is not socketio:
             raise RuntimeError("ingress %s is already attached to another SocketIO" % self.name)
         self._socketio = socketio
+        self._install_error_handler(socketio)
         for namespace, event in list(self._subs):
             self._bind(namespace, event)
         return self
@@ -3148,7 +3156,53 @@ class SocketIngress:
         subs = self._subs.get((namespace, event))
         if not subs:
             return None
-        return self._run(subs, event, args, {})
+        result = self._run(subs, event, args, {})
+        if result is None or result is False or event in ("connect", "disconnect"):
+            return result
+        return self._ackable(event, result)
+
+    def _ackable(self, event, result):
+        """``result`` if Socket.IO can send it as the ack, else the generic error (logged).
+
+        Socket.IO encodes the ack after the handler has returned, out of
+        anyone's reach: a set there would kill the sending greenlet and
+        leave the client's call() to time out. Encoding once here, with the
+        server's own packet class (binary parts and all), catches it.
+        """
+        packet_class = getattr(getattr(self._socketio, "server", None), "packet_class", None)
+        if packet_class is None:
+            return result
+        try:
+            packet_class(data=list(result) if isinstance(result, tuple) else [result]).encode()
+        except Exception:
+            _web_log.exception("ingress %s: the ack of %r cannot be encoded (%s); answering an error instead",
+                               self.name, event, _describe(result))
+            return _web_socket_error()
+        return result
+
+    def _install_error_handler(self, socketio):
+        """Become ``socketio``'s default error handler (the last ingress attached wins).
+
+        A default handler of the app's own, set before, is kept as the
+        first default-error subscriber, so it still runs and may still
+        answer the ack.
+        """
+        if not callable(getattr(socketio, "on_error_default", None)):
+            return
+        current = getattr(socketio, "default_exception_handler", None)
+        if current is not None and not isinstance(getattr(current, "__self__", None), SocketIngress):
+            self.subscribe_error_default(current, priority=-1)
+        socketio.on_error_default(self._on_socket_error)
+
+    def _on_socket_error(self, exc):
+        """Flask-SocketIO's default error handler: log, tell the subscribers, answer the ack."""
+        event = getattr(flask.request, "event", None) or {}
+        name = event.get("message") if isinstance(event, dict) else None
+        _web_log.exception("socket handler of %r raised", name)
+        if name == "connect":
+            return False  # fail closed, as the ingress's own connect subscribers do
+        result = self.dispatch_default_error(exc)
+        return _web_socket_error() if result is None else result
 
     def _run(self, subs, event, args, kwargs):
         result = None
@@ -3172,6 +3226,8 @@ class SocketIngress:
                 if event == "connect":
                     return False  # fail closed: a crashed check must not let the client in
                 value = self.dispatch_default_error(exc)
+                if value is None:
+                    value = _web_socket_error()
             if value is False and event == "connect":
                 return False  # one refusal is final, whatever later subscribers say
             if value is not None:
@@ -3667,6 +3723,11 @@ def _web_body_error(error, reason):
     if error == _WEB_BODY_REQUIRED:
         return reason[0].upper() + reason[1:]
     return "%s: %s" % (error, reason)
+
+
+def _web_socket_error():
+    """The ack of a socket event whose handling failed: no details, a status, JSON."""
+    return Outcome.failure("Internal server error", status=500).to_dict()
 
 
 def _web_refuse_constant(name):

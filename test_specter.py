@@ -5013,6 +5013,63 @@ class TestSocketIngress(SpecterTestCase):
         self.assertIn(client.emit("job", 2, callback=True), (None, []))
         self.assertEqual(calls, [1])
 
+    def test_an_attached_ingress_is_the_socketios_default_error_handler(self):
+        app, sio, ingress = self.make()
+        errors = []
+        ingress.subscribe_error_default(lambda exc: errors.append(exc))
+        failure = KeyError("no such room")
+
+        @sio.on("plain")
+        def plain(data):
+            raise failure
+
+        @sio.on("plain", namespace="/admin")
+        def plain_admin(data):
+            raise ValueError("admins only")
+        client = sio.test_client(app)
+        with self.assertLogs("specter", "ERROR") as logs:
+            ack = client.emit("plain", 1, callback=True)
+        self.assertEqual(errors, [failure])
+        self.assertEqual(ack, {"ok": False, "status": 500, "error": "Internal server error", "value": None})
+        self.assertLoggedException(logs, "no such room")
+        client.connect(namespace="/admin")
+        with self.assertLogs("specter", "ERROR"):
+            client.emit("plain", 2, namespace="/admin", callback=True)
+        self.assertEqual([type(exc) for exc in errors], [KeyError, ValueError])
+        ingress.subscribe_error_default(lambda exc: {"ok": False, "error": "try again", "status": 503})
+        with self.assertLogs("specter", "ERROR"):
+            ack = client.emit("plain", 3, callback=True)
+        self.assertEqual(ack, {"ok": False, "error": "try again", "status": 503})
+
+    def test_a_booted_managers_ingress_gets_errors_of_plain_handlers(self):
+        app, sio = make_web_app()
+        seen = []
+
+        @sio.on_error_default
+        def apps_own(exc):
+            seen.append(("app", str(exc)))
+            return {"handled_by": "app"}
+
+        @sio.on("plain")
+        def plain(data):
+            raise RuntimeError("plain failed")
+        manager = boot(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        manager.socket_ingress.subscribe_error_default(lambda exc: seen.append(("ingress", str(exc))))
+        with self.assertLogs("specter", "ERROR"):
+            ack = sio.test_client(app).emit("plain", None, callback=True)
+        self.assertEqual(seen, [("app", "plain failed"), ("ingress", "plain failed")])
+        self.assertEqual(ack, {"handled_by": "app"})
+
+    def test_a_plain_connect_handler_that_raises_refuses_the_client(self):
+        app, sio, ingress = self.make()
+
+        @sio.on("connect")
+        def check(auth=None):
+            raise KeyError("session store down")
+        with self.assertLogs("specter", "ERROR"):
+            self.assertFalse(sio.test_client(app).is_connected())
+
     def test_attach_binds_pending_events(self):
         app, sio = make_web_app()
         ingress = SocketIngress()
@@ -5748,6 +5805,34 @@ class TestRealClients(SpecterTestCase):
         self.assertFalse(client.connected)
         self.assertTrue(wait_until(lambda: len(presence.log) >= 2, timeout=CLIENT_TIMEOUT))
         self.assertEqual(presence.log[1], ("left", presence.log[0][1]))
+
+    def test_a_failing_socket_handler_acks_a_json_error_instead_of_timing_out(self):
+        app, sio = make_web_app()
+
+        class Rooms(Handler):
+            events = {"join": "join", "members": "members", "ping": "ping"}
+
+            def join(self, data):
+                raise KeyError("room table is gone")
+
+            def members(self, data):
+                return {"members": {"ann", "bob"}}  # a set: JSON cannot encode it
+
+            def ping(self, data):
+                return {"pong": data}, b"\x00\x01"  # two ack arguments, one binary: fine
+        url, _ = self.serve(app, sio, handlers=[Rooms()])
+        client = self.connect(url)
+        error = {"ok": False, "status": 500, "error": "Internal server error", "value": None}
+        with self.assertLogs("specter", "ERROR") as logs:
+            started = time.monotonic()
+            self.assertEqual(self.call(client, "join", {"room": "lobby"}), error)
+            self.assertEqual(self.call(client, "members", "lobby"), error)
+            self.assertLess(time.monotonic() - started, CLIENT_TIMEOUT / 2)
+        self.assertLoggedException(logs, "room table is gone")
+        self.assertIn("cannot be encoded", "\n".join(logs.output))
+        self.assertTrue(all(record.name.startswith("specter") for record in logs.records))
+        self.assertEqual(self.call(client, "ping", 1), ({"pong": 1}, b"\x00\x01"))
+        self.assertTrue(client.connected)
 
     def test_controller_stop_over_real_clients(self):
         app, sio = make_web_app()
