@@ -3357,8 +3357,8 @@ class Controller(Service):
 class ServiceManager(Service):
     """The composition root: registers services, handlers and controllers, boots and shuts down.
 
-    ``boot()`` starts the manager, provides ``'service_manager'`` and
-    ``'socket_ingress'`` (plus any providers), starts services in
+    ``boot()`` starts the manager, provides ``'service_manager'``,
+    ``'socket_ingress'`` and ``'socketio'`` (plus any providers), starts services in
     registration order (rolling back on failure), sets up handlers, and
     installs an atexit hook and SIGTERM/SIGINT handlers that shut down once.
     ``shutdown()`` tears handlers down and stops services in reverse, clears
@@ -3457,6 +3457,9 @@ class ServiceManager(Service):
         try:
             registry.provide("service_manager", self, owner=self, replace=True)
             registry.provide("socket_ingress", self._ingress, owner=self, replace=True)
+            if self._socketio is not None:
+                # How a plain Service reaches Socket.IO clients: Service.emit is the in-process bus.
+                registry.provide("socketio", self._socketio, owner=self, replace=True)
             for key, value in self._providers:
                 registry.provide(key, value, owner=self, replace=True)
             for service in self._services:

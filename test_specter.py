@@ -5364,9 +5364,10 @@ class TestServiceManager(SpecterTestCase):
         manager.boot()
         self.assertIs(specter.registry.require("service_manager"), manager)
         self.assertIs(specter.registry.require("socket_ingress"), manager.socket_ingress)
+        self.assertIs(specter.registry.require("socketio"), manager.socketio)
         specter.registry.provide("extra", 1)
         manager.shutdown()
-        for key in ("service_manager", "socket_ingress", "extra"):
+        for key in ("service_manager", "socket_ingress", "socketio", "extra"):
             self.assertNotIn(key, specter.registry)
         self.assertFalse(manager.running)
 
@@ -5772,6 +5773,33 @@ class TestRealClients(SpecterTestCase):
         self.assertEqual(got, [{"id": 7}])
         manager.shutdown()
         self.assertFalse(specter.bus.has_listeners("job:done"))
+
+    def test_a_plain_service_reaches_socket_clients_through_the_registry(self):
+        app, sio = make_web_app()
+
+        class Metrics(Service):
+            def on_start(self):
+                self.socketio = self.require("socketio")
+                self.ticks = 0
+                self.interval(self.tick, 0.02)
+
+            def tick(self):
+                self.ticks += 1
+                self.emit("metrics:tick", self.ticks)                    # the in-process bus
+                self.socketio.emit("metrics", {"ticks": self.ticks})     # Socket.IO clients
+        on_bus = []
+        specter.bus.on("metrics:tick", on_bus.append)
+        url, manager = self.serve(app, sio, services=[Metrics()])
+        self.assertIs(specter.registry.require("socketio"), sio)
+        got = []
+        client = socketio.Client()
+        client.on("metrics", got.append)
+        self.connect(url, client)
+        self.assertTrue(wait_until(lambda: len(got) >= 2, timeout=CLIENT_TIMEOUT))
+        self.assertEqual(set(got[0]), {"ticks"})
+        self.assertTrue(on_bus)
+        manager.shutdown()
+        self.assertNotIn("socketio", specter.registry)
 
     def test_namespace(self):
         class RoomHandler(RecordingHandler):
