@@ -3501,7 +3501,7 @@ class ServiceManager(Service):
         self._shutdown_done = gevent.event.Event()
         steps = [handler.teardown for handler in reversed(self._handlers)]
         steps += [service.stop for service in reversed(self._services)]
-        steps += [self._ingress.clear, self.stop, registry.clear, self._stop_server]
+        steps += [self._disconnect_clients, self._ingress.clear, self.stop, registry.clear, self._stop_server]
         try:
             _run_all(steps, self._record_error)
         finally:
@@ -3571,6 +3571,42 @@ class ServiceManager(Service):
                 registry.provide(key, value, owner=self, replace=True)
                 if isinstance(value, Service):
                     value.start()
+
+    def _disconnect_clients(self):
+        """Disconnect every Socket.IO client of this process, after the services' final emits.
+
+        Each session gets Socket.IO's disconnect packet behind whatever it
+        still has to receive, so clients see those messages and then a clean
+        'server disconnect' (not a 'transport error' when the server or the
+        program goes away); server-side 'disconnect' handlers run as for any
+        disconnect. The wait, at most ``stop_timeout``, lasts until every
+        client has taken its packets (or closed) and the loop has gone idle,
+        i.e. the writers have put them on the wire.
+        """
+        server = getattr(self._socketio, "server", None)
+        rooms = getattr(getattr(server, "manager", None), "rooms", None)
+        if not rooms:
+            return
+        sockets = list(getattr(server.eio, "sockets", {}).values())
+        count = 0
+        for namespace in list(server.manager.get_namespaces()):
+            for sid, _ in list(server.manager.get_participants(namespace, None)):
+                # ignore_queue: these are this process's own clients; a message
+                # queue must not carry the disconnect to other processes.
+                server.disconnect(sid, namespace=namespace, ignore_queue=True)
+                count += 1
+        timer = gevent.Timeout.start_new(self.stop_timeout)
+        try:
+            while any(not sock.closed and not sock.queue.empty() for sock in sockets):
+                gevent.sleep(_WEB_FLUSH_STEP)
+            gevent.idle()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            _web_log.warning("Socket.IO clients did not take their disconnect within %s s", self.stop_timeout)
+        finally:
+            timer.close()
+        _web_log.debug("disconnected %d Socket.IO session(s)", count)
 
     def _stop_server(self):
         self._booted = False
@@ -3664,6 +3700,8 @@ class _IngressSubscriber:
     def order(self):
         return (self.priority, self.seq)
 
+
+_WEB_FLUSH_STEP = 0.005  # how often shutdown looks whether clients took their disconnect (seconds)
 
 _WEB_SERVER_OPTIONS = frozenset((
     "backlog", "spawn", "error_log", "handler_class", "environ", "keyfile", "certfile", "ca_certs",

@@ -5862,6 +5862,27 @@ class TestRealClients(SpecterTestCase):
         self.assertEqual(self.call(client, "ping", 1), ({"pong": 1}, b"\x00\x01"))
         self.assertTrue(client.connected)
 
+    def test_shutdown_sends_the_services_final_emits_then_disconnects_clients_cleanly(self):
+        app, sio = make_web_app()
+
+        class Farewell(Service):
+            def on_stop(self):
+                sio.emit("bye", {"last": True})
+        url, manager = self.serve(app, sio, services=[Farewell()])
+        events = []
+        clients = []
+        for transports in (["websocket"], ["polling"]):
+            client = socketio.Client()
+            client.on("bye", lambda data, t=transports[0]: events.append((t, "bye", data)))
+            client.on("disconnect", lambda reason=None, t=transports[0]: events.append((t, "disconnect", reason)))
+            clients.append(self.connect(url, client, transports=transports))
+        manager.shutdown()
+        self.assertTrue(wait_until(lambda: len(events) == 4, timeout=CLIENT_TIMEOUT), events)
+        for transport in ("websocket", "polling"):
+            self.assertEqual([event[1:] for event in events if event[0] == transport],
+                             [("bye", {"last": True}), ("disconnect", "server disconnect")])
+        self.assertFalse(any(client.connected for client in clients))
+
     def test_controller_stop_over_real_clients(self):
         app, sio = make_web_app()
         ctl = EchoController()
@@ -5939,6 +5960,42 @@ SIGNAL_APP = textwrap.dedent("""
 """)
 
 
+SOCKET_APP = textwrap.dedent("""
+    import socket
+    import sys
+
+    from flask import Flask
+    from flask_socketio import SocketIO
+
+    import specter
+
+    app = Flask(__name__)
+    sio = SocketIO(app, async_mode="gevent")
+
+
+    @app.route("/ready")
+    def ready():
+        return "ok"
+
+
+    class Farewell(specter.Service):
+        def on_stop(self):
+            self.require("socketio").emit("bye", {"last": True})
+
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    print("port", port, flush=True)
+    if sys.argv[1] == "manager":
+        specter.ServiceManager(app, sio).register_service(Farewell()).run("127.0.0.1", port)
+    else:  # boot() with signals on, then the usual Flask-SocketIO server
+        specter.boot(app, sio, services=[Farewell()])
+        sio.run(app, host="127.0.0.1", port=port)
+""")
+
+
 class TestSignals(SpecterTestCase):
 
     def blocking(self, fn, *args, **kwargs):
@@ -6007,11 +6064,50 @@ class TestSignals(SpecterTestCase):
         self.assertNotIn("Traceback", stderr())
         return stderr()
 
+    def test_sigterm_disconnects_socket_clients_cleanly_after_the_final_emits(self):
+        workdir = tempfile.mkdtemp(prefix="specter-web-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "sockapp.py")
+        with open(script, "w") as f:
+            f.write(SOCKET_APP)
+        env = dict(os.environ, PYTHONPATH=SPECTER_DIR)
+        for mode in ("manager", "socketio"):
+            with self.subTest(mode=mode):
+                child = gevent.subprocess.Popen([sys.executable, "-u", script, mode], stdout=gevent.subprocess.PIPE,
+                                                stderr=gevent.subprocess.PIPE, env=env, cwd=workdir,
+                                                universal_newlines=True, start_new_session=True)
+                self.addCleanup(self.reap, child)
+                with gevent.Timeout(CLIENT_TIMEOUT, AssertionError("the child never printed its port")):
+                    port = int(child.stdout.readline().split()[1])
+                url = "http://127.0.0.1:%d" % port
+                self.assertTrue(wait_until(lambda: self.served(port), timeout=CLIENT_TIMEOUT, step=0.02))
+                events = []
+                for transport in ("websocket", "polling"):
+                    client = socketio.Client()
+                    client.on("bye", lambda data, t=transport: events.append((t, "bye", data)))
+                    client.on("disconnect", lambda reason=None, t=transport: events.append((t, "disconnect", reason)))
+                    self.blocking(client.connect, url, transports=[transport], wait_timeout=CLIENT_TIMEOUT)
+                    self.addCleanup(lambda c=client: c.connected and self.blocking(c.disconnect))
+                child.send_signal(signal.SIGTERM)
+                try:
+                    code = child.wait(timeout=CLIENT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    code = None
+                errors = child.stderr.read()
+                self.assertEqual(code, 0, errors)
+                self.assertNotIn("Traceback", errors)
+                self.assertTrue(wait_until(lambda: len(events) == 4, timeout=CLIENT_TIMEOUT), events)
+                for transport in ("websocket", "polling"):
+                    self.assertEqual([event[1:] for event in events if event[0] == transport],
+                                     [("bye", {"last": True}), ("disconnect", "server disconnect")])
+
     def reap(self, child):
         if child.poll() is None:
             child.kill()
             child.wait()
-        child.stdout.close()
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
 
     def kill_stray(self, pid):
         if not pid_gone(pid):
