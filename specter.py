@@ -3375,6 +3375,10 @@ class ServiceManager(Service):
         self._handlers = []
         self._providers = []
         self._booted = False
+        self._booting = None  # the greenlet running boot(), while it runs
+        self._boot_phase = None  # 'starting', then 'rolling back' if it fails or is cancelled
+        self._boot_cancelled = False
+        self._boot_done = None
         self._shutting_down = False
         self._shutdown_greenlet = None
         self._shutdown_done = None
@@ -3447,62 +3451,78 @@ class ServiceManager(Service):
         return self.register_handler(controller.build_handler())
 
     def boot(self, providers: Optional[Dict[str, Any]] = None) -> ServiceManager:
-        """Start everything; idempotent. A service that fails to start undoes the boot."""
+        """Start everything; idempotent. A service that fails to start undoes the boot.
+
+        Signal handlers go in first, so a SIGTERM at any point from here on
+        rolls back or shuts down what was started. ``shutdown()`` called
+        while boot() runs cancels it: boot() stops starting things, stops
+        what it started and returns with ``booted`` False. A boot() from
+        another greenlet while one runs waits for it.
+        """
         if providers:
             self._add_providers(providers)
         if self._booted:
             return self
-        self.start()
-        started = []
+        if self._booting is not None:
+            if self._booting is not getcurrent():
+                self._boot_done.wait()
+            return self
+        if self._shutting_down:
+            raise RuntimeError("%s: cannot boot() while shutdown() is under way" % self.name)
+        self._booting = getcurrent()
+        self._boot_phase = "starting"
+        self._boot_cancelled = False
+        self._boot_done = gevent.event.Event()
+        started: List[Service] = []
         try:
-            registry.provide("service_manager", self, owner=self, replace=True)
-            registry.provide("socket_ingress", self._ingress, owner=self, replace=True)
-            if self._socketio is not None:
-                # How a plain Service reaches Socket.IO clients: Service.emit is the in-process bus.
-                registry.provide("socketio", self._socketio, owner=self, replace=True)
-            for key, value in self._providers:
-                registry.provide(key, value, owner=self, replace=True)
-            for service in self._services:
-                service.start()
-                started.append(service)
-            self._booted = True
-            for handler in self._handlers:
-                handler.setup(self._socketio)
+            self._start_all(started)
+        except _BootCancelled:
+            self._roll_back(started)
+            _web_log.info("boot cancelled by shutdown(); what it started is stopped")
+            return self
         except BaseException:
-            _web_log.error("boot failed; stopping what was started")
-            self._booted = False
-            for handler in reversed(self._handlers):
-                handler.teardown()
-            for service in reversed(started):
-                service.stop()
-            self.stop()
+            if self._boot_cancelled:
+                _web_log.info("boot interrupted; stopping what was started")
+            else:
+                _web_log.error("boot failed; stopping what was started")
+            self._roll_back(started)
             raise
+        finally:
+            self._booting = None
+            self._boot_phase = None
+            self._boot_done.set()
         if not self._atexit:
             atexit.register(self._at_exit)
             self._atexit = True
-        if self._signals:
-            self._install_signals()
         _web_log.info("booted %d service(s) and %d handler(s)", len(self._services), len(self._handlers))
         return self
 
     def shutdown(self) -> ServiceManager:
-        """Tear everything down in reverse; idempotent.
+        """Tear everything down in reverse; idempotent while nothing is left to stop.
 
-        A call while another greenlet shuts down waits for it to finish.
+        A call while another greenlet shuts down waits for it to finish. A
+        call while boot() runs cancels the boot: from another greenlet it
+        interrupts boot() where it is and waits until boot() has stopped
+        what it started; from inside boot() (a service's on_start), boot()
+        starts nothing more once that on_start returns.
         """
+        current = getcurrent()
         if self._shutting_down:
-            if self._shutdown_greenlet is not getcurrent():
+            if self._shutdown_greenlet is not current:
                 self._shutdown_done.wait()
             return self
-        if not self._booted and not self.running:
+        booting = self._booting
+        if booting is None and not self._has_work():
             return self
         self._shutting_down = True
-        self._shutdown_greenlet = getcurrent()
+        self._shutdown_greenlet = current
         self._shutdown_done = gevent.event.Event()
-        steps = [handler.teardown for handler in reversed(self._handlers)]
-        steps += [service.stop for service in reversed(self._services)]
-        steps += [self._disconnect_clients, self._ingress.clear, self.stop, registry.clear, self._stop_server]
         try:
+            if booting is not None:
+                self._cancel_boot(booting)
+            steps = [handler.teardown for handler in reversed(self._handlers)]
+            steps += [service.stop for service in reversed(self._services)]
+            steps += [self._disconnect_clients, self._ingress.clear, self.stop, registry.clear, self._stop_server]
             _run_all(steps, self._record_error)
         finally:
             self._shutting_down = False
@@ -3531,6 +3551,8 @@ class ServiceManager(Service):
             raise TypeError("run() got unexpected keyword argument(s) %s; it accepts log_output and "
                             "gevent WSGIServer options: %s" % (", ".join(unknown), ", ".join(sorted(_WEB_SERVER_OPTIONS))))
         self.boot()
+        if not self._booted:
+            return self  # shutdown() cancelled the boot: nothing to serve
         kwargs.setdefault("handler_class", _WebSocketClosingHandler)
         server = pywsgi.WSGIServer((host, port), self._app, log="default" if log_output else None, **kwargs)
         self._server = server
@@ -3557,6 +3579,64 @@ class ServiceManager(Service):
         report["handlers"] = _web_by_name(_web_health(handler) for handler in self._handlers)
         report["ingress"] = self._ingress.health()
         return report
+
+    def _start_all(self, started):
+        """boot()'s work: what it starts goes into ``started``, for a rollback."""
+        if self._signals:
+            self._install_signals()
+        self.start()
+        registry.provide("service_manager", self, owner=self, replace=True)
+        registry.provide("socket_ingress", self._ingress, owner=self, replace=True)
+        if self._socketio is not None:
+            # How a plain Service reaches Socket.IO clients: Service.emit is the in-process bus.
+            registry.provide("socketio", self._socketio, owner=self, replace=True)
+        for key, value in self._providers:
+            registry.provide(key, value, owner=self, replace=True)
+        for service in self._services:  # the loop also sees services an on_start registers
+            self._check_boot()
+            service.start()
+            started.append(service)
+        self._check_boot()
+        self._booted = True
+        for handler in self._handlers:
+            handler.setup(self._socketio)
+        self._check_boot()
+
+    def _check_boot(self):
+        if self._boot_cancelled:
+            raise _BootCancelled()
+
+    def _cancel_boot(self, booting):
+        """Make a running boot() stop and roll back; from another greenlet, wait for that."""
+        self._boot_cancelled = True
+        if booting is getcurrent():
+            return  # inside boot(): it checks the flag as soon as the current step returns
+        gevent.get_hub().loop.run_callback(self._interrupt_boot, booting, _BootCancelled())
+        self._boot_done.wait()
+
+    def _interrupt_boot(self, booting, exc):
+        """Raise ``exc`` in the booting greenlet where it waits, unless it is already rolling back.
+
+        Runs in the hub (or a signal greenlet) while that greenlet is
+        suspended, so the phase cannot change under the check.
+        """
+        if self._booting is booting and self._boot_phase == "starting" and not booting.dead:
+            booting.throw(exc)
+
+    def _roll_back(self, started):
+        """Undo a boot: handlers torn down, started services stopped in reverse, the manager stopped."""
+        self._boot_phase = "rolling back"
+        self._booted = False
+        steps = [handler.teardown for handler in reversed(self._handlers)]
+        steps += [service.stop for service in reversed(started)]
+        steps += [self.stop, self._remove_signals]
+        _run_all(steps, self._record_error)
+
+    def _has_work(self):
+        """Whether anything shutdown() releases is still up (so a repeat call is not a no-op then)."""
+        return (self._booted or self._server is not None or self._status not in ("created", "stopped")
+                or any(service.status not in ("created", "stopped") for service in self._services)
+                or any(getattr(handler, "registered", False) for handler in self._handlers))
 
     def _add_providers(self, providers):
         if not isinstance(providers, dict):
@@ -3638,20 +3718,29 @@ class ServiceManager(Service):
                     _web_log.debug("cannot restore the handler of signal %s: %s", signum, exc)
 
     def _on_signal(self, signum):
-        if self._shutting_down:
-            _web_log.warning("signal %s: already shutting down", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self._shutting_down or self._boot_cancelled:
+            _web_log.warning("signal %s: already shutting down", name)
             return
-        _web_log.info("signal %s: shutting down", signal.Signals(signum).name)
+        _web_log.info("signal %s: shutting down", name)
+        main = gevent.get_hub().parent
+        if self._booting is main:
+            # boot() runs in the main greenlet: end the program there, as
+            # Ctrl-C would; boot() stops what it started and SystemExit(0)
+            # goes on up (while it is already rolling back, it finishes that).
+            self._boot_cancelled = True
+            self._interrupt_boot(main, SystemExit(0))
+            return
         serving = self._server is not None
         self.shutdown()
         if not serving:
             # Nothing of ours is serving, so end the program the way Python
             # would: SystemExit in the main greenlet (raising it here would
             # only end this signal greenlet, whose watcher shutdown() closed).
-            gevent.get_hub().parent.throw(SystemExit(0))
+            main.throw(SystemExit(0))
 
     def _at_exit(self):
-        if self._booted:
+        if self._has_work():
             try:
                 self.shutdown()
             except Exception:
@@ -3685,6 +3774,10 @@ class _WebSocketClosingHandler(pywsgi.WSGIHandler):
         super().handle_one_response()
         if self.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             self.close_connection = True
+
+
+class _BootCancelled(BaseException):
+    """Raised inside boot() by shutdown(): a BaseException, so no ``except Exception`` in an on_start keeps it."""
 
 
 class _IngressSubscriber:

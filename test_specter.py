@@ -5399,6 +5399,67 @@ class TestServiceManager(SpecterTestCase):
         self.assertEqual((slow.status, manager.booted), ("stopped", False))
         first.join()
 
+    def test_shutdown_during_boot_stops_the_boot_and_releases_what_it_started(self):
+        log = []
+        gate = gevent.event.Event()
+
+        class Slow(RecordingService):
+            def on_start(self):
+                super().on_start()
+                self.spawn(gevent.sleep, LONG)
+                gate.wait(LONG)  # a start that takes its time (a database coming up, say)
+        manager = self.manager()
+        first, slow, last = RecordingService("first", log), Slow("slow", log), RecordingService("last", log)
+        manager.register_service(first).register_service(slow).register_service(last)
+        handler = RecordingHandler("h", log)
+        manager.register_handler(handler)
+        before = live_greenlets()
+        booting = gevent.spawn(manager.boot)
+        self.assertTrue(wait_until(lambda: slow.status == "starting"))
+        started = time.monotonic()
+        self.assertIs(manager.shutdown(), manager)
+        self.assertLess(time.monotonic() - started, 1.0, "shutdown() waited for the slow start to finish")
+        self.assertEqual(log, ["start:first", "start:slow", "stop:first"])
+        self.assertEqual((first.status, slow.status, last.status), ("stopped", "stopped", "created"))
+        self.assertFalse(handler.registered)
+        self.assertFalse(manager.running or manager.booted)
+        self.assertEqual(specter.registry.list(), [])
+        self.assertIs(booting.get(timeout=WAIT), manager)
+        gate.set()
+        gevent.sleep(0)
+        self.assertEqual(last.status, "created", "boot() went on starting services after shutdown()")
+        self.assertNoNewGreenlets(before)
+
+    def test_shutdown_from_an_on_start_cancels_the_rest_of_the_boot(self):
+        log = []
+        manager = self.manager()
+
+        class Quitter(RecordingService):
+            def on_start(self):
+                super().on_start()
+                manager.shutdown()  # e.g. a fatal configuration error found while starting
+        first, quitter, last = RecordingService("first", log), Quitter("quitter", log), RecordingService("last", log)
+        manager.register_service(first).register_service(quitter).register_service(last)
+        self.assertIs(manager.boot(), manager)
+        self.assertEqual(log, ["start:first", "start:quitter", "stop:first", "stop:quitter"])
+        self.assertEqual((first.status, quitter.status, last.status), ("stopped", "stopped", "created"))
+        self.assertFalse(manager.running or manager.booted)
+        self.assertEqual(specter.registry.list(), [])
+
+    def test_a_later_shutdown_is_not_a_no_op_while_work_remains(self):
+        log = []
+        manager = self.manager()
+        worker = RecordingService("worker", log)
+        manager.register_service(worker)
+        manager.boot()
+        manager.shutdown()
+        worker.start()  # restarted by hand after the app was shut down
+        manager.shutdown()
+        self.assertEqual(log, ["start:worker", "stop:worker", "start:worker", "stop:worker"])
+        self.assertFalse(worker.running)
+        manager.shutdown()
+        self.assertEqual(len(log), 4)
+
     def test_shutdown_gives_signals_back_their_previous_handlers(self):
         before = signal.getsignal(signal.SIGINT)
         app, sio = make_web_app()
@@ -5996,6 +6057,47 @@ SOCKET_APP = textwrap.dedent("""
 """)
 
 
+BOOT_APP = textwrap.dedent("""
+    import sys
+
+    import gevent
+    from flask import Flask
+    from flask_socketio import SocketIO
+
+    import specter
+
+    marker = sys.argv[1]
+    app = Flask(__name__)
+    sio = SocketIO(app, async_mode="gevent")
+
+
+    class Worker(specter.Service):
+        def on_start(self):
+            proc = self.start_process(["sleep", "60"])
+            print("grandchild", proc.pid, flush=True)
+
+        def on_stop(self):
+            with open(marker, "w") as f:
+                f.write("stopped")
+
+
+    class Slow(specter.Service):
+        def on_start(self):
+            print("booting", flush=True)
+            gevent.sleep(60)  # a start that takes its time: the SIGTERM comes meanwhile
+
+
+    manager = specter.ServiceManager(app, sio)
+    manager.register_service(Worker()).register_service(Slow())
+    if sys.argv[2] == "manager":
+        manager.run("127.0.0.1", 0)
+    else:
+        manager.boot()
+        sio.run(app, host="127.0.0.1", port=0)
+    print("served after a cancelled boot", flush=True)
+""")
+
+
 class TestSignals(SpecterTestCase):
 
     def blocking(self, fn, *args, **kwargs):
@@ -6100,6 +6202,48 @@ class TestSignals(SpecterTestCase):
                 for transport in ("websocket", "polling"):
                     self.assertEqual([event[1:] for event in events if event[0] == transport],
                                      [("bye", {"last": True}), ("disconnect", "server disconnect")])
+
+    def test_sigterm_during_boot_rolls_back_and_exits_cleanly(self):
+        workdir = tempfile.mkdtemp(prefix="specter-web-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "bootapp.py")
+        with open(script, "w") as f:
+            f.write(BOOT_APP)
+        env = dict(os.environ, PYTHONPATH=SPECTER_DIR)
+        for mode in ("manager", "boot"):
+            with self.subTest(mode=mode):
+                marker = os.path.join(workdir, "stopped-" + mode)
+                # stderr goes to a file: the grandchild inherits it, so a pipe would stay open while it lives.
+                errors_path = os.path.join(workdir, "stderr-" + mode)
+                with open(errors_path, "w") as errors:
+                    child = gevent.subprocess.Popen([sys.executable, "-u", script, marker, mode],
+                                                    stdout=gevent.subprocess.PIPE, stderr=errors, env=env,
+                                                    cwd=workdir, universal_newlines=True, start_new_session=True)
+                self.addCleanup(self.reap, child)
+
+                def stderr():
+                    with open(errors_path) as f:
+                        return f.read()
+                lines = {}
+                with gevent.Timeout(CLIENT_TIMEOUT, AssertionError("the child never reached its slow start")):
+                    while "booting" not in lines:
+                        word, _, rest = child.stdout.readline().strip().partition(" ")
+                        self.assertTrue(word, "the child ended early: %s" % stderr())
+                        lines[word] = rest
+                grandchild = int(lines["grandchild"])
+                self.addCleanup(self.kill_stray, grandchild)
+                self.assertFalse(pid_gone(grandchild))
+                child.send_signal(signal.SIGTERM)
+                try:
+                    code = child.wait(timeout=CLIENT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    code = None
+                self.assertEqual(code, 0, stderr())
+                self.assertNotIn("Traceback", stderr())
+                self.assertEqual(child.stdout.read(), "", "the program went on after the interrupted boot")
+                with open(marker) as f:
+                    self.assertEqual(f.read(), "stopped")
+                self.assertTrue(wait_until(lambda: pid_gone(grandchild), timeout=3.0, step=0.01))
 
     def reap(self, child):
         if child.poll() is None:
