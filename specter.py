@@ -72,7 +72,6 @@ _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
 _O = TypeVar("_O", bound="_Owner")
 _S = TypeVar("_S", bound="Service")
-_C = TypeVar("_C", bound="Controller")
 
 
 def _check_callable(value, what):
