@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ import textwrap
 import time
 import unittest
 import urllib.error
+import urllib.parse
 import urllib.request
 from unittest import mock
 
@@ -6501,6 +6503,19 @@ class TestJobBoardDemo(SpecterTestCase):
         self.assertIn("cancelled: server shutting down", jobs[queued["id"]]["output"])
         self.assertEqual(self.http.get("/api/jobs").status_code, 503, "routes answer 503 once stopped")
 
+    def test_shutdown_pushes_the_cancelled_states_to_connected_clients(self):
+        manager = self.start_board(JOBBOARD_WORKERS=1)
+        _client, events = self.connect()
+        running = self.submit(name="long", steps=50, delay=0.05)
+        queued = self.submit(name="waiting", steps=2, delay=0.01)
+        self.assertTrue(wait_until(lambda: "running" in self.statuses(events, running["id"])))
+
+        manager.shutdown()
+        # 'live' stops after the runner, so what the runner wrote while stopping went out.
+        self.assertTrue(wait_until(lambda: self.statuses(events, running["id"])[-1:] == ["cancelled"]
+                                   and self.statuses(events, queued["id"])[-1:] == ["cancelled"]))
+        self.assertIn("cancelled: server shutting down", self.updates(events, running["id"])[-1]["output"])
+
     def test_health_host_updates_and_housekeeping(self):
         self.start_board(JOBBOARD_KEEP_FINISHED=1)
         client, events = self.connect()
@@ -6513,7 +6528,7 @@ class TestJobBoardDemo(SpecterTestCase):
         health = response.get_json()
         self.assertEqual(health["status"], "ok")
         self.assertEqual([s["name"] for s in health["services"]],
-                         ["jobs.runner", "host.monitor", "live", "jobs.housekeeper", "jobs"])
+                         ["live", "jobs.runner", "host.monitor", "jobs.housekeeper", "jobs"])
         self.assertTrue(all(s["status"] == "ok" for s in health["services"]))
 
         ids = [self.submit(name="quick %d" % n, steps=1, delay=0.01)["id"] for n in range(3)]
@@ -6524,6 +6539,262 @@ class TestJobBoardDemo(SpecterTestCase):
         self.assertEqual(removed() | {survivor["id"]}, set(ids))
         self.assertEqual(self.call(client, "jobs:list")["count"], 1)
         self.assertEqual(self.http.get("/api/stats").get_json()["stats"]["total"], 1)
+
+
+# The browser test needs Debian's chromium and chromium-driver, and selenium (the test extra).
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as ChromeDriverService
+except ImportError:  # reported by browser_missing()
+    webdriver = None
+
+BROWSER_INSTALL = "apt-get install -y chromium chromium-driver"
+BROWSER_TIMEOUT = 10.0  # page load, and the bound of each wait in a browser
+PAGE_STATE_JS = """
+return {
+  conn: document.getElementById("conn").dataset.state,
+  transport: document.getElementById("conn").dataset.transport,
+  banner: document.getElementById("banner").hidden ? "" : document.getElementById("banner").textContent,
+  jobs: Array.from(document.querySelectorAll("#jobs > li")).map(function (li) {
+    return {id: li.dataset.id, name: li.querySelector(".job-name").textContent,
+            status: li.querySelector(".badge").textContent, progress: Number(li.dataset.progress),
+            count: li.querySelector(".count").textContent};
+  }),
+};
+"""
+
+
+def browser_missing():
+    """Why the browser test cannot run here (with what to install), or None."""
+    missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
+    if missing:
+        return "%s not found; install them with: %s" % (" and ".join(missing), BROWSER_INSTALL)
+    if webdriver is None:
+        return "selenium is not installed; install it with: python -m pip install -e '.[test]'"
+    return None
+
+
+def free_port():
+    """A port that was free a moment ago on 127.0.0.1."""
+    with contextlib.closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class TestJobBoardBrowser(SpecterTestCase):
+    """The demo as a person sees it: headless Chromium, driven by Selenium, against app.py in a child process.
+
+    Selenium calls block this process's hub; nothing else needs it, since
+    the server runs in its own process.
+    """
+
+    ceiling = 90
+
+    def setUp(self):
+        super().setUp()
+        reason = browser_missing()
+        if reason:
+            if os.environ.get("CI"):
+                self.fail("CI must run the browser test: " + reason)
+            self.skipTest(reason)
+        self.drivers = []
+        self.workdir = tempfile.mkdtemp(prefix="specter-browser-")
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+
+    # Fixtures -----------------------------------------------------------------
+
+    def start_server(self):
+        """Run examples/jobboard/app.py on a free port in its own process group; its URL once it answers."""
+        port = free_port()
+        self.log_path = os.path.join(self.workdir, "server.log")
+        with open(self.log_path, "w") as log:
+            self.server = subprocess.Popen(
+                [sys.executable, "-u", os.path.join(EXAMPLES, "jobboard", "app.py"), "--port", str(port)],
+                cwd=self.workdir, env=dict(os.environ, PYTHONPATH=SPECTER_DIR),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.addCleanup(self.kill_server)
+        self.url = "http://127.0.0.1:%d" % port
+        if not wait_until(lambda: self.server.poll() is not None or self.answers("/api/health"),
+                          timeout=BROWSER_TIMEOUT, step=0.05) or self.server.poll() is not None:
+            self.fail("the job board did not start:\n" + self.server_log())
+        return self.url
+
+    def kill_server(self):
+        if self.server.poll() is None:
+            os.killpg(self.server.pid, signal.SIGKILL)
+        self.server.wait()
+
+    def server_log(self):
+        with open(self.log_path) as log:
+            return log.read()[-4000:]
+
+    def answers(self, path):
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def api(self, path, payload=None):
+        """GET, or POST ``payload`` as JSON, to the board's HTTP API; the decoded answer."""
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.url + path, data, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.load(response)
+
+    def open_browser(self):
+        """A headless Chromium at 1280x900 on the board, driven through the system chromedriver."""
+        options = webdriver.ChromeOptions()
+        options.binary_location = shutil.which("chromium")
+        for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
+                         "--disable-background-networking", "--no-first-run", "--disable-extensions"):
+            options.add_argument(argument)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+        # An explicit driver path: Selenium never looks for, or downloads, a driver of its own.
+        service = ChromeDriverService(executable_path=shutil.which("chromedriver"),
+                                      log_output=os.path.join(self.workdir, "chromedriver.log"))
+        driver = webdriver.Chrome(options=options, service=service)
+        self.addCleanup(driver.quit)
+        self.drivers.append(driver)
+        driver.set_page_load_timeout(BROWSER_TIMEOUT)
+        driver.set_script_timeout(BROWSER_TIMEOUT)
+        driver.get(self.url + "/")
+        return driver
+
+    @contextlib.contextmanager
+    def evidence(self):
+        """On failure, save a screenshot of every browser and the server's log, and print where."""
+        try:
+            yield
+        except BaseException:
+            folder = tempfile.mkdtemp(prefix="specter-browser-failure-")
+            for number, driver in enumerate(self.drivers, 1):
+                try:
+                    driver.save_screenshot(os.path.join(folder, "browser-%d.png" % number))
+                except Exception as exc:  # a dead browser must not hide the real failure
+                    print("no screenshot of browser %d: %s" % (number, exc), file=sys.stderr)
+            if getattr(self, "server", None) is not None:
+                shutil.copy(self.log_path, os.path.join(folder, "server.log"))
+            print("\n%s failed; screenshots and the server log are in %s" % (self.id(), folder), file=sys.stderr)
+            raise
+
+    # Reading the page ---------------------------------------------------------
+
+    @staticmethod
+    def page(driver):
+        """What the page shows: connection state, transport, banner, and every job row."""
+        return driver.execute_script(PAGE_STATE_JS)
+
+    def row(self, driver, name):
+        """The row showing the job named ``name``, or None."""
+        return next((job for job in self.page(driver)["jobs"] if job["name"] == name), None)
+
+    def wait_for(self, predicate, what, timeout=BROWSER_TIMEOUT):
+        value = wait_until(predicate, timeout=timeout, step=0.02)
+        if not value:
+            self.fail("%s: not seen within %.1f s" % (what, timeout))
+        return value
+
+    def wait_live(self, driver):
+        """Wait until the page is connected over Socket.IO and upgraded to a websocket."""
+        self.wait_for(lambda: self.page(driver)["conn"] == "live" and self.page(driver)["transport"] == "websocket",
+                      "a live Socket.IO connection over websocket")
+
+    def assert_clean_console_and_local_requests(self, driver):
+        errors = [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        self.assertEqual(errors, [], "the page logged errors")
+        urls = []
+        for entry in driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.requestWillBeSent":
+                urls.append(message["params"]["request"]["url"])
+            elif message["method"] == "Network.webSocketCreated":
+                urls.append(message["params"]["url"])
+        origin = urllib.parse.urlsplit(self.url).netloc
+        self.assertTrue(any("/static/socket.io.min.js" in url for url in urls), urls)
+        self.assertTrue(any(url.startswith("ws://%s/socket.io/" % origin) for url in urls), urls)
+        foreign = [url for url in urls if not url.startswith("data:") and urllib.parse.urlsplit(url).netloc != origin]
+        self.assertEqual(foreign, [], "the page contacted another host")
+
+    # Tests --------------------------------------------------------------------
+
+    def test_page_shows_jobs_live_in_every_browser_without_any_other_host(self):
+        self.start_server()
+        with self.evidence():
+            first = self.open_browser()
+            self.wait_live(first)
+            second = self.open_browser()
+            self.wait_live(second)
+
+            name = "from the form"
+            form = first.find_element("id", "job-form")
+            form.find_element("name", "name").send_keys(name)
+            for field, value in (("steps", "8"), ("delay", "0.15")):
+                box = form.find_element("name", field)
+                box.clear()
+                box.send_keys(value)
+            clicked = time.monotonic()
+            form.find_element("css selector", "button[type=submit]").click()
+            self.wait_for(lambda: self.row(first, name), "the submitted job in its page", timeout=2.0)
+            self.assertLess(time.monotonic() - clicked, 2.0)
+
+            # Both pages, watched side by side until the job is done in both.
+            seen = {first: [], second: []}
+
+            def both_done():
+                for driver, log in seen.items():
+                    row = self.row(driver, name)
+                    if row is not None:
+                        log.append((row["status"], row["progress"]))
+                return all(log and log[-1][0] == "done" for log in seen.values())
+            self.wait_for(both_done, "the job done in both browsers")
+            for driver, log in seen.items():
+                with self.subTest(browser=self.drivers.index(driver) + 1):
+                    running = {progress for status, progress in log if status == "running"}
+                    self.assertGreaterEqual(len(running - {0, 8}), 2, "progress moves while it runs: %s" % log)
+                    progress = [progress for _status, progress in log]
+                    self.assertEqual(progress, sorted(progress), "progress never goes backwards")
+                    self.assertEqual(self.row(driver, name)["count"], "8/8")
+
+            # A job from the JSON API shows up in both, with no reload.
+            for driver in seen:
+                driver.execute_script("window.notReloaded = true;")
+            job = self.api("/api/jobs", {"name": "from the API", "steps": 2, "delay": 0.05})
+            for driver in seen:
+                self.wait_for(lambda: (self.row(driver, "from the API") or {}).get("status") == "done",
+                              "the API job done in a browser")
+                self.assertTrue(driver.execute_script("return window.notReloaded === true;"))
+                self.assertEqual(self.row(driver, "from the API")["id"], job["id"])
+                self.assertEqual([row["name"] for row in self.page(driver)["jobs"]], ["from the API", name],
+                                 "newest first")
+            for driver in seen:
+                self.assert_clean_console_and_local_requests(driver)
+
+    def test_server_stop_shows_disconnected_and_the_running_job_cancelled(self):
+        self.start_server()
+        with self.evidence():
+            browser = self.open_browser()
+            self.wait_live(browser)
+            job = self.api("/api/jobs", {"name": "long", "steps": 50, "delay": 0.2})
+            self.wait_for(lambda: (self.row(browser, "long") or {}).get("progress", 0) >= 1,
+                          "the long job running")
+            pid = self.api("/api/jobs/%s" % job["id"])["pid"]
+            self.assertEqual(self.row(browser, "long")["status"], "running")
+
+            os.kill(self.server.pid, signal.SIGTERM)
+            self.assertTrue(wait_until(lambda: self.server.poll() is not None, timeout=BROWSER_TIMEOUT, step=0.02),
+                            "the server did not exit after SIGTERM:\n" + self.server_log())
+            self.assertEqual(self.server.returncode, 0, self.server_log())
+            self.assertNotIn("Traceback", self.server_log())
+            self.assertTrue(pid_gone(pid), "no job process outlives the server")
+
+            self.wait_for(lambda: self.page(browser)["conn"] == "disconnected", "the page showing it is disconnected")
+            page = self.page(browser)
+            self.assertIn("Disconnected", page["banner"])
+            long_job = self.row(browser, "long")
+            self.assertEqual(long_job["status"], "cancelled",
+                             "the state the server gave the job at shutdown, not a frozen 'running'")
+            self.assertLess(long_job["progress"], 50)
 
 
 REPO = os.path.dirname(os.path.abspath(specter.__file__))
