@@ -58,6 +58,7 @@ import werkzeug.exceptions
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.queue
 import gevent.subprocess
 from gevent import Greenlet, pywsgi
@@ -3765,6 +3766,9 @@ class ManagedProcess:
     up to ``terminate_timeout`` seconds of grace, then SIGKILL. Waiting,
     reading and stopping go through gevent's subprocess support and never
     block the hub, whether or not the application monkey-patches.
+
+    The launch runs in a greenlet the process owns, so no interruption of
+    the caller can separate a child from its handle.
     """
 
     PIPE = subprocess.PIPE
@@ -3783,13 +3787,18 @@ class ManagedProcess:
         self._watched = set()
         self._group_gone = False
         self._reaper = None
+        self._launcher = None
+        self._stopping = gevent.lock.RLock()
 
     def start(self, args: Union[str, bytes, Sequence[Any]], *, owner: Any = None,
               **popen_kwargs: Any) -> ManagedProcess:
-        """Launch ``args`` (popen keywords pass through); RuntimeError if already running."""
-        if self.running:
-            raise RuntimeError("process %s is already running (pid %d); stop() it first"
-                               % (self.name, self._popen.pid))
+        """Launch ``args`` (popen keywords pass through); RuntimeError if already running.
+
+        If the caller is interrupted during the launch (a kill, a Timeout),
+        start() stops the child before re-raising; a stop() from any
+        greenlet during the launch waits for it and ends the child too.
+        """
+        self._check_idle()
         if isinstance(args, (str, bytes)):
             if not args.strip():
                 raise ValueError("args must name a program, got an empty string")
@@ -3805,18 +3814,24 @@ class ManagedProcess:
         popen_kwargs["start_new_session"] = True
         if self._popen is not None:
             self.stop()  # the previous run's group, readers and pipes
+            self._check_idle()  # another greenlet may have started it meanwhile
         self.args = args
-        self._popen = gevent.subprocess.Popen(args, **popen_kwargs)
-        self._pgid = self._popen.pid  # a new session's leader leads its group
-        self._watched = set()
-        self._group_gone = False
-        for holder in self._owners:
-            holder._hold(self.stop, self)  # its owners own the new run too
-        self._reaper = gevent.spawn(self._reap, self._popen)
-        self._reaper.name = "%s:reaper" % self.name
-        _process_log.debug("%s: started pid %d", self.name, self._popen.pid)
+        # Owners hold the process before the launch, so an owner stopping
+        # during it ends the child too.
         if owner is not None:
             self.attach(owner)
+        for holder in self._owners:
+            holder._hold(self.stop, self)  # its owners own the new run too
+        launcher = self._launcher = gevent.spawn(self._launch, args, popen_kwargs)
+        launcher.name = "%s:launch" % self.name
+        try:
+            failure = launcher.get()
+            if failure is not None:
+                raise failure
+        except BaseException:
+            # Interrupted, or the launch failed: leave nothing running or held.
+            self.stop()
+            raise
         return self
 
     def attach(self, owner: Any) -> ManagedProcess:
@@ -3891,23 +3906,29 @@ class ManagedProcess:
     def stop(self, timeout: Optional[float] = None) -> ManagedProcess:
         """End the process group: SIGTERM, wait, then SIGKILL; stop readers, close pipes.
 
-        ``timeout`` overrides ``terminate_timeout``. Idempotent.
+        ``timeout`` overrides ``terminate_timeout``. Idempotent. A launch in
+        progress is waited for and its child ended; a stop() under way in
+        another greenlet is waited for.
         """
         grace = self.terminate_timeout if timeout is None else _check_seconds(timeout, "timeout")
-        popen = self._popen
-        if popen is None:
-            return self
-        if popen.poll() is None or (not self._group_gone and self._group_alive()):
-            _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
-            self._signal_group(signal.SIGTERM)
-            if self._wait_group(grace):
-                _process_log.warning("%s: still running %.1f s after SIGTERM; killing", self.name, grace)
-                self._signal_group(signal.SIGKILL)
-                if self._wait_group(self.kill_timeout):
-                    _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
-        self._stop_readers()
-        _process_close(popen.stdin, popen.stdout, popen.stderr)
-        self._leave_owners()
+        with self._stopping:
+            launcher = self._launcher
+            if launcher is not None and not launcher.dead:
+                launcher.join()  # fork to exec: brief, and the child must not escape
+            popen = self._popen
+            if popen is not None:
+                if popen.poll() is None or (not self._group_gone and self._group_alive()):
+                    _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
+                    self._signal_group(signal.SIGTERM)
+                    if self._wait_group(grace):
+                        _process_log.warning("%s: still running %.1f s after SIGTERM; killing",
+                                             self.name, grace)
+                        self._signal_group(signal.SIGKILL)
+                        if self._wait_group(self.kill_timeout):
+                            _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
+                self._stop_readers()
+                _process_close(popen.stdin, popen.stdout, popen.stderr)
+            self._leave_owners()
         return self
 
     @property
@@ -3977,6 +3998,35 @@ class ManagedProcess:
 
     def _log_line(self, label, line):
         _process_log.info("%s[%s] %s", self.name, label, line)
+
+    def _launch(self, args, popen_kwargs):
+        """Run Popen and adopt the child, in the greenlet start() waits for.
+
+        gevent's Popen yields between fork and exec; adopting here rather
+        than in start() means the handle reaches the process even when
+        start() is interrupted there. A launch that fails returns its
+        exception for start() to raise (a greenlet dying of it would also be
+        reported by the hub).
+        """
+        try:
+            popen = gevent.subprocess.Popen(args, **popen_kwargs)
+        except Exception as exc:
+            return exc
+        self._popen = popen
+        self._pgid = popen.pid  # a new session's leader leads its group
+        self._watched = set()
+        self._group_gone = False
+        self._reaper = gevent.spawn(self._reap, popen)
+        self._reaper.name = "%s:reaper" % self.name
+        _process_log.debug("%s: started pid %d", self.name, popen.pid)
+        return None
+
+    def _check_idle(self):
+        if self._launcher is not None and not self._launcher.dead:
+            raise RuntimeError("process %s is being started by another greenlet; stop() it first" % self.name)
+        if self.running:
+            raise RuntimeError("process %s is already running (pid %d); stop() it first"
+                               % (self.name, self._popen.pid))
 
     def _signal_group(self, signum):
         try:

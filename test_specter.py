@@ -5760,6 +5760,36 @@ def child_args(code):
     return [sys.executable, "-u", "-c", code]
 
 
+def live_children():
+    """Pids of this process's children that still run (zombies excluded), read from /proc.
+
+    A child forked but not yet exec'd counts too: it is the one a start
+    interrupted at the wrong moment would leave behind.
+    """
+    me, found = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as stat:
+                data = stat.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        if fields[0] not in (b"Z", b"X") and int(fields[1]) == me:
+            found.add(int(entry))
+    return found
+
+
+def kill_new_children(before):
+    """SIGKILL, by pid, each child started since ``before`` that still runs (a test's strays)."""
+    for pid in live_children() - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class TestManagedProcess(SpecterTestCase):
 
     def make(self, name="child", **kwargs):
@@ -6294,6 +6324,84 @@ class TestManagedProcess(SpecterTestCase):
         health = proc.health()
         self.assertFalse(health["running"])
         self.assertEqual(health["returncode"], -signal.SIGTERM)
+
+    # Interrupted starts ---------------------------------------------------------
+
+    def no_new_children(self):
+        """Snapshot this process's children; strays are killed by pid when the test ends."""
+        before = live_children()
+        self.addCleanup(kill_new_children, before)
+        return before
+
+    def test_a_start_killed_by_its_owner_stopping_leaves_no_child(self):
+        # The owner's stop() kills the greenlet starting the process at every
+        # point of the launch: before it runs, between fork and exec, after.
+        class Launcher(Service):
+            def on_start(self):
+                self.spawn(self.start_process, ["sleep", "30"])
+
+        before = self.no_new_children()
+        for cycle in range(12):
+            service = Launcher("launcher").start()
+            for _ in range(cycle % 4):
+                gevent.sleep(0)
+            service.stop()
+            self.assertEqual(live_children() - before, set(), "cycle %d left a child" % cycle)
+
+    def test_a_start_interrupted_by_a_kill_or_timeout_leaves_no_child(self):
+        before = self.no_new_children()
+        for exception in (greenlet.GreenletExit, gevent.Timeout):
+            for yields in range(3):
+                with self.subTest(exception=exception.__name__, yields=yields):
+                    proc = self.make("interrupted")
+
+                    def starting():
+                        try:
+                            return proc.start(["sleep", "30"])
+                        except gevent.Timeout as exc:
+                            return exc  # kept off the hub's error output
+
+                    starter = gevent.spawn(starting)
+                    for _ in range(yields + 1):
+                        gevent.sleep(0)
+                    starter.kill(exception, timeout=WAIT)
+                    self.assertTrue(starter.dead)
+                    if starter.value is not proc:  # the launch had finished already otherwise
+                        self.assertIsInstance(starter.value, exception)
+                        self.assertFalse(proc.running)
+                    proc.stop()
+                    self.assertEqual(live_children() - before, set())
+
+    def test_stop_racing_start_ends_the_child(self):
+        before = self.no_new_children()
+        proc = self.make("raced")
+        starter = gevent.spawn(proc.start, ["sleep", "30"])
+        gevent.sleep(0)  # the starter is inside the launch now
+        self.assertIs(proc.stop(), proc)
+        self.assertEqual(live_children() - before, set())
+        starter.join(timeout=WAIT)
+        self.assertIs(starter.value, proc)  # the start completed; stop() ended what it launched
+        self.assertEqual(proc.returncode, -signal.SIGTERM)
+
+    def test_a_boot_rollback_ends_a_process_still_starting(self):
+        class Helper(Service):
+            def on_start(self):
+                self.spawn(self.start_process, ["sleep", "30"])
+
+        class Broken(Service):
+            def on_start(self):
+                gevent.sleep(0)  # the helper's launch is between fork and exec now
+                raise RuntimeError("cannot start")
+
+        before = self.no_new_children()
+        for _ in range(3):
+            manager = ServiceManager(signals=False)
+            manager.register_service(Helper("helper"))
+            manager.register_service(Broken("broken"))
+            with self.assertRaises(RuntimeError), captured_logs():
+                manager.boot()
+            self.assertEqual(live_children() - before, set())
+
 
 
 # Examples #####################################################################
