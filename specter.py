@@ -4044,9 +4044,8 @@ class ManagedProcess:
             os.killpg(self._pgid, 0)
         except (ProcessLookupError, PermissionError):
             return False
-        # Something answers; only /proc can tell the living from zombies. The
-        # scan reads every /proc/*/stat, so it runs off the hub, in a thread.
-        members = gevent.get_hub().threadpool.apply(_process_group_members, (self._pgid,))
+        # Something answers; only /proc can tell the living from zombies.
+        members = _process_group_members(self._pgid)
         return True if members is None else bool(members)
 
     def _wait_group(self, timeout):
@@ -4123,13 +4122,18 @@ def _process_group_members(pgid):
 
     Zombies do not count: they are dead, merely waiting for a parent (often
     an init that reaps slowly) to collect them, and no signal reaches them.
+    The scan yields to the hub every few entries instead of running in a
+    thread: gevent's threadpool cannot be created at interpreter exit, where
+    the atexit shutdown may still have a group to kill.
     """
     try:
         entries = os.listdir("/proc")
     except OSError:
         return None
     members = []
-    for entry in entries:
+    for count, entry in enumerate(entries, 1):
+        if count % 64 == 0:
+            gevent.sleep(0)
         if not entry.isdigit():
             continue
         try:

@@ -5790,6 +5790,35 @@ def kill_new_children(before):
             pass
 
 
+# An app whose only way to end its SIGTERM-ignoring child is the atexit shutdown.
+ATEXIT_APP = textwrap.dedent("""
+    import sys
+
+    import specter
+
+    STUBBORN = ("import signal, time\\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
+                "print('ready', flush=True)\\n"
+                "time.sleep(30)\\n")
+
+
+    class Owner(specter.Service):
+        def on_start(self):
+            self.proc = specter.ManagedProcess("stubborn", terminate_timeout=0.2, kill_timeout=2.0)
+            self.proc.start([sys.executable, "-c", STUBBORN], owner=self,
+                            stdout=specter.ManagedProcess.PIPE)
+            self.proc.stdout.readline()  # SIGTERM is ignored from here on
+
+
+    owner = Owner()
+    manager = specter.ServiceManager(signals=False)
+    manager.register_service(owner)
+    manager.boot()
+    print("grandchild", owner.proc.pid, flush=True)
+    # The script ends here: only the atexit hook stops the service.
+""")
+
+
 class TestManagedProcess(SpecterTestCase):
 
     def make(self, name="child", **kwargs):
@@ -6401,6 +6430,31 @@ class TestManagedProcess(SpecterTestCase):
             with self.assertRaises(RuntimeError), captured_logs():
                 manager.boot()
             self.assertEqual(live_children() - before, set())
+
+    def test_atexit_shutdown_kills_a_child_that_ignores_sigterm(self):
+        workdir = tempfile.mkdtemp(prefix="specter-atexit-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "atexit_app.py")
+        with open(script, "w") as f:
+            f.write(ATEXIT_APP)
+        errors_path = os.path.join(workdir, "stderr.txt")
+
+        def errors():
+            with open(errors_path) as f:
+                return f.read()
+        with open(errors_path, "w") as stderr:
+            app = gevent.subprocess.Popen([sys.executable, "-u", script], stdout=gevent.subprocess.PIPE,
+                                          stderr=stderr, env=dict(os.environ, PYTHONPATH=SPECTER_DIR),
+                                          cwd=workdir, start_new_session=True)
+        self.addCleanup(app.stdout.close)
+        self.addCleanup(lambda: app.poll() is None and os.killpg(app.pid, signal.SIGKILL))
+        line = app.stdout.readline().split()
+        self.assertEqual(line[:1], [b"grandchild"], errors())
+        grandchild = int(line[1])
+        self.addCleanup(lambda: pid_gone(grandchild) or os.kill(grandchild, signal.SIGKILL))
+        self.assertEqual(app.wait(timeout=5), 0, errors())
+        self.assertTrue(wait_until(lambda: pid_gone(grandchild)), "the child outlived the app")
+        self.assertNotIn("Traceback", errors())
 
 
 
