@@ -3768,7 +3768,9 @@ class ManagedProcess:
     block the hub, whether or not the application monkey-patches.
 
     The launch runs in a greenlet the process owns, so no interruption of
-    the caller can separate a child from its handle.
+    the caller can separate a child from its handle; a group is signalled
+    only while it is verifiably the child's, never after its pgid may
+    have been reused.
     """
 
     PIPE = subprocess.PIPE
@@ -3917,7 +3919,7 @@ class ManagedProcess:
                 launcher.join()  # fork to exec: brief, and the child must not escape
             popen = self._popen
             if popen is not None:
-                if popen.poll() is None or (not self._group_gone and self._group_alive()):
+                if self._group_alive():
                     _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
                     self._signal_group(signal.SIGTERM)
                     if self._wait_group(grace):
@@ -4029,6 +4031,9 @@ class ManagedProcess:
                                % (self.name, self._popen.pid))
 
     def _signal_group(self, signum):
+        """Signal the group, verified as ours just before (no yield in between)."""
+        if not self._group_alive():
+            return
         try:
             if self._pgid != os.getpgrp():
                 os.killpg(self._pgid, signum)
@@ -4040,13 +4045,34 @@ class ManagedProcess:
             self._popen.send_signal(signum)
 
     def _group_alive(self):
+        """True while the group has a live member and is verifiably ours.
+
+        Until gevent reaps our leader, its pid, and so the pgid, cannot be
+        reused: the group is ours. After that only descendants keep the
+        pgid in use. Once the group is seen empty, or a live process holds
+        the reaped leader's pid (the kernel reused the number), the pgid is
+        someone else's: that is recorded for good, and the group is never
+        probed or signalled again.
+        """
+        if self._group_gone:
+            return False
+        if self._popen.returncode is None:
+            return True
         try:
             os.killpg(self._pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        # Something answers; only /proc can tell the living from zombies.
-        members = _process_group_members(self._pgid)
-        return True if members is None else bool(members)
+        except ProcessLookupError:
+            members = []
+        except PermissionError:
+            return False  # not ours to signal, and perhaps not ours at all
+        else:
+            # Something answers; only /proc can tell the living from zombies.
+            members = _process_group_members(self._pgid)
+            if members is None:
+                return True  # no /proc: the kill(0) answer is all there is
+        if members and self._pgid not in members:
+            return True
+        self._group_gone = True
+        return False
 
     def _wait_group(self, timeout):
         """Wait for the child and then its group to be gone; True if something is left."""
@@ -4058,7 +4084,7 @@ class ManagedProcess:
                 return True
             gevent.sleep(min(pause, max(deadline - _monotonic(), 0)))
             pause = min(pause * 2, 0.1)
-        return self._popen.poll() is None
+        return False
 
     def _reap(self, popen):
         """Once the child and its group are gone and its watched output is read, release it.
@@ -4074,8 +4100,7 @@ class ManagedProcess:
                 break
             gevent.joinall(readers)
         if self._popen is not popen or self._group_alive():
-            return
-        self._group_gone = True  # its pgid may be reused from now on: never signal it again
+            return  # otherwise the group is gone for good (_group_alive recorded it)
         _process_close(popen.stdin, *(getattr(popen, name) for name in self._watched))
         self._leave_owners()
 

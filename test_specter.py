@@ -6456,6 +6456,72 @@ class TestManagedProcess(SpecterTestCase):
         self.assertTrue(wait_until(lambda: pid_gone(grandchild)), "the child outlived the app")
         self.assertNotIn("Traceback", errors())
 
+    # PID reuse ----------------------------------------------------------------
+
+    def test_a_group_seen_gone_is_never_signalled_after_its_pgid_is_reused(self):
+        # The child exits while its reader is busy in a handler, so stop()
+        # kills the reaper before the reaper could record the group's end.
+        proc = self.make("reused")
+        proc.start(child_args("print('done')"), stdout=specter.ManagedProcess.PIPE)
+        busy = gevent.event.Event()
+        proc.watch_stream("stdout", lambda line: (busy.set(), gevent.sleep(LONG)))
+        self.assertTrue(busy.wait(WAIT))
+        self.assertEqual(proc.wait(timeout=5), 0)
+        old = proc.pid
+        self.assertTrue(wait_until(lambda: pid_gone(old)))
+        proc.stop()
+        # The kernel now hands the old number to a stranger's process group:
+        # simulated by mapping the old pgid onto a real stranger's group.
+        stranger = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: stranger.poll() is None and (stranger.kill(), stranger.wait()))
+        real_killpg, real_members = os.killpg, specter._process_group_members
+
+        def killpg(pgid, signum):
+            return real_killpg(stranger.pid if pgid == old else pgid, signum)
+
+        def members(pgid):
+            if pgid != old:
+                return real_members(pgid)
+            return [old if pid == stranger.pid else pid for pid in real_members(stranger.pid) or ()]
+
+        with mock.patch.object(os, "killpg", killpg), \
+                mock.patch.object(specter, "_process_group_members", members):
+            proc.stop()
+            proc.start(child_args("pass"))
+            self.assertEqual(proc.wait(timeout=5), 0)
+            proc.stop()
+        self.assertIsNone(stranger.poll(), "the stranger's group was signalled")
+
+    def test_a_reaped_leader_whose_pid_runs_again_is_not_ours(self):
+        # Reuse between the child's exit and stop(): a live process holds the
+        # leader's pid although gevent reaped our leader, so the group is foreign.
+        proc = self.make("reused")
+        proc.start(child_args("print('done')"), stdout=specter.ManagedProcess.PIPE)
+        busy = gevent.event.Event()
+        proc.watch_stream("stdout", lambda line: (busy.set(), gevent.sleep(LONG)))  # holds the reaper
+        self.assertTrue(busy.wait(WAIT))
+        self.assertEqual(proc.wait(timeout=5), 0)
+        old = proc.pid
+        self.assertTrue(wait_until(lambda: pid_gone(old)))
+        stranger = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: stranger.poll() is None and (stranger.kill(), stranger.wait()))
+        real_killpg, real_members = os.killpg, specter._process_group_members
+
+        def killpg(pgid, signum):
+            return real_killpg(stranger.pid if pgid == old else pgid, signum)
+
+        def members(pgid):
+            if pgid != old:
+                return real_members(pgid)
+            return [old if pid == stranger.pid else pid for pid in real_members(stranger.pid) or ()]
+
+        with mock.patch.object(os, "killpg", killpg), \
+                mock.patch.object(specter, "_process_group_members", members):
+            proc.stop()
+            proc.start(child_args("pass"))
+            self.assertEqual(proc.wait(timeout=5), 0)
+        self.assertIsNone(stranger.poll(), "the stranger's group was signalled")
+
 
 
 # Examples #####################################################################
