@@ -32,12 +32,14 @@ __all__ = [
 ]
 
 import atexit
+import codecs
 import collections
 import collections.abc
 import copy
 import decimal
 import functools
 import inspect
+import io
 import itertools
 import logging
 import math
@@ -3854,8 +3856,10 @@ class ManagedProcess:
                      close_on_exit: bool = False) -> Greenlet:
         """Read ``'stdout'`` or ``'stderr'`` in an owned greenlet, calling ``handler`` per line.
 
-        With ``chunk_size`` the handler gets raw chunks of up to that many
-        bytes instead. A handler that raises is logged and reading goes on.
+        With ``chunk_size`` the handler gets chunks instead, as soon as
+        output arrives: up to that many bytes, decoded to ``str`` (newlines
+        translated) when the process runs in text mode. A handler that
+        raises is logged and reading goes on.
         """
         if stream_name not in ("stdout", "stderr"):
             raise ValueError("stream_name must be 'stdout' or 'stderr', got %r" % (stream_name,))
@@ -3969,12 +3973,22 @@ class ManagedProcess:
     def _read(self, stream, handler, chunk_size, strip, label, close_on_exit):
         try:
             if chunk_size:
-                read = stream.read1 if hasattr(stream, "read1") else stream.read
+                # read1() returns what has arrived; a text stream's read(n) would
+                # wait for n characters, so text is read as bytes and decoded here.
+                decode = _process_text_decoder(stream)
+                raw = stream if decode is None else stream.buffer
+                read = raw.read1 if hasattr(raw, "read1") else raw.read
                 while True:
                     chunk = read(chunk_size)
                     if not chunk:
                         break
-                    self._handle(handler, chunk, label)
+                    if decode is not None:
+                        chunk = decode(chunk)  # '' while a character is split across reads
+                    if chunk:
+                        self._handle(handler, chunk, label)
+                tail = decode(b"", True) if decode is not None else None
+                if tail:
+                    self._handle(handler, tail, label)
             else:
                 newline = b"\r\n" if not isinstance(getattr(stream, "encoding", None), str) else "\r\n"
                 for line in stream:
@@ -4140,6 +4154,19 @@ def _process_drain(stream):
             pass
     except (OSError, ValueError):
         pass  # closed at last: nothing more to drain
+
+
+def _process_text_decoder(stream):
+    """A ``decode(data, final=False)`` matching text-mode ``stream``, or None for a binary one.
+
+    Newlines are translated as the stream's own reads would (Popen's text
+    mode uses universal newlines).
+    """
+    encoding = getattr(stream, "encoding", None)
+    if not isinstance(encoding, str):
+        return None
+    decoder = codecs.getincrementaldecoder(encoding)(getattr(stream, "errors", None) or "strict")
+    return io.IncrementalNewlineDecoder(decoder, translate=True).decode
 
 
 def _process_group_members(pgid):

@@ -6522,6 +6522,24 @@ class TestManagedProcess(SpecterTestCase):
             self.assertEqual(proc.wait(timeout=5), 0)
         self.assertIsNone(stranger.poll(), "the stranger's group was signalled")
 
+    # Text mode chunks ---------------------------------------------------------
+
+    def test_text_mode_chunks_arrive_as_the_child_writes_them(self):
+        proc = self.piped("import sys, time\nsys.stdout.write('first\\r\\n')\nsys.stdout.flush()\n"
+                          "time.sleep(30)\n", text=True)
+        chunks, reader = self.collect(proc, "stdout", chunk_size=4096)
+        self.assertEqual(wait_until(lambda: "".join(chunks), timeout=WAIT), "first\n")
+        self.assertTrue(all(isinstance(chunk, str) for chunk in chunks))
+        self.assertTrue(proc.running)
+        self.assertFalse(reader.dead)
+
+    def test_text_mode_chunks_decode_characters_split_across_reads(self):
+        proc = self.piped("import sys\nsys.stdout.write('\\u00e9t\\u00e9 ' * 50 + 'end\\r')\n", text=True)
+        chunks, reader = self.collect(proc, "stdout", chunk_size=3)
+        reader.join(timeout=WAIT)
+        self.assertTrue(reader.dead)
+        self.assertEqual("".join(chunks), "\u00e9t\u00e9 " * 50 + "end\n")
+        self.assertTrue(all(0 < len(chunk.encode()) <= 4 for chunk in chunks), chunks)
 
 
 # Examples #####################################################################
