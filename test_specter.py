@@ -5762,6 +5762,65 @@ def child_args(code):
     return [sys.executable, "-u", "-c", code]
 
 
+def live_children():
+    """Pids of this process's children that still run (zombies excluded), read from /proc.
+
+    A child forked but not yet exec'd counts too: it is the one a start
+    interrupted at the wrong moment would leave behind.
+    """
+    me, found = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as stat:
+                data = stat.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        if fields[0] not in (b"Z", b"X") and int(fields[1]) == me:
+            found.add(int(entry))
+    return found
+
+
+def kill_new_children(before):
+    """SIGKILL, by pid, each child started since ``before`` that still runs (a test's strays)."""
+    for pid in live_children() - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# An app whose only way to end its SIGTERM-ignoring child is the atexit shutdown.
+ATEXIT_APP = textwrap.dedent("""
+    import sys
+
+    import specter
+
+    STUBBORN = ("import signal, time\\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
+                "print('ready', flush=True)\\n"
+                "time.sleep(30)\\n")
+
+
+    class Owner(specter.Service):
+        def on_start(self):
+            self.proc = specter.ManagedProcess("stubborn", terminate_timeout=0.2, kill_timeout=2.0)
+            self.proc.start([sys.executable, "-c", STUBBORN], owner=self,
+                            stdout=specter.ManagedProcess.PIPE)
+            self.proc.stdout.readline()  # SIGTERM is ignored from here on
+
+
+    owner = Owner()
+    manager = specter.ServiceManager(signals=False)
+    manager.register_service(owner)
+    manager.boot()
+    print("grandchild", owner.proc.pid, flush=True)
+    # The script ends here: only the atexit hook stops the service.
+""")
+
+
 class TestManagedProcess(SpecterTestCase):
 
     def make(self, name="child", **kwargs):
@@ -6296,6 +6355,193 @@ class TestManagedProcess(SpecterTestCase):
         health = proc.health()
         self.assertFalse(health["running"])
         self.assertEqual(health["returncode"], -signal.SIGTERM)
+
+    # Interrupted starts ---------------------------------------------------------
+
+    def no_new_children(self):
+        """Snapshot this process's children; strays are killed by pid when the test ends."""
+        before = live_children()
+        self.addCleanup(kill_new_children, before)
+        return before
+
+    def test_a_start_killed_by_its_owner_stopping_leaves_no_child(self):
+        # The owner's stop() kills the greenlet starting the process at every
+        # point of the launch: before it runs, between fork and exec, after.
+        class Launcher(Service):
+            def on_start(self):
+                self.spawn(self.start_process, ["sleep", "30"])
+
+        before = self.no_new_children()
+        for cycle in range(12):
+            service = Launcher("launcher").start()
+            for _ in range(cycle % 4):
+                gevent.sleep(0)
+            service.stop()
+            self.assertEqual(live_children() - before, set(), "cycle %d left a child" % cycle)
+
+    def test_a_start_interrupted_by_a_kill_or_timeout_leaves_no_child(self):
+        before = self.no_new_children()
+        for exception in (greenlet.GreenletExit, gevent.Timeout):
+            for yields in range(3):
+                with self.subTest(exception=exception.__name__, yields=yields):
+                    proc = self.make("interrupted")
+
+                    def starting():
+                        try:
+                            return proc.start(["sleep", "30"])
+                        except gevent.Timeout as exc:
+                            return exc  # kept off the hub's error output
+
+                    starter = gevent.spawn(starting)
+                    for _ in range(yields + 1):
+                        gevent.sleep(0)
+                    starter.kill(exception, timeout=WAIT)
+                    self.assertTrue(starter.dead)
+                    if starter.value is not proc:  # the launch had finished already otherwise
+                        self.assertIsInstance(starter.value, exception)
+                        self.assertFalse(proc.running)
+                    proc.stop()
+                    self.assertEqual(live_children() - before, set())
+
+    def test_stop_racing_start_ends_the_child(self):
+        before = self.no_new_children()
+        proc = self.make("raced")
+        starter = gevent.spawn(proc.start, ["sleep", "30"])
+        gevent.sleep(0)  # the starter is inside the launch now
+        self.assertIs(proc.stop(), proc)
+        self.assertEqual(live_children() - before, set())
+        starter.join(timeout=WAIT)
+        self.assertIs(starter.value, proc)  # the start completed; stop() ended what it launched
+        self.assertEqual(proc.returncode, -signal.SIGTERM)
+
+    def test_a_boot_rollback_ends_a_process_still_starting(self):
+        class Helper(Service):
+            def on_start(self):
+                self.spawn(self.start_process, ["sleep", "30"])
+
+        class Broken(Service):
+            def on_start(self):
+                gevent.sleep(0)  # the helper's launch is between fork and exec now
+                raise RuntimeError("cannot start")
+
+        before = self.no_new_children()
+        for _ in range(3):
+            manager = ServiceManager(signals=False)
+            manager.register_service(Helper("helper"))
+            manager.register_service(Broken("broken"))
+            with self.assertRaises(RuntimeError), captured_logs():
+                manager.boot()
+            self.assertEqual(live_children() - before, set())
+
+    def test_atexit_shutdown_kills_a_child_that_ignores_sigterm(self):
+        workdir = tempfile.mkdtemp(prefix="specter-atexit-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "atexit_app.py")
+        with open(script, "w") as f:
+            f.write(ATEXIT_APP)
+        errors_path = os.path.join(workdir, "stderr.txt")
+
+        def errors():
+            with open(errors_path) as f:
+                return f.read()
+        with open(errors_path, "w") as stderr:
+            app = gevent.subprocess.Popen([sys.executable, "-u", script], stdout=gevent.subprocess.PIPE,
+                                          stderr=stderr, env=dict(os.environ, PYTHONPATH=SPECTER_DIR),
+                                          cwd=workdir, start_new_session=True)
+        self.addCleanup(app.stdout.close)
+        self.addCleanup(lambda: app.poll() is None and os.killpg(app.pid, signal.SIGKILL))
+        line = app.stdout.readline().split()
+        self.assertEqual(line[:1], [b"grandchild"], errors())
+        grandchild = int(line[1])
+        self.addCleanup(lambda: pid_gone(grandchild) or os.kill(grandchild, signal.SIGKILL))
+        self.assertEqual(app.wait(timeout=5), 0, errors())
+        self.assertTrue(wait_until(lambda: pid_gone(grandchild)), "the child outlived the app")
+        self.assertNotIn("Traceback", errors())
+
+    # PID reuse ----------------------------------------------------------------
+
+    def test_a_group_seen_gone_is_never_signalled_after_its_pgid_is_reused(self):
+        # The child exits while its reader is busy in a handler, so stop()
+        # kills the reaper before the reaper could record the group's end.
+        proc = self.make("reused")
+        proc.start(child_args("print('done')"), stdout=specter.ManagedProcess.PIPE)
+        busy = gevent.event.Event()
+        proc.watch_stream("stdout", lambda line: (busy.set(), gevent.sleep(LONG)))
+        self.assertTrue(busy.wait(WAIT))
+        self.assertEqual(proc.wait(timeout=5), 0)
+        old = proc.pid
+        self.assertTrue(wait_until(lambda: pid_gone(old)))
+        proc.stop()
+        # The kernel now hands the old number to a stranger's process group:
+        # simulated by mapping the old pgid onto a real stranger's group.
+        stranger = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: stranger.poll() is None and (stranger.kill(), stranger.wait()))
+        real_killpg, real_members = os.killpg, specter._process_group_members
+
+        def killpg(pgid, signum):
+            return real_killpg(stranger.pid if pgid == old else pgid, signum)
+
+        def members(pgid):
+            if pgid != old:
+                return real_members(pgid)
+            return [old if pid == stranger.pid else pid for pid in real_members(stranger.pid) or ()]
+
+        with mock.patch.object(os, "killpg", killpg), \
+                mock.patch.object(specter, "_process_group_members", members):
+            proc.stop()
+            proc.start(child_args("pass"))
+            self.assertEqual(proc.wait(timeout=5), 0)
+            proc.stop()
+        self.assertIsNone(stranger.poll(), "the stranger's group was signalled")
+
+    def test_a_reaped_leader_whose_pid_runs_again_is_not_ours(self):
+        # Reuse between the child's exit and stop(): a live process holds the
+        # leader's pid although gevent reaped our leader, so the group is foreign.
+        proc = self.make("reused")
+        proc.start(child_args("print('done')"), stdout=specter.ManagedProcess.PIPE)
+        busy = gevent.event.Event()
+        proc.watch_stream("stdout", lambda line: (busy.set(), gevent.sleep(LONG)))  # holds the reaper
+        self.assertTrue(busy.wait(WAIT))
+        self.assertEqual(proc.wait(timeout=5), 0)
+        old = proc.pid
+        self.assertTrue(wait_until(lambda: pid_gone(old)))
+        stranger = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: stranger.poll() is None and (stranger.kill(), stranger.wait()))
+        real_killpg, real_members = os.killpg, specter._process_group_members
+
+        def killpg(pgid, signum):
+            return real_killpg(stranger.pid if pgid == old else pgid, signum)
+
+        def members(pgid):
+            if pgid != old:
+                return real_members(pgid)
+            return [old if pid == stranger.pid else pid for pid in real_members(stranger.pid) or ()]
+
+        with mock.patch.object(os, "killpg", killpg), \
+                mock.patch.object(specter, "_process_group_members", members):
+            proc.stop()
+            proc.start(child_args("pass"))
+            self.assertEqual(proc.wait(timeout=5), 0)
+        self.assertIsNone(stranger.poll(), "the stranger's group was signalled")
+
+    # Text mode chunks ---------------------------------------------------------
+
+    def test_text_mode_chunks_arrive_as_the_child_writes_them(self):
+        proc = self.piped("import sys, time\nsys.stdout.write('first\\r\\n')\nsys.stdout.flush()\n"
+                          "time.sleep(30)\n", text=True)
+        chunks, reader = self.collect(proc, "stdout", chunk_size=4096)
+        self.assertEqual(wait_until(lambda: "".join(chunks), timeout=WAIT), "first\n")
+        self.assertTrue(all(isinstance(chunk, str) for chunk in chunks))
+        self.assertTrue(proc.running)
+        self.assertFalse(reader.dead)
+
+    def test_text_mode_chunks_decode_characters_split_across_reads(self):
+        proc = self.piped("import sys\nsys.stdout.write('\\u00e9t\\u00e9 ' * 50 + 'end\\r')\n", text=True)
+        chunks, reader = self.collect(proc, "stdout", chunk_size=3)
+        reader.join(timeout=WAIT)
+        self.assertTrue(reader.dead)
+        self.assertEqual("".join(chunks), "\u00e9t\u00e9 " * 50 + "end\n")
+        self.assertTrue(all(0 < len(chunk.encode()) <= 4 for chunk in chunks), chunks)
 
 
 # Examples #####################################################################
