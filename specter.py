@@ -1738,7 +1738,7 @@ class Cache:
             self._flight = None  # callers from now on must not join a computation this overtook
             for callback in self._callbacks:
                 try:
-                    callback(self)
+                    callback()
                 except Exception:
                     _state_log.exception("%s: on_invalidate callback %s raised",
                                          self.name, _callable_name(callback))
@@ -1747,7 +1747,7 @@ class Cache:
             self._invalidating.discard(current)
 
     def on_invalidate(self, callback: Callable[..., Any]) -> Callable[[], bool]:
-        """Call ``callback(cache)`` on every invalidation; returns an unsubscribe."""
+        """Call ``callback()`` (no arguments, as in 0.1.2) on every invalidation; returns an unsubscribe."""
         _check_callable(callback, "callback")
         self._callbacks += (callback,)
         return functools.partial(_drop, self, "_callbacks", callback)

@@ -3084,7 +3084,7 @@ class TestCache(SpecterTestCase):
         a = create_cache("a", depends_on=["b:invalidated"])
         b = create_cache("b", depends_on=["a:invalidated"])
         for cache in (a, b):
-            cache.on_invalidate(lambda c: (counts.__setitem__(c.name, counts[c.name] + 1), gevent.sleep(0)))
+            cache.on_invalidate(lambda c=cache: (counts.__setitem__(c.name, counts[c.name] + 1), gevent.sleep(0)))
         gevent.joinall([gevent.spawn(a.invalidate), gevent.spawn(b.invalidate)], timeout=2)
         self.assertEqual(counts, {"a": 2, "b": 2})  # each cascade invalidates each cache once
 
@@ -3092,7 +3092,7 @@ class TestCache(SpecterTestCase):
         cache = create_cache("c")
         calls = []
 
-        def slow_callback(c):
+        def slow_callback():
             calls.append(gevent.getcurrent())
             gevent.sleep(0.01)
         cache.on_invalidate(slow_callback)
@@ -3265,17 +3265,26 @@ class TestCache(SpecterTestCase):
         cache.invalidate()
         self.assertFalse(cache.is_valid())
         self.assertEqual(cache.get("dflt"), "dflt")
-        self.assertEqual(callback.calls, [(cache,)])
+        self.assertEqual(callback.calls, [()])
         self.assertEqual(events.firsts, [{"name": "drives"}])
         unsubscribe()
         cache.set("w")
         cache.invalidate()
         self.assertEqual(callback.count, 1)
 
+    def test_on_invalidate_callback_is_called_with_no_arguments(self):
+        # As in 0.1.2: a zero-argument callback works, and is not logged as failing.
+        cache = create_cache("c")
+        calls = []
+        cache.on_invalidate(lambda: calls.append("emptied"))
+        cache.set(1)
+        cache.invalidate()
+        self.assertEqual(calls, ["emptied"])
+
     def test_on_invalidate_callback_that_raises_is_logged(self):
         cache = create_cache("c")
         after = Recorder()
-        cache.on_invalidate(lambda c: TestService._raise("invalidate hook broke"))
+        cache.on_invalidate(lambda: TestService._raise("invalidate hook broke"))
         cache.on_invalidate(after)
         cache.set(1)
         with self.assertLogs("specter", "ERROR") as cm:
@@ -3302,7 +3311,7 @@ class TestCache(SpecterTestCase):
         c = create_cache("c", depends_on=["b:invalidated"])
         counts = {"a": 0, "b": 0, "c": 0}
         for cache in (a, b, c):
-            cache.on_invalidate(lambda x: counts.__setitem__(x.name, counts[x.name] + 1))
+            cache.on_invalidate(lambda x=cache: counts.__setitem__(x.name, counts[x.name] + 1))
             cache.set(1)
         a.invalidate()
         self.assertEqual(counts, {"a": 1, "b": 1, "c": 1})
