@@ -1529,8 +1529,7 @@ class Model:
         root = self._root
         new_root = None
         for key, value in partial.items():
-            old = root.get(key, _MISSING)
-            if old is not _MISSING and type(old) is type(value) and old == value:
+            if _model_same(root.get(key, _MISSING), value):
                 continue
             if new_root is None:
                 new_root = dict(root)
@@ -1546,7 +1545,7 @@ class Model:
         """
         result, _ = _state_mutate(self, self.snapshot, mutator)
         result = _model_copy(result)  # the caller may still hold the draft
-        if result != self._root:
+        if not _model_same(result, self._root):
             self._commit(result)
 
     def delete(self, path: Union[str, Sequence[Any]]) -> None:
@@ -1617,7 +1616,9 @@ class Model:
                     continue
                 value = entry.select(root)
                 last = entry.last
-                if value is last or (type(value) is type(last) and value == last):
+                # _model_same(value, last), inlined: this runs for every selector on every write
+                if value is last or (type(value) is type(last) and value == last
+                                     and (type(value) in _MODEL_ATOMS or _model_same_types(value, last))):
                     continue
                 entry.last = value
                 entry.fn(_model_copy(value), self)
@@ -1893,7 +1894,9 @@ def _model_assoc(node, keys, depth, value):
             % (".".join(map(str, keys)), ".".join(map(str, keys[:depth])) or "the root", _describe(node))
         )
     if last:
-        if old is value or (type(old) is type(value) and old == value):
+        # _model_same(old, value), inlined for the hot path
+        if old is value or (type(old) is type(value) and old == value
+                            and (type(value) in _MODEL_ATOMS or _model_same_types(old, value))):
             return node
         new_child = value
     else:
@@ -1926,6 +1929,37 @@ def _model_dissoc(node, keys, depth):
         return node
     new_node[key] = new_child
     return new_node
+
+
+def _model_same(a, b):
+    """Whether ``a`` and ``b`` are equal and of the same types all the way down.
+
+    ``==`` alone holds ``1 == 1.0 == True``, also inside containers, so it
+    would drop a write that only changes a type. One ``==`` (in C) decides
+    every unequal pair; only equal containers are then walked for their
+    types, and structural sharing makes unchanged subtrees the same object,
+    which needs no walk at all.
+    """
+    if a is b:
+        return True
+    cls = type(a)
+    if cls is not type(b) or a != b:
+        return False
+    return cls in _MODEL_ATOMS or _model_same_types(a, b)
+
+
+def _model_same_types(a, b):
+    """For ``a == b``: whether their dicts, lists and tuples hold values of the same types."""
+    if a is b:
+        return True
+    cls = type(a)
+    if cls is not type(b):
+        return False
+    if cls is dict:
+        return all(_model_same_types(item, b[key]) for key, item in a.items())
+    if cls is list or cls is tuple:
+        return all(map(_model_same_types, a, b))
+    return True
 
 
 def _model_copy(value):

@@ -3021,6 +3021,28 @@ class TestModel(SpecterTestCase):
         self.assertEqual(first_seen, [1, 2])
         self.assertEqual(second_seen, [1, 2])
 
+    def test_a_changed_type_inside_a_container_is_a_change(self):
+        # 1 == 1.0 == True, also inside containers; a write that only changes a
+        # type must still land and notify (set, patch and update alike).
+        cases = [
+            ("set", {"limit": 1}, lambda m: m.set("cfg", {"limit": True}), {"limit": True}),
+            ("patch", {"limit": 1}, lambda m: m.patch({"cfg": {"limit": 1.0}}), {"limit": 1.0}),
+            ("update", [0, 1], lambda m: m.update(lambda draft: {"cfg": [False, True]}), [False, True]),
+            ("nested", {"a": [(1, 2)]}, lambda m: m.set("cfg", {"a": [(1, 2.0)]}), {"a": [(1, 2.0)]}),
+        ]
+        for how, before, write, after in cases:
+            with self.subTest(how=how):
+                model = create_model("m", {"cfg": before})
+                whole, selected = Recorder(), Recorder()
+                model.subscribe(whole)
+                model.subscribe(selected, selector="cfg")
+                write(model)
+                self.assertEqual(repr(model.get("cfg")), repr(after))
+                self.assertEqual([repr(v) for v in selected.firsts], [repr(after)])
+                self.assertEqual(whole.count, 1)
+                write(model)  # the same value, same types: no change
+                self.assertEqual((whole.count, selected.count), (1, 1))
+
     def test_large_model_unrelated_subtree_subscriber_stays_quiet(self):
         big = {"g%d" % g: {"k%d" % k: k for k in range(100)} for g in range(100)}
         model = create_model("big", {"big": big, "other": {"x": 1}})
