@@ -1606,13 +1606,11 @@ class Model:
             self._subs.publish(self._deliver, root)
 
     def _deliver(self, root):
-        snapshot = None
         for entry in self._subs.entries:
             try:
                 if entry.selector is None:
-                    if snapshot is None:
-                        snapshot = _model_copy(root)
-                    entry.fn(snapshot, self)
+                    # Each its own copy: one subscriber's edit must not reach the next.
+                    entry.fn(_model_copy(root), self)
                     continue
                 value = entry.select(root)
                 last = entry.last

@@ -2876,6 +2876,17 @@ class TestModel(SpecterTestCase):
         rec.calls[1][0]["a"] = 99
         self.assertEqual(model.get("a"), 2)
 
+    def test_each_subscriber_without_a_selector_gets_its_own_deep_copy(self):
+        model = create_model("m", {"a": {"list": [1]}})
+        first = Recorder(side_effect=lambda snap, m: snap["a"]["list"].append("edited"))
+        second = Recorder()
+        model.subscribe(first)
+        model.subscribe(second)
+        model.set("b", 1)
+        self.assertEqual(second.firsts, [{"a": {"list": [1]}, "b": 1}])
+        self.assertIsNot(first.firsts[0], second.firsts[0])
+        self.assertEqual(model.get(), {"a": {"list": [1]}, "b": 1})
+
     def test_path_selector_fires_only_when_the_selected_value_changes(self):
         model = _tv()
         rec = Recorder()
