@@ -42,7 +42,6 @@ import itertools
 import logging
 import math
 import numbers
-import operator
 import os
 import random
 import re
@@ -1490,14 +1489,14 @@ class Model:
 
     def get(self, path: Union[str, Sequence[Any], None] = None, default: Any = None) -> Any:
         """A deep copy of the value at ``path`` (or of everything), or ``default``."""
-        if path is None:
-            return _model_copy(self._root)
-        getter = _model_getters.get(path) if type(path) is str else None
-        if getter is None:
-            getter = _model_getter(_model_path(path))
         try:
-            node = getter(self._root)
-        except (KeyError, IndexError, TypeError):
+            # The fast path: a cached string path through plain dicts. Anything
+            # else (no path, a key sequence, an uncached or missing path, a list
+            # on the way) raises, and the general rule below answers.
+            node = _model_getters[path](self._root)
+        except (LookupError, TypeError):
+            if path is None:
+                return _model_copy(self._root)
             node = _model_lookup(self._root, _model_path(path), _MISSING)
             if node is _MISSING:
                 return default
@@ -1545,6 +1544,8 @@ class Model:
         """
         result, _ = _state_mutate(self, self.snapshot, mutator)
         result = _model_copy(result)  # the caller may still hold the draft
+        if type(result) is not dict:
+            result = dict(result)  # the root is always a plain dict (Model.get's fast path relies on it)
         if not _model_same(result, self._root):
             self._commit(result)
 
@@ -1837,20 +1838,56 @@ def _model_path(path):
 
 
 def _model_getter(keys):
-    """A function reading ``keys`` from a tree with plain subscripts (Model.get's fast path)."""
+    """Model.get's fast path for a string path: plain subscripts through plain dicts.
+
+    It raises LookupError (KeyError included) whenever it cannot answer: a
+    missing key, or a value on the way that is not a plain dict (a list, a
+    dict subclass, anything else). The caller then applies
+    ``_model_lookup``, so reads and selectors follow one rule. The root is
+    always a plain dict.
+    """
     if len(keys) == 1:
         k0, = keys
         return lambda root: root[k0]
     if len(keys) == 2:
         k0, k1 = keys
-        return lambda root: root[k0][k1]
+
+        def get2(root):
+            node = root[k0]
+            if type(node) is not dict:
+                raise LookupError
+            return node[k1]
+        return get2
     if len(keys) == 3:
         k0, k1, k2 = keys
-        return lambda root: root[k0][k1][k2]
-    return lambda root: functools.reduce(operator.getitem, keys, root)
+
+        def get3(root):
+            node = root[k0]
+            if type(node) is not dict:
+                raise LookupError
+            node = node[k1]
+            if type(node) is not dict:
+                raise LookupError
+            return node[k2]
+        return get3
+
+    def get(root):
+        node = root
+        for key in keys:
+            if type(node) is not dict:
+                raise LookupError
+            node = node[key]
+        return node
+    return get
 
 
 def _model_lookup(node, keys, default):
+    """The value at ``keys``, or ``default``: the one rule for every path.
+
+    A key goes into a dict (any dict, read with ``get``, so a defaultdict
+    never grows) or, as an index, into a list; any other value (a tuple, a
+    string, an object) ends the path, so a key past it finds nothing.
+    """
     for key in keys:
         if isinstance(node, dict):
             node = node.get(key, _MISSING)
@@ -1865,7 +1902,7 @@ def _model_lookup(node, keys, default):
 
 
 def _model_index(key, items):
-    if isinstance(key, str) and key.isdigit():
+    if isinstance(key, str) and key.isascii() and key.isdigit():
         key = int(key)
     if type(key) is int and -len(items) <= key < len(items):
         return key

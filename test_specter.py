@@ -2856,6 +2856,39 @@ class TestModel(SpecterTestCase):
         model.clear()
         self.assertEqual(model.get(), {})
 
+    def test_reads_and_selectors_resolve_paths_by_one_rule(self):
+        # Paths go into dicts by key and into lists by index; a tuple, a string
+        # or any other value ends the path. get(), select() and a selector agree.
+        model = create_model("m", {"pos": (3, 4), "name": "ana", "items": [10, {"id": 7}],
+                                   "d": {"0": "zero"}})
+        self.assertIsNone(model.get(("pos", 0)))
+        self.assertEqual(model.get("pos.0", "absent"), "absent")
+        self.assertEqual(model.get(("name", 0), "absent"), "absent")
+        self.assertEqual(model.get("name.0", "absent"), "absent")
+        self.assertEqual(model.get(("items", 1, "id")), 7)
+        self.assertEqual(model.get("items.1.id"), 7)
+        self.assertEqual(model.get(("items", -2)), 10)
+        self.assertEqual(model.get("d.0"), "zero")
+        paths = [("pos", 0), "pos.0", ("name", 0), "name.0", ("items", 1, "id"), "items.1.id",
+                 ("items", -2), "items.0", "d.0", "items.x", "items.9", "pos"]
+        writes = [lambda m: m.set("pos", (5, 4)), lambda m: m.set("name", "bo"),
+                  lambda m: m.set("items", [11, {"id": 8}]), lambda m: m.set("d.0", "nil")]
+        recorders = {}
+        for path in paths:
+            recorders[path] = Recorder()
+            model.subscribe(recorders[path], selector=path, immediate=True)
+        for write in writes:
+            before = {path: model.get(path) for path in paths}
+            counts = {path: rec.count for path, rec in recorders.items()}
+            write(model)
+            for path in paths:
+                with self.subTest(path=path):
+                    after = model.get(path)
+                    self.assertEqual(model.select(path), after)
+                    fired = recorders[path].count - counts[path]
+                    self.assertEqual(fired, int(after != before[path]))
+                    self.assertEqual(recorders[path].firsts[-1], after)
+
     def test_select_path_or_callable(self):
         model = create_model("m", {"a": {"b": [1, 2]}})
         self.assertEqual(model.select("a.b"), [1, 2])
