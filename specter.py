@@ -947,7 +947,7 @@ class Service(_Owner):
         _run_all([child.stop for child in reversed(children or ())], self._record_error)
 
     def _deliver_state(self, snapshot):
-        for fn in self._state_subs.entries:
+        for fn in self._state_subs.cursor:
             try:
                 fn(snapshot, self)
             except Exception:
@@ -1308,14 +1308,21 @@ class _Subscribers:
     committed during a round (by another greenlet, or by a subscriber
     itself) is queued and delivered after it, so every subscriber sees the
     changes in the order they were committed.
+
+    A round's ``deliver(payload)`` walks ``cursor`` (an iterator over the
+    entries), so an interrupted round knows whom it had not reached yet. If
+    the greenlet delivering is killed or times out inside a subscriber, the
+    rest of its round and every round queued behind it are handed to a new
+    greenlet, in order: no change is stranded until the next write.
     """
 
-    __slots__ = ("entries", "pending", "busy")
+    __slots__ = ("entries", "pending", "busy", "cursor")
 
     def __init__(self):
         self.entries = ()
         self.pending = None
         self.busy = False
+        self.cursor = iter(())
 
     def add(self, entry, owner=None):
         _check_owner(owner)
@@ -1332,24 +1339,55 @@ class _Subscribers:
         self.entries = ()
 
     def publish(self, deliver, payload):
-        if self.busy:
+        if self.busy or self.pending:
+            # Behind the running round, or behind rounds an interrupted one left.
             if self.pending is None:
                 self.pending = collections.deque()
-            self.pending.append((deliver, payload))
+            self.pending.append((deliver, payload, None))
+            if not self.busy:
+                self._drain()
             return
         self.busy = True
+        self.cursor = iter(self.entries)
         try:
-            if self.pending:
-                # Left over by a round whose greenlet was killed: they are older.
-                self.pending.append((deliver, payload))
-            else:
-                deliver(payload)
-            pending = self.pending
-            while pending:
-                deliver, payload = pending.popleft()
-                deliver(payload)
+            deliver(payload)
+        except BaseException:
+            self._interrupted(deliver, payload)
+            raise
         finally:
             self.busy = False
+        if self.pending:
+            self._drain()
+
+    def _drain(self):
+        """Deliver the queued rounds in commit order, in this greenlet."""
+        pending = self.pending
+        self.busy = True
+        try:
+            while pending:
+                deliver, payload, rest = pending.popleft()
+                self.cursor = iter(self.entries if rest is None else rest)
+                try:
+                    deliver(payload)
+                except BaseException:
+                    self._interrupted(deliver, payload)
+                    raise
+        finally:
+            self.busy = False
+
+    def _interrupted(self, deliver, payload):
+        # Only an interruption gets here (deliver logs a subscriber's
+        # Exception): the subscribers this round had not reached go first,
+        # then the queued rounds, all from a new greenlet, since this one is
+        # on its way out. It starts once this greenlet has let go of the round.
+        if self.pending is None:
+            self.pending = collections.deque()
+        self.pending.appendleft((deliver, payload, tuple(self.cursor)))
+        gevent.spawn(self._resume)
+
+    def _resume(self):
+        if not self.busy and self.pending:
+            self._drain()
 
 
 ###############################################################################
@@ -1462,7 +1500,7 @@ class Store:
         return snapshot
 
     def _deliver(self, snapshot):
-        for fn in self._subs.entries:
+        for fn in self._subs.cursor:
             try:
                 fn(snapshot, self)
             except Exception:
@@ -1607,7 +1645,7 @@ class Model:
             self._subs.publish(self._deliver, root)
 
     def _deliver(self, root):
-        for entry in self._subs.entries:
+        for entry in self._subs.cursor:
             try:
                 if entry.selector is None:
                     # Each its own copy: one subscriber's edit must not reach the next.

@@ -2543,6 +2543,30 @@ class TestStore(SpecterTestCase):
         store.set({"v": 3})
         self.assertEqual(seen, [1, 2, 3])
 
+    def test_changes_behind_a_killed_round_are_delivered_without_another_write(self):
+        # The round delivering 1.1 is killed inside a subscriber while 1.2 waits
+        # behind it: the subscribers it had not reached get 1.1, then everyone
+        # gets 1.2, in commit order, from another greenlet.
+        store = create_store("s", {"v": 1.0})
+        first, second = [], []
+        gate = gevent.event.Event()
+
+        def slow(snapshot, s):
+            first.append(snapshot["v"])
+            if snapshot["v"] == 1.1:
+                gate.wait()
+        store.subscribe(slow)
+        store.subscribe(lambda snapshot, s: second.append(snapshot["v"]))
+        writer = gevent.spawn(store.set, {"v": 1.1})
+        gevent.sleep(0)
+        store.set({"v": 1.2})  # committed, queued behind the round of 1.1
+        writer.kill()
+        self.assertEqual(store.get("v"), 1.2)
+        self.assertEventually(lambda: second == [1.1, 1.2], timeout=1)
+        self.assertEqual(first, [1.1, 1.2])
+        gevent.sleep(0.01)
+        self.assertEqual((first, second), ([1.1, 1.2], [1.1, 1.2]))
+
     def test_create_store(self):
         store = create_store("connections", {"count": 0, "active": []})
         self.assertIsInstance(store, Store)
@@ -3064,6 +3088,33 @@ class TestModel(SpecterTestCase):
         model.set("n", 1)
         self.assertEqual(first_seen, [1, 2])
         self.assertEqual(second_seen, [1, 2])
+
+    def test_changes_behind_a_timed_out_round_are_delivered_in_order(self):
+        # The writer's own gevent.Timeout interrupts the round in a subscriber:
+        # the write stays committed and nobody misses it or what came after.
+        model = create_model("m", {"n": 0})
+        slow_seen, path_seen, whole_seen = [], [], []
+        gate = gevent.event.Event()
+
+        def slow(value, m):
+            slow_seen.append(value)
+            if value == 1:
+                gate.wait()
+        model.subscribe(slow, selector="n")
+        model.subscribe(lambda value, m: path_seen.append(value), selector="n")
+        model.subscribe(lambda snap, m: whole_seen.append(snap["n"]))
+
+        def writer():
+            with self.assertRaises(gevent.Timeout):
+                with gevent.Timeout(SHORT):
+                    model.set("n", 1)
+        done = gevent.spawn(writer)
+        gevent.sleep(0)
+        model.set("n", 2)
+        model.set("n", 3)
+        done.get(timeout=1)
+        self.assertEventually(lambda: whole_seen == [1, 2, 3], timeout=1)
+        self.assertEqual((slow_seen, path_seen), ([1, 2, 3], [1, 2, 3]))
 
     def test_a_changed_type_inside_a_container_is_a_change(self):
         # 1 == 1.0 == True, also inside containers; a write that only changes a
