@@ -1725,7 +1725,10 @@ class Cache:
         """The cached value, or ``factory()``'s, computed by one greenlet at a time.
 
         Concurrent callers wait for the running computation and share its
-        result, or its exception. A result that an invalidate() overtook is
+        result, or the exception it failed with (an ``Exception``). An
+        interruption of the computing caller (its own ``gevent.Timeout``, a
+        kill) is that caller's alone: it propagates there, and one of the
+        waiters computes instead. A result that an invalidate() overtook is
         returned but not stored.
         """
         if _monotonic() < self._expires:
@@ -1740,9 +1743,10 @@ class Cache:
                 raise RuntimeError("the factory of cache %s called get_or_compute() on the same cache; "
                                    "it would wait for itself forever" % self.name)
             flight.wait()
-            if flight.successful() or not isinstance(flight.exception, gevent.GreenletExit):
+            if flight.successful() or isinstance(flight.exception, Exception):
                 return flight.get(block=False)
-            # The computing greenlet was killed: compute here instead.
+            # The computing caller was interrupted (a kill, its own Timeout):
+            # that is not the computation's failure, so compute here instead.
             if _monotonic() < self._expires:
                 return self._value
         flight = self._flight = gevent.event.AsyncResult()

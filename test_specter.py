@@ -3353,6 +3353,31 @@ class TestCache(SpecterTestCase):
         self.assertEqual(cache.get_or_compute(lambda: "recovered"), "recovered")
         self.assertEqual(cache.get(), "recovered")
 
+    def test_a_callers_own_timeout_is_not_raised_in_other_waiting_callers(self):
+        # The impatient caller runs the factory and its own Timeout fires inside
+        # it: that caller gets its Timeout; the patient waiter computes instead.
+        cache = create_cache("c")
+        calls = []
+
+        def factory():
+            calls.append(gevent.getcurrent())
+            if len(calls) == 1:
+                gevent.sleep(LONG)  # the first computation hangs
+            return "fresh"
+
+        def impatient():
+            with gevent.Timeout(SHORT):
+                return cache.get_or_compute(factory)
+        first = gevent.spawn(impatient)
+        gevent.sleep(0)
+        patient = gevent.spawn(cache.get_or_compute, factory)
+        gevent.joinall([first, patient], timeout=WAIT)
+        self.assertIsInstance(first.exception, gevent.Timeout)
+        self.assertTrue(patient.successful(), "the patient caller raised %r" % (patient.exception,))
+        self.assertEqual(patient.value, "fresh")
+        self.assertEqual(calls, [first, patient])
+        self.assertEqual(cache.get(), "fresh")
+
     def test_readers_never_wait_behind_a_running_factory(self):
         cache = create_cache("c")
         gate = gevent.event.Event()
