@@ -1671,7 +1671,8 @@ class Cache:
     ``ttl=0`` never expires; expiry uses the monotonic clock. ``None`` is a
     value like any other. ``depends_on`` names bus events that invalidate
     the cache; since invalidation emits ``'{name}:invalidated'``, caches
-    cascade, and a cycle stops after each cache has invalidated once.
+    cascade, each invalidating once per cascade however often it is reached
+    (a cycle, a diamond); see invalidate().
     """
 
     def __init__(self, name, ttl=0, depends_on=None):
@@ -1684,7 +1685,6 @@ class Cache:
         self._flight = None
         self._flight_owner = None
         self._callbacks = ()
-        self._invalidating = set()  # greenlets inside an invalidation cascade of this cache
         self._event = "%s:invalidated" % self.name
         if depends_on is None:
             depends_on = ()
@@ -1767,26 +1767,23 @@ class Cache:
         return value
 
     def invalidate(self) -> None:
-        """Empty the cache, call on_invalidate callbacks, emit '{name}:invalidated'."""
-        current = getcurrent()
-        if current in self._invalidating:
-            return  # a dependency cycle came back to us: this cascade is done
-        self._invalidating.add(current)
-        try:
-            self._value = None
-            self._expires = -math.inf
-            self._updated_at = None
-            self._generation += 1
-            self._flight = None  # callers from now on must not join a computation this overtook
-            for callback in self._callbacks:
-                try:
-                    callback()
-                except Exception:
-                    _state_log.exception("%s: on_invalidate callback %s raised",
-                                         self.name, _callable_name(callback))
-            bus.emit(self._event, {"name": self.name})
-        finally:
-            self._invalidating.discard(current)
+        """Empty the cache, call on_invalidate callbacks, emit '{name}:invalidated'.
+
+        The emit may invalidate other caches (``depends_on``), which may
+        invalidate more: one cascade. The first invalidate() in a greenlet
+        runs it as a loop over a queue rather than by recursion, so a chain of
+        any length completes; every cache it reaches is emptied at once and
+        notified in the order reached, once per cascade (a diamond or a cycle
+        reaches a cache twice).
+        """
+        cascade = _state_cascades.get(getcurrent())
+        if cascade is None:
+            self._clear()
+            _StateCascade(self).run()
+        elif self not in cascade.seen:
+            cascade.seen.add(self)
+            self._clear()
+            cascade.queue.append(self)
 
     def on_invalidate(self, callback: Callable[..., Any]) -> Callable[[], bool]:
         """Call ``callback()`` (no arguments, as in 0.1.2) on every invalidation; returns an unsubscribe."""
@@ -1812,6 +1809,13 @@ class Cache:
     def __repr__(self):
         return "<Cache %r %s>" % (self.name, "valid" if self.is_valid() else "empty")
 
+    def _clear(self):
+        self._value = None
+        self._expires = -math.inf
+        self._updated_at = None
+        self._generation += 1
+        self._flight = None  # callers from now on must not join a computation this overtook
+
     def _store(self, value, ttl):
         self._value = value
         self._expires = _monotonic() + ttl if ttl else math.inf
@@ -1834,6 +1838,56 @@ def create_model(name: str, initial_state: Optional[Dict[str, Any]] = None, **kw
 def create_cache(name: str, ttl: float = 0, depends_on: Union[str, Iterable[str], None] = None) -> Cache:
     """A new Cache."""
     return Cache(name, ttl, depends_on)
+
+
+class _StateCascade:
+    """One invalidation cascade: the caches it reached, and those still to notify, in order.
+
+    Invalidations caused while it runs (by a ``depends_on`` listener, or by a
+    callback calling invalidate()) join ``queue`` instead of recursing
+    through ``bus.emit``, so its length is not bounded by the Python stack.
+    """
+
+    __slots__ = ("seen", "queue", "rest")
+
+    def __init__(self, cache):
+        self.seen = {cache}
+        self.queue = collections.deque((cache,))
+        self.rest = None  # the callbacks of queue[0] not called yet
+
+    def run(self):
+        """Notify the queued caches, in this greenlet, until none is left."""
+        current = getcurrent()
+        _state_cascades[current] = self
+        queue = self.queue
+        try:
+            while queue:
+                cache = queue[0]
+                if self.rest is None:
+                    self.rest = iter(cache._callbacks)
+                for callback in self.rest:
+                    try:
+                        callback()
+                    except Exception:
+                        _state_log.exception("%s: on_invalidate callback %s raised",
+                                             cache.name, _callable_name(callback))
+                bus.emit(cache._event, {"name": cache.name})
+                queue.popleft()
+                self.rest = None
+        except BaseException:
+            # Killed, or a Timeout, inside a callback or a listener. The caches
+            # already emptied must still be announced, or their dependents stay
+            # valid: a new greenlet carries on from the callback after the one
+            # interrupted (an interrupted emit is repeated whole).
+            if queue:
+                gevent.spawn(self.run)
+            raise
+        finally:
+            del _state_cascades[current]
+
+
+# The greenlets running an invalidation cascade, each with its cascade.
+_state_cascades: Dict[Any, _StateCascade] = {}
 
 
 class _ModelSubscriber:

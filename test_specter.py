@@ -3463,6 +3463,63 @@ class TestCache(SpecterTestCase):
         b.invalidate()  # a second, separate cascade
         self.assertEqual(counts, {"a": 2, "b": 2, "c": 2})
 
+    def test_a_cache_reached_twice_in_one_cascade_invalidates_once(self):
+        graphs = {
+            # d depends on b and c, both on a
+            "diamond": {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]},
+            # a cycle a -> b -> c -> a, with a shortcut a -> c
+            "cycle with a shortcut": {"a": ["c"], "b": ["a"], "c": ["b", "a"]},
+        }
+        for label, graph in graphs.items():
+            with self.subTest(graph=label):
+                specter.bus.clear()
+                counts = dict.fromkeys(graph, 0)
+                caches = {}
+                for name, sources in graph.items():
+                    cache = caches[name] = create_cache(name, depends_on=[s + ":invalidated" for s in sources])
+                    cache.on_invalidate(lambda name=name: counts.__setitem__(name, counts[name] + 1))
+                    cache.set(1)
+                caches["a"].invalidate()
+                self.assertEqual(counts, dict.fromkeys(graph, 1))
+                self.assertFalse(any(cache.is_valid() for cache in caches.values()))
+                caches["a"].invalidate()  # a second cascade: once more each
+                self.assertEqual(counts, dict.fromkeys(graph, 2))
+
+    def test_a_long_depends_on_chain_invalidates_entirely(self):
+        # 400 hops: far deeper than the Python stack allows by recursion.
+        chain = [create_cache("c0")]
+        for index in range(1, 400):
+            chain.append(create_cache("c%d" % index, depends_on=["c%d:invalidated" % (index - 1)]))
+        notified = []
+        for cache in chain:
+            cache.set(cache.name)
+            cache.on_invalidate(lambda name=cache.name: notified.append(name))
+        last = Recorder()
+        specter.bus.on("c399:invalidated", last)
+        chain[0].invalidate()
+        self.assertEqual([cache.name for cache in chain if cache.is_valid()], [])
+        self.assertEqual(notified, [cache.name for cache in chain])
+        self.assertEqual(last.firsts, [{"name": "c399"}])
+
+    def test_a_cascade_whose_greenlet_is_killed_still_reaches_every_dependent(self):
+        a = create_cache("a")
+        b = create_cache("b", depends_on=["a:invalidated"])
+        c = create_cache("c", depends_on=["b:invalidated"])
+        calls = []
+        gate = gevent.event.Event()
+        a.on_invalidate(lambda: (calls.append("a1"), gate.wait()))
+        a.on_invalidate(lambda: calls.append("a2"))
+        b.on_invalidate(lambda: calls.append("b"))
+        c.on_invalidate(lambda: calls.append("c"))
+        for cache in (a, b, c):
+            cache.set(1)
+        invalidating = gevent.spawn(a.invalidate)
+        gevent.sleep(0)
+        invalidating.kill()  # inside a's first callback
+        self.assertFalse(a.is_valid())
+        self.assertEventually(lambda: calls == ["a1", "a2", "b", "c"], timeout=1)
+        self.assertFalse(b.is_valid() or c.is_valid())
+
     def test_destroy_drops_depends_on_subscriptions(self):
         for method in ("destroy", "stop"):
             with self.subTest(method=method):
