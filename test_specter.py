@@ -2839,6 +2839,16 @@ class TestModel(SpecterTestCase):
         patch["p"]["q"].append(2)
         self.assertEqual(model.get(), {"a": {"b": 1}, "x": {"k": [1]}, "p": {"q": [1]}})
 
+    def test_writes_return_none(self):
+        # A documented difference from 0.1.2 (which returned a deep copy): a copy
+        # per write would cost the size of the state.
+        model = create_model("m", {"a": {"b": 1}})
+        writes = [lambda: model.set("a.b", 2), lambda: model.patch({"c": 1}),
+                  lambda: model.update(lambda draft: draft.update(d=1)), lambda: model.delete("c"),
+                  lambda: model.set("a.b", 2), lambda: model.clear()]
+        self.assertEqual([write() for write in writes], [None] * len(writes))
+        self.assertEqual(model.get(), {})
+
     def test_set_creates_missing_dicts(self):
         model = create_model("m")
         model.set("x.y.z", 1)
