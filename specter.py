@@ -1366,7 +1366,12 @@ class _Subscribers:
         try:
             while pending:
                 deliver, payload, rest = pending.popleft()
-                self.cursor = iter(self.entries if rest is None else rest)
+                entries = self.entries
+                if rest is not None:
+                    # What an interrupted round had left, minus whoever unsubscribed since.
+                    live = set(map(id, entries))
+                    entries = [entry for entry in rest if id(entry) in live]
+                self.cursor = iter(entries)
                 try:
                     deliver(payload)
                 except BaseException:
@@ -1853,19 +1858,25 @@ class _StateCascade:
     def __init__(self, cache):
         self.seen = {cache}
         self.queue = collections.deque((cache,))
-        self.rest = None  # the callbacks of queue[0] not called yet
+        self.rest = None  # after an interruption: the callbacks of queue[0] not called yet
 
     def run(self):
         """Notify the queued caches, in this greenlet, until none is left."""
         current = getcurrent()
         _state_cascades[current] = self
         queue = self.queue
+        callbacks = None
         try:
             while queue:
                 cache = queue[0]
-                if self.rest is None:
-                    self.rest = iter(cache._callbacks)
-                for callback in self.rest:
+                rest, self.rest = self.rest, None
+                if rest is None:
+                    callbacks = iter(cache._callbacks)
+                else:
+                    # Resuming: what was left, minus callbacks dropped since.
+                    live = set(map(id, cache._callbacks))
+                    callbacks = iter([callback for callback in rest if id(callback) in live])
+                for callback in callbacks:
                     try:
                         callback()
                     except Exception:
@@ -1873,13 +1884,14 @@ class _StateCascade:
                                              cache.name, _callable_name(callback))
                 bus.emit(cache._event, {"name": cache.name})
                 queue.popleft()
-                self.rest = None
+                callbacks = None
         except BaseException:
             # Killed, or a Timeout, inside a callback or a listener. The caches
             # already emptied must still be announced, or their dependents stay
             # valid: a new greenlet carries on from the callback after the one
             # interrupted (an interrupted emit is repeated whole).
             if queue:
+                self.rest = None if callbacks is None else tuple(callbacks)
                 gevent.spawn(self.run)
             raise
         finally:

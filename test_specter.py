@@ -2567,6 +2567,21 @@ class TestStore(SpecterTestCase):
         gevent.sleep(0.01)
         self.assertEqual((first, second), ([1.1, 1.2], [1.1, 1.2]))
 
+    def test_an_interrupted_round_does_not_resume_into_a_dropped_subscriber(self):
+        store = create_store("s", {"v": 0})
+        gate = gevent.event.Event()
+        kept, dropped = Recorder(), Recorder()
+        store.subscribe(lambda snapshot, s: gate.wait())
+        store.subscribe(kept)
+        unsubscribe = store.subscribe(dropped)
+        writer = gevent.spawn(store.set, {"v": 1})
+        gevent.sleep(0)
+        unsubscribe()
+        writer.kill()
+        self.assertEventually(lambda: kept.count == 1, timeout=1)
+        gevent.sleep(0.01)
+        self.assertEqual((kept.firsts, dropped.count), ([{"v": 1}], 0))
+
     def test_create_store(self):
         store = create_store("connections", {"count": 0, "active": []})
         self.assertIsInstance(store, Store)
