@@ -1784,7 +1784,7 @@ class Cache:
         cascade = _state_cascades.get(getcurrent())
         if cascade is None:
             self._clear()
-            _StateCascade(self).run()
+            self._run_cascade(_StateCascade(self))
         elif self not in cascade.seen:
             cascade.seen.add(self)
             self._clear()
@@ -1821,6 +1821,49 @@ class Cache:
         self._generation += 1
         self._flight = None  # callers from now on must not join a computation this overtook
 
+    @staticmethod
+    def _run_cascade(cascade):
+        """Notify the caches queued in ``cascade``, in this greenlet, until none is left.
+
+        Invalidations caused meanwhile (by a ``depends_on`` listener, or a
+        callback calling invalidate()) join the queue instead of recursing
+        through ``bus.emit``, so a cascade is not bounded by the Python stack.
+        """
+        current = getcurrent()
+        _state_cascades[current] = cascade
+        queue = cascade.queue
+        callbacks = None
+        try:
+            while queue:
+                cache = queue[0]
+                rest, cascade.rest = cascade.rest, None
+                if rest is None:
+                    callbacks = iter(cache._callbacks)
+                else:
+                    # Resuming: what was left, minus callbacks dropped since.
+                    live = set(map(id, cache._callbacks))
+                    callbacks = iter([callback for callback in rest if id(callback) in live])
+                for callback in callbacks:
+                    try:
+                        callback()
+                    except Exception:
+                        _state_log.exception("%s: on_invalidate callback %s raised",
+                                             cache.name, _callable_name(callback))
+                bus.emit(cache._event, {"name": cache.name})
+                queue.popleft()
+                callbacks = None
+        except BaseException:
+            # Killed, or a Timeout, inside a callback or a listener. The caches
+            # already emptied must still be announced, or their dependents stay
+            # valid: a new greenlet carries on from the callback after the one
+            # interrupted (an interrupted emit is repeated whole).
+            if queue:
+                cascade.rest = None if callbacks is None else tuple(callbacks)
+                gevent.spawn(Cache._run_cascade, cascade)
+            raise
+        finally:
+            del _state_cascades[current]
+
     def _store(self, value, ttl):
         self._value = value
         self._expires = _monotonic() + ttl if ttl else math.inf
@@ -1846,12 +1889,7 @@ def create_cache(name: str, ttl: float = 0, depends_on: Union[str, Iterable[str]
 
 
 class _StateCascade:
-    """One invalidation cascade: the caches it reached, and those still to notify, in order.
-
-    Invalidations caused while it runs (by a ``depends_on`` listener, or by a
-    callback calling invalidate()) join ``queue`` instead of recursing
-    through ``bus.emit``, so its length is not bounded by the Python stack.
-    """
+    """One invalidation cascade, run by ``Cache._run_cascade``: the caches reached, those still to notify."""
 
     __slots__ = ("seen", "queue", "rest")
 
@@ -1859,43 +1897,6 @@ class _StateCascade:
         self.seen = {cache}
         self.queue = collections.deque((cache,))
         self.rest = None  # after an interruption: the callbacks of queue[0] not called yet
-
-    def run(self):
-        """Notify the queued caches, in this greenlet, until none is left."""
-        current = getcurrent()
-        _state_cascades[current] = self
-        queue = self.queue
-        callbacks = None
-        try:
-            while queue:
-                cache = queue[0]
-                rest, self.rest = self.rest, None
-                if rest is None:
-                    callbacks = iter(cache._callbacks)
-                else:
-                    # Resuming: what was left, minus callbacks dropped since.
-                    live = set(map(id, cache._callbacks))
-                    callbacks = iter([callback for callback in rest if id(callback) in live])
-                for callback in callbacks:
-                    try:
-                        callback()
-                    except Exception:
-                        _state_log.exception("%s: on_invalidate callback %s raised",
-                                             cache.name, _callable_name(callback))
-                bus.emit(cache._event, {"name": cache.name})
-                queue.popleft()
-                callbacks = None
-        except BaseException:
-            # Killed, or a Timeout, inside a callback or a listener. The caches
-            # already emptied must still be announced, or their dependents stay
-            # valid: a new greenlet carries on from the callback after the one
-            # interrupted (an interrupted emit is repeated whole).
-            if queue:
-                self.rest = None if callbacks is None else tuple(callbacks)
-                gevent.spawn(self.run)
-            raise
-        finally:
-            del _state_cascades[current]
 
 
 # The greenlets running an invalidation cascade, each with its cascade.
