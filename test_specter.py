@@ -2545,6 +2545,45 @@ class TestStore(SpecterTestCase):
         store.set({"v": 3})
         self.assertEqual(seen, [1, 2, 3])
 
+    def test_changes_behind_a_killed_round_are_delivered_without_another_write(self):
+        # The round delivering 1.1 is killed inside a subscriber while 1.2 waits
+        # behind it: the subscribers it had not reached get 1.1, then everyone
+        # gets 1.2, in commit order, from another greenlet.
+        store = create_store("s", {"v": 1.0})
+        first, second = [], []
+        gate = gevent.event.Event()
+
+        def slow(snapshot, s):
+            first.append(snapshot["v"])
+            if snapshot["v"] == 1.1:
+                gate.wait()
+        store.subscribe(slow)
+        store.subscribe(lambda snapshot, s: second.append(snapshot["v"]))
+        writer = gevent.spawn(store.set, {"v": 1.1})
+        gevent.sleep(0)
+        store.set({"v": 1.2})  # committed, queued behind the round of 1.1
+        writer.kill()
+        self.assertEqual(store.get("v"), 1.2)
+        self.assertEventually(lambda: second == [1.1, 1.2], timeout=1)
+        self.assertEqual(first, [1.1, 1.2])
+        gevent.sleep(0.01)
+        self.assertEqual((first, second), ([1.1, 1.2], [1.1, 1.2]))
+
+    def test_an_interrupted_round_does_not_resume_into_a_dropped_subscriber(self):
+        store = create_store("s", {"v": 0})
+        gate = gevent.event.Event()
+        kept, dropped = Recorder(), Recorder()
+        store.subscribe(lambda snapshot, s: gate.wait())
+        store.subscribe(kept)
+        unsubscribe = store.subscribe(dropped)
+        writer = gevent.spawn(store.set, {"v": 1})
+        gevent.sleep(0)
+        unsubscribe()
+        writer.kill()
+        self.assertEventually(lambda: kept.count == 1, timeout=1)
+        gevent.sleep(0.01)
+        self.assertEqual((kept.firsts, dropped.count), ([{"v": 1}], 0))
+
     def test_create_store(self):
         store = create_store("connections", {"count": 0, "active": []})
         self.assertIsInstance(store, Store)
@@ -2817,6 +2856,16 @@ class TestModel(SpecterTestCase):
         patch["p"]["q"].append(2)
         self.assertEqual(model.get(), {"a": {"b": 1}, "x": {"k": [1]}, "p": {"q": [1]}})
 
+    def test_writes_return_none(self):
+        # A documented difference from 0.1.2 (which returned a deep copy): a copy
+        # per write would cost the size of the state.
+        model = create_model("m", {"a": {"b": 1}})
+        writes = [lambda: model.set("a.b", 2), lambda: model.patch({"c": 1}),
+                  lambda: model.update(lambda draft: draft.update(d=1)), lambda: model.delete("c"),
+                  lambda: model.set("a.b", 2), lambda: model.clear()]
+        self.assertEqual([write() for write in writes], [None] * len(writes))
+        self.assertEqual(model.get(), {})
+
     def test_set_creates_missing_dicts(self):
         model = create_model("m")
         model.set("x.y.z", 1)
@@ -2858,6 +2907,39 @@ class TestModel(SpecterTestCase):
         model.clear()
         self.assertEqual(model.get(), {})
 
+    def test_reads_and_selectors_resolve_paths_by_one_rule(self):
+        # Paths go into dicts by key and into lists by index; a tuple, a string
+        # or any other value ends the path. get(), select() and a selector agree.
+        model = create_model("m", {"pos": (3, 4), "name": "ana", "items": [10, {"id": 7}],
+                                   "d": {"0": "zero"}})
+        self.assertIsNone(model.get(("pos", 0)))
+        self.assertEqual(model.get("pos.0", "absent"), "absent")
+        self.assertEqual(model.get(("name", 0), "absent"), "absent")
+        self.assertEqual(model.get("name.0", "absent"), "absent")
+        self.assertEqual(model.get(("items", 1, "id")), 7)
+        self.assertEqual(model.get("items.1.id"), 7)
+        self.assertEqual(model.get(("items", -2)), 10)
+        self.assertEqual(model.get("d.0"), "zero")
+        paths = [("pos", 0), "pos.0", ("name", 0), "name.0", ("items", 1, "id"), "items.1.id",
+                 ("items", -2), "items.0", "d.0", "items.x", "items.9", "pos"]
+        writes = [lambda m: m.set("pos", (5, 4)), lambda m: m.set("name", "bo"),
+                  lambda m: m.set("items", [11, {"id": 8}]), lambda m: m.set("d.0", "nil")]
+        recorders = {}
+        for path in paths:
+            recorders[path] = Recorder()
+            model.subscribe(recorders[path], selector=path, immediate=True)
+        for write in writes:
+            before = {path: model.get(path) for path in paths}
+            counts = {path: rec.count for path, rec in recorders.items()}
+            write(model)
+            for path in paths:
+                with self.subTest(path=path):
+                    after = model.get(path)
+                    self.assertEqual(model.select(path), after)
+                    fired = recorders[path].count - counts[path]
+                    self.assertEqual(fired, int(after != before[path]))
+                    self.assertEqual(recorders[path].firsts[-1], after)
+
     def test_select_path_or_callable(self):
         model = create_model("m", {"a": {"b": [1, 2]}})
         self.assertEqual(model.select("a.b"), [1, 2])
@@ -2877,6 +2959,17 @@ class TestModel(SpecterTestCase):
         self.assertIs(rec.calls[0][1], model)
         rec.calls[1][0]["a"] = 99
         self.assertEqual(model.get("a"), 2)
+
+    def test_each_subscriber_without_a_selector_gets_its_own_deep_copy(self):
+        model = create_model("m", {"a": {"list": [1]}})
+        first = Recorder(side_effect=lambda snap, m: snap["a"]["list"].append("edited"))
+        second = Recorder()
+        model.subscribe(first)
+        model.subscribe(second)
+        model.set("b", 1)
+        self.assertEqual(second.firsts, [{"a": {"list": [1]}, "b": 1}])
+        self.assertIsNot(first.firsts[0], second.firsts[0])
+        self.assertEqual(model.get(), {"a": {"list": [1]}, "b": 1})
 
     def test_path_selector_fires_only_when_the_selected_value_changes(self):
         model = _tv()
@@ -3023,6 +3116,55 @@ class TestModel(SpecterTestCase):
         self.assertEqual(first_seen, [1, 2])
         self.assertEqual(second_seen, [1, 2])
 
+    def test_changes_behind_a_timed_out_round_are_delivered_in_order(self):
+        # The writer's own gevent.Timeout interrupts the round in a subscriber:
+        # the write stays committed and nobody misses it or what came after.
+        model = create_model("m", {"n": 0})
+        slow_seen, path_seen, whole_seen = [], [], []
+        gate = gevent.event.Event()
+
+        def slow(value, m):
+            slow_seen.append(value)
+            if value == 1:
+                gate.wait()
+        model.subscribe(slow, selector="n")
+        model.subscribe(lambda value, m: path_seen.append(value), selector="n")
+        model.subscribe(lambda snap, m: whole_seen.append(snap["n"]))
+
+        def writer():
+            with self.assertRaises(gevent.Timeout):
+                with gevent.Timeout(SHORT):
+                    model.set("n", 1)
+        done = gevent.spawn(writer)
+        gevent.sleep(0)
+        model.set("n", 2)
+        model.set("n", 3)
+        done.get(timeout=1)
+        self.assertEventually(lambda: whole_seen == [1, 2, 3], timeout=1)
+        self.assertEqual((slow_seen, path_seen), ([1, 2, 3], [1, 2, 3]))
+
+    def test_a_changed_type_inside_a_container_is_a_change(self):
+        # 1 == 1.0 == True, also inside containers; a write that only changes a
+        # type must still land and notify (set, patch and update alike).
+        cases = [
+            ("set", {"limit": 1}, lambda m: m.set("cfg", {"limit": True}), {"limit": True}),
+            ("patch", {"limit": 1}, lambda m: m.patch({"cfg": {"limit": 1.0}}), {"limit": 1.0}),
+            ("update", [0, 1], lambda m: m.update(lambda draft: {"cfg": [False, True]}), [False, True]),
+            ("nested", {"a": [(1, 2)]}, lambda m: m.set("cfg", {"a": [(1, 2.0)]}), {"a": [(1, 2.0)]}),
+        ]
+        for how, before, write, after in cases:
+            with self.subTest(how=how):
+                model = create_model("m", {"cfg": before})
+                whole, selected = Recorder(), Recorder()
+                model.subscribe(whole)
+                model.subscribe(selected, selector="cfg")
+                write(model)
+                self.assertEqual(repr(model.get("cfg")), repr(after))
+                self.assertEqual([repr(v) for v in selected.firsts], [repr(after)])
+                self.assertEqual(whole.count, 1)
+                write(model)  # the same value, same types: no change
+                self.assertEqual((whole.count, selected.count), (1, 1))
+
     def test_large_model_unrelated_subtree_subscriber_stays_quiet(self):
         big = {"g%d" % g: {"k%d" % k: k for k in range(100)} for g in range(100)}
         model = create_model("big", {"big": big, "other": {"x": 1}})
@@ -3086,7 +3228,7 @@ class TestCache(SpecterTestCase):
         a = create_cache("a", depends_on=["b:invalidated"])
         b = create_cache("b", depends_on=["a:invalidated"])
         for cache in (a, b):
-            cache.on_invalidate(lambda c: (counts.__setitem__(c.name, counts[c.name] + 1), gevent.sleep(0)))
+            cache.on_invalidate(lambda c=cache: (counts.__setitem__(c.name, counts[c.name] + 1), gevent.sleep(0)))
         gevent.joinall([gevent.spawn(a.invalidate), gevent.spawn(b.invalidate)], timeout=2)
         self.assertEqual(counts, {"a": 2, "b": 2})  # each cascade invalidates each cache once
 
@@ -3094,7 +3236,7 @@ class TestCache(SpecterTestCase):
         cache = create_cache("c")
         calls = []
 
-        def slow_callback(c):
+        def slow_callback():
             calls.append(gevent.getcurrent())
             gevent.sleep(0.01)
         cache.on_invalidate(slow_callback)
@@ -3238,6 +3380,31 @@ class TestCache(SpecterTestCase):
         self.assertEqual(cache.get_or_compute(lambda: "recovered"), "recovered")
         self.assertEqual(cache.get(), "recovered")
 
+    def test_a_callers_own_timeout_is_not_raised_in_other_waiting_callers(self):
+        # The impatient caller runs the factory and its own Timeout fires inside
+        # it: that caller gets its Timeout; the patient waiter computes instead.
+        cache = create_cache("c")
+        calls = []
+
+        def factory():
+            calls.append(gevent.getcurrent())
+            if len(calls) == 1:
+                gevent.sleep(LONG)  # the first computation hangs
+            return "fresh"
+
+        def impatient():
+            with gevent.Timeout(SHORT):
+                return cache.get_or_compute(factory)
+        first = gevent.spawn(impatient)
+        gevent.sleep(0)
+        patient = gevent.spawn(cache.get_or_compute, factory)
+        gevent.joinall([first, patient], timeout=WAIT)
+        self.assertIsInstance(first.exception, gevent.Timeout)
+        self.assertTrue(patient.successful(), "the patient caller raised %r" % (patient.exception,))
+        self.assertEqual(patient.value, "fresh")
+        self.assertEqual(calls, [first, patient])
+        self.assertEqual(cache.get(), "fresh")
+
     def test_readers_never_wait_behind_a_running_factory(self):
         cache = create_cache("c")
         gate = gevent.event.Event()
@@ -3267,17 +3434,26 @@ class TestCache(SpecterTestCase):
         cache.invalidate()
         self.assertFalse(cache.is_valid())
         self.assertEqual(cache.get("dflt"), "dflt")
-        self.assertEqual(callback.calls, [(cache,)])
+        self.assertEqual(callback.calls, [()])
         self.assertEqual(events.firsts, [{"name": "drives"}])
         unsubscribe()
         cache.set("w")
         cache.invalidate()
         self.assertEqual(callback.count, 1)
 
+    def test_on_invalidate_callback_is_called_with_no_arguments(self):
+        # As in 0.1.2: a zero-argument callback works, and is not logged as failing.
+        cache = create_cache("c")
+        calls = []
+        cache.on_invalidate(lambda: calls.append("emptied"))
+        cache.set(1)
+        cache.invalidate()
+        self.assertEqual(calls, ["emptied"])
+
     def test_on_invalidate_callback_that_raises_is_logged(self):
         cache = create_cache("c")
         after = Recorder()
-        cache.on_invalidate(lambda c: TestService._raise("invalidate hook broke"))
+        cache.on_invalidate(lambda: TestService._raise("invalidate hook broke"))
         cache.on_invalidate(after)
         cache.set(1)
         with self.assertLogs("specter", "ERROR") as cm:
@@ -3304,7 +3480,7 @@ class TestCache(SpecterTestCase):
         c = create_cache("c", depends_on=["b:invalidated"])
         counts = {"a": 0, "b": 0, "c": 0}
         for cache in (a, b, c):
-            cache.on_invalidate(lambda x: counts.__setitem__(x.name, counts[x.name] + 1))
+            cache.on_invalidate(lambda x=cache: counts.__setitem__(x.name, counts[x.name] + 1))
             cache.set(1)
         a.invalidate()
         self.assertEqual(counts, {"a": 1, "b": 1, "c": 1})
@@ -3313,6 +3489,63 @@ class TestCache(SpecterTestCase):
             cache.set(2)
         b.invalidate()  # a second, separate cascade
         self.assertEqual(counts, {"a": 2, "b": 2, "c": 2})
+
+    def test_a_cache_reached_twice_in_one_cascade_invalidates_once(self):
+        graphs = {
+            # d depends on b and c, both on a
+            "diamond": {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]},
+            # a cycle a -> b -> c -> a, with a shortcut a -> c
+            "cycle with a shortcut": {"a": ["c"], "b": ["a"], "c": ["b", "a"]},
+        }
+        for label, graph in graphs.items():
+            with self.subTest(graph=label):
+                specter.bus.clear()
+                counts = dict.fromkeys(graph, 0)
+                caches = {}
+                for name, sources in graph.items():
+                    cache = caches[name] = create_cache(name, depends_on=[s + ":invalidated" for s in sources])
+                    cache.on_invalidate(lambda name=name: counts.__setitem__(name, counts[name] + 1))
+                    cache.set(1)
+                caches["a"].invalidate()
+                self.assertEqual(counts, dict.fromkeys(graph, 1))
+                self.assertFalse(any(cache.is_valid() for cache in caches.values()))
+                caches["a"].invalidate()  # a second cascade: once more each
+                self.assertEqual(counts, dict.fromkeys(graph, 2))
+
+    def test_a_long_depends_on_chain_invalidates_entirely(self):
+        # 400 hops: far deeper than the Python stack allows by recursion.
+        chain = [create_cache("c0")]
+        for index in range(1, 400):
+            chain.append(create_cache("c%d" % index, depends_on=["c%d:invalidated" % (index - 1)]))
+        notified = []
+        for cache in chain:
+            cache.set(cache.name)
+            cache.on_invalidate(lambda name=cache.name: notified.append(name))
+        last = Recorder()
+        specter.bus.on("c399:invalidated", last)
+        chain[0].invalidate()
+        self.assertEqual([cache.name for cache in chain if cache.is_valid()], [])
+        self.assertEqual(notified, [cache.name for cache in chain])
+        self.assertEqual(last.firsts, [{"name": "c399"}])
+
+    def test_a_cascade_whose_greenlet_is_killed_still_reaches_every_dependent(self):
+        a = create_cache("a")
+        b = create_cache("b", depends_on=["a:invalidated"])
+        c = create_cache("c", depends_on=["b:invalidated"])
+        calls = []
+        gate = gevent.event.Event()
+        a.on_invalidate(lambda: (calls.append("a1"), gate.wait()))
+        a.on_invalidate(lambda: calls.append("a2"))
+        b.on_invalidate(lambda: calls.append("b"))
+        c.on_invalidate(lambda: calls.append("c"))
+        for cache in (a, b, c):
+            cache.set(1)
+        invalidating = gevent.spawn(a.invalidate)
+        gevent.sleep(0)
+        invalidating.kill()  # inside a's first callback
+        self.assertFalse(a.is_valid())
+        self.assertEventually(lambda: calls == ["a1", "a2", "b", "c"], timeout=1)
+        self.assertFalse(b.is_valid() or c.is_valid())
 
     def test_destroy_drops_depends_on_subscriptions(self):
         for method in ("destroy", "stop"):
