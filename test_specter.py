@@ -21,12 +21,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
 import time
 import unittest
 import urllib.error
 import urllib.request
+import zipfile
 from unittest import mock
 
 import flask
@@ -6615,6 +6617,91 @@ class TestExamples(SpecterTestCase):
                 self.assertTrue(stdout.strip(), "%s printed nothing" % name)
         # Concurrency is the point: the whole set takes about as long as the slowest one.
         self.assertLess(elapsed, EXAMPLE_TIMEOUT)
+
+
+
+# Packaging ####################################################################
+
+
+# What a source distribution must carry beyond the module: enough to run the
+# test suite, read the guide and try the examples from the unpacked archive.
+SDIST_FILES = ("specter.py", "test_specter.py", "specter.md", "README.md", "LICENSE",
+               "pyproject.toml", "examples/jobboard/README.md", "examples/jobboard/app.py",
+               "examples/jobboard/templates/index.html")
+
+# Left out of the copy the packages are built from: VCS data, virtualenvs, build output.
+BUILD_IGNORED = shutil.ignore_patterns(
+    ".git", ".ci-venv", ".venv", ".bench", "build", "dist", "*.egg-info", "__pycache__", "*.pyc")
+
+
+def build_hook(hook, source, outdir):
+    """Call setuptools' PEP 517 ``hook`` in a fresh interpreter in ``source``; the file name it built.
+
+    The same hooks ``python -m build --no-isolation`` and pip call, without
+    their wrappers (and without the network: the build requirements are the
+    ``test`` extra's).
+    """
+    script = "import sys\nfrom setuptools import build_meta\nprint(build_meta.%s(sys.argv[1]))\n" % hook
+    proc = subprocess.run(
+        [sys.executable, "-c", script, outdir], cwd=source, capture_output=True, text=True,
+        timeout=60, start_new_session=True,
+    )
+    if proc.returncode != 0:
+        raise AssertionError("%s failed in %s:\n%s\n%s" % (hook, source, proc.stdout, proc.stderr))
+    return proc.stdout.strip().splitlines()[-1]
+
+
+class TestPackaging(SpecterTestCase):
+    """The sdist carries the module, its tests, docs and examples; the wheel the module alone."""
+
+    ceiling = 60
+
+    @classmethod
+    def setUpClass(cls):
+        """Build once: the sdist from a copy of the checkout, the wheel from the unpacked sdist."""
+        cls.tmp = tempfile.mkdtemp(prefix="specter-build-")
+        source = os.path.join(cls.tmp, "source")
+        shutil.copytree(REPO, source, ignore=BUILD_IGNORED)
+        dist = os.path.join(cls.tmp, "dist")
+        os.mkdir(dist)
+        cls.sdist = os.path.join(dist, build_hook("build_sdist", source, dist))
+        with tarfile.open(cls.sdist) as archive:
+            members = [m for m in archive.getmembers() if m.isfile()]
+            root = os.path.commonpath([m.name for m in members])
+            cls.sdist_files = sorted(os.path.relpath(m.name, root) for m in members)
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            archive.extractall(os.path.join(cls.tmp, "unpacked"), members=members, **safe)
+        unpacked = os.path.join(cls.tmp, "unpacked", root)
+        cls.wheel = os.path.join(dist, build_hook("build_wheel", unpacked, dist))
+        with zipfile.ZipFile(cls.wheel) as archive:
+            cls.wheel_files = sorted(archive.namelist())
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def test_sdist_carries_tests_docs_examples_and_licence(self):
+        for name in SDIST_FILES:
+            self.assertIn(name, self.sdist_files)
+        examples = sorted(os.path.relpath(path, REPO)
+                          for path in glob.glob(os.path.join(REPO, "examples", "*.py")))
+        self.assertTrue(examples)
+        self.assertEqual([name for name in examples if name not in self.sdist_files], [])
+        self.assertFalse([name for name in self.sdist_files
+                          if "__pycache__" in name or name.endswith(".pyc")])
+
+    def test_wheel_carries_the_single_module(self):
+        installed = [name for name in self.wheel_files if ".dist-info/" not in name]
+        self.assertEqual(installed, ["specter.py"])
+        self.assertTrue(os.path.basename(self.wheel).startswith(
+            "specter_runtime-%s-py3-none-any" % specter.__version__), self.wheel)
+
+    def test_test_extra_names_what_the_build_needs(self):
+        with open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8") as source:
+            text = source.read()
+        extra = re.search(r"^test = \[(.*?)^\]", text, re.S | re.M).group(1)
+        for requirement in ("setuptools", "wheel", "python-socketio[client]"):
+            self.assertIn('"%s' % requirement, extra)
 
 
 if __name__ == "__main__":
