@@ -6527,6 +6527,42 @@ class TestJobBoardDemo(SpecterTestCase):
         self.assertEqual(self.call(client, "jobs:list")["count"], 1)
         self.assertEqual(self.http.get("/api/stats").get_json()["stats"]["total"], 1)
 
+    def test_readme_http_answers_are_the_apps(self):
+        """The jobboard README's curl examples get the answers shown under them.
+
+        POST /api/jobs also answers with exactly the status codes the README's
+        table row lists, a body that is not JSON included.
+        """
+        with open(os.path.join(EXAMPLES, "jobboard", "README.md"), encoding="utf-8") as source:
+            readme = source.read()
+        self.start_board(JOBBOARD_WORKERS=1)
+        commands = re.findall(r"^(curl (?:[^\n]*\\\n)*[^\n]*\n)((?:#[^\n]*\n)*)", readme, re.M)
+        self.assertGreaterEqual(len(commands), 3, "the README's curl examples were not found")
+        for command, answer in commands:
+            with self.subTest(command=command):
+                path = re.search(r"localhost:5000(/\S+)", command).group(1)
+                body = json.loads(re.search(r"-d '(.*?)'", command, re.S).group(1))
+                response = self.http.post(path, json=body)
+                if not answer:
+                    self.assertEqual(response.status_code, 201)
+                    self.assertEqual({k: response.get_json()[k] for k in body}, body)
+                    continue
+                expected = json.loads("".join(line[1:] for line in answer.splitlines()))
+                self.assertEqual(response.status_code, 400)
+                self.assertEqual(response.get_json(), expected)
+
+        row = next(line for line in readme.splitlines() if line.startswith("| `POST /api/jobs` |"))
+        answers = row.split("|")[3]
+        self.assertEqual(sorted(set(re.findall(r"`(\d{3})\b", answers))), ["201", "400", "503"])
+        for kwargs in ({"data": "name=x", "content_type": "text/plain"},
+                       {"data": "{not json", "content_type": "application/json"}):
+            with self.subTest(body=kwargs):
+                response = self.http.post("/api/jobs", **kwargs)
+                self.assertEqual(response.status_code, 400)
+                self.assertEqual(list(response.get_json()), ["error"])
+        self.manager.shutdown()
+        self.assertEqual(self.http.post("/api/jobs", json={"name": "late"}).status_code, 503)
+
 
 REPO = os.path.dirname(os.path.abspath(specter.__file__))
 
