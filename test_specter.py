@@ -6656,6 +6656,232 @@ class TestExamples(SpecterTestCase):
 
 
 
+# Docs #########################################################################
+
+
+# The documents whose ```python blocks must run as written.
+DOCS = ("specter.md", "README.md")
+
+# Fence labels for what is not Python: shell commands, output, other languages.
+NOT_PYTHON_FENCES = ("sh", "bash", "text", "html", "nginx")
+
+BLOCK_TIMEOUT = 20  # one block's wall-clock limit
+
+FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
+
+
+class DocBlock:
+    """One fenced block of a document: where it is, its info string and its text."""
+
+    def __init__(self, doc, line, info, code):
+        self.doc, self.line, self.info, self.code = doc, line, info.strip(), code
+        words = self.info.split()
+        self.language = words[0] if words else ""
+        self.file = next((w[len("file="):] for w in words[1:] if w.startswith("file=")), None)
+
+    def __repr__(self):
+        return "%s:%d" % (self.doc, self.line)
+
+    @property
+    def monkey_patches(self):
+        """Whether the block calls gevent's monkey patching, which must come before any import."""
+        return any(isinstance(node, ast.Attribute) and node.attr.startswith("patch_")
+                   and isinstance(node.value, ast.Name) and node.value.id == "monkey"
+                   for node in ast.walk(ast.parse(self.code)))
+
+
+def doc_blocks(doc):
+    """Every fenced block of ``doc`` (a file beside the module), in order."""
+    with open(os.path.join(REPO, doc), encoding="utf-8") as source:
+        text = source.read()
+    return [DocBlock(doc, text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2))
+            for m in FENCE.finditer(text)]
+
+
+def python_fence_count(doc):
+    """How many lines of ``doc`` open a ```python fence, counted without the block parser."""
+    with open(os.path.join(REPO, doc), encoding="utf-8") as source:
+        return sum(1 for line in source if re.match(r"```python\b", line))
+
+
+# Runs blocks in forked copies of one interpreter that has imported the heavy
+# modules once (about 0.4 s a block saved), each child in its own process
+# group with its own stdout/stderr files; prints one JSON line per block.
+BLOCK_RUNNER = r"""
+import atexit, json, os, runpy, signal, sys, time
+import flask, flask_socketio, gevent, gevent.pywsgi, socketio, unittest, specter
+
+timeout = float(sys.argv[1])
+for path in sys.argv[2:]:
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        for fd, suffix in ((1, ".out"), (2, ".err")):
+            os.dup2(os.open(path + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = [path]
+        code = 0
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    deadline = started + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            returncode = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            returncode = "killed after %ss" % timeout
+            break
+        time.sleep(0.002)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # anything the block left running in its group
+    except ProcessLookupError:
+        pass
+    print(json.dumps({"path": path, "returncode": returncode,
+                      "seconds": round(time.monotonic() - started, 3)}), flush=True)
+"""
+
+
+def run_blocks(directory, blocks):
+    """Run every block; {block: (returncode, stdout, stderr, seconds)}.
+
+    A block that monkey-patches runs in a fresh interpreter of its own (its
+    patch_all must come before any import); the others run in forked copies
+    of BLOCK_RUNNER's warmed interpreter.
+    """
+    paths = {}
+    for block in blocks:
+        name = "%s-L%d.py" % (block.doc.replace(".", "_"), block.line)
+        paths[block] = os.path.join(directory, name)
+        with open(paths[block], "w", encoding="utf-8") as script:
+            script.write(block.code)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    fresh = [b for b in blocks if b.monkey_patches]
+    forked = [paths[b] for b in blocks if not b.monkey_patches]
+    commands = [[sys.executable, "-c", BLOCK_RUNNER, str(BLOCK_TIMEOUT)] + forked]
+    commands += [[sys.executable, "-c", BLOCK_RUNNER.replace(
+        "import flask, flask_socketio, gevent, gevent.pywsgi, socketio, unittest, specter", ""),
+        str(BLOCK_TIMEOUT), paths[b]] for b in fresh]
+    processes = [gevent.subprocess.Popen(command, cwd=directory, env=env, start_new_session=True,
+                                         stdout=gevent.subprocess.PIPE,
+                                         stderr=gevent.subprocess.PIPE, universal_newlines=True)
+                 for command in commands]
+    reports = {}
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=BLOCK_TIMEOUT * (len(forked) + 1))
+            if process.returncode != 0:
+                raise AssertionError("the block runner failed:\n%s" % stderr)
+            for line in stdout.splitlines():
+                report = json.loads(line)
+                reports[report["path"]] = report
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    results = {}
+    for block, path in paths.items():
+        report = reports.get(path, {"returncode": "not run", "seconds": 0})
+        outputs = []
+        for suffix in (".out", ".err"):
+            if not os.path.exists(path + suffix):
+                outputs.append("")
+                continue
+            with open(path + suffix, encoding="utf-8", errors="replace") as output:
+                outputs.append(output.read())
+        results[block] = (report["returncode"],) + tuple(outputs) + (report["seconds"],)
+    return results
+
+
+class TestGuide(SpecterTestCase):
+    """Every ```python block of specter.md and README.md runs as written."""
+
+    ceiling = 60
+
+    def blocks(self):
+        return [block for doc in DOCS for block in doc_blocks(doc)]
+
+    def test_every_python_fence_is_parsed_as_a_block(self):
+        for doc in DOCS:
+            with self.subTest(doc=doc):
+                python = [b for b in doc_blocks(doc) if b.language == "python"]
+                self.assertGreater(len(python), 0)
+                self.assertEqual(len(python), python_fence_count(doc))
+
+    def test_python_is_not_hidden_in_other_fences(self):
+        for block in self.blocks():
+            if block.language == "python":
+                continue
+            with self.subTest(block=block):
+                self.assertIn(block.language, NOT_PYTHON_FENCES + ("",))
+                try:
+                    tree = ast.parse(block.code)
+                except SyntaxError:
+                    continue
+                statements = [type(n).__name__ for n in tree.body if not isinstance(n, ast.Expr)]
+                self.assertEqual(statements, [], "%r is Python: fence it as python (python "
+                                 "file=PATH for a file of a larger project)" % (block,))
+
+    def test_blocks_with_a_socketio_client_say_what_to_install(self):
+        """socketio.Client needs python-socketio's client extra, which Flask-SocketIO does not bring."""
+        for doc in DOCS:
+            with open(os.path.join(REPO, doc), encoding="utf-8") as source:
+                lines = source.read().splitlines()
+            for block in doc_blocks(doc):
+                if block.language != "python" or not re.search(r"socketio\.(Simple)?Client\(", block.code):
+                    continue
+                with self.subTest(block=block):
+                    heading, fenced = 0, False  # the block's section starts at the last heading
+                    for number, line in enumerate(lines[:block.line - 1]):
+                        if line.startswith("```"):
+                            fenced = not fenced
+                        elif not fenced and re.match(r"#{1,6} ", line):
+                            heading = number
+                    section = "\n".join(lines[heading:block.line])
+                    self.assertIn('pip install "python-socketio[client]"', section)
+
+    def test_project_files_compile_and_import_only_public_names(self):
+        files = [b for b in self.blocks() if b.language == "python" and b.file]
+        self.assertTrue(files)
+        for block in files:
+            with self.subTest(block=block, file=block.file):
+                self.assertTrue(block.code.startswith("# %s\n" % block.file),
+                                "%r must start with a comment naming %s" % (block, block.file))
+                tree = compile(block.code, block.file, "exec", ast.PyCF_ONLY_AST)
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] == "specter":
+                        for alias in node.names:
+                            self.assertIn(alias.name, specter.__all__)
+
+    def test_every_python_block_runs_as_written(self):
+        runnable = [b for b in self.blocks() if b.language == "python" and not b.file]
+        self.assertGreater(len(runnable), 50)
+        directory = tempfile.mkdtemp(prefix="specter-docs-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        results = run_blocks(directory, runnable)
+        self.assertEqual(len(results), len(runnable))
+        for block, (returncode, stdout, stderr, seconds) in results.items():
+            with self.subTest(block=block):
+                report = "%r (%.2f s)\n--- stdout\n%s\n--- stderr\n%s" % (
+                    block, seconds, stdout[-2000:], stderr[-4000:])
+                self.assertEqual(returncode, 0, report)
+                # gevent's hub reports a greenlet that died of an exception this way.
+                self.assertNotIn(" failed with ", stderr, report)
+
+
 # Packaging ####################################################################
 
 
