@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -6852,6 +6853,45 @@ class TestGuide(SpecterTestCase):
                             heading = number
                     section = "\n".join(lines[heading:block.line])
                     self.assertIn('pip install "python-socketio[client]"', section)
+
+    def test_install_commands_never_take_specter_runtime_from_the_index(self):
+        """PyPI's specter-runtime is the older 0.1.x package: every install names this repository."""
+        commands = 0
+        for doc in DOCS + (os.path.join("examples", "jobboard", "README.md"),):
+            with open(os.path.join(REPO, doc), encoding="utf-8") as source:
+                lines = source.read().splitlines()
+            for number, line in enumerate(lines, 1):
+                for match in re.finditer(r"pip install ([^`#&|;]*)", line):
+                    commands += 1
+                    for argument in shlex.split(match.group(1)):
+                        name = re.split(r"[^A-Za-z0-9._-]", argument, 1)[0]
+                        if re.sub(r"[._]", "-", name.lower()) == "specter-runtime":
+                            with self.subTest(doc=doc, line=number):
+                                self.assertRegex(argument, r"^specter-runtime @ \S",
+                                                 "an install by name from the package index")
+        self.assertGreater(commands, 5)
+
+    def test_vendoring_recipe_gives_an_importable_copy(self):
+        """Section 9's shell recipe, run in an empty project, then its myapp/app.py imported."""
+        blocks = doc_blocks("specter.md")
+        recipe = next(b for b in blocks if b.language == "sh" and "cp specter.py" in b.code)
+        app = next(b for b in blocks if b.file == "myapp/app.py")
+        project = tempfile.mkdtemp(prefix="specter-vendor-")
+        self.addCleanup(shutil.rmtree, project, ignore_errors=True)
+        shutil.copy(os.path.join(REPO, "specter.py"), project)  # the checkout the recipe copies from
+        steps = [line for line in recipe.code.splitlines() if not line.startswith("pip ")]
+        subprocess.run(["bash", "-ec", "\n".join(steps)], cwd=project, check=True, timeout=30,
+                       start_new_session=True)
+        os.remove(os.path.join(project, "specter.py"))
+        with open(os.path.join(project, "myapp", "app.py"), "w", encoding="utf-8") as source:
+            source.write(app.code)
+        script = ("import sys, myapp.app, myapp._vendor.specter as vendored\n"
+                  "print(vendored.__version__, 'specter' in sys.modules, myapp.app.bus is vendored.bus)")
+        env = dict(os.environ, PYTHONPATH=project)
+        proc = subprocess.run([sys.executable, "-c", script], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=60, start_new_session=True)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(proc.stdout.split(), [specter.__version__, "False", "True"])
 
     def test_project_files_compile_and_import_only_public_names(self):
         files = [b for b in self.blocks() if b.language == "python" and b.file]
