@@ -11,6 +11,7 @@ import contextlib
 import decimal
 import functools
 import gc
+import importlib.util
 import glob
 import itertools
 import json
@@ -6634,6 +6635,29 @@ class TestExamples(SpecterTestCase):
                 self.assertIn("Run:", docstring)
                 flag = SHORT_MODE.get(name, ["--once"])[0]
                 self.assertIn('"%s"' % flag, text, "%s does not accept %s" % (name, flag))
+
+    def test_controller_app_presence_forgets_a_disconnected_client(self):
+        """A client that disconnects without 'leave' no longer counts as a room member."""
+        spec = importlib.util.spec_from_file_location(
+            "controller_app_example", os.path.join(EXAMPLES, "controller_app.py"))
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        app, socketio_server = example.create_app()
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            manager, _chat = example.wire(app, socketio_server)
+        self.addCleanup(manager.shutdown)
+
+        def join(client):
+            return client.emit("join", {"room": "general"}, callback=True)["members"]
+
+        alice, bob = socketio_server.test_client(app), socketio_server.test_client(app)
+        self.assertEqual((join(alice), join(bob)), (1, 2))
+        bob.disconnect()
+        carol = socketio_server.test_client(app)
+        self.assertEqual(join(carol), 2, "bob still counted after he disconnected")
+        alice.disconnect()
+        carol.disconnect()
+        self.assertEqual(join(socketio_server.test_client(app)), 1)
 
     def test_every_example_exits_cleanly(self):
         self.assertFalse(gevent.monkey.is_anything_patched(), "the test process must not monkey-patch")
