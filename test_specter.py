@@ -6917,6 +6917,16 @@ class TestGuide(SpecterTestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(proc.stdout.split(), [specter.__version__, "False", "True"])
 
+    def test_guide_shows_presence_with_connect_disconnect_sid_and_rooms(self):
+        """Part I has a runnable block doing what every presence feature needs."""
+        with open(os.path.join(REPO, "specter.md"), encoding="utf-8") as source:
+            part_one_lines = source.read().split("\n# Part II")[0].count("\n") + 1
+        needed = ('"connect"', '"disconnect"', "request.sid", "join_room(", "leave_room(", "to=room")
+        presence = [b for b in doc_blocks("specter.md") if b.language == "python" and not b.file
+                    and b.line < part_one_lines and all(word in b.code for word in needed)]
+        self.assertTrue(presence, "no guide block subscribes to connect and disconnect, "
+                                  "keys state by request.sid and uses rooms")
+
     def test_project_files_compile_and_import_only_public_names(self):
         files = [b for b in self.blocks() if b.language == "python" and b.file]
         self.assertTrue(files)
