@@ -6927,6 +6927,35 @@ class TestGuide(SpecterTestCase):
         self.assertTrue(presence, "no guide block subscribes to connect and disconnect, "
                                   "keys state by request.sid and uses rooms")
 
+    def test_gunicorn_is_installed_with_its_gevent_extra(self):
+        """gunicorn's gevent worker needs the extra (packaging, a recent gevent); plain gunicorn fails."""
+        with open(os.path.join(REPO, "specter.md"), encoding="utf-8") as source:
+            text = source.read()
+        installs = [argument for match in re.finditer(r"pip install ([^`#&|;\n]*)", text)
+                    for argument in shlex.split(match.group(1)) if argument.startswith("gunicorn")]
+        self.assertTrue(installs, "the guide never says how to install gunicorn")
+        for argument in installs:
+            self.assertTrue(argument.startswith("gunicorn[gevent]"), argument)
+
+    def test_guide_states_engineio_message_limit_where_sizes_are_discussed(self):
+        with open(os.path.join(REPO, "specter.md"), encoding="utf-8") as source:
+            text = source.read()
+        default = SocketIO(Flask(__name__), async_mode="gevent").server.eio.max_http_buffer_size
+        stated = re.findall(r"`max_http_buffer_size`\s*\(([\d,]+) bytes by default", text)
+        self.assertTrue(stated)
+        self.assertEqual({int(number.replace(",", "")) for number in stated}, {default})
+        sections = re.split(r"\n(?=#{2,3} \d)", text.split("\n# Part II")[0])
+        for title in ("### 7.2 Constraints", "### 13.1 "):
+            with self.subTest(section=title):
+                section = next(part for part in sections if part.startswith(title))
+                self.assertIn("max_http_buffer_size", section)
+
+    def test_guide_shows_json_errors_for_unknown_paths_under_a_prefix(self):
+        """Flask answers a path no route matches with HTML; the guide shows the app-level fix, run."""
+        blocks = [b for b in doc_blocks("specter.md") if b.language == "python" and not b.file
+                  and "errorhandler(HTTPException)" in b.code and "url_prefix" in b.code]
+        self.assertTrue(blocks, "no runnable block answers unknown API paths in JSON")
+
     def test_project_files_compile_and_import_only_public_names(self):
         files = [b for b in self.blocks() if b.language == "python" and b.file]
         self.assertTrue(files)
