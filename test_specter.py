@@ -6643,9 +6643,15 @@ class TestExamples(SpecterTestCase):
         example = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(example)
         app, socketio_server = example.create_app()
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        quiet = open(os.devnull, "w")  # the example prints as it mounts and tears down
+        self.addCleanup(quiet.close)
+        with contextlib.redirect_stdout(quiet):
             manager, _chat = example.wire(app, socketio_server)
-        self.addCleanup(manager.shutdown)
+
+        def shut_down_quietly():
+            with contextlib.redirect_stdout(quiet):
+                manager.shutdown()
+        self.addCleanup(shut_down_quietly)
 
         def join(client):
             return client.emit("join", {"room": "general"}, callback=True)["members"]
