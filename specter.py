@@ -32,12 +32,14 @@ __all__ = [
 ]
 
 import atexit
+import codecs
 import collections
 import collections.abc
 import copy
 import decimal
 import functools
 import inspect
+import io
 import itertools
 import logging
 import math
@@ -58,6 +60,7 @@ import werkzeug.exceptions
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.queue
 import gevent.subprocess
 from gevent import Greenlet, pywsgi
@@ -3765,6 +3768,11 @@ class ManagedProcess:
     up to ``terminate_timeout`` seconds of grace, then SIGKILL. Waiting,
     reading and stopping go through gevent's subprocess support and never
     block the hub, whether or not the application monkey-patches.
+
+    The launch runs in a greenlet the process owns, so no interruption of
+    the caller can separate a child from its handle; a group is signalled
+    only while it is verifiably the child's, never after its pgid may
+    have been reused.
     """
 
     PIPE = subprocess.PIPE
@@ -3783,13 +3791,18 @@ class ManagedProcess:
         self._watched = set()
         self._group_gone = False
         self._reaper = None
+        self._launcher = None
+        self._stopping = gevent.lock.RLock()
 
     def start(self, args: Union[str, bytes, Sequence[Any]], *, owner: Any = None,
               **popen_kwargs: Any) -> ManagedProcess:
-        """Launch ``args`` (popen keywords pass through); RuntimeError if already running."""
-        if self.running:
-            raise RuntimeError("process %s is already running (pid %d); stop() it first"
-                               % (self.name, self._popen.pid))
+        """Launch ``args`` (popen keywords pass through); RuntimeError if already running.
+
+        If the caller is interrupted during the launch (a kill, a Timeout),
+        start() stops the child before re-raising; a stop() from any
+        greenlet during the launch waits for it and ends the child too.
+        """
+        self._check_idle()
         if isinstance(args, (str, bytes)):
             if not args.strip():
                 raise ValueError("args must name a program, got an empty string")
@@ -3805,18 +3818,24 @@ class ManagedProcess:
         popen_kwargs["start_new_session"] = True
         if self._popen is not None:
             self.stop()  # the previous run's group, readers and pipes
+            self._check_idle()  # another greenlet may have started it meanwhile
         self.args = args
-        self._popen = gevent.subprocess.Popen(args, **popen_kwargs)
-        self._pgid = self._popen.pid  # a new session's leader leads its group
-        self._watched = set()
-        self._group_gone = False
-        for holder in self._owners:
-            holder._hold(self.stop, self)  # its owners own the new run too
-        self._reaper = gevent.spawn(self._reap, self._popen)
-        self._reaper.name = "%s:reaper" % self.name
-        _process_log.debug("%s: started pid %d", self.name, self._popen.pid)
+        # Owners hold the process before the launch, so an owner stopping
+        # during it ends the child too.
         if owner is not None:
             self.attach(owner)
+        for holder in self._owners:
+            holder._hold(self.stop, self)  # its owners own the new run too
+        launcher = self._launcher = gevent.spawn(self._launch, args, popen_kwargs)
+        launcher.name = "%s:launch" % self.name
+        try:
+            failure = launcher.get()
+            if failure is not None:
+                raise failure
+        except BaseException:
+            # Interrupted, or the launch failed: leave nothing running or held.
+            self.stop()
+            raise
         return self
 
     def attach(self, owner: Any) -> ManagedProcess:
@@ -3837,8 +3856,10 @@ class ManagedProcess:
                      close_on_exit: bool = False) -> Greenlet:
         """Read ``'stdout'`` or ``'stderr'`` in an owned greenlet, calling ``handler`` per line.
 
-        With ``chunk_size`` the handler gets raw chunks of up to that many
-        bytes instead. A handler that raises is logged and reading goes on.
+        With ``chunk_size`` the handler gets chunks instead, as soon as
+        output arrives: up to that many bytes, decoded to ``str`` (newlines
+        translated) when the process runs in text mode. A handler that
+        raises is logged and reading goes on.
         """
         if stream_name not in ("stdout", "stderr"):
             raise ValueError("stream_name must be 'stdout' or 'stderr', got %r" % (stream_name,))
@@ -3891,23 +3912,29 @@ class ManagedProcess:
     def stop(self, timeout: Optional[float] = None) -> ManagedProcess:
         """End the process group: SIGTERM, wait, then SIGKILL; stop readers, close pipes.
 
-        ``timeout`` overrides ``terminate_timeout``. Idempotent.
+        ``timeout`` overrides ``terminate_timeout``. Idempotent. A launch in
+        progress is waited for and its child ended; a stop() under way in
+        another greenlet is waited for.
         """
         grace = self.terminate_timeout if timeout is None else _check_seconds(timeout, "timeout")
-        popen = self._popen
-        if popen is None:
-            return self
-        if popen.poll() is None or (not self._group_gone and self._group_alive()):
-            _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
-            self._signal_group(signal.SIGTERM)
-            if self._wait_group(grace):
-                _process_log.warning("%s: still running %.1f s after SIGTERM; killing", self.name, grace)
-                self._signal_group(signal.SIGKILL)
-                if self._wait_group(self.kill_timeout):
-                    _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
-        self._stop_readers()
-        _process_close(popen.stdin, popen.stdout, popen.stderr)
-        self._leave_owners()
+        with self._stopping:
+            launcher = self._launcher
+            if launcher is not None and not launcher.dead:
+                launcher.join()  # fork to exec: brief, and the child must not escape
+            popen = self._popen
+            if popen is not None:
+                if self._group_alive():
+                    _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
+                    self._signal_group(signal.SIGTERM)
+                    if self._wait_group(grace):
+                        _process_log.warning("%s: still running %.1f s after SIGTERM; killing",
+                                             self.name, grace)
+                        self._signal_group(signal.SIGKILL)
+                        if self._wait_group(self.kill_timeout):
+                            _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
+                self._stop_readers()
+                _process_close(popen.stdin, popen.stdout, popen.stderr)
+            self._leave_owners()
         return self
 
     @property
@@ -3946,12 +3973,22 @@ class ManagedProcess:
     def _read(self, stream, handler, chunk_size, strip, label, close_on_exit):
         try:
             if chunk_size:
-                read = stream.read1 if hasattr(stream, "read1") else stream.read
+                # read1() returns what has arrived; a text stream's read(n) would
+                # wait for n characters, so text is read as bytes and decoded here.
+                decode = _process_text_decoder(stream)
+                raw = stream if decode is None else stream.buffer
+                read = raw.read1 if hasattr(raw, "read1") else raw.read
                 while True:
                     chunk = read(chunk_size)
                     if not chunk:
                         break
-                    self._handle(handler, chunk, label)
+                    if decode is not None:
+                        chunk = decode(chunk)  # '' while a character is split across reads
+                    if chunk:
+                        self._handle(handler, chunk, label)
+                tail = decode(b"", True) if decode is not None else None
+                if tail:
+                    self._handle(handler, tail, label)
             else:
                 newline = b"\r\n" if not isinstance(getattr(stream, "encoding", None), str) else "\r\n"
                 for line in stream:
@@ -3978,7 +4015,39 @@ class ManagedProcess:
     def _log_line(self, label, line):
         _process_log.info("%s[%s] %s", self.name, label, line)
 
+    def _launch(self, args, popen_kwargs):
+        """Run Popen and adopt the child, in the greenlet start() waits for.
+
+        gevent's Popen yields between fork and exec; adopting here rather
+        than in start() means the handle reaches the process even when
+        start() is interrupted there. A launch that fails returns its
+        exception for start() to raise (a greenlet dying of it would also be
+        reported by the hub).
+        """
+        try:
+            popen = gevent.subprocess.Popen(args, **popen_kwargs)
+        except Exception as exc:
+            return exc
+        self._popen = popen
+        self._pgid = popen.pid  # a new session's leader leads its group
+        self._watched = set()
+        self._group_gone = False
+        self._reaper = gevent.spawn(self._reap, popen)
+        self._reaper.name = "%s:reaper" % self.name
+        _process_log.debug("%s: started pid %d", self.name, popen.pid)
+        return None
+
+    def _check_idle(self):
+        if self._launcher is not None and not self._launcher.dead:
+            raise RuntimeError("process %s is being started by another greenlet; stop() it first" % self.name)
+        if self.running:
+            raise RuntimeError("process %s is already running (pid %d); stop() it first"
+                               % (self.name, self._popen.pid))
+
     def _signal_group(self, signum):
+        """Signal the group, verified as ours just before (no yield in between)."""
+        if not self._group_alive():
+            return
         try:
             if self._pgid != os.getpgrp():
                 os.killpg(self._pgid, signum)
@@ -3990,14 +4059,34 @@ class ManagedProcess:
             self._popen.send_signal(signum)
 
     def _group_alive(self):
+        """True while the group has a live member and is verifiably ours.
+
+        Until gevent reaps our leader, its pid, and so the pgid, cannot be
+        reused: the group is ours. After that only descendants keep the
+        pgid in use. Once the group is seen empty, or a live process holds
+        the reaped leader's pid (the kernel reused the number), the pgid is
+        someone else's: that is recorded for good, and the group is never
+        probed or signalled again.
+        """
+        if self._group_gone:
+            return False
+        if self._popen.returncode is None:
+            return True
         try:
             os.killpg(self._pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        # Something answers; only /proc can tell the living from zombies. The
-        # scan reads every /proc/*/stat, so it runs off the hub, in a thread.
-        members = gevent.get_hub().threadpool.apply(_process_group_members, (self._pgid,))
-        return True if members is None else bool(members)
+        except ProcessLookupError:
+            members = []
+        except PermissionError:
+            return False  # not ours to signal, and perhaps not ours at all
+        else:
+            # Something answers; only /proc can tell the living from zombies.
+            members = _process_group_members(self._pgid)
+            if members is None:
+                return True  # no /proc: the kill(0) answer is all there is
+        if members and self._pgid not in members:
+            return True
+        self._group_gone = True
+        return False
 
     def _wait_group(self, timeout):
         """Wait for the child and then its group to be gone; True if something is left."""
@@ -4009,7 +4098,7 @@ class ManagedProcess:
                 return True
             gevent.sleep(min(pause, max(deadline - _monotonic(), 0)))
             pause = min(pause * 2, 0.1)
-        return self._popen.poll() is None
+        return False
 
     def _reap(self, popen):
         """Once the child and its group are gone and its watched output is read, release it.
@@ -4025,8 +4114,7 @@ class ManagedProcess:
                 break
             gevent.joinall(readers)
         if self._popen is not popen or self._group_alive():
-            return
-        self._group_gone = True  # its pgid may be reused from now on: never signal it again
+            return  # otherwise the group is gone for good (_group_alive recorded it)
         _process_close(popen.stdin, *(getattr(popen, name) for name in self._watched))
         self._leave_owners()
 
@@ -4068,18 +4156,36 @@ def _process_drain(stream):
         pass  # closed at last: nothing more to drain
 
 
+def _process_text_decoder(stream):
+    """A ``decode(data, final=False)`` matching text-mode ``stream``, or None for a binary one.
+
+    Newlines are translated as the stream's own reads would (Popen's text
+    mode uses universal newlines).
+    """
+    encoding = getattr(stream, "encoding", None)
+    if not isinstance(encoding, str):
+        return None
+    decoder = codecs.getincrementaldecoder(encoding)(getattr(stream, "errors", None) or "strict")
+    return io.IncrementalNewlineDecoder(decoder, translate=True).decode
+
+
 def _process_group_members(pgid):
     """Live pids of process group ``pgid`` read from /proc, or None without /proc.
 
     Zombies do not count: they are dead, merely waiting for a parent (often
     an init that reaps slowly) to collect them, and no signal reaches them.
+    The scan yields to the hub every few entries instead of running in a
+    thread: gevent's threadpool cannot be created at interpreter exit, where
+    the atexit shutdown may still have a group to kill.
     """
     try:
         entries = os.listdir("/proc")
     except OSError:
         return None
     members = []
-    for entry in entries:
+    for count, entry in enumerate(entries, 1):
+        if count % 64 == 0:
+            gevent.sleep(0)
         if not entry.isdigit():
             continue
         try:

@@ -21,6 +21,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -29,6 +30,7 @@ import textwrap
 import time
 import unittest
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from unittest import mock
@@ -5764,6 +5766,65 @@ def child_args(code):
     return [sys.executable, "-u", "-c", code]
 
 
+def live_children():
+    """Pids of this process's children that still run (zombies excluded), read from /proc.
+
+    A child forked but not yet exec'd counts too: it is the one a start
+    interrupted at the wrong moment would leave behind.
+    """
+    me, found = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as stat:
+                data = stat.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        if fields[0] not in (b"Z", b"X") and int(fields[1]) == me:
+            found.add(int(entry))
+    return found
+
+
+def kill_new_children(before):
+    """SIGKILL, by pid, each child started since ``before`` that still runs (a test's strays)."""
+    for pid in live_children() - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# An app whose only way to end its SIGTERM-ignoring child is the atexit shutdown.
+ATEXIT_APP = textwrap.dedent("""
+    import sys
+
+    import specter
+
+    STUBBORN = ("import signal, time\\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
+                "print('ready', flush=True)\\n"
+                "time.sleep(30)\\n")
+
+
+    class Owner(specter.Service):
+        def on_start(self):
+            self.proc = specter.ManagedProcess("stubborn", terminate_timeout=0.2, kill_timeout=2.0)
+            self.proc.start([sys.executable, "-c", STUBBORN], owner=self,
+                            stdout=specter.ManagedProcess.PIPE)
+            self.proc.stdout.readline()  # SIGTERM is ignored from here on
+
+
+    owner = Owner()
+    manager = specter.ServiceManager(signals=False)
+    manager.register_service(owner)
+    manager.boot()
+    print("grandchild", owner.proc.pid, flush=True)
+    # The script ends here: only the atexit hook stops the service.
+""")
+
+
 class TestManagedProcess(SpecterTestCase):
 
     def make(self, name="child", **kwargs):
@@ -6299,6 +6360,193 @@ class TestManagedProcess(SpecterTestCase):
         self.assertFalse(health["running"])
         self.assertEqual(health["returncode"], -signal.SIGTERM)
 
+    # Interrupted starts ---------------------------------------------------------
+
+    def no_new_children(self):
+        """Snapshot this process's children; strays are killed by pid when the test ends."""
+        before = live_children()
+        self.addCleanup(kill_new_children, before)
+        return before
+
+    def test_a_start_killed_by_its_owner_stopping_leaves_no_child(self):
+        # The owner's stop() kills the greenlet starting the process at every
+        # point of the launch: before it runs, between fork and exec, after.
+        class Launcher(Service):
+            def on_start(self):
+                self.spawn(self.start_process, ["sleep", "30"])
+
+        before = self.no_new_children()
+        for cycle in range(12):
+            service = Launcher("launcher").start()
+            for _ in range(cycle % 4):
+                gevent.sleep(0)
+            service.stop()
+            self.assertEqual(live_children() - before, set(), "cycle %d left a child" % cycle)
+
+    def test_a_start_interrupted_by_a_kill_or_timeout_leaves_no_child(self):
+        before = self.no_new_children()
+        for exception in (greenlet.GreenletExit, gevent.Timeout):
+            for yields in range(3):
+                with self.subTest(exception=exception.__name__, yields=yields):
+                    proc = self.make("interrupted")
+
+                    def starting():
+                        try:
+                            return proc.start(["sleep", "30"])
+                        except gevent.Timeout as exc:
+                            return exc  # kept off the hub's error output
+
+                    starter = gevent.spawn(starting)
+                    for _ in range(yields + 1):
+                        gevent.sleep(0)
+                    starter.kill(exception, timeout=WAIT)
+                    self.assertTrue(starter.dead)
+                    if starter.value is not proc:  # the launch had finished already otherwise
+                        self.assertIsInstance(starter.value, exception)
+                        self.assertFalse(proc.running)
+                    proc.stop()
+                    self.assertEqual(live_children() - before, set())
+
+    def test_stop_racing_start_ends_the_child(self):
+        before = self.no_new_children()
+        proc = self.make("raced")
+        starter = gevent.spawn(proc.start, ["sleep", "30"])
+        gevent.sleep(0)  # the starter is inside the launch now
+        self.assertIs(proc.stop(), proc)
+        self.assertEqual(live_children() - before, set())
+        starter.join(timeout=WAIT)
+        self.assertIs(starter.value, proc)  # the start completed; stop() ended what it launched
+        self.assertEqual(proc.returncode, -signal.SIGTERM)
+
+    def test_a_boot_rollback_ends_a_process_still_starting(self):
+        class Helper(Service):
+            def on_start(self):
+                self.spawn(self.start_process, ["sleep", "30"])
+
+        class Broken(Service):
+            def on_start(self):
+                gevent.sleep(0)  # the helper's launch is between fork and exec now
+                raise RuntimeError("cannot start")
+
+        before = self.no_new_children()
+        for _ in range(3):
+            manager = ServiceManager(signals=False)
+            manager.register_service(Helper("helper"))
+            manager.register_service(Broken("broken"))
+            with self.assertRaises(RuntimeError), captured_logs():
+                manager.boot()
+            self.assertEqual(live_children() - before, set())
+
+    def test_atexit_shutdown_kills_a_child_that_ignores_sigterm(self):
+        workdir = tempfile.mkdtemp(prefix="specter-atexit-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "atexit_app.py")
+        with open(script, "w") as f:
+            f.write(ATEXIT_APP)
+        errors_path = os.path.join(workdir, "stderr.txt")
+
+        def errors():
+            with open(errors_path) as f:
+                return f.read()
+        with open(errors_path, "w") as stderr:
+            app = gevent.subprocess.Popen([sys.executable, "-u", script], stdout=gevent.subprocess.PIPE,
+                                          stderr=stderr, env=dict(os.environ, PYTHONPATH=SPECTER_DIR),
+                                          cwd=workdir, start_new_session=True)
+        self.addCleanup(app.stdout.close)
+        self.addCleanup(lambda: app.poll() is None and os.killpg(app.pid, signal.SIGKILL))
+        line = app.stdout.readline().split()
+        self.assertEqual(line[:1], [b"grandchild"], errors())
+        grandchild = int(line[1])
+        self.addCleanup(lambda: pid_gone(grandchild) or os.kill(grandchild, signal.SIGKILL))
+        self.assertEqual(app.wait(timeout=5), 0, errors())
+        self.assertTrue(wait_until(lambda: pid_gone(grandchild)), "the child outlived the app")
+        self.assertNotIn("Traceback", errors())
+
+    # PID reuse ----------------------------------------------------------------
+
+    def test_a_group_seen_gone_is_never_signalled_after_its_pgid_is_reused(self):
+        # The child exits while its reader is busy in a handler, so stop()
+        # kills the reaper before the reaper could record the group's end.
+        proc = self.make("reused")
+        proc.start(child_args("print('done')"), stdout=specter.ManagedProcess.PIPE)
+        busy = gevent.event.Event()
+        proc.watch_stream("stdout", lambda line: (busy.set(), gevent.sleep(LONG)))
+        self.assertTrue(busy.wait(WAIT))
+        self.assertEqual(proc.wait(timeout=5), 0)
+        old = proc.pid
+        self.assertTrue(wait_until(lambda: pid_gone(old)))
+        proc.stop()
+        # The kernel now hands the old number to a stranger's process group:
+        # simulated by mapping the old pgid onto a real stranger's group.
+        stranger = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: stranger.poll() is None and (stranger.kill(), stranger.wait()))
+        real_killpg, real_members = os.killpg, specter._process_group_members
+
+        def killpg(pgid, signum):
+            return real_killpg(stranger.pid if pgid == old else pgid, signum)
+
+        def members(pgid):
+            if pgid != old:
+                return real_members(pgid)
+            return [old if pid == stranger.pid else pid for pid in real_members(stranger.pid) or ()]
+
+        with mock.patch.object(os, "killpg", killpg), \
+                mock.patch.object(specter, "_process_group_members", members):
+            proc.stop()
+            proc.start(child_args("pass"))
+            self.assertEqual(proc.wait(timeout=5), 0)
+            proc.stop()
+        self.assertIsNone(stranger.poll(), "the stranger's group was signalled")
+
+    def test_a_reaped_leader_whose_pid_runs_again_is_not_ours(self):
+        # Reuse between the child's exit and stop(): a live process holds the
+        # leader's pid although gevent reaped our leader, so the group is foreign.
+        proc = self.make("reused")
+        proc.start(child_args("print('done')"), stdout=specter.ManagedProcess.PIPE)
+        busy = gevent.event.Event()
+        proc.watch_stream("stdout", lambda line: (busy.set(), gevent.sleep(LONG)))  # holds the reaper
+        self.assertTrue(busy.wait(WAIT))
+        self.assertEqual(proc.wait(timeout=5), 0)
+        old = proc.pid
+        self.assertTrue(wait_until(lambda: pid_gone(old)))
+        stranger = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: stranger.poll() is None and (stranger.kill(), stranger.wait()))
+        real_killpg, real_members = os.killpg, specter._process_group_members
+
+        def killpg(pgid, signum):
+            return real_killpg(stranger.pid if pgid == old else pgid, signum)
+
+        def members(pgid):
+            if pgid != old:
+                return real_members(pgid)
+            return [old if pid == stranger.pid else pid for pid in real_members(stranger.pid) or ()]
+
+        with mock.patch.object(os, "killpg", killpg), \
+                mock.patch.object(specter, "_process_group_members", members):
+            proc.stop()
+            proc.start(child_args("pass"))
+            self.assertEqual(proc.wait(timeout=5), 0)
+        self.assertIsNone(stranger.poll(), "the stranger's group was signalled")
+
+    # Text mode chunks ---------------------------------------------------------
+
+    def test_text_mode_chunks_arrive_as_the_child_writes_them(self):
+        proc = self.piped("import sys, time\nsys.stdout.write('first\\r\\n')\nsys.stdout.flush()\n"
+                          "time.sleep(30)\n", text=True)
+        chunks, reader = self.collect(proc, "stdout", chunk_size=4096)
+        self.assertEqual(wait_until(lambda: "".join(chunks), timeout=WAIT), "first\n")
+        self.assertTrue(all(isinstance(chunk, str) for chunk in chunks))
+        self.assertTrue(proc.running)
+        self.assertFalse(reader.dead)
+
+    def test_text_mode_chunks_decode_characters_split_across_reads(self):
+        proc = self.piped("import sys\nsys.stdout.write('\\u00e9t\\u00e9 ' * 50 + 'end\\r')\n", text=True)
+        chunks, reader = self.collect(proc, "stdout", chunk_size=3)
+        reader.join(timeout=WAIT)
+        self.assertTrue(reader.dead)
+        self.assertEqual("".join(chunks), "\u00e9t\u00e9 " * 50 + "end\n")
+        self.assertTrue(all(0 < len(chunk.encode()) <= 4 for chunk in chunks), chunks)
+
 
 # Examples #####################################################################
 
@@ -6505,6 +6753,19 @@ class TestJobBoardDemo(SpecterTestCase):
         self.assertIn("cancelled: server shutting down", jobs[queued["id"]]["output"])
         self.assertEqual(self.http.get("/api/jobs").status_code, 503, "routes answer 503 once stopped")
 
+    def test_shutdown_pushes_the_cancelled_states_to_connected_clients(self):
+        manager = self.start_board(JOBBOARD_WORKERS=1)
+        _client, events = self.connect()
+        running = self.submit(name="long", steps=50, delay=0.05)
+        queued = self.submit(name="waiting", steps=2, delay=0.01)
+        self.assertTrue(wait_until(lambda: "running" in self.statuses(events, running["id"])))
+
+        manager.shutdown()
+        # 'live' stops after the runner, so what the runner wrote while stopping went out.
+        self.assertTrue(wait_until(lambda: self.statuses(events, running["id"])[-1:] == ["cancelled"]
+                                   and self.statuses(events, queued["id"])[-1:] == ["cancelled"]))
+        self.assertIn("cancelled: server shutting down", self.updates(events, running["id"])[-1]["output"])
+
     def test_health_host_updates_and_housekeeping(self):
         self.start_board(JOBBOARD_KEEP_FINISHED=1)
         client, events = self.connect()
@@ -6517,7 +6778,7 @@ class TestJobBoardDemo(SpecterTestCase):
         health = response.get_json()
         self.assertEqual(health["status"], "ok")
         self.assertEqual([s["name"] for s in health["services"]],
-                         ["jobs.runner", "host.monitor", "live", "jobs.housekeeper", "jobs"])
+                         ["live", "jobs.runner", "host.monitor", "jobs.housekeeper", "jobs"])
         self.assertTrue(all(s["status"] == "ok" for s in health["services"]))
 
         ids = [self.submit(name="quick %d" % n, steps=1, delay=0.01)["id"] for n in range(3)]
@@ -6564,6 +6825,262 @@ class TestJobBoardDemo(SpecterTestCase):
                 self.assertEqual(list(response.get_json()), ["error"])
         self.manager.shutdown()
         self.assertEqual(self.http.post("/api/jobs", json={"name": "late"}).status_code, 503)
+
+
+# The browser test needs Debian's chromium and chromium-driver, and selenium (the test extra).
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as ChromeDriverService
+except ImportError:  # reported by browser_missing()
+    webdriver = None
+
+BROWSER_INSTALL = "apt-get install -y chromium chromium-driver"
+BROWSER_TIMEOUT = 10.0  # page load, and the bound of each wait in a browser
+PAGE_STATE_JS = """
+return {
+  conn: document.getElementById("conn").dataset.state,
+  transport: document.getElementById("conn").dataset.transport,
+  banner: document.getElementById("banner").hidden ? "" : document.getElementById("banner").textContent,
+  jobs: Array.from(document.querySelectorAll("#jobs > li")).map(function (li) {
+    return {id: li.dataset.id, name: li.querySelector(".job-name").textContent,
+            status: li.querySelector(".badge").textContent, progress: Number(li.dataset.progress),
+            count: li.querySelector(".count").textContent};
+  }),
+};
+"""
+
+
+def browser_missing():
+    """Why the browser test cannot run here (with what to install), or None."""
+    missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
+    if missing:
+        return "%s not found; install them with: %s" % (" and ".join(missing), BROWSER_INSTALL)
+    if webdriver is None:
+        return "selenium is not installed; install it with: python -m pip install -e '.[test]'"
+    return None
+
+
+def free_port():
+    """A port that was free a moment ago on 127.0.0.1."""
+    with contextlib.closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class TestJobBoardBrowser(SpecterTestCase):
+    """The demo as a person sees it: headless Chromium, driven by Selenium, against app.py in a child process.
+
+    Selenium calls block this process's hub; nothing else needs it, since
+    the server runs in its own process.
+    """
+
+    ceiling = 90
+
+    def setUp(self):
+        super().setUp()
+        reason = browser_missing()
+        if reason:
+            if os.environ.get("CI"):
+                self.fail("CI must run the browser test: " + reason)
+            self.skipTest(reason)
+        self.drivers = []
+        self.workdir = tempfile.mkdtemp(prefix="specter-browser-")
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+
+    # Fixtures -----------------------------------------------------------------
+
+    def start_server(self):
+        """Run examples/jobboard/app.py on a free port in its own process group; its URL once it answers."""
+        port = free_port()
+        self.log_path = os.path.join(self.workdir, "server.log")
+        with open(self.log_path, "w") as log:
+            self.server = subprocess.Popen(
+                [sys.executable, "-u", os.path.join(EXAMPLES, "jobboard", "app.py"), "--port", str(port)],
+                cwd=self.workdir, env=dict(os.environ, PYTHONPATH=SPECTER_DIR),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.addCleanup(self.kill_server)
+        self.url = "http://127.0.0.1:%d" % port
+        if not wait_until(lambda: self.server.poll() is not None or self.answers("/api/health"),
+                          timeout=BROWSER_TIMEOUT, step=0.05) or self.server.poll() is not None:
+            self.fail("the job board did not start:\n" + self.server_log())
+        return self.url
+
+    def kill_server(self):
+        if self.server.poll() is None:
+            os.killpg(self.server.pid, signal.SIGKILL)
+        self.server.wait()
+
+    def server_log(self):
+        with open(self.log_path) as log:
+            return log.read()[-4000:]
+
+    def answers(self, path):
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def api(self, path, payload=None):
+        """GET, or POST ``payload`` as JSON, to the board's HTTP API; the decoded answer."""
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.url + path, data, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.load(response)
+
+    def open_browser(self):
+        """A headless Chromium at 1280x900 on the board, driven through the system chromedriver."""
+        options = webdriver.ChromeOptions()
+        options.binary_location = shutil.which("chromium")
+        for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
+                         "--disable-background-networking", "--no-first-run", "--disable-extensions"):
+            options.add_argument(argument)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+        # An explicit driver path: Selenium never looks for, or downloads, a driver of its own.
+        service = ChromeDriverService(executable_path=shutil.which("chromedriver"),
+                                      log_output=os.path.join(self.workdir, "chromedriver.log"))
+        driver = webdriver.Chrome(options=options, service=service)
+        self.addCleanup(driver.quit)
+        self.drivers.append(driver)
+        driver.set_page_load_timeout(BROWSER_TIMEOUT)
+        driver.set_script_timeout(BROWSER_TIMEOUT)
+        driver.get(self.url + "/")
+        return driver
+
+    @contextlib.contextmanager
+    def evidence(self):
+        """On failure, save a screenshot of every browser and the server's log, and print where."""
+        try:
+            yield
+        except BaseException:
+            folder = tempfile.mkdtemp(prefix="specter-browser-failure-")
+            for number, driver in enumerate(self.drivers, 1):
+                try:
+                    driver.save_screenshot(os.path.join(folder, "browser-%d.png" % number))
+                except Exception as exc:  # a dead browser must not hide the real failure
+                    print("no screenshot of browser %d: %s" % (number, exc), file=sys.stderr)
+            if getattr(self, "server", None) is not None:
+                shutil.copy(self.log_path, os.path.join(folder, "server.log"))
+            print("\n%s failed; screenshots and the server log are in %s" % (self.id(), folder), file=sys.stderr)
+            raise
+
+    # Reading the page ---------------------------------------------------------
+
+    @staticmethod
+    def page(driver):
+        """What the page shows: connection state, transport, banner, and every job row."""
+        return driver.execute_script(PAGE_STATE_JS)
+
+    def row(self, driver, name):
+        """The row showing the job named ``name``, or None."""
+        return next((job for job in self.page(driver)["jobs"] if job["name"] == name), None)
+
+    def wait_for(self, predicate, what, timeout=BROWSER_TIMEOUT):
+        value = wait_until(predicate, timeout=timeout, step=0.02)
+        if not value:
+            self.fail("%s: not seen within %.1f s" % (what, timeout))
+        return value
+
+    def wait_live(self, driver):
+        """Wait until the page is connected over Socket.IO and upgraded to a websocket."""
+        self.wait_for(lambda: self.page(driver)["conn"] == "live" and self.page(driver)["transport"] == "websocket",
+                      "a live Socket.IO connection over websocket")
+
+    def assert_clean_console_and_local_requests(self, driver):
+        errors = [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        self.assertEqual(errors, [], "the page logged errors")
+        urls = []
+        for entry in driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.requestWillBeSent":
+                urls.append(message["params"]["request"]["url"])
+            elif message["method"] == "Network.webSocketCreated":
+                urls.append(message["params"]["url"])
+        origin = urllib.parse.urlsplit(self.url).netloc
+        self.assertTrue(any("/static/socket.io.min.js" in url for url in urls), urls)
+        self.assertTrue(any(url.startswith("ws://%s/socket.io/" % origin) for url in urls), urls)
+        foreign = [url for url in urls if not url.startswith("data:") and urllib.parse.urlsplit(url).netloc != origin]
+        self.assertEqual(foreign, [], "the page contacted another host")
+
+    # Tests --------------------------------------------------------------------
+
+    def test_page_shows_jobs_live_in_every_browser_without_any_other_host(self):
+        self.start_server()
+        with self.evidence():
+            first = self.open_browser()
+            self.wait_live(first)
+            second = self.open_browser()
+            self.wait_live(second)
+
+            name = "from the form"
+            form = first.find_element("id", "job-form")
+            form.find_element("name", "name").send_keys(name)
+            for field, value in (("steps", "8"), ("delay", "0.15")):
+                box = form.find_element("name", field)
+                box.clear()
+                box.send_keys(value)
+            clicked = time.monotonic()
+            form.find_element("css selector", "button[type=submit]").click()
+            self.wait_for(lambda: self.row(first, name), "the submitted job in its page", timeout=2.0)
+            self.assertLess(time.monotonic() - clicked, 2.0)
+
+            # Both pages, watched side by side until the job is done in both.
+            seen = {first: [], second: []}
+
+            def both_done():
+                for driver, log in seen.items():
+                    row = self.row(driver, name)
+                    if row is not None:
+                        log.append((row["status"], row["progress"]))
+                return all(log and log[-1][0] == "done" for log in seen.values())
+            self.wait_for(both_done, "the job done in both browsers")
+            for driver, log in seen.items():
+                with self.subTest(browser=self.drivers.index(driver) + 1):
+                    running = {progress for status, progress in log if status == "running"}
+                    self.assertGreaterEqual(len(running - {0, 8}), 2, "progress moves while it runs: %s" % log)
+                    progress = [progress for _status, progress in log]
+                    self.assertEqual(progress, sorted(progress), "progress never goes backwards")
+                    self.assertEqual(self.row(driver, name)["count"], "8/8")
+
+            # A job from the JSON API shows up in both, with no reload.
+            for driver in seen:
+                driver.execute_script("window.notReloaded = true;")
+            job = self.api("/api/jobs", {"name": "from the API", "steps": 2, "delay": 0.05})
+            for driver in seen:
+                self.wait_for(lambda: (self.row(driver, "from the API") or {}).get("status") == "done",
+                              "the API job done in a browser")
+                self.assertTrue(driver.execute_script("return window.notReloaded === true;"))
+                self.assertEqual(self.row(driver, "from the API")["id"], job["id"])
+                self.assertEqual([row["name"] for row in self.page(driver)["jobs"]], ["from the API", name],
+                                 "newest first")
+            for driver in seen:
+                self.assert_clean_console_and_local_requests(driver)
+
+    def test_server_stop_shows_disconnected_and_the_running_job_cancelled(self):
+        self.start_server()
+        with self.evidence():
+            browser = self.open_browser()
+            self.wait_live(browser)
+            job = self.api("/api/jobs", {"name": "long", "steps": 50, "delay": 0.2})
+            self.wait_for(lambda: (self.row(browser, "long") or {}).get("progress", 0) >= 1,
+                          "the long job running")
+            pid = self.api("/api/jobs/%s" % job["id"])["pid"]
+            self.assertEqual(self.row(browser, "long")["status"], "running")
+
+            os.kill(self.server.pid, signal.SIGTERM)
+            self.assertTrue(wait_until(lambda: self.server.poll() is not None, timeout=BROWSER_TIMEOUT, step=0.02),
+                            "the server did not exit after SIGTERM:\n" + self.server_log())
+            self.assertEqual(self.server.returncode, 0, self.server_log())
+            self.assertNotIn("Traceback", self.server_log())
+            self.assertTrue(pid_gone(pid), "no job process outlives the server")
+
+            self.wait_for(lambda: self.page(browser)["conn"] == "disconnected", "the page showing it is disconnected")
+            page = self.page(browser)
+            self.assertIn("Disconnected", page["banner"])
+            long_job = self.row(browser, "long")
+            self.assertEqual(long_job["status"], "cancelled",
+                             "the state the server gave the job at shutdown, not a frozen 'running'")
+            self.assertLess(long_job["progress"], 50)
 
 
 REPO = os.path.dirname(os.path.abspath(specter.__file__))
