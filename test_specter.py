@@ -11,17 +11,20 @@ import contextlib
 import decimal
 import functools
 import gc
+import importlib.util
 import glob
 import itertools
 import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
 import time
@@ -29,6 +32,7 @@ import unittest
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from unittest import mock
 
 import flask
@@ -7019,6 +7023,42 @@ class TestJobBoardDemo(SpecterTestCase):
         self.assertEqual(self.call(client, "jobs:list")["count"], 1)
         self.assertEqual(self.http.get("/api/stats").get_json()["stats"]["total"], 1)
 
+    def test_readme_http_answers_are_the_apps(self):
+        """The jobboard README's curl examples get the answers shown under them.
+
+        POST /api/jobs also answers with exactly the status codes the README's
+        table row lists, a body that is not JSON included.
+        """
+        with open(os.path.join(EXAMPLES, "jobboard", "README.md"), encoding="utf-8") as source:
+            readme = source.read()
+        self.start_board(JOBBOARD_WORKERS=1)
+        commands = re.findall(r"^(curl (?:[^\n]*\\\n)*[^\n]*\n)((?:#[^\n]*\n)*)", readme, re.M)
+        self.assertGreaterEqual(len(commands), 3, "the README's curl examples were not found")
+        for command, answer in commands:
+            with self.subTest(command=command):
+                path = re.search(r"localhost:5000(/\S+)", command).group(1)
+                body = json.loads(re.search(r"-d '(.*?)'", command, re.S).group(1))
+                response = self.http.post(path, json=body)
+                if not answer:
+                    self.assertEqual(response.status_code, 201)
+                    self.assertEqual({k: response.get_json()[k] for k in body}, body)
+                    continue
+                expected = json.loads("".join(line[1:] for line in answer.splitlines()))
+                self.assertEqual(response.status_code, 400)
+                self.assertEqual(response.get_json(), expected)
+
+        row = next(line for line in readme.splitlines() if line.startswith("| `POST /api/jobs` |"))
+        answers = row.split("|")[3]
+        self.assertEqual(sorted(set(re.findall(r"`(\d{3})\b", answers))), ["201", "400", "503"])
+        for kwargs in ({"data": "name=x", "content_type": "text/plain"},
+                       {"data": "{not json", "content_type": "application/json"}):
+            with self.subTest(body=kwargs):
+                response = self.http.post("/api/jobs", **kwargs)
+                self.assertEqual(response.status_code, 400)
+                self.assertEqual(list(response.get_json()), ["error"])
+        self.manager.shutdown()
+        self.assertEqual(self.http.post("/api/jobs", json={"name": "late"}).status_code, 503)
+
 
 # The browser test needs Debian's chromium and chromium-driver, and selenium (the test extra).
 try:
@@ -7346,6 +7386,35 @@ class TestExamples(SpecterTestCase):
                 flag = SHORT_MODE.get(name, ["--once"])[0]
                 self.assertIn('"%s"' % flag, text, "%s does not accept %s" % (name, flag))
 
+    def test_controller_app_presence_forgets_a_disconnected_client(self):
+        """A client that disconnects without 'leave' no longer counts as a room member."""
+        spec = importlib.util.spec_from_file_location(
+            "controller_app_example", os.path.join(EXAMPLES, "controller_app.py"))
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        app, socketio_server = example.create_app()
+        quiet = open(os.devnull, "w")  # the example prints as it mounts and tears down
+        self.addCleanup(quiet.close)
+        with contextlib.redirect_stdout(quiet):
+            manager, _chat = example.wire(app, socketio_server)
+
+        def shut_down_quietly():
+            with contextlib.redirect_stdout(quiet):
+                manager.shutdown()
+        self.addCleanup(shut_down_quietly)
+
+        def join(client):
+            return client.emit("join", {"room": "general"}, callback=True)["members"]
+
+        alice, bob = socketio_server.test_client(app), socketio_server.test_client(app)
+        self.assertEqual((join(alice), join(bob)), (1, 2))
+        bob.disconnect()
+        carol = socketio_server.test_client(app)
+        self.assertEqual(join(carol), 2, "bob still counted after he disconnected")
+        alice.disconnect()
+        carol.disconnect()
+        self.assertEqual(join(socketio_server.test_client(app)), 1)
+
     def test_every_example_exits_cleanly(self):
         self.assertFalse(gevent.monkey.is_anything_patched(), "the test process must not monkey-patch")
         paths = example_files()
@@ -7365,6 +7434,404 @@ class TestExamples(SpecterTestCase):
                 self.assertTrue(stdout.strip(), "%s printed nothing" % name)
         # Concurrency is the point: the whole set takes about as long as the slowest one.
         self.assertLess(elapsed, EXAMPLE_TIMEOUT)
+
+
+
+# Docs #########################################################################
+
+
+# The documents whose ```python blocks must run as written.
+DOCS = ("specter.md", "README.md")
+
+# Fence labels for what is not Python: shell commands, output, other languages.
+NOT_PYTHON_FENCES = ("sh", "bash", "text", "html", "nginx")
+
+BLOCK_TIMEOUT = 20  # one block's wall-clock limit
+
+FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
+
+
+class DocBlock:
+    """One fenced block of a document: where it is, its info string and its text."""
+
+    def __init__(self, doc, line, info, code):
+        self.doc, self.line, self.info, self.code = doc, line, info.strip(), code
+        words = self.info.split()
+        self.language = words[0] if words else ""
+        self.file = next((w[len("file="):] for w in words[1:] if w.startswith("file=")), None)
+
+    def __repr__(self):
+        return "%s:%d" % (self.doc, self.line)
+
+    @property
+    def monkey_patches(self):
+        """Whether the block calls gevent's monkey patching, which must come before any import."""
+        return any(isinstance(node, ast.Attribute) and node.attr.startswith("patch_")
+                   and isinstance(node.value, ast.Name) and node.value.id == "monkey"
+                   for node in ast.walk(ast.parse(self.code)))
+
+
+def doc_blocks(doc):
+    """Every fenced block of ``doc`` (a file beside this test file), in order."""
+    with open(os.path.join(HERE, doc), encoding="utf-8") as source:
+        text = source.read()
+    return [DocBlock(doc, text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2))
+            for m in FENCE.finditer(text)]
+
+
+def python_fence_count(doc):
+    """How many lines of ``doc`` look like the opening of a Python fence.
+
+    Counted without the block parser and more loosely than it reads fences
+    (indented, ``~~~``, ``py``, ``python3``, ``pycon``), so a block the
+    runner would not see shows up as a difference.
+    """
+    with open(os.path.join(HERE, doc), encoding="utf-8") as source:
+        return sum(1 for line in source if re.match(r"\s*(```|~~~)\s*py", line, re.I))
+
+
+# Imported once by the block runner before it forks (about 0.4 s a block saved).
+BLOCK_PRELOAD = "flask,flask_socketio,gevent,gevent.pywsgi,socketio,unittest,specter"
+
+# Runs blocks in forked copies of one interpreter that has imported the
+# modules named in argv[2] (none: a fresh interpreter), each child in its
+# own process group with its own stdout/stderr files; prints one JSON line
+# per block.
+BLOCK_RUNNER = r"""
+import atexit, importlib, json, os, runpy, signal, sys, time
+
+timeout = float(sys.argv[1])
+for module in filter(None, sys.argv[2].split(",")):
+    importlib.import_module(module)
+for path in sys.argv[3:]:
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        for fd, suffix in ((1, ".out"), (2, ".err")):
+            os.dup2(os.open(path + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = [path]
+        code = 0
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    deadline = started + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            returncode = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            returncode = "killed after %ss" % timeout
+            break
+        time.sleep(0.002)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # anything the block left running in its group
+    except ProcessLookupError:
+        pass
+    print(json.dumps({"path": path, "returncode": returncode,
+                      "seconds": round(time.monotonic() - started, 3)}), flush=True)
+"""
+
+
+def run_blocks(directory, blocks):
+    """Run every block; {block: (returncode, stdout, stderr, seconds)}.
+
+    A block that monkey-patches runs in a fresh interpreter of its own (its
+    patch_all must come before any import); the others run in forked copies
+    of BLOCK_RUNNER's warmed interpreter.
+    """
+    paths = {}
+    for block in blocks:
+        name = "%s-L%d.py" % (block.doc.replace(".", "_"), block.line)
+        paths[block] = os.path.join(directory, name)
+        with open(paths[block], "w", encoding="utf-8") as script:
+            script.write(block.code)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    fresh = [b for b in blocks if b.monkey_patches]
+    forked = [paths[b] for b in blocks if not b.monkey_patches]
+    commands = [[sys.executable, "-c", BLOCK_RUNNER, str(BLOCK_TIMEOUT), BLOCK_PRELOAD] + forked]
+    commands += [[sys.executable, "-c", BLOCK_RUNNER, str(BLOCK_TIMEOUT), "", paths[b]]
+                 for b in fresh]
+    processes = [gevent.subprocess.Popen(command, cwd=directory, env=env, start_new_session=True,
+                                         stdout=gevent.subprocess.PIPE,
+                                         stderr=gevent.subprocess.PIPE, universal_newlines=True)
+                 for command in commands]
+    reports = {}
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=BLOCK_TIMEOUT * (len(forked) + 1))
+            if process.returncode != 0:
+                raise AssertionError("the block runner failed:\n%s" % stderr)
+            for line in stdout.splitlines():
+                report = json.loads(line)
+                reports[report["path"]] = report
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    results = {}
+    for block, path in paths.items():
+        report = reports.get(path, {"returncode": "not run", "seconds": 0})
+        outputs = []
+        for suffix in (".out", ".err"):
+            if not os.path.exists(path + suffix):
+                outputs.append("")
+                continue
+            with open(path + suffix, encoding="utf-8", errors="replace") as output:
+                outputs.append(output.read())
+        results[block] = (report["returncode"],) + tuple(outputs) + (report["seconds"],)
+    return results
+
+
+class TestGuide(SpecterTestCase):
+    """Every ```python block of specter.md and README.md runs as written."""
+
+    ceiling = 60
+
+    def blocks(self):
+        return [block for doc in DOCS for block in doc_blocks(doc)]
+
+    def test_every_python_fence_is_parsed_as_a_block(self):
+        for doc in DOCS:
+            with self.subTest(doc=doc):
+                python = [b for b in doc_blocks(doc) if b.language == "python"]
+                self.assertGreater(len(python), 0)
+                self.assertEqual(len(python), python_fence_count(doc))
+
+    def test_python_is_not_hidden_in_other_fences(self):
+        for block in self.blocks():
+            if block.language == "python":
+                continue
+            with self.subTest(block=block):
+                self.assertIn(block.language, NOT_PYTHON_FENCES + ("",))
+                try:
+                    tree = ast.parse(block.code)
+                except SyntaxError:
+                    continue
+                statements = [type(n).__name__ for n in tree.body if not isinstance(n, ast.Expr)]
+                self.assertEqual(statements, [], "%r is Python: fence it as python (python "
+                                 "file=PATH for a file of a larger project)" % (block,))
+
+    def test_blocks_with_a_socketio_client_say_what_to_install(self):
+        """socketio.Client needs python-socketio's client extra, which Flask-SocketIO does not bring."""
+        for doc in DOCS:
+            with open(os.path.join(HERE, doc), encoding="utf-8") as source:
+                lines = source.read().splitlines()
+            for block in doc_blocks(doc):
+                if block.language != "python" or not re.search(r"socketio\.(Simple)?Client\(", block.code):
+                    continue
+                with self.subTest(block=block):
+                    heading, fenced = 0, False  # the block's section starts at the last heading
+                    for number, line in enumerate(lines[:block.line - 1]):
+                        if line.startswith("```"):
+                            fenced = not fenced
+                        elif not fenced and re.match(r"#{1,6} ", line):
+                            heading = number
+                    section = "\n".join(lines[heading:block.line])
+                    self.assertIn('pip install "python-socketio[client]"', section)
+
+    def test_install_commands_never_take_specter_runtime_from_the_index(self):
+        """PyPI's specter-runtime is the older 0.1.x package: every install names this repository."""
+        commands = 0
+        for doc in DOCS + (os.path.join("examples", "jobboard", "README.md"),):
+            with open(os.path.join(HERE, doc), encoding="utf-8") as source:
+                lines = source.read().splitlines()
+            for number, line in enumerate(lines, 1):
+                for match in re.finditer(r"pip install ([^`#&|;]*)", line):
+                    commands += 1
+                    for argument in shlex.split(match.group(1)):
+                        name = re.split(r"[^A-Za-z0-9._-]", argument, 1)[0]
+                        if re.sub(r"[._]", "-", name.lower()) == "specter-runtime":
+                            with self.subTest(doc=doc, line=number):
+                                self.assertRegex(argument, r"^specter-runtime @ \S",
+                                                 "an install by name from the package index")
+        self.assertGreater(commands, 5)
+
+    def test_vendoring_recipe_gives_an_importable_copy(self):
+        """Section 9's shell recipe, run in an empty project, then its myapp/app.py imported."""
+        blocks = doc_blocks("specter.md")
+        recipe = next(b for b in blocks if b.language == "sh" and "cp specter.py" in b.code)
+        app = next(b for b in blocks if b.file == "myapp/app.py")
+        project = tempfile.mkdtemp(prefix="specter-vendor-")
+        self.addCleanup(shutil.rmtree, project, ignore_errors=True)
+        shutil.copy(specter.__file__, project)  # the checkout the recipe copies from
+        steps = [line for line in recipe.code.splitlines() if not line.startswith("pip ")]
+        subprocess.run(["bash", "-ec", "\n".join(steps)], cwd=project, check=True, timeout=30,
+                       start_new_session=True)
+        os.remove(os.path.join(project, "specter.py"))
+        with open(os.path.join(project, "myapp", "app.py"), "w", encoding="utf-8") as source:
+            source.write(app.code)
+        script = ("import sys, myapp.app, myapp._vendor.specter as vendored\n"
+                  "print(vendored.__version__, 'specter' in sys.modules, myapp.app.bus is vendored.bus)")
+        env = dict(os.environ, PYTHONPATH=project)
+        proc = subprocess.run([sys.executable, "-c", script], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=60, start_new_session=True)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(proc.stdout.split(), [specter.__version__, "False", "True"])
+
+    def test_guide_shows_presence_with_connect_disconnect_sid_and_rooms(self):
+        """Part I has a runnable block doing what every presence feature needs."""
+        with open(os.path.join(HERE, "specter.md"), encoding="utf-8") as source:
+            part_one_lines = source.read().split("\n# Part II")[0].count("\n") + 1
+        needed = ('"connect"', '"disconnect"', "request.sid", "join_room(", "leave_room(", "to=room")
+        presence = [b for b in doc_blocks("specter.md") if b.language == "python" and not b.file
+                    and b.line < part_one_lines and all(word in b.code for word in needed)]
+        self.assertTrue(presence, "no guide block subscribes to connect and disconnect, "
+                                  "keys state by request.sid and uses rooms")
+
+    def test_gunicorn_is_installed_with_its_gevent_extra(self):
+        """gunicorn's gevent worker needs the extra (packaging, a recent gevent); plain gunicorn fails."""
+        with open(os.path.join(HERE, "specter.md"), encoding="utf-8") as source:
+            text = source.read()
+        installs = [argument for match in re.finditer(r"pip install ([^`#&|;\n]*)", text)
+                    for argument in shlex.split(match.group(1)) if argument.startswith("gunicorn")]
+        self.assertTrue(installs, "the guide never says how to install gunicorn")
+        for argument in installs:
+            self.assertTrue(argument.startswith("gunicorn[gevent]"), argument)
+
+    def test_guide_states_engineio_message_limit_where_sizes_are_discussed(self):
+        with open(os.path.join(HERE, "specter.md"), encoding="utf-8") as source:
+            text = source.read()
+        default = SocketIO(Flask(__name__), async_mode="gevent").server.eio.max_http_buffer_size
+        stated = re.findall(r"`max_http_buffer_size`\s*\(([\d,]+) bytes by default", text)
+        self.assertTrue(stated)
+        self.assertEqual({int(number.replace(",", "")) for number in stated}, {default})
+        sections = re.split(r"\n(?=#{2,3} \d)", text.split("\n# Part II")[0])
+        for title in ("### 7.2 Constraints", "### 13.1 "):
+            with self.subTest(section=title):
+                section = next(part for part in sections if part.startswith(title))
+                self.assertIn("max_http_buffer_size", section)
+
+    def test_guide_shows_json_errors_for_unknown_paths_under_a_prefix(self):
+        """Flask answers a path no route matches with HTML; the guide shows the app-level fix, run."""
+        blocks = [b for b in doc_blocks("specter.md") if b.language == "python" and not b.file
+                  and "errorhandler(HTTPException)" in b.code and "url_prefix" in b.code]
+        self.assertTrue(blocks, "no runnable block answers unknown API paths in JSON")
+
+    def test_project_files_compile_and_import_only_public_names(self):
+        files = [b for b in self.blocks() if b.language == "python" and b.file]
+        self.assertTrue(files)
+        for block in files:
+            with self.subTest(block=block, file=block.file):
+                self.assertTrue(block.code.startswith("# %s\n" % block.file),
+                                "%r must start with a comment naming %s" % (block, block.file))
+                tree = compile(block.code, block.file, "exec", ast.PyCF_ONLY_AST)
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] == "specter":
+                        for alias in node.names:
+                            self.assertIn(alias.name, specter.__all__)
+
+    def test_every_python_block_runs_as_written(self):
+        runnable = [b for b in self.blocks() if b.language == "python" and not b.file]
+        self.assertGreater(len(runnable), 50)
+        directory = tempfile.mkdtemp(prefix="specter-docs-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        results = run_blocks(directory, runnable)
+        self.assertEqual(len(results), len(runnable))
+        for block, (returncode, stdout, stderr, seconds) in results.items():
+            with self.subTest(block=block):
+                report = "%r (%.2f s)\n--- stdout\n%s\n--- stderr\n%s" % (
+                    block, seconds, stdout[-2000:], stderr[-4000:])
+                self.assertEqual(returncode, 0, report)
+                # gevent's hub reports a greenlet that died of an exception this way.
+                self.assertNotIn(" failed with ", stderr, report)
+
+
+# Packaging ####################################################################
+
+
+# What a source distribution must carry beyond the module: enough to run the
+# test suite, read the guide and try the examples from the unpacked archive.
+SDIST_FILES = ("specter.py", "test_specter.py", "specter.md", "README.md", "LICENSE",
+               "pyproject.toml", "examples/jobboard/README.md", "examples/jobboard/app.py",
+               "examples/jobboard/templates/index.html")
+
+# Left out of the copy the packages are built from: VCS data, virtualenvs, build output.
+BUILD_IGNORED = shutil.ignore_patterns(
+    ".git", ".ci-venv", ".venv", ".bench", "build", "dist", "*.egg-info", "__pycache__", "*.pyc")
+
+
+def build_hook(hook, source, outdir):
+    """Call setuptools' PEP 517 ``hook`` in a fresh interpreter in ``source``; the file name it built.
+
+    The same hooks ``python -m build --no-isolation`` and pip call, without
+    their wrappers (and without the network: the build requirements are the
+    ``test`` extra's).
+    """
+    script = "import sys\nfrom setuptools import build_meta\nprint(build_meta.%s(sys.argv[1]))\n" % hook
+    proc = subprocess.run(
+        [sys.executable, "-c", script, outdir], cwd=source, capture_output=True, text=True,
+        timeout=60, start_new_session=True,
+    )
+    if proc.returncode != 0:
+        raise AssertionError("%s failed in %s:\n%s\n%s" % (hook, source, proc.stdout, proc.stderr))
+    return proc.stdout.strip().splitlines()[-1]
+
+
+class TestPackaging(SpecterTestCase):
+    """The sdist carries the module, its tests, docs and examples; the wheel the module alone."""
+
+    ceiling = 60
+
+    @classmethod
+    def setUpClass(cls):
+        """Build once: the sdist from a copy of the checkout, the wheel from the unpacked sdist."""
+        cls.tmp = tempfile.mkdtemp(prefix="specter-build-")
+        source = os.path.join(cls.tmp, "source")
+        shutil.copytree(HERE, source, ignore=BUILD_IGNORED)
+        dist = os.path.join(cls.tmp, "dist")
+        os.mkdir(dist)
+        cls.sdist = os.path.join(dist, build_hook("build_sdist", source, dist))
+        with tarfile.open(cls.sdist) as archive:
+            members = [m for m in archive.getmembers() if m.isfile()]
+            root = os.path.commonpath([m.name for m in members])
+            cls.sdist_files = sorted(os.path.relpath(m.name, root) for m in members)
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            archive.extractall(os.path.join(cls.tmp, "unpacked"), members=members, **safe)
+        unpacked = os.path.join(cls.tmp, "unpacked", root)
+        cls.wheel = os.path.join(dist, build_hook("build_wheel", unpacked, dist))
+        with zipfile.ZipFile(cls.wheel) as archive:
+            cls.wheel_files = sorted(archive.namelist())
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def test_sdist_carries_tests_docs_examples_and_licence(self):
+        for name in SDIST_FILES:
+            self.assertIn(name, self.sdist_files)
+        examples = sorted(os.path.relpath(path, HERE)
+                          for path in glob.glob(os.path.join(HERE, "examples", "*.py")))
+        self.assertTrue(examples)
+        self.assertEqual([name for name in examples if name not in self.sdist_files], [])
+        self.assertFalse([name for name in self.sdist_files
+                          if "__pycache__" in name or name.endswith(".pyc")])
+
+    def test_wheel_carries_the_single_module(self):
+        installed = [name for name in self.wheel_files if ".dist-info/" not in name]
+        self.assertEqual(installed, ["specter.py"])
+        self.assertTrue(os.path.basename(self.wheel).startswith(
+            "specter_runtime-%s-py3-none-any" % specter.__version__), self.wheel)
+
+    def test_test_extra_names_what_the_build_needs(self):
+        with open(os.path.join(HERE, "pyproject.toml"), encoding="utf-8") as source:
+            text = source.read()
+        extra = re.search(r"^test = \[(.*?)^\]", text, re.S | re.M).group(1)
+        for requirement in ("setuptools", "wheel", "python-socketio[client]"):
+            self.assertIn('"%s' % requirement, extra)
 
 
 if __name__ == "__main__":
