@@ -3537,12 +3537,13 @@ class Controller(Service):
 class ServiceManager(Service):
     """The composition root: registers services, handlers and controllers, boots and shuts down.
 
-    ``boot()`` starts the manager, provides ``'service_manager'``,
-    ``'socket_ingress'`` and ``'socketio'`` (plus any providers), starts services in
-    registration order (rolling back on failure), sets up handlers, and
-    installs an atexit hook and SIGTERM/SIGINT handlers that shut down once.
-    ``shutdown()`` tears handlers down and stops services in reverse, clears
-    the ingress and the registry, and stops the manager.
+    ``boot()`` installs SIGTERM/SIGINT handlers that shut down once, starts
+    the manager, provides ``'service_manager'``, ``'socket_ingress'`` and
+    ``'socketio'`` (plus any providers), starts services in registration
+    order (rolling back on failure), sets up handlers, and installs an
+    atexit hook. ``shutdown()`` tears handlers down and stops services in
+    reverse, disconnects Socket.IO clients, clears the ingress and the
+    registry, and stops the manager.
     """
 
     def __init__(self, app=None, socketio=None, *, signals=True, name="service_manager"):
@@ -3791,17 +3792,19 @@ class ServiceManager(Service):
         self._boot_cancelled = True
         if booting is getcurrent():
             return  # inside boot(): it checks the flag as soon as the current step returns
-        gevent.get_hub().loop.run_callback(self._interrupt_boot, booting, _BootCancelled())
+        self._interrupt_boot(booting, _BootCancelled())
         self._boot_done.wait()
 
     def _interrupt_boot(self, booting, exc):
-        """Raise ``exc`` in the booting greenlet where it waits, unless it is already rolling back.
+        """Soon raise ``exc`` in the booting greenlet where it waits, unless it is rolling back by then.
 
-        Runs in the hub (or a signal greenlet) while that greenlet is
-        suspended, so the phase cannot change under the check.
+        The hub does it, as it delivers a gevent.Timeout: the check runs
+        while that greenlet is suspended, so its phase cannot change under it.
         """
-        if self._booting is booting and self._boot_phase == "starting" and not booting.dead:
-            booting.throw(exc)
+        def interrupt():
+            if self._booting is booting and self._boot_phase == "starting" and not booting.dead:
+                booting.throw(exc)
+        gevent.get_hub().loop.run_callback(interrupt)
 
     def _roll_back(self, started):
         """Undo a boot: handlers torn down, started services stopped in reverse, the manager stopped."""
