@@ -3376,6 +3376,8 @@ class SocketIngress:
 
     def _on_socket_error(self, exc):
         """Flask-SocketIO's default error handler: log, tell the subscribers, answer the ack."""
+        if _web_refusal(exc):
+            raise  # not a failure: python-socketio refuses the client, as without this handler
         event = getattr(flask.request, "event", None) or {}
         name = event.get("message") if isinstance(event, dict) else None
         _web_log.exception("socket handler of %r raised", name)
@@ -3398,9 +3400,9 @@ class SocketIngress:
                 call_args = call_args[:entry.arity]
             try:
                 value = entry.callback(*call_args, **kwargs)
-            except ConnectionRefusedError:
-                raise  # Flask-SocketIO's way for a connect handler to refuse the client
             except Exception as exc:
+                if _web_refusal(exc):
+                    raise  # a connect handler refusing the client: python-socketio answers it
                 _web_log.exception("ingress %s: subscriber %s of %r raised", self.name,
                                    _callable_name(entry.callback), event)
                 if event == "connect":
@@ -4040,6 +4042,20 @@ def _web_body_error(error, reason):
     if error == _WEB_BODY_REQUIRED:
         return reason[0].upper() + reason[1:]
     return "%s: %s" % (error, reason)
+
+
+def _web_refusal(exc):
+    """Whether ``exc`` is a connect handler refusing the client.
+
+    python-socketio takes Python's ConnectionRefusedError and its own (which
+    Flask-SocketIO re-exports, and which is no subclass of Python's) as a
+    refusal. Its module is looked up, not imported: if nothing loaded it,
+    nothing can have raised its exception.
+    """
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    exceptions = sys.modules.get("socketio.exceptions")
+    return exceptions is not None and isinstance(exc, exceptions.ConnectionRefusedError)
 
 
 def _web_socket_error():

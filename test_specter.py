@@ -5049,6 +5049,30 @@ class TestSocketIngress(SpecterTestCase):
         self.assertFalse(sio.test_client(app, auth={"token": "bad"}).is_connected())
         self.assertTrue(sio.test_client(app, auth={"token": "good"}).is_connected())
 
+    def test_a_connect_handler_refusing_the_client_is_not_logged_as_a_failure(self):
+        import flask_socketio
+        app, sio, ingress = self.make()
+        errors = []
+        ingress.subscribe_error_default(errors.append)
+
+        def authenticate(auth=None):
+            if not auth:
+                raise flask_socketio.ConnectionRefusedError("send a token")
+            if auth.get("token") != "good":
+                raise ConnectionRefusedError("bad token")
+        ingress.subscribe("connect", authenticate)
+
+        @sio.on("connect", namespace="/plain")
+        def plain(auth=None):
+            raise ConnectionRefusedError("plain says no")
+        with captured_logs() as records:
+            self.assertFalse(sio.test_client(app).is_connected())
+            self.assertFalse(sio.test_client(app, auth={"token": "bad"}).is_connected())
+            self.assertFalse(sio.test_client(app, namespace="/plain").is_connected("/plain"))
+            self.assertTrue(sio.test_client(app, auth={"token": "good"}).is_connected())
+        self.assertEqual([r.getMessage() for r in records if r.levelno >= logging.WARNING], [])
+        self.assertEqual(errors, [])
+
     def test_connect_fails_closed(self):
         app, sio, ingress = self.make()
 
