@@ -74,7 +74,6 @@ _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
 _O = TypeVar("_O", bound="_Owner")
 _S = TypeVar("_S", bound="Service")
-_C = TypeVar("_C", bound="Controller")
 
 
 def _check_callable(value, what):
@@ -2803,6 +2802,8 @@ _web_log = logging.getLogger("specter.web")
 
 
 _JSON_LIMIT_DEFAULT = 8 * 1024 * 1024
+_WEB_TOO_DEEP = "Request body is nested too deeply"
+_WEB_BODY_REQUIRED = "Request body is required"  # expect_json's default error
 
 
 class HTTPError(Exception):
@@ -2825,10 +2826,23 @@ class HTTPError(Exception):
         self.log_level = log_level
 
     def to_response(self) -> flask.Response:
-        """A Flask JSON response: payload plus ``error``, with ``status_code``."""
+        """A Flask JSON response: payload plus ``error``, with ``status_code``.
+
+        A payload JSON cannot encode is a bug on the server's side, not the
+        client's: it is logged and left out, and the client still gets the
+        message and the status as JSON rather than Flask's HTML 500.
+        """
         body = dict(self.payload)
         body["error"] = self.message
-        return _web_json(body, self.status_code)
+        try:
+            return _web_json(body, self.status_code)
+        except Exception:
+            _web_log.exception("HTTPError %d %r: its payload cannot be encoded as JSON; answering without it",
+                               self.status_code, self.message)
+        try:
+            return _web_json({"error": self.message}, self.status_code)
+        except Exception:  # the message itself is no JSON string
+            return _web_json({"error": "Internal server error"}, 500)
 
 
 def json_endpoint(error_message: Union[str, Callable[..., Any], None] = None, *,
@@ -2867,12 +2881,12 @@ def expect_json(*, required: Union[str, Iterable[str], None] = None, error: str 
                 allow_empty: bool = False) -> Dict[str, Any]:
     """The current request's JSON object body, or an HTTPError the client can act on.
 
-    Missing or unparsable bodies, and ``{}`` unless ``allow_empty``, are 400
-    with ``error``; a body that is not an object is 400; a body over the
-    size limit is 413 (Flask's ``MAX_CONTENT_LENGTH`` when set, else
-    ``SPECTER_MAX_JSON_BYTES``, 8 MiB by default); nesting too deep to
-    parse is 400; a form or text content type is 415. ``required`` fields
-    are checked with ``require_fields``.
+    No body is 400 with ``error``. A body that was sent but cannot be used
+    is 400 saying what was wrong: not JSON, sent as a form or text, empty
+    (``{}`` too, unless ``allow_empty``), not an object, nested too deep to
+    parse. A body over the size limit is 413 (Flask's ``MAX_CONTENT_LENGTH``
+    when set, else ``SPECTER_MAX_JSON_BYTES``, 8 MiB by default).
+    ``required`` fields are checked with ``require_fields``.
     """
     request = flask.request
     config = flask.current_app.config
@@ -2880,8 +2894,8 @@ def expect_json(*, required: Union[str, Iterable[str], None] = None, error: str 
     if request.content_length is not None and request.content_length > limit:
         raise HTTPError("Request body is too large (limit %d bytes)" % limit, 413)
     if request.mimetype and not request.is_json:
-        raise HTTPError("%s (send it as JSON with Content-Type: application/json, not %s)"
-                        % (error, request.mimetype), 400)
+        raise HTTPError(_web_body_error(error, "send the body as JSON (Content-Type: application/json); "
+                                               "it was sent as %s" % request.mimetype), 400)
     raw = request.get_data(cache=True) if request.content_length is not None \
         else request.stream.read(limit + 1)
     if len(raw) > limit:
@@ -2889,17 +2903,17 @@ def expect_json(*, required: Union[str, Iterable[str], None] = None, error: str 
     if not raw.strip():
         if allow_empty:
             return {}
-        raise HTTPError(error, 400)
+        raise HTTPError(_web_body_error(error, "the body is empty") if raw else error, 400)
     try:
         payload = flask.json.loads(raw, parse_constant=_web_refuse_constant)
     except RecursionError:
-        raise HTTPError("Request body is nested too deeply", 400) from None
+        raise HTTPError(_WEB_TOO_DEEP, 400) from None
     except ValueError:
-        raise HTTPError("%s (the body is not valid JSON)" % error, 400) from None
+        raise HTTPError(_web_body_error(error, "the body is not valid JSON"), 400) from None
     if not isinstance(payload, dict):
         raise HTTPError("Request body must be a JSON object, got %s" % _schema_kind(payload), 400)
     if not payload and not allow_empty:
-        raise HTTPError(error, 400)
+        raise HTTPError(_web_body_error(error, "the body is empty ({})"), 400)
     if required:
         require_fields(payload, required)
     return payload
@@ -2952,14 +2966,13 @@ class Router(_Owner):
     ``on_unmount`` and then the router's cleanups, newest first.
     """
 
-    name: Optional[str] = None
-    url_prefix: Optional[str] = None
+    name: str = "router"
+    url_prefix: Optional[str] = ""
 
     def __init__(self, name=None, *, url_prefix=None, import_name=None):
-        name = name or type(self).name or _web_snake(type(self).__name__)
-        self.name = _check_name(name, "router name")
+        self.name = _check_name(name or _web_default_name(self, Router), "router name")
         prefix = url_prefix if url_prefix is not None else type(self).url_prefix
-        if prefix is not None and (not isinstance(prefix, str) or not prefix.startswith("/")):
+        if prefix and (not isinstance(prefix, str) or not prefix.startswith("/")):
             raise ValueError("url_prefix must be a path starting with '/', got %r" % (prefix,))
         self.url_prefix = prefix
         self.import_name = import_name or type(self).__module__
@@ -3052,13 +3065,13 @@ class Handler(_Owner):
     coexist in priority order and teardown removes only this one's.
     """
 
-    name: Optional[str] = None
+    name: str = "unnamed_handler"
     namespace = "/"
     events: Dict[str, str] = {}
     event_priorities: Dict[str, int] = {}
 
     def __init__(self, name=None, *, namespace=None):
-        self.name = _check_name(name or type(self).name or _web_snake(type(self).__name__), "handler name")
+        self.name = _check_name(name or _web_default_name(self, Handler), "handler name")
         self.namespace = _web_namespace(namespace if namespace is not None else type(self).namespace)
         self._bindings = []
         self._socketio = None
@@ -3170,9 +3183,16 @@ class SocketIngress:
     Subscribers run in priority order (lower first; ties in subscription
     order) in the greenlet Flask-SocketIO gives the event. One that raises
     is logged, handed to the default-error subscribers, and the others still
-    run. The last non-None result is the handler's return value, i.e. the
-    client's ack. With ``schema=`` a subscriber only sees payloads that
-    validate (cleaned); an invalid one makes the ack the 400 error dict.
+    run; its result is what those subscribers return, else the generic 500
+    error dict. The last non-None result is the handler's return value, i.e.
+    the client's ack; one Socket.IO cannot encode is logged and replaced by
+    that error dict, so the client's call() never waits in vain. With
+    ``schema=`` a subscriber only sees payloads that validate (cleaned); an
+    invalid one makes the ack the 400 error dict.
+
+    Attached to a SocketIO, the ingress is also its default error handler:
+    an exception from any event handler on it, a plain ``@socketio.on`` one
+    included, is logged and reaches the default-error subscribers.
     """
 
     def __init__(self, socketio=None, *, name="socket_ingress"):
@@ -3196,6 +3216,7 @@ class SocketIngress:
         if self._socketio is not None and self._socketio is not socketio:
             raise RuntimeError("ingress %s is already attached to another SocketIO" % self.name)
         self._socketio = socketio
+        self._install_error_handler(socketio)
         for namespace, event in list(self._subs):
             self._bind(namespace, event)
         return self
@@ -3315,7 +3336,55 @@ class SocketIngress:
         subs = self._subs.get((namespace, event))
         if not subs:
             return None
-        return self._run(subs, event, args, {})
+        result = self._run(subs, event, args, {})
+        if result is None or result is False or event in ("connect", "disconnect"):
+            return result
+        return self._ackable(event, result)
+
+    def _ackable(self, event, result):
+        """``result`` if Socket.IO can send it as the ack, else the generic error (logged).
+
+        Socket.IO encodes the ack after the handler has returned, out of
+        anyone's reach: a set there would kill the sending greenlet and
+        leave the client's call() to time out. Encoding once here, with the
+        server's own packet class (binary parts and all), catches it.
+        """
+        packet_class = getattr(getattr(self._socketio, "server", None), "packet_class", None)
+        if packet_class is None:
+            return result
+        try:
+            packet_class(data=list(result) if isinstance(result, tuple) else [result]).encode()
+        except Exception:
+            _web_log.exception("ingress %s: the ack of %r cannot be encoded (%s); answering an error instead",
+                               self.name, event, _describe(result))
+            return _web_socket_error()
+        return result
+
+    def _install_error_handler(self, socketio):
+        """Become ``socketio``'s default error handler (the last ingress attached wins).
+
+        A default handler of the app's own, set before, is kept as the
+        first default-error subscriber, so it still runs and may still
+        answer the ack.
+        """
+        if not callable(getattr(socketio, "on_error_default", None)):
+            return
+        current = getattr(socketio, "default_exception_handler", None)
+        if current is not None and not isinstance(getattr(current, "__self__", None), SocketIngress):
+            self.subscribe_error_default(current, priority=-1)
+        socketio.on_error_default(self._on_socket_error)
+
+    def _on_socket_error(self, exc):
+        """Flask-SocketIO's default error handler: log, tell the subscribers, answer the ack."""
+        if _web_refusal(exc):
+            raise  # not a failure: python-socketio refuses the client, as without this handler
+        event = getattr(flask.request, "event", None) or {}
+        name = event.get("message") if isinstance(event, dict) else None
+        _web_log.exception("socket handler of %r raised", name)
+        if name == "connect":
+            return False  # fail closed, as the ingress's own connect subscribers do
+        result = self.dispatch_default_error(exc)
+        return _web_socket_error() if result is None else result
 
     def _run(self, subs, event, args, kwargs):
         result = None
@@ -3331,14 +3400,16 @@ class SocketIngress:
                 call_args = call_args[:entry.arity]
             try:
                 value = entry.callback(*call_args, **kwargs)
-            except ConnectionRefusedError:
-                raise  # Flask-SocketIO's way for a connect handler to refuse the client
             except Exception as exc:
+                if _web_refusal(exc):
+                    raise  # a connect handler refusing the client: python-socketio answers it
                 _web_log.exception("ingress %s: subscriber %s of %r raised", self.name,
                                    _callable_name(entry.callback), event)
                 if event == "connect":
                     return False  # fail closed: a crashed check must not let the client in
                 value = self.dispatch_default_error(exc)
+                if value is None:
+                    value = _web_socket_error()
             if value is False and event == "connect":
                 return False  # one refusal is final, whatever later subscribers say
             if value is not None:
@@ -3400,16 +3471,18 @@ class Controller(Service):
         return self._blueprint
 
     def create_handler(self) -> Handler:
-        """A new Handler carrying the events added by build_events()."""
-        handler = Handler(self.name)
-        handler._gate = lambda: self.running
-        self.build_events(handler)
-        return handler
+        """The controller's Handler, carrying the events added by build_events(); built once."""
+        if self._handler is None:
+            handler = Handler(self.name)
+            handler._gate = lambda: self.running
+            self.build_events(handler)
+            self._handler = handler
+        return self._handler
 
     def build_handler(self, socketio: Any = None) -> Handler:
         """The controller's Handler, built once (and set up when ``socketio`` is given)."""
         if self._handler is None:
-            self._handler = self.create_handler()
+            self._handler = self.create_handler()  # a subclass's create_handler may build its own
         if socketio is not None:
             self._handler.setup(socketio)
         return self._handler
@@ -3466,12 +3539,13 @@ class Controller(Service):
 class ServiceManager(Service):
     """The composition root: registers services, handlers and controllers, boots and shuts down.
 
-    ``boot()`` starts the manager, provides ``'service_manager'`` and
-    ``'socket_ingress'`` (plus any providers), starts services in
-    registration order (rolling back on failure), sets up handlers, and
-    installs an atexit hook and SIGTERM/SIGINT handlers that shut down once.
-    ``shutdown()`` tears handlers down and stops services in reverse, clears
-    the ingress and the registry, and stops the manager.
+    ``boot()`` installs SIGTERM/SIGINT handlers that shut down once, starts
+    the manager, provides ``'service_manager'``, ``'socket_ingress'`` and
+    ``'socketio'`` (plus any providers), starts services in registration
+    order (rolling back on failure), sets up handlers, and installs an
+    atexit hook. ``shutdown()`` tears handlers down and stops services in
+    reverse, disconnects Socket.IO clients, clears the ingress and the
+    registry, and stops the manager.
     """
 
     def __init__(self, app=None, socketio=None, *, signals=True, name="service_manager"):
@@ -3484,6 +3558,10 @@ class ServiceManager(Service):
         self._handlers = []
         self._providers = []
         self._booted = False
+        self._booting = None  # the greenlet running boot(), while it runs
+        self._boot_phase = None  # 'starting', then 'rolling back' if it fails or is cancelled
+        self._boot_cancelled = False
+        self._boot_done = None
         self._shutting_down = False
         self._shutdown_greenlet = None
         self._shutdown_done = None
@@ -3518,29 +3596,29 @@ class ServiceManager(Service):
         """The gevent WSGIServer while run() serves (its ``server_port`` is the bound port), else None."""
         return self._server
 
-    def register_service(self, service: _S) -> _S:
-        """Add a service (started at boot, or at once if already booted)."""
+    def register_service(self, service: Service) -> ServiceManager:
+        """Add a service (started at boot, or at once if already booted); returns the manager."""
         if not isinstance(service, Service):
             raise TypeError("register_service() takes a Service, got %s" % _describe(service))
         if service not in self._services:
             self._services.append(service)
             if self._booted:
                 service.start()
-        return service
+        return self
 
-    def register_handler(self, handler: _T) -> _T:
-        """Add a handler (set up at boot, or at once if already booted)."""
+    def register_handler(self, handler: Any) -> ServiceManager:
+        """Add a handler (set up at boot, or at once if already booted); returns the manager."""
         if not callable(getattr(handler, "setup", None)) or not callable(getattr(handler, "teardown", None)):
             raise TypeError("register_handler() takes an object with setup() and teardown(), got %s"
                             % _describe(handler))
         if handler not in self._handlers:
             self._handlers.append(handler)
             if self._booted:
-                handler.setup(self._socketio)  # type: ignore[attr-defined]  # any object with setup()
-        return handler
+                handler.setup(self._socketio)
+        return self
 
-    def register_controller(self, controller: _C, *, url_prefix: Optional[str] = None) -> _C:
-        """Add a controller: its blueprint goes on the app, its handler is managed."""
+    def register_controller(self, controller: Controller, *, url_prefix: Optional[str] = None) -> ServiceManager:
+        """Add a controller: its blueprint goes on the app, its handler is managed; returns the manager."""
         if not isinstance(controller, Controller):
             raise TypeError("register_controller() takes a Controller, got %s" % _describe(controller))
         if self._app is not None:
@@ -3553,63 +3631,81 @@ class ServiceManager(Service):
                     "the app already has a blueprint named %r (from another controller or router); "
                     "give this controller another name" % blueprint.name)
         self.register_service(controller)
-        self.register_handler(controller.build_handler())
-        return controller
+        return self.register_handler(controller.build_handler())
 
     def boot(self, providers: Optional[Dict[str, Any]] = None) -> ServiceManager:
-        """Start everything; idempotent. A service that fails to start undoes the boot."""
+        """Start everything; idempotent. A service that fails to start undoes the boot.
+
+        Signal handlers go in first, so a SIGTERM at any point from here on
+        rolls back or shuts down what was started. ``shutdown()`` called
+        while boot() runs cancels it: boot() stops starting things, stops
+        what it started and returns with ``booted`` False. A boot() from
+        another greenlet while one runs waits for it.
+        """
         if providers:
             self._add_providers(providers)
         if self._booted:
             return self
-        self.start()
-        started = []
+        if self._booting is not None:
+            if self._booting is not getcurrent():
+                self._boot_done.wait()
+            return self
+        if self._shutting_down:
+            raise RuntimeError("%s: cannot boot() while shutdown() is under way" % self.name)
+        self._booting = getcurrent()
+        self._boot_phase = "starting"
+        self._boot_cancelled = False
+        self._boot_done = gevent.event.Event()
+        started: List[Service] = []
         try:
-            registry.provide("service_manager", self, owner=self, replace=True)
-            registry.provide("socket_ingress", self._ingress, owner=self, replace=True)
-            for key, value in self._providers:
-                registry.provide(key, value, owner=self, replace=True)
-            for service in self._services:
-                service.start()
-                started.append(service)
-            self._booted = True
-            for handler in self._handlers:
-                handler.setup(self._socketio)
+            self._start_all(started)
+        except _BootCancelled:
+            self._roll_back(started)
+            _web_log.info("boot cancelled by shutdown(); what it started is stopped")
+            return self
         except BaseException:
-            _web_log.error("boot failed; stopping what was started")
-            self._booted = False
-            for handler in reversed(self._handlers):
-                handler.teardown()
-            for service in reversed(started):
-                service.stop()
-            self.stop()
+            if self._boot_cancelled:
+                _web_log.info("boot interrupted; stopping what was started")
+            else:
+                _web_log.error("boot failed; stopping what was started")
+            self._roll_back(started)
             raise
+        finally:
+            self._booting = None
+            self._boot_phase = None
+            self._boot_done.set()
         if not self._atexit:
             atexit.register(self._at_exit)
             self._atexit = True
-        if self._signals:
-            self._install_signals()
         _web_log.info("booted %d service(s) and %d handler(s)", len(self._services), len(self._handlers))
         return self
 
     def shutdown(self) -> ServiceManager:
-        """Tear everything down in reverse; idempotent.
+        """Tear everything down in reverse; idempotent while nothing is left to stop.
 
-        A call while another greenlet shuts down waits for it to finish.
+        A call while another greenlet shuts down waits for it to finish. A
+        call while boot() runs cancels the boot: from another greenlet it
+        interrupts boot() where it is and waits until boot() has stopped
+        what it started; from inside boot() (a service's on_start), boot()
+        starts nothing more once that on_start returns.
         """
+        current = getcurrent()
         if self._shutting_down:
-            if self._shutdown_greenlet is not getcurrent():
+            if self._shutdown_greenlet is not current:
                 self._shutdown_done.wait()
             return self
-        if not self._booted and not self.running:
+        booting = self._booting
+        if booting is None and not self._has_work():
             return self
         self._shutting_down = True
-        self._shutdown_greenlet = getcurrent()
+        self._shutdown_greenlet = current
         self._shutdown_done = gevent.event.Event()
-        steps = [handler.teardown for handler in reversed(self._handlers)]
-        steps += [service.stop for service in reversed(self._services)]
-        steps += [self._ingress.clear, self.stop, registry.clear, self._stop_server]
         try:
+            if booting is not None:
+                self._cancel_boot(booting)
+            steps = [handler.teardown for handler in reversed(self._handlers)]
+            steps += [service.stop for service in reversed(self._services)]
+            steps += [self._disconnect_clients, self._ingress.clear, self.stop, registry.clear, self._stop_server]
             _run_all(steps, self._record_error)
         finally:
             self._shutting_down = False
@@ -3638,6 +3734,8 @@ class ServiceManager(Service):
             raise TypeError("run() got unexpected keyword argument(s) %s; it accepts log_output and "
                             "gevent WSGIServer options: %s" % (", ".join(unknown), ", ".join(sorted(_WEB_SERVER_OPTIONS))))
         self.boot()
+        if not self._booted:
+            return self  # shutdown() cancelled the boot: nothing to serve
         kwargs.setdefault("handler_class", _WebSocketClosingHandler)
         server = pywsgi.WSGIServer((host, port), self._app, log="default" if log_output else None, **kwargs)
         self._server = server
@@ -3650,18 +3748,80 @@ class ServiceManager(Service):
         return self
 
     def health(self) -> Dict[str, Any]:
-        """The manager's health with every service's nested under ``services``.
+        """The manager's health, with ``services`` and ``handlers`` keyed by name.
 
-        ``status`` is 'degraded' while the manager runs but a service does not.
+        Each service's value is its own health tree; each handler's has at
+        least ``registered``. ``status`` is 'degraded' while the manager runs
+        but a service does not.
         """
         report = super().health()
         report["booted"] = self._booted
-        report["services"] = [service.health() for service in self._services]
-        if report["status"] == "ok" and any(child["status"] != "ok" for child in report["services"]):
+        report["services"] = _web_by_name(service.health() for service in self._services)
+        if report["status"] == "ok" and any(child["status"] != "ok" for child in report["services"].values()):
             report["status"] = "degraded"
-        report["handlers"] = [_web_health(handler) for handler in self._handlers]
+        report["handlers"] = _web_by_name(_web_health(handler) for handler in self._handlers)
         report["ingress"] = self._ingress.health()
         return report
+
+    def _start_all(self, started):
+        """boot()'s work: what it starts goes into ``started``, for a rollback."""
+        if self._signals:
+            self._install_signals()
+        self.start()
+        registry.provide("service_manager", self, owner=self, replace=True)
+        registry.provide("socket_ingress", self._ingress, owner=self, replace=True)
+        if self._socketio is not None:
+            # How a plain Service reaches Socket.IO clients: Service.emit is the in-process bus.
+            registry.provide("socketio", self._socketio, owner=self, replace=True)
+        for key, value in self._providers:
+            registry.provide(key, value, owner=self, replace=True)
+        for service in self._services:  # the loop also sees services an on_start registers
+            self._check_boot()
+            service.start()
+            started.append(service)
+        self._check_boot()
+        self._booted = True
+        for handler in self._handlers:
+            handler.setup(self._socketio)
+        self._check_boot()
+
+    def _check_boot(self):
+        if self._boot_cancelled:
+            raise _BootCancelled()
+
+    def _cancel_boot(self, booting):
+        """Make a running boot() stop and roll back; from another greenlet, wait for that."""
+        self._boot_cancelled = True
+        if booting is getcurrent():
+            return  # inside boot(): it checks the flag as soon as the current step returns
+        self._interrupt_boot(booting, _BootCancelled())
+        self._boot_done.wait()
+
+    def _interrupt_boot(self, booting, exc):
+        """Soon raise ``exc`` in the booting greenlet where it waits, unless it is rolling back by then.
+
+        The hub does it, as it delivers a gevent.Timeout: the check runs
+        while that greenlet is suspended, so its phase cannot change under it.
+        """
+        def interrupt():
+            if self._booting is booting and self._boot_phase == "starting" and not booting.dead:
+                booting.throw(exc)
+        gevent.get_hub().loop.run_callback(interrupt)
+
+    def _roll_back(self, started):
+        """Undo a boot: handlers torn down, started services stopped in reverse, the manager stopped."""
+        self._boot_phase = "rolling back"
+        self._booted = False
+        steps = [handler.teardown for handler in reversed(self._handlers)]
+        steps += [service.stop for service in reversed(started)]
+        steps += [self.stop, self._remove_signals]
+        _run_all(steps, self._record_error)
+
+    def _has_work(self):
+        """Whether anything shutdown() releases is still up (so a repeat call is not a no-op then)."""
+        return (self._booted or self._server is not None or self._status not in ("created", "stopped")
+                or any(service.status not in ("created", "stopped") for service in self._services)
+                or any(getattr(handler, "registered", False) for handler in self._handlers))
 
     def _add_providers(self, providers):
         if not isinstance(providers, dict):
@@ -3676,6 +3836,42 @@ class ServiceManager(Service):
                 registry.provide(key, value, owner=self, replace=True)
                 if isinstance(value, Service):
                     value.start()
+
+    def _disconnect_clients(self):
+        """Disconnect every Socket.IO client of this process, after the services' final emits.
+
+        Each session gets Socket.IO's disconnect packet behind whatever it
+        still has to receive, so clients see those messages and then a clean
+        'server disconnect' (not a 'transport error' when the server or the
+        program goes away); server-side 'disconnect' handlers run as for any
+        disconnect. The wait, at most ``stop_timeout``, lasts until every
+        client has taken its packets (or closed) and the loop has gone idle,
+        i.e. the writers have put them on the wire.
+        """
+        server = getattr(self._socketio, "server", None)
+        rooms = getattr(getattr(server, "manager", None), "rooms", None)
+        if not rooms:
+            return
+        sockets = list(getattr(server.eio, "sockets", {}).values())
+        count = 0
+        for namespace in list(server.manager.get_namespaces()):
+            for sid, _ in list(server.manager.get_participants(namespace, None)):
+                # ignore_queue: these are this process's own clients; a message
+                # queue must not carry the disconnect to other processes.
+                server.disconnect(sid, namespace=namespace, ignore_queue=True)
+                count += 1
+        timer = gevent.Timeout.start_new(self.stop_timeout)
+        try:
+            while any(not sock.closed and not sock.queue.empty() for sock in sockets):
+                gevent.sleep(_WEB_FLUSH_STEP)
+            gevent.idle()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            _web_log.warning("Socket.IO clients did not take their disconnect within %s s", self.stop_timeout)
+        finally:
+            timer.close()
+        _web_log.debug("disconnected %d Socket.IO session(s)", count)
 
     def _stop_server(self):
         self._booted = False
@@ -3707,20 +3903,29 @@ class ServiceManager(Service):
                     _web_log.debug("cannot restore the handler of signal %s: %s", signum, exc)
 
     def _on_signal(self, signum):
-        if self._shutting_down:
-            _web_log.warning("signal %s: already shutting down", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self._shutting_down or self._boot_cancelled:
+            _web_log.warning("signal %s: already shutting down", name)
             return
-        _web_log.info("signal %s: shutting down", signal.Signals(signum).name)
+        _web_log.info("signal %s: shutting down", name)
+        main = gevent.get_hub().parent
+        if self._booting is main:
+            # boot() runs in the main greenlet: end the program there, as
+            # Ctrl-C would; boot() stops what it started and SystemExit(0)
+            # goes on up (while it is already rolling back, it finishes that).
+            self._boot_cancelled = True
+            self._interrupt_boot(main, SystemExit(0))
+            return
         serving = self._server is not None
         self.shutdown()
         if not serving:
             # Nothing of ours is serving, so end the program the way Python
             # would: SystemExit in the main greenlet (raising it here would
             # only end this signal greenlet, whose watcher shutdown() closed).
-            gevent.get_hub().parent.throw(SystemExit(0))
+            main.throw(SystemExit(0))
 
     def _at_exit(self):
-        if self._booted:
+        if self._has_work():
             try:
                 self.shutdown()
             except Exception:
@@ -3756,6 +3961,10 @@ class _WebSocketClosingHandler(pywsgi.WSGIHandler):
             self.close_connection = True
 
 
+class _BootCancelled(BaseException):
+    """Raised inside boot() by shutdown(): a BaseException, so no ``except Exception`` in an on_start keeps it."""
+
+
 class _IngressSubscriber:
     __slots__ = ("callback", "priority", "seq", "schema", "arity")
 
@@ -3769,6 +3978,8 @@ class _IngressSubscriber:
     def order(self):
         return (self.priority, self.seq)
 
+
+_WEB_FLUSH_STEP = 0.005  # how often shutdown looks whether clients took their disconnect (seconds)
 
 _WEB_SERVER_OPTIONS = frozenset((
     "backlog", "spawn", "error_log", "handler_class", "environ", "keyfile", "certfile", "ca_certs",
@@ -3798,9 +4009,58 @@ def _web_http_error(exc, log=_web_log):
 
 def _web_server_error(exc):
     """A blueprint's unhandled error, as JSON (Flask has logged it already)."""
-    if isinstance(getattr(exc, "original_exception", None), RecursionError):
-        return _web_json({"error": "Request body is nested too deeply"}, 400)
+    if _web_too_deep(getattr(exc, "original_exception", None)):
+        return _web_json({"error": _WEB_TOO_DEEP}, 400)
     return _web_json({"error": "Internal server error"}, 500)
+
+
+def _web_too_deep(exc):
+    """True for the RecursionError of a JSON decoder given absurdly nested input.
+
+    That is the client's fault (``request.get_json()`` on a hostile body),
+    so it is a 400; a RecursionError anywhere else is the server's own bug.
+    The innermost frame tells them apart: the decoder's module (``json.decoder``,
+    or whichever JSON library the app's provider uses) has "json" in its name.
+    """
+    if not isinstance(exc, RecursionError):
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "json" in (tb.tb_frame.f_globals.get("__name__") or "")
+
+
+def _web_body_error(error, reason):
+    """The message for a body that was sent but is unusable: what was wrong, first.
+
+    The default ``error`` ("Request body is required") would be untrue
+    once a body arrived, so the reason stands alone; an ``error`` of the
+    caller's own leads, with the reason after a colon.
+    """
+    if error == _WEB_BODY_REQUIRED:
+        return reason[0].upper() + reason[1:]
+    return "%s: %s" % (error, reason)
+
+
+def _web_refusal(exc):
+    """Whether ``exc`` is a connect handler refusing the client.
+
+    python-socketio takes Python's ConnectionRefusedError and its own (which
+    Flask-SocketIO re-exports, and which is no subclass of Python's) as a
+    refusal. Its module is looked up, not imported: if nothing loaded it,
+    nothing can have raised its exception.
+    """
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    exceptions = sys.modules.get("socketio.exceptions")
+    return exceptions is not None and isinstance(exc, exceptions.ConnectionRefusedError)
+
+
+def _web_socket_error():
+    """The ack of a socket event whose handling failed: no details, a status, JSON."""
+    return Outcome.failure("Internal server error", status=500).to_dict()
 
 
 def _web_refuse_constant(name):
@@ -3838,6 +4098,10 @@ def _web_response(result):
 def _web_error_response(exc, message, log, include_trace):
     if isinstance(exc, HTTPError):
         return _web_http_error(exc, log)
+    if isinstance(exc, werkzeug.exceptions.HTTPException) and exc.response is not None:
+        return exc.get_response()  # abort(response): the view chose the response itself
+    if _web_too_deep(exc):
+        return _web_json({"error": _WEB_TOO_DEEP}, 400)
     if isinstance(exc, werkzeug.exceptions.HTTPException) and exc.code is not None:
         if exc.code < 400:
             return exc.get_response()  # redirects stay redirects
@@ -3907,9 +4171,22 @@ def _web_schema(schema):
 
 def _web_health(obj):
     health = getattr(obj, "health", None)
-    if callable(health):
-        return health()
-    return {"name": getattr(obj, "name", repr(obj)), "registered": getattr(obj, "registered", None)}
+    report = dict(health()) if callable(health) else {}
+    report.setdefault("name", getattr(obj, "name", None) or repr(obj))
+    report.setdefault("registered", getattr(obj, "registered", None))
+    return report
+
+
+def _web_by_name(reports):
+    """Health reports keyed by their ``name``, in order; a repeated name gets '#2', '#3'..."""
+    keyed: Dict[str, Any] = {}
+    for report in reports:
+        key, count = report["name"], 1
+        while key in keyed:
+            count += 1
+            key = "%s#%d" % (report["name"], count)
+        keyed[key] = report
+    return keyed
 
 
 def _web_arity(callback):
@@ -3925,6 +4202,22 @@ def _web_arity(callback):
         if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
             count += 1
     return count
+
+
+def _web_default_name(obj, base):
+    """The name of a Router or Handler built without one.
+
+    A class that sets ``name`` gives it; a subclass that does not is named
+    after itself in snake case (``JobsRouter`` -> ``'jobs_router'``), so two
+    such classes do not share a name; ``base`` itself keeps its class
+    default ('router', 'unnamed_handler').
+    """
+    for klass in type(obj).__mro__:
+        if klass is base:
+            break
+        if vars(klass).get("name"):
+            return vars(klass)["name"]
+    return base.name if type(obj) is base else _web_snake(type(obj).__name__)
 
 
 def _web_snake(name):

@@ -4360,6 +4360,67 @@ class TestHTTPHelpers(SpecterTestCase):
         self.assertIn("error", self.assertJSON(response, 405))
         self.assertEqual(set(response.headers["Allow"].replace(" ", "").split(",")), {"GET", "DELETE"})
 
+    def test_json_endpoint_answers_an_absurdly_nested_get_json_body_400(self):
+        seen = []
+
+        @json_endpoint
+        def view():
+            seen.append(request.get_json(silent=True))
+            return {"read": True}
+        client = self.client_for(view)
+        depth = 100000
+        nested = "[" * depth + "]" * depth
+        for encoding in ("utf-8", "utf-16"):
+            with self.subTest(encoding=encoding):
+                response = client.post("/v", data=nested.encode(encoding), content_type="application/json")
+                self.assertEqual(self.assertJSON(response, 400), {"error": "Request body is nested too deeply"})
+        self.assertEqual(seen, [])
+        self.assertEqual(self.assertJSON(client.post("/v", json=[[1]]), 200), {"read": True})
+
+    def test_json_endpoint_keeps_a_recursion_bug_of_its_own_a_500(self):
+        @json_endpoint("Could not walk the tree")
+        def view():
+            def walk(node):
+                return walk(node)
+            return walk(1)
+        with self.assertLogs("specter", "ERROR"):
+            response = self.client_for(view).get("/v")
+        self.assertEqual(self.assertJSON(response, 500), {"error": "Could not walk the tree"})
+
+    def test_json_endpoint_abort_with_a_response_keeps_that_response(self):
+        @json_endpoint
+        def view():
+            abort(flask.Response("brewing", status=418, headers={"X-Pot": "tea"}))
+        response = self.client_for(view).get("/v")
+        self.assertEqual((response.status_code, response.get_data(as_text=True)), (418, "brewing"))
+        self.assertEqual(response.headers["X-Pot"], "tea")
+
+        @json_endpoint
+        def json_view():
+            abort(flask.make_response(flask.jsonify(reason="quota"), 429))
+        response = self.client_for(json_view).get("/v")
+        self.assertEqual(self.assertJSON(response, 429), {"reason": "quota"})
+
+    def test_http_error_whose_payload_json_cannot_encode_is_still_a_json_body(self):
+        @json_endpoint
+        def view():
+            raise HTTPError("Tag conflict", 409, payload={"tags": {"a", "b"}})
+        with self.assertLogs("specter", "ERROR") as logs:
+            response = self.client_for(view).get("/v")
+        self.assertEqual(self.assertJSON(response, 409), {"error": "Tag conflict"})
+        self.assertIn("cannot be encoded as JSON", "\n".join(logs.output))
+
+        app, sio = make_web_app()
+
+        @app.route("/plain")
+        def plain():
+            raise HTTPError("Tag conflict", 409, payload={"tags": {"a"}})
+        manager = ServiceManager(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        with self.assertLogs("specter", "ERROR"):
+            response = app.test_client().get("/plain")
+        self.assertEqual(self.assertJSON(response, 409), {"error": "Tag conflict"})
+
     def test_json_endpoint_answers_other_exceptions_500_without_details(self):
         @json_endpoint("Could not save the job")
         def view():
@@ -4427,9 +4488,32 @@ class TestHTTPHelpers(SpecterTestCase):
 
     def test_expect_json_empty_object_counts_as_missing_unless_allowed(self):
         body = self.assertJSON(self.echo_client().post("/v", json={}), 400)
-        self.assertEqual(body["error"], "Request body is required")
+        self.assertEqual(body["error"], "The body is empty ({})")
         self.assertEqual(self.assertJSON(self.echo_client(allow_empty=True).post("/v", json={}), 200),
                          {"got": {}})
+
+    def test_expect_json_messages_say_what_was_wrong_with_the_body(self):
+        client = self.echo_client()
+        cases = [
+            ({}, "Request body is required"),
+            ({"data": "{bad json", "content_type": "application/json"}, "The body is not valid JSON"),
+            ({"data": "   ", "content_type": "application/json"}, "The body is empty"),
+            ({"json": {}}, "The body is empty ({})"),
+            ({"data": {"name": "a"}},
+             "Send the body as JSON (Content-Type: application/json); "
+             "it was sent as application/x-www-form-urlencoded"),
+            ({"data": '{"name": "a"}', "content_type": "text/plain"},
+             "Send the body as JSON (Content-Type: application/json); it was sent as text/plain"),
+        ]
+        for kwargs, message in cases:
+            with self.subTest(message=message):
+                self.assertEqual(self.assertJSON(client.post("/v", **kwargs), 400)["error"], message)
+        custom = self.echo_client(error="Send a job")
+        self.assertEqual(self.assertJSON(custom.post("/v"), 400)["error"], "Send a job")
+        response = custom.post("/v", data="{bad", content_type="application/json")
+        self.assertEqual(self.assertJSON(response, 400)["error"], "Send a job: the body is not valid JSON")
+        self.assertEqual(self.assertJSON(custom.post("/v", json={}), 400)["error"],
+                         "Send a job: the body is empty ({})")
 
     def test_expect_json_non_object_body_is_400(self):
         client = self.echo_client(allow_empty=True)
@@ -4707,6 +4791,30 @@ class TestRouter(SpecterTestCase):
         router.teardown()
         self.assertEqual(closed, [1])
 
+    def test_class_defaults_are_name_router_and_an_empty_url_prefix(self):
+        self.assertEqual((Router.name, Router.url_prefix), ("router", ""))
+        router = Router()
+        self.assertEqual((router.name, router.url_prefix), ("router", ""))
+
+        class SensorRouter(Router):
+            @route("/sensors")
+            def sensors(self):
+                return {"sensors": []}
+
+        class LegacyRouter(SensorRouter):
+            name = "legacy"
+
+        class OldLegacyRouter(LegacyRouter):
+            pass
+        self.assertEqual(SensorRouter().name, "sensor_router")
+        self.assertEqual(OldLegacyRouter().name, "legacy")
+        _, client = self.served(SensorRouter())
+        self.assertEqual(client.get("/sensors").get_json(), {"sensors": []})
+        _, client = self.served(SensorRouter(url_prefix=""))
+        self.assertEqual(client.get("/sensors").status_code, 200)
+        with self.assertRaisesRegex(ValueError, "starting with '/'"):
+            Router(url_prefix="api")
+
     def test_require_and_resolve_use_the_registry(self):
         db = object()
         specter.registry.provide("db", db)
@@ -4883,6 +4991,17 @@ class TestHandler(SpecterTestCase):
         with self.assertRaises(KeyError):
             handler.require("nothing")
 
+    def test_class_defaults_are_unnamed_handler_and_no_events(self):
+        self.assertEqual((Handler.name, Handler.events), ("unnamed_handler", {}))
+        handler = Handler()
+        self.assertEqual(handler.name, "unnamed_handler")
+        self.assertEqual(handler.health()["events"], [])
+        self.assertEqual(ChatHandler().name, "chat")
+
+        class PresenceHandler(Handler):
+            pass
+        self.assertEqual(PresenceHandler().name, "presence_handler")
+
     def test_events_mapping_to_a_missing_method_is_a_type_error(self):
         class Broken(Handler):
             events = {"say": "no_such_method"}
@@ -4929,6 +5048,30 @@ class TestSocketIngress(SpecterTestCase):
         ingress.subscribe("connect", authenticate)
         self.assertFalse(sio.test_client(app, auth={"token": "bad"}).is_connected())
         self.assertTrue(sio.test_client(app, auth={"token": "good"}).is_connected())
+
+    def test_a_connect_handler_refusing_the_client_is_not_logged_as_a_failure(self):
+        import flask_socketio
+        app, sio, ingress = self.make()
+        errors = []
+        ingress.subscribe_error_default(errors.append)
+
+        def authenticate(auth=None):
+            if not auth:
+                raise flask_socketio.ConnectionRefusedError("send a token")
+            if auth.get("token") != "good":
+                raise ConnectionRefusedError("bad token")
+        ingress.subscribe("connect", authenticate)
+
+        @sio.on("connect", namespace="/plain")
+        def plain(auth=None):
+            raise ConnectionRefusedError("plain says no")
+        with captured_logs() as records:
+            self.assertFalse(sio.test_client(app).is_connected())
+            self.assertFalse(sio.test_client(app, auth={"token": "bad"}).is_connected())
+            self.assertFalse(sio.test_client(app, namespace="/plain").is_connected("/plain"))
+            self.assertTrue(sio.test_client(app, auth={"token": "good"}).is_connected())
+        self.assertEqual([r.getMessage() for r in records if r.levelno >= logging.WARNING], [])
+        self.assertEqual(errors, [])
 
     def test_connect_fails_closed(self):
         app, sio, ingress = self.make()
@@ -5133,6 +5276,63 @@ class TestSocketIngress(SpecterTestCase):
         self.assertIn(client.emit("job", 2, callback=True), (None, []))
         self.assertEqual(calls, [1])
 
+    def test_an_attached_ingress_is_the_socketios_default_error_handler(self):
+        app, sio, ingress = self.make()
+        errors = []
+        ingress.subscribe_error_default(lambda exc: errors.append(exc))
+        failure = KeyError("no such room")
+
+        @sio.on("plain")
+        def plain(data):
+            raise failure
+
+        @sio.on("plain", namespace="/admin")
+        def plain_admin(data):
+            raise ValueError("admins only")
+        client = sio.test_client(app)
+        with self.assertLogs("specter", "ERROR") as logs:
+            ack = client.emit("plain", 1, callback=True)
+        self.assertEqual(errors, [failure])
+        self.assertEqual(ack, {"ok": False, "status": 500, "error": "Internal server error", "value": None})
+        self.assertLoggedException(logs, "no such room")
+        client.connect(namespace="/admin")
+        with self.assertLogs("specter", "ERROR"):
+            client.emit("plain", 2, namespace="/admin", callback=True)
+        self.assertEqual([type(exc) for exc in errors], [KeyError, ValueError])
+        ingress.subscribe_error_default(lambda exc: {"ok": False, "error": "try again", "status": 503})
+        with self.assertLogs("specter", "ERROR"):
+            ack = client.emit("plain", 3, callback=True)
+        self.assertEqual(ack, {"ok": False, "error": "try again", "status": 503})
+
+    def test_a_booted_managers_ingress_gets_errors_of_plain_handlers(self):
+        app, sio = make_web_app()
+        seen = []
+
+        @sio.on_error_default
+        def apps_own(exc):
+            seen.append(("app", str(exc)))
+            return {"handled_by": "app"}
+
+        @sio.on("plain")
+        def plain(data):
+            raise RuntimeError("plain failed")
+        manager = boot(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        manager.socket_ingress.subscribe_error_default(lambda exc: seen.append(("ingress", str(exc))))
+        with self.assertLogs("specter", "ERROR"):
+            ack = sio.test_client(app).emit("plain", None, callback=True)
+        self.assertEqual(seen, [("app", "plain failed"), ("ingress", "plain failed")])
+        self.assertEqual(ack, {"handled_by": "app"})
+
+    def test_a_plain_connect_handler_that_raises_refuses_the_client(self):
+        app, sio, ingress = self.make()
+
+        @sio.on("connect")
+        def check(auth=None):
+            raise KeyError("session store down")
+        with self.assertLogs("specter", "ERROR"):
+            self.assertFalse(sio.test_client(app).is_connected())
+
     def test_attach_binds_pending_events(self):
         app, sio = make_web_app()
         ingress = SocketIngress()
@@ -5191,7 +5391,7 @@ class TestController(SpecterTestCase):
         self.assertEqual((response.status_code, response.get_json()), (200, {"pong": True, "by": "echo"}))
         self.assertEqual(app.test_client().get("/ping").status_code, 404)
 
-    def test_create_handler_and_build_handler(self):
+    def test_create_handler_and_build_handler_build_once_and_return_the_same_handler(self):
         handlers = []
 
         class Jobs(EchoController):
@@ -5200,18 +5400,24 @@ class TestController(SpecterTestCase):
                 super().build_events(handler)
         ctl = Jobs()
         self.addCleanup(ctl.stop)
-        fresh = ctl.create_handler()
-        self.assertIsInstance(fresh, Handler)
-        self.assertIsNot(ctl.create_handler(), fresh)
-        self.assertEqual(handlers[:2], [fresh, handlers[1]])
-        app, sio = make_web_app()
-        handler = ctl.build_handler(sio)
+        self.assertFalse(ctl.health()["has_handler"])
+        handler = ctl.create_handler()
         self.assertIsInstance(handler, Handler)
+        self.assertEqual(handler.name, "echo")
+        self.assertIs(ctl.create_handler(), handler)
+        self.assertTrue(ctl.health()["has_handler"])
+        app, sio = make_web_app()
+        self.assertIs(ctl.build_handler(sio), handler)
         self.assertTrue(handler.registered)
         self.assertIs(ctl.build_handler(), handler)
+        self.assertIs(ctl.create_handler(), handler)
+        self.assertEqual(handlers, [handler])
         self.assertIs(ctl.socketio, sio)
         ctl.start()
         self.assertEqual(sio.test_client(app).emit("echo", 9, callback=True), {"echo": 9})
+        fresh = Jobs()
+        self.addCleanup(fresh.stop)
+        self.assertIs(fresh.build_handler(), fresh.create_handler())
 
     def test_owned_model_and_store_are_destroyed_on_stop(self):
         ctl = Controller("owner").start()
@@ -5367,7 +5573,7 @@ class TestController(SpecterTestCase):
         response = app.test_client().post("/api/items", json={"name": "lamp"})
         self.assertEqual((response.status_code, response.get_json()), (200, {"ok": True, "name": "lamp"}))
         self.assertEqual(sio.test_client(app).emit("item_created", {"id": 1}, callback=True), {"ok": True})
-        self.assertEqual(manager.health()["services"][0]["name"], "items")
+        self.assertEqual(manager.health()["services"]["items"]["name"], "items")
         model = ctl.state
         seen = []
         model.subscribe(lambda value, m: seen.append(value))
@@ -5398,14 +5604,33 @@ class TestServiceManager(SpecterTestCase):
         self.assertIs(manager.shutdown(), manager)
         self.assertEqual(log, ["teardown:h2", "teardown:h1", "stop:c", "stop:b", "stop:a"])
 
+    def test_register_calls_return_the_manager_so_they_chain(self):
+        log = []
+        manager = self.manager()
+        service, handler, ctl = RecordingService("a", log), RecordingHandler("h", log), EchoController()
+        self.assertIs(manager.register_service(service), manager)
+        self.assertIs(manager.register_handler(handler), manager)
+        self.assertIs(manager.register_controller(ctl, url_prefix="/echo"), manager)
+        chained = self.manager()
+        returned = (chained.register_service(RecordingService("b", log))
+                    .register_handler(RecordingHandler("h2", log))
+                    .register_controller(EchoController(), url_prefix="/echo")
+                    .boot())
+        self.assertIs(returned, chained)
+        self.assertEqual(log, ["start:b", "setup:h2"])
+        self.assertEqual(chained.app.test_client().get("/echo/ping").get_json(), {"pong": True, "by": "echo"})
+        self.assertIs(chained.register_service(service), chained)  # booted: starts at once
+        self.assertTrue(service.running)
+
     def test_registry_holds_manager_and_ingress_until_shutdown(self):
         manager = self.manager()
         manager.boot()
         self.assertIs(specter.registry.require("service_manager"), manager)
         self.assertIs(specter.registry.require("socket_ingress"), manager.socket_ingress)
+        self.assertIs(specter.registry.require("socketio"), manager.socketio)
         specter.registry.provide("extra", 1)
         manager.shutdown()
-        for key in ("service_manager", "socket_ingress", "extra"):
+        for key in ("service_manager", "socket_ingress", "socketio", "extra"):
             self.assertNotIn(key, specter.registry)
         self.assertFalse(manager.running)
 
@@ -5427,7 +5652,8 @@ class TestServiceManager(SpecterTestCase):
             def on_stop(self):
                 gevent.sleep(0.05)
         manager = self.manager()
-        slow = manager.register_service(Slow())
+        slow = Slow()
+        manager.register_service(slow)
         manager.boot()
         first = gevent.spawn(manager.shutdown)
         gevent.sleep(0.01)
@@ -5435,6 +5661,67 @@ class TestServiceManager(SpecterTestCase):
         manager.shutdown()
         self.assertEqual((slow.status, manager.booted), ("stopped", False))
         first.join()
+
+    def test_shutdown_during_boot_stops_the_boot_and_releases_what_it_started(self):
+        log = []
+        gate = gevent.event.Event()
+
+        class Slow(RecordingService):
+            def on_start(self):
+                super().on_start()
+                self.spawn(gevent.sleep, LONG)
+                gate.wait(LONG)  # a start that takes its time (a database coming up, say)
+        manager = self.manager()
+        first, slow, last = RecordingService("first", log), Slow("slow", log), RecordingService("last", log)
+        manager.register_service(first).register_service(slow).register_service(last)
+        handler = RecordingHandler("h", log)
+        manager.register_handler(handler)
+        before = live_greenlets()
+        booting = gevent.spawn(manager.boot)
+        self.assertTrue(wait_until(lambda: slow.status == "starting"))
+        started = time.monotonic()
+        self.assertIs(manager.shutdown(), manager)
+        self.assertLess(time.monotonic() - started, 1.0, "shutdown() waited for the slow start to finish")
+        self.assertEqual(log, ["start:first", "start:slow", "stop:first"])
+        self.assertEqual((first.status, slow.status, last.status), ("stopped", "stopped", "created"))
+        self.assertFalse(handler.registered)
+        self.assertFalse(manager.running or manager.booted)
+        self.assertEqual(specter.registry.list(), [])
+        self.assertIs(booting.get(timeout=WAIT), manager)
+        gate.set()
+        gevent.sleep(0)
+        self.assertEqual(last.status, "created", "boot() went on starting services after shutdown()")
+        self.assertNoNewGreenlets(before)
+
+    def test_shutdown_from_an_on_start_cancels_the_rest_of_the_boot(self):
+        log = []
+        manager = self.manager()
+
+        class Quitter(RecordingService):
+            def on_start(self):
+                super().on_start()
+                manager.shutdown()  # e.g. a fatal configuration error found while starting
+        first, quitter, last = RecordingService("first", log), Quitter("quitter", log), RecordingService("last", log)
+        manager.register_service(first).register_service(quitter).register_service(last)
+        self.assertIs(manager.boot(), manager)
+        self.assertEqual(log, ["start:first", "start:quitter", "stop:first", "stop:quitter"])
+        self.assertEqual((first.status, quitter.status, last.status), ("stopped", "stopped", "created"))
+        self.assertFalse(manager.running or manager.booted)
+        self.assertEqual(specter.registry.list(), [])
+
+    def test_a_later_shutdown_is_not_a_no_op_while_work_remains(self):
+        log = []
+        manager = self.manager()
+        worker = RecordingService("worker", log)
+        manager.register_service(worker)
+        manager.boot()
+        manager.shutdown()
+        worker.start()  # restarted by hand after the app was shut down
+        manager.shutdown()
+        self.assertEqual(log, ["start:worker", "stop:worker", "start:worker", "stop:worker"])
+        self.assertFalse(worker.running)
+        manager.shutdown()
+        self.assertEqual(len(log), 4)
 
     def test_shutdown_gives_signals_back_their_previous_handlers(self):
         before = signal.getsignal(signal.SIGINT)
@@ -5456,8 +5743,8 @@ class TestServiceManager(SpecterTestCase):
             def on_stop(self):
                 gevent.sleep(0.2)
         manager = self.manager()
-        fast = manager.register_service(Service("fast"))
-        manager.register_service(Slow())
+        fast = Service("fast")
+        manager.register_service(fast).register_service(Slow())
         manager.boot()
         with self.assertRaises(gevent.Timeout):
             with gevent.Timeout(0.05):
@@ -5575,18 +5862,47 @@ class TestServiceManager(SpecterTestCase):
         manager.boot()
         health = manager.health()
         self.assertEqual(health["status"], "ok")
-        (parent,) = [s for s in health["services"] if s["name"] == "parent"]
+        parent = health["services"]["parent"]
         self.assertEqual(parent["status"], "ok")
         self.assertEqual([c["name"] for c in parent["children"]], ["child"])
         self.assertEqual(parent["children"][0]["status"], "ok")
         self.assertIn("parent.model", [r.get("name") for r in parent["resources"]])
-        self.assertEqual([h["name"] for h in health["handlers"]], ["h"])
+        self.assertEqual(list(health["handlers"]), ["h"])
         manager.shutdown()
         self.assertEqual(manager.health()["status"], "stopped")
 
+    def test_health_keys_services_and_handlers_by_name(self):
+        class Bare:
+            """A handler with setup/teardown and nothing else."""
+            registered = False
+
+            def setup(self, socketio=None):
+                self.registered = True
+
+            def teardown(self):
+                self.registered = False
+        manager = self.manager()
+        db, search = Service("db"), EchoController("search")
+        manager.register_service(db).register_controller(search).register_handler(RecordingHandler("h", []))
+        bare = Bare()
+        manager.register_service(Service("db")).register_handler(bare)
+        manager.boot()
+        health = manager.health()
+        self.assertIsInstance(health["services"], dict)
+        self.assertEqual(list(health["services"]), ["db", "search", "db#2"])
+        self.assertEqual(health["services"]["db"], db.health())
+        self.assertEqual(health["services"]["search"]["has_handler"], True)
+        self.assertIsInstance(health["handlers"], dict)
+        self.assertEqual(list(health["handlers"]), ["search", "h", repr(bare)])
+        self.assertTrue(all(h["registered"] is True for h in health["handlers"].values()))
+        json.dumps(health)
+        manager.shutdown()
+        self.assertTrue(all(h["registered"] is False for h in manager.health()["handlers"].values()))
+
     def test_health_is_degraded_while_a_service_is_down(self):
         manager = self.manager()
-        worker = manager.register_service(Service("worker"))
+        worker = Service("worker")
+        manager.register_service(worker)
         manager.boot()
         self.assertEqual(manager.health()["status"], "ok")
         worker.stop()
@@ -5782,6 +6098,33 @@ class TestRealClients(SpecterTestCase):
         manager.shutdown()
         self.assertFalse(specter.bus.has_listeners("job:done"))
 
+    def test_a_plain_service_reaches_socket_clients_through_the_registry(self):
+        app, sio = make_web_app()
+
+        class Metrics(Service):
+            def on_start(self):
+                self.socketio = self.require("socketio")
+                self.ticks = 0
+                self.interval(self.tick, 0.02)
+
+            def tick(self):
+                self.ticks += 1
+                self.emit("metrics:tick", self.ticks)                    # the in-process bus
+                self.socketio.emit("metrics", {"ticks": self.ticks})     # Socket.IO clients
+        on_bus = []
+        specter.bus.on("metrics:tick", on_bus.append)
+        url, manager = self.serve(app, sio, services=[Metrics()])
+        self.assertIs(specter.registry.require("socketio"), sio)
+        got = []
+        client = socketio.Client()
+        client.on("metrics", got.append)
+        self.connect(url, client)
+        self.assertTrue(wait_until(lambda: len(got) >= 2, timeout=CLIENT_TIMEOUT))
+        self.assertEqual(set(got[0]), {"ticks"})
+        self.assertTrue(on_bus)
+        manager.shutdown()
+        self.assertNotIn("socketio", specter.registry)
+
     def test_namespace(self):
         class RoomHandler(RecordingHandler):
             namespace = "/chat"
@@ -5814,6 +6157,55 @@ class TestRealClients(SpecterTestCase):
         self.assertFalse(client.connected)
         self.assertTrue(wait_until(lambda: len(presence.log) >= 2, timeout=CLIENT_TIMEOUT))
         self.assertEqual(presence.log[1], ("left", presence.log[0][1]))
+
+    def test_a_failing_socket_handler_acks_a_json_error_instead_of_timing_out(self):
+        app, sio = make_web_app()
+
+        class Rooms(Handler):
+            events = {"join": "join", "members": "members", "ping": "ping"}
+
+            def join(self, data):
+                raise KeyError("room table is gone")
+
+            def members(self, data):
+                return {"members": {"ann", "bob"}}  # a set: JSON cannot encode it
+
+            def ping(self, data):
+                return {"pong": data}, b"\x00\x01"  # two ack arguments, one binary: fine
+        url, _ = self.serve(app, sio, handlers=[Rooms()])
+        client = self.connect(url)
+        error = {"ok": False, "status": 500, "error": "Internal server error", "value": None}
+        with self.assertLogs("specter", "ERROR") as logs:
+            started = time.monotonic()
+            self.assertEqual(self.call(client, "join", {"room": "lobby"}), error)
+            self.assertEqual(self.call(client, "members", "lobby"), error)
+            self.assertLess(time.monotonic() - started, CLIENT_TIMEOUT / 2)
+        self.assertLoggedException(logs, "room table is gone")
+        self.assertIn("cannot be encoded", "\n".join(logs.output))
+        self.assertTrue(all(record.name.startswith("specter") for record in logs.records))
+        self.assertEqual(self.call(client, "ping", 1), ({"pong": 1}, b"\x00\x01"))
+        self.assertTrue(client.connected)
+
+    def test_shutdown_sends_the_services_final_emits_then_disconnects_clients_cleanly(self):
+        app, sio = make_web_app()
+
+        class Farewell(Service):
+            def on_stop(self):
+                sio.emit("bye", {"last": True})
+        url, manager = self.serve(app, sio, services=[Farewell()])
+        events = []
+        clients = []
+        for transports in (["websocket"], ["polling"]):
+            client = socketio.Client()
+            client.on("bye", lambda data, t=transports[0]: events.append((t, "bye", data)))
+            client.on("disconnect", lambda reason=None, t=transports[0]: events.append((t, "disconnect", reason)))
+            clients.append(self.connect(url, client, transports=transports))
+        manager.shutdown()
+        self.assertTrue(wait_until(lambda: len(events) == 4, timeout=CLIENT_TIMEOUT), events)
+        for transport in ("websocket", "polling"):
+            self.assertEqual([event[1:] for event in events if event[0] == transport],
+                             [("bye", {"last": True}), ("disconnect", "server disconnect")])
+        self.assertFalse(any(client.connected for client in clients))
 
     def test_controller_stop_over_real_clients(self):
         app, sio = make_web_app()
@@ -5892,6 +6284,83 @@ SIGNAL_APP = textwrap.dedent("""
 """)
 
 
+SOCKET_APP = textwrap.dedent("""
+    import socket
+    import sys
+
+    from flask import Flask
+    from flask_socketio import SocketIO
+
+    import specter
+
+    app = Flask(__name__)
+    sio = SocketIO(app, async_mode="gevent")
+
+
+    @app.route("/ready")
+    def ready():
+        return "ok"
+
+
+    class Farewell(specter.Service):
+        def on_stop(self):
+            self.require("socketio").emit("bye", {"last": True})
+
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    print("port", port, flush=True)
+    if sys.argv[1] == "manager":
+        specter.ServiceManager(app, sio).register_service(Farewell()).run("127.0.0.1", port)
+    else:  # boot() with signals on, then the usual Flask-SocketIO server
+        specter.boot(app, sio, services=[Farewell()])
+        sio.run(app, host="127.0.0.1", port=port)
+""")
+
+
+BOOT_APP = textwrap.dedent("""
+    import sys
+
+    import gevent
+    from flask import Flask
+    from flask_socketio import SocketIO
+
+    import specter
+
+    marker = sys.argv[1]
+    app = Flask(__name__)
+    sio = SocketIO(app, async_mode="gevent")
+
+
+    class Worker(specter.Service):
+        def on_start(self):
+            proc = self.start_process(["sleep", "60"])
+            print("grandchild", proc.pid, flush=True)
+
+        def on_stop(self):
+            with open(marker, "w") as f:
+                f.write("stopped")
+
+
+    class Slow(specter.Service):
+        def on_start(self):
+            print("booting", flush=True)
+            gevent.sleep(60)  # a start that takes its time: the SIGTERM comes meanwhile
+
+
+    manager = specter.ServiceManager(app, sio)
+    manager.register_service(Worker()).register_service(Slow())
+    if sys.argv[2] == "manager":
+        manager.run("127.0.0.1", 0)
+    else:
+        manager.boot()
+        sio.run(app, host="127.0.0.1", port=0)
+    print("served after a cancelled boot", flush=True)
+""")
+
+
 class TestSignals(SpecterTestCase):
 
     def blocking(self, fn, *args, **kwargs):
@@ -5960,11 +6429,92 @@ class TestSignals(SpecterTestCase):
         self.assertNotIn("Traceback", stderr())
         return stderr()
 
+    def test_sigterm_disconnects_socket_clients_cleanly_after_the_final_emits(self):
+        workdir = tempfile.mkdtemp(prefix="specter-web-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "sockapp.py")
+        with open(script, "w") as f:
+            f.write(SOCKET_APP)
+        env = dict(os.environ, PYTHONPATH=SPECTER_DIR)
+        for mode in ("manager", "socketio"):
+            with self.subTest(mode=mode):
+                child = gevent.subprocess.Popen([sys.executable, "-u", script, mode], stdout=gevent.subprocess.PIPE,
+                                                stderr=gevent.subprocess.PIPE, env=env, cwd=workdir,
+                                                universal_newlines=True, start_new_session=True)
+                self.addCleanup(self.reap, child)
+                with gevent.Timeout(CLIENT_TIMEOUT, AssertionError("the child never printed its port")):
+                    port = int(child.stdout.readline().split()[1])
+                url = "http://127.0.0.1:%d" % port
+                self.assertTrue(wait_until(lambda: self.served(port), timeout=CLIENT_TIMEOUT, step=0.02))
+                events = []
+                for transport in ("websocket", "polling"):
+                    client = socketio.Client()
+                    client.on("bye", lambda data, t=transport: events.append((t, "bye", data)))
+                    client.on("disconnect", lambda reason=None, t=transport: events.append((t, "disconnect", reason)))
+                    self.blocking(client.connect, url, transports=[transport], wait_timeout=CLIENT_TIMEOUT)
+                    self.addCleanup(lambda c=client: c.connected and self.blocking(c.disconnect))
+                child.send_signal(signal.SIGTERM)
+                try:
+                    code = child.wait(timeout=CLIENT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    code = None
+                errors = child.stderr.read()
+                self.assertEqual(code, 0, errors)
+                self.assertNotIn("Traceback", errors)
+                self.assertTrue(wait_until(lambda: len(events) == 4, timeout=CLIENT_TIMEOUT), events)
+                for transport in ("websocket", "polling"):
+                    self.assertEqual([event[1:] for event in events if event[0] == transport],
+                                     [("bye", {"last": True}), ("disconnect", "server disconnect")])
+
+    def test_sigterm_during_boot_rolls_back_and_exits_cleanly(self):
+        workdir = tempfile.mkdtemp(prefix="specter-web-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "bootapp.py")
+        with open(script, "w") as f:
+            f.write(BOOT_APP)
+        env = dict(os.environ, PYTHONPATH=SPECTER_DIR)
+        for mode in ("manager", "boot"):
+            with self.subTest(mode=mode):
+                marker = os.path.join(workdir, "stopped-" + mode)
+                # stderr goes to a file: the grandchild inherits it, so a pipe would stay open while it lives.
+                errors_path = os.path.join(workdir, "stderr-" + mode)
+                with open(errors_path, "w") as errors:
+                    child = gevent.subprocess.Popen([sys.executable, "-u", script, marker, mode],
+                                                    stdout=gevent.subprocess.PIPE, stderr=errors, env=env,
+                                                    cwd=workdir, universal_newlines=True, start_new_session=True)
+                self.addCleanup(self.reap, child)
+
+                def stderr():
+                    with open(errors_path) as f:
+                        return f.read()
+                lines = {}
+                with gevent.Timeout(CLIENT_TIMEOUT, AssertionError("the child never reached its slow start")):
+                    while "booting" not in lines:
+                        word, _, rest = child.stdout.readline().strip().partition(" ")
+                        self.assertTrue(word, "the child ended early: %s" % stderr())
+                        lines[word] = rest
+                grandchild = int(lines["grandchild"])
+                self.addCleanup(self.kill_stray, grandchild)
+                self.assertFalse(pid_gone(grandchild))
+                child.send_signal(signal.SIGTERM)
+                try:
+                    code = child.wait(timeout=CLIENT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    code = None
+                self.assertEqual(code, 0, stderr())
+                self.assertNotIn("Traceback", stderr())
+                self.assertEqual(child.stdout.read(), "", "the program went on after the interrupted boot")
+                with open(marker) as f:
+                    self.assertEqual(f.read(), "stopped")
+                self.assertTrue(wait_until(lambda: pid_gone(grandchild), timeout=3.0, step=0.01))
+
     def reap(self, child):
         if child.poll() is None:
             child.kill()
             child.wait()
-        child.stdout.close()
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
 
     def kill_stray(self, pid):
         if not pid_gone(pid):
@@ -7010,9 +7560,9 @@ class TestJobBoardDemo(SpecterTestCase):
         self.assertEqual(response.status_code, 200)
         health = response.get_json()
         self.assertEqual(health["status"], "ok")
-        self.assertEqual([s["name"] for s in health["services"]],
-                         ["live", "jobs.runner", "host.monitor", "jobs.housekeeper", "jobs"])
-        self.assertTrue(all(s["status"] == "ok" for s in health["services"]))
+        self.assertEqual(sorted(health["services"]),
+                         ["host.monitor", "jobs", "jobs.housekeeper", "jobs.runner", "live"])
+        self.assertTrue(all(s["status"] == "ok" for s in health["services"].values()))
 
         ids = [self.submit(name="quick %d" % n, steps=1, delay=0.01)["id"] for n in range(3)]
         removed = lambda: {data["id"] for name, data in events if name == "job:removed"}
