@@ -215,8 +215,10 @@ class EventBus:
         """Call every listener of ``event`` with ``data``, now, in this greenlet."""
         listeners = self._listeners.get(event)
         if listeners is None:
-            # Only a miss can be a bad name: on() never stores one.
-            _bus_event(event)
+            # Only a miss can be a bad name: on() never stores one. The test
+            # is _bus_event's, inline: a call here would double an idle emit.
+            if type(event) is not str or not event:
+                _bus_event(event)
             return
         for callback in listeners:
             try:
@@ -3188,7 +3190,9 @@ class SocketIngress:
     the client's ack; one Socket.IO cannot encode is logged and replaced by
     that error dict, so the client's call() never waits in vain. With
     ``schema=`` a subscriber only sees payloads that validate (cleaned); an
-    invalid one makes the ack the 400 error dict.
+    invalid one makes the ack the 400 error dict. Order, schemas and
+    signatures are settled into each event's call plan when its
+    subscribers change, so an event only walks that plan.
 
     Attached to a SocketIO, the ingress is also its default error handler:
     an exception from any event handler on it, a plain ``@socketio.on`` one
@@ -3198,7 +3202,8 @@ class SocketIngress:
     def __init__(self, socketio=None, *, name="socket_ingress"):
         self.name = _check_name(name, "ingress name")
         self._socketio = None
-        self._subs = {}
+        self._subs = {}   # (namespace, event) -> its subscribers, sorted
+        self._plans = {}  # (namespace, event) -> its call plan, see _set_subs()
         self._bound = set()
         self._error_subs = ()
         self._seq = itertools.count()
@@ -3232,8 +3237,7 @@ class SocketIngress:
         # handlers a reason only if they take them; so do we.
         arity = _web_arity(callback) if event in ("connect", "disconnect") else None
         entry = _IngressSubscriber(callback, _web_priority(priority), next(self._seq), _web_schema(schema), arity)
-        subs = self._subs.get(key, ()) + (entry,)
-        self._subs[key] = tuple(sorted(subs, key=_IngressSubscriber.order))
+        self._set_subs(key, self._subs.get(key, ()) + (entry,))
         self._bind(*key)
         unsubscribe = functools.partial(self._remove, key, entry)
         if owner is not None:
@@ -3294,10 +3298,28 @@ class SocketIngress:
 
     def dispatch(self, event: str, *args: Any, namespace: str = "/", **kwargs: Any) -> Any:
         """Run ``event``'s subscribers now, as a client event would; returns the ack value."""
-        subs = self._subs.get((_web_namespace(namespace), event))
-        if not subs:
+        try:
+            plan = self._plans.get((namespace, event))
+        except TypeError:  # an unhashable namespace gets its precise error
+            _web_namespace(namespace)
+            raise
+        if plan is None:
+            _web_namespace(namespace)  # only a miss can be a bad namespace: none is ever stored
             return None
-        return self._run(subs, event, args, kwargs)
+        # The loop is here, not in a helper, because it is the hot path (one call frame less).
+        result = None
+        for call, callback in plan:
+            try:
+                value = call(*args, **kwargs)
+            except Exception as exc:
+                value = self._failed(callback, event, exc)
+            if value is not None:
+                if value is False and event == "connect":
+                    return False  # one refusal is final, whatever later subscribers say
+                result = value
+        if isinstance(result, Outcome):
+            return result.to_dict()
+        return result
 
     def dispatch_default_error(self, exc: BaseException, *args: Any, **kwargs: Any) -> Any:
         """Hand ``exc`` to the default-error subscribers; returns their last non-None result."""
@@ -3316,6 +3338,7 @@ class SocketIngress:
     def clear(self) -> None:
         """Drop every subscriber; bound events then answer nothing."""
         self._subs.clear()
+        self._plans.clear()
         self._error_subs = ()
 
     def health(self) -> Dict[str, Any]:
@@ -3333,10 +3356,7 @@ class SocketIngress:
         socketio.on_event(event, functools.partial(self._handle, namespace, event), namespace=namespace)
 
     def _handle(self, namespace, event, *args):
-        subs = self._subs.get((namespace, event))
-        if not subs:
-            return None
-        result = self._run(subs, event, args, {})
+        result = self.dispatch(event, *args, namespace=namespace)
         if result is None or result is False or event in ("connect", "disconnect"):
             return result
         return self._ackable(event, result)
@@ -3386,47 +3406,40 @@ class SocketIngress:
         result = self.dispatch_default_error(exc)
         return _web_socket_error() if result is None else result
 
-    def _run(self, subs, event, args, kwargs):
-        result = None
-        for entry in subs:
-            call_args = args
-            if entry.schema is not None:
-                outcome = entry.schema.validate(args[0] if args else None)
-                if not outcome.ok:
-                    result = outcome.to_dict()
-                    continue
-                call_args = (outcome.value,) + args[1:]
-            if entry.arity is not None:
-                call_args = call_args[:entry.arity]
-            try:
-                value = entry.callback(*call_args, **kwargs)
-            except Exception as exc:
-                if _web_refusal(exc):
-                    raise  # a connect handler refusing the client: python-socketio answers it
-                _web_log.exception("ingress %s: subscriber %s of %r raised", self.name,
-                                   _callable_name(entry.callback), event)
-                if event == "connect":
-                    return False  # fail closed: a crashed check must not let the client in
-                value = self.dispatch_default_error(exc)
-                if value is None:
-                    value = _web_socket_error()
-            if value is False and event == "connect":
-                return False  # one refusal is final, whatever later subscribers say
-            if value is not None:
-                result = value
-        if isinstance(result, Outcome):
-            return result.to_dict()
-        return result
+    def _failed(self, callback, event, exc):
+        """What a subscriber that raised ``exc`` contributes: logged, then the error subscribers' answer."""
+        if _web_refusal(exc):
+            raise  # a connect handler refusing the client: python-socketio answers it
+        _web_log.exception("ingress %s: subscriber %s of %r raised", self.name, _callable_name(callback), event)
+        if event == "connect":
+            return False  # fail closed: a crashed check must not let the client in
+        value = self.dispatch_default_error(exc)
+        return _web_socket_error() if value is None else value
+
+    def _set_subs(self, key, subs):
+        """Store ``key``'s subscribers and precompute its call plan; no subscribers drops the key.
+
+        The plan is what a dispatch walks: one ``(call, callback)`` pair per
+        subscriber, in priority order, where ``call`` is the callback itself
+        or, with a schema or a trimmed signature, its prebuilt wrapper. So
+        sorting, schema and arity are settled here, when subscribers change,
+        not on every event. Both dicts get new tuples, never mutated ones:
+        a dispatch already running keeps the plan it started with.
+        """
+        if subs:
+            subs = tuple(sorted(subs, key=_IngressSubscriber.order))
+            self._subs[key] = subs
+            self._plans[key] = tuple((entry.call, entry.callback) for entry in subs)
+        else:
+            self._subs.pop(key, None)
+            self._plans.pop(key, None)
 
     def _remove(self, key, entry):
         subs = self._subs.get(key, ())
         kept = tuple(sub for sub in subs if sub is not entry)
         if len(kept) == len(subs):
             return False
-        if kept:
-            self._subs[key] = kept
-        else:
-            del self._subs[key]
+        self._set_subs(key, kept)
         return True
 
 
@@ -3966,7 +3979,7 @@ class _BootCancelled(BaseException):
 
 
 class _IngressSubscriber:
-    __slots__ = ("callback", "priority", "seq", "schema", "arity")
+    __slots__ = ("callback", "priority", "seq", "schema", "arity", "call")
 
     def __init__(self, callback, priority, seq, schema, arity=None):
         self.callback = callback
@@ -3974,9 +3987,21 @@ class _IngressSubscriber:
         self.seq = seq
         self.schema = schema
         self.arity = arity
+        self.call = callback if schema is None and arity is None else self._checked
 
     def order(self):
         return (self.priority, self.seq)
+
+    def _checked(self, *args, **kwargs):
+        """The callback behind its schema and signature: an invalid payload is answered, not delivered."""
+        if self.schema is not None:
+            outcome = self.schema.validate(args[0] if args else None)
+            if not outcome.ok:
+                return outcome.to_dict()
+            args = (outcome.value,) + args[1:]
+        if self.arity is not None:
+            args = args[:self.arity]
+        return self.callback(*args, **kwargs)
 
 
 _WEB_FLUSH_STEP = 0.005  # how often shutdown looks whether clients took their disconnect (seconds)

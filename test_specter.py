@@ -5344,6 +5344,65 @@ class TestSocketIngress(SpecterTestCase):
         with self.assertRaises(TypeError):
             SocketIngress().attach(None)
 
+    def test_subscribers_changed_during_a_dispatch_take_effect_from_the_next_one(self):
+        _, _, ingress = self.make()
+        calls = []
+
+        def late(data):
+            calls.append(("late", data))
+
+        def second(data):
+            calls.append(("second", data))
+
+        def first(data):
+            calls.append(("first", data))
+            if data == 1:
+                ingress.subscribe("job", late, priority=5)
+                ingress.unsubscribe("job", second)
+        ingress.subscribe("job", first, priority=1)
+        ingress.subscribe("job", second, priority=2)
+        ingress.dispatch("job", 1)
+        self.assertEqual(calls, [("first", 1), ("second", 1)])
+        calls.clear()
+        ingress.dispatch("job", 2)
+        self.assertEqual(calls, [("first", 2), ("late", 2)])
+
+    def test_order_holds_as_subscribers_come_and_go(self):
+        _, _, ingress = self.make()
+        order = []
+        removers = {}
+        for label, priority in (("a", 20), ("b", 10), ("c", 20), ("d", 10)):
+            removers[label] = ingress.subscribe("job", lambda data, label=label: order.append(label),
+                                                priority=priority)
+        removers["d"]()
+        ingress.subscribe("job", lambda data: order.append("e"), priority=10)   # after b, the older tie
+        ingress.subscribe("job", lambda data: order.append("f"), priority=15)
+        removers["a"]()
+        ingress.dispatch("job", None)
+        self.assertEqual(order, ["b", "e", "f", "c"])
+        self.assertEqual(ingress.health()["events"], {"/ job": 4})
+
+    def test_dispatch_to_a_bad_namespace_is_a_value_error(self):
+        _, _, ingress = self.make()
+        ingress.subscribe("job", lambda data: "ok")
+        for bad in ("job", "", None, ["/"]):
+            with self.subTest(namespace=bad):
+                with self.assertRaisesRegex(ValueError, "namespace must start with '/'"):
+                    ingress.dispatch("job", 1, namespace=bad)
+
+    def test_a_failing_subscriber_is_logged_under_its_own_name_with_a_schema_too(self):
+        app, sio, ingress = self.make()
+        schema = Schema("job", {"n": Field(int, required=True)})
+
+        def count_jobs(data):
+            raise LookupError("no queue for %d" % data["n"])
+        ingress.subscribe("job", count_jobs, schema=schema)
+        with self.assertLogs("specter", "ERROR") as logs:
+            ack = sio.test_client(app).emit("job", {"n": "3"}, callback=True)
+        self.assertEqual(ack, {"error": "Internal server error", "ok": False, "status": 500, "value": None})
+        self.assertIn("count_jobs", logs.output[0])
+        self.assertIn("LookupError: no queue for 3", logs.output[0])
+
 
 class TestController(SpecterTestCase):
 
