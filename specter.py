@@ -3078,7 +3078,8 @@ class Handler(_Owner):
         self._bindings = []
         self._socketio = None
         self._registered = False
-        self._gate = None
+        self._gate = None   # a Controller's "am I running?": see _guarded()
+        self._fences = []   # unsubscribes of gated connect subscriptions, which outlive teardown
         if not isinstance(self.events, dict):
             raise TypeError("%s.events must be a dict of event -> method name" % type(self).__name__)
         for event, method_name in self.events.items():
@@ -3130,6 +3131,9 @@ class Handler(_Owner):
                                "setup() or boot an app that provides 'socket_ingress'" % self.name)
         self._registered = True
         try:
+            fences, self._fences = self._fences, []
+            for unsubscribe in fences:  # the bindings below take their place
+                unsubscribe()
             for binding in self._bindings:
                 self._bind(binding)
             self.on_setup()
@@ -3164,15 +3168,31 @@ class Handler(_Owner):
     def _bind(self, binding):
         event, callback, priority, namespace, schema = binding
         ingress = registry.resolve("socket_ingress") or _web_direct_ingress(self._socketio)
-        self.add_cleanup(ingress.subscribe(event, self._guarded(callback), priority=priority,
-                                           namespace=namespace, schema=schema))
+        unsubscribe = ingress.subscribe(event, self._guarded(callback, event), priority=priority,
+                                        namespace=namespace, schema=schema)
+        if event == "connect" and self._gate is not None:
+            # A gated connect check stays subscribed through teardown, refusing
+            # clients (see _guarded): removing it would let everyone in.
+            self._fences.append(unsubscribe)
+        else:
+            self.add_cleanup(unsubscribe)
 
-    def _guarded(self, callback):
-        gate = self._gate
+    def _guarded(self, callback, event):
+        """``callback`` behind the handler's state: only a set-up handler (with its gate open) runs it.
+
+        Otherwise the event is not delivered, except that a gated handler's
+        ``connect`` check refuses the client: a Controller that is not
+        running cannot vouch for anyone, so it fails closed.
+        """
+        closed = False if event == "connect" else None
 
         def deliver(*args):
-            if not self._registered or (gate is not None and not gate()):
-                return None
+            gate = self._gate
+            if gate is None:
+                if not self._registered:
+                    return None
+            elif not self._registered or not gate():
+                return closed
             return callback(*args)
         deliver.__qualname__ = "%s.%s" % (self.name, _callable_name(callback))
         deliver.__wrapped__ = callback  # so the ingress sees the real signature
@@ -3447,10 +3467,11 @@ class Controller(Service):
     """A feature's composition root: routes, socket events, schemas and state under one lifecycle.
 
     Override ``build_routes(router)`` and ``build_events(handler)``; declare
-    ``schemas``. While the controller is not running its routes answer 503
-    and its socket events are not delivered. ``stop()`` tears the handler
-    down first, then stops like any Service (owned models and stores
-    included).
+    ``schemas``. While the controller is not running its routes answer 503,
+    its socket events are not delivered and its ``connect`` subscribers
+    refuse every client (an auth check that cannot run must not let anyone
+    in). ``stop()`` tears the handler down first, then stops like any
+    Service (owned models and stores included).
     """
 
     schemas: Dict[str, Schema] = {}
@@ -3495,7 +3516,10 @@ class Controller(Service):
     def build_handler(self, socketio: Any = None) -> Handler:
         """The controller's Handler, built once (and set up when ``socketio`` is given)."""
         if self._handler is None:
-            self._handler = self.create_handler()  # a subclass's create_handler may build its own
+            handler = self.create_handler()  # a subclass's create_handler may build its own
+            if isinstance(handler, Handler) and handler._gate is None:
+                handler._gate = lambda: self.running  # gated like the one create_handler() builds
+            self._handler = handler
         if socketio is not None:
             self._handler.setup(socketio)
         return self._handler
