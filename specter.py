@@ -3326,11 +3326,15 @@ class SocketIngress:
         if plan is None:
             _web_namespace(namespace)  # only a miss can be a bad namespace: none is ever stored
             return None
-        # The loop is here, not in a helper, because it is the hot path (one call frame less).
+        if len(args) != 1 or kwargs:
+            return self._run(plan, event, args, kwargs)
+        # The usual event, one payload, walked here: call(data) is the call
+        # CPython makes fastest, and this saves a frame (issue 14's benchmark).
+        data = args[0]
         result = None
         for call, callback in plan:
             try:
-                value = call(*args, **kwargs)
+                value = call(data)
             except Exception as exc:
                 value = self._failed(callback, event, exc)
             if value is not None:
@@ -3425,6 +3429,22 @@ class SocketIngress:
             return False  # fail closed, as the ingress's own connect subscribers do
         result = self.dispatch_default_error(exc)
         return _web_socket_error() if result is None else result
+
+    def _run(self, plan, event, args, kwargs):
+        """dispatch() for any arguments: the same walk, calling ``call(*args, **kwargs)``."""
+        result = None
+        for call, callback in plan:
+            try:
+                value = call(*args, **kwargs)
+            except Exception as exc:
+                value = self._failed(callback, event, exc)
+            if value is not None:
+                if value is False and event == "connect":
+                    return False
+                result = value
+        if isinstance(result, Outcome):
+            return result.to_dict()
+        return result
 
     def _failed(self, callback, event, exc):
         """What a subscriber that raised ``exc`` contributes: logged, then the error subscribers' answer."""
