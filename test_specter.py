@@ -5399,6 +5399,26 @@ class TestSocketIngress(SpecterTestCase):
         self.assertEqual(order, ["b", "e", "f", "c"])
         self.assertEqual(ingress.health()["events"], {"/ job": 4})
 
+    def test_dispatch_fails_connect_closed_whatever_the_arguments(self):
+        _, _, ingress = self.make()
+        ran = []
+        ingress.subscribe("connect", lambda *args, **kwargs: False, priority=1)
+        ingress.subscribe("connect", lambda *args, **kwargs: ran.append(args), priority=2)
+        for args, kwargs in (((), {}), (({"token": 1},), {}), (({"token": 1}, "extra"), {}), ((), {"flag": 1})):
+            with self.subTest(args=args, kwargs=kwargs):
+                self.assertIs(ingress.dispatch("connect", *args, **kwargs), False)
+        ingress.clear()
+
+        def crash(*args, **kwargs):
+            raise KeyError("session store down")
+        ingress.subscribe("connect", crash, priority=1)
+        ingress.subscribe("connect", lambda *args, **kwargs: ran.append(args), priority=2)
+        for args, kwargs in (((), {}), (({"token": 1},), {}), ((), {"flag": 1})):
+            with self.subTest(args=args, kwargs=kwargs):
+                with self.assertLogs("specter", "ERROR"):
+                    self.assertIs(ingress.dispatch("connect", *args, **kwargs), False)
+        self.assertEqual(ran, [])
+
     def test_dispatch_to_a_bad_namespace_is_a_value_error(self):
         _, _, ingress = self.make()
         ingress.subscribe("job", lambda data: "ok")
