@@ -3528,7 +3528,7 @@ class Controller(Service):
         """The controller's Handler, carrying the events added by build_events(); built once."""
         if self._handler is None:
             handler = Handler(self.name)
-            handler._gate = lambda: self.running
+            handler._gate = self._serving
             self.build_events(handler)
             self._handler = handler
         return self._handler
@@ -3538,7 +3538,7 @@ class Controller(Service):
         if self._handler is None:
             handler = self.create_handler()  # a subclass's create_handler may build its own
             if isinstance(handler, Handler) and handler._gate is None:
-                handler._gate = lambda: self.running  # gated like the one create_handler() builds
+                handler._gate = self._serving  # gated like the one create_handler() builds
             self._handler = handler
         if socketio is not None:
             self._handler.setup(socketio)
@@ -3586,6 +3586,10 @@ class Controller(Service):
         if self._handler is not None:
             self._handler.teardown()
         super()._lifecycle_stopping()
+
+    def _serving(self):
+        """The gate of the controller's routes and socket events."""
+        return self.running
 
     def _http_gate(self):
         if not self.running:
