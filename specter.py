@@ -34,6 +34,7 @@ __all__ = [
 import atexit
 import collections
 import collections.abc
+import contextlib
 import copy
 import decimal
 import functools
@@ -522,6 +523,9 @@ class Service(_Owner):
     stop_timeout = 5.0
     restart_backoff = 0.1
     restart_max_backoff = 5.0
+    # The Flask app whose application context the service's own work runs in
+    # (set by the ServiceManager it is registered with, or inherited on adopt()).
+    _specter_app: Optional[flask.Flask] = None
 
     def __init__(self, name=None, initial_state=None):
         if name is None:
@@ -577,7 +581,8 @@ class Service(_Owner):
         self._stuck = ()
         self._stop_requested = False
         try:
-            self._lifecycle_started()
+            with _life_app_context(self._specter_app):
+                self._lifecycle_started()
         except BaseException:
             _service_log.debug("%s: start failed, rolling back", self.name)
             self._status = "stopping"
@@ -626,8 +631,9 @@ class Service(_Owner):
         self._begin_transition("stopping")
         try:
             try:
-                self._lifecycle_stopping()
-                self.on_stop()
+                with _life_app_context(self._specter_app):
+                    self._lifecycle_stopping()
+                    self.on_stop()
             except Exception:
                 self._record_error("on_stop")
         finally:
@@ -778,6 +784,8 @@ class Service(_Owner):
             self._children = []
         if child not in self._children:
             self._children.append(child)
+        if child._specter_app is None:
+            child._specter_app = self._specter_app  # the parent's app context reaches its children
         if start:
             child.start()
         return self
@@ -856,7 +864,8 @@ class Service(_Owner):
 
     def _run_task(self, callback, args, kwargs):
         try:
-            return callback(*args, **kwargs)
+            with _life_task_context(self._specter_app, callback):
+                return callback(*args, **kwargs)
         except _CALLBACK_ERRORS:
             self._record_error(getcurrent().name)
             return None
@@ -886,7 +895,8 @@ class Service(_Owner):
         failures = collections.deque()
         while True:
             try:
-                return callback(*args, **kwargs)
+                with _life_app_context(self._specter_app):  # a fresh context per attempt
+                    return callback(*args, **kwargs)
             except _CALLBACK_ERRORS as exc:
                 now = _monotonic()
                 failures.append(now)
@@ -1086,7 +1096,8 @@ class QueueService(Service):
                 done()
                 return
             try:
-                handle(item)
+                with _life_app_context(self._specter_app):  # popped after each item
+                    handle(item)
                 self._processed += 1
             except _CALLBACK_ERRORS:
                 self._failed += 1
@@ -1115,6 +1126,7 @@ class Watcher:
     """
 
     stop_timeout = 5.0
+    _app = None  # the app whose context was current at start(); each round runs in a fresh one
 
     def __init__(self, name, *, poll=None, stream=None, interval=5.0, retry=True, max_backoff=30.0,
                  dedupe=False, transform=None):
@@ -1146,6 +1158,7 @@ class Watcher:
         """Start the loop in its own greenlet; idempotent."""
         if not self.running:
             self._started_at = _monotonic()
+            self._app = _life_current_app()
             self._loop = gevent.spawn(self._run)
             self._loop.name = "watcher:%s" % self.name
         return self
@@ -1192,18 +1205,20 @@ class Watcher:
         while True:
             try:
                 if self.mode == "poll":
-                    self._deliver(self._source())
+                    with _life_app_context(self._app):  # popped after each round
+                        self._deliver(self._source())
                     failures = 0
                 else:
-                    iterator = iter(self._source())
-                    try:
-                        for item in iterator:
-                            self._deliver(item)
-                            failures = 0
-                    finally:
-                        close = getattr(iterator, "close", None)
-                        if close is not None:
-                            close()
+                    with _life_app_context(self._app):  # one stream is one round
+                        iterator = iter(self._source())
+                        try:
+                            for item in iterator:
+                                self._deliver(item)
+                                failures = 0
+                        finally:
+                            close = getattr(iterator, "close", None)
+                            if close is not None:
+                                close()
                     if not self.retry:
                         return
                 delay = self.interval
@@ -1351,6 +1366,39 @@ class _Subscribers:
                 deliver(payload)
         finally:
             self.busy = False
+
+
+_LIFE_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _life_current_app():
+    """The Flask app whose application context is current in this greenlet, or None."""
+    return flask.current_app._get_current_object() if flask.has_app_context() else None
+
+
+def _life_app_context(app):
+    """A context manager running a piece of background work inside ``app``'s application context.
+
+    A fresh context per callback, tick or item, popped when it returns, so
+    ``teardown_appcontext`` handlers run after it as they do after a
+    request. Work already inside ``app``'s context (``start()`` called from a
+    view) keeps that one: popping a nested context there would tear down
+    what the caller still uses. Without an app it costs nothing.
+    """
+    if app is None or (flask.has_app_context() and flask.current_app._get_current_object() is app):
+        return _LIFE_NO_CONTEXT
+    return app.app_context()
+
+
+def _life_task_context(app, callback):
+    """The context of an owned greenlet's callback; loops that push one per round run outside it."""
+    if app is None or getattr(callback, "__func__", None) in _LIFE_PER_ROUND:
+        return _LIFE_NO_CONTEXT
+    return _life_app_context(app)
+
+
+# Loops that push a context per round themselves (per attempt, per item).
+_LIFE_PER_ROUND = frozenset((Service._supervise, QueueService._work))
 
 
 ###############################################################################
