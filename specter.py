@@ -4002,13 +4002,16 @@ class _WebLoopMonitor:
     def _on_blocked(self, event):
         """A gevent event subscriber: runs in gevent's monitor thread, never in the hub."""
         import gevent.events
-        if not isinstance(event, gevent.events.EventLoopBlocked) or getattr(event, "hub", self._hub) is not self._hub:
+        hub = self._hub
+        if hub is None or not isinstance(event, gevent.events.EventLoopBlocked) \
+                or getattr(event, "hub", hub) is not hub:
             return
         now = _monotonic()
         stack = _web_loop_stack(event.info)
         name = getattr(event.greenlet, "name", None) or repr(event.greenlet)
         self._last_report = now
-        self._reports.append((now, name, stack))
+        # The loop's clock stands still while it is blocked: it says when the loop last polled.
+        self._reports.append((hub.loop.now(), name, stack))
         if not self._in_block:  # one warning per block, not one per monitor round
             self._in_block = True
             logged = self._logged.get(stack)
@@ -4028,8 +4031,9 @@ class _WebLoopMonitor:
         first = self._reports[0]
         while self._reports:
             self._reports.popleft()
-        # The first report comes a full monitor round after the last switch.
-        seconds = _monotonic() - first[0] + self.threshold
+        loop = self._hub.loop if self._hub is not None else gevent.get_hub().loop
+        loop.update_now()  # the loop's clock when it last polled, before the block, to now
+        seconds = loop.now() - first[0]
         self.blocked += 1
         self.longest = max(self.longest, seconds)
         self.last_stack = first[2]
