@@ -4008,7 +4008,7 @@ class _WebLoopMonitor:
             return
         now = _monotonic()
         stack = _web_loop_stack(event.info)
-        name = getattr(event.greenlet, "name", None) or repr(event.greenlet)
+        name = _web_loop_greenlet_name(event.greenlet)
         self._last_report = now
         # The loop's clock stands still while it is blocked: it says when the loop last polled.
         self._reports.append((hub.loop.now(), name, stack))
@@ -4042,6 +4042,13 @@ class _WebLoopMonitor:
         if self.manager.status in _ACTIVE:
             # A loop callback may not block, and listeners may: they get a greenlet.
             self.manager.spawn(bus.emit, "loop:blocked", data, label="loop:blocked")
+
+
+def _web_loop_greenlet_name(glet):
+    name = getattr(glet, "name", None)
+    if name:
+        return name
+    return "main" if getattr(glet, "parent", False) is None else type(glet).__name__
 
 
 def _web_loop_stack(info):
