@@ -3364,7 +3364,7 @@ class ServiceManager(Service):
         self._server = None
         self._ops = _WebOperations(self, probes, block_threshold)
         if app is not None:
-            self.init_app(app, socketio)
+            self._ops.bind(app, socketio)
 
     @property
     def app(self) -> Optional[flask.Flask]:
@@ -3401,24 +3401,9 @@ class ServiceManager(Service):
         """
         if not isinstance(app, flask.Flask):
             raise TypeError("init_app() takes a Flask app, got %s" % _describe(app))
-        if self._app is not None and self._app is not app:
-            raise RuntimeError("%s is already bound to the app %r; one manager serves one app, so make "
-                               "another ServiceManager for %r" % (self.name, self._app.name, app.name))
-        socketio = socketio if socketio is not None else self._socketio or app.extensions.get("socketio")
-        if socketio is not None and self._socketio is not None and socketio is not self._socketio:
-            raise RuntimeError("%s already uses another SocketIO; pass the same one to init_app()" % self.name)
-        if socketio is not None and self._ingress.socketio is None:
-            self._ingress.attach(socketio)
-        self._socketio = socketio
-        if self._app is app:
-            return self
-        self._app = app
-        # Like any Flask extension: findable on the app, and an HTTPError
-        # raised in any of its views is answered as JSON.
-        app.extensions["specter"] = self
-        if HTTPError not in app.error_handler_spec[None][None]:  # keep the app's own
-            app.register_error_handler(HTTPError, _web_http_error)
-        self._ops.bind(app)
+        if socketio is None and self._socketio is None:
+            socketio = app.extensions.get("socketio")  # where Flask-SocketIO records itself
+        self._ops.bind(app, socketio)
         return self
 
     def register_service(self, service: _S) -> _S:
@@ -3872,9 +3857,26 @@ class _WebOperations:
         self.unmounted = []  # (controller, url_prefix) registered before the manager had an app
         self.monitor = None
 
-    def bind(self, app):
-        """Give ``app`` to the manager's services, mount what waited for it, add probes and the CLI."""
+    def bind(self, app, socketio):
+        """Bind the manager to ``app`` (and ``socketio``): see ServiceManager.init_app()."""
         manager = self.manager
+        if manager._app is not None and manager._app is not app:
+            raise RuntimeError("%s is already bound to the app %r; one manager serves one app, so make "
+                               "another ServiceManager for %r" % (manager.name, manager._app.name, app.name))
+        if socketio is not None and manager._socketio is not None and socketio is not manager._socketio:
+            raise RuntimeError("%s already uses another SocketIO; pass the same one to init_app()" % manager.name)
+        if socketio is not None:
+            manager._socketio = socketio
+            if manager._ingress.socketio is None:
+                manager._ingress.attach(socketio)
+        if manager._app is app:
+            return
+        manager._app = app
+        # Like any Flask extension: findable on the app, and an HTTPError
+        # raised in any of its views is answered as JSON.
+        app.extensions["specter"] = manager
+        if HTTPError not in app.error_handler_spec[None][None]:  # keep the app's own
+            app.register_error_handler(HTTPError, _web_http_error)
         for service in [manager] + manager._services:
             self.adopt_app(service)
         unmounted, self.unmounted = self.unmounted, []
