@@ -35,12 +35,14 @@ import atexit
 import codecs
 import collections
 import collections.abc
+import contextlib
 import copy
 import decimal
 import functools
 import inspect
 import io
 import itertools
+import json
 import logging
 import math
 import numbers
@@ -52,9 +54,12 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
+import click
 import flask
+import flask.cli
 import werkzeug.exceptions
 
 import gevent
@@ -523,6 +528,9 @@ class Service(_Owner):
     stop_timeout = 5.0
     restart_backoff = 0.1
     restart_max_backoff = 5.0
+    # The Flask app whose application context the service's own work runs in
+    # (set by the ServiceManager it is registered with, or inherited on adopt()).
+    _specter_app: Optional[flask.Flask] = None
 
     def __init__(self, name=None, initial_state=None):
         if name is None:
@@ -578,7 +586,8 @@ class Service(_Owner):
         self._stuck = ()
         self._stop_requested = False
         try:
-            self._lifecycle_started()
+            with _life_app_context(self._specter_app):
+                self._lifecycle_started()
         except BaseException:
             _service_log.debug("%s: start failed, rolling back", self.name)
             self._status = "stopping"
@@ -627,8 +636,9 @@ class Service(_Owner):
         self._begin_transition("stopping")
         try:
             try:
-                self._lifecycle_stopping()
-                self.on_stop()
+                with _life_app_context(self._specter_app):
+                    self._lifecycle_stopping()
+                    self.on_stop()
             except Exception:
                 self._record_error("on_stop")
         finally:
@@ -779,6 +789,8 @@ class Service(_Owner):
             self._children = []
         if child not in self._children:
             self._children.append(child)
+        if child._specter_app is None:
+            child._specter_app = self._specter_app  # the parent's app context reaches its children
         if start:
             child.start()
         return self
@@ -857,7 +869,8 @@ class Service(_Owner):
 
     def _run_task(self, callback, args, kwargs):
         try:
-            return callback(*args, **kwargs)
+            with _life_task_context(self._specter_app, callback):
+                return callback(*args, **kwargs)
         except _CALLBACK_ERRORS:
             self._record_error(getcurrent().name)
             return None
@@ -887,7 +900,8 @@ class Service(_Owner):
         failures = collections.deque()
         while True:
             try:
-                return callback(*args, **kwargs)
+                with _life_app_context(self._specter_app):  # a fresh context per attempt
+                    return callback(*args, **kwargs)
             except _CALLBACK_ERRORS as exc:
                 now = _monotonic()
                 failures.append(now)
@@ -1087,7 +1101,8 @@ class QueueService(Service):
                 done()
                 return
             try:
-                handle(item)
+                with _life_app_context(self._specter_app):  # popped after each item
+                    handle(item)
                 self._processed += 1
             except _CALLBACK_ERRORS:
                 self._failed += 1
@@ -1116,6 +1131,7 @@ class Watcher:
     """
 
     stop_timeout = 5.0
+    _app = None  # the app whose context was current at start(); each round runs in a fresh one
 
     def __init__(self, name, *, poll=None, stream=None, interval=5.0, retry=True, max_backoff=30.0,
                  dedupe=False, transform=None):
@@ -1147,6 +1163,7 @@ class Watcher:
         """Start the loop in its own greenlet; idempotent."""
         if not self.running:
             self._started_at = _monotonic()
+            self._app = _life_current_app()
             self._loop = gevent.spawn(self._run)
             self._loop.name = "watcher:%s" % self.name
         return self
@@ -1193,18 +1210,20 @@ class Watcher:
         while True:
             try:
                 if self.mode == "poll":
-                    self._deliver(self._source())
+                    with _life_app_context(self._app):  # popped after each round
+                        self._deliver(self._source())
                     failures = 0
                 else:
-                    iterator = iter(self._source())
-                    try:
-                        for item in iterator:
-                            self._deliver(item)
-                            failures = 0
-                    finally:
-                        close = getattr(iterator, "close", None)
-                        if close is not None:
-                            close()
+                    with _life_app_context(self._app):  # one stream is one round
+                        iterator = iter(self._source())
+                        try:
+                            for item in iterator:
+                                self._deliver(item)
+                                failures = 0
+                        finally:
+                            close = getattr(iterator, "close", None)
+                            if close is not None:
+                                close()
                     if not self.retry:
                         return
                 delay = self.interval
@@ -1395,6 +1414,39 @@ class _Subscribers:
     def _resume(self):
         if not self.busy and self.pending:
             self._drain()
+
+
+_LIFE_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _life_current_app():
+    """The Flask app whose application context is current in this greenlet, or None."""
+    return flask.current_app._get_current_object() if flask.has_app_context() else None
+
+
+def _life_app_context(app):
+    """A context manager running a piece of background work inside ``app``'s application context.
+
+    A fresh context per callback, tick or item, popped when it returns, so
+    ``teardown_appcontext`` handlers run after it as they do after a
+    request. Work already inside ``app``'s context (``start()`` called from a
+    view) keeps that one: popping a nested context there would tear down
+    what the caller still uses. Without an app it costs nothing.
+    """
+    if app is None or (flask.has_app_context() and flask.current_app._get_current_object() is app):
+        return _LIFE_NO_CONTEXT
+    return app.app_context()
+
+
+def _life_task_context(app, callback):
+    """The context of an owned greenlet's callback; loops that push one per round run outside it."""
+    if app is None or getattr(callback, "__func__", None) in _LIFE_PER_ROUND:
+        return _LIFE_NO_CONTEXT
+    return _life_app_context(app)
+
+
+# Loops that push a context per round themselves (per attempt, per item).
+_LIFE_PER_ROUND = frozenset((Service._supervise, QueueService._work))
 
 
 ###############################################################################
@@ -3548,9 +3600,10 @@ class ServiceManager(Service):
     registry, and stops the manager.
     """
 
-    def __init__(self, app=None, socketio=None, *, signals=True, name="service_manager"):
+    def __init__(self, app=None, socketio=None, *, signals=True, name="service_manager", probes=False,
+                 block_threshold=None):
         super().__init__(name)
-        self._app = app
+        self._app = None
         self._socketio = socketio
         self._signals = bool(signals)
         self._ingress = SocketIngress(socketio) if socketio is not None else SocketIngress()
@@ -3568,12 +3621,9 @@ class ServiceManager(Service):
         self._signal_watchers = []
         self._atexit = False
         self._server = None
+        self._ops = _WebOperations(self, probes, block_threshold)
         if app is not None:
-            # Like any Flask extension: findable on the app, and an HTTPError
-            # raised in any of its views is answered as JSON.
-            app.extensions["specter"] = self
-            if HTTPError not in app.error_handler_spec[None][None]:  # keep the app's own
-                app.register_error_handler(HTTPError, _web_http_error)
+            self._ops.bind(app, socketio)
 
     @property
     def app(self) -> Optional[flask.Flask]:
@@ -3596,10 +3646,30 @@ class ServiceManager(Service):
         """The gevent WSGIServer while run() serves (its ``server_port`` is the bound port), else None."""
         return self._server
 
+    def init_app(self, app: flask.Flask, socketio: Any = None) -> ServiceManager:
+        """Bind the manager to ``app`` (and its Flask-SocketIO), as a Flask extension does.
+
+        For the app-factory pattern: a manager made at import time binds to
+        the app ``create_app()`` builds. The manager becomes
+        ``app.extensions['specter']``; HTTPError raised in any view is
+        answered as JSON; controllers registered so far get their routes
+        mounted; the probes (if on) are added; ``flask specter`` joins
+        ``app.cli``; registered services run their background work in the
+        app's context. ``socketio`` defaults to the one already on the app.
+        Binding the same app again does nothing; one manager serves one app.
+        """
+        if not isinstance(app, flask.Flask):
+            raise TypeError("init_app() takes a Flask app, got %s" % _describe(app))
+        if socketio is None and self._socketio is None:
+            socketio = app.extensions.get("socketio")  # where Flask-SocketIO records itself
+        self._ops.bind(app, socketio)
+        return self
+
     def register_service(self, service: Service) -> ServiceManager:
         """Add a service (started at boot, or at once if already booted); returns the manager."""
         if not isinstance(service, Service):
             raise TypeError("register_service() takes a Service, got %s" % _describe(service))
+        self._ops.adopt_app(service)
         if service not in self._services:
             self._services.append(service)
             if self._booted:
@@ -3622,14 +3692,9 @@ class ServiceManager(Service):
         if not isinstance(controller, Controller):
             raise TypeError("register_controller() takes a Controller, got %s" % _describe(controller))
         if self._app is not None:
-            blueprint = controller.build_blueprint(url_prefix)
-            registered = self._app.blueprints.get(blueprint.name)
-            if registered is None:
-                self._app.register_blueprint(blueprint)
-            elif registered is not blueprint:
-                raise ValueError(
-                    "the app already has a blueprint named %r (from another controller or router); "
-                    "give this controller another name" % blueprint.name)
+            _web_mount_controller(self._app, controller, url_prefix)
+        else:
+            self._ops.unmounted.append((controller, url_prefix))  # mounted by init_app()
         self.register_service(controller)
         return self.register_handler(controller.build_handler())
 
@@ -3761,6 +3826,7 @@ class ServiceManager(Service):
             report["status"] = "degraded"
         report["handlers"] = _web_by_name(_web_health(handler) for handler in self._handlers)
         report["ingress"] = self._ingress.health()
+        report["loop"] = self._ops.loop_health()
         return report
 
     def _start_all(self, started):
@@ -3931,12 +3997,23 @@ class ServiceManager(Service):
             except Exception:
                 _web_log.exception("shutdown at exit raised")
 
+    def _lifecycle_started(self):
+        # boot() starts the manager first: the loop monitor then also sees a
+        # blocking on_start, and the warning about unmounted routes comes first.
+        self._ops.starting()
+        super()._lifecycle_started()
+
+    def _lifecycle_stopping(self):
+        super()._lifecycle_stopping()
+        self._ops.stopping()
+
 
 def boot(app: flask.Flask, socketio: Any, *, services: Optional[Iterable[Service]] = None,
          handlers: Optional[Iterable[Any]] = None, controllers: Optional[Iterable[Controller]] = None,
-         providers: Optional[Dict[str, Any]] = None, signals: bool = True) -> ServiceManager:
+         providers: Optional[Dict[str, Any]] = None, signals: bool = True,
+         probes: Union[bool, str] = False, block_threshold: Optional[float] = None) -> ServiceManager:
     """Register everything on a new ServiceManager, boot it and return it."""
-    manager = ServiceManager(app, socketio, signals=signals)
+    manager = ServiceManager(app, socketio, signals=signals, probes=probes, block_threshold=block_threshold)
     if providers:
         manager._add_providers(providers)
     for service in services or ():
@@ -4222,6 +4299,427 @@ def _web_default_name(obj, base):
 
 def _web_snake(name):
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _web_mount_controller(app, controller, url_prefix):
+    """Register ``controller``'s blueprint on ``app`` once; another blueprint of that name is an error."""
+    blueprint = controller.build_blueprint(url_prefix)
+    registered = app.blueprints.get(blueprint.name)
+    if registered is None:
+        app.register_blueprint(blueprint)
+    elif registered is not blueprint:
+        raise ValueError(
+            "the app already has a blueprint named %r (from another controller or router); "
+            "give this controller another name" % blueprint.name)
+
+
+_loop_log = logging.getLogger("specter.loop")
+
+
+class _WebOperations:
+    """What a manager adds for operators: the app binding, probes, the loop monitor and the CLI.
+
+    Kept apart from ServiceManager so its boot and shutdown only call out
+    here: ``bind`` when an app arrives, ``starting``/``stopping`` as the
+    manager starts and stops.
+    """
+
+    def __init__(self, manager, probes, block_threshold):
+        self.manager = manager
+        self.probes = _web_probe_prefix(probes)
+        self.threshold = _check_seconds(block_threshold, "block_threshold", allow_none=True, positive=True)
+        self.unmounted = []  # (controller, url_prefix) registered before the manager had an app
+        self.monitor = None
+
+    def bind(self, app, socketio):
+        """Bind the manager to ``app`` (and ``socketio``): see ServiceManager.init_app()."""
+        manager = self.manager
+        if manager._app is not None and manager._app is not app:
+            raise RuntimeError("%s is already bound to the app %r; one manager serves one app, so make "
+                               "another ServiceManager for %r" % (manager.name, manager._app.name, app.name))
+        if socketio is not None and manager._socketio is not None and socketio is not manager._socketio:
+            raise RuntimeError("%s already uses another SocketIO; pass the same one to init_app()" % manager.name)
+        if socketio is not None:
+            manager._socketio = socketio
+            if manager._ingress.socketio is None:
+                manager._ingress.attach(socketio)
+        if manager._app is app:
+            return
+        manager._app = app
+        # Like any Flask extension: findable on the app, and an HTTPError
+        # raised in any of its views is answered as JSON.
+        app.extensions["specter"] = manager
+        if HTTPError not in app.error_handler_spec[None][None]:  # keep the app's own
+            app.register_error_handler(HTTPError, _web_http_error)
+        for service in [manager] + manager._services:
+            self.adopt_app(service)
+        unmounted, self.unmounted = self.unmounted, []
+        for controller, url_prefix in unmounted:
+            _web_mount_controller(app, controller, url_prefix)
+        if self.probes is not None:
+            _web_probes_mount(app, manager, self.probes)
+        app.cli.add_command(_web_cli_group(manager))
+
+    def adopt_app(self, service):
+        """Run ``service``'s background work in the manager's app context (unless it has an app)."""
+        if service._specter_app is None:
+            service._specter_app = self.manager._app
+
+    def starting(self):
+        routed = [controller.name for controller, _ in self.unmounted
+                  if type(controller).build_routes is not Controller.build_routes
+                  and not controller.health()["has_blueprint"]]
+        if routed:
+            _web_log.warning("the HTTP routes of %s are not served: the manager has no Flask app. Call "
+                             "manager.init_app(app) before boot() (app-factory pattern), or make the "
+                             "manager with the app", ", ".join(routed))
+        if self.threshold is not None and self.monitor is None:
+            self.monitor = _WebLoopMonitor(self.manager, self.threshold)
+            self.monitor.start()
+
+    def stopping(self):
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.stop()
+
+    def loop_health(self):
+        if self.monitor is not None:
+            return self.monitor.health()
+        return {"monitor": False, "threshold": self.threshold, "blocked": 0, "longest": 0.0, "last_stack": None}
+
+    def blocked(self):
+        return self.monitor is not None and self.monitor.blocked_now()
+
+
+class _WebLoopMonitor:
+    """gevent's own loop monitor, reported through ``specter.loop``, health() and the bus.
+
+    gevent's monitor thread checks every ``threshold`` seconds whether the
+    hub switched greenlets; when it did not, it notifies an
+    ``EventLoopBlocked`` with the stack of the greenlet that holds the
+    loop. That notification arrives in the monitor thread, so this class
+    only logs there (so a loop blocked for good is still reported) and
+    records; the counters and the ``'loop:blocked'`` event are handled in
+    the hub once the loop runs again, woken by a thread-safe async watcher.
+    """
+
+    log_every = 60.0  # the same stack is logged at most once per this many seconds
+
+    def __init__(self, manager, threshold):
+        self.manager = manager
+        self.threshold = threshold
+        self.blocked = 0
+        self.longest = 0.0
+        self.last_stack = None
+        self._reports = collections.deque()  # appended by the monitor thread, drained by the hub
+        self._last_report = None
+        self._in_block = False
+        self._logged = {}
+        self._hub = None
+        self._wakeup = None
+        self._saved = None
+        self._own_thread = False
+
+    def start(self):
+        import gevent.events  # only when asked for: it loads zope.event
+        hub = gevent.get_hub()
+        config = gevent.config
+        self._saved = (config.monitor_thread, config.max_blocking_time, config.print_blocking_reports)
+        config.max_blocking_time = self.threshold  # gevent's monitor rereads it every round
+        config.print_blocking_reports = False  # reported through logging instead
+        config.monitor_thread = True
+        self._hub = hub
+        self._wakeup = hub.loop.async_()
+        self._wakeup.ref = False  # must not keep the loop alive on its own
+        self._wakeup.start(self._drain)
+        gevent.events.subscribers.append(self._on_blocked)
+        if hub.periodic_monitoring_thread is None:
+            with warnings.catch_warnings():
+                # Memory monitoring (which wants psutil) is gevent's other job; not ours.
+                warnings.filterwarnings("ignore", message="Unable to monitor memory usage")
+                hub.start_periodic_monitoring_thread()
+            self._own_thread = True
+        _loop_log.debug("loop monitor on, threshold %s s", self.threshold)
+        return self
+
+    def stop(self):
+        import gevent.events
+        if self._hub is None:
+            return
+        try:
+            gevent.events.subscribers.remove(self._on_blocked)
+        except ValueError:
+            pass  # someone cleared gevent's subscriber list already
+        hub, self._hub = self._hub, None
+        if self._own_thread and hub.periodic_monitoring_thread is not None:
+            hub.periodic_monitoring_thread.kill()  # the thread ends when its current sleep does
+            hub.periodic_monitoring_thread = None
+        config = gevent.config
+        config.monitor_thread, config.max_blocking_time, config.print_blocking_reports = self._saved
+        self._wakeup.stop()
+        self._wakeup.close()
+        self._drain()  # a block seen just before the stop still counts
+        _loop_log.debug("loop monitor off")
+
+    def health(self):
+        return {"monitor": self._hub is not None, "threshold": self.threshold, "blocked": self.blocked,
+                "longest": round(self.longest, 3), "last_stack": self.last_stack}
+
+    def blocked_now(self):
+        """True while gevent reports the loop blocked, and for one more threshold after its last report.
+
+        The loop cannot answer while it is blocked; the extra threshold makes
+        a probe that waited out the block answer 503, since the block ended
+        at most one monitor round after the last report.
+        """
+        last = self._last_report
+        return last is not None and _monotonic() - last < 2 * self.threshold
+
+    def _on_blocked(self, event):
+        """A gevent event subscriber: runs in gevent's monitor thread, never in the hub."""
+        import gevent.events
+        hub = self._hub
+        if hub is None or not isinstance(event, gevent.events.EventLoopBlocked) \
+                or getattr(event, "hub", hub) is not hub:
+            return
+        now = _monotonic()
+        stack = _web_loop_stack(event.info)
+        name = _web_loop_greenlet_name(event.greenlet)
+        self._last_report = now
+        # The loop's clock stands still while it is blocked: it says when the loop last polled.
+        self._reports.append((hub.loop.now(), name, stack))
+        if not self._in_block:  # one warning per block, not one per monitor round
+            self._in_block = True
+            logged = self._logged.get(stack)
+            if logged is None or now - logged >= self.log_every:
+                self._logged[stack] = now
+                _loop_log.warning("the event loop is blocked (over %s s) by greenlet %s; its stack:\n%s",
+                                  self.threshold, name, stack)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.send()  # thread-safe; runs _drain in the hub once the loop is free
+
+    def _drain(self):
+        """In the hub, once the loop runs again: count the block and announce it."""
+        self._in_block = False
+        if not self._reports:
+            return
+        first = self._reports[0]
+        while self._reports:
+            self._reports.popleft()
+        loop = self._hub.loop if self._hub is not None else gevent.get_hub().loop
+        loop.update_now()  # the loop's clock when it last polled, before the block, to now
+        seconds = loop.now() - first[0]
+        self.blocked += 1
+        self.longest = max(self.longest, seconds)
+        self.last_stack = first[2]
+        data = {"seconds": round(seconds, 3), "threshold": self.threshold, "greenlet": first[1],
+                "stack": first[2]}
+        if self.manager.status in _ACTIVE:
+            # A loop callback may not block, and listeners may: they get a greenlet.
+            self.manager.spawn(bus.emit, "loop:blocked", data, label="loop:blocked")
+
+
+def _web_loop_greenlet_name(glet):
+    name = getattr(glet, "name", None)
+    if name:
+        return name
+    return "main" if getattr(glet, "parent", False) is None else type(glet).__name__
+
+
+def _web_loop_stack(info):
+    """The blocked stack out of gevent's report lines (the block after 'Blocked Stack')."""
+    for index, line in enumerate(info[:-1]):
+        if isinstance(line, str) and line.startswith("Blocked Stack"):
+            return info[index + 1].rstrip()
+    return "\n".join(str(line) for line in info).strip()
+
+
+def _web_probe_prefix(probes):
+    """None (off), '' (on at the root) or '/prefix' from ``probes=``."""
+    if probes is None or probes is False:
+        return None
+    if probes is True:
+        return ""
+    if not isinstance(probes, str) or not probes.startswith("/"):
+        raise ValueError("probes must be True, False or a path prefix starting with '/', got %r" % (probes,))
+    return probes.rstrip("/")
+
+
+def _web_probes_mount(app, manager, prefix):
+    """Serve GET <prefix>/livez and <prefix>/readyz on ``app`` (once)."""
+    if "specter_livez" in app.view_functions:
+        return
+
+    def livez():
+        if manager._ops.blocked():
+            return _web_probe_answer({"status": "blocked", "threshold": manager._ops.threshold}, 503)
+        return _web_probe_answer({"status": "ok"}, 200)
+
+    def readyz():
+        status = _web_readiness(manager)
+        return _web_probe_answer({"status": status,
+                                  "services": {s.name: s.status for s in manager._services}},
+                                 200 if status == "ok" else 503)
+
+    app.add_url_rule(prefix + "/livez", "specter_livez", livez, methods=["GET"])
+    app.add_url_rule(prefix + "/readyz", "specter_readyz", readyz, methods=["GET"])
+
+
+def _web_readiness(manager):
+    """'ok', or why the app should get no traffic: starting, stopping, stopped, failed, degraded."""
+    if manager._shutting_down:
+        return "stopping"
+    if not manager.booted:
+        return "stopped" if manager.status == "stopped" else "starting"
+    statuses = [manager.status] + [service.status for service in manager._services]
+    if "failed" in statuses:
+        return "failed"
+    if any(status != "running" for status in statuses):
+        return "degraded"
+    return "ok"
+
+
+def _web_probe_answer(body, status):
+    response = _web_json(body, status)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _web_cli_group(manager):
+    """The ``flask specter`` command group of ``manager``'s app."""
+    group = flask.cli.AppGroup("specter", help="Inspect and serve the SPECTER app.")
+
+    @group.command("routes")
+    def routes():
+        """Every HTTP route and socket event, with what owns it."""
+        http, events = _web_cli_http_rows(manager), _web_cli_event_rows(manager)
+        click.echo("HTTP routes (%d)\n" % len(http))
+        click.echo(_web_cli_table(("RULE", "METHODS", "OWNER", "ERRORS"), http))
+        click.echo("\nSocket events (%d)\n" % len(events))
+        click.echo(_web_cli_table(("NAMESPACE", "EVENT", "PRIORITY", "OWNER", "CALLBACK", "SCHEMA"), events))
+
+    @group.command("schemas")
+    @click.argument("name", required=False)
+    def schemas(name):
+        """The JSON Schema of every schema the controllers declare (or of NAME)."""
+        known = _web_cli_schemas(manager)
+        if name is None:
+            out = {key: schema.to_json_schema() for key, schema in known.items()}
+        elif name in known:
+            out = known[name].to_json_schema()
+        else:
+            raise click.BadParameter("no schema named %r; known: %s" % (name, ", ".join(known) or "none"),
+                                     param_hint="NAME")
+        click.echo(json.dumps(out, indent=2))
+
+    @group.command("run", with_appcontext=False)
+    @click.option("--host", default="127.0.0.1", show_default=True, help="The interface to bind.")
+    @click.option("--port", default=5000, show_default=True, type=int, help="The port to bind.")
+    def run(host, port):
+        """Boot the services and serve the app (Socket.IO included) until SIGTERM or SIGINT."""
+        click.echo("serving on http://%s:%d (Ctrl-C to stop)" % (host, port))
+        manager.run(host=host, port=port)
+
+    return group
+
+
+def _web_cli_table(headers, rows):
+    """Rows as left-aligned columns under ``headers``; '-' for an empty cell."""
+    rows = [tuple("-" if cell in (None, "") else str(cell) for cell in row) for row in rows]
+    if not rows:
+        rows = [("(none)",) + ("",) * (len(headers) - 1)]
+    widths = [max(len(row[i]) for row in [headers] + rows) for i in range(len(headers))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in [headers] + rows)
+
+
+def _web_cli_http_rows(manager):
+    app = manager.app
+    controllers = {service.name.replace(".", "_"): service.name
+                   for service in manager._services if isinstance(service, Controller)}
+    rows = []
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: (r.rule, sorted(r.methods or ()))):
+        endpoint = rule.endpoint
+        blueprint = endpoint.rpartition(".")[0]
+        view = app.view_functions.get(endpoint)
+        if blueprint in controllers:
+            owner = "%s (controller)" % controllers[blueprint]
+        elif endpoint.startswith("specter_"):
+            owner = "specter (probe)"
+        elif endpoint == "static":
+            owner = "flask (static files)"
+        elif blueprint:
+            bound = getattr(inspect.unwrap(view), "__self__", None) if view is not None else None
+            owner = "%s (%s)" % (blueprint, "router" if isinstance(bound, Router) else "blueprint")
+        else:
+            owner = "app"
+        methods = ", ".join(sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}))
+        rows.append((rule.rule, methods, owner, _web_cli_errors(app, blueprint, endpoint, view)))
+    return rows
+
+
+def _web_cli_errors(app, blueprint, endpoint, view):
+    """How a view answers errors: json "<message>" (json_endpoint), json, or html (Flask's pages)."""
+    fn = view
+    while fn is not None:
+        if getattr(fn, "__code__", None) is _WEB_JSON_ENDPOINT_CODE:
+            message = inspect.getclosurevars(fn).nonlocals.get("message")
+            return 'json "%s"' % message if message else "json"
+        fn = getattr(fn, "__wrapped__", None)
+    if endpoint.startswith("specter_"):
+        return "json"
+    handlers = app.error_handler_spec.get(blueprint, {}) if blueprint else {}
+    if _web_server_error in handlers.get(500, {}).values():
+        return "json"  # a Router's blueprint answers its errors as JSON
+    return "html"
+
+
+def _web_cli_event_rows(manager):
+    """Socket events: subscribed on the ingress, plus those of handlers not set up yet."""
+    rows = []
+    for (namespace, event), entries in manager.socket_ingress._subs.items():
+        for entry in entries:
+            owner, callback = _web_cli_owner(entry.callback)
+            schema = entry.schema.name if entry.schema is not None else None
+            rows.append(((namespace, event, entry.priority, entry.seq), owner, callback, schema))
+    for handler in manager._handlers:
+        if getattr(handler, "registered", False) or not isinstance(handler, Handler):
+            continue
+        for seq, (event, callback, priority, namespace, schema) in enumerate(handler._bindings):
+            rows.append(((namespace, event, priority, seq), handler.name, _callable_name(callback),
+                         schema.name if schema is not None else None))
+    rows.sort(key=lambda row: row[0])
+    return [(key[0], key[1], key[2], owner, callback, schema) for key, owner, callback, schema in rows]
+
+
+def _web_cli_owner(callback):
+    """(owner, callback name): a Handler's subscriber names its handler; others are the ingress's own."""
+    inner = getattr(callback, "__wrapped__", None)
+    if inner is not None:
+        inner_name = _callable_name(inner)
+        qualname = _callable_name(callback)
+        if qualname.endswith("." + inner_name):
+            return qualname[:-len(inner_name) - 1], inner_name
+    return "(ingress)", _callable_name(callback)
+
+
+def _web_cli_schemas(manager):
+    """Every schema the manager's controllers declare, by name (controller-qualified on a clash)."""
+    found = {}
+    for service in manager._services:
+        if not isinstance(service, Controller):
+            continue
+        for schema in service.schemas.values():
+            key = schema.name
+            if key in found and found[key] is not schema:
+                key = "%s.%s" % (service.name, schema.name)
+            found[key] = schema
+    return found
+
+
+# The code of json_endpoint's wrapper: how the CLI tells a json_endpoint view.
+_WEB_JSON_ENDPOINT_CODE = json_endpoint(_check_callable).__code__
 
 
 ###############################################################################

@@ -27,6 +27,7 @@ import sys
 import tarfile
 import tempfile
 import textwrap
+import threading
 import time
 import unittest
 import urllib.error
@@ -5989,6 +5990,598 @@ class TestServiceManager(SpecterTestCase):
         self.assertFalse(install.called)
 
 
+class TestAppFactory(SpecterTestCase):
+    """ServiceManager(app=None) + init_app(app): the Flask app-factory pattern."""
+
+    def test_init_app_binds_a_manager_made_before_the_app(self):
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        echo = EchoController()
+        manager.register_controller(echo, url_prefix="/echo")
+        app, sio = make_web_app()
+
+        @app.route("/refuse")
+        def refuse():
+            raise HTTPError("no", 409)
+        self.assertIs(manager.init_app(app, sio), manager)
+        self.assertIs(app.extensions["specter"], manager)
+        self.assertEqual((manager.app, manager.socketio), (app, sio))
+        http = app.test_client()
+        self.assertEqual(http.get("/echo/ping").status_code, 503)  # mounted, not running yet
+        manager.boot()
+        self.assertEqual(http.get("/echo/ping").get_json(), {"pong": True, "by": "echo"})
+        self.assertEqual((http.get("/refuse").status_code, http.get("/refuse").get_json()), (409, {"error": "no"}))
+        self.assertEqual(sio.test_client(app).emit("echo", 7, callback=True), {"echo": 7})
+        self.assertEqual(echo.calls, [7])
+
+    def test_init_app_finds_the_socketio_already_on_the_app(self):
+        manager = ServiceManager(signals=False)
+        app, sio = make_web_app()
+        manager.init_app(app)
+        self.assertIs(manager.socketio, sio)
+        self.assertIs(manager.socket_ingress.socketio, sio)
+
+    def test_init_app_binds_one_app_only(self):
+        manager = ServiceManager(signals=False)
+        app, _ = make_web_app()
+        manager.init_app(app)
+        self.assertIs(manager.init_app(app), manager)  # the same app again: nothing to do
+        with self.assertRaisesRegex(RuntimeError, "already bound to the app"):
+            manager.init_app(make_web_app()[0])
+        with self.assertRaisesRegex(TypeError, "init_app\\(\\) takes a Flask app, got str"):
+            ServiceManager(signals=False).init_app("app")
+
+    def test_a_manager_without_an_app_boots_and_warns_about_unmounted_routes(self):
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        echo = EchoController()
+        manager.register_controller(echo)
+        log = []
+        manager.register_service(RecordingService("plain", log))
+        with self.assertLogs("specter.web", "WARNING") as cm:
+            manager.boot()
+        self.assertEqual(len(cm.records), 1)
+        self.assertIn("echo", cm.output[0])
+        self.assertIn("manager.init_app(app)", cm.output[0])
+        self.assertEqual((echo.status, log), ("running", ["start:plain"]))
+        self.assertEqual(manager.socket_ingress.dispatch("echo", 3), {"echo": 3})  # events still work
+
+    def test_no_warning_when_the_controller_routes_were_mounted_by_hand(self):
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        echo = EchoController()
+        manager.register_controller(echo)
+        app, _ = make_web_app()
+        app.register_blueprint(echo.build_blueprint())
+        with captured_logs("specter.web") as records:
+            manager.boot()
+        self.assertEqual([r for r in records if r.levelno >= logging.WARNING], [])
+
+
+class TestFlaskCLI(SpecterTestCase):
+    """`flask specter routes | schemas | run` on the bound app's cli."""
+
+    def chat_app(self, **kwargs):
+        """A manager with a controller, a router, a handler and plain views, bound by init_app."""
+        manager = ServiceManager(signals=False, **kwargs)
+        self.addCleanup(manager.shutdown)
+        manager.register_controller(CliChat(), url_prefix="/chat")
+        manager.register_handler(RecordingHandler("presence", []))
+        app, sio = make_web_app()
+        JobsRouter().register(app)
+
+        @app.post("/feedback")
+        @json_endpoint("Could not record the feedback")
+        def feedback():
+            return {}
+
+        @app.get("/about")
+        def about():
+            return "about"
+        manager.init_app(app, sio)
+        return manager, app
+
+    def rows(self, output, title):
+        """The rows of the table under ``title`` in ``output``, each split into its cells."""
+        lines = output.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith(title))
+        table = []
+        for line in lines[start + 2:]:
+            if not line.strip():
+                break
+            table.append(re.split(r"\s{2,}", line.strip()))
+        return table
+
+    def test_routes_lists_every_http_route_and_socket_event(self):
+        manager, app = self.chat_app(probes=True)
+        manager.socket_ingress.subscribe("typing", ack_typing, priority=5)
+        result = app.test_cli_runner().invoke(args=["specter", "routes"])
+        self.assertEqual(result.exit_code, 0, result.output)
+        self.assertEqual(self.rows(result.output, "HTTP routes"), [
+            ["RULE", "METHODS", "OWNER", "ERRORS"],
+            ["/about", "GET", "app", "html"],
+            ["/chat/rooms/<room>/messages", "GET", "cli_chat (controller)", "json"],
+            ["/chat/rooms/<room>/messages", "POST", "cli_chat (controller)", 'json "Could not post"'],
+            ["/feedback", "POST", "app", 'json "Could not record the feedback"'],
+            ["/jobs/all", "GET", "jobs (router)", "json"],
+            ["/jobs/boom", "GET", "jobs (router)", 'json "Jobs are unavailable"'],
+            ["/jobs/list", "GET", "jobs (router)", "json"],
+            ["/jobs/list", "POST", "jobs (router)", "json"],
+            ["/jobs/taken", "GET", "jobs (router)", "json"],
+            ["/livez", "GET", "specter (probe)", "json"],
+            ["/readyz", "GET", "specter (probe)", "json"],
+            ["/static/<path:filename>", "GET", "flask (static files)", "html"],
+        ])
+        self.assertEqual(self.rows(result.output, "Socket events"), [
+            ["NAMESPACE", "EVENT", "PRIORITY", "OWNER", "CALLBACK", "SCHEMA"],
+            ["/", "ping", "100", "presence", "RecordingHandler.ping", "-"],
+            ["/", "send_message", "10", "cli_chat", "CliChat.audit", "-"],
+            ["/", "send_message", "50", "cli_chat", "CliChat.send", "message"],
+            ["/", "typing", "5", "(ingress)", "ack_typing", "-"],
+        ])
+        self.assertIn("HTTP routes (12)", result.output)
+        self.assertFalse(manager.booted, "listing routes boots nothing")
+
+    def test_routes_reads_the_ingress_once_booted(self):
+        manager, app = self.chat_app()
+        manager.boot()
+        result = app.test_cli_runner().invoke(args=["specter", "routes"])
+        events = self.rows(result.output, "Socket events")
+        self.assertIn(["/", "send_message", "50", "cli_chat", "CliChat.send", "message"], events)
+        self.assertEqual(len(events), 4)  # the header and each subscriber once
+
+    def test_schemas_prints_the_json_schema_of_every_schema_or_one(self):
+        _, app = self.chat_app()
+        runner = app.test_cli_runner()
+        everything = runner.invoke(args=["specter", "schemas"])
+        self.assertEqual(everything.exit_code, 0, everything.output)
+        self.assertEqual(json.loads(everything.output), {
+            "message": CliChat.schemas["message"].to_json_schema(),
+            "typing": CliChat.schemas["typing"].to_json_schema(),
+        })
+        one = runner.invoke(args=["specter", "schemas", "typing"])
+        self.assertEqual(json.loads(one.output), CliChat.schemas["typing"].to_json_schema())
+        unknown = runner.invoke(args=["specter", "schemas", "nope"])
+        self.assertEqual(unknown.exit_code, 2)
+        self.assertIn("no schema named 'nope'; known: message, typing", unknown.output)
+
+    def test_flask_specter_run_serves_until_sigterm(self):
+        workdir = tempfile.mkdtemp(prefix="specter-cli-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        with open(os.path.join(workdir, "cliapp.py"), "w") as f:
+            f.write(CLI_APP)
+        port = free_port()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join((workdir, SPECTER_DIR)), FLASK_APP="cliapp:create_app")
+        errors_path = os.path.join(workdir, "stderr.txt")
+        with open(errors_path, "w") as errors:
+            child = gevent.subprocess.Popen(
+                [sys.executable, "-m", "flask", "specter", "run", "--port", str(port)], cwd=workdir, env=env,
+                stdout=gevent.subprocess.PIPE, stderr=errors, universal_newlines=True, start_new_session=True)
+        self.addCleanup(self.kill_group, child)
+
+        def stderr():
+            with open(errors_path) as f:
+                return f.read()
+        url = "http://127.0.0.1:%d" % port
+        ready = wait_until(lambda: child.poll() is not None or http_status(url + "/readyz") == 200,
+                           timeout=CLIENT_TIMEOUT, step=0.02)
+        self.assertTrue(ready and child.poll() is None, "the app never became ready: %s" % stderr())
+        self.assertEqual(http_status(url + "/work"), 200)
+        worker_pid = int(http_body(url + "/work"))
+        self.assertFalse(pid_gone(worker_pid))
+        child.send_signal(signal.SIGTERM)
+        try:
+            code = child.wait(timeout=CLIENT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+        self.assertEqual(code, 0, stderr())
+        out = child.stdout.read()
+        self.assertIn("serving on http://127.0.0.1:%d" % port, out)
+        self.assertIn("stopped cleanly", out)
+        self.assertNotIn("Traceback", stderr())
+        self.assertTrue(wait_until(lambda: pid_gone(worker_pid), timeout=CLIENT_TIMEOUT))
+        self.assertEqual(process_group_members(child.pid), [], "a process of the group outlived it")
+
+    def kill_group(self, child):
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+        for pid in process_group_members(child.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        child.stdout.close()
+
+
+class CliChat(Controller):
+    """A controller with routes, prioritised events and two schemas, for the CLI tests."""
+
+    name = "cli_chat"
+    schemas = {
+        "message": Schema("message", {"text": Field(str, required=True)}),
+        "typing": Schema("typing", {"author": Field(str, required=True)}),
+    }
+
+    def build_routes(self, router):
+        @router.route("/rooms/<room>/messages", methods=["POST"], json_errors="Could not post")
+        def post(room):
+            return {}, 201
+
+        @router.route("/rooms/<room>/messages")
+        def listing(room):
+            return []
+
+    def build_events(self, handler):
+        handler.on("send_message", self.audit, priority=10)
+        handler.on("send_message", self.send, priority=50, schema=self.schema("message"))
+
+    def audit(self, data):
+        return None
+
+    def send(self, data):
+        return data
+
+
+def ack_typing(data):
+    return {"ok": True}
+
+
+# A factory app for `flask specter run`: a module-level manager, a worker process.
+CLI_APP = textwrap.dedent("""
+    import flask
+    from flask_socketio import SocketIO
+
+    import specter
+
+    manager = specter.ServiceManager(probes=True)
+
+
+    class Worker(specter.Service):
+        def on_start(self):
+            self.proc = self.start_process(["sleep", "60"])
+
+        def on_stop(self):
+            print("stopped cleanly", flush=True)
+
+
+    worker = Worker()
+    manager.register_service(worker)
+
+
+    def create_app():
+        app = flask.Flask(__name__)
+        SocketIO(app, async_mode="gevent")
+
+        @app.route("/work")
+        def work():
+            return str(worker.proc.pid)
+        manager.init_app(app)
+        return app
+""")
+
+
+def http_status(url):
+    """The status of GET ``url`` from a native thread (0 when nothing answers)."""
+    def fetch():
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+    return gevent.get_hub().threadpool.spawn(fetch).get()
+
+
+def http_body(url):
+    def fetch():
+        with urllib.request.urlopen(url, timeout=CLIENT_TIMEOUT) as response:
+            return response.read().decode()
+    return gevent.get_hub().threadpool.spawn(fetch).get()
+
+
+def process_group_members(pgid):
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as stat:
+                fields = stat.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry))
+    return members
+
+
+class TestProbes(SpecterTestCase):
+    """boot(..., probes=True | '/prefix'): GET /livez and /readyz through a whole lifecycle."""
+
+    def test_readyz_follows_the_lifecycle_and_livez_stays_up(self):
+        app, sio = make_web_app()
+        release = gevent.event.Event()
+
+        class Flaky(Service):
+            restart_backoff = 0.001
+
+            def on_start(self):
+                self.supervise(self.crash, max_restarts=2)
+
+            def crash(self):
+                release.wait(WAIT)
+                raise RuntimeError("secret database password in this message")
+
+        class SlowStop(Service):
+            def on_stop(self):
+                stopping.set()
+                proceed.wait(WAIT)
+        stopping, proceed = gevent.event.Event(), gevent.event.Event()
+        manager = ServiceManager(app, sio, signals=False, probes=True)
+        self.addCleanup(manager.shutdown)
+        manager.register_service(SlowStop("slow"))
+        flaky = Flaky("flaky")
+        manager.register_service(flaky)
+        http = app.test_client()
+
+        def probe(path):
+            response = http.get(path)
+            self.assertEqual(response.headers["Cache-Control"], "no-store")
+            return response.status_code, response.get_json()
+        self.assertEqual(probe("/readyz"), (503, {"status": "starting",
+                                                  "services": {"slow": "created", "flaky": "created"}}))
+        self.assertEqual(probe("/livez"), (200, {"status": "ok"}))
+        manager.boot()
+        self.assertEqual(probe("/readyz"), (200, {"status": "ok",
+                                                  "services": {"slow": "running", "flaky": "running"}}))
+        with captured_logs():
+            release.set()
+            self.assertEventually(lambda: flaky.status == "failed")
+        status, body = probe("/readyz")
+        self.assertEqual((status, body["status"], body["services"]["flaky"]), (503, "failed", "failed"))
+        self.assertNotIn("password", json.dumps(body))
+        self.assertEqual(probe("/livez"), (200, {"status": "ok"}))
+        shutting = gevent.spawn(manager.shutdown)
+        self.assertTrue(stopping.wait(WAIT))
+        self.assertEqual(probe("/readyz")[:1] + (probe("/readyz")[1]["status"],), (503, "stopping"))
+        proceed.set()
+        shutting.get(timeout=WAIT)
+        self.assertEqual(probe("/readyz"), (503, {"status": "stopped",
+                                                  "services": {"slow": "stopped", "flaky": "stopped"}}))
+
+    def test_a_stopped_controller_makes_readyz_degraded(self):
+        app, sio = make_web_app()
+        echo = EchoController()
+        manager = boot(app, sio, controllers=[echo], signals=False, probes=True)
+        self.addCleanup(manager.shutdown)
+        echo.stop()
+        response = app.test_client().get("/readyz")
+        self.assertEqual((response.status_code, response.get_json()["status"]), (503, "degraded"))
+
+    def test_probes_under_a_prefix(self):
+        app, sio = make_web_app()
+        manager = boot(app, sio, signals=False, probes="/ops/")
+        self.addCleanup(manager.shutdown)
+        http = app.test_client()
+        self.assertEqual(http.get("/ops/livez").status_code, 200)
+        self.assertEqual(http.get("/ops/readyz").status_code, 200)
+        self.assertEqual(http.get("/livez").status_code, 404)
+
+    def test_probes_are_off_by_default_and_checked(self):
+        app, sio = make_web_app()
+        manager = boot(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertEqual(app.test_client().get("/livez").status_code, 404)
+        with self.assertRaisesRegex(ValueError, "probes must be True, False or a path prefix starting with '/'"):
+            ServiceManager(probes="ops")
+
+
+# A view that blocks the whole process the way a forgotten blocking call does.
+def blocking_view(started):
+    started.set()
+    time.sleep(0.4)  # the blocking call under test
+    return "done"
+
+
+class TestLoopMonitor(SpecterTestCase):
+    """boot(..., block_threshold=s): gevent's monitor thread catches a real blocking call."""
+
+    threshold = 0.1
+
+    def test_a_blocking_call_is_logged_counted_announced_and_fails_livez(self):
+        self.assertFalse(gevent.monkey.is_anything_patched(), "time.sleep must really block here")
+        app, sio = make_web_app()
+        started = threading.Event()  # set from the hub, waited on by a native thread
+        app.add_url_rule("/block", "block", functools.partial(blocking_view, started))
+        announced = Recorder()
+        specter.bus.on("loop:blocked", announced)
+        manager = boot(app, sio, signals=False, probes=True, block_threshold=self.threshold)
+        self.addCleanup(manager.shutdown)
+        self.assertEqual(manager.health()["loop"], {"monitor": True, "threshold": self.threshold, "blocked": 0,
+                                                    "longest": 0.0, "last_stack": None})
+        server = pywsgi.WSGIServer(("127.0.0.1", 0), app, log=None)
+        server.start()
+        self.addCleanup(server.stop, timeout=1)
+        url = "http://127.0.0.1:%d" % server.server_port
+        pool = gevent.get_hub().threadpool
+
+        def livez_during_the_block():
+            if not started.wait(CLIENT_TIMEOUT):
+                return None
+            return http_status_now(url + "/livez")
+        with self.assertLogs("specter.loop", "WARNING") as cm:
+            during = pool.spawn(livez_during_the_block)
+            self.assertEqual(http_status(url + "/block"), 200)
+            self.assertEqual(during.get(), 503)
+        self.assertEqual(len(cm.records), 1, cm.output)
+        self.assertIn("the event loop is blocked", cm.output[0])
+        self.assertIn("time.sleep(0.4)  # the blocking call under test", cm.output[0])
+        self.assertIn("in blocking_view", cm.output[0])
+        self.assertTrue(wait_until(lambda: announced.count == 1))
+        loop = manager.health()["loop"]
+        self.assertEqual(loop["blocked"], 1)
+        self.assertGreaterEqual(loop["longest"], 0.4)  # from the loop's last poll to its next
+        self.assertLess(loop["longest"], 0.4 + 1.0)
+        self.assertIn("time.sleep(0.4)", loop["last_stack"])
+        event = announced.firsts[0]
+        self.assertEqual((event["threshold"], event["stack"], event["seconds"]),
+                         (self.threshold, loop["last_stack"], loop["longest"]))
+        self.assertTrue(wait_until(lambda: http_status(url + "/livez") == 200, timeout=WAIT, step=0.02))
+
+    def test_shutdown_turns_the_monitor_off(self):
+        hub = gevent.get_hub()
+        self.assertIsNone(hub.periodic_monitoring_thread)
+        saved = (gevent.config.monitor_thread, gevent.config.max_blocking_time)
+        app, sio = make_web_app()
+        manager = boot(app, sio, signals=False, block_threshold=0.25)
+        self.addCleanup(manager.shutdown)
+        self.assertIsNotNone(hub.periodic_monitoring_thread)
+        self.assertEqual(gevent.config.max_blocking_time, 0.25)
+        manager.shutdown()
+        self.assertIsNone(hub.periodic_monitoring_thread)
+        self.assertEqual((gevent.config.monitor_thread, gevent.config.max_blocking_time), saved)
+        self.assertFalse(manager.health()["loop"]["monitor"])
+
+    def test_block_threshold_is_checked(self):
+        with self.assertRaisesRegex(ValueError, "block_threshold must be greater than 0 seconds, got 0"):
+            ServiceManager(block_threshold=0)
+        with self.assertRaisesRegex(TypeError, "block_threshold must be a number of seconds"):
+            boot(*make_web_app(), block_threshold="1")
+
+
+def http_status_now(url):
+    """GET ``url`` from the calling native thread; its status (0 when nothing answers)."""
+    try:
+        with urllib.request.urlopen(url, timeout=CLIENT_TIMEOUT) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+class TestAppContext(SpecterTestCase):
+    """Background work of app-bound services runs in a fresh app context, popped after each round."""
+
+    def test_background_work_sees_current_app_and_tears_down_each_round(self):
+        app, sio = make_web_app()
+        app.config["NAME"] = "jobs-app"
+        teardowns = []
+        app.teardown_appcontext(lambda exc: teardowns.append(exc))
+        seen = {}
+
+        def note(where):
+            seen.setdefault(where, []).append(flask.current_app.config["NAME"])
+
+        class Child(Service):
+            def on_start(self):
+                self.interval(lambda: note("child tick"), 0.01)
+
+        class Jobs(QueueService):
+            def on_start(self):
+                note("on_start")
+                self.ticks = self.interval(lambda: note("tick"), 0.01)
+                self.spawn(note, "spawned")
+                self.spawn_later(0.01, note, "delayed")
+                self.supervise(note, "supervised")
+                self.adopt(Child("child"))
+
+            def handle_item(self, item):
+                note("item")
+
+            def on_stop(self):
+                note("on_stop")
+        jobs = Jobs("jobs")
+        manager = boot(app, sio, services=[jobs], signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertEventually(lambda: {"tick", "spawned", "delayed", "supervised", "child tick"} <= set(seen))
+        jobs.cancel_interval(jobs.ticks)
+        jobs.enqueue(1)
+        jobs.enqueue(2)
+        self.assertTrue(jobs.join(WAIT))
+        manager.shutdown()
+        for where in ("on_start", "tick", "spawned", "delayed", "supervised", "child tick", "item", "on_stop"):
+            self.assertEqual(set(seen[where]), {"jobs-app"}, where)
+        self.assertEqual(len(seen["item"]), 2)
+        self.assertFalse(flask.has_app_context(), "nothing leaks into the caller")
+
+    def test_teardown_appcontext_runs_once_per_tick_and_per_item(self):
+        app, sio = make_web_app()
+        teardowns = Recorder()
+        app.teardown_appcontext(teardowns)
+        rounds = []
+
+        class Counter(QueueService):
+            def on_start(self):
+                rounds.append(("start", teardowns.count))
+                self.ticker = self.interval(self.tick, 0.01)
+
+            def tick(self):
+                rounds.append(("tick", teardowns.count))
+
+            def handle_item(self, item):
+                rounds.append(("item", teardowns.count))
+        counter = Counter("counter")
+        manager = boot(app, sio, services=[counter], signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertEventually(lambda: len(rounds) >= 4)
+        counter.cancel_interval(counter.ticker)
+        for item in range(3):
+            counter.enqueue(item)
+        self.assertTrue(counter.join(WAIT))
+        first = rounds[0][1]
+        self.assertTrue(wait_until(lambda: teardowns.count == first + len(rounds)))
+        # Each round saw one teardown per earlier round (on_start's included): one context each, popped after it.
+        self.assertEqual([count for _, count in rounds], list(range(first, first + len(rounds))))
+        self.assertEqual([kind for kind, _ in rounds].count("item"), 3)
+
+    def test_a_watcher_started_in_the_app_context_polls_inside_a_fresh_one(self):
+        app, sio = make_web_app()
+        teardowns = Recorder()
+        app.teardown_appcontext(teardowns)
+        values = []
+
+        class Sensors(Service):
+            def on_start(self):
+                watcher = self.own(specter.Watcher("temp", poll=lambda: flask.current_app.name, interval=0.01))
+                watcher.subscribe(lambda value, _: values.append((value, teardowns.count)))
+                watcher.start()
+        manager = boot(app, sio, services=[Sensors()], signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertEventually(lambda: len(values) >= 2)
+        self.assertEqual(values[0][0], app.name)
+        self.assertGreater(values[1][1], values[0][1], "the first round's context was popped before the second")
+
+    def test_start_called_inside_the_apps_context_keeps_that_context(self):
+        app, sio = make_web_app()
+        manager = boot(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        contexts = []
+
+        class Late(Service):
+            def on_start(self):
+                contexts.append(flask.globals.app_ctx._get_current_object())
+        with app.app_context() as outer:
+            manager.register_service(Late("late"))
+        self.assertEqual(contexts, [outer])
+
+    def test_services_without_an_app_run_as_before(self):
+        seen = []
+
+        class Plain(Service):
+            def on_start(self):
+                seen.append(flask.has_app_context())
+                self.spawn(lambda: seen.append(flask.has_app_context()))
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        manager.register_service(Plain())
+        manager.boot()
+        self.assertEventually(lambda: len(seen) == 2)
+        self.assertEqual(seen, [False, False])
+
+
 class UpgradeClosingHandler(pywsgi.WSGIHandler):
     """Close a connection once its websocket session ends.
 
@@ -7920,7 +8513,7 @@ class TestExamples(SpecterTestCase):
         names = [os.path.basename(path) for path in example_files()]
         for expected in ("quickstart.py", "polling_service.py", "queue_worker.py",
                          "controller_app.py", "state_primitives.py", "process_watcher.py",
-                         "graceful_shutdown.py", "registry_and_bus.py"):
+                         "graceful_shutdown.py", "registry_and_bus.py", "factory_app.py"):
             self.assertIn(expected, names)
         self.assertFalse([name for name in names if name.startswith("jobboard")])
 
