@@ -484,17 +484,27 @@ class _Owner:
         return registry.resolve(key)
 
     def _run_cleanups(self):
-        """Run and forget the cleanups, newest first; failures are logged."""
+        """Run and forget the cleanups, newest first; failures are logged.
+
+        Every cleanup runs even if the releasing greenlet is interrupted
+        (killed, or hit by a Timeout) during one of them: the interrupted
+        cleanup is not run again, the others still run, and the
+        interruption is re-raised at the end (see _run_all).
+        """
         cleanups, self._cleanups = self._cleanups, None
-        while cleanups:
-            fn, resource = cleanups.pop()
-            owners = getattr(resource, "_owners", None)
-            if type(owners) is list and self in owners:
-                owners.remove(self)  # this owner is done with it for good
-            try:
-                fn()
-            except Exception:
-                _service_log.exception("%s: cleanup %s raised", self, _callable_name(fn))
+
+        def steps():
+            while cleanups:
+                fn, resource = cleanups.pop()
+                owners = getattr(resource, "_owners", None)
+                if type(owners) is list and self in owners:
+                    owners.remove(self)  # this owner is done with it for good
+                yield fn
+
+        _run_all(steps(), self._cleanup_failed)
+
+    def _cleanup_failed(self, label):
+        _service_log.exception("%s: cleanup %s raised", self, label)
 
     def _resource_health(self):
         report = []
@@ -625,11 +635,8 @@ class Service(_Owner):
             return self
         self._begin_transition("stopping")
         try:
-            try:
-                self._lifecycle_stopping()
-                self.on_stop()
-            except Exception:
-                self._record_error("on_stop")
+            # on_stop runs even when the step before it fails or is interrupted.
+            _run_all((self._lifecycle_stopping, self.on_stop), self._record_error)
         finally:
             try:
                 self._release()
