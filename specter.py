@@ -720,18 +720,25 @@ class Service(_Owner):
         return self._cancel_timer(timeout_id)
 
     def cancel_greenlet(self: _S, glet: Greenlet) -> _S:
-        """Kill an owned greenlet and stop tracking it."""
+        """Kill an owned greenlet; it is tracked until it is dead.
+
+        Waits up to ``stop_timeout`` for it. One that refuses to die is
+        logged and listed in health()['stuck'], as at teardown, and stop()
+        tries again.
+        """
         if not isinstance(glet, Greenlet):
             raise TypeError("cancel_greenlet() takes a gevent Greenlet, got %s" % _describe(glet))
         if glet.dead:
             return self
         if glet not in self._tasks:
             raise ValueError("%r is not a greenlet of %s; only its own can be cancelled" % (glet, self.name))
-        self._tasks.discard(glet)
         if glet is getcurrent():
-            glet.kill(block=False)
+            glet.kill(block=False)  # ends at its next switch; _new_task's link forgets it then
         else:
-            glet.kill(block=True, timeout=self.stop_timeout)
+            try:
+                glet.kill(block=True, timeout=self.stop_timeout)
+            finally:
+                self._report_stuck((glet,))
         return self
 
     def supervise(self, callback: Callable[..., Any], *args: Any, max_restarts: int = 5,
@@ -817,7 +824,7 @@ class Service(_Owner):
             "last_error": self._last_error,
             "restarts": self._restarts,
             "failure": self._failure,
-            "stuck": list(self._stuck),
+            "stuck": [task.name for task in self._stuck if not task.dead],
             "children": [child.health() for child in self._children or ()],
             "resources": self._resource_health(),
         }
@@ -936,14 +943,18 @@ class Service(_Owner):
         try:
             _kill_greenlets(others, self.stop_timeout)
         finally:
-            stuck = [task.name for task in others if not task.dead]
-            if stuck:
-                self._stuck = stuck
-                _service_log.error(
-                    "%s: %d greenlet(s) ignored GreenletExit for %s s: %s",
-                    self.name, len(stuck), self.stop_timeout, ", ".join(stuck),
-                )
+            self._report_stuck(others)
             self._tasks.difference_update(others)
+
+    def _report_stuck(self, killed):
+        """Log the greenlets of ``killed`` that outlived their kill; health() lists them while they live."""
+        stuck = [task for task in killed if not task.dead]
+        if stuck:
+            self._stuck = tuple(task for task in self._stuck if not task.dead and task not in stuck) + tuple(stuck)
+            _service_log.error(
+                "%s: %d greenlet(s) ignored GreenletExit for %s s: %s",
+                self.name, len(stuck), self.stop_timeout, ", ".join(task.name for task in stuck),
+            )
 
     def _release_listeners(self):
         listeners, self._listeners = self._listeners, None
