@@ -1000,6 +1000,13 @@ class QueueService(Service):
     before ``on_stop`` whether or not a subclass calls super. ``stop()``
     drains the queue for up to ``drain_timeout`` seconds; whatever is still
     queued then goes to ``on_dropped(items)``, so nothing is lost silently.
+
+    The queue accepts items only while the service is starting or running:
+    stop() shuts it down (gevent's ``Queue.shutdown``) before anything else,
+    which refuses new items and blocked ``enqueue(block=True)`` calls alike,
+    lets the workers take what is queued, and ends each worker once the
+    queue is empty, the one that called stop() included. Every start gets a
+    fresh queue.
     """
 
     drain_timeout = 5.0
@@ -1009,7 +1016,8 @@ class QueueService(Service):
         self.worker_count = _check_count(worker_count, "worker_count", 1)
         self.maxsize = _check_count(maxsize, "maxsize", 0)
         self.poll_interval = _check_seconds(poll_interval, "poll_interval", positive=True)
-        self.queue = gevent.queue.JoinableQueue(maxsize or None)
+        self.queue = self._new_queue()
+        self.queue.shutdown()  # closed until start(): enqueue() refuses
         self._workers = ()
         self._processed = 0
         self._failed = 0
@@ -1029,14 +1037,18 @@ class QueueService(Service):
         _service_log.warning("%s: dropped %d queued item(s) at stop", self.name, len(items))
 
     def enqueue(self, item: Any, *, block: bool = False, timeout: Optional[float] = None) -> bool:
-        """Queue ``item``; False when full (or the timeout passed) or not running."""
-        if self._status not in _ACTIVE:
-            return False
-        if block:
-            timeout = _check_seconds(timeout, "timeout", allow_none=True)
+        """Queue ``item``; False when full (or the timeout passed) or not running.
+
+        A call blocked waiting for room returns False as soon as stop()
+        begins: the item stays with the caller.
+        """
+        # The hot path is one C call: the queue itself refuses items once
+        # it is shut down (stopped) or full.
+        if block and timeout is not None:
+            timeout = _check_seconds(timeout, "timeout")
         try:
             self.queue.put(item, block, timeout)
-        except gevent.queue.Full:
+        except _QUEUE_REFUSED:
             return False
         return True
 
@@ -1064,7 +1076,12 @@ class QueueService(Service):
         }
         return report
 
+    def _new_queue(self):
+        return gevent.queue.JoinableQueue(self.maxsize or None)
+
     def _lifecycle_started(self):
+        if self.queue.is_shutdown:
+            self.queue = self._new_queue()
         self.on_start()
         self._workers = tuple(
             self.spawn(self._work, label="%s.worker-%d" % (self.name, index))
@@ -1073,30 +1090,43 @@ class QueueService(Service):
         self.on_workers_started()
 
     def _lifecycle_stopping(self):
-        try:
-            self.on_workers_stopping()
-        except Exception:
-            self._record_error("on_workers_stopping")
-        queue = self.queue
+        # First of all: no new item, and blocked enqueue() calls get False.
+        self.queue.shutdown()
         in_hand = 1 if getcurrent() in self._workers else 0
-        self._wait_idle(self.drain_timeout, in_hand)
-        dropped = []
-        while True:
+        try:
             try:
-                dropped.append(queue.get_nowait())
-            except gevent.queue.Empty:
-                break
+                self.on_workers_stopping()
+            except Exception:
+                self._record_error("on_workers_stopping")
+            self._wait_idle(self.drain_timeout, in_hand)
+        finally:
+            # Even when the drain was interrupted: what is queued is handed over.
+            self._drop_queued()
+        self._wait_idle(self.stop_timeout, in_hand)  # the items in hand finish
+        self._refresh_counters()
+        self._workers = ()
+
+    def _release(self):
+        # A start rolled back (or a stop whose drain step failed) must not
+        # leave accepted items behind either.
+        try:
+            self._drop_queued()
+        finally:
+            super()._release()
+
+    def _drop_queued(self):
+        """Shut the queue down and hand whatever is still in it to on_dropped()."""
+        queue = self.queue
+        queue.shutdown()
+        dropped = []
+        while queue.qsize():
+            dropped.append(queue.get_nowait())
             queue.task_done()
         if dropped:
             try:
                 self.on_dropped(dropped)
             except Exception:
                 self._record_error("on_dropped")
-        self._wait_idle(self.stop_timeout, in_hand)
-        self._refresh_counters()
-        if in_hand:
-            queue.put(_QUEUE_STOP)  # the worker stopping us ends once its item is done
-        self._workers = ()
 
     def _refresh_counters(self):
         # Workers count on attributes (cheap); state mirrors them on demand.
@@ -1116,21 +1146,30 @@ class QueueService(Service):
             gevent.sleep(0.005)
 
     def _work(self):
-        get, done = self.queue.get, self.queue.task_done
+        queue = self.queue
+        get, done = queue.get, queue.task_done
         handle = self.handle_item
         while True:
-            item = get()
-            if item is _QUEUE_STOP:
-                done()
-                return
             try:
-                handle(item)
-                self._processed += 1
-            except _CALLBACK_ERRORS:
-                self._failed += 1
-                self._record_error(getcurrent().name)
-            finally:
-                done()
+                while True:
+                    item = get()
+                    try:
+                        handle(item)
+                        self._processed += 1
+                    except _CALLBACK_ERRORS:
+                        self._failed += 1
+                        self._record_error(getcurrent().name)
+                    finally:
+                        done()
+            except gevent.queue.ShutDown:
+                # gevent wakes every waiting get() with ShutDown, even one
+                # an item had just been put for: end only when none is left.
+                if not queue.qsize():
+                    return
+
+
+# What a queue raises to refuse an item: full, or shut down (stopping or stopped).
+_QUEUE_REFUSED = (gevent.queue.Full, gevent.queue.ShutDown)
 
 
 _watcher_log = logging.getLogger("specter.watcher")
@@ -1272,9 +1311,6 @@ class Watcher:
                 fn(value, self)
             except Exception:
                 _watcher_log.exception("watcher %s: subscriber %s raised", self.name, _callable_name(fn))
-
-
-_QUEUE_STOP = object()  # tells the worker that stopped its QueueService to end
 
 
 def _kill_greenlets(greenlets, timeout):

@@ -2045,6 +2045,21 @@ class TestQueueService(SpecterTestCase):
         self.assertEqual(svc.handled, list(range(20)))
         self.assertEqual(dropped, [])
 
+    def test_stop_drains_items_queued_while_the_workers_waited_in_get(self):
+        dropped = []
+
+        class Quick(Sink):
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+        svc = self.started(Quick(worker_count=3))
+        gevent.sleep(0.01)                      # every worker is idle in get()
+        for item in range(6):
+            self.assertTrue(svc.enqueue(item))  # no switch: the workers have not woken yet
+        svc.stop()
+        self.assertEqual(sorted(svc.handled), list(range(6)))
+        self.assertEqual(dropped, [])
+
     def test_on_dropped_gets_exactly_the_unprocessed_items(self):
         batches = []
 
