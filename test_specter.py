@@ -2189,6 +2189,25 @@ class TestQueueService(SpecterTestCase):
                 self.assertNotIn(3, dropped)
                 self.assertEqual(sorted(svc.handled + dropped), [1, 2])
 
+    def test_a_rolled_back_start_hands_items_queued_by_on_start_to_on_dropped(self):
+        dropped = []
+
+        class Doomed(Sink):
+            def on_start(self):
+                for item in range(3):
+                    self.enqueue(item)
+                raise RuntimeError("config missing")
+
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+        svc = Doomed()
+        with self.assertRaisesRegex(RuntimeError, "config missing"):
+            svc.start()
+        self.assertEqual(dropped, [0, 1, 2])
+        self.assertEqual(svc.pending_count(), 0)
+        self.assertFalse(svc.enqueue(3))
+
     def test_an_interrupted_drain_still_hands_queued_items_to_on_dropped_and_runs_on_stop(self):
         dropped, hooks = [], []
 
