@@ -51,7 +51,7 @@ import subprocess
 import sys
 import time
 import types
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import flask
 import werkzeug.exceptions
@@ -413,15 +413,26 @@ _CALLBACK_ERRORS = (Exception, gevent.Timeout)
 # Statuses in which a service may acquire timers, greenlets and listeners.
 _ACTIVE = frozenset(("starting", "running", "failed"))
 _STOP_METHODS = ("stop", "close", "disconnect", "destroy", "terminate", "kill")
-# What Service.__init__ and QueueService.__init__ set: missing only when a
-# subclass's __init__ skipped super().__init__() (see Service.__getattr__).
-_SERVICE_INIT_ATTRS = frozenset((
-    "state", "_status", "_tasks", "_timers", "_listeners", "_children", "_state_subs",
-    "_transitioner", "_settled", "_stop_requested", "_errors", "_last_error", "_restarts",
-    "_failure", "_stuck",
-    "worker_count", "maxsize", "poll_interval", "queue", "_workers", "_processed", "_failed",
-))
 _timer_ids = itertools.count(1)
+
+
+def _service_check_init(cls, init):
+    """Wrap a Service subclass's own ``__init__`` so that skipping ``super().__init__()`` fails at once.
+
+    The check runs once per construction, after the whole ``__init__``, so
+    nothing else pays for it (a ``__getattr__`` hook or a class-level
+    descriptor would slow every attribute access of every service).
+    """
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if "_status" not in vars(self):
+            raise TypeError(
+                "%s.__init__() must call super().__init__() (the Service is not initialised)"
+                % cls.__name__
+            )
+    __init__._service_checked = True  # type: ignore[attr-defined]
+    return __init__
 
 
 class _Owner:
@@ -840,17 +851,11 @@ class Service(_Owner):
     def __repr__(self):
         return "<%s %r %s>" % (type(self).__name__, self.name, vars(self).get("_status", "uninitialised"))
 
-    if not TYPE_CHECKING:  # hidden from type checkers, which should still flag misspelt attributes
-        def __getattr__(self, name):
-            # Only reached when normal lookup fails, so it costs nothing on
-            # any path that works: an attribute our __init__ sets is missing
-            # only when a subclass's __init__ never called it.
-            if name in _SERVICE_INIT_ATTRS:
-                raise TypeError(
-                    "%s.__init__() must call super().__init__() before the service is used "
-                    "(its %r is missing)" % (type(self).__name__, name)
-                )
-            raise AttributeError("%r object has no attribute %r" % (type(self).__name__, name))
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not hasattr(init, "_service_checked"):
+            cls.__init__ = _service_check_init(cls, init)  # type: ignore[misc]
 
     def _lifecycle_started(self):
         # Subclasses with machinery of their own (QueueService) extend this

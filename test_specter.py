@@ -12,6 +12,7 @@ import decimal
 import functools
 import gc
 import glob
+import inspect
 import itertools
 import json
 import logging
@@ -1850,12 +1851,18 @@ class TestService(SpecterTestCase):
             def __init__(self, interval):
                 self.every = interval
 
-        svc = Forgetful(1.0)
-        for call in (svc.start, svc.stop, svc.health, lambda: svc.status, lambda: svc.spawn(print)):
-            with self.assertRaisesRegex(TypeError, r"Forgetful\.__init__\(\) must call super\(\)\.__init__\(\)"):
-                call()
-        self.assertIn("Forgetful", repr(svc))
-        self.assertFalse(hasattr(svc, "no_such_attribute"))
+        with self.assertRaisesRegex(TypeError, r"Forgetful\.__init__\(\) must call super\(\)\.__init__\(\)"):
+            Forgetful(1.0)
+
+        class Careful(Forgetful):
+            def __init__(self, interval):
+                Service.__init__(self, "careful")
+                self.every = interval
+
+        svc = Careful(2.0)   # the check sees the finished object, whoever initialised it
+        self.assertEqual((svc.name, svc.every, svc.status), ("careful", 2.0, "created"))
+        self.assertEqual(Careful.__init__.__name__, "__init__")
+        self.assertEqual(list(inspect.signature(Careful).parameters), ["interval"])
 
 
 # Lifecycle: QueueService ######################################################
@@ -2244,10 +2251,8 @@ class TestQueueService(SpecterTestCase):
             def handle_item(self, item):
                 self.seen.append(item)
 
-        svc = Forgetful()
-        for call in (svc.start, lambda: svc.enqueue(1), svc.pending_count, svc.get_state):
-            with self.assertRaisesRegex(TypeError, r"Forgetful\.__init__\(\) must call super\(\)\.__init__\(\)"):
-                call()
+        with self.assertRaisesRegex(TypeError, r"Forgetful\.__init__\(\) must call super\(\)\.__init__\(\)"):
+            Forgetful()
 
 
 # Lifecycle: Watcher ###########################################################
