@@ -426,7 +426,9 @@ def _service_check_init(cls, init):
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        if "_status" not in vars(self):
+        # getattr, not vars(self): building the instance __dict__ would cost
+        # the object CPython's inline attribute values (slower access for good).
+        if getattr(self, "_status", None) is None:
             raise TypeError(
                 "%s.__init__() must call super().__init__() (the Service is not initialised)"
                 % cls.__name__
@@ -849,7 +851,7 @@ class Service(_Owner):
         }
 
     def __repr__(self):
-        return "<%s %r %s>" % (type(self).__name__, self.name, vars(self).get("_status", "uninitialised"))
+        return "<%s %r %s>" % (type(self).__name__, self.name, getattr(self, "_status", "uninitialised"))
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
