@@ -1988,6 +1988,34 @@ class TestQueueService(SpecterTestCase):
         queue = svc.health()["queue"]
         self.assertEqual(queue, {"size": 0, "workers": 2, "processed": 2, "failed": 1})
 
+    def test_counters_trail_a_backlog_by_at_most_16_items_per_worker_and_are_exact_when_idle(self):
+        gaps = []
+
+        class Counting(QueueService):
+            def __init__(self):
+                super().__init__("counting", worker_count=3)
+                self.done = 0
+
+            def handle_item(self, item):
+                state = self.get_state()
+                gaps.append(self.done - state["processed"] - state["failed"])
+                self.done += 1
+                if item % 7 == 0:
+                    raise ValueError("bad item %d" % item)
+
+        svc = self.started(Counting())
+        with self.assertLogs("specter", "ERROR"):
+            for item in range(300):
+                self.assertTrue(svc.enqueue(item))
+            self.assertTrue(svc.join(timeout=WAIT))
+        self.assertLessEqual(max(gaps), 16 * 3)
+        self.assertGreater(max(gaps), 0)   # they do count in bulk
+        state = svc.get_state()
+        self.assertEqual((state["processed"], state["failed"]), (300 - 43, 43))
+        svc.enqueue(300)
+        self.assertTrue(svc.join(timeout=WAIT))
+        self.assertEqual(svc.health()["queue"]["processed"], 258)
+
     def test_pending_count_and_queue_size(self):
         gate = gevent.event.Event()
         svc = self.started(Sink(gate=gate))
