@@ -1139,7 +1139,7 @@ class QueueService(Service):
                 self._record_error("on_dropped")
 
     def _refresh_counters(self):
-        # Workers count on attributes (cheap); state mirrors them on demand.
+        # Workers publish their tallies in bulk (see _work); state mirrors them on demand.
         self.state.update(queue_size=self.queue.qsize(), processed=self._processed, failed=self._failed)
 
     def _wait_idle(self, timeout, in_hand):
