@@ -758,7 +758,9 @@ def bench_queue(cfg: Config) -> List[Row]:
     try:
         row = compare("QueueService 4 workers, per item", spec, base,
                       n=items, cfg=cfg, target=1.25, calibrate=False,
-                      note="%s items per batch; start/stop outside timing"
+                      note="%s items per batch; start/stop outside timing; what"
+                           " remains is the enqueue() frame (bool result, refusal"
+                           " when stopped) around the same C put()"
                            % format(items, ","))
         if svc.count != sent["specter"] or counter[0] != sent["baseline"]:
             row.note += "; ITEMS LOST: specter %d/%d, raw %d/%d" % (

@@ -422,6 +422,27 @@ _STOP_METHODS = ("stop", "close", "disconnect", "destroy", "terminate", "kill")
 _timer_ids = itertools.count(1)
 
 
+def _service_check_init(cls, init):
+    """Wrap a Service subclass's own ``__init__`` so that skipping ``super().__init__()`` fails at once.
+
+    The check runs once per construction, after the whole ``__init__``, so
+    nothing else pays for it (a ``__getattr__`` hook or a class-level
+    descriptor would slow every attribute access of every service).
+    """
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        # getattr, not vars(self): building the instance __dict__ would cost
+        # the object CPython's inline attribute values (slower access for good).
+        if getattr(self, "_status", None) is None:
+            raise TypeError(
+                "%s.__init__() must call super().__init__() (the Service is not initialised)"
+                % cls.__name__
+            )
+    __init__._service_checked = True  # type: ignore[attr-defined]
+    return __init__
+
+
 class _Owner:
     """Cleanups and owned resources, released last-in-first-out.
 
@@ -490,17 +511,27 @@ class _Owner:
         return registry.resolve(key)
 
     def _run_cleanups(self):
-        """Run and forget the cleanups, newest first; failures are logged."""
+        """Run and forget the cleanups, newest first; failures are logged.
+
+        Every cleanup runs even if the releasing greenlet is interrupted
+        (killed, or hit by a Timeout) during one of them: the interrupted
+        cleanup is not run again, the others still run, and the
+        interruption is re-raised at the end (see _run_all).
+        """
         cleanups, self._cleanups = self._cleanups, None
-        while cleanups:
-            fn, resource = cleanups.pop()
-            owners = getattr(resource, "_owners", None)
-            if type(owners) is list and self in owners:
-                owners.remove(self)  # this owner is done with it for good
-            try:
-                fn()
-            except Exception:
-                _service_log.exception("%s: cleanup %s raised", self, _callable_name(fn))
+
+        def steps():
+            while cleanups:
+                fn, resource = cleanups.pop()
+                owners = getattr(resource, "_owners", None)
+                if type(owners) is list and self in owners:
+                    owners.remove(self)  # this owner is done with it for good
+                yield fn
+
+        _run_all(steps(), self._cleanup_failed)
+
+    def _cleanup_failed(self, label):
+        _service_log.exception("%s: cleanup %s raised", self, label)
 
     def _resource_health(self):
         report = []
@@ -635,12 +666,9 @@ class Service(_Owner):
             return self
         self._begin_transition("stopping")
         try:
-            try:
-                with _life_app_context(self._specter_app):
-                    self._lifecycle_stopping()
-                    self.on_stop()
-            except Exception:
-                self._record_error("on_stop")
+            # on_stop runs even when the step before it fails or is interrupted.
+            with _life_app_context(self._specter_app):
+                _run_all((self._lifecycle_stopping, self.on_stop), self._record_error)
         finally:
             try:
                 self._release()
@@ -724,18 +752,25 @@ class Service(_Owner):
         return self._cancel_timer(timeout_id)
 
     def cancel_greenlet(self: _S, glet: Greenlet) -> _S:
-        """Kill an owned greenlet and stop tracking it."""
+        """Kill an owned greenlet; it is tracked until it is dead.
+
+        Waits up to ``stop_timeout`` for it. One that refuses to die is
+        logged and listed in health()['stuck'], as at teardown, and stop()
+        tries again.
+        """
         if not isinstance(glet, Greenlet):
             raise TypeError("cancel_greenlet() takes a gevent Greenlet, got %s" % _describe(glet))
         if glet.dead:
             return self
         if glet not in self._tasks:
             raise ValueError("%r is not a greenlet of %s; only its own can be cancelled" % (glet, self.name))
-        self._tasks.discard(glet)
         if glet is getcurrent():
-            glet.kill(block=False)
+            glet.kill(block=False)  # ends at its next switch; _new_task's link forgets it then
         else:
-            glet.kill(block=True, timeout=self.stop_timeout)
+            try:
+                glet.kill(block=True, timeout=self.stop_timeout)
+            finally:
+                self._report_stuck((glet,))
         return self
 
     def supervise(self, callback: Callable[..., Any], *args: Any, max_restarts: int = 5,
@@ -823,13 +858,19 @@ class Service(_Owner):
             "last_error": self._last_error,
             "restarts": self._restarts,
             "failure": self._failure,
-            "stuck": list(self._stuck),
+            "stuck": [task.name for task in self._stuck if not task.dead],
             "children": [child.health() for child in self._children or ()],
             "resources": self._resource_health(),
         }
 
     def __repr__(self):
-        return "<%s %r %s>" % (type(self).__name__, self.name, self._status)
+        return "<%s %r %s>" % (type(self).__name__, self.name, getattr(self, "_status", "uninitialised"))
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not hasattr(init, "_service_checked"):
+            cls.__init__ = _service_check_init(cls, init)  # type: ignore[misc]
 
     def _lifecycle_started(self):
         # Subclasses with machinery of their own (QueueService) extend this
@@ -944,14 +985,18 @@ class Service(_Owner):
         try:
             _kill_greenlets(others, self.stop_timeout)
         finally:
-            stuck = [task.name for task in others if not task.dead]
-            if stuck:
-                self._stuck = stuck
-                _service_log.error(
-                    "%s: %d greenlet(s) ignored GreenletExit for %s s: %s",
-                    self.name, len(stuck), self.stop_timeout, ", ".join(stuck),
-                )
+            self._report_stuck(others)
             self._tasks.difference_update(others)
+
+    def _report_stuck(self, killed):
+        """Log the greenlets of ``killed`` that outlived their kill; health() lists them while they live."""
+        stuck = [task for task in killed if not task.dead]
+        if stuck:
+            self._stuck = tuple(task for task in self._stuck if not task.dead and task not in stuck) + tuple(stuck)
+            _service_log.error(
+                "%s: %d greenlet(s) ignored GreenletExit for %s s: %s",
+                self.name, len(stuck), self.stop_timeout, ", ".join(task.name for task in stuck),
+            )
 
     def _release_listeners(self):
         listeners, self._listeners = self._listeners, None
@@ -977,6 +1022,13 @@ class QueueService(Service):
     before ``on_stop`` whether or not a subclass calls super. ``stop()``
     drains the queue for up to ``drain_timeout`` seconds; whatever is still
     queued then goes to ``on_dropped(items)``, so nothing is lost silently.
+
+    The queue accepts items only while the service is starting or running:
+    stop() shuts it down (gevent's ``Queue.shutdown``) before anything else,
+    which refuses new items and blocked ``enqueue(block=True)`` calls alike,
+    lets the workers take what is queued, and ends each worker once the
+    queue is empty, the one that called stop() included. Every start gets a
+    fresh queue.
     """
 
     drain_timeout = 5.0
@@ -986,7 +1038,8 @@ class QueueService(Service):
         self.worker_count = _check_count(worker_count, "worker_count", 1)
         self.maxsize = _check_count(maxsize, "maxsize", 0)
         self.poll_interval = _check_seconds(poll_interval, "poll_interval", positive=True)
-        self.queue = gevent.queue.JoinableQueue(maxsize or None)
+        self.queue = self._new_queue()
+        self.queue.shutdown()  # closed until start(): enqueue() refuses
         self._workers = ()
         self._processed = 0
         self._failed = 0
@@ -1005,15 +1058,22 @@ class QueueService(Service):
         """Receives what was still queued when the drain timed out."""
         _service_log.warning("%s: dropped %d queued item(s) at stop", self.name, len(items))
 
-    def enqueue(self, item: Any, *, block: bool = False, timeout: Optional[float] = None) -> bool:
-        """Queue ``item``; False when full (or the timeout passed) or not running."""
-        if self._status not in _ACTIVE:
-            return False
-        if block:
-            timeout = _check_seconds(timeout, "timeout", allow_none=True)
+    def enqueue(self, item: Any, block: bool = False, timeout: Optional[float] = None) -> bool:
+        """Queue ``item``; False when full (or the timeout passed) or not running.
+
+        A call blocked waiting for room returns False as soon as stop()
+        begins: the item stays with the caller. Pass ``block`` and
+        ``timeout`` by keyword.
+        """
+        # The hot path is one C call: the queue itself refuses items once
+        # it is shut down (stopped) or full. block and timeout are not
+        # keyword-only on purpose: CPython looks missing keyword-only
+        # defaults up in a dict on every call (about 20 ns, 8% of an item).
+        if block and timeout is not None:
+            timeout = _check_seconds(timeout, "timeout")
         try:
             self.queue.put(item, block, timeout)
-        except gevent.queue.Full:
+        except _QUEUE_REFUSED:
             return False
         return True
 
@@ -1041,7 +1101,12 @@ class QueueService(Service):
         }
         return report
 
+    def _new_queue(self):
+        return gevent.queue.JoinableQueue(self.maxsize or None)
+
     def _lifecycle_started(self):
+        if self.queue.is_shutdown:
+            self.queue = self._new_queue()
         self.on_start()
         self._workers = tuple(
             self.spawn(self._work, label="%s.worker-%d" % (self.name, index))
@@ -1050,33 +1115,46 @@ class QueueService(Service):
         self.on_workers_started()
 
     def _lifecycle_stopping(self):
-        try:
-            self.on_workers_stopping()
-        except Exception:
-            self._record_error("on_workers_stopping")
-        queue = self.queue
+        # First of all: no new item, and blocked enqueue() calls get False.
+        self.queue.shutdown()
         in_hand = 1 if getcurrent() in self._workers else 0
-        self._wait_idle(self.drain_timeout, in_hand)
-        dropped = []
-        while True:
+        try:
             try:
-                dropped.append(queue.get_nowait())
-            except gevent.queue.Empty:
-                break
+                self.on_workers_stopping()
+            except Exception:
+                self._record_error("on_workers_stopping")
+            self._wait_idle(self.drain_timeout, in_hand)
+        finally:
+            # Even when the drain was interrupted: what is queued is handed over.
+            self._drop_queued()
+        self._wait_idle(self.stop_timeout, in_hand)  # the items in hand finish
+        self._refresh_counters()
+        self._workers = ()
+
+    def _release(self):
+        # A start rolled back (or a stop whose drain step failed) must not
+        # leave accepted items behind either.
+        try:
+            self._drop_queued()
+        finally:
+            super()._release()
+
+    def _drop_queued(self):
+        """Shut the queue down and hand whatever is still in it to on_dropped()."""
+        queue = self.queue
+        queue.shutdown()
+        dropped = []
+        while queue.qsize():
+            dropped.append(queue.get_nowait())
             queue.task_done()
         if dropped:
             try:
                 self.on_dropped(dropped)
             except Exception:
                 self._record_error("on_dropped")
-        self._wait_idle(self.stop_timeout, in_hand)
-        self._refresh_counters()
-        if in_hand:
-            queue.put(_QUEUE_STOP)  # the worker stopping us ends once its item is done
-        self._workers = ()
 
     def _refresh_counters(self):
-        # Workers count on attributes (cheap); state mirrors them on demand.
+        # Workers publish their tallies in bulk (see _work); state mirrors them on demand.
         self.state.update(queue_size=self.queue.qsize(), processed=self._processed, failed=self._failed)
 
     def _wait_idle(self, timeout, in_hand):
@@ -1093,22 +1171,55 @@ class QueueService(Service):
             gevent.sleep(0.005)
 
     def _work(self):
-        get, done = self.queue.get, self.queue.task_done
+        # Counting in bulk: a worker tallies its items in locals and adds
+        # them to the service's counters after every _QUEUE_BATCH items,
+        # whenever the queue runs empty, and when it ends, so the hot loop
+        # touches no attribute. get(False) never waits: an empty queue ends
+        # the batch (Empty) and the worker publishes before it waits.
+        queue = self.queue
+        get, peek, done = queue.get, queue.peek, queue.task_done
         handle = self.handle_item
+        if self._specter_app is not None:  # a fresh app context per item, popped after it
+            handle = functools.partial(_life_in_app_context, self._specter_app, handle)
+        batch = range(_QUEUE_BATCH)
         while True:
-            item = get()
-            if item is _QUEUE_STOP:
-                done()
-                return
+            finished = failed = 0
             try:
-                with _life_app_context(self._specter_app):  # popped after each item
-                    handle(item)
-                self._processed += 1
-            except _CALLBACK_ERRORS:
-                self._failed += 1
-                self._record_error(getcurrent().name)
+                for finished in batch:  # ``finished`` items are done when the next one is taken
+                    item = get(False)
+                    try:
+                        handle(item)
+                    except _CALLBACK_ERRORS:
+                        self._record_error(getcurrent().name)
+                        failed += 1
+                    finally:
+                        done()
+                else:
+                    finished = _QUEUE_BATCH
+                    continue
+            except gevent.queue.Empty:
+                pass
+            except gevent.queue.ShutDown:
+                if not queue.qsize():
+                    return  # stopped and nothing left to take
+                continue
             finally:
-                done()
+                self._processed += finished - failed
+                self._failed += failed
+            try:
+                peek()  # wait for the next item without taking it
+            except gevent.queue.ShutDown:
+                # gevent wakes every waiting get() or peek() with ShutDown,
+                # even one an item had just been put for: end only when none is left.
+                if not queue.qsize():
+                    return
+
+
+_QUEUE_BATCH = 16  # items a busy worker handles between two updates of the counters
+
+
+# What a queue raises to refuse an item: full, or shut down (stopping or stopped).
+_QUEUE_REFUSED = (gevent.queue.Full, gevent.queue.ShutDown)
 
 
 _watcher_log = logging.getLogger("specter.watcher")
@@ -1254,9 +1365,6 @@ class Watcher:
                 fn(value, self)
             except Exception:
                 _watcher_log.exception("watcher %s: subscriber %s raised", self.name, _callable_name(fn))
-
-
-_QUEUE_STOP = object()  # tells the worker that stopped its QueueService to end
 
 
 def _kill_greenlets(greenlets, timeout):
@@ -1436,6 +1544,12 @@ def _life_app_context(app):
     if app is None or (flask.has_app_context() and flask.current_app._get_current_object() is app):
         return _LIFE_NO_CONTEXT
     return app.app_context()
+
+
+def _life_in_app_context(app, fn, *args):
+    """Call ``fn(*args)`` inside ``app``'s application context (see _life_app_context)."""
+    with _life_app_context(app):
+        return fn(*args)
 
 
 def _life_task_context(app, callback):

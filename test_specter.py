@@ -13,6 +13,7 @@ import functools
 import gc
 import importlib.util
 import glob
+import inspect
 import itertools
 import json
 import logging
@@ -1771,6 +1772,105 @@ class TestService(SpecterTestCase):
         release.set()
         self.assertEventually(lambda: svc.clinger.dead)
 
+    def test_an_interrupted_stop_still_runs_the_cleanups_it_had_not_run(self):
+        log = []
+
+        def slow_cleanup():
+            log.append("slow:begun")
+            gevent.sleep(LONG)
+            log.append("slow:finished")
+
+        svc = self.started(Service("slow-release"))
+        specter.registry.provide("slow-release.key", "value", owner=svc)
+        svc.add_cleanup(lambda: log.append("added-first"))   # runs last
+        svc.add_cleanup(slow_cleanup)
+        svc.add_cleanup(lambda: log.append("added-last"))    # runs first
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT):
+                svc.stop()
+        self.assertEqual(log, ["added-last", "slow:begun", "added-first"])
+        self.assertFalse(specter.registry.has("slow-release.key"))
+        self.assertEqual(svc.status, "stopped")
+        self.assertEqual(svc.health()["counts"]["cleanups"], 0)
+
+    def test_an_interrupted_stop_still_runs_on_stop_and_releases_everything(self):
+        log = []
+
+        class Stalling(Service):
+            def on_start(self):
+                self.spawn(gevent.sleep, LONG, label="sleeper")
+                self.interval(lambda: None, 1.0)
+                self.listen("stalling:event", log.append)
+                self.add_cleanup(lambda: log.append("cleanup"))
+
+            def _lifecycle_stopping(self):
+                gevent.sleep(LONG)   # a subclass step that is interrupted
+
+            def on_stop(self):
+                log.append("on_stop")
+
+        svc = Stalling()
+        before = live_greenlets()
+        svc.start()
+        self.addCleanup(svc.stop)
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT):
+                svc.stop()
+        self.assertEqual(log, ["on_stop", "cleanup"])
+        counts = svc.health()["counts"]
+        self.assertEqual((counts["tasks"], counts["intervals"], counts["listeners"]), (0, 0, 0))
+        self.assertEqual(svc.status, "stopped")
+        self.assertNoNewGreenlets(before)
+
+    def test_cancel_greenlet_reports_a_greenlet_that_refuses_to_die(self):
+        release = gevent.event.Event()
+
+        class Stubborn(Service):
+            stop_timeout = SHORT
+
+            def on_start(self):
+                self.clinger = self.spawn(self._cling, label="clinger")
+
+            def _cling(self):
+                while not release.is_set():
+                    try:
+                        release.wait(LONG)
+                    except greenlet.GreenletExit:
+                        pass
+
+        svc = self.started(Stubborn())
+        gevent.sleep(0)
+        with self.assertLogs("specter", "ERROR") as cm:
+            svc.cancel_greenlet(svc.clinger)
+        self.assertTrue(any("clinger" in line for line in cm.output), cm.output)
+        health = svc.health()
+        self.assertIn("clinger", health["stuck"])
+        self.assertEqual(health["counts"]["tasks"], 1)   # still tracked while alive
+        with self.assertLogs("specter", "ERROR") as cm:
+            svc.stop()                                    # teardown tries again, and says so
+        self.assertIn("clinger", svc.health()["stuck"])
+        release.set()
+        self.assertEventually(lambda: svc.clinger.dead)
+        self.assertEqual(svc.health()["stuck"], [])
+
+    def test_a_subclass_that_forgets_super_init_is_told_to_call_it(self):
+        class Forgetful(Service):
+            def __init__(self, interval):
+                self.every = interval
+
+        with self.assertRaisesRegex(TypeError, r"Forgetful\.__init__\(\) must call super\(\)\.__init__\(\)"):
+            Forgetful(1.0)
+
+        class Careful(Forgetful):
+            def __init__(self, interval):
+                Service.__init__(self, "careful")
+                self.every = interval
+
+        svc = Careful(2.0)   # the check sees the finished object, whoever initialised it
+        self.assertEqual((svc.name, svc.every, svc.status), ("careful", 2.0, "created"))
+        self.assertEqual(Careful.__init__.__name__, "__init__")
+        self.assertEqual(list(inspect.signature(Careful).parameters), ["interval"])
+
 
 # Lifecycle: QueueService ######################################################
 
@@ -1895,6 +1995,34 @@ class TestQueueService(SpecterTestCase):
         queue = svc.health()["queue"]
         self.assertEqual(queue, {"size": 0, "workers": 2, "processed": 2, "failed": 1})
 
+    def test_counters_trail_a_backlog_by_at_most_16_items_per_worker_and_are_exact_when_idle(self):
+        gaps = []
+
+        class Counting(QueueService):
+            def __init__(self):
+                super().__init__("counting", worker_count=3)
+                self.done = 0
+
+            def handle_item(self, item):
+                state = self.get_state()
+                gaps.append(self.done - state["processed"] - state["failed"])
+                self.done += 1
+                if item % 7 == 0:
+                    raise ValueError("bad item %d" % item)
+
+        svc = self.started(Counting())
+        with self.assertLogs("specter", "ERROR"):
+            for item in range(300):
+                self.assertTrue(svc.enqueue(item))
+            self.assertTrue(svc.join(timeout=WAIT))
+        self.assertLessEqual(max(gaps), 16 * 3)
+        self.assertGreater(max(gaps), 0)   # they do count in bulk
+        state = svc.get_state()
+        self.assertEqual((state["processed"], state["failed"]), (300 - 43, 43))
+        svc.enqueue(300)
+        self.assertTrue(svc.join(timeout=WAIT))
+        self.assertEqual(svc.health()["queue"]["processed"], 258)
+
     def test_pending_count_and_queue_size(self):
         gate = gevent.event.Event()
         svc = self.started(Sink(gate=gate))
@@ -1957,6 +2085,21 @@ class TestQueueService(SpecterTestCase):
             self.assertTrue(svc.enqueue(item))
         svc.stop()
         self.assertEqual(svc.handled, list(range(20)))
+        self.assertEqual(dropped, [])
+
+    def test_stop_drains_items_queued_while_the_workers_waited_in_get(self):
+        dropped = []
+
+        class Quick(Sink):
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+        svc = self.started(Quick(worker_count=3))
+        gevent.sleep(0.01)                      # every worker is idle in get()
+        for item in range(6):
+            self.assertTrue(svc.enqueue(item))  # no switch: the workers have not woken yet
+        svc.stop()
+        self.assertEqual(sorted(svc.handled), list(range(6)))
         self.assertEqual(dropped, [])
 
     def test_on_dropped_gets_exactly_the_unprocessed_items(self):
@@ -2038,6 +2181,113 @@ class TestQueueService(SpecterTestCase):
         self.assertEqual(svc.handled, [1, 2])
         svc.stop()
         self.assertNoNewGreenlets(before)
+
+    def test_a_worker_that_stops_its_service_ends_with_it_among_several_workers(self):
+        class Poison(QueueService):
+            def handle_item(self, item):
+                if item == "stop":
+                    self.stop()
+                else:
+                    gevent.sleep(0.001)
+
+        for workers, busy in itertools.product((2, 4), (0, 1, 3)):
+            with self.subTest(workers=workers, busy=busy):
+                svc = Poison("poison", worker_count=workers).start()
+                self.addCleanup(svc.stop)
+                before = set(svc._workers)
+                for item in range(busy):      # the other workers are mid-item, then idle in get()
+                    svc.enqueue(item)
+                svc.enqueue("stop")
+                self.assertTrue(wait_until(lambda: svc.status == "stopped"))
+                self.assertEventually(lambda: all(worker.dead for worker in before),
+                                      msg="a worker outlived the stop it called")
+                self.assertEqual(svc.health()["counts"]["tasks"], 0)
+
+    def test_a_blocked_enqueue_is_refused_once_stop_begins(self):
+        for drain_timeout in (5.0, 0):
+            with self.subTest(drain_timeout=drain_timeout):
+                gate = gevent.event.Event()
+                dropped = []
+
+                class Gated(Sink):
+                    def on_dropped(self, items):
+                        dropped.extend(items)
+
+                Gated.drain_timeout = drain_timeout
+                svc = self.started(Gated(maxsize=1, gate=gate))
+                self.assertTrue(svc.enqueue(1))
+                self.assertEventually(lambda: svc.started_items == [1])
+                self.assertTrue(svc.enqueue(2))                      # the queue is full now
+                blocked = gevent.spawn(svc.enqueue, 3, block=True, timeout=WAIT)
+                gevent.sleep(0.01)
+                self.assertFalse(blocked.ready())                    # waiting for room
+                stopper = gevent.spawn(svc.stop)
+                gevent.sleep(0)
+                self.assertEqual(svc.status, "stopping")
+                gate.set()                                           # the drain frees the slot
+                self.assertIs(blocked.get(timeout=WAIT), False)      # refused: the caller keeps it
+                stopper.get(timeout=WAIT)
+                self.assertNotIn(3, svc.started_items)
+                self.assertNotIn(3, dropped)
+                self.assertEqual(sorted(svc.handled + dropped), [1, 2])
+
+    def test_a_rolled_back_start_hands_items_queued_by_on_start_to_on_dropped(self):
+        dropped = []
+
+        class Doomed(Sink):
+            def on_start(self):
+                for item in range(3):
+                    self.enqueue(item)
+                raise RuntimeError("config missing")
+
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+        svc = Doomed()
+        with self.assertRaisesRegex(RuntimeError, "config missing"):
+            svc.start()
+        self.assertEqual(dropped, [0, 1, 2])
+        self.assertEqual(svc.pending_count(), 0)
+        self.assertFalse(svc.enqueue(3))
+
+    def test_an_interrupted_drain_still_hands_queued_items_to_on_dropped_and_runs_on_stop(self):
+        dropped, hooks = [], []
+
+        class Slow(Sink):
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+            def on_stop(self):
+                hooks.append("on_stop")
+
+        svc = Slow(delay=SHORT)
+        before = live_greenlets()
+        svc.start()
+        self.addCleanup(svc.stop)
+        for item in range(20):
+            self.assertTrue(svc.enqueue(item))
+        gevent.sleep(0)
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT / 2):
+                svc.stop()
+        self.assertEqual(hooks, ["on_stop"])
+        self.assertEqual(svc.status, "stopped")
+        # Every item not taken by a worker went to on_dropped, once.
+        self.assertEqual(sorted(svc.started_items + dropped), list(range(20)))
+        self.assertGreater(len(dropped), 15)
+        self.assertEqual(svc.queue.unfinished_tasks, 0)
+        self.assertNoNewGreenlets(before)
+
+    def test_a_subclass_that_forgets_super_init_is_told_to_call_it(self):
+        class Forgetful(QueueService):
+            def __init__(self):
+                self.seen = []
+
+            def handle_item(self, item):
+                self.seen.append(item)
+
+        with self.assertRaisesRegex(TypeError, r"Forgetful\.__init__\(\) must call super\(\)\.__init__\(\)"):
+            Forgetful()
 
 
 # Lifecycle: Watcher ###########################################################
