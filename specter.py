@@ -51,7 +51,7 @@ import subprocess
 import sys
 import time
 import types
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, KeysView, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import flask
 import werkzeug.exceptions
@@ -2012,10 +2012,13 @@ class Field:
     def __init__(self, type=str, *, required=False, default=None, choices=None, validator=None,
                  label=None, min=None, max=None, min_length=None, max_length=None, pattern=None,
                  items=None):
+        # Built-in types are looked up by identity: hashing ``type`` would fail
+        # for an unhashable callable coercer (a dataclass instance, say).
+        builtin = _schema_builtin(type)
         if isinstance(type, Schema):
             coerce = None
-        elif isinstance(type, collections.abc.Hashable) and type in _SCHEMA_COERCERS:
-            coerce = _SCHEMA_COERCERS[type]
+        elif builtin is not None:
+            coerce = _SCHEMA_COERCERS[builtin]
         elif callable(type):
             coerce = type
         else:
@@ -2072,7 +2075,9 @@ class Field:
         if isinstance(kind, Schema):
             out = kind.to_json_schema(root=False)
         else:
-            out = dict(_SCHEMA_JSON_TYPES.get(kind, {}))
+            out = dict(_SCHEMA_JSON_TYPES.get(_schema_builtin(kind), {}))
+        # Lengths count items for a list and keys for an object (a dict or a nested schema).
+        unit = "Items" if kind is list else "Properties" if kind is dict or isinstance(kind, Schema) else "Length"
         if self.label:
             out["title"] = self.label
         if self.choices is not None:
@@ -2082,9 +2087,9 @@ class Field:
         if self.max is not None:
             out["maximum"] = self.max
         if self.min_length is not None:
-            out["minItems" if kind is list else "minProperties" if kind is dict else "minLength"] = self.min_length
+            out["min" + unit] = self.min_length
         if self.max_length is not None:
-            out["maxItems" if kind is list else "maxProperties" if kind is dict else "maxLength"] = self.max_length
+            out["max" + unit] = self.max_length
         if self.pattern is not None:
             out["pattern"] = "^(?:%s)$" % self.pattern.pattern
         if self.items is not None:
@@ -2092,6 +2097,29 @@ class Field:
         if self.default is not None and not callable(self.default) and _schema_jsonable(self.default):
             out["default"] = self.default
         return out
+
+    def _check_default(self, value, name, schema):
+        """``value`` cleaned by this field, or TypeError naming the field ``name``.
+
+        A default is held to its own field as input is, so ``Field(str,
+        default=5)`` cannot put an int in the cleaned dict. It must already
+        have the field's type (an int may stand for a float, a tuple for a
+        list): a default is a value, not input to convert. A coercer's
+        defaults are not checked: only the coercer knows what it produces,
+        and its input type may differ from its output type.
+        """
+        kind = self.type
+        expected = _SCHEMA_DEFAULT_TYPES.get(_schema_builtin(kind) or (dict if isinstance(kind, Schema) else None))
+        if expected is None:
+            return value
+        if not isinstance(value, expected[0]):
+            raise TypeError("the default of field %r must be %s, got %s" % (name, expected[1], _describe(value)))
+        errors: Dict[str, str] = {}
+        clean = self._clean(value, name, errors, schema)
+        if errors:
+            raise TypeError("the default of field %r fails the field: %s"
+                            % (name, "; ".join("%s %s" % item for item in errors.items())))
+        return clean
 
     def __repr__(self):
         kind = self.type
@@ -2106,8 +2134,15 @@ class Field:
         """
         try:
             if self._coerce is None:
-                return self.type._clean_object(value, _schema_path(path) + ".", errors, schema)
-            value = self._coerce(value)
+                # A nested object is converted by its schema, then takes every
+                # option a dict field takes; a partly invalid one is not checked
+                # further, so a validator only ever sees a clean object.
+                known = len(errors)
+                value = self.type._clean_object(value, _schema_path(path) + ".", errors, schema)
+                if value is _MISSING or len(errors) != known:
+                    return _MISSING
+            else:
+                value = self._coerce(value)
             if self.items is not None:
                 value = _schema_items(self.items, value, _schema_path(path), errors, schema)
                 if value is _MISSING:
@@ -2161,14 +2196,21 @@ class Schema:
         self.fields = dict(fields)
         self.strict = bool(strict)
         self._plan = tuple(self.fields.items())
+        self._required = {key: field for key, field in self._plan if field.required}
+        # Each fixed default is checked (and cleaned) once, here, so a bad one
+        # fails when the schema is built rather than in the first request.
+        self._defaults = {key: field._check_default(field.default, key, self) for key, field in self._plan
+                          if field.default is not None and not callable(field.default)}
 
     @property
-    def field_names(self) -> List[str]:
-        return list(self.fields)
+    def field_names(self) -> KeysView[str]:
+        """The declared names in order; set-like, so it compares equal to a set."""
+        return self.fields.keys()
 
     @property
-    def required_fields(self) -> List[str]:
-        return [key for key, field in self._plan if field.required]
+    def required_fields(self) -> KeysView[str]:
+        """The required names in order; set-like, so it compares equal to a set."""
+        return self._required.keys()
 
     def validate(self, data: Any) -> Outcome:
         """Check and coerce ``data``; an Outcome, never an exception."""
@@ -2203,14 +2245,14 @@ class Schema:
         out["title"] = self.name
         out["type"] = "object"
         out["properties"] = {key: field.to_json_schema() for key, field in self._plan}
-        required = self.required_fields
+        required = list(self._required)
         if required:
             out["required"] = required
         out["additionalProperties"] = not self.strict
         return out
 
     def __repr__(self):
-        return "<Schema %r %s>" % (self.name, self.field_names)
+        return "<Schema %r %s>" % (self.name, list(self.fields))
 
     def _clean_object(self, data, prefix, errors, root):
         if not isinstance(data, dict):
@@ -2228,12 +2270,18 @@ class Schema:
             if value is None:
                 if field.required:
                     errors[prefix + key] = "is required"
-                    continue
-                try:
-                    clean[key] = field.make_default()
-                except Exception:
-                    _schema_log.exception("field %s: the default factory raised", prefix + key)
-                    errors[prefix + key] = "has no usable default"
+                elif field.default is None:
+                    clean[key] = None
+                elif not callable(field.default):
+                    value = self._defaults[key]
+                    clean[key] = copy.deepcopy(value) if isinstance(value, (list, dict)) else value
+                else:
+                    # A factory's result is checked each time it is called.
+                    try:
+                        clean[key] = field._check_default(field.default(), prefix + key, root)
+                    except Exception:
+                        _schema_log.exception("field %s: the default factory failed", prefix + key)
+                        errors[prefix + key] = "has no usable default"
                 continue
             value = field._clean(value, prefix + key, errors, root)
             if value is not _MISSING:
@@ -2398,19 +2446,43 @@ def _schema_int(value):
                 return int(text)
             except ValueError:
                 pass
+            # "3.0" and "1e23" are integers written another way. Decimal reads
+            # them exactly; a float would round ("1e23" to ...991611392) and
+            # make "0.99999999999999999" a whole 1.
             try:
-                number = float(text)
-            except ValueError:
+                number = decimal.Decimal(text)
+            except (ArithmeticError, ValueError):
                 pass
             else:
-                if number.is_integer():
-                    return int(number)
+                whole = _schema_whole(number)
+                if whole is not None:
+                    return whole
         raise SchemaError("must be an integer, got %s" % _schema_clip(repr(value)))
-    if isinstance(value, decimal.Decimal) and value.is_finite() and value == value.to_integral_value():
-        return int(value)
+    if isinstance(value, decimal.Decimal):
+        whole = _schema_whole(value)
+        if whole is not None:
+            return whole
+        raise SchemaError("must be a whole number, got %s" % _schema_clip(repr(value)))
     if isinstance(value, numbers.Integral):
         return int(value)
     raise SchemaError("must be an integer, got %s" % _schema_kind(value))
+
+
+def _schema_whole(number):
+    """The int a Decimal stands for exactly, or None when it is not a whole number.
+
+    The exponent is bounded first: int(Decimal("1e999999999")) would build a
+    billion-digit integer.
+    """
+    if (number.is_finite() and number.adjusted() < _SCHEMA_INT_DIGITS
+            and number == number.to_integral_value()):
+        return int(number)
+    return None
+
+
+# Whole numbers written with an exponent may have at most this many digits:
+# the limit Python itself puts on int("...") (sys.int_info.default_max_str_digits).
+_SCHEMA_INT_DIGITS = 4300
 
 
 def _schema_float(value):
@@ -2483,6 +2555,22 @@ def _schema_dict(value):
 
 _SCHEMA_COERCERS = {int: _schema_int, float: _schema_float, str: _schema_str, bool: _schema_bool,
                     list: _schema_list, dict: _schema_dict}
+# What a fixed default of each built-in type (dict also for a nested schema)
+# may be, and how an error says it.
+_SCHEMA_DEFAULT_TYPES = {int: (int, "an integer"), float: ((int, float), "a number"), str: (str, "a string"),
+                         bool: (bool, "a boolean"), list: ((list, tuple), "a list"), dict: (dict, "an object")}
+
+
+def _schema_builtin(kind):
+    """The built-in type ``kind`` is (int, float, str, bool, list, dict), or None.
+
+    Compared by identity: a coercer may be unhashable (a dataclass instance).
+    """
+    for builtin in _SCHEMA_COERCERS:
+        if kind is builtin:
+            return builtin
+    return None
+
 _SCHEMA_JSON_TYPES = {int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
                       bool: {"type": "boolean"}, list: {"type": "array"}, dict: {"type": "object"}}
 

@@ -8,6 +8,7 @@ only; nothing here monkey-patches. Waits are bounded: events, or
 import ast
 import atexit
 import contextlib
+import dataclasses
 import decimal
 import functools
 import gc
@@ -3523,6 +3524,78 @@ class TestField(SpecterTestCase):
         self.assertIn("tags[1]", out.error)
         self.assertIn("tags[3]", out.error)
 
+    def test_int_parses_integral_strings_exactly_or_refuses_them(self):
+        for raw, expected in (("9007199254740993.0", 9007199254740993), ("1e23", 10 ** 23),
+                              (" 1E+2 ", 100), ("-0.0", 0), ("12345678901234567890.000", 12345678901234567890),
+                              (decimal.Decimal("1e23"), 10 ** 23)):
+            with self.subTest(raw=raw):
+                self.assertAccepts(Field(int), raw, expected)
+        for raw in ("0.99999999999999999", "1.0000000000000000001", "1e-5", "NaN", "Infinity", "1e",
+                    decimal.Decimal("0.99999999999999999"), decimal.Decimal("NaN")):
+            with self.subTest(raw=raw):
+                self.assertRefuses(Field(int), raw)
+        started = time.monotonic()
+        for raw in ("1e999999999", decimal.Decimal("1e999999999")):   # a billion digits: refused, not built
+            with self.subTest(raw=raw):
+                self.assertRefuses(Field(int), raw)
+        self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_nested_schema_fields_apply_every_option(self):
+        owner = Schema("owner", {"email": Field(str, required=True), "name": Field(str, default="anon")})
+        seen = []
+
+        def corporate(value):
+            seen.append(value)
+            return value["email"].endswith("@corp")
+
+        cases = (
+            (Field(owner, validator=corporate), {"email": "a@corp"}, {"email": "a@home"}),
+            (Field(owner, choices=[{"email": "a@corp", "name": "anon"}]), {"email": "a@corp"}, {"email": "b@corp"}),
+            (Field(owner, min_length=2), {"email": "a@corp"}, None),
+            (Field(owner, max_length=1), None, {"email": "a@corp"}),
+            (Field(owner, min_length=3), None, {"email": "a@corp"}),
+        )
+        for field, good, bad in cases:
+            with self.subTest(field=field, good=good, bad=bad):
+                schema = Schema("t", {"f": field})
+                if good is not None:
+                    self.assertEqual(schema.validate({"f": good}).value, {"f": {**good, "name": "anon"}})
+                if bad is not None:
+                    out = schema.validate({"f": bad})
+                    self.assertFalse(out.ok)
+                    self.assertEqual(list(out.meta["errors"]), ["f"])
+        self.assertEqual(seen, [{"email": "a@corp", "name": "anon"}, {"email": "a@home", "name": "anon"}])
+        # The same options on list items, with the item's path; an invalid object never reaches the validator.
+        listed = Schema("t", {"owners": Field(list, items=Field(owner, validator=corporate))})
+        out = listed.validate({"owners": [{"email": "a@corp"}, {"email": "b@home"}, {"name": "x"}]})
+        self.assertEqual(set(out.meta["errors"]), {"owners[1]", "owners[2].email"})
+        self.assertEqual(len(seen), 4)
+        js = Schema("t", {"f": Field(owner, min_length=1, max_length=2)}).to_json_schema()
+        self.assertEqual((js["properties"]["f"]["minProperties"], js["properties"]["f"]["maxProperties"]), (1, 2))
+
+    def test_default_must_satisfy_its_own_field(self):
+        for field, words in ((Field(str, default=5), "must be a string"),
+                             (Field(int, default="5"), "must be an integer"),
+                             (Field(int, default=True), "boolean"),
+                             (Field(int, default=0, min=1), "at least 1"),
+                             (Field(str, default="x", choices=["a", "b"]), "one of"),
+                             (Field(list, default=[1, "x"], items=Field(int)), "items[1]"),
+                             (Field(bool, default="yes"), "must be a boolean")):
+            with self.subTest(field=field, default=field.default):
+                with self.assertRaisesRegex(TypeError, "field 'items'.*%s" % re.escape(words)):
+                    Schema("t", {"ok": Field(int, default=1), "items": field})
+        schema = Schema("t", {"ratio": Field(float, default=0), "tags": Field(list, default=("a",)),
+                              "parts": Field(lambda text: text.split(","), default=list)})
+        value = schema.validate({}).value
+        self.assertEqual(value, {"ratio": 0.0, "tags": ["a"], "parts": []})
+        self.assertIs(type(value["ratio"]), float)
+        # A factory's result is checked each time it is called; a bad one fails the field, logged.
+        made = Schema("t", {"name": Field(str, default=lambda: 5)})
+        with self.assertLogs("specter.schema", "ERROR") as logs:
+            out = made.validate({})
+        self.assertEqual(out.meta["errors"], {"name": "has no usable default"})
+        self.assertIn("field 'name' must be a string", "".join(logs.output))
+
 
 class TestSchema(SpecterTestCase):
     def create_schema(self):
@@ -3616,6 +3689,27 @@ class TestSchema(SpecterTestCase):
         schema = self.create_schema()
         self.assertEqual(list(schema.field_names), ["name", "age", "active"])
         self.assertEqual(list(schema.required_fields), ["name"])
+
+    def test_field_names_and_required_fields_compare_equal_to_sets(self):
+        schema = self.create_schema()
+        self.assertEqual(schema.field_names, {"name", "age", "active"})
+        self.assertEqual(schema.required_fields, {"name"})
+        self.assertTrue(schema.required_fields <= schema.field_names)
+        self.assertEqual(schema.extend("more", {"x": Field(int, required=True)}).required_fields, {"name", "x"})
+
+    def test_to_json_schema_accepts_unhashable_coercers(self):
+        @dataclasses.dataclass
+        class Scaled:
+            factor: int
+
+            def __call__(self, value):
+                return int(value) * self.factor
+
+        schema = Schema("t", {"n": Field(Scaled(10), required=True, min=0)})
+        self.assertEqual(schema.validate({"n": "3"}).value, {"n": 30})
+        js = schema.to_json_schema()
+        self.assertEqual(js["properties"]["n"], {"minimum": 0})
+        json.dumps(js)
 
     def test_nested_schema(self):
         owner = Schema("owner", {
