@@ -2138,12 +2138,7 @@ class Schema:
         self.fields = dict(fields)
         self.strict = bool(strict)
         self._required = {key: field for key, field in self.fields.items() if field.required}
-        self._validate, self._source = _SchemaCompiler(self).build(nested=False)
-        self._nested: Optional[Tuple[Callable[..., Any], str]] = None
-        if type(self).validate is Schema.validate:
-            # The compiled function, bound: one call per validate instead of two.
-            # A subclass that overrides validate keeps its override.
-            self.validate = types.MethodType(self._validate, self)  # type: ignore[method-assign]
+        self._compile()
 
     @property
     def field_names(self) -> KeysView[str]:
@@ -2161,9 +2156,9 @@ class Schema:
 
     def require(self, data: Any) -> Dict[str, Any]:
         """The cleaned dict, or HTTPError(400) carrying the per-field errors."""
-        outcome = self._validate(self, data)
-        if outcome._ok:
-            return outcome._value
+        outcome = self.validate(data)
+        if outcome.ok:
+            return outcome.value
         raise HTTPError(outcome.error, 400, payload={"errors": dict(outcome.meta["errors"])})
 
     def extend(self, name: str, extra_fields: Dict[str, Field], **kwargs: Any) -> Schema:
@@ -2201,6 +2196,25 @@ class Schema:
 
     def __repr__(self):
         return "<Schema %r %s>" % (self.name, list(self.fields))
+
+    def __getstate__(self):
+        # The compiled code is not copied or pickled: a copy compiles its own.
+        state = dict(self.__dict__)
+        for key in ("validate", "_validate", "_source", "_nested"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._compile()
+
+    def _compile(self):
+        self._validate, self._source = _SchemaCompiler(self).build(nested=False)
+        self._nested: Optional[Tuple[Callable[..., Any], str]] = None
+        if type(self).validate is Schema.validate:
+            # The compiled function, bound: one call per validate instead of two.
+            # A subclass that overrides validate keeps its override.
+            self.validate = types.MethodType(self._validate, self)  # type: ignore[method-assign]
 
     def _object_cleaner(self):
         """The function cleaning this schema as a nested field, compiled on first use."""
@@ -2711,7 +2725,13 @@ class _SchemaCompiler:
             add(body + "elif type(%s) is not float or not -INF < %s < INF:   # to_float refuses NaN, infinities"
                 % (var, var))
             add(body + "    %s = to_float(%s)" % (var, var))
-        elif kind in (int, str, bool) or (kind is list and field.items is not None):
+        elif kind is int:
+            add(body + "if type(%s) is str and len(%s) <= 64 and %s.isdecimal():   # plain digits: int() reads them"
+                % (var, var, var))
+            add(body + "    %s = int(%s)" % (var, var))
+            add(body + "elif type(%s) is not int:" % var)
+            add(body + "    %s = to_int(%s)" % (var, var))
+        elif kind in (str, bool) or (kind is list and field.items is not None):
             add(body + "if type(%s) is not %s:" % (var, kind.__name__))
             add(body + "    %s = to_%s(%s)" % (var, kind.__name__, var))
         elif kind is not None:

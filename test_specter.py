@@ -8,6 +8,7 @@ only; nothing here monkey-patches. Waits are bounded: events, or
 import ast
 import atexit
 import contextlib
+import copy
 import dataclasses
 import decimal
 import functools
@@ -17,6 +18,7 @@ import itertools
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -3784,6 +3786,89 @@ class TestSchema(SpecterTestCase):
         self.assertEqual(props["owner"]["type"], "object")
         self.assertIn("email", props["owner"]["properties"])
         self.assertFalse(js["additionalProperties"])
+
+    def test_field_names_patterns_and_messages_are_data_never_code(self):
+        hostile = 'x"] = 1\nimport os; os._exit(3)  # \u2028'
+        pattern = r'[\n"]+'
+        schema = Schema("t\nevil = 1", {
+            hostile: Field(int, required=True, min=0),
+            "safe": Field(str, pattern=pattern, choices=['"); raise SystemExit #', '\n\n']),
+            "inner": Field(Schema("inner", {hostile: Field(str, required=True)})),
+        }, strict=True)
+        self.assertEqual(schema.validate({hostile: "3", "safe": "\n\n"}).value,
+                         {hostile: 3, "safe": "\n\n", "inner": None})
+        out = schema.validate({hostile: -1, "safe": '"); raise SystemExit #', "inner": {}, hostile + "!": 1})
+        self.assertEqual(set(out.meta["errors"]), {hostile, "safe", "inner." + hostile, hostile + "!"})
+        source = schema.compiled_source()
+        code, _, legend = source.partition("# Constants")
+        compile(code, "<check>", "exec")
+        for text in (hostile, "os._exit", "raise SystemExit", pattern, "evil", "inner"):
+            self.assertNotIn(text, code)
+        self.assertIn(ascii(hostile), legend)           # shown escaped, in the legend only
+        self.assertNotIn("\u2028", source)
+        self.assertTrue(all(line.startswith("#") for line in legend.splitlines()[1:]))
+
+    def test_compiled_source_shows_the_generated_validator(self):
+        owner = Schema("owner", {"email": Field(str, required=True)})
+        schema = Schema("doc", {"n": Field(int, min=1), "owner": Field(owner), "tags": Field(list, items=Field(str))})
+        source = schema.compiled_source()
+        self.assertTrue(source.startswith("def validate(root, data):"))
+        self.assertIn("# field 2 of 3: nested schema", source)
+        self.assertIn("for index_1, item_1 in enumerate(v):", source)
+        self.assertIn("def clean_object(data, path, errors, root, level):", owner.compiled_source())
+        self.assertIsNotNone(compile(source.partition("# Constants")[0], "<check>", "exec"))
+
+    def test_validate_never_raises_even_when_the_mapping_breaks(self):
+        class Broken(dict):
+            def get(self, key, default=None):
+                raise RuntimeError("storage gone: password=hunter2")
+
+        schema = Schema("t", {"a": Field(int)})
+        with self.assertLogs("specter.schema", "WARNING") as logs:
+            out = schema.validate(Broken(a=1))
+        self.assertEqual((out.ok, out.status, dict(out.meta["errors"])), (False, 400, {"$": "is invalid"}))
+        self.assertNotIn("hunter2", out.error)
+        self.assertIn("hunter2", "".join(logs.output))
+
+    def test_nested_lists_and_objects_report_each_element_path(self):
+        point = Schema("point", {"x": Field(int, required=True)})
+        schema = Schema("t", {"grid": Field(list, items=Field(list, items=Field(int, min=0))),
+                              "paths": Field(list, items=Field(list, items=Field(point)))})
+        out = schema.validate({"grid": [[1, 2], [3, -1, "x", None]], "paths": [[{"x": 1}], [{"x": "y"}, 5]]})
+        self.assertEqual(set(out.meta["errors"]),
+                         {"grid[1][1]", "grid[1][2]", "grid[1][3]", "paths[1][0].x", "paths[1][1]"})
+        self.assertEqual(schema.validate({"grid": [[0], []], "paths": [[{"x": "2"}]]}).value,
+                         {"grid": [[0], []], "paths": [[{"x": 2}]]})
+
+    def test_limits_come_from_the_schema_validate_is_called_on(self):
+        inner = Schema("inner", {"tags": Field(list, items=Field(str))})
+        outer = Schema("outer", {"inner": Field(inner)})
+        outer.max_items = 3
+        out = outer.validate({"inner": {"tags": ["a", "b", "c", "d"]}})
+        self.assertEqual(dict(out.meta["errors"]), {"inner.tags": "has more than 3 items"})
+        self.assertTrue(inner.validate({"tags": ["a", "b", "c", "d"]}).ok)
+
+    def test_a_subclass_override_of_validate_is_kept(self):
+        class Audited(Schema):
+            seen = []
+
+            def validate(self, data):
+                self.seen.append(data)
+                return super().validate(data)
+
+        schema = Audited("t", {"a": Field(int)})
+        self.assertEqual(schema.validate({"a": "1"}).value, {"a": 1})
+        self.assertEqual(schema.require({"a": "2"}), {"a": 2})
+        self.assertEqual(Audited.seen, [{"a": "1"}, {"a": "2"}])
+
+    def test_copies_and_pickles_validate_on_their_own(self):
+        schema = Schema("t", {"a": Field(int, default=1), "b": Field(list, items=Field(int))})
+        for twin in (copy.copy(schema), copy.deepcopy(schema), pickle.loads(pickle.dumps(schema))):
+            with self.subTest(twin=twin):
+                twin.max_items = 1
+                self.assertEqual(twin.validate({"b": ["2"]}).value, {"a": 1, "b": [2]})
+                self.assertFalse(twin.validate({"b": [1, 2]}).ok)
+                self.assertTrue(schema.validate({"b": [1, 2]}).ok)
 
     def assertCleanRefusal(self, schema, payload, limit=1.0):
         started = time.monotonic()
