@@ -610,10 +610,11 @@ def _pydantic_adapter():
     """pydantic 2's TypeAdapter for a TypedDict matching the bench schema,
     or None when pydantic 2 is not installed (it is context, not a
     dependency). Same constraints and defaults; ``priority`` in 1..3 stands
-    for choices [1, 2, 3], since a Literal would refuse the string "2"."""
+    for choices [1, 2, 3], since Literal[1, 2, 3] would refuse the string
+    "2" that the payload sends."""
     try:
         import pydantic
-        from typing import List as TList
+        from typing import List as TList, Literal
         from typing_extensions import Annotated, NotRequired, TypedDict
     except ImportError:
         return None
@@ -626,8 +627,8 @@ def _pydantic_adapter():
         price: Annotated[float, P(ge=0.0)]
         active: NotRequired[Annotated[bool, P(default=False)]]
         name: Annotated[str, P(min_length=1, max_length=80)]
-        role: NotRequired[Annotated[str, P(default="viewer",
-                                           pattern="^(admin|editor|viewer)$")]]
+        role: NotRequired[Annotated[Literal["admin", "editor", "viewer"],
+                                    P(default="viewer")]]
         qty: NotRequired[Annotated[int, P(ge=0, le=1000, default=0)]]
         tags: NotRequired[Annotated[TList[str], P(default_factory=list)]]
         ratio: Annotated[float, P(ge=0.0, le=1.0)]

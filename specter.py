@@ -2210,7 +2210,7 @@ class Schema:
 
     def _compile(self):
         self._validate, self._source = _SchemaCompiler(self).build(nested=False)
-        self._nested: Optional[Tuple[Callable[..., Any], str]] = None
+        self._nested = None             # (function, source) once compiled for nesting
         if type(self).validate is Schema.validate:
             # The compiled function, bound: one call per validate instead of two.
             # A subclass that overrides validate keeps its override.
@@ -2537,11 +2537,11 @@ class _SchemaCompiler:
     def __init__(self, schema):
         self.schema = schema
         self.namespace = dict(_SCHEMA_RUNTIME)
-        self.names: Dict[Any, str] = {}   # (stem, id of the value or of its field) -> generated name
-        self.legend: List[str] = []       # the constants' names, in order
-        self.functions: List[List[str]] = []
+        self.names = {}                 # (stem, id of the value or of its owner) -> generated name
+        self.legend = []                # the constants' names, in order
+        self.functions = []             # one list of source lines per generated function
         self.serial = itertools.count()
-        self.defaults: List[Tuple[str, Field, str, Optional[str], Any]] = []
+        self.defaults = []              # (key, field, check, constant or None, default) to check
 
     def build(self, nested):
         """Compile ``validate(root, data)``, or with ``nested`` ``clean_object(data, path, errors, root, level)``.
@@ -2823,7 +2823,7 @@ def _schema_default(field, check, value, name, root):
     expected, words = _SCHEMA_DEFAULT_TYPES[_schema_builtin(field.type) or dict]
     if not isinstance(value, expected):
         raise TypeError("the default of field %r must be %s, got %s" % (name, words, _describe(value)))
-    errors: Dict[str, str] = {}
+    errors = {}
     clean = check(value, name, errors, root)
     if errors:
         raise TypeError("the default of field %r fails the field: %s"
