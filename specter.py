@@ -2726,11 +2726,12 @@ class _SchemaCompiler:
                 % (var, var))
             add(body + "    %s = to_float(%s)" % (var, var))
         elif kind is int:
-            add(body + "if type(%s) is str and len(%s) <= 64 and %s.isdecimal():   # plain digits: int() reads them"
+            add(body + "if type(%s) is not int:" % var)
+            add(body + "    if type(%s) is str and len(%s) <= 64 and %s.isdecimal():   # plain digits: int() reads them"
                 % (var, var, var))
-            add(body + "    %s = int(%s)" % (var, var))
-            add(body + "elif type(%s) is not int:" % var)
-            add(body + "    %s = to_int(%s)" % (var, var))
+            add(body + "        %s = int(%s)" % (var, var))
+            add(body + "    else:")
+            add(body + "        %s = to_int(%s)" % (var, var))
         elif kind in (str, bool) or (kind is list and field.items is not None):
             add(body + "if type(%s) is not %s:" % (var, kind.__name__))
             add(body + "    %s = to_%s(%s)" % (var, kind.__name__, var))
