@@ -2803,8 +2803,11 @@ class _SchemaCompiler:
             add(pad + "if len(%s) > %s:" % (var, bound))
             add(pad + '    raise length_error(%s, "at most", %s)' % (var, bound))
         if field.pattern is not None:
-            add(pad + "if type(%s) is not str or %s(%s) is None:"
-                % (var, self.const("match", field.pattern.fullmatch, owner=field.pattern), var))
+            match = self.const("match", field.pattern.fullmatch, owner=field.pattern)
+            if field.type is str:       # already a string
+                add(pad + "if %s(%s) is None:" % (match, var))
+            else:
+                add(pad + "if type(%s) is not str or %s(%s) is None:" % (var, match, var))
             add(pad + "    raise SchemaError(%s)" % self.const(
                 "mismatch", "must match the pattern %r" % field.pattern.pattern, owner=field.pattern))
         if field.validator is not None:
