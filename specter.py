@@ -2760,7 +2760,7 @@ class _SchemaCompiler:
         """The loop cleaning each element of the list ``var``; returns the depth the code continues at."""
         pad = "    " * depth
         add = out.append
-        item, index, items, before = ("%s_%d" % (stem, nest) for stem in ("item", "index", "items", "before"))
+        item, index, items, append, before = ("%s_%d" % (stem, nest) for stem in ("item", "index", "items", "append", "before"))
         if _schema_builtin(field.type) is not list:
             add(pad + "if not isinstance(%s, list):" % var)
             add(pad + '    raise SchemaError("must be a list, got %%s" %% kind(%s))' % var)
@@ -2768,12 +2768,13 @@ class _SchemaCompiler:
         add(pad + '    raise SchemaError("has more than %d items" % root.max_items)')
         add(pad + "%s = len(errors)" % before)
         add(pad + "%s = []" % items)
+        add(pad + "%s = %s.append" % (append, items))
         add(pad + "for %s, %s in enumerate(%s):" % (index, item, var))
         add(pad + "    if %s is None:" % item)
         add(pad + '        errors[path_text((%s, %s))] = "is required"' % (path, index))
         add(pad + "        continue")
         self._value(out, depth + 1, field.items, item, "(%s, %s)" % (path, index),
-                    "path_text((%s, %s))" % (path, index), level, "%s.append(%s)" % (items, item), nest)
+                    "path_text((%s, %s))" % (path, index), level, "%s(%s)" % (append, item), nest)
         add(pad + "if len(errors) == %s:" % before)
         add(pad + "    %s = %s" % (var, items))
         return depth + 1
