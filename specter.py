@@ -2767,13 +2767,24 @@ class _SchemaCompiler:
         add(pad + "if len(%s) > root.max_items:" % var)
         add(pad + '    raise SchemaError("has more than %d items" % root.max_items)')
         add(pad + "%s = len(errors)" % before)
-        add(pad + "%s = []" % items)
-        add(pad + "%s = %s.append" % (append, items))
-        add(pad + "for %s, %s in enumerate(%s):" % (index, item, var))
-        add(pad + "    if %s is None:" % item)
-        add(pad + '        errors[path_text((%s, %s))] = "is required"' % (path, index))
-        add(pad + "        continue")
-        self._value(out, depth + 1, field.items, item, "(%s, %s)" % (path, index),
+        element = field.items
+        kind = _schema_builtin(element.type)
+        loop = pad
+        if kind in (int, str, bool) and not any(getattr(element, option) is not None for option in (
+                "items", "choices", "min", "max", "min_length", "max_length", "pattern", "validator")):
+            # Elements that already have the type and nothing more to check are
+            # taken in one pass; the loop below runs only when one is not.
+            add(pad + "%s = [%s for %s in %s if type(%s) is %s]"
+                % (items, item, item, var, item, kind.__name__))
+            add(pad + "if len(%s) != len(%s):" % (items, var))
+            loop += "    "
+        add(loop + "%s = []" % items)
+        add(loop + "%s = %s.append" % (append, items))
+        add(loop + "for %s, %s in enumerate(%s):" % (index, item, var))
+        add(loop + "    if %s is None:" % item)
+        add(loop + '        errors[path_text((%s, %s))] = "is required"' % (path, index))
+        add(loop + "        continue")
+        self._value(out, len(loop) // 4 + 1, element, item, "(%s, %s)" % (path, index),
                     "path_text((%s, %s))" % (path, index), level, "%s(%s)" % (append, item), nest)
         add(pad + "if len(errors) == %s:" % before)
         add(pad + "    %s = %s" % (var, items))

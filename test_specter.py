@@ -3840,6 +3840,20 @@ class TestSchema(SpecterTestCase):
         self.assertEqual(schema.validate({"grid": [[0], []], "paths": [[{"x": "2"}]]}).value,
                          {"grid": [[0], []], "paths": [[{"x": 2}]]})
 
+    def test_list_elements_are_each_converted_and_checked(self):
+        for kind, raw, clean, bad in ((int, [1, "2", 3], [1, 2, 3], [1, True, None, "x"]),
+                                      (str, ["a", 1, 2.5], ["a", "1", "2.5"], ["a", ["b"], None, {}]),
+                                      (bool, [True, "no", 1], [True, False, True], [True, 2, None, "maybe"])):
+            with self.subTest(kind=kind):
+                schema = Schema("t", {"xs": Field(list, items=Field(kind))})
+                value = schema.validate({"xs": raw}).value["xs"]
+                self.assertEqual(value, clean)
+                self.assertEqual([type(x) for x in value], [kind] * 3)
+                self.assertIsNot(schema.validate({"xs": clean}).value["xs"], clean)   # a new list
+                out = schema.validate({"xs": bad})
+                self.assertEqual(set(out.meta["errors"]), {"xs[1]", "xs[2]", "xs[3]"})
+                self.assertEqual(out.meta["errors"]["xs[2]"], "is required")
+
     def test_limits_come_from_the_schema_validate_is_called_on(self):
         inner = Schema("inner", {"tags": Field(list, items=Field(str))})
         outer = Schema("outer", {"inner": Field(inner)})
