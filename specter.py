@@ -2774,7 +2774,7 @@ class _SchemaCompiler:
                 "items", "choices", "min", "max", "min_length", "max_length", "pattern", "validator")):
             # Elements that already have the type and nothing more to check are
             # taken in one pass; the loop below runs only when one is not.
-            add(pad + "%s = [%s for %s in %s if type(%s) is %s]"
+            add(pad + "%s = [%s for %s in %s if type(%s) is %s]   # all clean already?"
                 % (items, item, item, var, item, kind.__name__))
             add(pad + "if len(%s) != len(%s):" % (items, var))
             loop += "    "
