@@ -51,7 +51,7 @@ import subprocess
 import sys
 import time
 import types
-from typing import Any, Callable, Dict, Iterable, KeysView, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import flask
 import werkzeug.exceptions
@@ -2141,12 +2141,12 @@ class Schema:
         self._compile()
 
     @property
-    def field_names(self) -> KeysView[str]:
+    def field_names(self) -> collections.abc.KeysView[str]:
         """The declared names in order; set-like, so it compares equal to a set."""
         return self.fields.keys()
 
     @property
-    def required_fields(self) -> KeysView[str]:
+    def required_fields(self) -> collections.abc.KeysView[str]:
         """The required names in order; set-like, so it compares equal to a set."""
         return self._required.keys()
 
