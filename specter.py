@@ -14,6 +14,8 @@ from __future__ import annotations
 __version__ = "0.2.0"
 
 __all__ = [
+    # errors
+    "SpecterError",
     # bus
     "EventBus", "bus",
     # registry
@@ -166,6 +168,85 @@ def _describe(value):
 
 def _callable_name(fn):
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+###############################################################################
+# Errors #######################################################################
+###############################################################################
+
+# Every exception class the module defines, in one place. Each keeps the
+# built-in base it has always had, so existing ``except`` clauses still work.
+
+
+class SpecterError(Exception):
+    """The root of every exception SPECTER defines: ``except SpecterError`` catches them all."""
+
+
+class WatcherError(SpecterError, RuntimeError):
+    """Raised by a poll or stream function to report a failure without a traceback."""
+
+
+class SchemaError(SpecterError, ValueError):
+    """A contract was not met.
+
+    Raised by coercers and validators to fail a field with their own
+    message; ``field`` names the field and ``errors`` maps paths to messages.
+    """
+
+    def __init__(self, message, *, field=None, errors=None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.errors = dict(errors or {})
+
+
+class OperationError(SpecterError):
+    """Raised inside an Operation to fail it with ``status`` and ``meta``."""
+
+    def __init__(self, message, *, status=400, meta=None):
+        super().__init__(message)
+        self.message = message
+        self.status = _outcome_status(status)
+        self.meta = dict(meta or {})
+
+
+class HTTPError(SpecterError):
+    """An error meant for an HTTP client: a message, a status and a JSON payload.
+
+    ``json_endpoint`` turns it into a response whose body is ``payload``
+    plus ``error``; ``log_message`` (if any) goes to the log at
+    ``log_level``, never to the client.
+    """
+
+    def __init__(self, message, status_code=400, *, status=None, payload=None, log_message=None,
+                 log_level=logging.WARNING):
+        super().__init__(message)
+        self.message = message
+        self.status_code = _outcome_status(status if status is not None else status_code)
+        if payload is not None and not isinstance(payload, dict):
+            raise TypeError("payload must be a dict, got %s" % _describe(payload))
+        self.payload = dict(payload or {})
+        self.log_message = log_message
+        self.log_level = log_level
+
+    def to_response(self) -> flask.Response:
+        """A Flask JSON response: payload plus ``error``, with ``status_code``.
+
+        A payload JSON cannot encode is a bug on the server's side, not the
+        client's: it is logged and left out, and the client still gets the
+        message and the status as JSON rather than Flask's HTML 500.
+        """
+        body = dict(self.payload)
+        body["error"] = self.message
+        try:
+            return _web_json(body, self.status_code)
+        except Exception:
+            _web_log.exception("HTTPError %d %r: its payload cannot be encoded as JSON; answering without it",
+                               self.status_code, self.message)
+        try:
+            return _web_json({"error": self.message}, self.status_code)
+        except Exception:  # the message itself is no JSON string
+            return _web_json({"error": "Internal server error"}, 500)
 
 
 ###############################################################################
@@ -1223,10 +1304,6 @@ _QUEUE_REFUSED = (gevent.queue.Full, gevent.queue.ShutDown)
 
 
 _watcher_log = logging.getLogger("specter.watcher")
-
-
-class WatcherError(RuntimeError):
-    """Raised by a poll or stream function to report a failure without a traceback."""
 
 
 class Watcher:
@@ -2327,20 +2404,6 @@ def _state_event(name, emit_events, change_event):
 _schema_log = logging.getLogger("specter.schema")
 
 
-class SchemaError(ValueError):
-    """A contract was not met.
-
-    Raised by coercers and validators to fail a field with their own
-    message; ``field`` names the field and ``errors`` maps paths to messages.
-    """
-
-    def __init__(self, message, *, field=None, errors=None):
-        super().__init__(message)
-        self.message = message
-        self.field = field
-        self.errors = dict(errors or {})
-
-
 class Field:
     """One field of a Schema: a type (or coercer) plus constraints.
 
@@ -2655,16 +2718,6 @@ class Outcome:
         if self._ok:
             return "Outcome.success(%r, status=%d)" % (self._value, self._status)
         return "Outcome.failure(%r, status=%d)" % (self._error, self._status)
-
-
-class OperationError(Exception):
-    """Raised inside an Operation to fail it with ``status`` and ``meta``."""
-
-    def __init__(self, message, *, status=400, meta=None):
-        super().__init__(message)
-        self.message = message
-        self.status = _outcome_status(status)
-        self.meta = dict(meta or {})
 
 
 class Operation:
@@ -3334,45 +3387,6 @@ _web_log = logging.getLogger("specter.web")
 _JSON_LIMIT_DEFAULT = 8 * 1024 * 1024
 _WEB_TOO_DEEP = "Request body is nested too deeply"
 _WEB_BODY_REQUIRED = "Request body is required"  # expect_json's default error
-
-
-class HTTPError(Exception):
-    """An error meant for an HTTP client: a message, a status and a JSON payload.
-
-    ``json_endpoint`` turns it into a response whose body is ``payload``
-    plus ``error``; ``log_message`` (if any) goes to the log at
-    ``log_level``, never to the client.
-    """
-
-    def __init__(self, message, status_code=400, *, status=None, payload=None, log_message=None,
-                 log_level=logging.WARNING):
-        super().__init__(message)
-        self.message = message
-        self.status_code = _outcome_status(status if status is not None else status_code)
-        if payload is not None and not isinstance(payload, dict):
-            raise TypeError("payload must be a dict, got %s" % _describe(payload))
-        self.payload = dict(payload or {})
-        self.log_message = log_message
-        self.log_level = log_level
-
-    def to_response(self) -> flask.Response:
-        """A Flask JSON response: payload plus ``error``, with ``status_code``.
-
-        A payload JSON cannot encode is a bug on the server's side, not the
-        client's: it is logged and left out, and the client still gets the
-        message and the status as JSON rather than Flask's HTML 500.
-        """
-        body = dict(self.payload)
-        body["error"] = self.message
-        try:
-            return _web_json(body, self.status_code)
-        except Exception:
-            _web_log.exception("HTTPError %d %r: its payload cannot be encoded as JSON; answering without it",
-                               self.status_code, self.message)
-        try:
-            return _web_json({"error": self.message}, self.status_code)
-        except Exception:  # the message itself is no JSON string
-            return _web_json({"error": "Internal server error"}, 500)
 
 
 def json_endpoint(error_message: Union[str, Callable[..., Any], None] = None, *,

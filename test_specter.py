@@ -95,6 +95,7 @@ LONG = 30  # "forever" for greenlets that must be killed
 
 # Every public name of API.md section 0.
 API_NAMES = [
+    "SpecterError",
     "EventBus", "bus", "SPECTERRegistry", "Registry", "registry",
     "Service", "QueueService", "Watcher", "WatcherError",
     "Store", "create_store", "Model", "create_model", "Cache", "create_cache",
@@ -276,6 +277,21 @@ class TestModule(SpecterTestCase):
     def test_all_has_only_public_names_once(self):
         self.assertEqual(len(specter.__all__), len(set(specter.__all__)))
         self.assertEqual(set(specter.__all__), set(API_NAMES))
+
+    def test_every_exception_class_has_the_one_root_and_keeps_its_builtin_base(self):
+        defined = {name: obj for name, obj in vars(specter).items()
+                   if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == "specter"}
+        self.assertEqual(set(defined) - {"SpecterError"},
+                         {"WatcherError", "SchemaError", "OperationError", "HTTPError"})
+        for name, cls in defined.items():
+            with self.subTest(name=name):
+                self.assertTrue(issubclass(cls, specter.SpecterError))
+        self.assertTrue(issubclass(specter.WatcherError, RuntimeError))
+        self.assertTrue(issubclass(specter.SchemaError, ValueError))
+        with self.assertRaises(ValueError):  # an except clause written for 0.1.2 still catches it
+            raise specter.SchemaError("bad", field="age")
+        with self.assertRaises(specter.SpecterError):
+            raise specter.HTTPError("gone", 410)
 
     def test_registry_alias_and_singletons(self):
         self.assertIs(specter.Registry, specter.SPECTERRegistry)
