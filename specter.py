@@ -1775,14 +1775,16 @@ class Cache:
         return value
 
     def invalidate(self) -> None:
-        """Empty the cache, call on_invalidate callbacks, emit '{name}:invalidated'.
+        """Empty the cache, emit '{name}:invalidated', call on_invalidate callbacks.
 
         The emit may invalidate other caches (``depends_on``), which may
         invalidate more: one cascade. The first invalidate() in a greenlet
-        runs it as a loop over a queue rather than by recursion, so a chain of
-        any length completes; every cache it reaches is emptied at once and
-        notified in the order reached, once per cascade (a diamond or a cycle
-        reaches a cache twice).
+        runs it as a loop over queues rather than by recursion, so a chain of
+        any length completes. Every cache it reaches is emptied at once,
+        and every one is announced on the bus before any callback runs, so
+        a callback that rebuilds its cache reads only dependencies the
+        cascade has already emptied. Each cache is notified once per cascade
+        (a diamond or a cycle reaches a cache twice), in the order reached.
         """
         cascade = _state_cascades.get(getcurrent())
         if cascade is None:
@@ -1791,7 +1793,7 @@ class Cache:
         elif self not in cascade.seen:
             cascade.seen.add(self)
             self._clear()
-            cascade.queue.append(self)
+            cascade.unannounced.append(self)
 
     def on_invalidate(self, callback: Callable[..., Any]) -> Callable[[], bool]:
         """Call ``callback()`` (no arguments, as in 0.1.2) on every invalidation; returns an unsubscribe."""
@@ -1826,19 +1828,27 @@ class Cache:
 
     @staticmethod
     def _run_cascade(cascade):
-        """Notify the caches queued in ``cascade``, in this greenlet, until none is left.
+        """Run ``cascade`` in this greenlet until nothing is left: announce, then call back.
 
-        Invalidations caused meanwhile (by a ``depends_on`` listener, or a
-        callback calling invalidate()) join the queue instead of recursing
-        through ``bus.emit``, so a cascade is not bounded by the Python stack.
+        An emit may reach more caches (a ``depends_on`` listener, or any
+        listener calling invalidate()); they join ``cascade.unannounced``
+        instead of recursing through ``bus.emit``, so a cascade is not
+        bounded by the Python stack. Announcing goes first: a cache's
+        callbacks run only when no reached cache is left unannounced, that
+        is, when the cascade has emptied everything it reaches.
         """
         current = getcurrent()
         _state_cascades[current] = cascade
-        queue = cascade.queue
+        unannounced, uncalled = cascade.unannounced, cascade.uncalled
         callbacks = None
         try:
-            while queue:
-                cache = queue[0]
+            while unannounced or uncalled:
+                if unannounced:
+                    cache = unannounced[0]
+                    bus.emit(cache._event, {"name": cache.name})
+                    uncalled.append(unannounced.popleft())
+                    continue
+                cache = uncalled[0]
                 rest, cascade.rest = cascade.rest, None
                 if rest is None:
                     callbacks = iter(cache._callbacks)
@@ -1852,15 +1862,14 @@ class Cache:
                     except Exception:
                         _state_log.exception("%s: on_invalidate callback %s raised",
                                              cache.name, _callable_name(callback))
-                bus.emit(cache._event, {"name": cache.name})
-                queue.popleft()
+                uncalled.popleft()
                 callbacks = None
         except BaseException:
-            # Killed, or a Timeout, inside a callback or a listener. The caches
-            # already emptied must still be announced, or their dependents stay
-            # valid: a new greenlet carries on from the callback after the one
-            # interrupted (an interrupted emit is repeated whole).
-            if queue:
+            # Killed, or a Timeout, inside a listener or a callback. The caches
+            # already emptied must still be announced and called back, or their
+            # dependents stay valid: a new greenlet carries on from the callback
+            # after the one interrupted (an interrupted emit is repeated whole).
+            if unannounced or uncalled:
                 cascade.rest = None if callbacks is None else tuple(callbacks)
                 gevent.spawn(Cache._run_cascade, cascade)
             raise
@@ -1894,12 +1903,13 @@ def create_cache(name: str, ttl: float = 0, depends_on: Union[str, Iterable[str]
 class _StateCascade:
     """One invalidation cascade, run by ``Cache._run_cascade``: the caches reached, those still to notify."""
 
-    __slots__ = ("seen", "queue", "rest")
+    __slots__ = ("seen", "unannounced", "uncalled", "rest")
 
     def __init__(self, cache):
         self.seen = {cache}
-        self.queue = collections.deque((cache,))
-        self.rest = None  # after an interruption: the callbacks of queue[0] not called yet
+        self.unannounced = collections.deque((cache,))  # emptied, event not emitted yet
+        self.uncalled = collections.deque()  # announced, callbacks not called yet
+        self.rest = None  # after an interruption: the callbacks of uncalled[0] not called yet
 
 
 # The greenlets running an invalidation cascade, each with its cascade.

@@ -3528,6 +3528,38 @@ class TestCache(SpecterTestCase):
         self.assertEqual(notified, [cache.name for cache in chain])
         self.assertEqual(last.firsts, [{"name": "c399"}])
 
+    def test_a_callback_that_rebuilds_its_cache_reads_only_dependencies_the_cascade_emptied(self):
+        # total depends on fast (one hop from source) and on slow (three hops):
+        # source -> fast -> total, source -> parsed -> checked -> slow -> total.
+        # total's callback rebuilds it; it must not read slow before the
+        # cascade has reached slow, or total keeps a stale value for good.
+        data = {"v": 1}
+        source = create_cache("source", depends_on=["data:changed"])
+        fast = create_cache("fast", depends_on=["source:invalidated"])
+        parsed = create_cache("parsed", depends_on=["source:invalidated"])
+        checked = create_cache("checked", depends_on=["parsed:invalidated"])
+        slow = create_cache("slow", depends_on=["checked:invalidated"])
+        total = create_cache("total", depends_on=["fast:invalidated", "slow:invalidated"])
+
+        def read_source():
+            return source.get_or_compute(lambda: data["v"])
+
+        def read_slow():
+            parsed_value = parsed.get_or_compute(read_source)
+            checked_value = checked.get_or_compute(lambda: parsed_value)
+            return slow.get_or_compute(lambda: checked_value)
+
+        def read_total():
+            return total.get_or_compute(lambda: (fast.get_or_compute(read_source), read_slow()))
+
+        self.assertEqual(read_total(), (1, 1))
+        rebuilt = []
+        total.on_invalidate(lambda: rebuilt.append(read_total()))
+        data["v"] = 2
+        specter.bus.emit("data:changed")
+        self.assertEqual(rebuilt, [(2, 2)])
+        self.assertEqual(total.get(), (2, 2))
+
     def test_a_cascade_whose_greenlet_is_killed_still_reaches_every_dependent(self):
         a = create_cache("a")
         b = create_cache("b", depends_on=["a:invalidated"])
