@@ -3981,6 +3981,7 @@ class ManagedProcess:
         self._reaper = None
         self._launcher = None
         self._stopping = gevent.lock.RLock()
+        self._terminated_at = None  # when this run's group got SIGTERM (monotonic)
 
     def start(self, args: Union[str, bytes, Sequence[Any]], *, owner: Any = None,
               **popen_kwargs: Any) -> ManagedProcess:
@@ -4102,27 +4103,19 @@ class ManagedProcess:
 
         ``timeout`` overrides ``terminate_timeout``. Idempotent. A launch in
         progress is waited for and its child ended; a stop() under way in
-        another greenlet is waited for.
+        another greenlet is waited for. An interruption of the caller (its
+        own Timeout, a kill) ends its wait, not the teardown: a greenlet of
+        the process's own finishes it, and SIGKILL still comes ``timeout``
+        seconds after the first SIGTERM.
         """
         grace = self.terminate_timeout if timeout is None else _check_seconds(timeout, "timeout")
-        with self._stopping:
-            launcher = self._launcher
-            if launcher is not None and not launcher.dead:
-                launcher.join()  # fork to exec: brief, and the child must not escape
-            popen = self._popen
-            if popen is not None:
-                if self._group_alive():
-                    _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
-                    self._signal_group(signal.SIGTERM)
-                    if self._wait_group(grace):
-                        _process_log.warning("%s: still running %.1f s after SIGTERM; killing",
-                                             self.name, grace)
-                        self._signal_group(signal.SIGKILL)
-                        if self._wait_group(self.kill_timeout):
-                            _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
-                self._stop_readers()
-                _process_close(popen.stdin, popen.stdout, popen.stderr)
-            self._leave_owners()
+        try:
+            self._teardown(grace)
+        except BaseException:
+            # Every step of the teardown is idempotent: run it again to the end.
+            finisher = gevent.spawn(self._teardown, grace)
+            finisher.name = "%s:stop" % self.name
+            raise
         return self
 
     @property
@@ -4220,10 +4213,38 @@ class ManagedProcess:
         self._pgid = popen.pid  # a new session's leader leads its group
         self._watched = set()
         self._group_gone = False
+        self._terminated_at = None
         self._reaper = gevent.spawn(self._reap, popen)
         self._reaper.name = "%s:reaper" % self.name
         _process_log.debug("%s: started pid %d", self.name, popen.pid)
         return None
+
+    def _teardown(self, grace):
+        """stop()'s work, one greenlet at a time; each step is idempotent.
+
+        The SIGKILL deadline counts from this run's first SIGTERM, so a
+        teardown finishing an interrupted one does not start a new grace.
+        """
+        with self._stopping:
+            launcher = self._launcher
+            if launcher is not None and not launcher.dead:
+                launcher.join()  # fork to exec: brief, and the child must not escape
+            popen = self._popen
+            if popen is not None:
+                if self._group_alive():
+                    if self._terminated_at is None:
+                        _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
+                        self._signal_group(signal.SIGTERM)
+                        self._terminated_at = _monotonic()
+                    if self._wait_group(max(self._terminated_at + grace - _monotonic(), 0.0)):
+                        _process_log.warning("%s: still running %.1f s after SIGTERM; killing",
+                                             self.name, grace)
+                        self._signal_group(signal.SIGKILL)
+                        if self._wait_group(self.kill_timeout):
+                            _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
+                self._stop_readers()
+                _process_close(popen.stdin, popen.stdout, popen.stderr)
+            self._leave_owners()
 
     def _check_idle(self):
         if self._launcher is not None and not self._launcher.dead:

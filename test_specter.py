@@ -6365,6 +6365,40 @@ class TestManagedProcess(SpecterTestCase):
         self.assertLess(time.monotonic() - started, 1.0)
         self.assertEqual(proc.returncode, -signal.SIGKILL)
 
+    def test_an_interrupted_stop_still_ends_the_group_on_time_and_releases_everything(self):
+        # The caller's own deadline (or a kill) ends its wait, not the teardown:
+        # SIGKILL still follows the grace counted from the first SIGTERM, and the
+        # readers, the pipes and the owner's entry are released after it.
+        stubborn = ("import signal, time\n"
+                    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                    "print('ready')\n"
+                    "time.sleep(30)\n")
+        for interruption in ("timeout", "kill"):
+            with self.subTest(interruption=interruption):
+                owner = self.started(Service("owner"))
+                proc = self.make("stubborn", terminate_timeout=0.3)
+                proc.start(child_args(stubborn), owner=owner, stdout=specter.ManagedProcess.PIPE)
+                lines, reader = self.collect(proc, "stdout")
+                self.assertTrue(wait_until(lambda: lines == [b"ready"], timeout=5))
+                self.assertEqual(len(owner.health()["resources"]), 1)
+                started = time.monotonic()
+                with captured_logs():
+                    if interruption == "timeout":
+                        with self.assertRaises(gevent.Timeout):
+                            with gevent.Timeout(0.1):
+                                proc.stop()
+                    else:
+                        stopper = gevent.spawn(proc.stop)
+                        gevent.sleep(0.1)
+                        stopper.kill()
+                    self.assertTrue(proc.running)  # SIGTERM ignored, grace not over yet
+                    self.assertTrue(wait_until(lambda: not proc.running, timeout=2))
+                    elapsed = time.monotonic() - started
+                    self.assertEqual(proc.returncode, -signal.SIGKILL)
+                    self.assertLess(elapsed, 0.3 + 0.5)  # not a new grace from the interruption
+                    self.assertTrue(wait_until(lambda: reader.dead and proc.stdout.closed))
+                    self.assertEqual(owner.health()["resources"], [])
+
     def test_stop_ends_grandchildren(self):
         proc = self.make("tree")
         proc.start(["sh", "-c", "sleep 30 & echo $!; sleep 30 & echo $!; wait"],
