@@ -6376,7 +6376,7 @@ class TestManagedProcess(SpecterTestCase):
         for interruption in ("timeout", "kill"):
             with self.subTest(interruption=interruption):
                 owner = self.started(Service("owner"))
-                proc = self.make("stubborn", terminate_timeout=0.3)
+                proc = self.make("stubborn", terminate_timeout=0.6)
                 proc.start(child_args(stubborn), owner=owner, stdout=specter.ManagedProcess.PIPE)
                 lines, reader = self.collect(proc, "stdout")
                 self.assertTrue(wait_until(lambda: lines == [b"ready"], timeout=5))
@@ -6385,17 +6385,18 @@ class TestManagedProcess(SpecterTestCase):
                 with captured_logs():
                     if interruption == "timeout":
                         with self.assertRaises(gevent.Timeout):
-                            with gevent.Timeout(0.1):
+                            with gevent.Timeout(0.4):
                                 proc.stop()
                     else:
                         stopper = gevent.spawn(proc.stop)
-                        gevent.sleep(0.1)
+                        gevent.sleep(0.4)
                         stopper.kill()
                     self.assertTrue(proc.running)  # SIGTERM ignored, grace not over yet
                     self.assertTrue(wait_until(lambda: not proc.running, timeout=2))
                     elapsed = time.monotonic() - started
                     self.assertEqual(proc.returncode, -signal.SIGKILL)
-                    self.assertLess(elapsed, 0.3 + 0.5)  # not a new grace from the interruption
+                    # SIGKILL 0.6 s after SIGTERM, not a new grace from the interruption (1.0 s)
+                    self.assertLess(elapsed, 0.6 + 0.3)
                     self.assertTrue(wait_until(lambda: reader.dead and proc.stdout.closed))
                     self.assertEqual(owner.health()["resources"], [])
 
