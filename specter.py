@@ -2106,15 +2106,21 @@ def _model_same(a, b):
 
 
 def _model_same_types(a, b):
-    """For ``a == b``: whether their dicts, lists and tuples hold values of the same types."""
+    """For ``a == b``: whether their dicts, lists and tuples hold values of the same types.
+
+    Subclasses (an OrderedDict, a defaultdict, a namedtuple) are walked too:
+    the model keeps them as they are.
+    """
     if a is b:
         return True
     cls = type(a)
     if cls is not type(b):
         return False
-    if cls is dict:
+    if cls in _MODEL_ATOMS:
+        return True
+    if isinstance(a, dict):
         return all(_model_same_types(item, b[key]) for key, item in a.items())
-    if cls is list or cls is tuple:
+    if isinstance(a, (list, tuple)):
         return all(map(_model_same_types, a, b))
     return True
 

@@ -3165,6 +3165,30 @@ class TestModel(SpecterTestCase):
                 write(model)  # the same value, same types: no change
                 self.assertEqual((whole.count, selected.count), (1, 1))
 
+    def test_a_changed_type_inside_a_dict_or_list_subclass_is_a_change(self):
+        # A model keeps an OrderedDict or a defaultdict as it is (its copies are
+        # deep copies), so a type change inside one is a change like any other.
+        from collections import OrderedDict as ordered, defaultdict as defaults
+
+        class Row(list):
+            pass
+        cases = [
+            ("OrderedDict", ordered(limit=1), ordered(limit=True)),
+            ("defaultdict", defaults(int, limit=1), defaults(int, limit=1.0)),
+            ("list subclass", Row([0, 1]), Row([False, True])),
+            ("list in an OrderedDict", ordered(v=[0, 1]), ordered(v=[0, True])),
+        ]
+        for label, before, after in cases:
+            with self.subTest(container=label):
+                model = create_model("m", {"cfg": before})
+                selected = Recorder()
+                model.subscribe(selected, selector="cfg")
+                model.set("cfg", after)
+                self.assertEqual(repr(model.get("cfg")), repr(after))
+                self.assertEqual([repr(v) for v in selected.firsts], [repr(after)])
+                model.set("cfg", after)  # the same value, same types: no change
+                self.assertEqual(selected.count, 1)
+
     def test_large_model_unrelated_subtree_subscriber_stays_quiet(self):
         big = {"g%d" % g: {"k%d" % k: k for k in range(100)} for g in range(100)}
         model = create_model("big", {"big": big, "other": {"x": 1}})
