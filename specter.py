@@ -4115,11 +4115,12 @@ class ManagedProcess:
         seconds after the first SIGTERM.
         """
         grace = self.terminate_timeout if timeout is None else _check_seconds(timeout, "timeout")
+        run = self._launcher  # the run this call ends (the latest launch)
         try:
             self._teardown(grace)
         except BaseException:
             # Every step of the teardown is idempotent: run it again to the end.
-            finisher = gevent.spawn(self._teardown, grace)
+            finisher = gevent.spawn(self._teardown, grace, run)
             finisher.name = "%s:stop" % self.name
             raise
         return self
@@ -4225,14 +4226,18 @@ class ManagedProcess:
         _process_log.debug("%s: started pid %d", self.name, popen.pid)
         return None
 
-    def _teardown(self, grace):
+    def _teardown(self, grace, run=None):
         """stop()'s work, one greenlet at a time; each step is idempotent.
 
         The SIGKILL deadline counts from this run's first SIGTERM, so a
         teardown finishing an interrupted one does not start a new grace.
+        Given ``run`` (the launcher of the run to end), it does nothing once
+        another run has started: that start() ended the old run already.
         """
         with self._stopping:
             launcher = self._launcher
+            if run is not None and launcher is not run:
+                return
             if launcher is not None and not launcher.dead:
                 launcher.join()  # fork to exec: brief, and the child must not escape
             popen = self._popen

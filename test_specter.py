@@ -6424,6 +6424,32 @@ class TestManagedProcess(SpecterTestCase):
                     self.assertTrue(wait_until(lambda: reader.dead and proc.stdout.closed))
                     self.assertEqual(owner.health()["resources"], [])
 
+    def test_a_restart_right_after_an_interrupted_stop_keeps_running(self):
+        # The teardown an interrupted stop() leaves behind finishes that run
+        # only: a start() made meanwhile has already ended the old run, and
+        # the new child is not the old teardown's to end.
+        proc = self.piped("print('up')\nimport time\ntime.sleep(30)\n", make_kwargs={"terminate_timeout": 1.0})
+
+        def slow_to_unwind(line):
+            try:
+                gevent.sleep(LONG)
+            except greenlet.GreenletExit:
+                gevent.sleep(0.3)  # the reader takes a while to die
+                raise
+        entered = []
+        proc.watch_stream("stdout", lambda line: (entered.append(line), slow_to_unwind(line)))
+        self.assertTrue(wait_until(lambda: entered, timeout=5))
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(0.15):
+                proc.stop()  # interrupted while the reader unwinds
+        self.assertFalse(proc.running)
+        proc.start(child_args("import time; time.sleep(30)"))
+        new_pid = proc.pid
+        gevent.sleep(0.5)  # the old teardown has finished by now
+        self.assertTrue(proc.running)
+        self.assertEqual(proc.pid, new_pid)
+        self.assertFalse(pid_gone(new_pid))
+
     def test_stop_ends_grandchildren(self):
         proc = self.make("tree")
         proc.start(["sh", "-c", "sleep 30 & echo $!; sleep 30 & echo $!; wait"],
