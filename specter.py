@@ -3964,9 +3964,10 @@ class ManagedProcess:
     block the hub, whether or not the application monkey-patches.
 
     The launch runs in a greenlet the process owns, so no interruption of
-    the caller can separate a child from its handle; a group is signalled
-    only while it is verifiably the child's, never after its pgid may
-    have been reused.
+    the caller can separate a child from its handle, and a teardown whose
+    caller is interrupted is finished by one; a group is signalled only
+    while it is verifiably the child's, never after its pgid may have been
+    reused.
     """
 
     PIPE = subprocess.PIPE
