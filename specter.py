@@ -2017,14 +2017,16 @@ class Cache:
         return value
 
     def invalidate(self) -> None:
-        """Empty the cache, call on_invalidate callbacks, emit '{name}:invalidated'.
+        """Empty the cache, emit '{name}:invalidated', call on_invalidate callbacks.
 
         The emit may invalidate other caches (``depends_on``), which may
         invalidate more: one cascade. The first invalidate() in a greenlet
-        runs it as a loop over a queue rather than by recursion, so a chain of
-        any length completes; every cache it reaches is emptied at once and
-        notified in the order reached, once per cascade (a diamond or a cycle
-        reaches a cache twice).
+        runs it as a loop over queues rather than by recursion, so a chain of
+        any length completes. Every cache it reaches is emptied at once,
+        and every one is announced on the bus before any callback runs, so
+        a callback that rebuilds its cache reads only dependencies the
+        cascade has already emptied. Each cache is notified once per cascade
+        (a diamond or a cycle reaches a cache twice), in the order reached.
         """
         cascade = _state_cascades.get(getcurrent())
         if cascade is None:
@@ -2033,7 +2035,7 @@ class Cache:
         elif self not in cascade.seen:
             cascade.seen.add(self)
             self._clear()
-            cascade.queue.append(self)
+            cascade.unannounced.append(self)
 
     def on_invalidate(self, callback: Callable[..., Any]) -> Callable[[], bool]:
         """Call ``callback()`` (no arguments, as in 0.1.2) on every invalidation; returns an unsubscribe."""
@@ -2068,19 +2070,27 @@ class Cache:
 
     @staticmethod
     def _run_cascade(cascade):
-        """Notify the caches queued in ``cascade``, in this greenlet, until none is left.
+        """Run ``cascade`` in this greenlet until nothing is left: announce, then call back.
 
-        Invalidations caused meanwhile (by a ``depends_on`` listener, or a
-        callback calling invalidate()) join the queue instead of recursing
-        through ``bus.emit``, so a cascade is not bounded by the Python stack.
+        An emit may reach more caches (a ``depends_on`` listener, or any
+        listener calling invalidate()); they join ``cascade.unannounced``
+        instead of recursing through ``bus.emit``, so a cascade is not
+        bounded by the Python stack. Announcing goes first: a cache's
+        callbacks run only when no reached cache is left unannounced, that
+        is, when the cascade has emptied everything it reaches.
         """
         current = getcurrent()
         _state_cascades[current] = cascade
-        queue = cascade.queue
+        unannounced, uncalled = cascade.unannounced, cascade.uncalled
         callbacks = None
         try:
-            while queue:
-                cache = queue[0]
+            while unannounced or uncalled:
+                if unannounced:
+                    cache = unannounced[0]
+                    bus.emit(cache._event, {"name": cache.name})
+                    uncalled.append(unannounced.popleft())
+                    continue
+                cache = uncalled[0]
                 rest, cascade.rest = cascade.rest, None
                 if rest is None:
                     callbacks = iter(cache._callbacks)
@@ -2094,15 +2104,14 @@ class Cache:
                     except Exception:
                         _state_log.exception("%s: on_invalidate callback %s raised",
                                              cache.name, _callable_name(callback))
-                bus.emit(cache._event, {"name": cache.name})
-                queue.popleft()
+                uncalled.popleft()
                 callbacks = None
         except BaseException:
-            # Killed, or a Timeout, inside a callback or a listener. The caches
-            # already emptied must still be announced, or their dependents stay
-            # valid: a new greenlet carries on from the callback after the one
-            # interrupted (an interrupted emit is repeated whole).
-            if queue:
+            # Killed, or a Timeout, inside a listener or a callback. The caches
+            # already emptied must still be announced and called back, or their
+            # dependents stay valid: a new greenlet carries on from the callback
+            # after the one interrupted (an interrupted emit is repeated whole).
+            if unannounced or uncalled:
                 cascade.rest = None if callbacks is None else tuple(callbacks)
                 gevent.spawn(Cache._run_cascade, cascade)
             raise
@@ -2136,12 +2145,13 @@ def create_cache(name: str, ttl: float = 0, depends_on: Union[str, Iterable[str]
 class _StateCascade:
     """One invalidation cascade, run by ``Cache._run_cascade``: the caches reached, those still to notify."""
 
-    __slots__ = ("seen", "queue", "rest")
+    __slots__ = ("seen", "unannounced", "uncalled", "rest")
 
     def __init__(self, cache):
         self.seen = {cache}
-        self.queue = collections.deque((cache,))
-        self.rest = None  # after an interruption: the callbacks of queue[0] not called yet
+        self.unannounced = collections.deque((cache,))  # emptied, event not emitted yet
+        self.uncalled = collections.deque()  # announced, callbacks not called yet
+        self.rest = None  # after an interruption: the callbacks of uncalled[0] not called yet
 
 
 # The greenlets running an invalidation cascade, each with its cascade.
@@ -2338,15 +2348,21 @@ def _model_same(a, b):
 
 
 def _model_same_types(a, b):
-    """For ``a == b``: whether their dicts, lists and tuples hold values of the same types."""
+    """For ``a == b``: whether their dicts, lists and tuples hold values of the same types.
+
+    Subclasses (an OrderedDict, a defaultdict, a namedtuple) are walked too:
+    the model keeps them as they are.
+    """
     if a is b:
         return True
     cls = type(a)
     if cls is not type(b):
         return False
-    if cls is dict:
+    if cls in _MODEL_ATOMS:
+        return True
+    if isinstance(a, dict):
         return all(_model_same_types(item, b[key]) for key, item in a.items())
-    if cls is list or cls is tuple:
+    if isinstance(a, (list, tuple)):
         return all(map(_model_same_types, a, b))
     return True
 
@@ -5231,9 +5247,10 @@ class ManagedProcess:
     block the hub, whether or not the application monkey-patches.
 
     The launch runs in a greenlet the process owns, so no interruption of
-    the caller can separate a child from its handle; a group is signalled
-    only while it is verifiably the child's, never after its pgid may
-    have been reused.
+    the caller can separate a child from its handle, and a teardown whose
+    caller is interrupted is finished by one; a group is signalled only
+    while it is verifiably the child's, never after its pgid may have been
+    reused.
     """
 
     PIPE = subprocess.PIPE
@@ -5254,6 +5271,7 @@ class ManagedProcess:
         self._reaper = None
         self._launcher = None
         self._stopping = gevent.lock.RLock()
+        self._terminated_at = None  # when this run's group got SIGTERM (monotonic)
 
     def start(self, args: Union[str, bytes, Sequence[Any]], *, owner: Any = None,
               **popen_kwargs: Any) -> ManagedProcess:
@@ -5375,27 +5393,20 @@ class ManagedProcess:
 
         ``timeout`` overrides ``terminate_timeout``. Idempotent. A launch in
         progress is waited for and its child ended; a stop() under way in
-        another greenlet is waited for.
+        another greenlet is waited for. An interruption of the caller (its
+        own Timeout, a kill) ends its wait, not the teardown: a greenlet of
+        the process's own finishes it, and SIGKILL still comes ``timeout``
+        seconds after the first SIGTERM.
         """
         grace = self.terminate_timeout if timeout is None else _check_seconds(timeout, "timeout")
-        with self._stopping:
-            launcher = self._launcher
-            if launcher is not None and not launcher.dead:
-                launcher.join()  # fork to exec: brief, and the child must not escape
-            popen = self._popen
-            if popen is not None:
-                if self._group_alive():
-                    _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
-                    self._signal_group(signal.SIGTERM)
-                    if self._wait_group(grace):
-                        _process_log.warning("%s: still running %.1f s after SIGTERM; killing",
-                                             self.name, grace)
-                        self._signal_group(signal.SIGKILL)
-                        if self._wait_group(self.kill_timeout):
-                            _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
-                self._stop_readers()
-                _process_close(popen.stdin, popen.stdout, popen.stderr)
-            self._leave_owners()
+        run = self._launcher  # the run this call ends (the latest launch)
+        try:
+            self._teardown(grace)
+        except BaseException:
+            # Every step of the teardown is idempotent: run it again to the end.
+            finisher = gevent.spawn(self._teardown, grace, run)
+            finisher.name = "%s:stop" % self.name
+            raise
         return self
 
     @property
@@ -5493,10 +5504,42 @@ class ManagedProcess:
         self._pgid = popen.pid  # a new session's leader leads its group
         self._watched = set()
         self._group_gone = False
+        self._terminated_at = None
         self._reaper = gevent.spawn(self._reap, popen)
         self._reaper.name = "%s:reaper" % self.name
         _process_log.debug("%s: started pid %d", self.name, popen.pid)
         return None
+
+    def _teardown(self, grace, run=None):
+        """stop()'s work, one greenlet at a time; each step is idempotent.
+
+        The SIGKILL deadline counts from this run's first SIGTERM, so a
+        teardown finishing an interrupted one does not start a new grace.
+        Given ``run`` (the launcher of the run to end), it does nothing once
+        another run has started: that start() ended the old run already.
+        """
+        with self._stopping:
+            launcher = self._launcher
+            if run is not None and launcher is not run:
+                return
+            if launcher is not None and not launcher.dead:
+                launcher.join()  # fork to exec: brief, and the child must not escape
+            popen = self._popen
+            if popen is not None:
+                if self._group_alive():
+                    if self._terminated_at is None:
+                        _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
+                        self._signal_group(signal.SIGTERM)
+                        self._terminated_at = _monotonic()
+                    if self._wait_group(max(self._terminated_at + grace - _monotonic(), 0.0)):
+                        _process_log.warning("%s: still running %.1f s after SIGTERM; killing",
+                                             self.name, grace)
+                        self._signal_group(signal.SIGKILL)
+                        if self._wait_group(self.kill_timeout):
+                            _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
+                self._stop_readers()
+                _process_close(popen.stdin, popen.stdout, popen.stderr)
+            self._leave_owners()
 
     def _check_idle(self):
         if self._launcher is not None and not self._launcher.dead:

@@ -3439,6 +3439,30 @@ class TestModel(SpecterTestCase):
                 write(model)  # the same value, same types: no change
                 self.assertEqual((whole.count, selected.count), (1, 1))
 
+    def test_a_changed_type_inside_a_dict_or_list_subclass_is_a_change(self):
+        # A model keeps an OrderedDict or a defaultdict as it is (its copies are
+        # deep copies), so a type change inside one is a change like any other.
+        from collections import OrderedDict as ordered, defaultdict as defaults
+
+        class Row(list):
+            pass
+        cases = [
+            ("OrderedDict", ordered(limit=1), ordered(limit=True)),
+            ("defaultdict", defaults(int, limit=1), defaults(int, limit=1.0)),
+            ("list subclass", Row([0, 1]), Row([False, True])),
+            ("list in an OrderedDict", ordered(v=[0, 1]), ordered(v=[0, True])),
+        ]
+        for label, before, after in cases:
+            with self.subTest(container=label):
+                model = create_model("m", {"cfg": before})
+                selected = Recorder()
+                model.subscribe(selected, selector="cfg")
+                model.set("cfg", after)
+                self.assertEqual(repr(model.get("cfg")), repr(after))
+                self.assertEqual([repr(v) for v in selected.firsts], [repr(after)])
+                model.set("cfg", after)  # the same value, same types: no change
+                self.assertEqual(selected.count, 1)
+
     def test_large_model_unrelated_subtree_subscriber_stays_quiet(self):
         big = {"g%d" % g: {"k%d" % k: k for k in range(100)} for g in range(100)}
         model = create_model("big", {"big": big, "other": {"x": 1}})
@@ -3801,6 +3825,38 @@ class TestCache(SpecterTestCase):
         self.assertEqual([cache.name for cache in chain if cache.is_valid()], [])
         self.assertEqual(notified, [cache.name for cache in chain])
         self.assertEqual(last.firsts, [{"name": "c399"}])
+
+    def test_a_callback_that_rebuilds_its_cache_reads_only_dependencies_the_cascade_emptied(self):
+        # total depends on fast (one hop from source) and on slow (three hops):
+        # source -> fast -> total, source -> parsed -> checked -> slow -> total.
+        # total's callback rebuilds it; it must not read slow before the
+        # cascade has reached slow, or total keeps a stale value for good.
+        data = {"v": 1}
+        source = create_cache("source", depends_on=["data:changed"])
+        fast = create_cache("fast", depends_on=["source:invalidated"])
+        parsed = create_cache("parsed", depends_on=["source:invalidated"])
+        checked = create_cache("checked", depends_on=["parsed:invalidated"])
+        slow = create_cache("slow", depends_on=["checked:invalidated"])
+        total = create_cache("total", depends_on=["fast:invalidated", "slow:invalidated"])
+
+        def read_source():
+            return source.get_or_compute(lambda: data["v"])
+
+        def read_slow():
+            parsed_value = parsed.get_or_compute(read_source)
+            checked_value = checked.get_or_compute(lambda: parsed_value)
+            return slow.get_or_compute(lambda: checked_value)
+
+        def read_total():
+            return total.get_or_compute(lambda: (fast.get_or_compute(read_source), read_slow()))
+
+        self.assertEqual(read_total(), (1, 1))
+        rebuilt = []
+        total.on_invalidate(lambda: rebuilt.append(read_total()))
+        data["v"] = 2
+        specter.bus.emit("data:changed")
+        self.assertEqual(rebuilt, [(2, 2)])
+        self.assertEqual(total.get(), (2, 2))
 
     def test_a_cascade_whose_greenlet_is_killed_still_reaches_every_dependent(self):
         a = create_cache("a")
@@ -7938,6 +7994,67 @@ class TestManagedProcess(SpecterTestCase):
             proc.stop(timeout=0.1)
         self.assertLess(time.monotonic() - started, 1.0)
         self.assertEqual(proc.returncode, -signal.SIGKILL)
+
+    def test_an_interrupted_stop_still_ends_the_group_on_time_and_releases_everything(self):
+        # The caller's own deadline (or a kill) ends its wait, not the teardown:
+        # SIGKILL still follows the grace counted from the first SIGTERM, and the
+        # readers, the pipes and the owner's entry are released after it.
+        stubborn = ("import signal, time\n"
+                    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                    "print('ready')\n"
+                    "time.sleep(30)\n")
+        for interruption in ("timeout", "kill"):
+            with self.subTest(interruption=interruption):
+                owner = self.started(Service("owner"))
+                proc = self.make("stubborn", terminate_timeout=0.6)
+                proc.start(child_args(stubborn), owner=owner, stdout=specter.ManagedProcess.PIPE)
+                lines, reader = self.collect(proc, "stdout")
+                self.assertTrue(wait_until(lambda: lines == [b"ready"], timeout=5))
+                self.assertEqual(len(owner.health()["resources"]), 1)
+                started = time.monotonic()
+                with captured_logs():
+                    if interruption == "timeout":
+                        with self.assertRaises(gevent.Timeout):
+                            with gevent.Timeout(0.4):
+                                proc.stop()
+                    else:
+                        stopper = gevent.spawn(proc.stop)
+                        gevent.sleep(0.4)
+                        stopper.kill()
+                    self.assertTrue(proc.running)  # SIGTERM ignored, grace not over yet
+                    self.assertTrue(wait_until(lambda: not proc.running, timeout=2))
+                    elapsed = time.monotonic() - started
+                    self.assertEqual(proc.returncode, -signal.SIGKILL)
+                    # SIGKILL 0.6 s after SIGTERM, not a new grace from the interruption (1.0 s)
+                    self.assertLess(elapsed, 0.6 + 0.3)
+                    self.assertTrue(wait_until(lambda: reader.dead and proc.stdout.closed))
+                    self.assertEqual(owner.health()["resources"], [])
+
+    def test_a_restart_right_after_an_interrupted_stop_keeps_running(self):
+        # The teardown an interrupted stop() leaves behind finishes that run
+        # only: a start() made meanwhile has already ended the old run, and
+        # the new child is not the old teardown's to end.
+        proc = self.piped("print('up')\nimport time\ntime.sleep(30)\n", make_kwargs={"terminate_timeout": 1.0})
+
+        def slow_to_unwind(line):
+            try:
+                gevent.sleep(LONG)
+            except greenlet.GreenletExit:
+                gevent.sleep(0.3)  # the reader takes a while to die
+                raise
+        entered = []
+        proc.watch_stream("stdout", lambda line: (entered.append(line), slow_to_unwind(line)))
+        self.assertTrue(wait_until(lambda: entered, timeout=5))
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(0.15):
+                proc.stop()  # interrupted while the reader unwinds
+        self.assertFalse(proc.running)
+        proc.start(child_args("import time; time.sleep(30)"))
+        new_pid = proc.pid
+        gevent.sleep(0.5)  # the old teardown has finished by now
+        self.assertTrue(proc.running)
+        self.assertEqual(proc.pid, new_pid)
+        self.assertFalse(pid_gone(new_pid))
 
     def test_stop_ends_grandchildren(self):
         proc = self.make("tree")
