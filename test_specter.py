@@ -7,6 +7,7 @@ only; nothing here monkey-patches. Waits are bounded: events, or
 
 import ast
 import atexit
+import collections
 import contextlib
 import decimal
 import functools
@@ -93,6 +94,7 @@ API_NAMES = [
     "HTTPError", "json_endpoint", "expect_json", "require_fields",
     "Router", "route", "Handler", "SocketIngress", "Controller",
     "ServiceManager", "boot", "ManagedProcess", "start_process",
+    "ManualClock", "isolated", "leak_check", "SpecterTestCase",
 ]
 
 
@@ -155,6 +157,14 @@ class Recorder:
     def firsts(self):
         """The first positional argument of every call."""
         return [args[0] if args else None for args in self.calls]
+
+
+def outcome_of(fn, *args):
+    """What ``fn(*args)`` returns, or the exception it raises (for greenlets expected to fail)."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return exc
 
 
 def make_resource(log, *methods, **attributes):
@@ -6542,6 +6552,408 @@ class TestManagedProcess(SpecterTestCase):
         self.assertTrue(reader.dead)
         self.assertEqual("".join(chunks), "\u00e9t\u00e9 " * 50 + "end\n")
         self.assertTrue(all(0 < len(chunk.encode()) <= 4 for chunk in chunks), chunks)
+
+
+# Testing ######################################################################
+
+
+class Ticker(Service):
+    """A service whose interval records the clock's time at each tick."""
+
+    def __init__(self, name="ticker", *, period=60.0):
+        super().__init__(name)
+        self.period = period
+        self.log = []
+
+    def on_start(self):
+        self.interval(lambda: self.log.append(("tick", specter._now())), self.period)
+
+
+class TestTestingKit(SpecterTestCase):
+    """ManualClock, isolated(), leak_check() and the public SpecterTestCase."""
+
+    def test_interval_ticks_exactly_n_times_in_advance_of_n_periods(self):
+        with specter.ManualClock() as clock:
+            svc = self.started(Ticker(period=60.0))
+            clock.advance(60 * 5)
+            self.assertEqual(svc.log, [("tick", 60.0 * k) for k in range(1, 6)])
+            clock.advance(59.5)
+            self.assertEqual(len(svc.log), 5)
+            clock.advance(0.5)
+            self.assertEqual(svc.log[-1], ("tick", 360.0))
+            clock.advance(60 * 1000)
+            self.assertEqual(len(svc.log), 1006)
+            self.assertEqual(clock.now(), 60.0 * 1006)
+            svc.stop()
+
+    def test_advance_runs_due_callbacks_in_due_time_order_in_the_callers_turn(self):
+        seen = []
+        with specter.ManualClock(start=100.0) as clock:
+            svc = self.started(Service("order"))
+            for delay in (30, 10, 20, 10):
+                svc.timeout(functools.partial(lambda d: seen.append((d, clock.now())), delay), delay)
+            svc.interval(lambda: seen.append(("iv", clock.now())), 15)
+            self.assertEqual(clock.now(), 100.0)
+            clock.advance(25)
+            # Returned with every due callback run, without the test yielding.
+            self.assertEqual(seen, [(10, 110.0), (10, 110.0), ("iv", 115.0), (20, 120.0)])
+            self.assertEqual(clock.now(), 125.0)
+            clock.advance(5)
+            # A tie goes to the callback scheduled first: the timeout (at 100) before the re-armed tick (at 115).
+            self.assertEqual(seen[4:], [(30, 130.0), ("iv", 130.0)])
+            svc.stop()
+
+    def test_advance_drives_callbacks_that_spawn_and_sleep_on_specter_timers(self):
+        steps = []
+        with specter.ManualClock() as clock:
+            svc = self.started(Service("chain"))
+
+            def second():
+                steps.append(("second", clock.now()))
+                svc.spawn(lambda: steps.append(("spawned", clock.now())))
+
+            def first():
+                steps.append(("first", clock.now()))
+                svc.spawn_later(5, second)
+
+            svc.timeout(first, 10)
+            clock.advance(14)
+            self.assertEqual(steps, [("first", 10.0)])
+            clock.advance(1)
+            self.assertEqual(steps, [("first", 10.0), ("second", 15.0), ("spawned", 15.0)])
+            svc.stop()
+
+    def test_spawn_later_follows_the_clock_and_stop_cancels_it(self):
+        ran = Recorder()
+        with specter.ManualClock() as clock:
+            svc = self.started(Service("later"))
+            svc.spawn_later(3600, ran, "late")
+            dropped = svc.spawn_later(10, ran, "never")
+            svc.cancel_greenlet(dropped)
+            clock.advance(3599)
+            self.assertEqual(ran.calls, [])
+            clock.advance(1)
+            self.assertEqual(ran.calls, [("late",)])
+            svc.spawn_later(60, ran, "stopped first")
+            svc.stop()
+            clock.advance(120)
+            self.assertEqual(ran.calls, [("late",)])
+            self.assertEqual(clock._pending(), [])
+
+    def test_supervision_backoff_follows_the_clock(self):
+        attempts = []
+
+        def flaky():
+            attempts.append(clock.now())
+            raise ValueError("down")
+
+        with specter.ManualClock() as clock:
+            svc = Service("supervised")
+            svc.restart_backoff = 1.0
+            svc.restart_max_backoff = 8.0
+            self.started(svc)
+            with self.assertLogs("specter", "ERROR"):
+                svc.supervise(flaky, max_restarts=6, within=3600)
+                clock.advance(0)
+                self.assertEqual(attempts, [0.0])
+                clock.advance(100)
+            # Waits of 1, 2, 4, 8, 8, 8 s between attempts; the 7th failure marks it failed.
+            self.assertEqual(attempts, [0.0, 1.0, 3.0, 7.0, 15.0, 23.0, 31.0])
+            self.assertEqual(svc.status, "failed")
+            svc.stop()
+
+    def test_watcher_polls_and_backs_off_on_the_clock(self):
+        results = iter([1, 2, specter.WatcherError("flaky"), specter.WatcherError("flaky"), 3])
+        polls = []
+
+        def poll():
+            polls.append(clock.now())
+            value = next(results, 4)
+            if isinstance(value, Exception):
+                raise value
+            return value
+
+        with specter.ManualClock() as clock:
+            values = []
+            watcher = specter.Watcher("w", poll=poll, interval=5.0, max_backoff=60.0)
+            watcher.subscribe(lambda value, w: values.append(value))
+            try:
+                with self.assertLogs("specter.watcher", "WARNING"):
+                    watcher.start()
+                    clock.advance(10)
+                    self.assertEqual(polls[:3], [0.0, 5.0, 10.0])
+                    clock.advance(30)
+                # Backoff after failure k waits interval * 2**(k-1) scaled by a jitter in [0.5, 1).
+                gaps = [b - a for a, b in zip(polls[2:5], polls[3:6])]
+                self.assertTrue(2.5 <= gaps[0] < 5.0, gaps)
+                self.assertTrue(5.0 <= gaps[1] < 10.0, gaps)
+                self.assertEqual(values[:3], [1, 2, 3])
+                self.assertEqual(gaps[2], 5.0)  # a value resets the backoff
+                self.assertGreater(watcher.health()["uptime_seconds"], 39.0)
+            finally:
+                watcher.stop()
+
+    def test_cache_ttl_follows_the_clock(self):
+        with specter.ManualClock() as clock:
+            cache = create_cache("prices", ttl=300)
+            computed = Recorder(result="fresh")
+            self.assertEqual(cache.get_or_compute(computed), "fresh")
+            clock.advance(299.999)
+            self.assertTrue(cache.is_valid())
+            self.assertEqual(cache.get_or_compute(computed), "fresh")
+            self.assertEqual(computed.count, 1)
+            clock.advance(0.001)
+            self.assertFalse(cache.is_valid())
+            self.assertIsNone(cache.get())
+            cache.get_or_compute(computed)
+            self.assertEqual(computed.count, 2)
+            cache.destroy()
+
+    def test_an_hour_of_every_timer_kind_passes_in_under_a_second_of_wall_time(self):
+        """No SPECTER timer reads the real clock behind the ManualClock's back."""
+        counts = collections.Counter()
+
+        class Everything(Service):
+            restart_backoff = 30.0
+            restart_max_backoff = 30.0
+
+            def on_start(self):
+                self.interval(lambda: counts.update(["interval"]), 60)
+                self.timeout(lambda: counts.update(["timeout"]), 1800)
+                self.spawn_later(900, lambda: counts.update(["spawn_later"]))
+                self.supervise(self.crash, max_restarts=1000, within=60)
+
+            def crash(self):
+                counts.update(["supervised"])
+                raise ValueError("again")
+
+        def poll():
+            counts.update(["poll"])
+            if counts["poll"] % 2:
+                raise specter.WatcherError("odd poll")  # every other poll backs off
+            return counts["poll"]
+
+        started = time.monotonic()
+        with specter.ManualClock() as clock, \
+                mock.patch.object(specter._service_log, "exception"), \
+                mock.patch.object(specter._watcher_log, "warning"):
+            cache = create_cache("hourly", ttl=3600)
+            cache.set("v")
+            svc = self.started(Everything("everything"))
+            watcher = specter.Watcher("poller", poll=poll, interval=10, max_backoff=40)
+            self.addCleanup(watcher.stop)
+            watcher.start()
+            clock.advance(3599)
+            self.assertTrue(cache.is_valid())
+            clock.advance(1)
+            self.assertFalse(cache.is_valid())
+            svc.stop()
+            watcher.stop()
+        elapsed = time.monotonic() - started
+        self.assertEqual(counts["interval"], 60)
+        self.assertEqual(counts["timeout"], 1)
+        self.assertEqual(counts["spawn_later"], 1)
+        self.assertEqual(counts["supervised"], 121)  # at 0 and every 30 s until 3600
+        # 10 s after a value, 5-10 s (jittered backoff) after a failure: 2 polls per 15-20 s.
+        self.assertTrue(361 <= counts["poll"] <= 481, counts)
+        self.assertLess(elapsed, 1.0)
+
+    def test_outside_the_with_timers_run_on_real_time_again(self):
+        with specter.ManualClock() as clock:
+            self.assertEqual(specter._now(), clock.now())
+        svc = self.started(Ticker(period=SHORT))
+        self.assertEventually(lambda: len(svc.log) >= 2)
+        self.assertGreater(svc.log[0][1], 1000.0)  # time.monotonic(), not a manual time
+        self.assertIsInstance(specter._clock, specter._Clock)
+
+    def test_manual_clock_rejects_bad_use_precisely(self):
+        clock = specter.ManualClock()
+        with self.assertRaisesRegex(ValueError, "seconds must be 0 or more seconds, got -1"):
+            clock.advance(-1)
+        with self.assertRaisesRegex(TypeError, "seconds must be a number of seconds, got str"):
+            clock.advance("1")
+        with self.assertRaisesRegex(ValueError, "start must be 0 or more"):
+            specter.ManualClock(start=-5)
+        with clock:
+            with self.assertRaisesRegex(RuntimeError, "already in force"):
+                clock.__enter__()
+            svc = self.started(Service("reentrant"))
+            errors = []
+
+            def nested():
+                try:
+                    clock.advance(1)
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+
+            svc.timeout(nested, 1)
+            clock.advance(1)
+            self.assertEqual(len(errors), 1)
+            self.assertIn("already running", errors[0])
+            svc.stop()
+
+    def test_isolated_sets_aside_bus_and_registry_contents_and_restores_them(self):
+        from specter import bus, registry  # the names apps import keep working
+        outer = Recorder()
+        bus.on("ping", outer)
+        registry.provide("db", "outer-db")
+        waiter = gevent.spawn(outcome_of, registry.wait_for, "late", 5)
+        gevent.sleep(0)
+        with specter.isolated():
+            self.assertIs(bus, specter.bus)
+            self.assertFalse(bus.has_listeners("ping"))
+            self.assertEqual(registry.list(), [])
+            inner = Recorder()
+            bus.on("ping", inner)
+            bus.emit("ping", 1)
+            registry.provide("db", "inner-db")
+            registry.provide("late", "inner")  # the outer wait is not satisfied from inside
+            stuck = gevent.spawn(outcome_of, registry.wait_for, "never")
+            gevent.sleep(0)
+        self.assertEqual((outer.calls, inner.calls), ([], [(1,)]))
+        bus.emit("ping", 2)
+        self.assertEqual((outer.calls, inner.calls), ([(2,)], [(1,)]))
+        self.assertEqual(registry.list(), ["db"])
+        self.assertEqual(registry.require("db"), "outer-db")
+        self.assertIn("the isolated() block ended while waiting for 'never'", str(stuck.get(timeout=1)))
+        self.assertFalse(waiter.ready())
+        registry.provide("late", "outer")
+        self.assertEqual(waiter.get(timeout=1), "outer")
+
+    def test_isolated_works_as_a_decorator(self):
+        specter.registry.provide("outer", 1)
+
+        @specter.isolated()
+        def inside():
+            return specter.registry.list()
+
+        self.assertEqual(inside(), [])
+        self.assertEqual(specter.registry.list(), ["outer"])
+
+    def test_leak_check_names_each_leftover_created_inside_the_block(self):
+        before = gevent.spawn(gevent.sleep, LONG)  # alive before the block: not a leak
+        specter.bus.on("old", print)
+        self.addCleanup(before.kill)
+        with self.assertRaises(AssertionError) as cm:
+            with specter.leak_check(grace=0.05):
+                svc = Service("leaky").start()
+                svc.interval(print, 60)
+                svc.listen("svc:event", print)
+                specter.registry.provide("cfg", {"a": 1})
+                loose = gevent.spawn(gevent.sleep, LONG)
+                loose.name = "loose-sleeper"
+                child = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+        try:
+            message = str(cm.exception)
+            self.assertIn("leftover(s) created inside the block", message)
+            self.assertIn("greenlet 'loose-sleeper'", message)
+            self.assertIn("child process %d: sleep 30" % child.pid, message)
+            self.assertIn("bus listener of 'svc:event'", message)
+            self.assertIn("registry key 'cfg'", message)
+            self.assertRegex(message, r"pending timer: interval-\d+ of service 'leaky' \(every 60 s\): print")
+            self.assertIn("running service 'leaky' (running)", message)
+            self.assertNotIn("old", message)
+            self.assertNotIn(repr(before.name), message)
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            svc.stop()
+            loose.kill()
+
+    def test_leak_check_passes_a_block_that_cleans_up(self):
+        with specter.leak_check():
+            svc = Service("tidy").start()
+            svc.interval(print, 60)
+            svc.spawn(gevent.sleep, LONG)
+            svc.listen("e", print)
+            specter.registry.provide("k", 1, owner=svc)
+            child = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+            quick = gevent.spawn(gevent.sleep, 0)
+            svc.stop()
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            # A greenlet killed without waiting still ends within the grace period.
+            dying = gevent.spawn(self._slow_finally)
+            gevent.sleep(0)
+            dying.kill(block=False)
+        self.assertTrue(quick.dead and dying.dead)
+
+    @staticmethod
+    def _slow_finally():
+        try:
+            gevent.sleep(LONG)
+        finally:
+            gevent.sleep(0.05)
+
+    def test_leak_check_reports_pending_manual_timers_and_unstarted_greenlets(self):
+        with self.assertRaises(AssertionError) as cm:
+            with specter.leak_check(grace=0), specter.ManualClock():
+                svc = Service("paused").start()
+                svc.spawn_later(30, print)
+                svc.timeout(print, 45)
+        svc.stop()
+        message = str(cm.exception)
+        self.assertIn("greenlet 'print' (not started yet)", message)
+        self.assertIn("pending timer: start of greenlet 'print' (spawn_later)", message)
+        self.assertRegex(message, r"pending timer: timeout-\d+ of service 'paused' \(after 45 s\)")
+
+    def test_leak_check_leaves_a_failing_block_to_its_own_exception(self):
+        loose = gevent.spawn(gevent.sleep, LONG)
+        self.addCleanup(loose.kill)
+        with self.assertRaisesRegex(KeyError, "boom"):
+            with specter.leak_check():
+                other = gevent.spawn(gevent.sleep, LONG)
+                self.addCleanup(other.kill)
+                raise KeyError("boom")
+
+    def test_specter_test_case_isolates_checks_leaks_and_gives_a_manual_clock(self):
+        from specter import bus, registry
+        bus.on("outer", print)
+        registry.provide("outer", 1)
+        seen = {}
+
+        class AppTests(specter.SpecterTestCase):
+            manual_clock = True
+
+            def test_clean(self):
+                seen["bus"] = bus.listener_count()
+                seen["keys"] = registry.list()
+                seen["clock"] = self.clock
+                svc = Ticker(period=60)
+                self.addCleanup(svc.stop)
+                svc.start()
+                self.clock.advance(600)
+                seen["ticks"] = len(svc.log)
+
+            def test_leaky(self):
+                Ticker("forgotten", period=60).start()
+                registry.provide("forgotten", 2)
+
+        class RealTime(specter.SpecterTestCase):
+            def test_no_clock(self):
+                seen["real"] = self.clock
+
+        result = unittest.TestResult()
+        suite = unittest.TestSuite([AppTests("test_clean"), AppTests("test_leaky"), RealTime("test_no_clock")])
+        suite.run(result)
+        self.assertEqual(result.errors, [])
+        self.assertEqual(seen["bus"], 0)
+        self.assertEqual(seen["keys"], [])
+        self.assertIsInstance(seen["clock"], specter.ManualClock)
+        self.assertEqual(seen["ticks"], 10)
+        self.assertIsNone(seen["real"])
+        self.assertEqual(len(result.failures), 1, result.failures)
+        failed, trace = result.failures[0]
+        self.assertEqual(failed.id().rsplit(".", 1)[-1], "test_leaky")
+        self.assertIn("running service 'forgotten'", trace)
+        self.assertIn("registry key 'forgotten'", trace)
+        self.assertEqual(registry.list(), ["outer"])
+        self.assertEqual(bus.listener_count(), 1)
+        self.assertIsInstance(specter._clock, specter._Clock)
+        for obj in gc.get_objects():
+            if isinstance(obj, Ticker) and obj.name == "forgotten":
+                obj.stop()
+
 
 
 # Examples #####################################################################
