@@ -4252,8 +4252,6 @@ def _process_group_members(pgid, parent=False):
 # Testing ######################################################################
 ###############################################################################
 
-_testing_log = logging.getLogger("specter.testing")
-
 # The leak checks in force, innermost last. Empty outside a leak_check(), so
 # the real clock's call-outs cost one truth test of a global.
 _testing_watches = ()
