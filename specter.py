@@ -184,14 +184,14 @@ class _Clock:
 
     __slots__ = ()
 
-    def call_later(self, seconds, callback, *args):
-        """Run ``callback(*args)`` in the hub after ``seconds``; ``close()`` on the handle cancels it.
+    def call_later(self, seconds, callback):
+        """Run ``callback()`` in the hub after ``seconds``; ``close()`` on the handle cancels it.
 
         The handle is the hub's own timer watcher, so a timer costs what it
         did before there was a clock to swap.
         """
         timer = gevent.get_hub().loop.timer(seconds)
-        timer.start(callback, *args, update=True)
+        timer.start(callback, update=True)
         if _testing_watches:
             _testing_note_timer(timer, callback)
         return timer
@@ -4306,22 +4306,21 @@ class ManualClock:
             gevent.idle()  # what is ready now (a service just started) runs before time moves
             while queue and queue[0].due <= target:
                 timer = heapq.heappop(queue)
-                callback, args = timer.callback, timer.args
+                callback = timer.callback
                 if callback is None:
                     continue  # cancelled
-                timer.callback = timer.args = None
+                timer.callback = None
                 self._time = timer.due
-                callback(*args)
+                callback()
                 gevent.idle()
             self._time = target
         finally:
             self._advancing = False
 
-    def call_later(self, seconds: float, callback: Callable[..., Any], *args: Any) -> Any:
-        """Run ``callback(*args)`` when the clock reaches now + ``seconds``; ``close()`` on the result cancels it."""
+    def call_later(self, seconds: float, callback: Callable[[], Any]) -> Any:
+        """Run ``callback()`` when the clock reaches now + ``seconds``; ``close()`` on the result cancels it."""
         _check_callable(callback, "callback")
-        timer = _TestingTimer(self._time + _check_seconds(seconds, "seconds"), next(self._order),
-                              callback, args)
+        timer = _TestingTimer(self._time + _check_seconds(seconds, "seconds"), next(self._order), callback)
         heapq.heappush(self._queue, timer)
         if _testing_watches:
             _testing_note_timer(timer, callback)
@@ -4419,20 +4418,19 @@ class SpecterTestCase(unittest.TestCase):
 class _TestingTimer:
     """One callback scheduled on a ManualClock; ordered by due time, then by scheduling order."""
 
-    __slots__ = ("due", "order", "callback", "args")
+    __slots__ = ("due", "order", "callback")
 
-    def __init__(self, due, order, callback, args):
+    def __init__(self, due, order, callback):
         self.due = due
         self.order = order
         self.callback = callback
-        self.args = args
 
     @property
     def active(self):
         return self.callback is not None
 
     def close(self):
-        self.callback = self.args = None
+        self.callback = None
 
     stop = close  # the two names the hub's timer watchers answer to
 
