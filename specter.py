@@ -4365,7 +4365,7 @@ class ManualClock:
         return sorted(timer for timer in self._queue if timer.callback is not None)
 
 
-def isolated() -> Any:
+def isolated() -> contextlib.AbstractContextManager[None]:
     """Set aside the global ``bus`` listeners and ``registry`` entries for a block.
 
     The block starts with an empty bus and registry; when it ends, whatever
@@ -4377,7 +4377,7 @@ def isolated() -> Any:
     return _TestingIsolation()
 
 
-def leak_check(grace: float = 1.0) -> Any:
+def leak_check(grace: float = 1.0) -> contextlib.AbstractContextManager[None]:
     """A context manager that fails if the block leaves work behind.
 
     When the block ends it looks for what was created inside and is still
