@@ -48,7 +48,6 @@ import itertools
 import logging
 import math
 import numbers
-import operator
 import os
 import random
 import re
@@ -998,7 +997,7 @@ class Service(_Owner):
         _run_all([child.stop for child in reversed(children or ())], self._record_error)
 
     def _deliver_state(self, snapshot):
-        for fn in self._state_subs.entries:
+        for fn in self._state_subs.cursor:
             try:
                 fn(snapshot, self)
             except Exception:
@@ -1357,14 +1356,21 @@ class _Subscribers:
     committed during a round (by another greenlet, or by a subscriber
     itself) is queued and delivered after it, so every subscriber sees the
     changes in the order they were committed.
+
+    A round's ``deliver(payload)`` walks ``cursor`` (an iterator over the
+    entries), so an interrupted round knows whom it had not reached yet. If
+    the greenlet delivering is killed or times out inside a subscriber, the
+    rest of its round and every round queued behind it are handed to a new
+    greenlet, in order: no change is stranded until the next write.
     """
 
-    __slots__ = ("entries", "pending", "busy")
+    __slots__ = ("entries", "pending", "busy", "cursor")
 
     def __init__(self):
         self.entries = ()
         self.pending = None
         self.busy = False
+        self.cursor = iter(())
 
     def add(self, entry, owner=None):
         _check_owner(owner)
@@ -1381,24 +1387,60 @@ class _Subscribers:
         self.entries = ()
 
     def publish(self, deliver, payload):
-        if self.busy:
+        if self.busy or self.pending:
+            # Behind the running round, or behind rounds an interrupted one left.
             if self.pending is None:
                 self.pending = collections.deque()
-            self.pending.append((deliver, payload))
+            self.pending.append((deliver, payload, None))
+            if not self.busy:
+                self._drain()
             return
         self.busy = True
+        self.cursor = iter(self.entries)
         try:
-            if self.pending:
-                # Left over by a round whose greenlet was killed: they are older.
-                self.pending.append((deliver, payload))
-            else:
-                deliver(payload)
-            pending = self.pending
-            while pending:
-                deliver, payload = pending.popleft()
-                deliver(payload)
+            deliver(payload)
+        except BaseException:
+            self._interrupted(deliver, payload)
+            raise
         finally:
             self.busy = False
+        if self.pending:
+            self._drain()
+
+    def _drain(self):
+        """Deliver the queued rounds in commit order, in this greenlet."""
+        pending = self.pending
+        self.busy = True
+        try:
+            while pending:
+                deliver, payload, rest = pending.popleft()
+                entries = self.entries
+                if rest is not None:
+                    # What an interrupted round had left, minus whoever unsubscribed since.
+                    live = set(map(id, entries))
+                    entries = [entry for entry in rest if id(entry) in live]
+                self.cursor = iter(entries)
+                try:
+                    deliver(payload)
+                except BaseException:
+                    self._interrupted(deliver, payload)
+                    raise
+        finally:
+            self.busy = False
+
+    def _interrupted(self, deliver, payload):
+        # Only an interruption gets here (deliver logs a subscriber's
+        # Exception): the subscribers this round had not reached go first,
+        # then the queued rounds, all from a new greenlet, since this one is
+        # on its way out. It starts once this greenlet has let go of the round.
+        if self.pending is None:
+            self.pending = collections.deque()
+        self.pending.appendleft((deliver, payload, tuple(self.cursor)))
+        gevent.spawn(self._resume)
+
+    def _resume(self):
+        if not self.busy and self.pending:
+            self._drain()
 
 
 ###############################################################################
@@ -1511,7 +1553,7 @@ class Store:
         return snapshot
 
     def _deliver(self, snapshot):
-        for fn in self._subs.entries:
+        for fn in self._subs.cursor:
             try:
                 fn(snapshot, self)
             except Exception:
@@ -1538,14 +1580,14 @@ class Model:
 
     def get(self, path: Union[str, Sequence[Any], None] = None, default: Any = None) -> Any:
         """A deep copy of the value at ``path`` (or of everything), or ``default``."""
-        if path is None:
-            return _model_copy(self._root)
-        getter = _model_getters.get(path) if type(path) is str else None
-        if getter is None:
-            getter = _model_getter(_model_path(path))
         try:
-            node = getter(self._root)
-        except (KeyError, IndexError, TypeError):
+            # The fast path: a cached string path through plain dicts. Anything
+            # else (no path, a key sequence, an uncached or missing path, a list
+            # on the way) raises, and the general rule below answers.
+            node = _model_getters[path](self._root)
+        except (LookupError, TypeError):
+            if path is None:
+                return _model_copy(self._root)
             node = _model_lookup(self._root, _model_path(path), _MISSING)
             if node is _MISSING:
                 return default
@@ -1577,8 +1619,7 @@ class Model:
         root = self._root
         new_root = None
         for key, value in partial.items():
-            old = root.get(key, _MISSING)
-            if old is not _MISSING and type(old) is type(value) and old == value:
+            if _model_same(root.get(key, _MISSING), value):
                 continue
             if new_root is None:
                 new_root = dict(root)
@@ -1594,7 +1635,9 @@ class Model:
         """
         result, _ = _state_mutate(self, self.snapshot, mutator)
         result = _model_copy(result)  # the caller may still hold the draft
-        if result != self._root:
+        if type(result) is not dict:
+            result = dict(result)  # the root is always a plain dict (Model.get's fast path relies on it)
+        if not _model_same(result, self._root):
             self._commit(result)
 
     def delete(self, path: Union[str, Sequence[Any]]) -> None:
@@ -1655,17 +1698,17 @@ class Model:
             self._subs.publish(self._deliver, root)
 
     def _deliver(self, root):
-        snapshot = None
-        for entry in self._subs.entries:
+        for entry in self._subs.cursor:
             try:
                 if entry.selector is None:
-                    if snapshot is None:
-                        snapshot = _model_copy(root)
-                    entry.fn(snapshot, self)
+                    # Each its own copy: one subscriber's edit must not reach the next.
+                    entry.fn(_model_copy(root), self)
                     continue
                 value = entry.select(root)
                 last = entry.last
-                if value is last or (type(value) is type(last) and value == last):
+                # _model_same(value, last), inlined: this runs for every selector on every write
+                if value is last or (type(value) is type(last) and value == last
+                                     and (type(value) in _MODEL_ATOMS or _model_same_types(value, last))):
                     continue
                 entry.last = value
                 entry.fn(_model_copy(value), self)
@@ -1679,10 +1722,10 @@ class Cache:
     """One computed value with a TTL, single-flight computation and invalidation.
 
     ``ttl=0`` never expires; expiry uses SPECTER's clock (monotonic time, or a
-    test's ManualClock). ``None`` is a
-    value like any other. ``depends_on`` names bus events that invalidate
-    the cache; since invalidation emits ``'{name}:invalidated'``, caches
-    cascade, and a cycle stops after each cache has invalidated once.
+    test's ManualClock). ``None`` is a value like any other. ``depends_on``
+    names bus events that invalidate the cache; since invalidation emits ``'{name}:invalidated'``, caches
+    cascade, each invalidating once per cascade however often it is reached
+    (a cycle, a diamond); see invalidate().
     """
 
     def __init__(self, name, ttl=0, depends_on=None):
@@ -1695,7 +1738,6 @@ class Cache:
         self._flight = None
         self._flight_owner = None
         self._callbacks = ()
-        self._invalidating = set()  # greenlets inside an invalidation cascade of this cache
         self._event = "%s:invalidated" % self.name
         if depends_on is None:
             depends_on = ()
@@ -1736,7 +1778,10 @@ class Cache:
         """The cached value, or ``factory()``'s, computed by one greenlet at a time.
 
         Concurrent callers wait for the running computation and share its
-        result, or its exception. A result that an invalidate() overtook is
+        result, or the exception it failed with (an ``Exception``). An
+        interruption of the computing caller (its own ``gevent.Timeout``, a
+        kill) is that caller's alone: it propagates there, and one of the
+        waiters computes instead. A result that an invalidate() overtook is
         returned but not stored.
         """
         if _now() < self._expires:
@@ -1751,9 +1796,10 @@ class Cache:
                 raise RuntimeError("the factory of cache %s called get_or_compute() on the same cache; "
                                    "it would wait for itself forever" % self.name)
             flight.wait()
-            if flight.successful() or not isinstance(flight.exception, gevent.GreenletExit):
+            if flight.successful() or isinstance(flight.exception, Exception):
                 return flight.get(block=False)
-            # The computing greenlet was killed: compute here instead.
+            # The computing caller was interrupted (a kill, its own Timeout):
+            # that is not the computation's failure, so compute here instead.
             if _now() < self._expires:
                 return self._value
         flight = self._flight = gevent.event.AsyncResult()
@@ -1774,29 +1820,26 @@ class Cache:
         return value
 
     def invalidate(self) -> None:
-        """Empty the cache, call on_invalidate callbacks, emit '{name}:invalidated'."""
-        current = getcurrent()
-        if current in self._invalidating:
-            return  # a dependency cycle came back to us: this cascade is done
-        self._invalidating.add(current)
-        try:
-            self._value = None
-            self._expires = -math.inf
-            self._updated_at = None
-            self._generation += 1
-            self._flight = None  # callers from now on must not join a computation this overtook
-            for callback in self._callbacks:
-                try:
-                    callback(self)
-                except Exception:
-                    _state_log.exception("%s: on_invalidate callback %s raised",
-                                         self.name, _callable_name(callback))
-            bus.emit(self._event, {"name": self.name})
-        finally:
-            self._invalidating.discard(current)
+        """Empty the cache, call on_invalidate callbacks, emit '{name}:invalidated'.
+
+        The emit may invalidate other caches (``depends_on``), which may
+        invalidate more: one cascade. The first invalidate() in a greenlet
+        runs it as a loop over a queue rather than by recursion, so a chain of
+        any length completes; every cache it reaches is emptied at once and
+        notified in the order reached, once per cascade (a diamond or a cycle
+        reaches a cache twice).
+        """
+        cascade = _state_cascades.get(getcurrent())
+        if cascade is None:
+            self._clear()
+            self._run_cascade(_StateCascade(self))
+        elif self not in cascade.seen:
+            cascade.seen.add(self)
+            self._clear()
+            cascade.queue.append(self)
 
     def on_invalidate(self, callback: Callable[..., Any]) -> Callable[[], bool]:
-        """Call ``callback(cache)`` on every invalidation; returns an unsubscribe."""
+        """Call ``callback()`` (no arguments, as in 0.1.2) on every invalidation; returns an unsubscribe."""
         _check_callable(callback, "callback")
         self._callbacks += (callback,)
         return functools.partial(_drop, self, "_callbacks", callback)
@@ -1818,6 +1861,56 @@ class Cache:
 
     def __repr__(self):
         return "<Cache %r %s>" % (self.name, "valid" if self.is_valid() else "empty")
+
+    def _clear(self):
+        self._value = None
+        self._expires = -math.inf
+        self._updated_at = None
+        self._generation += 1
+        self._flight = None  # callers from now on must not join a computation this overtook
+
+    @staticmethod
+    def _run_cascade(cascade):
+        """Notify the caches queued in ``cascade``, in this greenlet, until none is left.
+
+        Invalidations caused meanwhile (by a ``depends_on`` listener, or a
+        callback calling invalidate()) join the queue instead of recursing
+        through ``bus.emit``, so a cascade is not bounded by the Python stack.
+        """
+        current = getcurrent()
+        _state_cascades[current] = cascade
+        queue = cascade.queue
+        callbacks = None
+        try:
+            while queue:
+                cache = queue[0]
+                rest, cascade.rest = cascade.rest, None
+                if rest is None:
+                    callbacks = iter(cache._callbacks)
+                else:
+                    # Resuming: what was left, minus callbacks dropped since.
+                    live = set(map(id, cache._callbacks))
+                    callbacks = iter([callback for callback in rest if id(callback) in live])
+                for callback in callbacks:
+                    try:
+                        callback()
+                    except Exception:
+                        _state_log.exception("%s: on_invalidate callback %s raised",
+                                             cache.name, _callable_name(callback))
+                bus.emit(cache._event, {"name": cache.name})
+                queue.popleft()
+                callbacks = None
+        except BaseException:
+            # Killed, or a Timeout, inside a callback or a listener. The caches
+            # already emptied must still be announced, or their dependents stay
+            # valid: a new greenlet carries on from the callback after the one
+            # interrupted (an interrupted emit is repeated whole).
+            if queue:
+                cascade.rest = None if callbacks is None else tuple(callbacks)
+                gevent.spawn(Cache._run_cascade, cascade)
+            raise
+        finally:
+            del _state_cascades[current]
 
     def _store(self, value, ttl):
         self._value = value
@@ -1841,6 +1934,21 @@ def create_model(name: str, initial_state: Optional[Dict[str, Any]] = None, **kw
 def create_cache(name: str, ttl: float = 0, depends_on: Union[str, Iterable[str], None] = None) -> Cache:
     """A new Cache."""
     return Cache(name, ttl, depends_on)
+
+
+class _StateCascade:
+    """One invalidation cascade, run by ``Cache._run_cascade``: the caches reached, those still to notify."""
+
+    __slots__ = ("seen", "queue", "rest")
+
+    def __init__(self, cache):
+        self.seen = {cache}
+        self.queue = collections.deque((cache,))
+        self.rest = None  # after an interruption: the callbacks of queue[0] not called yet
+
+
+# The greenlets running an invalidation cascade, each with its cascade.
+_state_cascades: Dict[Any, _StateCascade] = {}
 
 
 class _ModelSubscriber:
@@ -1887,20 +1995,56 @@ def _model_path(path):
 
 
 def _model_getter(keys):
-    """A function reading ``keys`` from a tree with plain subscripts (Model.get's fast path)."""
+    """Model.get's fast path for a string path: plain subscripts through plain dicts.
+
+    It raises LookupError (KeyError included) whenever it cannot answer: a
+    missing key, or a value on the way that is not a plain dict (a list, a
+    dict subclass, anything else). The caller then applies
+    ``_model_lookup``, so reads and selectors follow one rule. The root is
+    always a plain dict.
+    """
     if len(keys) == 1:
         k0, = keys
         return lambda root: root[k0]
     if len(keys) == 2:
         k0, k1 = keys
-        return lambda root: root[k0][k1]
+
+        def get2(root):
+            node = root[k0]
+            if type(node) is not dict:
+                raise LookupError
+            return node[k1]
+        return get2
     if len(keys) == 3:
         k0, k1, k2 = keys
-        return lambda root: root[k0][k1][k2]
-    return lambda root: functools.reduce(operator.getitem, keys, root)
+
+        def get3(root):
+            node = root[k0]
+            if type(node) is not dict:
+                raise LookupError
+            node = node[k1]
+            if type(node) is not dict:
+                raise LookupError
+            return node[k2]
+        return get3
+
+    def get(root):
+        node = root
+        for key in keys:
+            if type(node) is not dict:
+                raise LookupError
+            node = node[key]
+        return node
+    return get
 
 
 def _model_lookup(node, keys, default):
+    """The value at ``keys``, or ``default``: the one rule for every path.
+
+    A key goes into a dict (any dict, read with ``get``, so a defaultdict
+    never grows) or, as an index, into a list; any other value (a tuple, a
+    string, an object) ends the path, so a key past it finds nothing.
+    """
     for key in keys:
         if isinstance(node, dict):
             node = node.get(key, _MISSING)
@@ -1915,7 +2059,7 @@ def _model_lookup(node, keys, default):
 
 
 def _model_index(key, items):
-    if isinstance(key, str) and key.isdigit():
+    if isinstance(key, str) and key.isascii() and key.isdigit():
         key = int(key)
     if type(key) is int and -len(items) <= key < len(items):
         return key
@@ -1942,7 +2086,9 @@ def _model_assoc(node, keys, depth, value):
             % (".".join(map(str, keys)), ".".join(map(str, keys[:depth])) or "the root", _describe(node))
         )
     if last:
-        if old is value or (type(old) is type(value) and old == value):
+        # _model_same(old, value), inlined for the hot path
+        if old is value or (type(old) is type(value) and old == value
+                            and (type(value) in _MODEL_ATOMS or _model_same_types(old, value))):
             return node
         new_child = value
     else:
@@ -1975,6 +2121,37 @@ def _model_dissoc(node, keys, depth):
         return node
     new_node[key] = new_child
     return new_node
+
+
+def _model_same(a, b):
+    """Whether ``a`` and ``b`` are equal and of the same types all the way down.
+
+    ``==`` alone holds ``1 == 1.0 == True``, also inside containers, so it
+    would drop a write that only changes a type. One ``==`` (in C) decides
+    every unequal pair; only equal containers are then walked for their
+    types, and structural sharing makes unchanged subtrees the same object,
+    which needs no walk at all.
+    """
+    if a is b:
+        return True
+    cls = type(a)
+    if cls is not type(b) or a != b:
+        return False
+    return cls in _MODEL_ATOMS or _model_same_types(a, b)
+
+
+def _model_same_types(a, b):
+    """For ``a == b``: whether their dicts, lists and tuples hold values of the same types."""
+    if a is b:
+        return True
+    cls = type(a)
+    if cls is not type(b):
+        return False
+    if cls is dict:
+        return all(_model_same_types(item, b[key]) for key, item in a.items())
+    if cls is list or cls is tuple:
+        return all(map(_model_same_types, a, b))
+    return True
 
 
 def _model_copy(value):

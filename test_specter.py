@@ -12,17 +12,20 @@ import contextlib
 import decimal
 import functools
 import gc
+import importlib.util
 import glob
 import itertools
 import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
 import time
@@ -30,6 +33,7 @@ import unittest
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from unittest import mock
 
 import flask
@@ -2555,6 +2559,45 @@ class TestStore(SpecterTestCase):
         store.set({"v": 3})
         self.assertEqual(seen, [1, 2, 3])
 
+    def test_changes_behind_a_killed_round_are_delivered_without_another_write(self):
+        # The round delivering 1.1 is killed inside a subscriber while 1.2 waits
+        # behind it: the subscribers it had not reached get 1.1, then everyone
+        # gets 1.2, in commit order, from another greenlet.
+        store = create_store("s", {"v": 1.0})
+        first, second = [], []
+        gate = gevent.event.Event()
+
+        def slow(snapshot, s):
+            first.append(snapshot["v"])
+            if snapshot["v"] == 1.1:
+                gate.wait()
+        store.subscribe(slow)
+        store.subscribe(lambda snapshot, s: second.append(snapshot["v"]))
+        writer = gevent.spawn(store.set, {"v": 1.1})
+        gevent.sleep(0)
+        store.set({"v": 1.2})  # committed, queued behind the round of 1.1
+        writer.kill()
+        self.assertEqual(store.get("v"), 1.2)
+        self.assertEventually(lambda: second == [1.1, 1.2], timeout=1)
+        self.assertEqual(first, [1.1, 1.2])
+        gevent.sleep(0.01)
+        self.assertEqual((first, second), ([1.1, 1.2], [1.1, 1.2]))
+
+    def test_an_interrupted_round_does_not_resume_into_a_dropped_subscriber(self):
+        store = create_store("s", {"v": 0})
+        gate = gevent.event.Event()
+        kept, dropped = Recorder(), Recorder()
+        store.subscribe(lambda snapshot, s: gate.wait())
+        store.subscribe(kept)
+        unsubscribe = store.subscribe(dropped)
+        writer = gevent.spawn(store.set, {"v": 1})
+        gevent.sleep(0)
+        unsubscribe()
+        writer.kill()
+        self.assertEventually(lambda: kept.count == 1, timeout=1)
+        gevent.sleep(0.01)
+        self.assertEqual((kept.firsts, dropped.count), ([{"v": 1}], 0))
+
     def test_create_store(self):
         store = create_store("connections", {"count": 0, "active": []})
         self.assertIsInstance(store, Store)
@@ -2827,6 +2870,16 @@ class TestModel(SpecterTestCase):
         patch["p"]["q"].append(2)
         self.assertEqual(model.get(), {"a": {"b": 1}, "x": {"k": [1]}, "p": {"q": [1]}})
 
+    def test_writes_return_none(self):
+        # A documented difference from 0.1.2 (which returned a deep copy): a copy
+        # per write would cost the size of the state.
+        model = create_model("m", {"a": {"b": 1}})
+        writes = [lambda: model.set("a.b", 2), lambda: model.patch({"c": 1}),
+                  lambda: model.update(lambda draft: draft.update(d=1)), lambda: model.delete("c"),
+                  lambda: model.set("a.b", 2), lambda: model.clear()]
+        self.assertEqual([write() for write in writes], [None] * len(writes))
+        self.assertEqual(model.get(), {})
+
     def test_set_creates_missing_dicts(self):
         model = create_model("m")
         model.set("x.y.z", 1)
@@ -2868,6 +2921,39 @@ class TestModel(SpecterTestCase):
         model.clear()
         self.assertEqual(model.get(), {})
 
+    def test_reads_and_selectors_resolve_paths_by_one_rule(self):
+        # Paths go into dicts by key and into lists by index; a tuple, a string
+        # or any other value ends the path. get(), select() and a selector agree.
+        model = create_model("m", {"pos": (3, 4), "name": "ana", "items": [10, {"id": 7}],
+                                   "d": {"0": "zero"}})
+        self.assertIsNone(model.get(("pos", 0)))
+        self.assertEqual(model.get("pos.0", "absent"), "absent")
+        self.assertEqual(model.get(("name", 0), "absent"), "absent")
+        self.assertEqual(model.get("name.0", "absent"), "absent")
+        self.assertEqual(model.get(("items", 1, "id")), 7)
+        self.assertEqual(model.get("items.1.id"), 7)
+        self.assertEqual(model.get(("items", -2)), 10)
+        self.assertEqual(model.get("d.0"), "zero")
+        paths = [("pos", 0), "pos.0", ("name", 0), "name.0", ("items", 1, "id"), "items.1.id",
+                 ("items", -2), "items.0", "d.0", "items.x", "items.9", "pos"]
+        writes = [lambda m: m.set("pos", (5, 4)), lambda m: m.set("name", "bo"),
+                  lambda m: m.set("items", [11, {"id": 8}]), lambda m: m.set("d.0", "nil")]
+        recorders = {}
+        for path in paths:
+            recorders[path] = Recorder()
+            model.subscribe(recorders[path], selector=path, immediate=True)
+        for write in writes:
+            before = {path: model.get(path) for path in paths}
+            counts = {path: rec.count for path, rec in recorders.items()}
+            write(model)
+            for path in paths:
+                with self.subTest(path=path):
+                    after = model.get(path)
+                    self.assertEqual(model.select(path), after)
+                    fired = recorders[path].count - counts[path]
+                    self.assertEqual(fired, int(after != before[path]))
+                    self.assertEqual(recorders[path].firsts[-1], after)
+
     def test_select_path_or_callable(self):
         model = create_model("m", {"a": {"b": [1, 2]}})
         self.assertEqual(model.select("a.b"), [1, 2])
@@ -2887,6 +2973,17 @@ class TestModel(SpecterTestCase):
         self.assertIs(rec.calls[0][1], model)
         rec.calls[1][0]["a"] = 99
         self.assertEqual(model.get("a"), 2)
+
+    def test_each_subscriber_without_a_selector_gets_its_own_deep_copy(self):
+        model = create_model("m", {"a": {"list": [1]}})
+        first = Recorder(side_effect=lambda snap, m: snap["a"]["list"].append("edited"))
+        second = Recorder()
+        model.subscribe(first)
+        model.subscribe(second)
+        model.set("b", 1)
+        self.assertEqual(second.firsts, [{"a": {"list": [1]}, "b": 1}])
+        self.assertIsNot(first.firsts[0], second.firsts[0])
+        self.assertEqual(model.get(), {"a": {"list": [1]}, "b": 1})
 
     def test_path_selector_fires_only_when_the_selected_value_changes(self):
         model = _tv()
@@ -3033,6 +3130,55 @@ class TestModel(SpecterTestCase):
         self.assertEqual(first_seen, [1, 2])
         self.assertEqual(second_seen, [1, 2])
 
+    def test_changes_behind_a_timed_out_round_are_delivered_in_order(self):
+        # The writer's own gevent.Timeout interrupts the round in a subscriber:
+        # the write stays committed and nobody misses it or what came after.
+        model = create_model("m", {"n": 0})
+        slow_seen, path_seen, whole_seen = [], [], []
+        gate = gevent.event.Event()
+
+        def slow(value, m):
+            slow_seen.append(value)
+            if value == 1:
+                gate.wait()
+        model.subscribe(slow, selector="n")
+        model.subscribe(lambda value, m: path_seen.append(value), selector="n")
+        model.subscribe(lambda snap, m: whole_seen.append(snap["n"]))
+
+        def writer():
+            with self.assertRaises(gevent.Timeout):
+                with gevent.Timeout(SHORT):
+                    model.set("n", 1)
+        done = gevent.spawn(writer)
+        gevent.sleep(0)
+        model.set("n", 2)
+        model.set("n", 3)
+        done.get(timeout=1)
+        self.assertEventually(lambda: whole_seen == [1, 2, 3], timeout=1)
+        self.assertEqual((slow_seen, path_seen), ([1, 2, 3], [1, 2, 3]))
+
+    def test_a_changed_type_inside_a_container_is_a_change(self):
+        # 1 == 1.0 == True, also inside containers; a write that only changes a
+        # type must still land and notify (set, patch and update alike).
+        cases = [
+            ("set", {"limit": 1}, lambda m: m.set("cfg", {"limit": True}), {"limit": True}),
+            ("patch", {"limit": 1}, lambda m: m.patch({"cfg": {"limit": 1.0}}), {"limit": 1.0}),
+            ("update", [0, 1], lambda m: m.update(lambda draft: {"cfg": [False, True]}), [False, True]),
+            ("nested", {"a": [(1, 2)]}, lambda m: m.set("cfg", {"a": [(1, 2.0)]}), {"a": [(1, 2.0)]}),
+        ]
+        for how, before, write, after in cases:
+            with self.subTest(how=how):
+                model = create_model("m", {"cfg": before})
+                whole, selected = Recorder(), Recorder()
+                model.subscribe(whole)
+                model.subscribe(selected, selector="cfg")
+                write(model)
+                self.assertEqual(repr(model.get("cfg")), repr(after))
+                self.assertEqual([repr(v) for v in selected.firsts], [repr(after)])
+                self.assertEqual(whole.count, 1)
+                write(model)  # the same value, same types: no change
+                self.assertEqual((whole.count, selected.count), (1, 1))
+
     def test_large_model_unrelated_subtree_subscriber_stays_quiet(self):
         big = {"g%d" % g: {"k%d" % k: k for k in range(100)} for g in range(100)}
         model = create_model("big", {"big": big, "other": {"x": 1}})
@@ -3096,7 +3242,7 @@ class TestCache(SpecterTestCase):
         a = create_cache("a", depends_on=["b:invalidated"])
         b = create_cache("b", depends_on=["a:invalidated"])
         for cache in (a, b):
-            cache.on_invalidate(lambda c: (counts.__setitem__(c.name, counts[c.name] + 1), gevent.sleep(0)))
+            cache.on_invalidate(lambda c=cache: (counts.__setitem__(c.name, counts[c.name] + 1), gevent.sleep(0)))
         gevent.joinall([gevent.spawn(a.invalidate), gevent.spawn(b.invalidate)], timeout=2)
         self.assertEqual(counts, {"a": 2, "b": 2})  # each cascade invalidates each cache once
 
@@ -3104,7 +3250,7 @@ class TestCache(SpecterTestCase):
         cache = create_cache("c")
         calls = []
 
-        def slow_callback(c):
+        def slow_callback():
             calls.append(gevent.getcurrent())
             gevent.sleep(0.01)
         cache.on_invalidate(slow_callback)
@@ -3248,6 +3394,31 @@ class TestCache(SpecterTestCase):
         self.assertEqual(cache.get_or_compute(lambda: "recovered"), "recovered")
         self.assertEqual(cache.get(), "recovered")
 
+    def test_a_callers_own_timeout_is_not_raised_in_other_waiting_callers(self):
+        # The impatient caller runs the factory and its own Timeout fires inside
+        # it: that caller gets its Timeout; the patient waiter computes instead.
+        cache = create_cache("c")
+        calls = []
+
+        def factory():
+            calls.append(gevent.getcurrent())
+            if len(calls) == 1:
+                gevent.sleep(LONG)  # the first computation hangs
+            return "fresh"
+
+        def impatient():
+            with gevent.Timeout(SHORT):
+                return cache.get_or_compute(factory)
+        first = gevent.spawn(impatient)
+        gevent.sleep(0)
+        patient = gevent.spawn(cache.get_or_compute, factory)
+        gevent.joinall([first, patient], timeout=WAIT)
+        self.assertIsInstance(first.exception, gevent.Timeout)
+        self.assertTrue(patient.successful(), "the patient caller raised %r" % (patient.exception,))
+        self.assertEqual(patient.value, "fresh")
+        self.assertEqual(calls, [first, patient])
+        self.assertEqual(cache.get(), "fresh")
+
     def test_readers_never_wait_behind_a_running_factory(self):
         cache = create_cache("c")
         gate = gevent.event.Event()
@@ -3277,17 +3448,26 @@ class TestCache(SpecterTestCase):
         cache.invalidate()
         self.assertFalse(cache.is_valid())
         self.assertEqual(cache.get("dflt"), "dflt")
-        self.assertEqual(callback.calls, [(cache,)])
+        self.assertEqual(callback.calls, [()])
         self.assertEqual(events.firsts, [{"name": "drives"}])
         unsubscribe()
         cache.set("w")
         cache.invalidate()
         self.assertEqual(callback.count, 1)
 
+    def test_on_invalidate_callback_is_called_with_no_arguments(self):
+        # As in 0.1.2: a zero-argument callback works, and is not logged as failing.
+        cache = create_cache("c")
+        calls = []
+        cache.on_invalidate(lambda: calls.append("emptied"))
+        cache.set(1)
+        cache.invalidate()
+        self.assertEqual(calls, ["emptied"])
+
     def test_on_invalidate_callback_that_raises_is_logged(self):
         cache = create_cache("c")
         after = Recorder()
-        cache.on_invalidate(lambda c: TestService._raise("invalidate hook broke"))
+        cache.on_invalidate(lambda: TestService._raise("invalidate hook broke"))
         cache.on_invalidate(after)
         cache.set(1)
         with self.assertLogs("specter", "ERROR") as cm:
@@ -3314,7 +3494,7 @@ class TestCache(SpecterTestCase):
         c = create_cache("c", depends_on=["b:invalidated"])
         counts = {"a": 0, "b": 0, "c": 0}
         for cache in (a, b, c):
-            cache.on_invalidate(lambda x: counts.__setitem__(x.name, counts[x.name] + 1))
+            cache.on_invalidate(lambda x=cache: counts.__setitem__(x.name, counts[x.name] + 1))
             cache.set(1)
         a.invalidate()
         self.assertEqual(counts, {"a": 1, "b": 1, "c": 1})
@@ -3323,6 +3503,63 @@ class TestCache(SpecterTestCase):
             cache.set(2)
         b.invalidate()  # a second, separate cascade
         self.assertEqual(counts, {"a": 2, "b": 2, "c": 2})
+
+    def test_a_cache_reached_twice_in_one_cascade_invalidates_once(self):
+        graphs = {
+            # d depends on b and c, both on a
+            "diamond": {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]},
+            # a cycle a -> b -> c -> a, with a shortcut a -> c
+            "cycle with a shortcut": {"a": ["c"], "b": ["a"], "c": ["b", "a"]},
+        }
+        for label, graph in graphs.items():
+            with self.subTest(graph=label):
+                specter.bus.clear()
+                counts = dict.fromkeys(graph, 0)
+                caches = {}
+                for name, sources in graph.items():
+                    cache = caches[name] = create_cache(name, depends_on=[s + ":invalidated" for s in sources])
+                    cache.on_invalidate(lambda name=name: counts.__setitem__(name, counts[name] + 1))
+                    cache.set(1)
+                caches["a"].invalidate()
+                self.assertEqual(counts, dict.fromkeys(graph, 1))
+                self.assertFalse(any(cache.is_valid() for cache in caches.values()))
+                caches["a"].invalidate()  # a second cascade: once more each
+                self.assertEqual(counts, dict.fromkeys(graph, 2))
+
+    def test_a_long_depends_on_chain_invalidates_entirely(self):
+        # 400 hops: far deeper than the Python stack allows by recursion.
+        chain = [create_cache("c0")]
+        for index in range(1, 400):
+            chain.append(create_cache("c%d" % index, depends_on=["c%d:invalidated" % (index - 1)]))
+        notified = []
+        for cache in chain:
+            cache.set(cache.name)
+            cache.on_invalidate(lambda name=cache.name: notified.append(name))
+        last = Recorder()
+        specter.bus.on("c399:invalidated", last)
+        chain[0].invalidate()
+        self.assertEqual([cache.name for cache in chain if cache.is_valid()], [])
+        self.assertEqual(notified, [cache.name for cache in chain])
+        self.assertEqual(last.firsts, [{"name": "c399"}])
+
+    def test_a_cascade_whose_greenlet_is_killed_still_reaches_every_dependent(self):
+        a = create_cache("a")
+        b = create_cache("b", depends_on=["a:invalidated"])
+        c = create_cache("c", depends_on=["b:invalidated"])
+        calls = []
+        gate = gevent.event.Event()
+        a.on_invalidate(lambda: (calls.append("a1"), gate.wait()))
+        a.on_invalidate(lambda: calls.append("a2"))
+        b.on_invalidate(lambda: calls.append("b"))
+        c.on_invalidate(lambda: calls.append("c"))
+        for cache in (a, b, c):
+            cache.set(1)
+        invalidating = gevent.spawn(a.invalidate)
+        gevent.sleep(0)
+        invalidating.kill()  # inside a's first callback
+        self.assertFalse(a.is_valid())
+        self.assertEventually(lambda: calls == ["a1", "a2", "b", "c"], timeout=1)
+        self.assertFalse(b.is_valid() or c.is_valid())
 
     def test_destroy_drops_depends_on_subscriptions(self):
         for method in ("destroy", "stop"):
@@ -7198,6 +7435,42 @@ class TestJobBoardDemo(SpecterTestCase):
         self.assertEqual(self.call(client, "jobs:list")["count"], 1)
         self.assertEqual(self.http.get("/api/stats").get_json()["stats"]["total"], 1)
 
+    def test_readme_http_answers_are_the_apps(self):
+        """The jobboard README's curl examples get the answers shown under them.
+
+        POST /api/jobs also answers with exactly the status codes the README's
+        table row lists, a body that is not JSON included.
+        """
+        with open(os.path.join(EXAMPLES, "jobboard", "README.md"), encoding="utf-8") as source:
+            readme = source.read()
+        self.start_board(JOBBOARD_WORKERS=1)
+        commands = re.findall(r"^(curl (?:[^\n]*\\\n)*[^\n]*\n)((?:#[^\n]*\n)*)", readme, re.M)
+        self.assertGreaterEqual(len(commands), 3, "the README's curl examples were not found")
+        for command, answer in commands:
+            with self.subTest(command=command):
+                path = re.search(r"localhost:5000(/\S+)", command).group(1)
+                body = json.loads(re.search(r"-d '(.*?)'", command, re.S).group(1))
+                response = self.http.post(path, json=body)
+                if not answer:
+                    self.assertEqual(response.status_code, 201)
+                    self.assertEqual({k: response.get_json()[k] for k in body}, body)
+                    continue
+                expected = json.loads("".join(line[1:] for line in answer.splitlines()))
+                self.assertEqual(response.status_code, 400)
+                self.assertEqual(response.get_json(), expected)
+
+        row = next(line for line in readme.splitlines() if line.startswith("| `POST /api/jobs` |"))
+        answers = row.split("|")[3]
+        self.assertEqual(sorted(set(re.findall(r"`(\d{3})\b", answers))), ["201", "400", "503"])
+        for kwargs in ({"data": "name=x", "content_type": "text/plain"},
+                       {"data": "{not json", "content_type": "application/json"}):
+            with self.subTest(body=kwargs):
+                response = self.http.post("/api/jobs", **kwargs)
+                self.assertEqual(response.status_code, 400)
+                self.assertEqual(list(response.get_json()), ["error"])
+        self.manager.shutdown()
+        self.assertEqual(self.http.post("/api/jobs", json={"name": "late"}).status_code, 503)
+
 
 # The browser test needs Debian's chromium and chromium-driver, and selenium (the test extra).
 try:
@@ -7525,6 +7798,35 @@ class TestExamples(SpecterTestCase):
                 flag = SHORT_MODE.get(name, ["--once"])[0]
                 self.assertIn('"%s"' % flag, text, "%s does not accept %s" % (name, flag))
 
+    def test_controller_app_presence_forgets_a_disconnected_client(self):
+        """A client that disconnects without 'leave' no longer counts as a room member."""
+        spec = importlib.util.spec_from_file_location(
+            "controller_app_example", os.path.join(EXAMPLES, "controller_app.py"))
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        app, socketio_server = example.create_app()
+        quiet = open(os.devnull, "w")  # the example prints as it mounts and tears down
+        self.addCleanup(quiet.close)
+        with contextlib.redirect_stdout(quiet):
+            manager, _chat = example.wire(app, socketio_server)
+
+        def shut_down_quietly():
+            with contextlib.redirect_stdout(quiet):
+                manager.shutdown()
+        self.addCleanup(shut_down_quietly)
+
+        def join(client):
+            return client.emit("join", {"room": "general"}, callback=True)["members"]
+
+        alice, bob = socketio_server.test_client(app), socketio_server.test_client(app)
+        self.assertEqual((join(alice), join(bob)), (1, 2))
+        bob.disconnect()
+        carol = socketio_server.test_client(app)
+        self.assertEqual(join(carol), 2, "bob still counted after he disconnected")
+        alice.disconnect()
+        carol.disconnect()
+        self.assertEqual(join(socketio_server.test_client(app)), 1)
+
     def test_every_example_exits_cleanly(self):
         self.assertFalse(gevent.monkey.is_anything_patched(), "the test process must not monkey-patch")
         paths = example_files()
@@ -7544,6 +7846,404 @@ class TestExamples(SpecterTestCase):
                 self.assertTrue(stdout.strip(), "%s printed nothing" % name)
         # Concurrency is the point: the whole set takes about as long as the slowest one.
         self.assertLess(elapsed, EXAMPLE_TIMEOUT)
+
+
+
+# Docs #########################################################################
+
+
+# The documents whose ```python blocks must run as written.
+DOCS = ("specter.md", "README.md")
+
+# Fence labels for what is not Python: shell commands, output, other languages.
+NOT_PYTHON_FENCES = ("sh", "bash", "text", "html", "nginx")
+
+BLOCK_TIMEOUT = 20  # one block's wall-clock limit
+
+FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
+
+
+class DocBlock:
+    """One fenced block of a document: where it is, its info string and its text."""
+
+    def __init__(self, doc, line, info, code):
+        self.doc, self.line, self.info, self.code = doc, line, info.strip(), code
+        words = self.info.split()
+        self.language = words[0] if words else ""
+        self.file = next((w[len("file="):] for w in words[1:] if w.startswith("file=")), None)
+
+    def __repr__(self):
+        return "%s:%d" % (self.doc, self.line)
+
+    @property
+    def monkey_patches(self):
+        """Whether the block calls gevent's monkey patching, which must come before any import."""
+        return any(isinstance(node, ast.Attribute) and node.attr.startswith("patch_")
+                   and isinstance(node.value, ast.Name) and node.value.id == "monkey"
+                   for node in ast.walk(ast.parse(self.code)))
+
+
+def doc_blocks(doc):
+    """Every fenced block of ``doc`` (a file beside this test file), in order."""
+    with open(os.path.join(HERE, doc), encoding="utf-8") as source:
+        text = source.read()
+    return [DocBlock(doc, text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2))
+            for m in FENCE.finditer(text)]
+
+
+def python_fence_count(doc):
+    """How many lines of ``doc`` look like the opening of a Python fence.
+
+    Counted without the block parser and more loosely than it reads fences
+    (indented, ``~~~``, ``py``, ``python3``, ``pycon``), so a block the
+    runner would not see shows up as a difference.
+    """
+    with open(os.path.join(HERE, doc), encoding="utf-8") as source:
+        return sum(1 for line in source if re.match(r"\s*(```|~~~)\s*py", line, re.I))
+
+
+# Imported once by the block runner before it forks (about 0.4 s a block saved).
+BLOCK_PRELOAD = "flask,flask_socketio,gevent,gevent.pywsgi,socketio,unittest,specter"
+
+# Runs blocks in forked copies of one interpreter that has imported the
+# modules named in argv[2] (none: a fresh interpreter), each child in its
+# own process group with its own stdout/stderr files; prints one JSON line
+# per block.
+BLOCK_RUNNER = r"""
+import atexit, importlib, json, os, runpy, signal, sys, time
+
+timeout = float(sys.argv[1])
+for module in filter(None, sys.argv[2].split(",")):
+    importlib.import_module(module)
+for path in sys.argv[3:]:
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        for fd, suffix in ((1, ".out"), (2, ".err")):
+            os.dup2(os.open(path + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = [path]
+        code = 0
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    deadline = started + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            returncode = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            returncode = "killed after %ss" % timeout
+            break
+        time.sleep(0.002)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # anything the block left running in its group
+    except ProcessLookupError:
+        pass
+    print(json.dumps({"path": path, "returncode": returncode,
+                      "seconds": round(time.monotonic() - started, 3)}), flush=True)
+"""
+
+
+def run_blocks(directory, blocks):
+    """Run every block; {block: (returncode, stdout, stderr, seconds)}.
+
+    A block that monkey-patches runs in a fresh interpreter of its own (its
+    patch_all must come before any import); the others run in forked copies
+    of BLOCK_RUNNER's warmed interpreter.
+    """
+    paths = {}
+    for block in blocks:
+        name = "%s-L%d.py" % (block.doc.replace(".", "_"), block.line)
+        paths[block] = os.path.join(directory, name)
+        with open(paths[block], "w", encoding="utf-8") as script:
+            script.write(block.code)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    fresh = [b for b in blocks if b.monkey_patches]
+    forked = [paths[b] for b in blocks if not b.monkey_patches]
+    commands = [[sys.executable, "-c", BLOCK_RUNNER, str(BLOCK_TIMEOUT), BLOCK_PRELOAD] + forked]
+    commands += [[sys.executable, "-c", BLOCK_RUNNER, str(BLOCK_TIMEOUT), "", paths[b]]
+                 for b in fresh]
+    processes = [gevent.subprocess.Popen(command, cwd=directory, env=env, start_new_session=True,
+                                         stdout=gevent.subprocess.PIPE,
+                                         stderr=gevent.subprocess.PIPE, universal_newlines=True)
+                 for command in commands]
+    reports = {}
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=BLOCK_TIMEOUT * (len(forked) + 1))
+            if process.returncode != 0:
+                raise AssertionError("the block runner failed:\n%s" % stderr)
+            for line in stdout.splitlines():
+                report = json.loads(line)
+                reports[report["path"]] = report
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    results = {}
+    for block, path in paths.items():
+        report = reports.get(path, {"returncode": "not run", "seconds": 0})
+        outputs = []
+        for suffix in (".out", ".err"):
+            if not os.path.exists(path + suffix):
+                outputs.append("")
+                continue
+            with open(path + suffix, encoding="utf-8", errors="replace") as output:
+                outputs.append(output.read())
+        results[block] = (report["returncode"],) + tuple(outputs) + (report["seconds"],)
+    return results
+
+
+class TestGuide(SpecterTestCase):
+    """Every ```python block of specter.md and README.md runs as written."""
+
+    ceiling = 60
+
+    def blocks(self):
+        return [block for doc in DOCS for block in doc_blocks(doc)]
+
+    def test_every_python_fence_is_parsed_as_a_block(self):
+        for doc in DOCS:
+            with self.subTest(doc=doc):
+                python = [b for b in doc_blocks(doc) if b.language == "python"]
+                self.assertGreater(len(python), 0)
+                self.assertEqual(len(python), python_fence_count(doc))
+
+    def test_python_is_not_hidden_in_other_fences(self):
+        for block in self.blocks():
+            if block.language == "python":
+                continue
+            with self.subTest(block=block):
+                self.assertIn(block.language, NOT_PYTHON_FENCES + ("",))
+                try:
+                    tree = ast.parse(block.code)
+                except SyntaxError:
+                    continue
+                statements = [type(n).__name__ for n in tree.body if not isinstance(n, ast.Expr)]
+                self.assertEqual(statements, [], "%r is Python: fence it as python (python "
+                                 "file=PATH for a file of a larger project)" % (block,))
+
+    def test_blocks_with_a_socketio_client_say_what_to_install(self):
+        """socketio.Client needs python-socketio's client extra, which Flask-SocketIO does not bring."""
+        for doc in DOCS:
+            with open(os.path.join(HERE, doc), encoding="utf-8") as source:
+                lines = source.read().splitlines()
+            for block in doc_blocks(doc):
+                if block.language != "python" or not re.search(r"socketio\.(Simple)?Client\(", block.code):
+                    continue
+                with self.subTest(block=block):
+                    heading, fenced = 0, False  # the block's section starts at the last heading
+                    for number, line in enumerate(lines[:block.line - 1]):
+                        if line.startswith("```"):
+                            fenced = not fenced
+                        elif not fenced and re.match(r"#{1,6} ", line):
+                            heading = number
+                    section = "\n".join(lines[heading:block.line])
+                    self.assertIn('pip install "python-socketio[client]"', section)
+
+    def test_install_commands_never_take_specter_runtime_from_the_index(self):
+        """PyPI's specter-runtime is the older 0.1.x package: every install names this repository."""
+        commands = 0
+        for doc in DOCS + (os.path.join("examples", "jobboard", "README.md"),):
+            with open(os.path.join(HERE, doc), encoding="utf-8") as source:
+                lines = source.read().splitlines()
+            for number, line in enumerate(lines, 1):
+                for match in re.finditer(r"pip install ([^`#&|;]*)", line):
+                    commands += 1
+                    for argument in shlex.split(match.group(1)):
+                        name = re.split(r"[^A-Za-z0-9._-]", argument, 1)[0]
+                        if re.sub(r"[._]", "-", name.lower()) == "specter-runtime":
+                            with self.subTest(doc=doc, line=number):
+                                self.assertRegex(argument, r"^specter-runtime @ \S",
+                                                 "an install by name from the package index")
+        self.assertGreater(commands, 5)
+
+    def test_vendoring_recipe_gives_an_importable_copy(self):
+        """Section 9's shell recipe, run in an empty project, then its myapp/app.py imported."""
+        blocks = doc_blocks("specter.md")
+        recipe = next(b for b in blocks if b.language == "sh" and "cp specter.py" in b.code)
+        app = next(b for b in blocks if b.file == "myapp/app.py")
+        project = tempfile.mkdtemp(prefix="specter-vendor-")
+        self.addCleanup(shutil.rmtree, project, ignore_errors=True)
+        shutil.copy(specter.__file__, project)  # the checkout the recipe copies from
+        steps = [line for line in recipe.code.splitlines() if not line.startswith("pip ")]
+        subprocess.run(["bash", "-ec", "\n".join(steps)], cwd=project, check=True, timeout=30,
+                       start_new_session=True)
+        os.remove(os.path.join(project, "specter.py"))
+        with open(os.path.join(project, "myapp", "app.py"), "w", encoding="utf-8") as source:
+            source.write(app.code)
+        script = ("import sys, myapp.app, myapp._vendor.specter as vendored\n"
+                  "print(vendored.__version__, 'specter' in sys.modules, myapp.app.bus is vendored.bus)")
+        env = dict(os.environ, PYTHONPATH=project)
+        proc = subprocess.run([sys.executable, "-c", script], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=60, start_new_session=True)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(proc.stdout.split(), [specter.__version__, "False", "True"])
+
+    def test_guide_shows_presence_with_connect_disconnect_sid_and_rooms(self):
+        """Part I has a runnable block doing what every presence feature needs."""
+        with open(os.path.join(HERE, "specter.md"), encoding="utf-8") as source:
+            part_one_lines = source.read().split("\n# Part II")[0].count("\n") + 1
+        needed = ('"connect"', '"disconnect"', "request.sid", "join_room(", "leave_room(", "to=room")
+        presence = [b for b in doc_blocks("specter.md") if b.language == "python" and not b.file
+                    and b.line < part_one_lines and all(word in b.code for word in needed)]
+        self.assertTrue(presence, "no guide block subscribes to connect and disconnect, "
+                                  "keys state by request.sid and uses rooms")
+
+    def test_gunicorn_is_installed_with_its_gevent_extra(self):
+        """gunicorn's gevent worker needs the extra (packaging, a recent gevent); plain gunicorn fails."""
+        with open(os.path.join(HERE, "specter.md"), encoding="utf-8") as source:
+            text = source.read()
+        installs = [argument for match in re.finditer(r"pip install ([^`#&|;\n]*)", text)
+                    for argument in shlex.split(match.group(1)) if argument.startswith("gunicorn")]
+        self.assertTrue(installs, "the guide never says how to install gunicorn")
+        for argument in installs:
+            self.assertTrue(argument.startswith("gunicorn[gevent]"), argument)
+
+    def test_guide_states_engineio_message_limit_where_sizes_are_discussed(self):
+        with open(os.path.join(HERE, "specter.md"), encoding="utf-8") as source:
+            text = source.read()
+        default = SocketIO(Flask(__name__), async_mode="gevent").server.eio.max_http_buffer_size
+        stated = re.findall(r"`max_http_buffer_size`\s*\(([\d,]+) bytes by default", text)
+        self.assertTrue(stated)
+        self.assertEqual({int(number.replace(",", "")) for number in stated}, {default})
+        sections = re.split(r"\n(?=#{2,3} \d)", text.split("\n# Part II")[0])
+        for title in ("### 7.2 Constraints", "### 13.1 "):
+            with self.subTest(section=title):
+                section = next(part for part in sections if part.startswith(title))
+                self.assertIn("max_http_buffer_size", section)
+
+    def test_guide_shows_json_errors_for_unknown_paths_under_a_prefix(self):
+        """Flask answers a path no route matches with HTML; the guide shows the app-level fix, run."""
+        blocks = [b for b in doc_blocks("specter.md") if b.language == "python" and not b.file
+                  and "errorhandler(HTTPException)" in b.code and "url_prefix" in b.code]
+        self.assertTrue(blocks, "no runnable block answers unknown API paths in JSON")
+
+    def test_project_files_compile_and_import_only_public_names(self):
+        files = [b for b in self.blocks() if b.language == "python" and b.file]
+        self.assertTrue(files)
+        for block in files:
+            with self.subTest(block=block, file=block.file):
+                self.assertTrue(block.code.startswith("# %s\n" % block.file),
+                                "%r must start with a comment naming %s" % (block, block.file))
+                tree = compile(block.code, block.file, "exec", ast.PyCF_ONLY_AST)
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] == "specter":
+                        for alias in node.names:
+                            self.assertIn(alias.name, specter.__all__)
+
+    def test_every_python_block_runs_as_written(self):
+        runnable = [b for b in self.blocks() if b.language == "python" and not b.file]
+        self.assertGreater(len(runnable), 50)
+        directory = tempfile.mkdtemp(prefix="specter-docs-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        results = run_blocks(directory, runnable)
+        self.assertEqual(len(results), len(runnable))
+        for block, (returncode, stdout, stderr, seconds) in results.items():
+            with self.subTest(block=block):
+                report = "%r (%.2f s)\n--- stdout\n%s\n--- stderr\n%s" % (
+                    block, seconds, stdout[-2000:], stderr[-4000:])
+                self.assertEqual(returncode, 0, report)
+                # gevent's hub reports a greenlet that died of an exception this way.
+                self.assertNotIn(" failed with ", stderr, report)
+
+
+# Packaging ####################################################################
+
+
+# What a source distribution must carry beyond the module: enough to run the
+# test suite, read the guide and try the examples from the unpacked archive.
+SDIST_FILES = ("specter.py", "test_specter.py", "specter.md", "README.md", "LICENSE",
+               "pyproject.toml", "examples/jobboard/README.md", "examples/jobboard/app.py",
+               "examples/jobboard/templates/index.html")
+
+# Left out of the copy the packages are built from: VCS data, virtualenvs, build output.
+BUILD_IGNORED = shutil.ignore_patterns(
+    ".git", ".ci-venv", ".venv", ".bench", "build", "dist", "*.egg-info", "__pycache__", "*.pyc")
+
+
+def build_hook(hook, source, outdir):
+    """Call setuptools' PEP 517 ``hook`` in a fresh interpreter in ``source``; the file name it built.
+
+    The same hooks ``python -m build --no-isolation`` and pip call, without
+    their wrappers (and without the network: the build requirements are the
+    ``test`` extra's).
+    """
+    script = "import sys\nfrom setuptools import build_meta\nprint(build_meta.%s(sys.argv[1]))\n" % hook
+    proc = subprocess.run(
+        [sys.executable, "-c", script, outdir], cwd=source, capture_output=True, text=True,
+        timeout=60, start_new_session=True,
+    )
+    if proc.returncode != 0:
+        raise AssertionError("%s failed in %s:\n%s\n%s" % (hook, source, proc.stdout, proc.stderr))
+    return proc.stdout.strip().splitlines()[-1]
+
+
+class TestPackaging(SpecterTestCase):
+    """The sdist carries the module, its tests, docs and examples; the wheel the module alone."""
+
+    ceiling = 60
+
+    @classmethod
+    def setUpClass(cls):
+        """Build once: the sdist from a copy of the checkout, the wheel from the unpacked sdist."""
+        cls.tmp = tempfile.mkdtemp(prefix="specter-build-")
+        source = os.path.join(cls.tmp, "source")
+        shutil.copytree(HERE, source, ignore=BUILD_IGNORED)
+        dist = os.path.join(cls.tmp, "dist")
+        os.mkdir(dist)
+        cls.sdist = os.path.join(dist, build_hook("build_sdist", source, dist))
+        with tarfile.open(cls.sdist) as archive:
+            members = [m for m in archive.getmembers() if m.isfile()]
+            root = os.path.commonpath([m.name for m in members])
+            cls.sdist_files = sorted(os.path.relpath(m.name, root) for m in members)
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            archive.extractall(os.path.join(cls.tmp, "unpacked"), members=members, **safe)
+        unpacked = os.path.join(cls.tmp, "unpacked", root)
+        cls.wheel = os.path.join(dist, build_hook("build_wheel", unpacked, dist))
+        with zipfile.ZipFile(cls.wheel) as archive:
+            cls.wheel_files = sorted(archive.namelist())
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def test_sdist_carries_tests_docs_examples_and_licence(self):
+        for name in SDIST_FILES:
+            self.assertIn(name, self.sdist_files)
+        examples = sorted(os.path.relpath(path, HERE)
+                          for path in glob.glob(os.path.join(HERE, "examples", "*.py")))
+        self.assertTrue(examples)
+        self.assertEqual([name for name in examples if name not in self.sdist_files], [])
+        self.assertFalse([name for name in self.sdist_files
+                          if "__pycache__" in name or name.endswith(".pyc")])
+
+    def test_wheel_carries_the_single_module(self):
+        installed = [name for name in self.wheel_files if ".dist-info/" not in name]
+        self.assertEqual(installed, ["specter.py"])
+        self.assertTrue(os.path.basename(self.wheel).startswith(
+            "specter_runtime-%s-py3-none-any" % specter.__version__), self.wheel)
+
+    def test_test_extra_names_what_the_build_needs(self):
+        with open(os.path.join(HERE, "pyproject.toml"), encoding="utf-8") as source:
+            text = source.read()
+        extra = re.search(r"^test = \[(.*?)^\]", text, re.S | re.M).group(1)
+        for requirement in ("setuptools", "wheel", "python-socketio[client]"):
+            self.assertIn('"%s' % requirement, extra)
 
 
 if __name__ == "__main__":

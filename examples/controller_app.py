@@ -11,7 +11,9 @@ The example shows:
 * A plain Flask route using ``json_endpoint``, ``expect_json``,
   ``require_fields`` and ``HTTPError``.
 * ``StatusRouter``: a ``Router`` subclass with ``@route`` class routes.
-* ``PresenceHandler``: a ``Handler`` subclass with an ``events`` mapping.
+* ``PresenceHandler``: a ``Handler`` subclass with an ``events`` mapping;
+  members keyed by ``request.sid``, rooms joined with ``join_room``, and a
+  ``disconnect`` event that forgets a closed connection.
 * A subscriber added straight on the ``SocketIngress`` with ``schema=``.
 * ``boot(app, socketio, ..., providers=..., signals=False)``.
 * The same wiring by hand (``wire_by_hand``): ``ServiceManager(app,
@@ -142,10 +144,16 @@ class ChatController(Controller):
 
 
 class PresenceHandler(Handler):
-    """Who is in which room: an ``events`` mapping of socket events to methods."""
+    """Who is in which room: an ``events`` mapping of socket events to methods.
+
+    Members are keyed by ``request.sid``, the connection's id. A client that
+    closes its tab never sends 'leave', so 'disconnect' forgets the
+    connection in every room (Flask-SocketIO empties its own rooms; this
+    dict is ours to clean).
+    """
 
     name = "presence"
-    events = {"join": "on_join", "leave": "on_leave"}
+    events = {"join": "on_join", "leave": "on_leave", "disconnect": "on_disconnect"}
     event_priorities = {"join": 10}
 
     def on_setup(self):
@@ -160,8 +168,18 @@ class PresenceHandler(Handler):
     def on_leave(self, data):
         room = data["room"]
         leave_room(room)
-        self.members.get(room, set()).discard(request.sid)
+        self.forget(request.sid, [room])
         return {"left": room}
+
+    def on_disconnect(self):
+        self.forget(request.sid, list(self.members))
+
+    def forget(self, sid, rooms):
+        for room in rooms:
+            members = self.members.get(room, set())
+            members.discard(sid)
+            if not members:
+                self.members.pop(room, None)  # an empty room is no room
 
 
 class StatusRouter(Router):
@@ -297,6 +315,13 @@ def demo(app, socketio, manager, chat):
         print("%s received: %s" % (name, events))
     assert invalid_ack["status"] == 400
 
+    print("\n== Socket.IO: bob disconnects without 'leave'; 'disconnect' takes him out of the room")
+    bob.disconnect()
+    carol = socketio.test_client(app)
+    joined = show_ack(carol, "join", {"room": "general"})
+    assert joined["members"] == 2, "alice and carol, not bob"
+    carol.disconnect()
+
     print("\n== health and provider state")
     health = chat.health()
     print("chat: status=%s schemas=%s has_blueprint=%s has_handler=%s resources=%s"
@@ -312,7 +337,6 @@ def demo(app, socketio, manager, chat):
     assert stopped.status_code == 503
 
     alice.disconnect()
-    bob.disconnect()
     manager.shutdown()
     print("\nshutdown: booted=%s, manager status=%s" % (manager.booted, manager.status))
 
