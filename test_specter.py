@@ -243,6 +243,13 @@ class SpecterTestCase(unittest.TestCase):
         )
         self.addCleanup(timer.close)
 
+    def use_manual_clock(self, start=0.0):
+        """A ManualClock in force until the test's cleanups have run (those added later run first)."""
+        clock = specter.ManualClock(start)
+        clock.__enter__()
+        self.addCleanup(clock.__exit__, None, None, None)
+        return clock
+
     def started(self, service):
         """Start ``service`` and stop it when the test ends."""
         self.addCleanup(service.stop)
@@ -952,48 +959,45 @@ class TestService(SpecterTestCase):
         self.assertGreaterEqual(ticks[0] - started, SHORT * 0.8)
 
     def test_interval_keeps_a_fixed_rate_without_drift(self):
-        # Tick k is due at t0 + k*period. The callback naps 0-15 ms (7.2 ms on
-        # average), so an interval that re-arms after the callback would be
-        # ~0.1 s late by tick 16; a fixed-rate one is not late at all.
-        period, n = 0.025, 16
-        naps = itertools.cycle([0.0, 0.012, 0.006, 0.015, 0.003])
+        # Tick k is due at t0 + k*period. The callback naps 0-15 s on SPECTER's
+        # clock, so an interval that re-armed after the callback would be 115 s
+        # late by tick 16; a fixed-rate one is not late at all.
+        clock = self.use_manual_clock(start=1000)
+        period, n = 25, 16
+        naps = itertools.cycle([0, 12, 6, 15, 3])
         ticks = []
 
         def tick():
-            ticks.append(time.monotonic())
-            gevent.sleep(next(naps))
+            ticks.append(clock.now())
+            specter._clock.sleep(next(naps))
 
         svc = self.started(Service("rate"))
-        t0 = time.monotonic()
         svc.interval(tick, period)
-        self.assertEventually(lambda: len(ticks) >= n, timeout=3)
-        elapsed = ticks[n - 1] - t0
-        self.assertGreaterEqual(elapsed, n * period - 0.005)
-        self.assertLess(elapsed, n * period + 0.05, "tick %d came %.3fs after start" % (n, elapsed))
+        clock.advance(n * period)
+        self.assertEqual(ticks, [1000.0 + k * period for k in range(1, n + 1)])
 
     def test_interval_overrun_skips_ticks_instead_of_piling_up(self):
-        period, nap = 0.03, 0.045
+        clock = self.use_manual_clock()
+        period, nap = 30, 45
         starts = []
         state = {"active": 0, "peak": 0}
 
         def slow():
-            starts.append(time.monotonic())
+            starts.append(clock.now())
             state["active"] += 1
             state["peak"] = max(state["peak"], state["active"])
             try:
-                gevent.sleep(nap)
+                specter._clock.sleep(nap)
             finally:
                 state["active"] -= 1
 
         svc = self.started(Service("overrun"))
         svc.interval(slow, period)
-        self.assertEventually(lambda: len(starts) >= 5, timeout=3)
+        clock.advance(5 * 2 * period)
         self.assertEqual(state["peak"], 1)
-        gaps = [b - a for a, b in zip(starts, starts[1:])]
-        # The tick due while the callback still runs is skipped: the next
-        # start is two periods later, not as soon as the callback ends.
-        self.assertGreaterEqual(min(gaps), 2 * period - 0.01, gaps)
-        self.assertLess(starts[4] - starts[0], 4 * 2 * period + 0.03, gaps)
+        # The tick due while the callback still runs (at 60, 120, ...) is
+        # skipped: the next start is two periods later, not at 75 when it ends.
+        self.assertEqual(starts, [30.0, 90.0, 150.0, 210.0, 270.0])
 
     def test_interval_keeps_running_after_a_raising_callback(self):
         calls = []
@@ -1310,11 +1314,12 @@ class TestService(SpecterTestCase):
         self.assertNoNewGreenlets(before)
 
     def test_stop_from_inside_an_interval_callback(self):
+        clock = self.use_manual_clock()
         log = []
 
         class SelfStopping(Service):
             def on_start(self):
-                self.interval(self._tick, 0.01)
+                self.interval(self._tick, 10)
 
             def on_stop(self):
                 log.append("on_stop")
@@ -1328,11 +1333,11 @@ class TestService(SpecterTestCase):
         before = live_greenlets()
         svc.start()
         self.addCleanup(svc.stop)
-        self.assertEventually(lambda: svc.status == "stopped")
-        self.assertEventually(lambda: len(log) == 3)
+        clock.advance(10)
+        self.assertEqual(svc.status, "stopped")
         self.assertEqual(log, ["tick", "on_stop", "after-stop:stopped"])
         self.assertEventually(lambda: not new_live_greenlets(before))
-        gevent.sleep(SHORT)
+        clock.advance(100)
         self.assertEqual(log.count("tick"), 1)
 
     def test_stop_from_inside_a_spawned_task(self):
@@ -1596,17 +1601,18 @@ class TestService(SpecterTestCase):
         self.assertEqual((rec.count, quiet.count), (2, 1))
 
     def test_supervise_restarts_with_capped_exponential_backoff(self):
+        clock = self.use_manual_clock()
         attempts = []
 
         class Supervised(Service):
-            restart_backoff = 0.005
-            restart_max_backoff = 0.01
+            restart_backoff = 5.0
+            restart_max_backoff = 10.0
 
             def on_start(self):
                 self.runner = self.supervise(self._work, "arg", max_restarts=10, within=60.0)
 
             def _work(self, arg):
-                attempts.append(time.monotonic())
+                attempts.append(clock.now())
                 if len(attempts) <= 5:
                     raise RuntimeError("attempt %d failed" % len(attempts))
                 return arg
@@ -1614,14 +1620,11 @@ class TestService(SpecterTestCase):
         with self.assertLogs("specter", "ERROR"):
             svc = self.started(Supervised())
             self.assertIsInstance(svc.runner, gevent.Greenlet)
-            self.assertEventually(lambda: len(attempts) == 6)
-        gevent.sleep(SHORT)
-        self.assertEqual(len(attempts), 6)  # returning normally ends supervision
-        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-        # backoff 0.005, 0.01, then capped at 0.01 (uncapped would reach 0.08)
-        self.assertGreaterEqual(gaps[0], 0.004, gaps)
-        self.assertGreaterEqual(gaps[1], 0.009, gaps)
-        self.assertLess(gaps[4], 0.05, gaps)
+            clock.advance(3600)
+        # backoff 5, 10, then capped at 10 (uncapped would reach 80); returning
+        # normally ends supervision.
+        self.assertEqual(attempts, [0.0, 5.0, 15.0, 25.0, 35.0, 45.0])
+        self.assertEqual(svc.runner.value, "arg")
         health = svc.health()
         self.assertEqual(health["restarts"], 5)
         self.assertEqual(health["status"], "ok")
@@ -1705,22 +1708,25 @@ class TestService(SpecterTestCase):
         self.assertEqual(svc.status, "stopped")
 
     def test_supervise_failures_outside_the_window_do_not_fail_the_service(self):
+        clock = self.use_manual_clock()
         attempts = []
 
         class Sporadic(Service):
-            restart_backoff = 0.03
-            restart_max_backoff = 0.03
+            restart_backoff = 30.0
+            restart_max_backoff = 30.0
 
             def on_start(self):
-                self.supervise(self._work, max_restarts=1, within=0.02)
+                self.supervise(self._work, max_restarts=1, within=20.0)
 
             def _work(self):
-                attempts.append(1)
+                attempts.append(clock.now())
                 raise RuntimeError("sporadic")
 
         with self.assertLogs("specter", "ERROR"):
             svc = self.started(Sporadic())
-            self.assertEventually(lambda: len(attempts) >= 4)
+            clock.advance(90)
+        # One failure every 30 s: never two within 20 s, so never more than max_restarts.
+        self.assertEqual(attempts, [0.0, 30.0, 60.0, 90.0])
         self.assertEqual(svc.status, "running")
         self.assertIsNone(svc.health()["failure"])
 
@@ -2178,20 +2184,20 @@ class TestWatcher(SpecterTestCase):
         self.assertEqual(watcher.last_value, "b")
 
     def test_stream_that_ends_is_reopened_after_interval_with_retry(self):
+        clock = self.use_manual_clock()
         opens = []
 
         def stream():
-            opens.append(time.monotonic())
+            opens.append(clock.now())
             yield len(opens)
 
-        watcher = self.make(stream=stream, interval=0.05, retry=True)
+        watcher = self.make(stream=stream, interval=50, retry=True)
         got = []
         watcher.subscribe(lambda value, w: got.append(value))
         watcher.start()
-        self.assertTrue(wait_until(lambda: len(opens) >= 3))
-        self.assertEqual(got[:3], [1, 2, 3])
-        for a, b in zip(opens, opens[1:]):
-            self.assertGreaterEqual(b - a, 0.05 - SLACK)
+        clock.advance(100)
+        self.assertEqual(opens, [0.0, 50.0, 100.0])
+        self.assertEqual(got, [1, 2, 3])
         self.assertTrue(watcher.running)
 
     def test_stream_that_ends_is_not_reopened_without_retry(self):
@@ -2272,72 +2278,76 @@ class TestWatcher(SpecterTestCase):
         self.assertIn("upstream returned 503", watcher.health()["last_error"])
 
     def test_backoff_grows_and_is_capped(self):
-        # 5 failures then success. Nominal delays with interval=0.02 and
-        # max_backoff=0.06: 0.02, 0.04, 0.06, 0.06, 0.06, each times a jitter
-        # in [0.5, 1.0]. Uncapped, the 4th and 5th would be >= 0.08 and 0.16.
+        # 5 failures then success. Nominal delays with interval=20 and
+        # max_backoff=60: 20, 40, 60, 60, 60, each times a jitter in
+        # [0.5, 1.0). Uncapped, the 4th and 5th would be >= 80 and 160.
+        clock = self.use_manual_clock()
         attempts = []
 
         def poll():
-            attempts.append(time.monotonic())
+            attempts.append(clock.now())
             if len(attempts) <= 5:
                 raise ValueError("attempt %d" % len(attempts))
             return "ok"
 
-        watcher = self.make(poll=poll, interval=0.02, max_backoff=0.06)
+        watcher = self.make(poll=poll, interval=20, max_backoff=60)
         got = []
         watcher.subscribe(lambda value, w: got.append(value))
         with self.assertLogs("specter", "ERROR"):
             watcher.start()
-            self.assertTrue(wait_until(lambda: got))
+            while not got and clock.now() < 20 + 40 + 60 * 3:
+                clock.advance(1)
+        self.assertEqual(got, ["ok"])
         self.assertEqual(len(attempts), 6)
         gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-        nominal = [0.02, 0.04, 0.06, 0.06, 0.06]
-        for gap, base in zip(gaps, nominal):
-            self.assertGreaterEqual(gap, 0.5 * base - SLACK, gaps)  # grows, jitter floor 0.5x
-        for gap in gaps:
-            self.assertLessEqual(gap, 0.06 + 0.06, gaps)  # capped (uncapped 5th >= 0.16)
+        for gap, nominal in zip(gaps, [20, 40, 60, 60, 60]):
+            self.assertTrue(nominal / 2 <= gap < nominal, gaps)
         self.assertEqual(watcher.health()["error_count"], 5)
 
     def test_backoff_has_jitter(self):
-        # With max_backoff == interval every backoff is 0.04 x jitter, jitter
-        # in [0.5, 1.0]. A busy machine only lengthens gaps, so a gap clearly
-        # under 0.04 shows jitter (all 7 landing above 0.9x: ~1e-7).
+        # With max_backoff == interval every backoff is 40 x jitter, jitter in
+        # [0.5, 1.0): on the manual clock each gap is exactly that.
+        clock = self.use_manual_clock()
         attempts = []
 
         def poll():
-            attempts.append(time.monotonic())
+            attempts.append(clock.now())
             raise ValueError("down")
 
-        watcher = self.make(poll=poll, interval=0.04, max_backoff=0.04)
+        watcher = self.make(poll=poll, interval=40, max_backoff=40)
         with self.assertLogs("specter", "ERROR"):
             watcher.start()
-            self.assertTrue(wait_until(lambda: len(attempts) >= 8))
+            while len(attempts) < 8:
+                clock.advance(5)
         watcher.stop()
         gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-        self.assertTrue(all(gap >= 0.02 - SLACK for gap in gaps), gaps)
-        self.assertLess(min(gaps), 0.036, gaps)
+        self.assertTrue(all(20 <= gap < 40 for gap in gaps), gaps)
+        self.assertGreater(len(set(gaps)), 1, gaps)  # all 7 equal: about 1e-90 for a real jitter
 
     def test_backoff_resets_after_success(self):
-        # 4 failures (nominal 0.02, 0.04, 0.08, 0.16), a success, then a
-        # failure: after a reset its backoff is <= 0.02; without one it would
-        # be 0.32 * jitter >= 0.16.
+        # 4 failures (nominal 20, 40, 80, 160 s), a success, then a failure:
+        # after a reset its backoff is under 20; without one it would be
+        # 320 x jitter >= 160.
+        clock = self.use_manual_clock()
         attempts = []
         outcomes = ["fail", "fail", "fail", "fail", "ok", "fail", "ok"]
 
         def poll():
-            attempts.append(time.monotonic())
+            attempts.append(clock.now())
             outcome = outcomes[min(len(attempts), len(outcomes)) - 1]
             if outcome == "fail":
                 raise ValueError("attempt %d" % len(attempts))
             return len(attempts)
 
-        watcher = self.make(poll=poll, interval=0.02, max_backoff=1.0)
+        watcher = self.make(poll=poll, interval=20, max_backoff=1000)
         with self.assertLogs("specter", "ERROR"):
             watcher.start()
-            self.assertTrue(wait_until(lambda: len(attempts) >= 7, timeout=3.0))
+            clock.advance(20 + 40 + 80 + 160 + 20 + 20)
         gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-        self.assertGreaterEqual(gaps[3], 0.08 - SLACK, gaps)  # 4th failure backed off 0.16 x jitter
-        self.assertLess(gaps[5], 0.1, gaps)  # the failure after the success starts over
+        for gap, nominal in zip(gaps, [20, 40, 80, 160]):
+            self.assertTrue(nominal / 2 <= gap < nominal, gaps)  # jitter in [0.5, 1)
+        self.assertEqual(gaps[4], 20)  # after the success: the interval
+        self.assertTrue(10 <= gaps[5] < 20, gaps)  # the failure after the success starts over
 
     def test_without_retry_the_first_error_ends_the_loop(self):
         calls = []
@@ -3309,25 +3319,31 @@ class TestCache(SpecterTestCase):
         self.assertEqual(factory.count, 1)
 
     def test_ttl_zero_never_expires(self):
+        clock = self.use_manual_clock()
         cache = create_cache("c", ttl=0)
         cache.set("v")
-        gevent.sleep(0.1)
+        clock.advance(10 ** 9)
         self.assertTrue(cache.is_valid())
         self.assertEqual(cache.get(), "v")
 
     def test_set_and_get_or_compute_ttl_override(self):
+        clock = self.use_manual_clock()
         for ttl in (0, 300):
             with self.subTest(cache_ttl=ttl):
                 cache = create_cache("c", ttl=ttl)
-                cache.set("v", ttl=SHORT)
+                cache.set("v", ttl=5)
+                clock.advance(4.5)
                 self.assertTrue(cache.is_valid())
-                self.assertEventually(lambda: not cache.is_valid(), timeout=1.0)
-                cache.get_or_compute(lambda: "w", ttl=SHORT)
+                clock.advance(0.5)
+                self.assertFalse(cache.is_valid())
+                cache.get_or_compute(lambda: "w", ttl=5)
+                clock.advance(4.5)
                 self.assertTrue(cache.is_valid())
-                self.assertEventually(lambda: not cache.is_valid(), timeout=1.0)
-        cache = create_cache("c", ttl=SHORT)
+                clock.advance(0.5)
+                self.assertFalse(cache.is_valid())
+        cache = create_cache("c", ttl=5)
         cache.set("v", ttl=0)
-        gevent.sleep(SHORT * 2)
+        clock.advance(10 ** 9)
         self.assertTrue(cache.is_valid())
 
     def test_bad_ttl(self):
@@ -6935,11 +6951,11 @@ class TestTestingKit(SpecterTestCase):
             cache = create_cache("prices", ttl=300)
             computed = Recorder(result="fresh")
             self.assertEqual(cache.get_or_compute(computed), "fresh")
-            clock.advance(299.999)
+            clock.advance(299.5)
             self.assertTrue(cache.is_valid())
             self.assertEqual(cache.get_or_compute(computed), "fresh")
             self.assertEqual(computed.count, 1)
-            clock.advance(0.001)
+            clock.advance(0.5)
             self.assertFalse(cache.is_valid())
             self.assertIsNone(cache.get())
             cache.get_or_compute(computed)
