@@ -4434,6 +4434,7 @@ def _process_group_members(pgid, parent=False):
 _testing_watches = ()
 _testing_previous_tracer = None
 _TESTING_MORTAL = ("greenlet", "process")  # leftovers that may still end on their own
+_TESTING_SHOWN = 40  # leftovers listed in full; a count stands for the rest
 
 
 class ManualClock:
@@ -4676,8 +4677,11 @@ class _TestingWatch:
                     gevent.sleep(0.01)
                     leftovers = self.leftovers()
                 if leftovers:
+                    lines = [line for _, line in leftovers[:_TESTING_SHOWN]]
+                    if len(leftovers) > _TESTING_SHOWN:
+                        lines.append("... and %d more" % (len(leftovers) - _TESTING_SHOWN))
                     raise AssertionError("leak_check: %d leftover(s) created inside the block:\n  %s"
-                                         % (len(leftovers), "\n  ".join(line for _, line in leftovers)))
+                                         % (len(leftovers), "\n  ".join(lines)))
         finally:
             _testing_watches = tuple(watch for watch in _testing_watches if watch is not self)
             if not _testing_watches:
@@ -4695,7 +4699,7 @@ class _TestingWatch:
                      for pid in _process_group_members(os.getpid(), parent=True) or () if pid not in self.children)
         for event, fns in bus._listeners.items():
             before = self.listeners.get(event, ())
-            found.extend(("listener", "bus listener of %r: %s" % (event, _callable_name(fn)))
+            found.extend(("listener", "bus listener of %r: %s" % (event, _testing_describe_callable(fn)))
                          for fn in fns if id(fn) not in before)
         found.extend(("key", "registry key %r: %s" % (key, _describe(value)))
                      for key, value in registry._entries.items() if self.entries.get(key, _MISSING) is not value)
@@ -4747,8 +4751,23 @@ def _testing_note_service(service):
 
 def _testing_describe_greenlet(glet):
     state = "not started yet" if not _greenlet_active(glet) else "running"
-    name = getattr(glet, "name", None)  # gevent's Greenlet: the label SPECTER gave it, or Greenlet-N
-    return "%r (%s)" % (name, state) if name else "%s (%s)" % (_describe(glet), state)
+    run = getattr(glet, "_run", None)  # what a gevent Greenlet runs
+    owner = getattr(run, "__self__", None)
+    if isinstance(owner, Service):
+        what = "of service %r" % owner.name  # the name is the label the service gave it
+    elif run is not None:
+        what = "running %s" % _testing_describe_callable(run)
+    else:
+        what = _describe(glet)
+    name = getattr(glet, "name", None)
+    return "%r %s (%s)" % (name, what, state) if name else "%s (%s)" % (what, state)
+
+
+def _testing_describe_callable(fn):
+    owner = getattr(fn, "__self__", None)
+    if owner is None or inspect.ismodule(owner):
+        return _callable_name(fn)
+    return "%s of %s" % (_callable_name(fn), _schema_clip(repr(owner), 60))
 
 
 def _testing_describe_timer(callback):

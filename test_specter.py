@@ -230,14 +230,13 @@ class Sink(QueueService):
             self.active -= 1
 
 
-class SpecterTestCase(unittest.TestCase):
-    """Clears the module singletons and arms a per-test time ceiling (``ceiling`` seconds)."""
+class SpecterTestCase(specter.SpecterTestCase):
+    """The kit's test case (each test isolated, under a leak check) with a per-test time ceiling (``ceiling`` seconds)."""
 
     ceiling = TEST_CEILING
 
     def setUp(self):
-        specter.bus.clear()
-        specter.registry.clear()
+        super().setUp()
         timer = gevent.Timeout.start_new(
             self.ceiling, AssertionError("test exceeded %ds" % self.ceiling)
         )
@@ -569,7 +568,7 @@ class TestEventBus(SpecterTestCase):
 
     def test_module_bus_is_shared(self):
         rec = Recorder()
-        specter.bus.on("shared", rec)
+        self.addCleanup(specter.bus.on("shared", rec))
         specter.bus.emit("shared", 1)
         self.assertEqual(rec.calls, [(1,)])
 
@@ -754,6 +753,7 @@ class TestRegistry(SpecterTestCase):
 
     def test_module_registry_is_shared(self):
         specter.registry.provide("shared", 1)
+        self.addCleanup(specter.registry.unregister, "shared")
         self.assertEqual(specter.registry.require("shared"), 1)
 
 
@@ -1114,7 +1114,7 @@ class TestService(SpecterTestCase):
     def test_emit_publishes_on_the_bus(self):
         svc = self.started(Service("emitter"))
         rec = Recorder()
-        specter.bus.on("metrics:updated", rec)
+        self.addCleanup(specter.bus.on("metrics:updated", rec))
         self.assertIs(svc.emit("metrics:updated", {"cpu": 1}), svc)
         svc.emit("metrics:updated")
         self.assertEqual(rec.calls, [({"cpu": 1},), (None,)])
@@ -1679,7 +1679,7 @@ class TestService(SpecterTestCase):
     def test_supervise_gives_up_after_max_restarts_within_window(self):
         attempts = []
         failures = Recorder()
-        specter.bus.on("service:failed", failures)
+        self.addCleanup(specter.bus.on("service:failed", failures))
 
         class Doomed(Service):
             restart_backoff = 0.001
@@ -2753,19 +2753,19 @@ class TestStore(SpecterTestCase):
 
     def test_emit_events(self):
         changed = Recorder()
-        specter.bus.on("conn:changed", changed)
+        self.addCleanup(specter.bus.on("conn:changed", changed))
         store = create_store("conn", {"count": 0}, emit_events=True)
         store.set({"count": 1})
         self.assertEqual(changed.firsts, [{"count": 1}])
         quiet = create_store("quiet", {"count": 0})
         silent = Recorder()
-        specter.bus.on("quiet:changed", silent)
+        self.addCleanup(specter.bus.on("quiet:changed", silent))
         quiet.set({"count": 1})
         self.assertEqual(silent.count, 0)
 
     def test_change_event(self):
         custom = Recorder()
-        specter.bus.on("conn:custom", custom)
+        self.addCleanup(specter.bus.on("conn:custom", custom))
         store = create_store("conn", emit_events=True, change_event="conn:custom")
         store.set({"a": 1})
         self.assertEqual(custom.firsts, [{"a": 1}])
@@ -3070,8 +3070,8 @@ class TestModel(SpecterTestCase):
 
     def test_emit_events_and_change_event(self):
         changed, custom = Recorder(), Recorder()
-        specter.bus.on("tv:changed", changed)
-        specter.bus.on("tv:custom", custom)
+        self.addCleanup(specter.bus.on("tv:changed", changed))
+        self.addCleanup(specter.bus.on("tv:custom", custom))
         model = create_model("tv", {"a": 1}, emit_events=True)
         model.set("a", 2)
         self.assertEqual(changed.firsts, [{"a": 2}])
@@ -3250,7 +3250,9 @@ class TestCache(SpecterTestCase):
     def test_concurrent_cascades_through_a_cycle_terminate(self):
         counts = {"a": 0, "b": 0}
         a = create_cache("a", depends_on=["b:invalidated"])
+        self.addCleanup(a.destroy)
         b = create_cache("b", depends_on=["a:invalidated"])
+        self.addCleanup(b.destroy)
         for cache in (a, b):
             cache.on_invalidate(lambda c=cache: (counts.__setitem__(c.name, counts[c.name] + 1), gevent.sleep(0)))
         gevent.joinall([gevent.spawn(a.invalidate), gevent.spawn(b.invalidate)], timeout=2)
@@ -3457,7 +3459,7 @@ class TestCache(SpecterTestCase):
     def test_invalidate_calls_callbacks_and_emits(self):
         cache = create_cache("drives")
         events = Recorder()
-        specter.bus.on("drives:invalidated", events)
+        self.addCleanup(specter.bus.on("drives:invalidated", events))
         callback = Recorder()
         unsubscribe = cache.on_invalidate(callback)
         cache.set("v")
@@ -3495,7 +3497,9 @@ class TestCache(SpecterTestCase):
     def test_depends_on_cascades(self):
         a = create_cache("a")
         b = create_cache("b", depends_on=["a:invalidated"])
+        self.addCleanup(b.destroy)
         c = create_cache("c", depends_on=["b:invalidated", "storage:mount_changed"])
+        self.addCleanup(c.destroy)
         for cache in (a, b, c):
             cache.set(cache.name)
         a.invalidate()
@@ -3506,8 +3510,11 @@ class TestCache(SpecterTestCase):
 
     def test_depends_on_cycle_terminates_with_one_invalidation_each(self):
         a = create_cache("a", depends_on=["c:invalidated"])
+        self.addCleanup(a.destroy)
         b = create_cache("b", depends_on=["a:invalidated"])
+        self.addCleanup(b.destroy)
         c = create_cache("c", depends_on=["b:invalidated"])
+        self.addCleanup(c.destroy)
         counts = {"a": 0, "b": 0, "c": 0}
         for cache in (a, b, c):
             cache.on_invalidate(lambda x=cache: counts.__setitem__(x.name, counts[x.name] + 1))
@@ -3534,6 +3541,7 @@ class TestCache(SpecterTestCase):
                 caches = {}
                 for name, sources in graph.items():
                     cache = caches[name] = create_cache(name, depends_on=[s + ":invalidated" for s in sources])
+                    self.addCleanup(cache.destroy)
                     cache.on_invalidate(lambda name=name: counts.__setitem__(name, counts[name] + 1))
                     cache.set(1)
                 caches["a"].invalidate()
@@ -3547,12 +3555,13 @@ class TestCache(SpecterTestCase):
         chain = [create_cache("c0")]
         for index in range(1, 400):
             chain.append(create_cache("c%d" % index, depends_on=["c%d:invalidated" % (index - 1)]))
+            self.addCleanup(chain[-1].destroy)
         notified = []
         for cache in chain:
             cache.set(cache.name)
             cache.on_invalidate(lambda name=cache.name: notified.append(name))
         last = Recorder()
-        specter.bus.on("c399:invalidated", last)
+        self.addCleanup(specter.bus.on("c399:invalidated", last))
         chain[0].invalidate()
         self.assertEqual([cache.name for cache in chain if cache.is_valid()], [])
         self.assertEqual(notified, [cache.name for cache in chain])
@@ -3561,7 +3570,9 @@ class TestCache(SpecterTestCase):
     def test_a_cascade_whose_greenlet_is_killed_still_reaches_every_dependent(self):
         a = create_cache("a")
         b = create_cache("b", depends_on=["a:invalidated"])
+        self.addCleanup(b.destroy)
         c = create_cache("c", depends_on=["b:invalidated"])
+        self.addCleanup(c.destroy)
         calls = []
         gate = gevent.event.Event()
         a.on_invalidate(lambda: (calls.append("a1"), gate.wait()))
@@ -4736,6 +4747,7 @@ class TestRouter(SpecterTestCase):
     def test_require_and_resolve_use_the_registry(self):
         db = object()
         specter.registry.provide("db", db)
+        self.addCleanup(specter.registry.unregister, "db")
         router = Router("deps")
         self.assertIs(router.require("db"), db)
         self.assertIs(router.resolve("db"), db)
@@ -4839,6 +4851,7 @@ class TestHandler(SpecterTestCase):
         app, sio = make_web_app()
         ingress = SocketIngress(sio)
         specter.registry.provide("socket_ingress", ingress)
+        self.addCleanup(specter.registry.unregister, "socket_ingress")
         order = []
 
         class Ordered(ChatHandler):
@@ -4862,6 +4875,7 @@ class TestHandler(SpecterTestCase):
     def test_setup_without_socketio_uses_the_ingress(self):
         app, sio = make_web_app()
         specter.registry.provide("socket_ingress", SocketIngress(sio))
+        self.addCleanup(specter.registry.unregister, "socket_ingress")
         handler = ChatHandler()
         self.addCleanup(handler.teardown)
         handler.setup()
@@ -4902,6 +4916,7 @@ class TestHandler(SpecterTestCase):
     def test_require_and_resolve(self):
         store = specter.create_store("sessions", {})
         specter.registry.provide("sessions", store)
+        self.addCleanup(specter.registry.unregister, "sessions")
         handler = ChatHandler()
         self.assertIs(handler.require("sessions"), store)
         self.assertIs(handler.resolve("sessions"), store)
@@ -5260,6 +5275,7 @@ class TestController(SpecterTestCase):
     def test_service_require_and_resolve(self):
         db = {"kind": "db"}
         specter.registry.provide("db", db)
+        self.addCleanup(specter.registry.unregister, "db")
         ctl = Controller("deps")
         self.assertIs(ctl.service("db"), db)
         self.assertIs(ctl.require("db"), db)
@@ -5720,6 +5736,12 @@ class TestRealClients(SpecterTestCase):
 
     def serve(self, app, sio, **boot_kwargs):
         """Boot the app, serve it on an ephemeral port; the base URL and the manager."""
+        # Engine.IO's greenlets would outlive the test: the server's service task
+        # runs until the Socket.IO server shuts down (ServiceManager.shutdown
+        # does not do that), and each connection's ping timer sleeps a whole
+        # ping_interval (25 s by default) before it notices the connection closed.
+        sio.server.eio.ping_interval = 0.05
+        self.addCleanup(sio.server.shutdown)
         manager = boot(app, sio, signals=False, **boot_kwargs)
         self.addCleanup(manager.shutdown)
         server = pywsgi.WSGIServer(("127.0.0.1", 0), app, log=None, handler_class=UpgradeClosingHandler)
@@ -7048,8 +7070,10 @@ class TestTestingKit(SpecterTestCase):
     def test_isolated_sets_aside_bus_and_registry_contents_and_restores_them(self):
         from specter import bus, registry  # the names apps import keep working
         outer = Recorder()
-        bus.on("ping", outer)
+        self.addCleanup(bus.on("ping", outer))
         registry.provide("db", "outer-db")
+        self.addCleanup(registry.unregister, "db")
+        self.addCleanup(registry.unregister, "late")
         waiter = gevent.spawn(outcome_of, registry.wait_for, "late", 5)
         gevent.sleep(0)
         with specter.isolated():
@@ -7075,6 +7099,7 @@ class TestTestingKit(SpecterTestCase):
 
     def test_isolated_works_as_a_decorator(self):
         specter.registry.provide("outer", 1)
+        self.addCleanup(specter.registry.unregister, "outer")
 
         @specter.isolated()
         def inside():
@@ -7085,7 +7110,7 @@ class TestTestingKit(SpecterTestCase):
 
     def test_leak_check_names_each_leftover_created_inside_the_block(self):
         before = gevent.spawn(gevent.sleep, LONG)  # alive before the block: not a leak
-        specter.bus.on("old", print)
+        self.addCleanup(specter.bus.on("old", print))
         self.addCleanup(before.kill)
         with self.assertRaises(AssertionError) as cm:
             with specter.leak_check(grace=0.05):
@@ -7112,6 +7137,7 @@ class TestTestingKit(SpecterTestCase):
             child.wait()
             svc.stop()
             loose.kill()
+            specter.registry.unregister("cfg")
 
     def test_leak_check_passes_a_block_that_cleans_up(self):
         with specter.leak_check():
@@ -7146,7 +7172,7 @@ class TestTestingKit(SpecterTestCase):
                 svc.timeout(print, 45)
         svc.stop()
         message = str(cm.exception)
-        self.assertIn("greenlet 'print' (not started yet)", message)
+        self.assertIn("greenlet 'print' of service 'paused' (not started yet)", message)
         self.assertIn("pending timer: start of greenlet 'print' (spawn_later)", message)
         self.assertRegex(message, r"pending timer: timeout-\d+ of service 'paused' \(after 45 s\)")
 
@@ -7161,8 +7187,9 @@ class TestTestingKit(SpecterTestCase):
 
     def test_specter_test_case_isolates_checks_leaks_and_gives_a_manual_clock(self):
         from specter import bus, registry
-        bus.on("outer", print)
+        self.addCleanup(bus.on("outer", print))
         registry.provide("outer", 1)
+        self.addCleanup(registry.unregister, "outer")
         seen = {}
 
         class AppTests(specter.SpecterTestCase):
