@@ -4173,6 +4173,18 @@ def pid_gone(pid):
     return data[data.rfind(b")") + 2:].split()[0] in (b"Z", b"X")
 
 
+def settle_engineio(test, sio):
+    """Make Engine.IO's greenlets end with a test that serves real clients.
+
+    The server's service task runs until the Socket.IO server shuts down
+    (ServiceManager.shutdown does not do that), and each connection's ping
+    timer sleeps a whole ping_interval (25 s by default) before it notices
+    that the connection closed; the leak check would report both.
+    """
+    sio.server.eio.ping_interval = 0.05
+    test.addCleanup(sio.server.shutdown)
+
+
 def make_web_app():
     """A fresh Flask app and its gevent Flask-SocketIO server."""
     app = Flask(__name__)
@@ -5736,12 +5748,7 @@ class TestRealClients(SpecterTestCase):
 
     def serve(self, app, sio, **boot_kwargs):
         """Boot the app, serve it on an ephemeral port; the base URL and the manager."""
-        # Engine.IO's greenlets would outlive the test: the server's service task
-        # runs until the Socket.IO server shuts down (ServiceManager.shutdown
-        # does not do that), and each connection's ping timer sleeps a whole
-        # ping_interval (25 s by default) before it notices the connection closed.
-        sio.server.eio.ping_interval = 0.05
-        self.addCleanup(sio.server.shutdown)
+        settle_engineio(self, sio)
         manager = boot(app, sio, signals=False, **boot_kwargs)
         self.addCleanup(manager.shutdown)
         server = pywsgi.WSGIServer(("127.0.0.1", 0), app, log=None, handler_class=UpgradeClosingHandler)
@@ -7273,7 +7280,8 @@ class TestJobBoardDemo(SpecterTestCase):
 
     def start_board(self, **overrides):
         """Boot the demo and serve it on a free port; cleanups stop the server, then shut down."""
-        app, _socketio, boot_board = import_demo()(dict(DEMO_CONFIG, **overrides))
+        app, socketio_server, boot_board = import_demo()(dict(DEMO_CONFIG, **overrides))
+        settle_engineio(self, socketio_server)
         manager = boot_board(signals=False)
         self.addCleanup(manager.shutdown)
         server = pywsgi.WSGIServer(("127.0.0.1", 0), app, log=None, handler_class=UpgradeClosingHandler)
