@@ -4657,9 +4657,12 @@ class _TestingWatch:
 
     def __enter__(self):
         global _testing_watches, _testing_previous_tracer
+        # Greenlets are noted at their first switch: let those spawned before
+        # the block take it now, outside.
+        gevent.idle()
         self.listeners = {event: set(map(id, fns)) for event, fns in bus._listeners.items()}
         self.entries = dict(registry._entries)
-        self.children = set(_process_group_members(os.getpid(), parent=True) or ())
+        self.children = _testing_children()
         if not _testing_watches:
             _testing_previous_tracer = greenlet.settrace(_testing_trace)
         _testing_watches += (self,)
@@ -4696,7 +4699,7 @@ class _TestingWatch:
                      for glet in {id(glet): glet for glet in self.greenlets}.values()
                      if glet is not hub and not glet.dead and glet is not getcurrent())
         found.extend(("process", "child process %d: %s" % (pid, _testing_command(pid)))
-                     for pid in _process_group_members(os.getpid(), parent=True) or () if pid not in self.children)
+                     for pid in _testing_children() if pid not in self.children)
         for event, fns in bus._listeners.items():
             before = self.listeners.get(event, ())
             found.extend(("listener", "bus listener of %r: %s" % (event, _testing_describe_callable(fn)))
@@ -4781,6 +4784,17 @@ def _testing_describe_timer(callback):
     if isinstance(owner, gevent.event.Event):
         return "the end of a sleep"
     return _callable_name(callback)
+
+
+def _testing_children():
+    """The pids of this process's live children (a set; empty without /proc)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return set()  # no child at all: one system call instead of a /proc scan
+    except (AttributeError, OSError):
+        pass  # no waitid here: scan
+    return set(_process_group_members(os.getpid(), parent=True) or ())
 
 
 def _testing_command(pid):
