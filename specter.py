@@ -4533,8 +4533,9 @@ class ManualClock:
 
     def __exit__(self, *exc_info: Any) -> None:
         global _clock, _now
-        _clock, _now = self._saved
-        self._saved = None
+        if self._saved is not None:
+            _clock, _now = self._saved
+            self._saved = None
 
     def __repr__(self):
         return "<ManualClock t=%r, %d pending>" % (self._time, len(self._pending()))
