@@ -1015,13 +1015,15 @@ class TestService(SpecterTestCase):
         self.assertGreaterEqual(svc.health()["errors"], 1)
 
     def test_timeout_fires_once_and_forgets_itself(self):
+        clock = self.use_manual_clock()
         svc = self.started(Service("once"))
         rec = Recorder()
-        timeout_id = svc.timeout(rec, 0.01)
+        timeout_id = svc.timeout(rec, 10)
         self.assertIsInstance(timeout_id, str)
         self.assertEqual(svc.health()["counts"]["timeouts"], 1)
-        self.assertEventually(lambda: rec.count == 1)
-        gevent.sleep(SHORT)
+        clock.advance(9.5)
+        self.assertEqual(rec.count, 0)
+        clock.advance(3600)
         self.assertEqual(rec.count, 1)
         self.assertEqual(svc.health()["counts"]["timeouts"], 0)
         self.assertFalse(svc.cancel_timeout(timeout_id))
@@ -1040,14 +1042,15 @@ class TestService(SpecterTestCase):
         self.assertLoggedException(cm, "timer boom")
 
     def test_cancel_interval_and_timeout(self):
+        clock = self.use_manual_clock()
         svc = self.started(Service("cancel"))
         tick, fire = Recorder(), Recorder()
-        interval_id = svc.interval(tick, 0.01)
-        timeout_id = svc.timeout(fire, 0.02)
+        interval_id = svc.interval(tick, 10)
+        timeout_id = svc.timeout(fire, 20)
         self.assertNotEqual(interval_id, timeout_id)
         self.assertTrue(svc.cancel_interval(interval_id))
         self.assertTrue(svc.cancel_timeout(timeout_id))
-        gevent.sleep(SHORT)
+        clock.advance(3600)
         self.assertEqual((tick.count, fire.count), (0, 0))
         self.assertFalse(svc.cancel_interval(interval_id))
         self.assertFalse(svc.cancel_interval("interval-unknown"))
@@ -1456,24 +1459,26 @@ class TestService(SpecterTestCase):
         self.assertEqual(specter.bus.listener_count("ping"), 1)
 
     def test_restart_after_stop_gets_fresh_resources(self):
+        clock = self.use_manual_clock()
         ticks = []
 
         class Ticker(Service):
             def on_start(self):
-                self.interval(lambda: ticks.append(1), 0.01)
+                self.interval(lambda: ticks.append(clock.now()), 10)
                 self.listen("ping", lambda data: None)
 
         svc = self.started(Ticker())
-        self.assertEventually(lambda: len(ticks) >= 2)
+        clock.advance(20)
+        self.assertEqual(ticks, [10.0, 20.0])
         svc.stop()
         counts = svc.health()["counts"]
         self.assertEqual((counts["intervals"], counts["listeners"]), (0, 0))
-        stopped_at = len(ticks)
-        gevent.sleep(0.03)
-        self.assertEqual(len(ticks), stopped_at)
+        clock.advance(100)
+        self.assertEqual(len(ticks), 2)
         svc.start()
         self.assertEqual(svc.status, "running")
-        self.assertEventually(lambda: len(ticks) >= stopped_at + 2)
+        clock.advance(20)
+        self.assertEqual(ticks, [10.0, 20.0, 130.0, 140.0])  # a fresh interval, from the restart
         counts = svc.health()["counts"]
         self.assertEqual((counts["intervals"], counts["listeners"]), (1, 1))
         self.assertEqual(specter.bus.listener_count("ping"), 1)
@@ -2201,18 +2206,21 @@ class TestWatcher(SpecterTestCase):
         self.assertTrue(watcher.running)
 
     def test_stream_that_ends_is_not_reopened_without_retry(self):
+        clock = self.use_manual_clock()
         opens = []
 
         def stream():
-            opens.append(time.monotonic())
+            opens.append(clock.now())
             yield "only"
 
-        watcher = self.make(stream=stream, interval=0.01, retry=False)
+        watcher = self.make(stream=stream, interval=10, retry=False)
         got = []
         watcher.subscribe(lambda value, w: got.append(value))
         watcher.start()
-        self.assertTrue(wait_until(lambda: not watcher.running))
-        self.assertFalse(wait_until(lambda: len(opens) > 1, timeout=0.1))
+        clock.advance(0)
+        self.assertFalse(watcher.running)
+        clock.advance(3600)
+        self.assertEqual(opens, [0.0])
         self.assertEqual(got, ["only"])
         self.assertEqual(watcher.health()["error_count"], 0)
 
