@@ -1723,8 +1723,8 @@ class Cache:
 
     ``ttl=0`` never expires; expiry uses SPECTER's clock (monotonic time, or a
     test's ManualClock). ``None`` is a value like any other. ``depends_on``
-    names bus events that invalidate the cache; since invalidation emits ``'{name}:invalidated'``, caches
-    cascade, each invalidating once per cascade however often it is reached
+    names bus events that invalidate the cache; since invalidation emits
+    ``'{name}:invalidated'``, caches cascade, each invalidating once per cascade however often it is reached
     (a cycle, a diamond); see invalidate().
     """
 
