@@ -45,6 +45,7 @@ import heapq
 import inspect
 import io
 import itertools
+import json
 import logging
 import math
 import numbers
@@ -57,9 +58,12 @@ import sys
 import time
 import types
 import unittest
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
+import click
 import flask
+import flask.cli
 import werkzeug.exceptions
 
 import gevent
@@ -80,7 +84,6 @@ _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
 _O = TypeVar("_O", bound="_Owner")
 _S = TypeVar("_S", bound="Service")
-_C = TypeVar("_C", bound="Controller")
 
 
 def _check_callable(value, what):
@@ -463,6 +466,27 @@ _STOP_METHODS = ("stop", "close", "disconnect", "destroy", "terminate", "kill")
 _timer_ids = itertools.count(1)
 
 
+def _service_check_init(cls, init):
+    """Wrap a Service subclass's own ``__init__`` so that skipping ``super().__init__()`` fails at once.
+
+    The check runs once per construction, after the whole ``__init__``, so
+    nothing else pays for it (a ``__getattr__`` hook or a class-level
+    descriptor would slow every attribute access of every service).
+    """
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        # getattr, not vars(self): building the instance __dict__ would cost
+        # the object CPython's inline attribute values (slower access for good).
+        if getattr(self, "_status", None) is None:
+            raise TypeError(
+                "%s.__init__() must call super().__init__() (the Service is not initialised)"
+                % cls.__name__
+            )
+    __init__._service_checked = True  # type: ignore[attr-defined]
+    return __init__
+
+
 class _Owner:
     """Cleanups and owned resources, released last-in-first-out.
 
@@ -531,17 +555,27 @@ class _Owner:
         return registry.resolve(key)
 
     def _run_cleanups(self):
-        """Run and forget the cleanups, newest first; failures are logged."""
+        """Run and forget the cleanups, newest first; failures are logged.
+
+        Every cleanup runs even if the releasing greenlet is interrupted
+        (killed, or hit by a Timeout) during one of them: the interrupted
+        cleanup is not run again, the others still run, and the
+        interruption is re-raised at the end (see _run_all).
+        """
         cleanups, self._cleanups = self._cleanups, None
-        while cleanups:
-            fn, resource = cleanups.pop()
-            owners = getattr(resource, "_owners", None)
-            if type(owners) is list and self in owners:
-                owners.remove(self)  # this owner is done with it for good
-            try:
-                fn()
-            except Exception:
-                _service_log.exception("%s: cleanup %s raised", self, _callable_name(fn))
+
+        def steps():
+            while cleanups:
+                fn, resource = cleanups.pop()
+                owners = getattr(resource, "_owners", None)
+                if type(owners) is list and self in owners:
+                    owners.remove(self)  # this owner is done with it for good
+                yield fn
+
+        _run_all(steps(), self._cleanup_failed)
+
+    def _cleanup_failed(self, label):
+        _service_log.exception("%s: cleanup %s raised", self, label)
 
     def _resource_health(self):
         report = []
@@ -569,6 +603,9 @@ class Service(_Owner):
     stop_timeout = 5.0
     restart_backoff = 0.1
     restart_max_backoff = 5.0
+    # The Flask app whose application context the service's own work runs in
+    # (set by the ServiceManager it is registered with, or inherited on adopt()).
+    _specter_app: Optional[flask.Flask] = None
 
     def __init__(self, name=None, initial_state=None):
         if name is None:
@@ -626,7 +663,8 @@ class Service(_Owner):
         self._stuck = ()
         self._stop_requested = False
         try:
-            self._lifecycle_started()
+            with _life_app_context(self._specter_app):
+                self._lifecycle_started()
         except BaseException:
             _service_log.debug("%s: start failed, rolling back", self.name)
             self._status = "stopping"
@@ -674,11 +712,9 @@ class Service(_Owner):
             return self
         self._begin_transition("stopping")
         try:
-            try:
-                self._lifecycle_stopping()
-                self.on_stop()
-            except Exception:
-                self._record_error("on_stop")
+            # on_stop runs even when the step before it fails or is interrupted.
+            with _life_app_context(self._specter_app):
+                _run_all((self._lifecycle_stopping, self.on_stop), self._record_error)
         finally:
             try:
                 self._release()
@@ -762,18 +798,25 @@ class Service(_Owner):
         return self._cancel_timer(timeout_id)
 
     def cancel_greenlet(self: _S, glet: Greenlet) -> _S:
-        """Kill an owned greenlet and stop tracking it."""
+        """Kill an owned greenlet; it is tracked until it is dead.
+
+        Waits up to ``stop_timeout`` for it. One that refuses to die is
+        logged and listed in health()['stuck'], as at teardown, and stop()
+        tries again.
+        """
         if not isinstance(glet, Greenlet):
             raise TypeError("cancel_greenlet() takes a gevent Greenlet, got %s" % _describe(glet))
         if glet.dead:
             return self
         if glet not in self._tasks:
             raise ValueError("%r is not a greenlet of %s; only its own can be cancelled" % (glet, self.name))
-        self._tasks.discard(glet)
         if glet is getcurrent():
-            glet.kill(block=False)
+            glet.kill(block=False)  # ends at its next switch; _new_task's link forgets it then
         else:
-            glet.kill(block=True, timeout=self.stop_timeout)
+            try:
+                glet.kill(block=True, timeout=self.stop_timeout)
+            finally:
+                self._report_stuck((glet,))
         return self
 
     def supervise(self, callback: Callable[..., Any], *args: Any, max_restarts: int = 5,
@@ -827,6 +870,8 @@ class Service(_Owner):
             self._children = []
         if child not in self._children:
             self._children.append(child)
+        if child._specter_app is None:
+            child._specter_app = self._specter_app  # the parent's app context reaches its children
         if start:
             child.start()
         return self
@@ -859,13 +904,19 @@ class Service(_Owner):
             "last_error": self._last_error,
             "restarts": self._restarts,
             "failure": self._failure,
-            "stuck": list(self._stuck),
+            "stuck": [task.name for task in self._stuck if not task.dead],
             "children": [child.health() for child in self._children or ()],
             "resources": self._resource_health(),
         }
 
     def __repr__(self):
-        return "<%s %r %s>" % (type(self).__name__, self.name, self._status)
+        return "<%s %r %s>" % (type(self).__name__, self.name, getattr(self, "_status", "uninitialised"))
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not hasattr(init, "_service_checked"):
+            cls.__init__ = _service_check_init(cls, init)  # type: ignore[misc]
 
     def _lifecycle_started(self):
         # Subclasses with machinery of their own (QueueService) extend this
@@ -905,7 +956,8 @@ class Service(_Owner):
 
     def _run_task(self, callback, args, kwargs):
         try:
-            return callback(*args, **kwargs)
+            with _life_task_context(self._specter_app, callback):
+                return callback(*args, **kwargs)
         except _CALLBACK_ERRORS:
             self._record_error(getcurrent().name)
             return None
@@ -935,7 +987,8 @@ class Service(_Owner):
         failures = collections.deque()
         while True:
             try:
-                return callback(*args, **kwargs)
+                with _life_app_context(self._specter_app):  # a fresh context per attempt
+                    return callback(*args, **kwargs)
             except _CALLBACK_ERRORS as exc:
                 now = _now()
                 failures.append(now)
@@ -978,14 +1031,18 @@ class Service(_Owner):
         try:
             _kill_greenlets(others, self.stop_timeout)
         finally:
-            stuck = [task.name for task in others if not task.dead]
-            if stuck:
-                self._stuck = stuck
-                _service_log.error(
-                    "%s: %d greenlet(s) ignored GreenletExit for %s s: %s",
-                    self.name, len(stuck), self.stop_timeout, ", ".join(stuck),
-                )
+            self._report_stuck(others)
             self._tasks.difference_update(others)
+
+    def _report_stuck(self, killed):
+        """Log the greenlets of ``killed`` that outlived their kill; health() lists them while they live."""
+        stuck = [task for task in killed if not task.dead]
+        if stuck:
+            self._stuck = tuple(task for task in self._stuck if not task.dead and task not in stuck) + tuple(stuck)
+            _service_log.error(
+                "%s: %d greenlet(s) ignored GreenletExit for %s s: %s",
+                self.name, len(stuck), self.stop_timeout, ", ".join(task.name for task in stuck),
+            )
 
     def _release_listeners(self):
         listeners, self._listeners = self._listeners, None
@@ -1011,6 +1068,13 @@ class QueueService(Service):
     before ``on_stop`` whether or not a subclass calls super. ``stop()``
     drains the queue for up to ``drain_timeout`` seconds; whatever is still
     queued then goes to ``on_dropped(items)``, so nothing is lost silently.
+
+    The queue accepts items only while the service is starting or running:
+    stop() shuts it down (gevent's ``Queue.shutdown``) before anything else,
+    which refuses new items and blocked ``enqueue(block=True)`` calls alike,
+    lets the workers take what is queued, and ends each worker once the
+    queue is empty, the one that called stop() included. Every start gets a
+    fresh queue.
     """
 
     drain_timeout = 5.0
@@ -1020,7 +1084,8 @@ class QueueService(Service):
         self.worker_count = _check_count(worker_count, "worker_count", 1)
         self.maxsize = _check_count(maxsize, "maxsize", 0)
         self.poll_interval = _check_seconds(poll_interval, "poll_interval", positive=True)
-        self.queue = gevent.queue.JoinableQueue(maxsize or None)
+        self.queue = self._new_queue()
+        self.queue.shutdown()  # closed until start(): enqueue() refuses
         self._workers = ()
         self._processed = 0
         self._failed = 0
@@ -1039,15 +1104,22 @@ class QueueService(Service):
         """Receives what was still queued when the drain timed out."""
         _service_log.warning("%s: dropped %d queued item(s) at stop", self.name, len(items))
 
-    def enqueue(self, item: Any, *, block: bool = False, timeout: Optional[float] = None) -> bool:
-        """Queue ``item``; False when full (or the timeout passed) or not running."""
-        if self._status not in _ACTIVE:
-            return False
-        if block:
-            timeout = _check_seconds(timeout, "timeout", allow_none=True)
+    def enqueue(self, item: Any, block: bool = False, timeout: Optional[float] = None) -> bool:
+        """Queue ``item``; False when full (or the timeout passed) or not running.
+
+        A call blocked waiting for room returns False as soon as stop()
+        begins: the item stays with the caller. Pass ``block`` and
+        ``timeout`` by keyword.
+        """
+        # The hot path is one C call: the queue itself refuses items once
+        # it is shut down (stopped) or full. block and timeout are not
+        # keyword-only on purpose: CPython looks missing keyword-only
+        # defaults up in a dict on every call (about 20 ns, 8% of an item).
+        if block and timeout is not None:
+            timeout = _check_seconds(timeout, "timeout")
         try:
             self.queue.put(item, block, timeout)
-        except gevent.queue.Full:
+        except _QUEUE_REFUSED:
             return False
         return True
 
@@ -1075,7 +1147,12 @@ class QueueService(Service):
         }
         return report
 
+    def _new_queue(self):
+        return gevent.queue.JoinableQueue(self.maxsize or None)
+
     def _lifecycle_started(self):
+        if self.queue.is_shutdown:
+            self.queue = self._new_queue()
         self.on_start()
         self._workers = tuple(
             self.spawn(self._work, label="%s.worker-%d" % (self.name, index))
@@ -1084,33 +1161,46 @@ class QueueService(Service):
         self.on_workers_started()
 
     def _lifecycle_stopping(self):
-        try:
-            self.on_workers_stopping()
-        except Exception:
-            self._record_error("on_workers_stopping")
-        queue = self.queue
+        # First of all: no new item, and blocked enqueue() calls get False.
+        self.queue.shutdown()
         in_hand = 1 if getcurrent() in self._workers else 0
-        self._wait_idle(self.drain_timeout, in_hand)
-        dropped = []
-        while True:
+        try:
             try:
-                dropped.append(queue.get_nowait())
-            except gevent.queue.Empty:
-                break
+                self.on_workers_stopping()
+            except Exception:
+                self._record_error("on_workers_stopping")
+            self._wait_idle(self.drain_timeout, in_hand)
+        finally:
+            # Even when the drain was interrupted: what is queued is handed over.
+            self._drop_queued()
+        self._wait_idle(self.stop_timeout, in_hand)  # the items in hand finish
+        self._refresh_counters()
+        self._workers = ()
+
+    def _release(self):
+        # A start rolled back (or a stop whose drain step failed) must not
+        # leave accepted items behind either.
+        try:
+            self._drop_queued()
+        finally:
+            super()._release()
+
+    def _drop_queued(self):
+        """Shut the queue down and hand whatever is still in it to on_dropped()."""
+        queue = self.queue
+        queue.shutdown()
+        dropped = []
+        while queue.qsize():
+            dropped.append(queue.get_nowait())
             queue.task_done()
         if dropped:
             try:
                 self.on_dropped(dropped)
             except Exception:
                 self._record_error("on_dropped")
-        self._wait_idle(self.stop_timeout, in_hand)
-        self._refresh_counters()
-        if in_hand:
-            queue.put(_QUEUE_STOP)  # the worker stopping us ends once its item is done
-        self._workers = ()
 
     def _refresh_counters(self):
-        # Workers count on attributes (cheap); state mirrors them on demand.
+        # Workers publish their tallies in bulk (see _work); state mirrors them on demand.
         self.state.update(queue_size=self.queue.qsize(), processed=self._processed, failed=self._failed)
 
     def _wait_idle(self, timeout, in_hand):
@@ -1127,21 +1217,55 @@ class QueueService(Service):
             gevent.sleep(0.005)
 
     def _work(self):
-        get, done = self.queue.get, self.queue.task_done
+        # Counting in bulk: a worker tallies its items in locals and adds
+        # them to the service's counters after every _QUEUE_BATCH items,
+        # whenever the queue runs empty, and when it ends, so the hot loop
+        # touches no attribute. get(False) never waits: an empty queue ends
+        # the batch (Empty) and the worker publishes before it waits.
+        queue = self.queue
+        get, peek, done = queue.get, queue.peek, queue.task_done
         handle = self.handle_item
+        if self._specter_app is not None:  # a fresh app context per item, popped after it
+            handle = functools.partial(_life_in_app_context, self._specter_app, handle)
+        batch = range(_QUEUE_BATCH)
         while True:
-            item = get()
-            if item is _QUEUE_STOP:
-                done()
-                return
+            finished = failed = 0
             try:
-                handle(item)
-                self._processed += 1
-            except _CALLBACK_ERRORS:
-                self._failed += 1
-                self._record_error(getcurrent().name)
+                for finished in batch:  # ``finished`` items are done when the next one is taken
+                    item = get(False)
+                    try:
+                        handle(item)
+                    except _CALLBACK_ERRORS:
+                        self._record_error(getcurrent().name)
+                        failed += 1
+                    finally:
+                        done()
+                else:
+                    finished = _QUEUE_BATCH
+                    continue
+            except gevent.queue.Empty:
+                pass
+            except gevent.queue.ShutDown:
+                if not queue.qsize():
+                    return  # stopped and nothing left to take
+                continue
             finally:
-                done()
+                self._processed += finished - failed
+                self._failed += failed
+            try:
+                peek()  # wait for the next item without taking it
+            except gevent.queue.ShutDown:
+                # gevent wakes every waiting get() or peek() with ShutDown,
+                # even one an item had just been put for: end only when none is left.
+                if not queue.qsize():
+                    return
+
+
+_QUEUE_BATCH = 16  # items a busy worker handles between two updates of the counters
+
+
+# What a queue raises to refuse an item: full, or shut down (stopping or stopped).
+_QUEUE_REFUSED = (gevent.queue.Full, gevent.queue.ShutDown)
 
 
 _watcher_log = logging.getLogger("specter.watcher")
@@ -1164,6 +1288,7 @@ class Watcher:
     """
 
     stop_timeout = 5.0
+    _app = None  # the app whose context was current at start(); each round runs in a fresh one
 
     def __init__(self, name, *, poll=None, stream=None, interval=5.0, retry=True, max_backoff=30.0,
                  dedupe=False, transform=None):
@@ -1195,6 +1320,7 @@ class Watcher:
         """Start the loop in its own greenlet; idempotent."""
         if not self.running:
             self._started_at = _now()
+            self._app = _life_current_app()
             self._loop = gevent.spawn(self._run)
             self._loop.name = "watcher:%s" % self.name
         return self
@@ -1241,18 +1367,20 @@ class Watcher:
         while True:
             try:
                 if self.mode == "poll":
-                    self._deliver(self._source())
+                    with _life_app_context(self._app):  # popped after each round
+                        self._deliver(self._source())
                     failures = 0
                 else:
-                    iterator = iter(self._source())
-                    try:
-                        for item in iterator:
-                            self._deliver(item)
-                            failures = 0
-                    finally:
-                        close = getattr(iterator, "close", None)
-                        if close is not None:
-                            close()
+                    with _life_app_context(self._app):  # one stream is one round
+                        iterator = iter(self._source())
+                        try:
+                            for item in iterator:
+                                self._deliver(item)
+                                failures = 0
+                        finally:
+                            close = getattr(iterator, "close", None)
+                            if close is not None:
+                                close()
                     if not self.retry:
                         return
                 delay = self.interval
@@ -1283,9 +1411,6 @@ class Watcher:
                 fn(value, self)
             except Exception:
                 _watcher_log.exception("watcher %s: subscriber %s raised", self.name, _callable_name(fn))
-
-
-_QUEUE_STOP = object()  # tells the worker that stopped its QueueService to end
 
 
 def _kill_greenlets(greenlets, timeout):
@@ -1441,6 +1566,45 @@ class _Subscribers:
     def _resume(self):
         if not self.busy and self.pending:
             self._drain()
+
+
+_LIFE_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _life_current_app():
+    """The Flask app whose application context is current in this greenlet, or None."""
+    return flask.current_app._get_current_object() if flask.has_app_context() else None
+
+
+def _life_app_context(app):
+    """A context manager running a piece of background work inside ``app``'s application context.
+
+    A fresh context per callback, tick or item, popped when it returns, so
+    ``teardown_appcontext`` handlers run after it as they do after a
+    request. Work already inside ``app``'s context (``start()`` called from a
+    view) keeps that one: popping a nested context there would tear down
+    what the caller still uses. Without an app it costs nothing.
+    """
+    if app is None or (flask.has_app_context() and flask.current_app._get_current_object() is app):
+        return _LIFE_NO_CONTEXT
+    return app.app_context()
+
+
+def _life_in_app_context(app, fn, *args):
+    """Call ``fn(*args)`` inside ``app``'s application context (see _life_app_context)."""
+    with _life_app_context(app):
+        return fn(*args)
+
+
+def _life_task_context(app, callback):
+    """The context of an owned greenlet's callback; loops that push one per round run outside it."""
+    if app is None or getattr(callback, "__func__", None) in _LIFE_PER_ROUND:
+        return _LIFE_NO_CONTEXT
+    return _life_app_context(app)
+
+
+# Loops that push a context per round themselves (per attempt, per item).
+_LIFE_PER_ROUND = frozenset((Service._supervise, QueueService._work))
 
 
 ###############################################################################
@@ -2848,6 +3012,8 @@ _web_log = logging.getLogger("specter.web")
 
 
 _JSON_LIMIT_DEFAULT = 8 * 1024 * 1024
+_WEB_TOO_DEEP = "Request body is nested too deeply"
+_WEB_BODY_REQUIRED = "Request body is required"  # expect_json's default error
 
 
 class HTTPError(Exception):
@@ -2870,10 +3036,23 @@ class HTTPError(Exception):
         self.log_level = log_level
 
     def to_response(self) -> flask.Response:
-        """A Flask JSON response: payload plus ``error``, with ``status_code``."""
+        """A Flask JSON response: payload plus ``error``, with ``status_code``.
+
+        A payload JSON cannot encode is a bug on the server's side, not the
+        client's: it is logged and left out, and the client still gets the
+        message and the status as JSON rather than Flask's HTML 500.
+        """
         body = dict(self.payload)
         body["error"] = self.message
-        return _web_json(body, self.status_code)
+        try:
+            return _web_json(body, self.status_code)
+        except Exception:
+            _web_log.exception("HTTPError %d %r: its payload cannot be encoded as JSON; answering without it",
+                               self.status_code, self.message)
+        try:
+            return _web_json({"error": self.message}, self.status_code)
+        except Exception:  # the message itself is no JSON string
+            return _web_json({"error": "Internal server error"}, 500)
 
 
 def json_endpoint(error_message: Union[str, Callable[..., Any], None] = None, *,
@@ -2912,12 +3091,12 @@ def expect_json(*, required: Union[str, Iterable[str], None] = None, error: str 
                 allow_empty: bool = False) -> Dict[str, Any]:
     """The current request's JSON object body, or an HTTPError the client can act on.
 
-    Missing or unparsable bodies, and ``{}`` unless ``allow_empty``, are 400
-    with ``error``; a body that is not an object is 400; a body over the
-    size limit is 413 (Flask's ``MAX_CONTENT_LENGTH`` when set, else
-    ``SPECTER_MAX_JSON_BYTES``, 8 MiB by default); nesting too deep to
-    parse is 400; a form or text content type is 415. ``required`` fields
-    are checked with ``require_fields``.
+    No body is 400 with ``error``. A body that was sent but cannot be used
+    is 400 saying what was wrong: not JSON, sent as a form or text, empty
+    (``{}`` too, unless ``allow_empty``), not an object, nested too deep to
+    parse. A body over the size limit is 413 (Flask's ``MAX_CONTENT_LENGTH``
+    when set, else ``SPECTER_MAX_JSON_BYTES``, 8 MiB by default).
+    ``required`` fields are checked with ``require_fields``.
     """
     request = flask.request
     config = flask.current_app.config
@@ -2925,8 +3104,8 @@ def expect_json(*, required: Union[str, Iterable[str], None] = None, error: str 
     if request.content_length is not None and request.content_length > limit:
         raise HTTPError("Request body is too large (limit %d bytes)" % limit, 413)
     if request.mimetype and not request.is_json:
-        raise HTTPError("%s (send it as JSON with Content-Type: application/json, not %s)"
-                        % (error, request.mimetype), 400)
+        raise HTTPError(_web_body_error(error, "send the body as JSON (Content-Type: application/json); "
+                                               "it was sent as %s" % request.mimetype), 400)
     raw = request.get_data(cache=True) if request.content_length is not None \
         else request.stream.read(limit + 1)
     if len(raw) > limit:
@@ -2934,17 +3113,17 @@ def expect_json(*, required: Union[str, Iterable[str], None] = None, error: str 
     if not raw.strip():
         if allow_empty:
             return {}
-        raise HTTPError(error, 400)
+        raise HTTPError(_web_body_error(error, "the body is empty") if raw else error, 400)
     try:
         payload = flask.json.loads(raw, parse_constant=_web_refuse_constant)
     except RecursionError:
-        raise HTTPError("Request body is nested too deeply", 400) from None
+        raise HTTPError(_WEB_TOO_DEEP, 400) from None
     except ValueError:
-        raise HTTPError("%s (the body is not valid JSON)" % error, 400) from None
+        raise HTTPError(_web_body_error(error, "the body is not valid JSON"), 400) from None
     if not isinstance(payload, dict):
         raise HTTPError("Request body must be a JSON object, got %s" % _schema_kind(payload), 400)
     if not payload and not allow_empty:
-        raise HTTPError(error, 400)
+        raise HTTPError(_web_body_error(error, "the body is empty ({})"), 400)
     if required:
         require_fields(payload, required)
     return payload
@@ -2997,14 +3176,13 @@ class Router(_Owner):
     ``on_unmount`` and then the router's cleanups, newest first.
     """
 
-    name: Optional[str] = None
-    url_prefix: Optional[str] = None
+    name: str = "router"
+    url_prefix: Optional[str] = ""
 
     def __init__(self, name=None, *, url_prefix=None, import_name=None):
-        name = name or type(self).name or _web_snake(type(self).__name__)
-        self.name = _check_name(name, "router name")
+        self.name = _check_name(name or _web_default_name(self, Router), "router name")
         prefix = url_prefix if url_prefix is not None else type(self).url_prefix
-        if prefix is not None and (not isinstance(prefix, str) or not prefix.startswith("/")):
+        if prefix and (not isinstance(prefix, str) or not prefix.startswith("/")):
             raise ValueError("url_prefix must be a path starting with '/', got %r" % (prefix,))
         self.url_prefix = prefix
         self.import_name = import_name or type(self).__module__
@@ -3097,13 +3275,13 @@ class Handler(_Owner):
     coexist in priority order and teardown removes only this one's.
     """
 
-    name: Optional[str] = None
+    name: str = "unnamed_handler"
     namespace = "/"
     events: Dict[str, str] = {}
     event_priorities: Dict[str, int] = {}
 
     def __init__(self, name=None, *, namespace=None):
-        self.name = _check_name(name or type(self).name or _web_snake(type(self).__name__), "handler name")
+        self.name = _check_name(name or _web_default_name(self, Handler), "handler name")
         self.namespace = _web_namespace(namespace if namespace is not None else type(self).namespace)
         self._bindings = []
         self._socketio = None
@@ -3215,9 +3393,16 @@ class SocketIngress:
     Subscribers run in priority order (lower first; ties in subscription
     order) in the greenlet Flask-SocketIO gives the event. One that raises
     is logged, handed to the default-error subscribers, and the others still
-    run. The last non-None result is the handler's return value, i.e. the
-    client's ack. With ``schema=`` a subscriber only sees payloads that
-    validate (cleaned); an invalid one makes the ack the 400 error dict.
+    run; its result is what those subscribers return, else the generic 500
+    error dict. The last non-None result is the handler's return value, i.e.
+    the client's ack; one Socket.IO cannot encode is logged and replaced by
+    that error dict, so the client's call() never waits in vain. With
+    ``schema=`` a subscriber only sees payloads that validate (cleaned); an
+    invalid one makes the ack the 400 error dict.
+
+    Attached to a SocketIO, the ingress is also its default error handler:
+    an exception from any event handler on it, a plain ``@socketio.on`` one
+    included, is logged and reaches the default-error subscribers.
     """
 
     def __init__(self, socketio=None, *, name="socket_ingress"):
@@ -3241,6 +3426,7 @@ class SocketIngress:
         if self._socketio is not None and self._socketio is not socketio:
             raise RuntimeError("ingress %s is already attached to another SocketIO" % self.name)
         self._socketio = socketio
+        self._install_error_handler(socketio)
         for namespace, event in list(self._subs):
             self._bind(namespace, event)
         return self
@@ -3360,7 +3546,55 @@ class SocketIngress:
         subs = self._subs.get((namespace, event))
         if not subs:
             return None
-        return self._run(subs, event, args, {})
+        result = self._run(subs, event, args, {})
+        if result is None or result is False or event in ("connect", "disconnect"):
+            return result
+        return self._ackable(event, result)
+
+    def _ackable(self, event, result):
+        """``result`` if Socket.IO can send it as the ack, else the generic error (logged).
+
+        Socket.IO encodes the ack after the handler has returned, out of
+        anyone's reach: a set there would kill the sending greenlet and
+        leave the client's call() to time out. Encoding once here, with the
+        server's own packet class (binary parts and all), catches it.
+        """
+        packet_class = getattr(getattr(self._socketio, "server", None), "packet_class", None)
+        if packet_class is None:
+            return result
+        try:
+            packet_class(data=list(result) if isinstance(result, tuple) else [result]).encode()
+        except Exception:
+            _web_log.exception("ingress %s: the ack of %r cannot be encoded (%s); answering an error instead",
+                               self.name, event, _describe(result))
+            return _web_socket_error()
+        return result
+
+    def _install_error_handler(self, socketio):
+        """Become ``socketio``'s default error handler (the last ingress attached wins).
+
+        A default handler of the app's own, set before, is kept as the
+        first default-error subscriber, so it still runs and may still
+        answer the ack.
+        """
+        if not callable(getattr(socketio, "on_error_default", None)):
+            return
+        current = getattr(socketio, "default_exception_handler", None)
+        if current is not None and not isinstance(getattr(current, "__self__", None), SocketIngress):
+            self.subscribe_error_default(current, priority=-1)
+        socketio.on_error_default(self._on_socket_error)
+
+    def _on_socket_error(self, exc):
+        """Flask-SocketIO's default error handler: log, tell the subscribers, answer the ack."""
+        if _web_refusal(exc):
+            raise  # not a failure: python-socketio refuses the client, as without this handler
+        event = getattr(flask.request, "event", None) or {}
+        name = event.get("message") if isinstance(event, dict) else None
+        _web_log.exception("socket handler of %r raised", name)
+        if name == "connect":
+            return False  # fail closed, as the ingress's own connect subscribers do
+        result = self.dispatch_default_error(exc)
+        return _web_socket_error() if result is None else result
 
     def _run(self, subs, event, args, kwargs):
         result = None
@@ -3376,14 +3610,16 @@ class SocketIngress:
                 call_args = call_args[:entry.arity]
             try:
                 value = entry.callback(*call_args, **kwargs)
-            except ConnectionRefusedError:
-                raise  # Flask-SocketIO's way for a connect handler to refuse the client
             except Exception as exc:
+                if _web_refusal(exc):
+                    raise  # a connect handler refusing the client: python-socketio answers it
                 _web_log.exception("ingress %s: subscriber %s of %r raised", self.name,
                                    _callable_name(entry.callback), event)
                 if event == "connect":
                     return False  # fail closed: a crashed check must not let the client in
                 value = self.dispatch_default_error(exc)
+                if value is None:
+                    value = _web_socket_error()
             if value is False and event == "connect":
                 return False  # one refusal is final, whatever later subscribers say
             if value is not None:
@@ -3445,16 +3681,18 @@ class Controller(Service):
         return self._blueprint
 
     def create_handler(self) -> Handler:
-        """A new Handler carrying the events added by build_events()."""
-        handler = Handler(self.name)
-        handler._gate = lambda: self.running
-        self.build_events(handler)
-        return handler
+        """The controller's Handler, carrying the events added by build_events(); built once."""
+        if self._handler is None:
+            handler = Handler(self.name)
+            handler._gate = lambda: self.running
+            self.build_events(handler)
+            self._handler = handler
+        return self._handler
 
     def build_handler(self, socketio: Any = None) -> Handler:
         """The controller's Handler, built once (and set up when ``socketio`` is given)."""
         if self._handler is None:
-            self._handler = self.create_handler()
+            self._handler = self.create_handler()  # a subclass's create_handler may build its own
         if socketio is not None:
             self._handler.setup(socketio)
         return self._handler
@@ -3511,17 +3749,19 @@ class Controller(Service):
 class ServiceManager(Service):
     """The composition root: registers services, handlers and controllers, boots and shuts down.
 
-    ``boot()`` starts the manager, provides ``'service_manager'`` and
-    ``'socket_ingress'`` (plus any providers), starts services in
-    registration order (rolling back on failure), sets up handlers, and
-    installs an atexit hook and SIGTERM/SIGINT handlers that shut down once.
-    ``shutdown()`` tears handlers down and stops services in reverse, clears
-    the ingress and the registry, and stops the manager.
+    ``boot()`` installs SIGTERM/SIGINT handlers that shut down once, starts
+    the manager, provides ``'service_manager'``, ``'socket_ingress'`` and
+    ``'socketio'`` (plus any providers), starts services in registration
+    order (rolling back on failure), sets up handlers, and installs an
+    atexit hook. ``shutdown()`` tears handlers down and stops services in
+    reverse, disconnects Socket.IO clients, clears the ingress and the
+    registry, and stops the manager.
     """
 
-    def __init__(self, app=None, socketio=None, *, signals=True, name="service_manager"):
+    def __init__(self, app=None, socketio=None, *, signals=True, name="service_manager", probes=False,
+                 block_threshold=None):
         super().__init__(name)
-        self._app = app
+        self._app = None
         self._socketio = socketio
         self._signals = bool(signals)
         self._ingress = SocketIngress(socketio) if socketio is not None else SocketIngress()
@@ -3529,18 +3769,19 @@ class ServiceManager(Service):
         self._handlers = []
         self._providers = []
         self._booted = False
+        self._booting = None  # the greenlet running boot(), while it runs
+        self._boot_phase = None  # 'starting', then 'rolling back' if it fails or is cancelled
+        self._boot_cancelled = False
+        self._boot_done = None
         self._shutting_down = False
         self._shutdown_greenlet = None
         self._shutdown_done = None
         self._signal_watchers = []
         self._atexit = False
         self._server = None
+        self._ops = _WebOperations(self, probes, block_threshold)
         if app is not None:
-            # Like any Flask extension: findable on the app, and an HTTPError
-            # raised in any of its views is answered as JSON.
-            app.extensions["specter"] = self
-            if HTTPError not in app.error_handler_spec[None][None]:  # keep the app's own
-                app.register_error_handler(HTTPError, _web_http_error)
+            self._ops.bind(app, socketio)
 
     @property
     def app(self) -> Optional[flask.Flask]:
@@ -3563,98 +3804,131 @@ class ServiceManager(Service):
         """The gevent WSGIServer while run() serves (its ``server_port`` is the bound port), else None."""
         return self._server
 
-    def register_service(self, service: _S) -> _S:
-        """Add a service (started at boot, or at once if already booted)."""
+    def init_app(self, app: flask.Flask, socketio: Any = None) -> ServiceManager:
+        """Bind the manager to ``app`` (and its Flask-SocketIO), as a Flask extension does.
+
+        For the app-factory pattern: a manager made at import time binds to
+        the app ``create_app()`` builds. The manager becomes
+        ``app.extensions['specter']``; HTTPError raised in any view is
+        answered as JSON; controllers registered so far get their routes
+        mounted; the probes (if on) are added; ``flask specter`` joins
+        ``app.cli``; registered services run their background work in the
+        app's context. ``socketio`` defaults to the one already on the app.
+        Binding the same app again does nothing; one manager serves one app.
+        """
+        if not isinstance(app, flask.Flask):
+            raise TypeError("init_app() takes a Flask app, got %s" % _describe(app))
+        if socketio is None and self._socketio is None:
+            socketio = app.extensions.get("socketio")  # where Flask-SocketIO records itself
+        self._ops.bind(app, socketio)
+        return self
+
+    def register_service(self, service: Service) -> ServiceManager:
+        """Add a service (started at boot, or at once if already booted); returns the manager."""
         if not isinstance(service, Service):
             raise TypeError("register_service() takes a Service, got %s" % _describe(service))
+        self._ops.adopt_app(service)
         if service not in self._services:
             self._services.append(service)
             if self._booted:
                 service.start()
-        return service
+        return self
 
-    def register_handler(self, handler: _T) -> _T:
-        """Add a handler (set up at boot, or at once if already booted)."""
+    def register_handler(self, handler: Any) -> ServiceManager:
+        """Add a handler (set up at boot, or at once if already booted); returns the manager."""
         if not callable(getattr(handler, "setup", None)) or not callable(getattr(handler, "teardown", None)):
             raise TypeError("register_handler() takes an object with setup() and teardown(), got %s"
                             % _describe(handler))
         if handler not in self._handlers:
             self._handlers.append(handler)
             if self._booted:
-                handler.setup(self._socketio)  # type: ignore[attr-defined]  # any object with setup()
-        return handler
+                handler.setup(self._socketio)
+        return self
 
-    def register_controller(self, controller: _C, *, url_prefix: Optional[str] = None) -> _C:
-        """Add a controller: its blueprint goes on the app, its handler is managed."""
+    def register_controller(self, controller: Controller, *, url_prefix: Optional[str] = None) -> ServiceManager:
+        """Add a controller: its blueprint goes on the app, its handler is managed; returns the manager."""
         if not isinstance(controller, Controller):
             raise TypeError("register_controller() takes a Controller, got %s" % _describe(controller))
         if self._app is not None:
-            blueprint = controller.build_blueprint(url_prefix)
-            registered = self._app.blueprints.get(blueprint.name)
-            if registered is None:
-                self._app.register_blueprint(blueprint)
-            elif registered is not blueprint:
-                raise ValueError(
-                    "the app already has a blueprint named %r (from another controller or router); "
-                    "give this controller another name" % blueprint.name)
+            _web_mount_controller(self._app, controller, url_prefix)
+        else:
+            self._ops.unmounted.append((controller, url_prefix))  # mounted by init_app()
         self.register_service(controller)
-        self.register_handler(controller.build_handler())
-        return controller
+        return self.register_handler(controller.build_handler())
 
     def boot(self, providers: Optional[Dict[str, Any]] = None) -> ServiceManager:
-        """Start everything; idempotent. A service that fails to start undoes the boot."""
+        """Start everything; idempotent. A service that fails to start undoes the boot.
+
+        Signal handlers go in first, so a SIGTERM at any point from here on
+        rolls back or shuts down what was started. ``shutdown()`` called
+        while boot() runs cancels it: boot() stops starting things, stops
+        what it started and returns with ``booted`` False. A boot() from
+        another greenlet while one runs waits for it.
+        """
         if providers:
             self._add_providers(providers)
         if self._booted:
             return self
-        self.start()
-        started = []
+        if self._booting is not None:
+            if self._booting is not getcurrent():
+                self._boot_done.wait()
+            return self
+        if self._shutting_down:
+            raise RuntimeError("%s: cannot boot() while shutdown() is under way" % self.name)
+        self._booting = getcurrent()
+        self._boot_phase = "starting"
+        self._boot_cancelled = False
+        self._boot_done = gevent.event.Event()
+        started: List[Service] = []
         try:
-            registry.provide("service_manager", self, owner=self, replace=True)
-            registry.provide("socket_ingress", self._ingress, owner=self, replace=True)
-            for key, value in self._providers:
-                registry.provide(key, value, owner=self, replace=True)
-            for service in self._services:
-                service.start()
-                started.append(service)
-            self._booted = True
-            for handler in self._handlers:
-                handler.setup(self._socketio)
+            self._start_all(started)
+        except _BootCancelled:
+            self._roll_back(started)
+            _web_log.info("boot cancelled by shutdown(); what it started is stopped")
+            return self
         except BaseException:
-            _web_log.error("boot failed; stopping what was started")
-            self._booted = False
-            for handler in reversed(self._handlers):
-                handler.teardown()
-            for service in reversed(started):
-                service.stop()
-            self.stop()
+            if self._boot_cancelled:
+                _web_log.info("boot interrupted; stopping what was started")
+            else:
+                _web_log.error("boot failed; stopping what was started")
+            self._roll_back(started)
             raise
+        finally:
+            self._booting = None
+            self._boot_phase = None
+            self._boot_done.set()
         if not self._atexit:
             atexit.register(self._at_exit)
             self._atexit = True
-        if self._signals:
-            self._install_signals()
         _web_log.info("booted %d service(s) and %d handler(s)", len(self._services), len(self._handlers))
         return self
 
     def shutdown(self) -> ServiceManager:
-        """Tear everything down in reverse; idempotent.
+        """Tear everything down in reverse; idempotent while nothing is left to stop.
 
-        A call while another greenlet shuts down waits for it to finish.
+        A call while another greenlet shuts down waits for it to finish. A
+        call while boot() runs cancels the boot: from another greenlet it
+        interrupts boot() where it is and waits until boot() has stopped
+        what it started; from inside boot() (a service's on_start), boot()
+        starts nothing more once that on_start returns.
         """
+        current = getcurrent()
         if self._shutting_down:
-            if self._shutdown_greenlet is not getcurrent():
+            if self._shutdown_greenlet is not current:
                 self._shutdown_done.wait()
             return self
-        if not self._booted and not self.running:
+        booting = self._booting
+        if booting is None and not self._has_work():
             return self
         self._shutting_down = True
-        self._shutdown_greenlet = getcurrent()
+        self._shutdown_greenlet = current
         self._shutdown_done = gevent.event.Event()
-        steps = [handler.teardown for handler in reversed(self._handlers)]
-        steps += [service.stop for service in reversed(self._services)]
-        steps += [self._ingress.clear, self.stop, registry.clear, self._stop_server]
         try:
+            if booting is not None:
+                self._cancel_boot(booting)
+            steps = [handler.teardown for handler in reversed(self._handlers)]
+            steps += [service.stop for service in reversed(self._services)]
+            steps += [self._disconnect_clients, self._ingress.clear, self.stop, registry.clear, self._stop_server]
             _run_all(steps, self._record_error)
         finally:
             self._shutting_down = False
@@ -3683,6 +3957,8 @@ class ServiceManager(Service):
             raise TypeError("run() got unexpected keyword argument(s) %s; it accepts log_output and "
                             "gevent WSGIServer options: %s" % (", ".join(unknown), ", ".join(sorted(_WEB_SERVER_OPTIONS))))
         self.boot()
+        if not self._booted:
+            return self  # shutdown() cancelled the boot: nothing to serve
         kwargs.setdefault("handler_class", _WebSocketClosingHandler)
         server = pywsgi.WSGIServer((host, port), self._app, log="default" if log_output else None, **kwargs)
         self._server = server
@@ -3695,18 +3971,81 @@ class ServiceManager(Service):
         return self
 
     def health(self) -> Dict[str, Any]:
-        """The manager's health with every service's nested under ``services``.
+        """The manager's health, with ``services`` and ``handlers`` keyed by name.
 
-        ``status`` is 'degraded' while the manager runs but a service does not.
+        Each service's value is its own health tree; each handler's has at
+        least ``registered``. ``status`` is 'degraded' while the manager runs
+        but a service does not.
         """
         report = super().health()
         report["booted"] = self._booted
-        report["services"] = [service.health() for service in self._services]
-        if report["status"] == "ok" and any(child["status"] != "ok" for child in report["services"]):
+        report["services"] = _web_by_name(service.health() for service in self._services)
+        if report["status"] == "ok" and any(child["status"] != "ok" for child in report["services"].values()):
             report["status"] = "degraded"
-        report["handlers"] = [_web_health(handler) for handler in self._handlers]
+        report["handlers"] = _web_by_name(_web_health(handler) for handler in self._handlers)
         report["ingress"] = self._ingress.health()
+        report["loop"] = self._ops.loop_health()
         return report
+
+    def _start_all(self, started):
+        """boot()'s work: what it starts goes into ``started``, for a rollback."""
+        if self._signals:
+            self._install_signals()
+        self.start()
+        registry.provide("service_manager", self, owner=self, replace=True)
+        registry.provide("socket_ingress", self._ingress, owner=self, replace=True)
+        if self._socketio is not None:
+            # How a plain Service reaches Socket.IO clients: Service.emit is the in-process bus.
+            registry.provide("socketio", self._socketio, owner=self, replace=True)
+        for key, value in self._providers:
+            registry.provide(key, value, owner=self, replace=True)
+        for service in self._services:  # the loop also sees services an on_start registers
+            self._check_boot()
+            service.start()
+            started.append(service)
+        self._check_boot()
+        self._booted = True
+        for handler in self._handlers:
+            handler.setup(self._socketio)
+        self._check_boot()
+
+    def _check_boot(self):
+        if self._boot_cancelled:
+            raise _BootCancelled()
+
+    def _cancel_boot(self, booting):
+        """Make a running boot() stop and roll back; from another greenlet, wait for that."""
+        self._boot_cancelled = True
+        if booting is getcurrent():
+            return  # inside boot(): it checks the flag as soon as the current step returns
+        self._interrupt_boot(booting, _BootCancelled())
+        self._boot_done.wait()
+
+    def _interrupt_boot(self, booting, exc):
+        """Soon raise ``exc`` in the booting greenlet where it waits, unless it is rolling back by then.
+
+        The hub does it, as it delivers a gevent.Timeout: the check runs
+        while that greenlet is suspended, so its phase cannot change under it.
+        """
+        def interrupt():
+            if self._booting is booting and self._boot_phase == "starting" and not booting.dead:
+                booting.throw(exc)
+        gevent.get_hub().loop.run_callback(interrupt)
+
+    def _roll_back(self, started):
+        """Undo a boot: handlers torn down, started services stopped in reverse, the manager stopped."""
+        self._boot_phase = "rolling back"
+        self._booted = False
+        steps = [handler.teardown for handler in reversed(self._handlers)]
+        steps += [service.stop for service in reversed(started)]
+        steps += [self.stop, self._remove_signals]
+        _run_all(steps, self._record_error)
+
+    def _has_work(self):
+        """Whether anything shutdown() releases is still up (so a repeat call is not a no-op then)."""
+        return (self._booted or self._server is not None or self._status not in ("created", "stopped")
+                or any(service.status not in ("created", "stopped") for service in self._services)
+                or any(getattr(handler, "registered", False) for handler in self._handlers))
 
     def _add_providers(self, providers):
         if not isinstance(providers, dict):
@@ -3721,6 +4060,42 @@ class ServiceManager(Service):
                 registry.provide(key, value, owner=self, replace=True)
                 if isinstance(value, Service):
                     value.start()
+
+    def _disconnect_clients(self):
+        """Disconnect every Socket.IO client of this process, after the services' final emits.
+
+        Each session gets Socket.IO's disconnect packet behind whatever it
+        still has to receive, so clients see those messages and then a clean
+        'server disconnect' (not a 'transport error' when the server or the
+        program goes away); server-side 'disconnect' handlers run as for any
+        disconnect. The wait, at most ``stop_timeout``, lasts until every
+        client has taken its packets (or closed) and the loop has gone idle,
+        i.e. the writers have put them on the wire.
+        """
+        server = getattr(self._socketio, "server", None)
+        rooms = getattr(getattr(server, "manager", None), "rooms", None)
+        if not rooms:
+            return
+        sockets = list(getattr(server.eio, "sockets", {}).values())
+        count = 0
+        for namespace in list(server.manager.get_namespaces()):
+            for sid, _ in list(server.manager.get_participants(namespace, None)):
+                # ignore_queue: these are this process's own clients; a message
+                # queue must not carry the disconnect to other processes.
+                server.disconnect(sid, namespace=namespace, ignore_queue=True)
+                count += 1
+        timer = gevent.Timeout.start_new(self.stop_timeout)
+        try:
+            while any(not sock.closed and not sock.queue.empty() for sock in sockets):
+                gevent.sleep(_WEB_FLUSH_STEP)
+            gevent.idle()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            _web_log.warning("Socket.IO clients did not take their disconnect within %s s", self.stop_timeout)
+        finally:
+            timer.close()
+        _web_log.debug("disconnected %d Socket.IO session(s)", count)
 
     def _stop_server(self):
         self._booted = False
@@ -3752,31 +4127,51 @@ class ServiceManager(Service):
                     _web_log.debug("cannot restore the handler of signal %s: %s", signum, exc)
 
     def _on_signal(self, signum):
-        if self._shutting_down:
-            _web_log.warning("signal %s: already shutting down", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self._shutting_down or self._boot_cancelled:
+            _web_log.warning("signal %s: already shutting down", name)
             return
-        _web_log.info("signal %s: shutting down", signal.Signals(signum).name)
+        _web_log.info("signal %s: shutting down", name)
+        main = gevent.get_hub().parent
+        if self._booting is main:
+            # boot() runs in the main greenlet: end the program there, as
+            # Ctrl-C would; boot() stops what it started and SystemExit(0)
+            # goes on up (while it is already rolling back, it finishes that).
+            self._boot_cancelled = True
+            self._interrupt_boot(main, SystemExit(0))
+            return
         serving = self._server is not None
         self.shutdown()
         if not serving:
             # Nothing of ours is serving, so end the program the way Python
             # would: SystemExit in the main greenlet (raising it here would
             # only end this signal greenlet, whose watcher shutdown() closed).
-            gevent.get_hub().parent.throw(SystemExit(0))
+            main.throw(SystemExit(0))
 
     def _at_exit(self):
-        if self._booted:
+        if self._has_work():
             try:
                 self.shutdown()
             except Exception:
                 _web_log.exception("shutdown at exit raised")
 
+    def _lifecycle_started(self):
+        # boot() starts the manager first: the loop monitor then also sees a
+        # blocking on_start, and the warning about unmounted routes comes first.
+        self._ops.starting()
+        super()._lifecycle_started()
+
+    def _lifecycle_stopping(self):
+        super()._lifecycle_stopping()
+        self._ops.stopping()
+
 
 def boot(app: flask.Flask, socketio: Any, *, services: Optional[Iterable[Service]] = None,
          handlers: Optional[Iterable[Any]] = None, controllers: Optional[Iterable[Controller]] = None,
-         providers: Optional[Dict[str, Any]] = None, signals: bool = True) -> ServiceManager:
+         providers: Optional[Dict[str, Any]] = None, signals: bool = True,
+         probes: Union[bool, str] = False, block_threshold: Optional[float] = None) -> ServiceManager:
     """Register everything on a new ServiceManager, boot it and return it."""
-    manager = ServiceManager(app, socketio, signals=signals)
+    manager = ServiceManager(app, socketio, signals=signals, probes=probes, block_threshold=block_threshold)
     if providers:
         manager._add_providers(providers)
     for service in services or ():
@@ -3801,6 +4196,10 @@ class _WebSocketClosingHandler(pywsgi.WSGIHandler):
             self.close_connection = True
 
 
+class _BootCancelled(BaseException):
+    """Raised inside boot() by shutdown(): a BaseException, so no ``except Exception`` in an on_start keeps it."""
+
+
 class _IngressSubscriber:
     __slots__ = ("callback", "priority", "seq", "schema", "arity")
 
@@ -3814,6 +4213,8 @@ class _IngressSubscriber:
     def order(self):
         return (self.priority, self.seq)
 
+
+_WEB_FLUSH_STEP = 0.005  # how often shutdown looks whether clients took their disconnect (seconds)
 
 _WEB_SERVER_OPTIONS = frozenset((
     "backlog", "spawn", "error_log", "handler_class", "environ", "keyfile", "certfile", "ca_certs",
@@ -3843,9 +4244,58 @@ def _web_http_error(exc, log=_web_log):
 
 def _web_server_error(exc):
     """A blueprint's unhandled error, as JSON (Flask has logged it already)."""
-    if isinstance(getattr(exc, "original_exception", None), RecursionError):
-        return _web_json({"error": "Request body is nested too deeply"}, 400)
+    if _web_too_deep(getattr(exc, "original_exception", None)):
+        return _web_json({"error": _WEB_TOO_DEEP}, 400)
     return _web_json({"error": "Internal server error"}, 500)
+
+
+def _web_too_deep(exc):
+    """True for the RecursionError of a JSON decoder given absurdly nested input.
+
+    That is the client's fault (``request.get_json()`` on a hostile body),
+    so it is a 400; a RecursionError anywhere else is the server's own bug.
+    The innermost frame tells them apart: the decoder's module (``json.decoder``,
+    or whichever JSON library the app's provider uses) has "json" in its name.
+    """
+    if not isinstance(exc, RecursionError):
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "json" in (tb.tb_frame.f_globals.get("__name__") or "")
+
+
+def _web_body_error(error, reason):
+    """The message for a body that was sent but is unusable: what was wrong, first.
+
+    The default ``error`` ("Request body is required") would be untrue
+    once a body arrived, so the reason stands alone; an ``error`` of the
+    caller's own leads, with the reason after a colon.
+    """
+    if error == _WEB_BODY_REQUIRED:
+        return reason[0].upper() + reason[1:]
+    return "%s: %s" % (error, reason)
+
+
+def _web_refusal(exc):
+    """Whether ``exc`` is a connect handler refusing the client.
+
+    python-socketio takes Python's ConnectionRefusedError and its own (which
+    Flask-SocketIO re-exports, and which is no subclass of Python's) as a
+    refusal. Its module is looked up, not imported: if nothing loaded it,
+    nothing can have raised its exception.
+    """
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    exceptions = sys.modules.get("socketio.exceptions")
+    return exceptions is not None and isinstance(exc, exceptions.ConnectionRefusedError)
+
+
+def _web_socket_error():
+    """The ack of a socket event whose handling failed: no details, a status, JSON."""
+    return Outcome.failure("Internal server error", status=500).to_dict()
 
 
 def _web_refuse_constant(name):
@@ -3883,6 +4333,10 @@ def _web_response(result):
 def _web_error_response(exc, message, log, include_trace):
     if isinstance(exc, HTTPError):
         return _web_http_error(exc, log)
+    if isinstance(exc, werkzeug.exceptions.HTTPException) and exc.response is not None:
+        return exc.get_response()  # abort(response): the view chose the response itself
+    if _web_too_deep(exc):
+        return _web_json({"error": _WEB_TOO_DEEP}, 400)
     if isinstance(exc, werkzeug.exceptions.HTTPException) and exc.code is not None:
         if exc.code < 400:
             return exc.get_response()  # redirects stay redirects
@@ -3952,9 +4406,22 @@ def _web_schema(schema):
 
 def _web_health(obj):
     health = getattr(obj, "health", None)
-    if callable(health):
-        return health()
-    return {"name": getattr(obj, "name", repr(obj)), "registered": getattr(obj, "registered", None)}
+    report = dict(health()) if callable(health) else {}
+    report.setdefault("name", getattr(obj, "name", None) or repr(obj))
+    report.setdefault("registered", getattr(obj, "registered", None))
+    return report
+
+
+def _web_by_name(reports):
+    """Health reports keyed by their ``name``, in order; a repeated name gets '#2', '#3'..."""
+    keyed: Dict[str, Any] = {}
+    for report in reports:
+        key, count = report["name"], 1
+        while key in keyed:
+            count += 1
+            key = "%s#%d" % (report["name"], count)
+        keyed[key] = report
+    return keyed
 
 
 def _web_arity(callback):
@@ -3972,8 +4439,445 @@ def _web_arity(callback):
     return count
 
 
+def _web_default_name(obj, base):
+    """The name of a Router or Handler built without one.
+
+    A class that sets ``name`` gives it; a subclass that does not is named
+    after itself in snake case (``JobsRouter`` -> ``'jobs_router'``), so two
+    such classes do not share a name; ``base`` itself keeps its class
+    default ('router', 'unnamed_handler').
+    """
+    for klass in type(obj).__mro__:
+        if klass is base:
+            break
+        if vars(klass).get("name"):
+            return vars(klass)["name"]
+    return base.name if type(obj) is base else _web_snake(type(obj).__name__)
+
+
 def _web_snake(name):
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _web_mount_controller(app, controller, url_prefix):
+    """Register ``controller``'s blueprint on ``app`` once; another blueprint of that name is an error."""
+    blueprint = controller.build_blueprint(url_prefix)
+    registered = app.blueprints.get(blueprint.name)
+    if registered is None:
+        app.register_blueprint(blueprint)
+    elif registered is not blueprint:
+        raise ValueError(
+            "the app already has a blueprint named %r (from another controller or router); "
+            "give this controller another name" % blueprint.name)
+
+
+_loop_log = logging.getLogger("specter.loop")
+
+
+class _WebOperations:
+    """What a manager adds for operators: the app binding, probes, the loop monitor and the CLI.
+
+    Kept apart from ServiceManager so its boot and shutdown only call out
+    here: ``bind`` when an app arrives, ``starting``/``stopping`` as the
+    manager starts and stops.
+    """
+
+    def __init__(self, manager, probes, block_threshold):
+        self.manager = manager
+        self.probes = _web_probe_prefix(probes)
+        self.threshold = _check_seconds(block_threshold, "block_threshold", allow_none=True, positive=True)
+        self.unmounted = []  # (controller, url_prefix) registered before the manager had an app
+        self.monitor = None
+
+    def bind(self, app, socketio):
+        """Bind the manager to ``app`` (and ``socketio``): see ServiceManager.init_app()."""
+        manager = self.manager
+        if manager._app is not None and manager._app is not app:
+            raise RuntimeError("%s is already bound to the app %r; one manager serves one app, so make "
+                               "another ServiceManager for %r" % (manager.name, manager._app.name, app.name))
+        if socketio is not None and manager._socketio is not None and socketio is not manager._socketio:
+            raise RuntimeError("%s already uses another SocketIO; pass the same one to init_app()" % manager.name)
+        if socketio is not None:
+            manager._socketio = socketio
+            if manager._ingress.socketio is None:
+                manager._ingress.attach(socketio)
+        if manager._app is app:
+            return
+        manager._app = app
+        # Like any Flask extension: findable on the app, and an HTTPError
+        # raised in any of its views is answered as JSON.
+        app.extensions["specter"] = manager
+        if HTTPError not in app.error_handler_spec[None][None]:  # keep the app's own
+            app.register_error_handler(HTTPError, _web_http_error)
+        for service in [manager] + manager._services:
+            self.adopt_app(service)
+        unmounted, self.unmounted = self.unmounted, []
+        for controller, url_prefix in unmounted:
+            _web_mount_controller(app, controller, url_prefix)
+        if self.probes is not None:
+            _web_probes_mount(app, manager, self.probes)
+        app.cli.add_command(_web_cli_group(manager))
+
+    def adopt_app(self, service):
+        """Run ``service``'s background work in the manager's app context (unless it has an app)."""
+        if service._specter_app is None:
+            service._specter_app = self.manager._app
+
+    def starting(self):
+        routed = [controller.name for controller, _ in self.unmounted
+                  if type(controller).build_routes is not Controller.build_routes
+                  and not controller.health()["has_blueprint"]]
+        if routed:
+            _web_log.warning("the HTTP routes of %s are not served: the manager has no Flask app. Call "
+                             "manager.init_app(app) before boot() (app-factory pattern), or make the "
+                             "manager with the app", ", ".join(routed))
+        if self.threshold is not None and self.monitor is None:
+            self.monitor = _WebLoopMonitor(self.manager, self.threshold)
+            self.monitor.start()
+
+    def stopping(self):
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.stop()
+
+    def loop_health(self):
+        if self.monitor is not None:
+            return self.monitor.health()
+        return {"monitor": False, "threshold": self.threshold, "blocked": 0, "longest": 0.0, "last_stack": None}
+
+    def blocked(self):
+        return self.monitor is not None and self.monitor.blocked_now()
+
+
+class _WebLoopMonitor:
+    """gevent's own loop monitor, reported through ``specter.loop``, health() and the bus.
+
+    gevent's monitor thread checks every ``threshold`` seconds whether the
+    hub switched greenlets; when it did not, it notifies an
+    ``EventLoopBlocked`` with the stack of the greenlet that holds the
+    loop. That notification arrives in the monitor thread, so this class
+    only logs there (so a loop blocked for good is still reported) and
+    records; the counters and the ``'loop:blocked'`` event are handled in
+    the hub once the loop runs again, woken by a thread-safe async watcher.
+    """
+
+    log_every = 60.0  # the same stack is logged at most once per this many seconds
+
+    def __init__(self, manager, threshold):
+        self.manager = manager
+        self.threshold = threshold
+        self.blocked = 0
+        self.longest = 0.0
+        self.last_stack = None
+        self._reports = collections.deque()  # appended by the monitor thread, drained by the hub
+        self._last_report = None
+        self._in_block = False
+        self._logged = {}
+        self._hub = None
+        self._wakeup = None
+        self._saved = None
+        self._own_thread = False
+
+    def start(self):
+        import gevent.events  # only when asked for: it loads zope.event
+        hub = gevent.get_hub()
+        config = gevent.config
+        self._saved = (config.monitor_thread, config.max_blocking_time, config.print_blocking_reports)
+        config.max_blocking_time = self.threshold  # gevent's monitor rereads it every round
+        config.print_blocking_reports = False  # reported through logging instead
+        config.monitor_thread = True
+        self._hub = hub
+        self._wakeup = hub.loop.async_()
+        self._wakeup.ref = False  # must not keep the loop alive on its own
+        self._wakeup.start(self._drain)
+        gevent.events.subscribers.append(self._on_blocked)
+        if hub.periodic_monitoring_thread is None:
+            with warnings.catch_warnings():
+                # Memory monitoring (which wants psutil) is gevent's other job; not ours.
+                warnings.filterwarnings("ignore", message="Unable to monitor memory usage")
+                hub.start_periodic_monitoring_thread()
+            self._own_thread = True
+        _loop_log.debug("loop monitor on, threshold %s s", self.threshold)
+        return self
+
+    def stop(self):
+        import gevent.events
+        if self._hub is None:
+            return
+        try:
+            gevent.events.subscribers.remove(self._on_blocked)
+        except ValueError:
+            pass  # someone cleared gevent's subscriber list already
+        hub, self._hub = self._hub, None
+        if self._own_thread and hub.periodic_monitoring_thread is not None:
+            hub.periodic_monitoring_thread.kill()  # the thread ends when its current sleep does
+            hub.periodic_monitoring_thread = None
+        config = gevent.config
+        config.monitor_thread, config.max_blocking_time, config.print_blocking_reports = self._saved
+        self._wakeup.stop()
+        self._wakeup.close()
+        self._drain()  # a block seen just before the stop still counts
+        _loop_log.debug("loop monitor off")
+
+    def health(self):
+        return {"monitor": self._hub is not None, "threshold": self.threshold, "blocked": self.blocked,
+                "longest": round(self.longest, 3), "last_stack": self.last_stack}
+
+    def blocked_now(self):
+        """True while gevent reports the loop blocked, and for one more threshold after its last report.
+
+        The loop cannot answer while it is blocked; the extra threshold makes
+        a probe that waited out the block answer 503, since the block ended
+        at most one monitor round after the last report.
+        """
+        last = self._last_report
+        return last is not None and _monotonic() - last < 2 * self.threshold
+
+    def _on_blocked(self, event):
+        """A gevent event subscriber: runs in gevent's monitor thread, never in the hub."""
+        import gevent.events
+        hub = self._hub
+        if hub is None or not isinstance(event, gevent.events.EventLoopBlocked) \
+                or getattr(event, "hub", hub) is not hub:
+            return
+        now = _monotonic()
+        stack = _web_loop_stack(event.info)
+        name = _web_loop_greenlet_name(event.greenlet)
+        self._last_report = now
+        # The loop's clock stands still while it is blocked: it says when the loop last polled.
+        self._reports.append((hub.loop.now(), name, stack))
+        if not self._in_block:  # one warning per block, not one per monitor round
+            self._in_block = True
+            logged = self._logged.get(stack)
+            if logged is None or now - logged >= self.log_every:
+                self._logged[stack] = now
+                _loop_log.warning("the event loop is blocked (over %s s) by greenlet %s; its stack:\n%s",
+                                  self.threshold, name, stack)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.send()  # thread-safe; runs _drain in the hub once the loop is free
+
+    def _drain(self):
+        """In the hub, once the loop runs again: count the block and announce it."""
+        self._in_block = False
+        if not self._reports:
+            return
+        first = self._reports[0]
+        while self._reports:
+            self._reports.popleft()
+        loop = self._hub.loop if self._hub is not None else gevent.get_hub().loop
+        loop.update_now()  # the loop's clock when it last polled, before the block, to now
+        seconds = loop.now() - first[0]
+        self.blocked += 1
+        self.longest = max(self.longest, seconds)
+        self.last_stack = first[2]
+        data = {"seconds": round(seconds, 3), "threshold": self.threshold, "greenlet": first[1],
+                "stack": first[2]}
+        if self.manager.status in _ACTIVE:
+            # A loop callback may not block, and listeners may: they get a greenlet.
+            self.manager.spawn(bus.emit, "loop:blocked", data, label="loop:blocked")
+
+
+def _web_loop_greenlet_name(glet):
+    name = getattr(glet, "name", None)
+    if name:
+        return name
+    return "main" if getattr(glet, "parent", False) is None else type(glet).__name__
+
+
+def _web_loop_stack(info):
+    """The blocked stack out of gevent's report lines (the block after 'Blocked Stack')."""
+    for index, line in enumerate(info[:-1]):
+        if isinstance(line, str) and line.startswith("Blocked Stack"):
+            return info[index + 1].rstrip()
+    return "\n".join(str(line) for line in info).strip()
+
+
+def _web_probe_prefix(probes):
+    """None (off), '' (on at the root) or '/prefix' from ``probes=``."""
+    if probes is None or probes is False:
+        return None
+    if probes is True:
+        return ""
+    if not isinstance(probes, str) or not probes.startswith("/"):
+        raise ValueError("probes must be True, False or a path prefix starting with '/', got %r" % (probes,))
+    return probes.rstrip("/")
+
+
+def _web_probes_mount(app, manager, prefix):
+    """Serve GET <prefix>/livez and <prefix>/readyz on ``app`` (once)."""
+    if "specter_livez" in app.view_functions:
+        return
+
+    def livez():
+        if manager._ops.blocked():
+            return _web_probe_answer({"status": "blocked", "threshold": manager._ops.threshold}, 503)
+        return _web_probe_answer({"status": "ok"}, 200)
+
+    def readyz():
+        status = _web_readiness(manager)
+        return _web_probe_answer({"status": status,
+                                  "services": {s.name: s.status for s in manager._services}},
+                                 200 if status == "ok" else 503)
+
+    app.add_url_rule(prefix + "/livez", "specter_livez", livez, methods=["GET"])
+    app.add_url_rule(prefix + "/readyz", "specter_readyz", readyz, methods=["GET"])
+
+
+def _web_readiness(manager):
+    """'ok', or why the app should get no traffic: starting, stopping, stopped, failed, degraded."""
+    if manager._shutting_down:
+        return "stopping"
+    if not manager.booted:
+        return "stopped" if manager.status == "stopped" else "starting"
+    statuses = [manager.status] + [service.status for service in manager._services]
+    if "failed" in statuses:
+        return "failed"
+    if any(status != "running" for status in statuses):
+        return "degraded"
+    return "ok"
+
+
+def _web_probe_answer(body, status):
+    response = _web_json(body, status)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _web_cli_group(manager):
+    """The ``flask specter`` command group of ``manager``'s app."""
+    group = flask.cli.AppGroup("specter", help="Inspect and serve the SPECTER app.")
+
+    @group.command("routes")
+    def routes():
+        """Every HTTP route and socket event, with what owns it."""
+        http, events = _web_cli_http_rows(manager), _web_cli_event_rows(manager)
+        click.echo("HTTP routes (%d)\n" % len(http))
+        click.echo(_web_cli_table(("RULE", "METHODS", "OWNER", "ERRORS"), http))
+        click.echo("\nSocket events (%d)\n" % len(events))
+        click.echo(_web_cli_table(("NAMESPACE", "EVENT", "PRIORITY", "OWNER", "CALLBACK", "SCHEMA"), events))
+
+    @group.command("schemas")
+    @click.argument("name", required=False)
+    def schemas(name):
+        """The JSON Schema of every schema the controllers declare (or of NAME)."""
+        known = _web_cli_schemas(manager)
+        if name is None:
+            out = {key: schema.to_json_schema() for key, schema in known.items()}
+        elif name in known:
+            out = known[name].to_json_schema()
+        else:
+            raise click.BadParameter("no schema named %r; known: %s" % (name, ", ".join(known) or "none"),
+                                     param_hint="NAME")
+        click.echo(json.dumps(out, indent=2))
+
+    @group.command("run", with_appcontext=False)
+    @click.option("--host", default="127.0.0.1", show_default=True, help="The interface to bind.")
+    @click.option("--port", default=5000, show_default=True, type=int, help="The port to bind.")
+    def run(host, port):
+        """Boot the services and serve the app (Socket.IO included) until SIGTERM or SIGINT."""
+        click.echo("serving on http://%s:%d (Ctrl-C to stop)" % (host, port))
+        manager.run(host=host, port=port)
+
+    return group
+
+
+def _web_cli_table(headers, rows):
+    """Rows as left-aligned columns under ``headers``; '-' for an empty cell."""
+    rows = [tuple("-" if cell in (None, "") else str(cell) for cell in row) for row in rows]
+    if not rows:
+        rows = [("(none)",) + ("",) * (len(headers) - 1)]
+    widths = [max(len(row[i]) for row in [headers] + rows) for i in range(len(headers))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in [headers] + rows)
+
+
+def _web_cli_http_rows(manager):
+    app = manager.app
+    controllers = {service.name.replace(".", "_"): service.name
+                   for service in manager._services if isinstance(service, Controller)}
+    rows = []
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: (r.rule, sorted(r.methods or ()))):
+        endpoint = rule.endpoint
+        blueprint = endpoint.rpartition(".")[0]
+        view = app.view_functions.get(endpoint)
+        if blueprint in controllers:
+            owner = "%s (controller)" % controllers[blueprint]
+        elif endpoint.startswith("specter_"):
+            owner = "specter (probe)"
+        elif endpoint == "static":
+            owner = "flask (static files)"
+        elif blueprint:
+            bound = getattr(inspect.unwrap(view), "__self__", None) if view is not None else None
+            owner = "%s (%s)" % (blueprint, "router" if isinstance(bound, Router) else "blueprint")
+        else:
+            owner = "app"
+        methods = ", ".join(sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}))
+        rows.append((rule.rule, methods, owner, _web_cli_errors(app, blueprint, endpoint, view)))
+    return rows
+
+
+def _web_cli_errors(app, blueprint, endpoint, view):
+    """How a view answers errors: json "<message>" (json_endpoint), json, or html (Flask's pages)."""
+    fn = view
+    while fn is not None:
+        if getattr(fn, "__code__", None) is _WEB_JSON_ENDPOINT_CODE:
+            message = inspect.getclosurevars(fn).nonlocals.get("message")
+            return 'json "%s"' % message if message else "json"
+        fn = getattr(fn, "__wrapped__", None)
+    if endpoint.startswith("specter_"):
+        return "json"
+    handlers = app.error_handler_spec.get(blueprint, {}) if blueprint else {}
+    if _web_server_error in handlers.get(500, {}).values():
+        return "json"  # a Router's blueprint answers its errors as JSON
+    return "html"
+
+
+def _web_cli_event_rows(manager):
+    """Socket events: subscribed on the ingress, plus those of handlers not set up yet."""
+    rows = []
+    for (namespace, event), entries in manager.socket_ingress._subs.items():
+        for entry in entries:
+            owner, callback = _web_cli_owner(entry.callback)
+            schema = entry.schema.name if entry.schema is not None else None
+            rows.append(((namespace, event, entry.priority, entry.seq), owner, callback, schema))
+    for handler in manager._handlers:
+        if getattr(handler, "registered", False) or not isinstance(handler, Handler):
+            continue
+        for seq, (event, callback, priority, namespace, schema) in enumerate(handler._bindings):
+            rows.append(((namespace, event, priority, seq), handler.name, _callable_name(callback),
+                         schema.name if schema is not None else None))
+    rows.sort(key=lambda row: row[0])
+    return [(key[0], key[1], key[2], owner, callback, schema) for key, owner, callback, schema in rows]
+
+
+def _web_cli_owner(callback):
+    """(owner, callback name): a Handler's subscriber names its handler; others are the ingress's own."""
+    inner = getattr(callback, "__wrapped__", None)
+    if inner is not None:
+        inner_name = _callable_name(inner)
+        qualname = _callable_name(callback)
+        if qualname.endswith("." + inner_name):
+            return qualname[:-len(inner_name) - 1], inner_name
+    return "(ingress)", _callable_name(callback)
+
+
+def _web_cli_schemas(manager):
+    """Every schema the manager's controllers declare, by name (controller-qualified on a clash)."""
+    found = {}
+    for service in manager._services:
+        if not isinstance(service, Controller):
+            continue
+        for schema in service.schemas.values():
+            key = schema.name
+            if key in found and found[key] is not schema:
+                key = "%s.%s" % (service.name, schema.name)
+            found[key] = schema
+    return found
+
+
+# The code of json_endpoint's wrapper: how the CLI tells a json_endpoint view.
+_WEB_JSON_ENDPOINT_CODE = json_endpoint(_check_callable).__code__
 
 
 ###############################################################################
@@ -4432,7 +5336,7 @@ def _process_group_members(pgid, parent=False):
 # The leak checks in force, innermost last. Empty outside a leak_check(), so
 # the real clock's call-outs cost one truth test of a global.
 _testing_watches = ()
-_testing_previous_tracer = None
+_testing_tracing = None  # (our tracer, the one it chains to) while checks run
 _TESTING_MORTAL = ("greenlet", "process")  # leftovers that may still end on their own
 _TESTING_SHOWN = 40  # leftovers listed in full; a count stands for the rest
 
@@ -4657,7 +5561,7 @@ class _TestingWatch:
         self.services = []
 
     def __enter__(self):
-        global _testing_watches, _testing_previous_tracer
+        global _testing_watches, _testing_tracing
         # Greenlets are noted at their first switch: let those spawned before
         # the block take it now, outside.
         gevent.idle()
@@ -4665,12 +5569,15 @@ class _TestingWatch:
         self.entries = dict(registry._entries)
         self.children = _testing_children()
         if not _testing_watches:
-            _testing_previous_tracer = greenlet.settrace(_testing_trace)
+            previous = greenlet.gettrace()
+            tracer = _testing_tracer(previous)
+            greenlet.settrace(tracer)
+            _testing_tracing = (tracer, previous)
         _testing_watches += (self,)
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        global _testing_watches
+        global _testing_watches, _testing_tracing
         try:
             if exc_type is None:
                 gevent.idle()  # greenlets spawned at the very end get their first switch
@@ -4688,8 +5595,13 @@ class _TestingWatch:
                                          % (len(leftovers), "\n  ".join(lines)))
         finally:
             _testing_watches = tuple(watch for watch in _testing_watches if watch is not self)
-            if not _testing_watches:
-                greenlet.settrace(_testing_previous_tracer)
+            if not _testing_watches and _testing_tracing is not None:
+                tracer, previous = _testing_tracing
+                _testing_tracing = None
+                # A tracer set on top of ours since (gevent's monitor thread)
+                # still calls ours: leave it, ours just passes events on.
+                if greenlet.gettrace() is tracer:
+                    greenlet.settrace(previous)
         return False
 
     def leftovers(self):
@@ -4714,17 +5626,30 @@ class _TestingWatch:
         return found
 
 
-def _testing_trace(event, args):
-    """greenlet's tracer while a leak check runs: note each greenlet at its first switch.
+def _testing_tracer(previous):
+    """A greenlet tracer noting each greenlet at its first switch, then calling ``previous``."""
 
-    The tracer runs in the greenlet being switched to; one that has just
-    started has no Python frame below the tracer's, one that resumes has the
-    frame it paused in.
-    """
-    if event == "switch" and sys._getframe().f_back is None:
-        _testing_note_greenlet(args[1])
-    if _testing_previous_tracer is not None:
-        _testing_previous_tracer(event, args)
+    def trace(event, args):
+        # Tracers run in the greenlet being switched to: one that has just
+        # started has no Python frame below the tracers' own, one that
+        # resumes has the frame it paused in.
+        if event == "switch" and _testing_watches:
+            below = sys._getframe().f_back
+            if below is None or (greenlet.gettrace() is not trace and _testing_only_tracers(below)):
+                _testing_note_greenlet(args[1])
+        if previous is not None:
+            previous(event, args)
+
+    return trace
+
+
+def _testing_only_tracers(frame):
+    """True if ``frame`` and those below it belong to the tracer set over ours (it chains to ours)."""
+    top = greenlet.gettrace()
+    code = getattr(top, "__code__", None) or getattr(getattr(top, "__call__", None), "__code__", None)
+    while frame.f_back is not None:
+        frame = frame.f_back
+    return frame.f_code is code
 
 
 # greenlet's own answer: gevent's Greenlet redefines truth for its scheduling.

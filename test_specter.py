@@ -14,6 +14,7 @@ import functools
 import gc
 import importlib.util
 import glob
+import inspect
 import itertools
 import json
 import logging
@@ -28,6 +29,7 @@ import sys
 import tarfile
 import tempfile
 import textwrap
+import threading
 import time
 import unittest
 import urllib.error
@@ -1791,6 +1793,105 @@ class TestService(SpecterTestCase):
         release.set()
         self.assertEventually(lambda: svc.clinger.dead)
 
+    def test_an_interrupted_stop_still_runs_the_cleanups_it_had_not_run(self):
+        log = []
+
+        def slow_cleanup():
+            log.append("slow:begun")
+            gevent.sleep(LONG)
+            log.append("slow:finished")
+
+        svc = self.started(Service("slow-release"))
+        specter.registry.provide("slow-release.key", "value", owner=svc)
+        svc.add_cleanup(lambda: log.append("added-first"))   # runs last
+        svc.add_cleanup(slow_cleanup)
+        svc.add_cleanup(lambda: log.append("added-last"))    # runs first
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT):
+                svc.stop()
+        self.assertEqual(log, ["added-last", "slow:begun", "added-first"])
+        self.assertFalse(specter.registry.has("slow-release.key"))
+        self.assertEqual(svc.status, "stopped")
+        self.assertEqual(svc.health()["counts"]["cleanups"], 0)
+
+    def test_an_interrupted_stop_still_runs_on_stop_and_releases_everything(self):
+        log = []
+
+        class Stalling(Service):
+            def on_start(self):
+                self.spawn(gevent.sleep, LONG, label="sleeper")
+                self.interval(lambda: None, 1.0)
+                self.listen("stalling:event", log.append)
+                self.add_cleanup(lambda: log.append("cleanup"))
+
+            def _lifecycle_stopping(self):
+                gevent.sleep(LONG)   # a subclass step that is interrupted
+
+            def on_stop(self):
+                log.append("on_stop")
+
+        svc = Stalling()
+        before = live_greenlets()
+        svc.start()
+        self.addCleanup(svc.stop)
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT):
+                svc.stop()
+        self.assertEqual(log, ["on_stop", "cleanup"])
+        counts = svc.health()["counts"]
+        self.assertEqual((counts["tasks"], counts["intervals"], counts["listeners"]), (0, 0, 0))
+        self.assertEqual(svc.status, "stopped")
+        self.assertNoNewGreenlets(before)
+
+    def test_cancel_greenlet_reports_a_greenlet_that_refuses_to_die(self):
+        release = gevent.event.Event()
+
+        class Stubborn(Service):
+            stop_timeout = SHORT
+
+            def on_start(self):
+                self.clinger = self.spawn(self._cling, label="clinger")
+
+            def _cling(self):
+                while not release.is_set():
+                    try:
+                        release.wait(LONG)
+                    except greenlet.GreenletExit:
+                        pass
+
+        svc = self.started(Stubborn())
+        gevent.sleep(0)
+        with self.assertLogs("specter", "ERROR") as cm:
+            svc.cancel_greenlet(svc.clinger)
+        self.assertTrue(any("clinger" in line for line in cm.output), cm.output)
+        health = svc.health()
+        self.assertIn("clinger", health["stuck"])
+        self.assertEqual(health["counts"]["tasks"], 1)   # still tracked while alive
+        with self.assertLogs("specter", "ERROR") as cm:
+            svc.stop()                                    # teardown tries again, and says so
+        self.assertIn("clinger", svc.health()["stuck"])
+        release.set()
+        self.assertEventually(lambda: svc.clinger.dead)
+        self.assertEqual(svc.health()["stuck"], [])
+
+    def test_a_subclass_that_forgets_super_init_is_told_to_call_it(self):
+        class Forgetful(Service):
+            def __init__(self, interval):
+                self.every = interval
+
+        with self.assertRaisesRegex(TypeError, r"Forgetful\.__init__\(\) must call super\(\)\.__init__\(\)"):
+            Forgetful(1.0)
+
+        class Careful(Forgetful):
+            def __init__(self, interval):
+                Service.__init__(self, "careful")
+                self.every = interval
+
+        svc = Careful(2.0)   # the check sees the finished object, whoever initialised it
+        self.assertEqual((svc.name, svc.every, svc.status), ("careful", 2.0, "created"))
+        self.assertEqual(Careful.__init__.__name__, "__init__")
+        self.assertEqual(list(inspect.signature(Careful).parameters), ["interval"])
+
 
 # Lifecycle: QueueService ######################################################
 
@@ -1915,6 +2016,34 @@ class TestQueueService(SpecterTestCase):
         queue = svc.health()["queue"]
         self.assertEqual(queue, {"size": 0, "workers": 2, "processed": 2, "failed": 1})
 
+    def test_counters_trail_a_backlog_by_at_most_16_items_per_worker_and_are_exact_when_idle(self):
+        gaps = []
+
+        class Counting(QueueService):
+            def __init__(self):
+                super().__init__("counting", worker_count=3)
+                self.done = 0
+
+            def handle_item(self, item):
+                state = self.get_state()
+                gaps.append(self.done - state["processed"] - state["failed"])
+                self.done += 1
+                if item % 7 == 0:
+                    raise ValueError("bad item %d" % item)
+
+        svc = self.started(Counting())
+        with self.assertLogs("specter", "ERROR"):
+            for item in range(300):
+                self.assertTrue(svc.enqueue(item))
+            self.assertTrue(svc.join(timeout=WAIT))
+        self.assertLessEqual(max(gaps), 16 * 3)
+        self.assertGreater(max(gaps), 0)   # they do count in bulk
+        state = svc.get_state()
+        self.assertEqual((state["processed"], state["failed"]), (300 - 43, 43))
+        svc.enqueue(300)
+        self.assertTrue(svc.join(timeout=WAIT))
+        self.assertEqual(svc.health()["queue"]["processed"], 258)
+
     def test_pending_count_and_queue_size(self):
         gate = gevent.event.Event()
         svc = self.started(Sink(gate=gate))
@@ -1977,6 +2106,21 @@ class TestQueueService(SpecterTestCase):
             self.assertTrue(svc.enqueue(item))
         svc.stop()
         self.assertEqual(svc.handled, list(range(20)))
+        self.assertEqual(dropped, [])
+
+    def test_stop_drains_items_queued_while_the_workers_waited_in_get(self):
+        dropped = []
+
+        class Quick(Sink):
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+        svc = self.started(Quick(worker_count=3))
+        gevent.sleep(0.01)                      # every worker is idle in get()
+        for item in range(6):
+            self.assertTrue(svc.enqueue(item))  # no switch: the workers have not woken yet
+        svc.stop()
+        self.assertEqual(sorted(svc.handled), list(range(6)))
         self.assertEqual(dropped, [])
 
     def test_on_dropped_gets_exactly_the_unprocessed_items(self):
@@ -2058,6 +2202,113 @@ class TestQueueService(SpecterTestCase):
         self.assertEqual(svc.handled, [1, 2])
         svc.stop()
         self.assertNoNewGreenlets(before)
+
+    def test_a_worker_that_stops_its_service_ends_with_it_among_several_workers(self):
+        class Poison(QueueService):
+            def handle_item(self, item):
+                if item == "stop":
+                    self.stop()
+                else:
+                    gevent.sleep(0.001)
+
+        for workers, busy in itertools.product((2, 4), (0, 1, 3)):
+            with self.subTest(workers=workers, busy=busy):
+                svc = Poison("poison", worker_count=workers).start()
+                self.addCleanup(svc.stop)
+                before = set(svc._workers)
+                for item in range(busy):      # the other workers are mid-item, then idle in get()
+                    svc.enqueue(item)
+                svc.enqueue("stop")
+                self.assertTrue(wait_until(lambda: svc.status == "stopped"))
+                self.assertEventually(lambda: all(worker.dead for worker in before),
+                                      msg="a worker outlived the stop it called")
+                self.assertEqual(svc.health()["counts"]["tasks"], 0)
+
+    def test_a_blocked_enqueue_is_refused_once_stop_begins(self):
+        for drain_timeout in (5.0, 0):
+            with self.subTest(drain_timeout=drain_timeout):
+                gate = gevent.event.Event()
+                dropped = []
+
+                class Gated(Sink):
+                    def on_dropped(self, items):
+                        dropped.extend(items)
+
+                Gated.drain_timeout = drain_timeout
+                svc = self.started(Gated(maxsize=1, gate=gate))
+                self.assertTrue(svc.enqueue(1))
+                self.assertEventually(lambda: svc.started_items == [1])
+                self.assertTrue(svc.enqueue(2))                      # the queue is full now
+                blocked = gevent.spawn(svc.enqueue, 3, block=True, timeout=WAIT)
+                gevent.sleep(0.01)
+                self.assertFalse(blocked.ready())                    # waiting for room
+                stopper = gevent.spawn(svc.stop)
+                gevent.sleep(0)
+                self.assertEqual(svc.status, "stopping")
+                gate.set()                                           # the drain frees the slot
+                self.assertIs(blocked.get(timeout=WAIT), False)      # refused: the caller keeps it
+                stopper.get(timeout=WAIT)
+                self.assertNotIn(3, svc.started_items)
+                self.assertNotIn(3, dropped)
+                self.assertEqual(sorted(svc.handled + dropped), [1, 2])
+
+    def test_a_rolled_back_start_hands_items_queued_by_on_start_to_on_dropped(self):
+        dropped = []
+
+        class Doomed(Sink):
+            def on_start(self):
+                for item in range(3):
+                    self.enqueue(item)
+                raise RuntimeError("config missing")
+
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+        svc = Doomed()
+        with self.assertRaisesRegex(RuntimeError, "config missing"):
+            svc.start()
+        self.assertEqual(dropped, [0, 1, 2])
+        self.assertEqual(svc.pending_count(), 0)
+        self.assertFalse(svc.enqueue(3))
+
+    def test_an_interrupted_drain_still_hands_queued_items_to_on_dropped_and_runs_on_stop(self):
+        dropped, hooks = [], []
+
+        class Slow(Sink):
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+            def on_stop(self):
+                hooks.append("on_stop")
+
+        svc = Slow(delay=SHORT)
+        before = live_greenlets()
+        svc.start()
+        self.addCleanup(svc.stop)
+        for item in range(20):
+            self.assertTrue(svc.enqueue(item))
+        gevent.sleep(0)
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT / 2):
+                svc.stop()
+        self.assertEqual(hooks, ["on_stop"])
+        self.assertEqual(svc.status, "stopped")
+        # Every item not taken by a worker went to on_dropped, once.
+        self.assertEqual(sorted(svc.started_items + dropped), list(range(20)))
+        self.assertGreater(len(dropped), 15)
+        self.assertEqual(svc.queue.unfinished_tasks, 0)
+        self.assertNoNewGreenlets(before)
+
+    def test_a_subclass_that_forgets_super_init_is_told_to_call_it(self):
+        class Forgetful(QueueService):
+            def __init__(self):
+                self.seen = []
+
+            def handle_item(self, item):
+                self.seen.append(item)
+
+        with self.assertRaisesRegex(TypeError, r"Forgetful\.__init__\(\) must call super\(\)\.__init__\(\)"):
+            Forgetful()
 
 
 # Lifecycle: Watcher ###########################################################
@@ -4417,6 +4668,67 @@ class TestHTTPHelpers(SpecterTestCase):
         self.assertIn("error", self.assertJSON(response, 405))
         self.assertEqual(set(response.headers["Allow"].replace(" ", "").split(",")), {"GET", "DELETE"})
 
+    def test_json_endpoint_answers_an_absurdly_nested_get_json_body_400(self):
+        seen = []
+
+        @json_endpoint
+        def view():
+            seen.append(request.get_json(silent=True))
+            return {"read": True}
+        client = self.client_for(view)
+        depth = 100000
+        nested = "[" * depth + "]" * depth
+        for encoding in ("utf-8", "utf-16"):
+            with self.subTest(encoding=encoding):
+                response = client.post("/v", data=nested.encode(encoding), content_type="application/json")
+                self.assertEqual(self.assertJSON(response, 400), {"error": "Request body is nested too deeply"})
+        self.assertEqual(seen, [])
+        self.assertEqual(self.assertJSON(client.post("/v", json=[[1]]), 200), {"read": True})
+
+    def test_json_endpoint_keeps_a_recursion_bug_of_its_own_a_500(self):
+        @json_endpoint("Could not walk the tree")
+        def view():
+            def walk(node):
+                return walk(node)
+            return walk(1)
+        with self.assertLogs("specter", "ERROR"):
+            response = self.client_for(view).get("/v")
+        self.assertEqual(self.assertJSON(response, 500), {"error": "Could not walk the tree"})
+
+    def test_json_endpoint_abort_with_a_response_keeps_that_response(self):
+        @json_endpoint
+        def view():
+            abort(flask.Response("brewing", status=418, headers={"X-Pot": "tea"}))
+        response = self.client_for(view).get("/v")
+        self.assertEqual((response.status_code, response.get_data(as_text=True)), (418, "brewing"))
+        self.assertEqual(response.headers["X-Pot"], "tea")
+
+        @json_endpoint
+        def json_view():
+            abort(flask.make_response(flask.jsonify(reason="quota"), 429))
+        response = self.client_for(json_view).get("/v")
+        self.assertEqual(self.assertJSON(response, 429), {"reason": "quota"})
+
+    def test_http_error_whose_payload_json_cannot_encode_is_still_a_json_body(self):
+        @json_endpoint
+        def view():
+            raise HTTPError("Tag conflict", 409, payload={"tags": {"a", "b"}})
+        with self.assertLogs("specter", "ERROR") as logs:
+            response = self.client_for(view).get("/v")
+        self.assertEqual(self.assertJSON(response, 409), {"error": "Tag conflict"})
+        self.assertIn("cannot be encoded as JSON", "\n".join(logs.output))
+
+        app, sio = make_web_app()
+
+        @app.route("/plain")
+        def plain():
+            raise HTTPError("Tag conflict", 409, payload={"tags": {"a"}})
+        manager = ServiceManager(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        with self.assertLogs("specter", "ERROR"):
+            response = app.test_client().get("/plain")
+        self.assertEqual(self.assertJSON(response, 409), {"error": "Tag conflict"})
+
     def test_json_endpoint_answers_other_exceptions_500_without_details(self):
         @json_endpoint("Could not save the job")
         def view():
@@ -4484,9 +4796,32 @@ class TestHTTPHelpers(SpecterTestCase):
 
     def test_expect_json_empty_object_counts_as_missing_unless_allowed(self):
         body = self.assertJSON(self.echo_client().post("/v", json={}), 400)
-        self.assertEqual(body["error"], "Request body is required")
+        self.assertEqual(body["error"], "The body is empty ({})")
         self.assertEqual(self.assertJSON(self.echo_client(allow_empty=True).post("/v", json={}), 200),
                          {"got": {}})
+
+    def test_expect_json_messages_say_what_was_wrong_with_the_body(self):
+        client = self.echo_client()
+        cases = [
+            ({}, "Request body is required"),
+            ({"data": "{bad json", "content_type": "application/json"}, "The body is not valid JSON"),
+            ({"data": "   ", "content_type": "application/json"}, "The body is empty"),
+            ({"json": {}}, "The body is empty ({})"),
+            ({"data": {"name": "a"}},
+             "Send the body as JSON (Content-Type: application/json); "
+             "it was sent as application/x-www-form-urlencoded"),
+            ({"data": '{"name": "a"}', "content_type": "text/plain"},
+             "Send the body as JSON (Content-Type: application/json); it was sent as text/plain"),
+        ]
+        for kwargs, message in cases:
+            with self.subTest(message=message):
+                self.assertEqual(self.assertJSON(client.post("/v", **kwargs), 400)["error"], message)
+        custom = self.echo_client(error="Send a job")
+        self.assertEqual(self.assertJSON(custom.post("/v"), 400)["error"], "Send a job")
+        response = custom.post("/v", data="{bad", content_type="application/json")
+        self.assertEqual(self.assertJSON(response, 400)["error"], "Send a job: the body is not valid JSON")
+        self.assertEqual(self.assertJSON(custom.post("/v", json={}), 400)["error"],
+                         "Send a job: the body is empty ({})")
 
     def test_expect_json_non_object_body_is_400(self):
         client = self.echo_client(allow_empty=True)
@@ -4764,6 +5099,30 @@ class TestRouter(SpecterTestCase):
         router.teardown()
         self.assertEqual(closed, [1])
 
+    def test_class_defaults_are_name_router_and_an_empty_url_prefix(self):
+        self.assertEqual((Router.name, Router.url_prefix), ("router", ""))
+        router = Router()
+        self.assertEqual((router.name, router.url_prefix), ("router", ""))
+
+        class SensorRouter(Router):
+            @route("/sensors")
+            def sensors(self):
+                return {"sensors": []}
+
+        class LegacyRouter(SensorRouter):
+            name = "legacy"
+
+        class OldLegacyRouter(LegacyRouter):
+            pass
+        self.assertEqual(SensorRouter().name, "sensor_router")
+        self.assertEqual(OldLegacyRouter().name, "legacy")
+        _, client = self.served(SensorRouter())
+        self.assertEqual(client.get("/sensors").get_json(), {"sensors": []})
+        _, client = self.served(SensorRouter(url_prefix=""))
+        self.assertEqual(client.get("/sensors").status_code, 200)
+        with self.assertRaisesRegex(ValueError, "starting with '/'"):
+            Router(url_prefix="api")
+
     def test_require_and_resolve_use_the_registry(self):
         db = object()
         specter.registry.provide("db", db)
@@ -4944,6 +5303,17 @@ class TestHandler(SpecterTestCase):
         with self.assertRaises(KeyError):
             handler.require("nothing")
 
+    def test_class_defaults_are_unnamed_handler_and_no_events(self):
+        self.assertEqual((Handler.name, Handler.events), ("unnamed_handler", {}))
+        handler = Handler()
+        self.assertEqual(handler.name, "unnamed_handler")
+        self.assertEqual(handler.health()["events"], [])
+        self.assertEqual(ChatHandler().name, "chat")
+
+        class PresenceHandler(Handler):
+            pass
+        self.assertEqual(PresenceHandler().name, "presence_handler")
+
     def test_events_mapping_to_a_missing_method_is_a_type_error(self):
         class Broken(Handler):
             events = {"say": "no_such_method"}
@@ -4990,6 +5360,30 @@ class TestSocketIngress(SpecterTestCase):
         ingress.subscribe("connect", authenticate)
         self.assertFalse(sio.test_client(app, auth={"token": "bad"}).is_connected())
         self.assertTrue(sio.test_client(app, auth={"token": "good"}).is_connected())
+
+    def test_a_connect_handler_refusing_the_client_is_not_logged_as_a_failure(self):
+        import flask_socketio
+        app, sio, ingress = self.make()
+        errors = []
+        ingress.subscribe_error_default(errors.append)
+
+        def authenticate(auth=None):
+            if not auth:
+                raise flask_socketio.ConnectionRefusedError("send a token")
+            if auth.get("token") != "good":
+                raise ConnectionRefusedError("bad token")
+        ingress.subscribe("connect", authenticate)
+
+        @sio.on("connect", namespace="/plain")
+        def plain(auth=None):
+            raise ConnectionRefusedError("plain says no")
+        with captured_logs() as records:
+            self.assertFalse(sio.test_client(app).is_connected())
+            self.assertFalse(sio.test_client(app, auth={"token": "bad"}).is_connected())
+            self.assertFalse(sio.test_client(app, namespace="/plain").is_connected("/plain"))
+            self.assertTrue(sio.test_client(app, auth={"token": "good"}).is_connected())
+        self.assertEqual([r.getMessage() for r in records if r.levelno >= logging.WARNING], [])
+        self.assertEqual(errors, [])
 
     def test_connect_fails_closed(self):
         app, sio, ingress = self.make()
@@ -5194,6 +5588,63 @@ class TestSocketIngress(SpecterTestCase):
         self.assertIn(client.emit("job", 2, callback=True), (None, []))
         self.assertEqual(calls, [1])
 
+    def test_an_attached_ingress_is_the_socketios_default_error_handler(self):
+        app, sio, ingress = self.make()
+        errors = []
+        ingress.subscribe_error_default(lambda exc: errors.append(exc))
+        failure = KeyError("no such room")
+
+        @sio.on("plain")
+        def plain(data):
+            raise failure
+
+        @sio.on("plain", namespace="/admin")
+        def plain_admin(data):
+            raise ValueError("admins only")
+        client = sio.test_client(app)
+        with self.assertLogs("specter", "ERROR") as logs:
+            ack = client.emit("plain", 1, callback=True)
+        self.assertEqual(errors, [failure])
+        self.assertEqual(ack, {"ok": False, "status": 500, "error": "Internal server error", "value": None})
+        self.assertLoggedException(logs, "no such room")
+        client.connect(namespace="/admin")
+        with self.assertLogs("specter", "ERROR"):
+            client.emit("plain", 2, namespace="/admin", callback=True)
+        self.assertEqual([type(exc) for exc in errors], [KeyError, ValueError])
+        ingress.subscribe_error_default(lambda exc: {"ok": False, "error": "try again", "status": 503})
+        with self.assertLogs("specter", "ERROR"):
+            ack = client.emit("plain", 3, callback=True)
+        self.assertEqual(ack, {"ok": False, "error": "try again", "status": 503})
+
+    def test_a_booted_managers_ingress_gets_errors_of_plain_handlers(self):
+        app, sio = make_web_app()
+        seen = []
+
+        @sio.on_error_default
+        def apps_own(exc):
+            seen.append(("app", str(exc)))
+            return {"handled_by": "app"}
+
+        @sio.on("plain")
+        def plain(data):
+            raise RuntimeError("plain failed")
+        manager = boot(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        manager.socket_ingress.subscribe_error_default(lambda exc: seen.append(("ingress", str(exc))))
+        with self.assertLogs("specter", "ERROR"):
+            ack = sio.test_client(app).emit("plain", None, callback=True)
+        self.assertEqual(seen, [("app", "plain failed"), ("ingress", "plain failed")])
+        self.assertEqual(ack, {"handled_by": "app"})
+
+    def test_a_plain_connect_handler_that_raises_refuses_the_client(self):
+        app, sio, ingress = self.make()
+
+        @sio.on("connect")
+        def check(auth=None):
+            raise KeyError("session store down")
+        with self.assertLogs("specter", "ERROR"):
+            self.assertFalse(sio.test_client(app).is_connected())
+
     def test_attach_binds_pending_events(self):
         app, sio = make_web_app()
         ingress = SocketIngress()
@@ -5252,7 +5703,7 @@ class TestController(SpecterTestCase):
         self.assertEqual((response.status_code, response.get_json()), (200, {"pong": True, "by": "echo"}))
         self.assertEqual(app.test_client().get("/ping").status_code, 404)
 
-    def test_create_handler_and_build_handler(self):
+    def test_create_handler_and_build_handler_build_once_and_return_the_same_handler(self):
         handlers = []
 
         class Jobs(EchoController):
@@ -5261,18 +5712,24 @@ class TestController(SpecterTestCase):
                 super().build_events(handler)
         ctl = Jobs()
         self.addCleanup(ctl.stop)
-        fresh = ctl.create_handler()
-        self.assertIsInstance(fresh, Handler)
-        self.assertIsNot(ctl.create_handler(), fresh)
-        self.assertEqual(handlers[:2], [fresh, handlers[1]])
-        app, sio = make_web_app()
-        handler = ctl.build_handler(sio)
+        self.assertFalse(ctl.health()["has_handler"])
+        handler = ctl.create_handler()
         self.assertIsInstance(handler, Handler)
+        self.assertEqual(handler.name, "echo")
+        self.assertIs(ctl.create_handler(), handler)
+        self.assertTrue(ctl.health()["has_handler"])
+        app, sio = make_web_app()
+        self.assertIs(ctl.build_handler(sio), handler)
         self.assertTrue(handler.registered)
         self.assertIs(ctl.build_handler(), handler)
+        self.assertIs(ctl.create_handler(), handler)
+        self.assertEqual(handlers, [handler])
         self.assertIs(ctl.socketio, sio)
         ctl.start()
         self.assertEqual(sio.test_client(app).emit("echo", 9, callback=True), {"echo": 9})
+        fresh = Jobs()
+        self.addCleanup(fresh.stop)
+        self.assertIs(fresh.build_handler(), fresh.create_handler())
 
     def test_owned_model_and_store_are_destroyed_on_stop(self):
         ctl = Controller("owner").start()
@@ -5429,7 +5886,7 @@ class TestController(SpecterTestCase):
         response = app.test_client().post("/api/items", json={"name": "lamp"})
         self.assertEqual((response.status_code, response.get_json()), (200, {"ok": True, "name": "lamp"}))
         self.assertEqual(sio.test_client(app).emit("item_created", {"id": 1}, callback=True), {"ok": True})
-        self.assertEqual(manager.health()["services"][0]["name"], "items")
+        self.assertEqual(manager.health()["services"]["items"]["name"], "items")
         model = ctl.state
         seen = []
         model.subscribe(lambda value, m: seen.append(value))
@@ -5460,14 +5917,33 @@ class TestServiceManager(SpecterTestCase):
         self.assertIs(manager.shutdown(), manager)
         self.assertEqual(log, ["teardown:h2", "teardown:h1", "stop:c", "stop:b", "stop:a"])
 
+    def test_register_calls_return_the_manager_so_they_chain(self):
+        log = []
+        manager = self.manager()
+        service, handler, ctl = RecordingService("a", log), RecordingHandler("h", log), EchoController()
+        self.assertIs(manager.register_service(service), manager)
+        self.assertIs(manager.register_handler(handler), manager)
+        self.assertIs(manager.register_controller(ctl, url_prefix="/echo"), manager)
+        chained = self.manager()
+        returned = (chained.register_service(RecordingService("b", log))
+                    .register_handler(RecordingHandler("h2", log))
+                    .register_controller(EchoController(), url_prefix="/echo")
+                    .boot())
+        self.assertIs(returned, chained)
+        self.assertEqual(log, ["start:b", "setup:h2"])
+        self.assertEqual(chained.app.test_client().get("/echo/ping").get_json(), {"pong": True, "by": "echo"})
+        self.assertIs(chained.register_service(service), chained)  # booted: starts at once
+        self.assertTrue(service.running)
+
     def test_registry_holds_manager_and_ingress_until_shutdown(self):
         manager = self.manager()
         manager.boot()
         self.assertIs(specter.registry.require("service_manager"), manager)
         self.assertIs(specter.registry.require("socket_ingress"), manager.socket_ingress)
+        self.assertIs(specter.registry.require("socketio"), manager.socketio)
         specter.registry.provide("extra", 1)
         manager.shutdown()
-        for key in ("service_manager", "socket_ingress", "extra"):
+        for key in ("service_manager", "socket_ingress", "socketio", "extra"):
             self.assertNotIn(key, specter.registry)
         self.assertFalse(manager.running)
 
@@ -5489,7 +5965,8 @@ class TestServiceManager(SpecterTestCase):
             def on_stop(self):
                 gevent.sleep(0.05)
         manager = self.manager()
-        slow = manager.register_service(Slow())
+        slow = Slow()
+        manager.register_service(slow)
         manager.boot()
         first = gevent.spawn(manager.shutdown)
         gevent.sleep(0.01)
@@ -5497,6 +5974,67 @@ class TestServiceManager(SpecterTestCase):
         manager.shutdown()
         self.assertEqual((slow.status, manager.booted), ("stopped", False))
         first.join()
+
+    def test_shutdown_during_boot_stops_the_boot_and_releases_what_it_started(self):
+        log = []
+        gate = gevent.event.Event()
+
+        class Slow(RecordingService):
+            def on_start(self):
+                super().on_start()
+                self.spawn(gevent.sleep, LONG)
+                gate.wait(LONG)  # a start that takes its time (a database coming up, say)
+        manager = self.manager()
+        first, slow, last = RecordingService("first", log), Slow("slow", log), RecordingService("last", log)
+        manager.register_service(first).register_service(slow).register_service(last)
+        handler = RecordingHandler("h", log)
+        manager.register_handler(handler)
+        before = live_greenlets()
+        booting = gevent.spawn(manager.boot)
+        self.assertTrue(wait_until(lambda: slow.status == "starting"))
+        started = time.monotonic()
+        self.assertIs(manager.shutdown(), manager)
+        self.assertLess(time.monotonic() - started, 1.0, "shutdown() waited for the slow start to finish")
+        self.assertEqual(log, ["start:first", "start:slow", "stop:first"])
+        self.assertEqual((first.status, slow.status, last.status), ("stopped", "stopped", "created"))
+        self.assertFalse(handler.registered)
+        self.assertFalse(manager.running or manager.booted)
+        self.assertEqual(specter.registry.list(), [])
+        self.assertIs(booting.get(timeout=WAIT), manager)
+        gate.set()
+        gevent.sleep(0)
+        self.assertEqual(last.status, "created", "boot() went on starting services after shutdown()")
+        self.assertNoNewGreenlets(before)
+
+    def test_shutdown_from_an_on_start_cancels_the_rest_of_the_boot(self):
+        log = []
+        manager = self.manager()
+
+        class Quitter(RecordingService):
+            def on_start(self):
+                super().on_start()
+                manager.shutdown()  # e.g. a fatal configuration error found while starting
+        first, quitter, last = RecordingService("first", log), Quitter("quitter", log), RecordingService("last", log)
+        manager.register_service(first).register_service(quitter).register_service(last)
+        self.assertIs(manager.boot(), manager)
+        self.assertEqual(log, ["start:first", "start:quitter", "stop:first", "stop:quitter"])
+        self.assertEqual((first.status, quitter.status, last.status), ("stopped", "stopped", "created"))
+        self.assertFalse(manager.running or manager.booted)
+        self.assertEqual(specter.registry.list(), [])
+
+    def test_a_later_shutdown_is_not_a_no_op_while_work_remains(self):
+        log = []
+        manager = self.manager()
+        worker = RecordingService("worker", log)
+        manager.register_service(worker)
+        manager.boot()
+        manager.shutdown()
+        worker.start()  # restarted by hand after the app was shut down
+        manager.shutdown()
+        self.assertEqual(log, ["start:worker", "stop:worker", "start:worker", "stop:worker"])
+        self.assertFalse(worker.running)
+        manager.shutdown()
+        self.assertEqual(len(log), 4)
 
     def test_shutdown_gives_signals_back_their_previous_handlers(self):
         before = signal.getsignal(signal.SIGINT)
@@ -5518,8 +6056,8 @@ class TestServiceManager(SpecterTestCase):
             def on_stop(self):
                 gevent.sleep(0.2)
         manager = self.manager()
-        fast = manager.register_service(Service("fast"))
-        manager.register_service(Slow())
+        fast = Service("fast")
+        manager.register_service(fast).register_service(Slow())
         manager.boot()
         with self.assertRaises(gevent.Timeout):
             with gevent.Timeout(0.05):
@@ -5637,18 +6175,47 @@ class TestServiceManager(SpecterTestCase):
         manager.boot()
         health = manager.health()
         self.assertEqual(health["status"], "ok")
-        (parent,) = [s for s in health["services"] if s["name"] == "parent"]
+        parent = health["services"]["parent"]
         self.assertEqual(parent["status"], "ok")
         self.assertEqual([c["name"] for c in parent["children"]], ["child"])
         self.assertEqual(parent["children"][0]["status"], "ok")
         self.assertIn("parent.model", [r.get("name") for r in parent["resources"]])
-        self.assertEqual([h["name"] for h in health["handlers"]], ["h"])
+        self.assertEqual(list(health["handlers"]), ["h"])
         manager.shutdown()
         self.assertEqual(manager.health()["status"], "stopped")
 
+    def test_health_keys_services_and_handlers_by_name(self):
+        class Bare:
+            """A handler with setup/teardown and nothing else."""
+            registered = False
+
+            def setup(self, socketio=None):
+                self.registered = True
+
+            def teardown(self):
+                self.registered = False
+        manager = self.manager()
+        db, search = Service("db"), EchoController("search")
+        manager.register_service(db).register_controller(search).register_handler(RecordingHandler("h", []))
+        bare = Bare()
+        manager.register_service(Service("db")).register_handler(bare)
+        manager.boot()
+        health = manager.health()
+        self.assertIsInstance(health["services"], dict)
+        self.assertEqual(list(health["services"]), ["db", "search", "db#2"])
+        self.assertEqual(health["services"]["db"], db.health())
+        self.assertEqual(health["services"]["search"]["has_handler"], True)
+        self.assertIsInstance(health["handlers"], dict)
+        self.assertEqual(list(health["handlers"]), ["search", "h", repr(bare)])
+        self.assertTrue(all(h["registered"] is True for h in health["handlers"].values()))
+        json.dumps(health)
+        manager.shutdown()
+        self.assertTrue(all(h["registered"] is False for h in manager.health()["handlers"].values()))
+
     def test_health_is_degraded_while_a_service_is_down(self):
         manager = self.manager()
-        worker = manager.register_service(Service("worker"))
+        worker = Service("worker")
+        manager.register_service(worker)
         manager.boot()
         self.assertEqual(manager.health()["status"], "ok")
         worker.stop()
@@ -5733,6 +6300,598 @@ class TestServiceManager(SpecterTestCase):
             manager = boot(*make_web_app(), signals=False)
         self.addCleanup(manager.shutdown)
         self.assertFalse(install.called)
+
+
+class TestAppFactory(SpecterTestCase):
+    """ServiceManager(app=None) + init_app(app): the Flask app-factory pattern."""
+
+    def test_init_app_binds_a_manager_made_before_the_app(self):
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        echo = EchoController()
+        manager.register_controller(echo, url_prefix="/echo")
+        app, sio = make_web_app()
+
+        @app.route("/refuse")
+        def refuse():
+            raise HTTPError("no", 409)
+        self.assertIs(manager.init_app(app, sio), manager)
+        self.assertIs(app.extensions["specter"], manager)
+        self.assertEqual((manager.app, manager.socketio), (app, sio))
+        http = app.test_client()
+        self.assertEqual(http.get("/echo/ping").status_code, 503)  # mounted, not running yet
+        manager.boot()
+        self.assertEqual(http.get("/echo/ping").get_json(), {"pong": True, "by": "echo"})
+        self.assertEqual((http.get("/refuse").status_code, http.get("/refuse").get_json()), (409, {"error": "no"}))
+        self.assertEqual(sio.test_client(app).emit("echo", 7, callback=True), {"echo": 7})
+        self.assertEqual(echo.calls, [7])
+
+    def test_init_app_finds_the_socketio_already_on_the_app(self):
+        manager = ServiceManager(signals=False)
+        app, sio = make_web_app()
+        manager.init_app(app)
+        self.assertIs(manager.socketio, sio)
+        self.assertIs(manager.socket_ingress.socketio, sio)
+
+    def test_init_app_binds_one_app_only(self):
+        manager = ServiceManager(signals=False)
+        app, _ = make_web_app()
+        manager.init_app(app)
+        self.assertIs(manager.init_app(app), manager)  # the same app again: nothing to do
+        with self.assertRaisesRegex(RuntimeError, "already bound to the app"):
+            manager.init_app(make_web_app()[0])
+        with self.assertRaisesRegex(TypeError, "init_app\\(\\) takes a Flask app, got str"):
+            ServiceManager(signals=False).init_app("app")
+
+    def test_a_manager_without_an_app_boots_and_warns_about_unmounted_routes(self):
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        echo = EchoController()
+        manager.register_controller(echo)
+        log = []
+        manager.register_service(RecordingService("plain", log))
+        with self.assertLogs("specter.web", "WARNING") as cm:
+            manager.boot()
+        self.assertEqual(len(cm.records), 1)
+        self.assertIn("echo", cm.output[0])
+        self.assertIn("manager.init_app(app)", cm.output[0])
+        self.assertEqual((echo.status, log), ("running", ["start:plain"]))
+        self.assertEqual(manager.socket_ingress.dispatch("echo", 3), {"echo": 3})  # events still work
+
+    def test_no_warning_when_the_controller_routes_were_mounted_by_hand(self):
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        echo = EchoController()
+        manager.register_controller(echo)
+        app, _ = make_web_app()
+        app.register_blueprint(echo.build_blueprint())
+        with captured_logs("specter.web") as records:
+            manager.boot()
+        self.assertEqual([r for r in records if r.levelno >= logging.WARNING], [])
+
+
+class TestFlaskCLI(SpecterTestCase):
+    """`flask specter routes | schemas | run` on the bound app's cli."""
+
+    def chat_app(self, **kwargs):
+        """A manager with a controller, a router, a handler and plain views, bound by init_app."""
+        manager = ServiceManager(signals=False, **kwargs)
+        self.addCleanup(manager.shutdown)
+        manager.register_controller(CliChat(), url_prefix="/chat")
+        manager.register_handler(RecordingHandler("presence", []))
+        app, sio = make_web_app()
+        JobsRouter().register(app)
+
+        @app.post("/feedback")
+        @json_endpoint("Could not record the feedback")
+        def feedback():
+            return {}
+
+        @app.get("/about")
+        def about():
+            return "about"
+        manager.init_app(app, sio)
+        return manager, app
+
+    def rows(self, output, title):
+        """The rows of the table under ``title`` in ``output``, each split into its cells."""
+        lines = output.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith(title))
+        table = []
+        for line in lines[start + 2:]:
+            if not line.strip():
+                break
+            table.append(re.split(r"\s{2,}", line.strip()))
+        return table
+
+    def test_routes_lists_every_http_route_and_socket_event(self):
+        manager, app = self.chat_app(probes=True)
+        manager.socket_ingress.subscribe("typing", ack_typing, priority=5)
+        result = app.test_cli_runner().invoke(args=["specter", "routes"])
+        self.assertEqual(result.exit_code, 0, result.output)
+        self.assertEqual(self.rows(result.output, "HTTP routes"), [
+            ["RULE", "METHODS", "OWNER", "ERRORS"],
+            ["/about", "GET", "app", "html"],
+            ["/chat/rooms/<room>/messages", "GET", "cli_chat (controller)", "json"],
+            ["/chat/rooms/<room>/messages", "POST", "cli_chat (controller)", 'json "Could not post"'],
+            ["/feedback", "POST", "app", 'json "Could not record the feedback"'],
+            ["/jobs/all", "GET", "jobs (router)", "json"],
+            ["/jobs/boom", "GET", "jobs (router)", 'json "Jobs are unavailable"'],
+            ["/jobs/list", "GET", "jobs (router)", "json"],
+            ["/jobs/list", "POST", "jobs (router)", "json"],
+            ["/jobs/taken", "GET", "jobs (router)", "json"],
+            ["/livez", "GET", "specter (probe)", "json"],
+            ["/readyz", "GET", "specter (probe)", "json"],
+            ["/static/<path:filename>", "GET", "flask (static files)", "html"],
+        ])
+        self.assertEqual(self.rows(result.output, "Socket events"), [
+            ["NAMESPACE", "EVENT", "PRIORITY", "OWNER", "CALLBACK", "SCHEMA"],
+            ["/", "ping", "100", "presence", "RecordingHandler.ping", "-"],
+            ["/", "send_message", "10", "cli_chat", "CliChat.audit", "-"],
+            ["/", "send_message", "50", "cli_chat", "CliChat.send", "message"],
+            ["/", "typing", "5", "(ingress)", "ack_typing", "-"],
+        ])
+        self.assertIn("HTTP routes (12)", result.output)
+        self.assertFalse(manager.booted, "listing routes boots nothing")
+
+    def test_routes_reads_the_ingress_once_booted(self):
+        manager, app = self.chat_app()
+        manager.boot()
+        result = app.test_cli_runner().invoke(args=["specter", "routes"])
+        events = self.rows(result.output, "Socket events")
+        self.assertIn(["/", "send_message", "50", "cli_chat", "CliChat.send", "message"], events)
+        self.assertEqual(len(events), 4)  # the header and each subscriber once
+
+    def test_schemas_prints_the_json_schema_of_every_schema_or_one(self):
+        _, app = self.chat_app()
+        runner = app.test_cli_runner()
+        everything = runner.invoke(args=["specter", "schemas"])
+        self.assertEqual(everything.exit_code, 0, everything.output)
+        self.assertEqual(json.loads(everything.output), {
+            "message": CliChat.schemas["message"].to_json_schema(),
+            "typing": CliChat.schemas["typing"].to_json_schema(),
+        })
+        one = runner.invoke(args=["specter", "schemas", "typing"])
+        self.assertEqual(json.loads(one.output), CliChat.schemas["typing"].to_json_schema())
+        unknown = runner.invoke(args=["specter", "schemas", "nope"])
+        self.assertEqual(unknown.exit_code, 2)
+        self.assertIn("no schema named 'nope'; known: message, typing", unknown.output)
+
+    def test_flask_specter_run_serves_until_sigterm(self):
+        workdir = tempfile.mkdtemp(prefix="specter-cli-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        with open(os.path.join(workdir, "cliapp.py"), "w") as f:
+            f.write(CLI_APP)
+        port = free_port()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join((workdir, SPECTER_DIR)), FLASK_APP="cliapp:create_app")
+        errors_path = os.path.join(workdir, "stderr.txt")
+        with open(errors_path, "w") as errors:
+            child = gevent.subprocess.Popen(
+                [sys.executable, "-m", "flask", "specter", "run", "--port", str(port)], cwd=workdir, env=env,
+                stdout=gevent.subprocess.PIPE, stderr=errors, universal_newlines=True, start_new_session=True)
+        self.addCleanup(self.kill_group, child)
+
+        def stderr():
+            with open(errors_path) as f:
+                return f.read()
+        url = "http://127.0.0.1:%d" % port
+        ready = wait_until(lambda: child.poll() is not None or http_status(url + "/readyz") == 200,
+                           timeout=CLIENT_TIMEOUT, step=0.02)
+        self.assertTrue(ready and child.poll() is None, "the app never became ready: %s" % stderr())
+        self.assertEqual(http_status(url + "/work"), 200)
+        worker_pid = int(http_body(url + "/work"))
+        self.assertFalse(pid_gone(worker_pid))
+        child.send_signal(signal.SIGTERM)
+        try:
+            code = child.wait(timeout=CLIENT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+        self.assertEqual(code, 0, stderr())
+        out = child.stdout.read()
+        self.assertIn("serving on http://127.0.0.1:%d" % port, out)
+        self.assertIn("stopped cleanly", out)
+        self.assertNotIn("Traceback", stderr())
+        self.assertTrue(wait_until(lambda: pid_gone(worker_pid), timeout=CLIENT_TIMEOUT))
+        self.assertEqual(process_group_members(child.pid), [], "a process of the group outlived it")
+
+    def kill_group(self, child):
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+        for pid in process_group_members(child.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        child.stdout.close()
+
+
+class CliChat(Controller):
+    """A controller with routes, prioritised events and two schemas, for the CLI tests."""
+
+    name = "cli_chat"
+    schemas = {
+        "message": Schema("message", {"text": Field(str, required=True)}),
+        "typing": Schema("typing", {"author": Field(str, required=True)}),
+    }
+
+    def build_routes(self, router):
+        @router.route("/rooms/<room>/messages", methods=["POST"], json_errors="Could not post")
+        def post(room):
+            return {}, 201
+
+        @router.route("/rooms/<room>/messages")
+        def listing(room):
+            return []
+
+    def build_events(self, handler):
+        handler.on("send_message", self.audit, priority=10)
+        handler.on("send_message", self.send, priority=50, schema=self.schema("message"))
+
+    def audit(self, data):
+        return None
+
+    def send(self, data):
+        return data
+
+
+def ack_typing(data):
+    return {"ok": True}
+
+
+# A factory app for `flask specter run`: a module-level manager, a worker process.
+CLI_APP = textwrap.dedent("""
+    import flask
+    from flask_socketio import SocketIO
+
+    import specter
+
+    manager = specter.ServiceManager(probes=True)
+
+
+    class Worker(specter.Service):
+        def on_start(self):
+            self.proc = self.start_process(["sleep", "60"])
+
+        def on_stop(self):
+            print("stopped cleanly", flush=True)
+
+
+    worker = Worker()
+    manager.register_service(worker)
+
+
+    def create_app():
+        app = flask.Flask(__name__)
+        SocketIO(app, async_mode="gevent")
+
+        @app.route("/work")
+        def work():
+            return str(worker.proc.pid)
+        manager.init_app(app)
+        return app
+""")
+
+
+def http_status(url):
+    """The status of GET ``url`` from a native thread (0 when nothing answers)."""
+    def fetch():
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+    return gevent.get_hub().threadpool.spawn(fetch).get()
+
+
+def http_body(url):
+    def fetch():
+        with urllib.request.urlopen(url, timeout=CLIENT_TIMEOUT) as response:
+            return response.read().decode()
+    return gevent.get_hub().threadpool.spawn(fetch).get()
+
+
+def process_group_members(pgid):
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as stat:
+                fields = stat.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry))
+    return members
+
+
+class TestProbes(SpecterTestCase):
+    """boot(..., probes=True | '/prefix'): GET /livez and /readyz through a whole lifecycle."""
+
+    def test_readyz_follows_the_lifecycle_and_livez_stays_up(self):
+        app, sio = make_web_app()
+        release = gevent.event.Event()
+
+        class Flaky(Service):
+            restart_backoff = 0.001
+
+            def on_start(self):
+                self.supervise(self.crash, max_restarts=2)
+
+            def crash(self):
+                release.wait(WAIT)
+                raise RuntimeError("secret database password in this message")
+
+        class SlowStop(Service):
+            def on_stop(self):
+                stopping.set()
+                proceed.wait(WAIT)
+        stopping, proceed = gevent.event.Event(), gevent.event.Event()
+        manager = ServiceManager(app, sio, signals=False, probes=True)
+        self.addCleanup(manager.shutdown)
+        manager.register_service(SlowStop("slow"))
+        flaky = Flaky("flaky")
+        manager.register_service(flaky)
+        http = app.test_client()
+
+        def probe(path):
+            response = http.get(path)
+            self.assertEqual(response.headers["Cache-Control"], "no-store")
+            return response.status_code, response.get_json()
+        self.assertEqual(probe("/readyz"), (503, {"status": "starting",
+                                                  "services": {"slow": "created", "flaky": "created"}}))
+        self.assertEqual(probe("/livez"), (200, {"status": "ok"}))
+        manager.boot()
+        self.assertEqual(probe("/readyz"), (200, {"status": "ok",
+                                                  "services": {"slow": "running", "flaky": "running"}}))
+        with captured_logs():
+            release.set()
+            self.assertEventually(lambda: flaky.status == "failed")
+        status, body = probe("/readyz")
+        self.assertEqual((status, body["status"], body["services"]["flaky"]), (503, "failed", "failed"))
+        self.assertNotIn("password", json.dumps(body))
+        self.assertEqual(probe("/livez"), (200, {"status": "ok"}))
+        shutting = gevent.spawn(manager.shutdown)
+        self.assertTrue(stopping.wait(WAIT))
+        self.assertEqual(probe("/readyz")[:1] + (probe("/readyz")[1]["status"],), (503, "stopping"))
+        proceed.set()
+        shutting.get(timeout=WAIT)
+        self.assertEqual(probe("/readyz"), (503, {"status": "stopped",
+                                                  "services": {"slow": "stopped", "flaky": "stopped"}}))
+
+    def test_a_stopped_controller_makes_readyz_degraded(self):
+        app, sio = make_web_app()
+        echo = EchoController()
+        manager = boot(app, sio, controllers=[echo], signals=False, probes=True)
+        self.addCleanup(manager.shutdown)
+        echo.stop()
+        response = app.test_client().get("/readyz")
+        self.assertEqual((response.status_code, response.get_json()["status"]), (503, "degraded"))
+
+    def test_probes_under_a_prefix(self):
+        app, sio = make_web_app()
+        manager = boot(app, sio, signals=False, probes="/ops/")
+        self.addCleanup(manager.shutdown)
+        http = app.test_client()
+        self.assertEqual(http.get("/ops/livez").status_code, 200)
+        self.assertEqual(http.get("/ops/readyz").status_code, 200)
+        self.assertEqual(http.get("/livez").status_code, 404)
+
+    def test_probes_are_off_by_default_and_checked(self):
+        app, sio = make_web_app()
+        manager = boot(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertEqual(app.test_client().get("/livez").status_code, 404)
+        with self.assertRaisesRegex(ValueError, "probes must be True, False or a path prefix starting with '/'"):
+            ServiceManager(probes="ops")
+
+
+# A view that blocks the whole process the way a forgotten blocking call does.
+def blocking_view(started):
+    started.set()
+    time.sleep(0.4)  # the blocking call under test
+    return "done"
+
+
+class TestLoopMonitor(SpecterTestCase):
+    """boot(..., block_threshold=s): gevent's monitor thread catches a real blocking call."""
+
+    threshold = 0.1
+
+    def test_a_blocking_call_is_logged_counted_announced_and_fails_livez(self):
+        self.assertFalse(gevent.monkey.is_anything_patched(), "time.sleep must really block here")
+        app, sio = make_web_app()
+        started = threading.Event()  # set from the hub, waited on by a native thread
+        app.add_url_rule("/block", "block", functools.partial(blocking_view, started))
+        announced = Recorder()
+        specter.bus.on("loop:blocked", announced)
+        manager = boot(app, sio, signals=False, probes=True, block_threshold=self.threshold)
+        self.addCleanup(manager.shutdown)
+        self.assertEqual(manager.health()["loop"], {"monitor": True, "threshold": self.threshold, "blocked": 0,
+                                                    "longest": 0.0, "last_stack": None})
+        server = pywsgi.WSGIServer(("127.0.0.1", 0), app, log=None)
+        server.start()
+        self.addCleanup(server.stop, timeout=1)
+        url = "http://127.0.0.1:%d" % server.server_port
+        pool = gevent.get_hub().threadpool
+
+        def livez_during_the_block():
+            if not started.wait(CLIENT_TIMEOUT):
+                return None
+            return http_status_now(url + "/livez")
+        with self.assertLogs("specter.loop", "WARNING") as cm:
+            during = pool.spawn(livez_during_the_block)
+            self.assertEqual(http_status(url + "/block"), 200)
+            self.assertEqual(during.get(), 503)
+        self.assertEqual(len(cm.records), 1, cm.output)
+        self.assertIn("the event loop is blocked", cm.output[0])
+        self.assertIn("time.sleep(0.4)  # the blocking call under test", cm.output[0])
+        self.assertIn("in blocking_view", cm.output[0])
+        self.assertTrue(wait_until(lambda: announced.count == 1))
+        loop = manager.health()["loop"]
+        self.assertEqual(loop["blocked"], 1)
+        self.assertGreaterEqual(loop["longest"], 0.4)  # from the loop's last poll to its next
+        self.assertLess(loop["longest"], 0.4 + 1.0)
+        self.assertIn("time.sleep(0.4)", loop["last_stack"])
+        event = announced.firsts[0]
+        self.assertEqual((event["threshold"], event["stack"], event["seconds"]),
+                         (self.threshold, loop["last_stack"], loop["longest"]))
+        self.assertTrue(wait_until(lambda: http_status(url + "/livez") == 200, timeout=WAIT, step=0.02))
+
+    def test_shutdown_turns_the_monitor_off(self):
+        hub = gevent.get_hub()
+        self.assertIsNone(hub.periodic_monitoring_thread)
+        saved = (gevent.config.monitor_thread, gevent.config.max_blocking_time)
+        app, sio = make_web_app()
+        manager = boot(app, sio, signals=False, block_threshold=0.25)
+        self.addCleanup(manager.shutdown)
+        self.assertIsNotNone(hub.periodic_monitoring_thread)
+        self.assertEqual(gevent.config.max_blocking_time, 0.25)
+        manager.shutdown()
+        self.assertIsNone(hub.periodic_monitoring_thread)
+        self.assertEqual((gevent.config.monitor_thread, gevent.config.max_blocking_time), saved)
+        self.assertFalse(manager.health()["loop"]["monitor"])
+
+    def test_block_threshold_is_checked(self):
+        with self.assertRaisesRegex(ValueError, "block_threshold must be greater than 0 seconds, got 0"):
+            ServiceManager(block_threshold=0)
+        with self.assertRaisesRegex(TypeError, "block_threshold must be a number of seconds"):
+            boot(*make_web_app(), block_threshold="1")
+
+
+def http_status_now(url):
+    """GET ``url`` from the calling native thread; its status (0 when nothing answers)."""
+    try:
+        with urllib.request.urlopen(url, timeout=CLIENT_TIMEOUT) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+class TestAppContext(SpecterTestCase):
+    """Background work of app-bound services runs in a fresh app context, popped after each round."""
+
+    def test_background_work_sees_current_app_and_tears_down_each_round(self):
+        app, sio = make_web_app()
+        app.config["NAME"] = "jobs-app"
+        teardowns = []
+        app.teardown_appcontext(lambda exc: teardowns.append(exc))
+        seen = {}
+
+        def note(where):
+            seen.setdefault(where, []).append(flask.current_app.config["NAME"])
+
+        class Child(Service):
+            def on_start(self):
+                self.interval(lambda: note("child tick"), 0.01)
+
+        class Jobs(QueueService):
+            def on_start(self):
+                note("on_start")
+                self.ticks = self.interval(lambda: note("tick"), 0.01)
+                self.spawn(note, "spawned")
+                self.spawn_later(0.01, note, "delayed")
+                self.supervise(note, "supervised")
+                self.adopt(Child("child"))
+
+            def handle_item(self, item):
+                note("item")
+
+            def on_stop(self):
+                note("on_stop")
+        jobs = Jobs("jobs")
+        manager = boot(app, sio, services=[jobs], signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertEventually(lambda: {"tick", "spawned", "delayed", "supervised", "child tick"} <= set(seen))
+        jobs.cancel_interval(jobs.ticks)
+        jobs.enqueue(1)
+        jobs.enqueue(2)
+        self.assertTrue(jobs.join(WAIT))
+        manager.shutdown()
+        for where in ("on_start", "tick", "spawned", "delayed", "supervised", "child tick", "item", "on_stop"):
+            self.assertEqual(set(seen[where]), {"jobs-app"}, where)
+        self.assertEqual(len(seen["item"]), 2)
+        self.assertFalse(flask.has_app_context(), "nothing leaks into the caller")
+
+    def test_teardown_appcontext_runs_once_per_tick_and_per_item(self):
+        app, sio = make_web_app()
+        teardowns = Recorder()
+        app.teardown_appcontext(teardowns)
+        rounds = []
+
+        class Counter(QueueService):
+            def on_start(self):
+                rounds.append(("start", teardowns.count))
+                self.ticker = self.interval(self.tick, 0.01)
+
+            def tick(self):
+                rounds.append(("tick", teardowns.count))
+
+            def handle_item(self, item):
+                rounds.append(("item", teardowns.count))
+        counter = Counter("counter")
+        manager = boot(app, sio, services=[counter], signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertEventually(lambda: len(rounds) >= 4)
+        counter.cancel_interval(counter.ticker)
+        for item in range(3):
+            counter.enqueue(item)
+        self.assertTrue(counter.join(WAIT))
+        first = rounds[0][1]
+        self.assertTrue(wait_until(lambda: teardowns.count == first + len(rounds)))
+        # Each round saw one teardown per earlier round (on_start's included): one context each, popped after it.
+        self.assertEqual([count for _, count in rounds], list(range(first, first + len(rounds))))
+        self.assertEqual([kind for kind, _ in rounds].count("item"), 3)
+
+    def test_a_watcher_started_in_the_app_context_polls_inside_a_fresh_one(self):
+        app, sio = make_web_app()
+        teardowns = Recorder()
+        app.teardown_appcontext(teardowns)
+        values = []
+
+        class Sensors(Service):
+            def on_start(self):
+                watcher = self.own(specter.Watcher("temp", poll=lambda: flask.current_app.name, interval=0.01))
+                watcher.subscribe(lambda value, _: values.append((value, teardowns.count)))
+                watcher.start()
+        manager = boot(app, sio, services=[Sensors()], signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertEventually(lambda: len(values) >= 2)
+        self.assertEqual(values[0][0], app.name)
+        self.assertGreater(values[1][1], values[0][1], "the first round's context was popped before the second")
+
+    def test_start_called_inside_the_apps_context_keeps_that_context(self):
+        app, sio = make_web_app()
+        manager = boot(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        contexts = []
+
+        class Late(Service):
+            def on_start(self):
+                contexts.append(flask.globals.app_ctx._get_current_object())
+        with app.app_context() as outer:
+            manager.register_service(Late("late"))
+        self.assertEqual(contexts, [outer])
+
+    def test_services_without_an_app_run_as_before(self):
+        seen = []
+
+        class Plain(Service):
+            def on_start(self):
+                seen.append(flask.has_app_context())
+                self.spawn(lambda: seen.append(flask.has_app_context()))
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        manager.register_service(Plain())
+        manager.boot()
+        self.assertEventually(lambda: len(seen) == 2)
+        self.assertEqual(seen, [False, False])
 
 
 class UpgradeClosingHandler(pywsgi.WSGIHandler):
@@ -5845,6 +7004,33 @@ class TestRealClients(SpecterTestCase):
         manager.shutdown()
         self.assertFalse(specter.bus.has_listeners("job:done"))
 
+    def test_a_plain_service_reaches_socket_clients_through_the_registry(self):
+        app, sio = make_web_app()
+
+        class Metrics(Service):
+            def on_start(self):
+                self.socketio = self.require("socketio")
+                self.ticks = 0
+                self.interval(self.tick, 0.02)
+
+            def tick(self):
+                self.ticks += 1
+                self.emit("metrics:tick", self.ticks)                    # the in-process bus
+                self.socketio.emit("metrics", {"ticks": self.ticks})     # Socket.IO clients
+        on_bus = []
+        specter.bus.on("metrics:tick", on_bus.append)
+        url, manager = self.serve(app, sio, services=[Metrics()])
+        self.assertIs(specter.registry.require("socketio"), sio)
+        got = []
+        client = socketio.Client()
+        client.on("metrics", got.append)
+        self.connect(url, client)
+        self.assertTrue(wait_until(lambda: len(got) >= 2, timeout=CLIENT_TIMEOUT))
+        self.assertEqual(set(got[0]), {"ticks"})
+        self.assertTrue(on_bus)
+        manager.shutdown()
+        self.assertNotIn("socketio", specter.registry)
+
     def test_namespace(self):
         class RoomHandler(RecordingHandler):
             namespace = "/chat"
@@ -5877,6 +7063,55 @@ class TestRealClients(SpecterTestCase):
         self.assertFalse(client.connected)
         self.assertTrue(wait_until(lambda: len(presence.log) >= 2, timeout=CLIENT_TIMEOUT))
         self.assertEqual(presence.log[1], ("left", presence.log[0][1]))
+
+    def test_a_failing_socket_handler_acks_a_json_error_instead_of_timing_out(self):
+        app, sio = make_web_app()
+
+        class Rooms(Handler):
+            events = {"join": "join", "members": "members", "ping": "ping"}
+
+            def join(self, data):
+                raise KeyError("room table is gone")
+
+            def members(self, data):
+                return {"members": {"ann", "bob"}}  # a set: JSON cannot encode it
+
+            def ping(self, data):
+                return {"pong": data}, b"\x00\x01"  # two ack arguments, one binary: fine
+        url, _ = self.serve(app, sio, handlers=[Rooms()])
+        client = self.connect(url)
+        error = {"ok": False, "status": 500, "error": "Internal server error", "value": None}
+        with self.assertLogs("specter", "ERROR") as logs:
+            started = time.monotonic()
+            self.assertEqual(self.call(client, "join", {"room": "lobby"}), error)
+            self.assertEqual(self.call(client, "members", "lobby"), error)
+            self.assertLess(time.monotonic() - started, CLIENT_TIMEOUT / 2)
+        self.assertLoggedException(logs, "room table is gone")
+        self.assertIn("cannot be encoded", "\n".join(logs.output))
+        self.assertTrue(all(record.name.startswith("specter") for record in logs.records))
+        self.assertEqual(self.call(client, "ping", 1), ({"pong": 1}, b"\x00\x01"))
+        self.assertTrue(client.connected)
+
+    def test_shutdown_sends_the_services_final_emits_then_disconnects_clients_cleanly(self):
+        app, sio = make_web_app()
+
+        class Farewell(Service):
+            def on_stop(self):
+                sio.emit("bye", {"last": True})
+        url, manager = self.serve(app, sio, services=[Farewell()])
+        events = []
+        clients = []
+        for transports in (["websocket"], ["polling"]):
+            client = socketio.Client()
+            client.on("bye", lambda data, t=transports[0]: events.append((t, "bye", data)))
+            client.on("disconnect", lambda reason=None, t=transports[0]: events.append((t, "disconnect", reason)))
+            clients.append(self.connect(url, client, transports=transports))
+        manager.shutdown()
+        self.assertTrue(wait_until(lambda: len(events) == 4, timeout=CLIENT_TIMEOUT), events)
+        for transport in ("websocket", "polling"):
+            self.assertEqual([event[1:] for event in events if event[0] == transport],
+                             [("bye", {"last": True}), ("disconnect", "server disconnect")])
+        self.assertFalse(any(client.connected for client in clients))
 
     def test_controller_stop_over_real_clients(self):
         app, sio = make_web_app()
@@ -5955,6 +7190,83 @@ SIGNAL_APP = textwrap.dedent("""
 """)
 
 
+SOCKET_APP = textwrap.dedent("""
+    import socket
+    import sys
+
+    from flask import Flask
+    from flask_socketio import SocketIO
+
+    import specter
+
+    app = Flask(__name__)
+    sio = SocketIO(app, async_mode="gevent")
+
+
+    @app.route("/ready")
+    def ready():
+        return "ok"
+
+
+    class Farewell(specter.Service):
+        def on_stop(self):
+            self.require("socketio").emit("bye", {"last": True})
+
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    print("port", port, flush=True)
+    if sys.argv[1] == "manager":
+        specter.ServiceManager(app, sio).register_service(Farewell()).run("127.0.0.1", port)
+    else:  # boot() with signals on, then the usual Flask-SocketIO server
+        specter.boot(app, sio, services=[Farewell()])
+        sio.run(app, host="127.0.0.1", port=port)
+""")
+
+
+BOOT_APP = textwrap.dedent("""
+    import sys
+
+    import gevent
+    from flask import Flask
+    from flask_socketio import SocketIO
+
+    import specter
+
+    marker = sys.argv[1]
+    app = Flask(__name__)
+    sio = SocketIO(app, async_mode="gevent")
+
+
+    class Worker(specter.Service):
+        def on_start(self):
+            proc = self.start_process(["sleep", "60"])
+            print("grandchild", proc.pid, flush=True)
+
+        def on_stop(self):
+            with open(marker, "w") as f:
+                f.write("stopped")
+
+
+    class Slow(specter.Service):
+        def on_start(self):
+            print("booting", flush=True)
+            gevent.sleep(60)  # a start that takes its time: the SIGTERM comes meanwhile
+
+
+    manager = specter.ServiceManager(app, sio)
+    manager.register_service(Worker()).register_service(Slow())
+    if sys.argv[2] == "manager":
+        manager.run("127.0.0.1", 0)
+    else:
+        manager.boot()
+        sio.run(app, host="127.0.0.1", port=0)
+    print("served after a cancelled boot", flush=True)
+""")
+
+
 class TestSignals(SpecterTestCase):
 
     def blocking(self, fn, *args, **kwargs):
@@ -6023,11 +7335,92 @@ class TestSignals(SpecterTestCase):
         self.assertNotIn("Traceback", stderr())
         return stderr()
 
+    def test_sigterm_disconnects_socket_clients_cleanly_after_the_final_emits(self):
+        workdir = tempfile.mkdtemp(prefix="specter-web-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "sockapp.py")
+        with open(script, "w") as f:
+            f.write(SOCKET_APP)
+        env = dict(os.environ, PYTHONPATH=SPECTER_DIR)
+        for mode in ("manager", "socketio"):
+            with self.subTest(mode=mode):
+                child = gevent.subprocess.Popen([sys.executable, "-u", script, mode], stdout=gevent.subprocess.PIPE,
+                                                stderr=gevent.subprocess.PIPE, env=env, cwd=workdir,
+                                                universal_newlines=True, start_new_session=True)
+                self.addCleanup(self.reap, child)
+                with gevent.Timeout(CLIENT_TIMEOUT, AssertionError("the child never printed its port")):
+                    port = int(child.stdout.readline().split()[1])
+                url = "http://127.0.0.1:%d" % port
+                self.assertTrue(wait_until(lambda: self.served(port), timeout=CLIENT_TIMEOUT, step=0.02))
+                events = []
+                for transport in ("websocket", "polling"):
+                    client = socketio.Client()
+                    client.on("bye", lambda data, t=transport: events.append((t, "bye", data)))
+                    client.on("disconnect", lambda reason=None, t=transport: events.append((t, "disconnect", reason)))
+                    self.blocking(client.connect, url, transports=[transport], wait_timeout=CLIENT_TIMEOUT)
+                    self.addCleanup(lambda c=client: c.connected and self.blocking(c.disconnect))
+                child.send_signal(signal.SIGTERM)
+                try:
+                    code = child.wait(timeout=CLIENT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    code = None
+                errors = child.stderr.read()
+                self.assertEqual(code, 0, errors)
+                self.assertNotIn("Traceback", errors)
+                self.assertTrue(wait_until(lambda: len(events) == 4, timeout=CLIENT_TIMEOUT), events)
+                for transport in ("websocket", "polling"):
+                    self.assertEqual([event[1:] for event in events if event[0] == transport],
+                                     [("bye", {"last": True}), ("disconnect", "server disconnect")])
+
+    def test_sigterm_during_boot_rolls_back_and_exits_cleanly(self):
+        workdir = tempfile.mkdtemp(prefix="specter-web-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "bootapp.py")
+        with open(script, "w") as f:
+            f.write(BOOT_APP)
+        env = dict(os.environ, PYTHONPATH=SPECTER_DIR)
+        for mode in ("manager", "boot"):
+            with self.subTest(mode=mode):
+                marker = os.path.join(workdir, "stopped-" + mode)
+                # stderr goes to a file: the grandchild inherits it, so a pipe would stay open while it lives.
+                errors_path = os.path.join(workdir, "stderr-" + mode)
+                with open(errors_path, "w") as errors:
+                    child = gevent.subprocess.Popen([sys.executable, "-u", script, marker, mode],
+                                                    stdout=gevent.subprocess.PIPE, stderr=errors, env=env,
+                                                    cwd=workdir, universal_newlines=True, start_new_session=True)
+                self.addCleanup(self.reap, child)
+
+                def stderr():
+                    with open(errors_path) as f:
+                        return f.read()
+                lines = {}
+                with gevent.Timeout(CLIENT_TIMEOUT, AssertionError("the child never reached its slow start")):
+                    while "booting" not in lines:
+                        word, _, rest = child.stdout.readline().strip().partition(" ")
+                        self.assertTrue(word, "the child ended early: %s" % stderr())
+                        lines[word] = rest
+                grandchild = int(lines["grandchild"])
+                self.addCleanup(self.kill_stray, grandchild)
+                self.assertFalse(pid_gone(grandchild))
+                child.send_signal(signal.SIGTERM)
+                try:
+                    code = child.wait(timeout=CLIENT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    code = None
+                self.assertEqual(code, 0, stderr())
+                self.assertNotIn("Traceback", stderr())
+                self.assertEqual(child.stdout.read(), "", "the program went on after the interrupted boot")
+                with open(marker) as f:
+                    self.assertEqual(f.read(), "stopped")
+                self.assertTrue(wait_until(lambda: pid_gone(grandchild), timeout=3.0, step=0.01))
+
     def reap(self, child):
         if child.poll() is None:
             child.kill()
             child.wait()
-        child.stdout.close()
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
 
     def kill_stray(self, pid):
         if not pid_gone(pid):
@@ -7191,6 +8584,24 @@ class TestTestingKit(SpecterTestCase):
         self.assertIn("pending timer: start of greenlet 'print' (spawn_later)", message)
         self.assertRegex(message, r"pending timer: timeout-\d+ of service 'paused' \(after 45 s\)")
 
+    def test_leak_check_works_under_and_over_other_greenlet_tracers(self):
+        seen = []
+
+        def chained(event, args):
+            seen.append(event)
+            if below is not None:
+                below(event, args)
+
+        below = greenlet.settrace(chained)  # over the test case's own check, as gevent's monitor would be
+        self.addCleanup(greenlet.settrace, below)
+        with self.assertRaisesRegex(AssertionError, "greenlet 'noted-through-the-chain'"):
+            with specter.leak_check(grace=0):
+                loose = gevent.spawn(gevent.sleep, LONG)
+                loose.name = "noted-through-the-chain"
+        loose.kill()
+        self.assertIn("switch", seen)
+        self.assertIs(greenlet.gettrace(), chained)  # the check left the tracer on top alone
+
     def test_leak_check_leaves_a_failing_block_to_its_own_exception(self):
         loose = gevent.spawn(gevent.sleep, LONG)
         self.addCleanup(loose.kill)
@@ -7481,9 +8892,9 @@ class TestJobBoardDemo(SpecterTestCase):
         self.assertEqual(response.status_code, 200)
         health = response.get_json()
         self.assertEqual(health["status"], "ok")
-        self.assertEqual([s["name"] for s in health["services"]],
-                         ["live", "jobs.runner", "host.monitor", "jobs.housekeeper", "jobs"])
-        self.assertTrue(all(s["status"] == "ok" for s in health["services"]))
+        self.assertEqual(sorted(health["services"]),
+                         ["host.monitor", "jobs", "jobs.housekeeper", "jobs.runner", "live"])
+        self.assertTrue(all(s["status"] == "ok" for s in health["services"].values()))
 
         ids = [self.submit(name="quick %d" % n, steps=1, delay=0.01)["id"] for n in range(3)]
         removed = lambda: {data["id"] for name, data in events if name == "job:removed"}
@@ -7841,7 +9252,7 @@ class TestExamples(SpecterTestCase):
         names = [os.path.basename(path) for path in example_files()]
         for expected in ("quickstart.py", "polling_service.py", "queue_worker.py",
                          "controller_app.py", "state_primitives.py", "process_watcher.py",
-                         "graceful_shutdown.py", "registry_and_bus.py"):
+                         "graceful_shutdown.py", "registry_and_bus.py", "factory_app.py"):
             self.assertIn(expected, names)
         self.assertFalse([name for name in names if name.startswith("jobboard")])
 

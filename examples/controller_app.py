@@ -196,14 +196,14 @@ class StatusRouter(Router):
     @route("/")
     def index(self):
         manager = self.require("service_manager")
-        return {"booted": manager.booted, "services": [s["name"] for s in manager.health()["services"]]}
+        return {"booted": manager.booted, "services": list(manager.health()["services"])}
 
     @route("/services/<name>", json_errors="Could not read the service status")
     def service_status(self, name):
-        for health in self.require("service_manager").health()["services"]:
-            if health["name"] == name:
-                return Outcome.success({"status": health["status"], "errors": health["errors"]})
-        return Outcome.failure("No service named %r" % name, status=404)
+        health = self.require("service_manager").health()["services"].get(name)  # keyed by name
+        if health is None:
+            return Outcome.failure("No service named %r" % name, status=404)
+        return Outcome.success({"status": health["status"], "errors": health["errors"]})
 
 
 # The app ######################################################################
@@ -250,9 +250,10 @@ def wire_by_hand(app, socketio):
     registration order and sets up the handlers.
     """
     manager = ServiceManager(app, socketio, signals=False)
-    moderation = manager.register_service(Moderation())  # registered first: started first
-    chat = manager.register_controller(ChatController(), url_prefix="/chat")
-    presence = manager.register_handler(PresenceHandler())
+    moderation, chat, presence = Moderation(), ChatController(), PresenceHandler()
+    (manager.register_service(moderation)  # registered first: started first
+     .register_controller(chat, url_prefix="/chat")
+     .register_handler(presence))  # each register_* returns the manager
     print("registered, before boot(): moderation=%s chat=%s presence.registered=%s booted=%s"
           % (moderation.status, chat.status, presence.registered, manager.booted))
     manager.boot(providers={"moderation": moderation})  # also provided under a key, for service()
