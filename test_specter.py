@@ -7018,7 +7018,7 @@ class TestRealClients(SpecterTestCase):
                 self.emit("metrics:tick", self.ticks)                    # the in-process bus
                 self.socketio.emit("metrics", {"ticks": self.ticks})     # Socket.IO clients
         on_bus = []
-        specter.bus.on("metrics:tick", on_bus.append)
+        self.addCleanup(specter.bus.on("metrics:tick", on_bus.append))
         url, manager = self.serve(app, sio, services=[Metrics()])
         self.assertIs(specter.registry.require("socketio"), sio)
         got = []
