@@ -6708,7 +6708,7 @@ class TestLoopMonitor(SpecterTestCase):
         started = threading.Event()  # set from the hub, waited on by a native thread
         app.add_url_rule("/block", "block", functools.partial(blocking_view, started))
         announced = Recorder()
-        specter.bus.on("loop:blocked", announced)
+        self.addCleanup(specter.bus.on("loop:blocked", announced))
         manager = boot(app, sio, signals=False, probes=True, block_threshold=self.threshold)
         self.addCleanup(manager.shutdown)
         self.assertEqual(manager.health()["loop"], {"monitor": True, "threshold": self.threshold, "blocked": 0,
