@@ -2605,7 +2605,7 @@ class TestWatcher(SpecterTestCase):
         gaps = [b - a for a, b in zip(attempts, attempts[1:])]
         for gap, nominal in zip(gaps, [20, 40, 80, 160]):
             self.assertTrue(nominal / 2 <= gap < nominal, gaps)  # jitter in [0.5, 1)
-        self.assertEqual(gaps[4], 20)  # after the success: the interval
+        self.assertAlmostEqual(gaps[4], 20, places=9)  # after the success: the interval (times are jittered floats)
         self.assertTrue(10 <= gaps[5] < 20, gaps)  # the failure after the success starts over
 
     def test_without_retry_the_first_error_ends_the_loop(self):
@@ -8371,7 +8371,7 @@ class TestTestingKit(SpecterTestCase):
                 self.assertTrue(2.5 <= gaps[0] < 5.0, gaps)
                 self.assertTrue(5.0 <= gaps[1] < 10.0, gaps)
                 self.assertEqual(values[:3], [1, 2, 3])
-                self.assertEqual(gaps[2], 5.0)  # a value resets the backoff
+                self.assertAlmostEqual(gaps[2], 5.0, places=9)  # a value resets the backoff
                 self.assertGreater(watcher.health()["uptime_seconds"], 39.0)
             finally:
                 watcher.stop()
