@@ -5558,7 +5558,7 @@ class _TestingWatch:
         self.grace = grace
         self.greenlets = []
         self.timers = []
-        self.services = []
+        self.services = {}  # id -> service, in start order
 
     def __enter__(self):
         global _testing_watches, _testing_tracing
@@ -5622,7 +5622,7 @@ class _TestingWatch:
         found.extend(("timer", "pending timer: %s" % _testing_describe_timer(callback))
                      for handle, callback in self.timers if handle.active)
         found.extend(("service", "running service %r (%s)" % (service.name, service.status))
-                     for service in self.services if service.status not in ("created", "stopped"))
+                     for service in self.services.values() if service.status not in ("created", "stopped"))
         return found
 
 
@@ -5674,8 +5674,7 @@ def _testing_note_greenlet(glet):
 
 def _testing_note_service(service):
     for watch in _testing_watches:
-        if service not in watch.services:
-            watch.services.append(service)
+        watch.services.setdefault(id(service), service)
 
 
 def _testing_describe_greenlet(glet):
