@@ -2390,22 +2390,25 @@ class Field:
 
     ``type`` is int, float, str, bool, list, dict, a nested Schema or any
     callable that converts the raw value (raising to refuse it). Checks run
-    after coercion: choices, min/max, min_length/max_length, pattern (the
-    whole string must match), items (a Field applied to each list element),
+    after coercion: items (a Field applied to each list element), choices,
+    min/max, min_length/max_length, pattern (the whole string must match),
     then ``validator(value)``, which fails the field by returning False or
-    raising.
+    raising. A Field is a description; the Schema that holds it compiles it.
     """
 
     __slots__ = ("type", "required", "default", "choices", "validator", "label", "min", "max",
-                 "min_length", "max_length", "pattern", "items", "_coerce", "_checks")
+                 "min_length", "max_length", "pattern", "items", "_coerce")
 
     def __init__(self, type=str, *, required=False, default=None, choices=None, validator=None,
                  label=None, min=None, max=None, min_length=None, max_length=None, pattern=None,
                  items=None):
+        # Built-in types are looked up by identity: hashing ``type`` would fail
+        # for an unhashable callable coercer (a dataclass instance, say).
+        builtin = _schema_builtin(type)
         if isinstance(type, Schema):
             coerce = None
-        elif isinstance(type, collections.abc.Hashable) and type in _SCHEMA_COERCERS:
-            coerce = _SCHEMA_COERCERS[type]
+        elif builtin is not None:
+            coerce = _SCHEMA_COERCERS[builtin]
         elif callable(type):
             coerce = type
         else:
@@ -2445,10 +2448,13 @@ class Field:
         self.pattern = pattern
         self.items = items
         self._coerce = coerce
-        self._checks = _schema_checks(self)
 
     def make_default(self) -> Any:
-        """The default for an absent field: a factory's result, or a copy of a list/dict."""
+        """The default for an absent field: a factory's result, or a copy of a list/dict.
+
+        The raw default, as declared; a Schema validating the field checks it
+        against the field and gives the cleaned value.
+        """
         default = self.default
         if callable(default):
             return default()
@@ -2462,7 +2468,9 @@ class Field:
         if isinstance(kind, Schema):
             out = kind.to_json_schema(root=False)
         else:
-            out = dict(_SCHEMA_JSON_TYPES.get(kind, {}))
+            out = dict(_SCHEMA_JSON_TYPES.get(_schema_builtin(kind), {}))
+        # Lengths count items for a list and keys for an object (a dict or a nested schema).
+        unit = "Items" if kind is list else "Properties" if kind is dict or isinstance(kind, Schema) else "Length"
         if self.label:
             out["title"] = self.label
         if self.choices is not None:
@@ -2472,9 +2480,9 @@ class Field:
         if self.max is not None:
             out["maximum"] = self.max
         if self.min_length is not None:
-            out["minItems" if kind is list else "minProperties" if kind is dict else "minLength"] = self.min_length
+            out["min" + unit] = self.min_length
         if self.max_length is not None:
-            out["maxItems" if kind is list else "maxProperties" if kind is dict else "maxLength"] = self.max_length
+            out["max" + unit] = self.max_length
         if self.pattern is not None:
             out["pattern"] = "^(?:%s)$" % self.pattern.pattern
         if self.items is not None:
@@ -2488,51 +2496,20 @@ class Field:
         name = kind.name if isinstance(kind, Schema) else getattr(kind, "__name__", repr(kind))
         return "Field(%s%s)" % (name, ", required=True" if self.required else "")
 
-    def _clean(self, value, path, errors, schema):
-        """The coerced, checked value, or _MISSING after recording an error at ``path``.
-
-        ``path`` is a string, or ``(list_path, index)`` for a list item, formatted
-        only when it is needed.
-        """
-        try:
-            if self._coerce is None:
-                return self.type._clean_object(value, _schema_path(path) + ".", errors, schema)
-            value = self._coerce(value)
-            if self.items is not None:
-                value = _schema_items(self.items, value, _schema_path(path), errors, schema)
-                if value is _MISSING:
-                    return _MISSING
-            elif type(value) is list or type(value) is dict:
-                _schema_measure(value, schema)
-            for check in self._checks:
-                check(value)
-            if self.validator is not None and self.validator(value) is False:
-                raise SchemaError("is invalid")
-        except SchemaError as exc:
-            errors[_schema_path(path)] = exc.message
-            return _MISSING
-        except (ValueError, TypeError, ArithmeticError, LookupError):
-            # An ordinary refusal by a coercer or validator. Only SchemaError
-            # messages are written for clients, so the text stays out.
-            errors[_schema_path(path)] = "is invalid"
-            return _MISSING
-        except Exception:
-            # Something broke (a lookup's connection, say): its text may carry
-            # internals, so it goes to the log, not to the client.
-            _schema_log.warning("field %s: %s raised", _schema_path(path), self, exc_info=True)
-            errors[_schema_path(path)] = "is invalid"
-            return _MISSING
-        return value
-
 
 class Schema:
-    """A named contract for dict payloads.
+    """A named contract for dict payloads, compiled once into a validator.
 
     ``validate`` never raises: it returns an Outcome whose value is the
     cleaned dict (declared fields only, defaults filled) or a 400 failure
     naming every bad field, with ``meta['errors']`` mapping paths such as
     ``'owner.email'`` or ``'tags[2]'`` to messages. Payloads nested deeper
     than ``max_depth`` or holding more than ``max_items`` values are refused.
+
+    Building a schema generates one straight-line Python function for its
+    fields (see ``compiled_source()``), so validating costs about what a
+    hand-written function would. Field names, patterns, bounds and messages
+    reach that code only as named constants, never as source text.
     """
 
     max_depth = 32
@@ -2550,26 +2527,22 @@ class Schema:
                                 % (key, _describe(field), getattr(field, "__name__", "...")))
         self.fields = dict(fields)
         self.strict = bool(strict)
-        self._plan = tuple(self.fields.items())
+        self._required = {key: field for key, field in self.fields.items() if field.required}
+        self._compile()
 
     @property
-    def field_names(self) -> List[str]:
-        return list(self.fields)
+    def field_names(self) -> collections.abc.KeysView[str]:
+        """The declared names in order; set-like, so it compares equal to a set."""
+        return self.fields.keys()
 
     @property
-    def required_fields(self) -> List[str]:
-        return [key for key, field in self._plan if field.required]
+    def required_fields(self) -> collections.abc.KeysView[str]:
+        """The required names in order; set-like, so it compares equal to a set."""
+        return self._required.keys()
 
     def validate(self, data: Any) -> Outcome:
         """Check and coerce ``data``; an Outcome, never an exception."""
-        errors: Dict[str, str] = {}
-        try:
-            clean = self._clean_object(data, "", errors, self)
-        except RecursionError:
-            errors = {"$": "is nested too deeply"}
-        if errors:
-            return _outcome(False, None, self._message(errors), 400, {"errors": errors})
-        return _outcome(True, clean, None, 200, None)
+        return self._validate(self, data)
 
     def require(self, data: Any) -> Dict[str, Any]:
         """The cleaned dict, or HTTPError(400) carrying the per-field errors."""
@@ -2592,49 +2565,52 @@ class Schema:
             out["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         out["title"] = self.name
         out["type"] = "object"
-        out["properties"] = {key: field.to_json_schema() for key, field in self._plan}
-        required = self.required_fields
+        out["properties"] = {key: field.to_json_schema() for key, field in self.fields.items()}
+        required = list(self._required)
         if required:
             out["required"] = required
         out["additionalProperties"] = not self.strict
         return out
 
-    def __repr__(self):
-        return "<Schema %r %s>" % (self.name, self.field_names)
+    def compiled_source(self) -> str:
+        """The Python source this schema was compiled to, for reading and debugging.
 
-    def _clean_object(self, data, prefix, errors, root):
-        if not isinstance(data, dict):
-            errors[prefix[:-1] or "$"] = "must be an object, got %s" % _schema_kind(data)
-            return _MISSING
-        if len(data) > root.max_items:
-            errors[prefix[:-1] or "$"] = "has more than %d keys" % root.max_items
-            return _MISSING
-        if prefix.count(".") > root.max_depth:
-            errors[prefix[:-1]] = "is nested more than %d levels deep" % root.max_depth
-            return _MISSING
-        clean = {}
-        for key, field in self._plan:
-            value = data.get(key)
-            if value is None:
-                if field.required:
-                    errors[prefix + key] = "is required"
-                    continue
-                try:
-                    clean[key] = field.make_default()
-                except Exception:
-                    _schema_log.exception("field %s: the default factory raised", prefix + key)
-                    errors[prefix + key] = "has no usable default"
-                continue
-            value = field._clean(value, prefix + key, errors, root)
-            if value is not _MISSING:
-                clean[key] = value
-        unknown = [key for key in data if key not in self.fields] if self.strict else ()
-        if unknown:
-            for key in unknown[:10]:
-                errors[prefix + _schema_clip(str(key))] = "is not an allowed field"
-            if len(unknown) > 10:
-                errors[prefix + "..."] = "%d more unknown fields" % (len(unknown) - 10)
-        return clean
+        The code names its constants (``key_0``, ``match_3``...); a legend
+        after it shows each constant's value, escaped with ``ascii()``; the
+        legend is not part of the compiled code. Once the schema is used as a
+        nested field type, the code for that use follows.
+        """
+        if self._nested is None:
+            return self._source
+        return self._source + "\n\n" + self._nested[1]
+
+    def __repr__(self):
+        return "<Schema %r %s>" % (self.name, list(self.fields))
+
+    def __getstate__(self):
+        # The compiled code is not copied or pickled: a copy compiles its own.
+        state = dict(self.__dict__)
+        for key in ("validate", "_validate", "_source", "_nested"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._compile()
+
+    def _compile(self):
+        self._validate, self._source = _SchemaCompiler(self).build(nested=False)
+        self._nested = None             # (function, source) once compiled for nesting
+        if type(self).validate is Schema.validate:
+            # The compiled function, bound: one call per validate instead of two.
+            # A subclass that overrides validate keeps its override.
+            self.validate = types.MethodType(self._validate, self)  # type: ignore[method-assign]
+
+    def _object_cleaner(self):
+        """The function cleaning this schema as a nested field, compiled on first use."""
+        if self._nested is None:
+            self._nested = _SchemaCompiler(self).build(nested=True)
+        return self._nested[0]
 
     def _message(self, errors):
         parts = []
@@ -2772,60 +2748,92 @@ class Operation:
 
 
 def _schema_int(value):
+    """An int from an int, an integral float or Decimal, or a string holding a whole number."""
     cls = type(value)
-    if cls is int:
-        return value
-    if cls is bool:
-        raise SchemaError("must be an integer, got a boolean")
-    if cls is float:
-        if value.is_integer():
-            return int(value)
-        raise SchemaError("must be a whole number, got %s" % _schema_clip(repr(value)))
     if cls is str:
-        text = value.strip()
+        # int() and Decimal() skip surrounding whitespace themselves. The length
+        # bound keeps a hostile megabyte of digits away from them; "_" is
+        # Python syntax ("1_000"), not a number a client sends.
+        text = value if len(value) <= 64 else value.strip()
         if len(text) <= 64 and "_" not in text:
             try:
                 return int(text)
             except ValueError:
                 pass
+            # "3.0" and "1e23" are integers written another way. Decimal reads
+            # them exactly; a float would round ("1e23" to ...991611392) and
+            # make "0.99999999999999999" a whole 1.
             try:
-                number = float(text)
-            except ValueError:
+                number = decimal.Decimal(text)
+            except (ArithmeticError, ValueError):
                 pass
             else:
-                if number.is_integer():
-                    return int(number)
+                whole = _schema_whole(number)
+                if whole is not None:
+                    return whole
         raise SchemaError("must be an integer, got %s" % _schema_clip(repr(value)))
-    if isinstance(value, decimal.Decimal) and value.is_finite() and value == value.to_integral_value():
-        return int(value)
+    if cls is int:
+        return value
+    if cls is float:
+        if value.is_integer():
+            return int(value)
+        raise SchemaError("must be a whole number, got %s" % _schema_clip(repr(value)))
+    if cls is bool:
+        raise SchemaError("must be an integer, got a boolean")
+    if isinstance(value, decimal.Decimal):
+        whole = _schema_whole(value)
+        if whole is not None:
+            return whole
+        raise SchemaError("must be a whole number, got %s" % _schema_clip(repr(value)))
     if isinstance(value, numbers.Integral):
         return int(value)
     raise SchemaError("must be an integer, got %s" % _schema_kind(value))
 
 
+def _schema_whole(number):
+    """The int a Decimal stands for exactly, or None when it is not a whole number.
+
+    The exponent is bounded first: int(Decimal("1e999999999")) would build a
+    billion-digit integer.
+    """
+    if (number.is_finite() and number.adjusted() < _SCHEMA_INT_DIGITS
+            and number == number.to_integral_value()):
+        return int(number)
+    return None
+
+
+# Whole numbers written with an exponent may have at most this many digits:
+# the limit Python itself puts on int("...") (sys.int_info.default_max_str_digits).
+_SCHEMA_INT_DIGITS = 4300
+
+
 def _schema_float(value):
+    """A finite float from an int, a float, a real number or a numeric string."""
     cls = type(value)
-    if cls is float:
-        number = value
-    elif cls is int:
-        number = float(value)
-    elif cls is bool:
-        raise SchemaError("must be a number, got a boolean")
-    elif cls is str:
-        text = value.strip()
+    if cls is str:
+        text = value if len(value) <= 64 else value.strip()   # float() skips whitespace itself
         if len(text) > 64 or "_" in text:
             raise SchemaError("must be a number, got %s" % _schema_clip(repr(value)))
         try:
             number = float(text)
         except ValueError:
             raise SchemaError("must be a number, got %s" % _schema_clip(repr(value))) from None
+    elif cls is int:
+        number = float(value)
+    elif cls is float:
+        number = value
+    elif cls is bool:
+        raise SchemaError("must be a number, got a boolean")
     elif isinstance(value, numbers.Real):
         number = float(value)
     else:
         raise SchemaError("must be a number, got %s" % _schema_kind(value))
-    if not math.isfinite(number):
-        raise SchemaError("must be a finite number, got %s" % _schema_clip(repr(value)))
-    return number
+    if -_SCHEMA_INF < number < _SCHEMA_INF:    # False for NaN too
+        return number
+    raise SchemaError("must be a finite number, got %s" % _schema_clip(repr(value)))
+
+
+_SCHEMA_INF = math.inf
 
 
 def _schema_str(value):
@@ -2837,22 +2845,23 @@ def _schema_str(value):
     raise SchemaError("must be a string, got %s" % _schema_kind(value))
 
 
-_SCHEMA_TRUE = frozenset(("true", "yes", "on", "1"))
-_SCHEMA_FALSE = frozenset(("false", "no", "off", "0"))
+_SCHEMA_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+                 "false": False, "no": False, "off": False, "0": False}
 
 
 def _schema_bool(value):
+    """A bool from a bool, 0/1, or true/false, yes/no, on/off, 1/0 in any case."""
     cls = type(value)
-    if cls is bool:
-        return value
-    if cls is int and (value == 0 or value == 1):
-        return bool(value)
     if cls is str and len(value) <= 16:
-        word = value.strip().lower()
-        if word in _SCHEMA_TRUE:
-            return True
-        if word in _SCHEMA_FALSE:
-            return False
+        word = _SCHEMA_WORDS.get(value)
+        if word is None:
+            word = _SCHEMA_WORDS.get(value.strip().lower())
+        if word is not None:
+            return word
+    elif cls is bool:
+        return value
+    elif cls is int and (value == 0 or value == 1):
+        return value == 1
     raise SchemaError("must be true or false (also yes/no, on/off, 1/0), got %s"
                       % _schema_clip(repr(value)))
 
@@ -2873,80 +2882,422 @@ def _schema_dict(value):
 
 _SCHEMA_COERCERS = {int: _schema_int, float: _schema_float, str: _schema_str, bool: _schema_bool,
                     list: _schema_list, dict: _schema_dict}
+# What a fixed default of each built-in type (dict also for a nested schema)
+# may be, and how an error says it.
+_SCHEMA_DEFAULT_TYPES = {int: (int, "an integer"), float: ((int, float), "a number"), str: (str, "a string"),
+                         bool: (bool, "a boolean"), list: ((list, tuple), "a list"), dict: (dict, "an object")}
+
+
+def _schema_builtin(kind):
+    """The built-in type ``kind`` is (int, float, str, bool, list, dict), or None.
+
+    Compared by identity: a coercer may be unhashable (a dataclass instance).
+    """
+    for builtin in _SCHEMA_COERCERS:
+        if kind is builtin:
+            return builtin
+    return None
+
 _SCHEMA_JSON_TYPES = {int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
                       bool: {"type": "boolean"}, list: {"type": "array"}, dict: {"type": "object"}}
 
 
-def _schema_checks(field):
-    """The post-coercion checks a field needs, as a tuple of functions that raise SchemaError."""
-    checks = []
-    if field.choices is not None:
-        choices = field.choices
+class _SchemaCompiler:
+    """Writes a Schema's validator as Python source, then compiles it.
 
-        def check_choices(value):
-            if value not in choices:
-                raise SchemaError("must be one of %s" % ", ".join(map(repr, choices[:20])))
-        checks.append(check_choices)
-    if field.min is not None:
-        low = field.min
+    The source holds only generated names, keywords and small integers.
+    Everything that comes from the schema's author (field names, defaults,
+    bounds, choices, patterns, coercers, validators, messages) is a value in
+    the namespace the code runs in, under a generated name such as
+    ``key_0`` or ``match_3``: data stays data, whatever characters it holds.
 
-        def check_min(value):
-            if value < low:
-                raise SchemaError("must be at least %s" % low)
-        checks.append(check_min)
-    if field.max is not None:
-        high = field.max
+    The code is straight-line per field: a type test that takes the common
+    case inline, a call to the coercer otherwise, then the field's checks,
+    all inside one ``try`` whose handlers turn a refusal into a message at
+    the field's path (a ``try`` costs nothing until something raises). List
+    elements are checked by a loop written in place.
 
-        def check_max(value):
-            if value > high:
-                raise SchemaError("must be at most %s" % high)
-        checks.append(check_max)
-    if field.min_length is not None:
-        shortest = field.min_length
+    Paths travel unformatted, as nested tuples ``(parent, key_or_index)``
+    that ``_schema_path`` renders, so a path costs nothing until an error
+    needs its text. ``root`` is the schema ``validate`` was called on: its
+    ``max_depth`` and ``max_items`` bound the whole payload, nested objects
+    included.
+    """
 
-        def check_min_length(value):
-            if len(value) < shortest:
-                raise SchemaError("must have at least %d %s" % (shortest, _schema_unit(value, shortest)))
-        checks.append(check_min_length)
-    if field.max_length is not None:
-        longest = field.max_length
+    def __init__(self, schema):
+        self.schema = schema
+        self.namespace = dict(_SCHEMA_RUNTIME)
+        self.names = {}                 # (stem, id of the value or of its owner) -> generated name
+        self.legend = []                # the constants' names, in order
+        self.functions = []             # one list of source lines per generated function
+        self.serial = itertools.count()
+        self.defaults = []              # (key, field, check, constant or None, default) to check
 
-        def check_max_length(value):
-            if len(value) > longest:
-                raise SchemaError("must have at most %d %s" % (longest, _schema_unit(value, longest)))
-        checks.append(check_max_length)
-    if field.pattern is not None:
-        pattern = field.pattern
+    def build(self, nested):
+        """Compile ``validate(root, data)``, or with ``nested`` ``clean_object(data, path, errors, root, level)``.
 
-        def check_pattern(value):
-            if not isinstance(value, str) or pattern.fullmatch(value) is None:
-                raise SchemaError("must match the pattern %r" % pattern.pattern)
-        checks.append(check_pattern)
-    return tuple(checks)
-
-
-def _schema_items(item_field, value, path, errors, schema):
-    if not isinstance(value, list):
-        raise SchemaError("must be a list, got %s" % _schema_kind(value))
-    if len(value) > schema.max_items:
-        raise SchemaError("has more than %d items" % schema.max_items)
-    clean = []
-    failed = False
-    for index, item in enumerate(value):
-        if item is None:
-            errors["%s[%d]" % (path, index)] = "is required"
-            failed = True
-            continue
-        item = item_field._clean(item, (path, index), errors, schema)
-        if item is _MISSING:
-            failed = True
+        Returns (function, source). Fixed defaults are checked here, so a bad
+        one raises TypeError naming its field while the schema is built.
+        """
+        if nested:
+            self._object_function()
         else:
-            clean.append(item)
-    return _MISSING if failed else clean
+            self._validate_function()
+        source = "\n\n\n".join("\n".join(lines) for lines in self.functions) + "\n"
+        label = "<specter schema %s%s>" % (_schema_clip(ascii(self.schema.name), 60), " nested" if nested else "")
+        exec(compile(source, label, "exec"), self.namespace)
+        for key, field, check, constant, default in self.defaults:
+            if callable(default):           # list or dict: always an empty one
+                default = default()
+            clean = _schema_default(field, self.namespace[check], default, key, self.schema)
+            if constant is not None:
+                self.namespace[constant] = clean
+        if self.legend:
+            source += "\n# Constants (values, escaped, not compiled):\n" + "\n".join(
+                "#   %s = %s" % (name, _schema_clip(ascii(self.namespace[name]), 100)) for name in self.legend) + "\n"
+        return self.namespace["clean_object" if nested else "validate"], source
+
+    # -- names -----------------------------------------------------------------
+
+    def const(self, stem, value, owner=None):
+        """A generated global name bound to ``value`` (one name per value, or per ``owner``)."""
+        memo = (stem, id(value) if owner is None else id(owner))
+        name = self.names.get(memo)
+        if name is None:
+            name = self.names[memo] = "%s_%d" % (stem, next(self.serial))
+            self.namespace[name] = value
+            self.legend.append(name)
+        return name
+
+    def function(self, header, doc):
+        lines = [header, '    """%s"""' % doc]
+        self.functions.append(lines)
+        return lines
+
+    # -- functions -------------------------------------------------------------
+
+    def _validate_function(self):
+        out = self.function("def validate(root, data):",
+                            "Schema.validate: the cleaned dict as an Outcome, or a 400 naming every bad field.")
+        add = out.append
+        add("    errors = {}")
+        add("    try:")
+        add("        if type(data) is not dict and not isinstance(data, dict):")
+        add('            errors["$"] = "must be an object, got %s" % kind(data)')
+        add("        elif len(data) > root.max_items:")
+        add('            errors["$"] = "has more than %d keys" % root.max_items')
+        add("        else:")
+        self._members(out, 3, nested=False)
+        add("    except RecursionError:")
+        add('        errors = {"$": "is nested too deeply"}')
+        add("    except Exception:   # outside any field: a dict subclass's get(), say")
+        add('        errors = {"$": broken("$", root)}')
+        add("    if errors:")
+        add("        return failure(root, errors)")
+        add("    result = new_outcome(Outcome)   # what _outcome() does, without the call")
+        add("    result._ok = True")
+        add("    result._value = out")
+        add("    result._error = None")
+        add("    result._status = 200")
+        add("    result._meta = NO_META")
+        add("    return result")
+
+    def _object_function(self):
+        out = self.function("def clean_object(data, path, errors, root, level):",
+                            "The schema as a nested field: the cleaned dict, or MISSING once errors are recorded.")
+        add = out.append
+        add("    if type(data) is not dict and not isinstance(data, dict):")
+        add('        errors[path_text(path)] = "must be an object, got %s" % kind(data)')
+        add("        return MISSING")
+        add("    if len(data) > root.max_items:")
+        add('        errors[path_text(path)] = "has more than %d keys" % root.max_items')
+        add("        return MISSING")
+        add("    if level > root.max_depth:")
+        add('        errors[path_text(path)] = "is nested more than %d levels deep" % root.max_depth')
+        add("        return MISSING")
+        add("    known = len(errors)")
+        self._members(out, 1, nested=True)
+        add("    return out if len(errors) == known else MISSING")
+
+    def _members(self, out, depth, nested):
+        """Each field in declaration order, then (strict) the keys nobody declared."""
+        pad = "    " * depth
+        add = out.append
+        add(pad + "get = data.get")
+        add(pad + "out = {}")
+        fields = self.schema.fields
+        for number, (key, field) in enumerate(fields.items(), 1):
+            name = self.const("key", key)
+            path = "(path, %s)" % name if nested else name
+            text = "path_text(%s)" % path if nested else name
+            add("")
+            add(pad + "# field %d of %d: %s" % (number, len(fields), _schema_summary(field)))
+            add(pad + "v = get(%s)" % name)
+            add(pad + "if v is None:")
+            self._absent(out, depth + 1, key, field, name, path, text)
+            add(pad + "else:")
+            self._value(out, depth + 1, field, "v", path, text, "level" if nested else "0", "out[%s] = v" % name, 0)
+        if self.schema.strict:
+            known = self.const("known", frozenset(fields))
+            add("")
+            add(pad + "# strict: keys the schema does not declare are refused")
+            add(pad + "if not data.keys() <= %s:" % known)
+            add(pad + "    unknown_keys(data, %s, %s, errors)" % (known, "path" if nested else '""'))
+
+    def _absent(self, out, depth, key, field, name, path, text):
+        """An absent or None value: 'is required', or the default, checked against the field."""
+        pad = "    " * depth
+        add = out.append
+        default = field.default
+        if field.required:
+            add(pad + 'errors[%s] = "is required"' % text)
+            return
+        if default is None:
+            add(pad + "out[%s] = None" % name)
+            return
+        check = self._default_check(field)
+        if default is list or default is dict or (type(default) in (list, dict) and not default):
+            # An empty container is written as a literal: a fresh one each time, nothing to copy.
+            if check is not None:
+                self.defaults.append((key, field, check, None, default))
+            add(pad + "out[%s] = %s" % (name, "[]" if default is list or type(default) is list else "{}"))
+        elif callable(default):
+            # A factory's result is checked each time it is called.
+            add(pad + "v = call_default(%s, %s, %s, %s, errors, root)"
+                % (self.const("field", field), self.const("factory", default), check, path))
+            add(pad + "if v is not MISSING:")
+            add(pad + "    out[%s] = v" % name)
+        else:
+            # A fixed default was checked when the schema was built; the constant holds its cleaned value.
+            constant = self.const("default", default)
+            if check is not None:
+                self.defaults.append((key, field, check, constant, default))
+            template = "out[%s] = deepcopy(%s)" if isinstance(default, (list, tuple, dict)) else "out[%s] = %s"
+            add(pad + template % (name, constant))
+
+    def _default_check(self, field):
+        """The name of a function cleaning a default of ``field``; None when it is not checked.
+
+        Defaults of the built-in types and of nested schemas are checked; a
+        coercer's are not (only the coercer knows what it produces).
+        """
+        if _schema_builtin(field.type) is None and not isinstance(field.type, Schema):
+            return None
+        name = "check_%d" % next(self.serial)
+        out = self.function("def %s(v, path, errors, root):" % name,
+                            "A default of one field, cleaned: the value, or MISSING once errors are recorded.")
+        self._value(out, 1, field, "v", "path", "path_text(path)", "0", "return v", 0)
+        out.append("    return MISSING")
+        return name
+
+    def _value(self, out, depth, field, var, path, text, level, store, nest):
+        """Convert and check ``var`` for ``field``, then run ``store``.
+
+        ``path`` is the expression of the value's path, ``text`` of its text
+        (where a refusal is recorded), ``level`` of the object nesting level.
+        """
+        pad = "    " * depth
+        add = out.append
+        add(pad + "try:")
+        depth += 1
+        body = "    " * depth
+        kind = _schema_builtin(field.type)
+        if isinstance(field.type, Schema):
+            cleaner = self.const("object", field.type._object_cleaner())
+            deeper = "1" if level == "0" else level + " + 1"
+            add(body + "%s = %s(%s, %s, errors, root, %s)" % (var, cleaner, var, path, deeper))
+            add(body + "if %s is not MISSING:" % var)
+            depth += 1
+            body += "    "
+        elif kind is float:
+            add(body + "if type(%s) is int:" % var)
+            add(body + "    %s = float(%s)" % (var, var))
+            add(body + "elif type(%s) is not float or not -INF < %s < INF:   # to_float refuses NaN, infinities"
+                % (var, var))
+            add(body + "    %s = to_float(%s)" % (var, var))
+        elif kind is int:
+            add(body + "if type(%s) is not int:" % var)
+            add(body + "    if type(%s) is str and len(%s) <= 64 and %s.isdecimal():   # plain digits: int() reads them"
+                % (var, var, var))
+            add(body + "        %s = int(%s)" % (var, var))
+            add(body + "    else:")
+            add(body + "        %s = to_int(%s)" % (var, var))
+        elif kind in (str, bool) or (kind is list and field.items is not None):
+            add(body + "if type(%s) is not %s:" % (var, kind.__name__))
+            add(body + "    %s = to_%s(%s)" % (var, kind.__name__, var))
+        elif kind is not None:
+            add(body + "%s = to_%s(%s)   # a copy" % (var, kind.__name__, var))
+        else:
+            add(body + "%s = %s(%s)" % (var, self.const("coerce", field.type), var))
+        if field.items is not None:
+            depth = self._items(out, depth, field, var, path, level, nest + 1)
+            body = "    " * depth
+        elif kind is list or kind is dict:
+            add(body + "measure(%s, root)" % var)
+        elif kind is None and not isinstance(field.type, Schema):
+            add(body + "if type(%s) is list or type(%s) is dict:" % (var, var))
+            add(body + "    measure(%s, root)" % var)
+        self._checks(out, depth, field, var)
+        add(body + store)
+        add(pad + "except SchemaError as exc:")
+        add(pad + "    errors[%s] = exc.message" % text)
+        add(pad + "except REFUSED:   # an ordinary refusal: its text stays out of the message")
+        add(pad + '    errors[%s] = "is invalid"' % text)
+        add(pad + "except Exception:")
+        add(pad + "    errors[%s] = broken(%s, %s)" % (text, text, self.const("field", field)))
+
+    def _items(self, out, depth, field, var, path, level, nest):
+        """The loop cleaning each element of the list ``var``; returns the depth the code continues at."""
+        pad = "    " * depth
+        add = out.append
+        item, index, items, append, before = ("%s_%d" % (stem, nest) for stem in ("item", "index", "items", "append", "before"))
+        if _schema_builtin(field.type) is not list:
+            add(pad + "if not isinstance(%s, list):" % var)
+            add(pad + '    raise SchemaError("must be a list, got %%s" %% kind(%s))' % var)
+        add(pad + "if len(%s) > root.max_items:" % var)
+        add(pad + '    raise SchemaError("has more than %d items" % root.max_items)')
+        add(pad + "%s = len(errors)" % before)
+        element = field.items
+        kind = _schema_builtin(element.type)
+        loop = pad
+        if kind in (int, str, bool) and not any(getattr(element, option) is not None for option in (
+                "items", "choices", "min", "max", "min_length", "max_length", "pattern", "validator")):
+            # Elements that already have the type and nothing more to check are
+            # taken in one pass; the loop below runs only when one is not.
+            add(pad + "%s = [%s for %s in %s if type(%s) is %s]   # all clean already?"
+                % (items, item, item, var, item, kind.__name__))
+            add(pad + "if len(%s) != len(%s):" % (items, var))
+            loop += "    "
+        add(loop + "%s = []" % items)
+        add(loop + "%s = %s.append" % (append, items))
+        add(loop + "for %s, %s in enumerate(%s):" % (index, item, var))
+        add(loop + "    if %s is None:" % item)
+        add(loop + '        errors[path_text((%s, %s))] = "is required"' % (path, index))
+        add(loop + "        continue")
+        self._value(out, len(loop) // 4 + 1, element, item, "(%s, %s)" % (path, index),
+                    "path_text((%s, %s))" % (path, index), level, "%s(%s)" % (append, item), nest)
+        add(pad + "if len(errors) == %s:" % before)
+        add(pad + "    %s = %s" % (var, items))
+        return depth + 1
+
+    def _checks(self, out, depth, field, var):
+        """The constraints, in the documented order, each raising SchemaError with its message."""
+        pad = "    " * depth
+        add = out.append
+        if field.choices is not None:
+            choices = self.const("choices", field.choices)
+            add(pad + "if %s not in %s:" % (var, choices))
+            add(pad + "    raise SchemaError(one_of(%s))" % choices)
+        if field.min is not None:
+            add(pad + "if %s < %s:" % (var, self.const("min", field.min)))
+            add(pad + "    raise SchemaError(%s)"
+                % self.const("at_least", "must be at least %s" % field.min, owner=field))
+        if field.max is not None:
+            add(pad + "if %s > %s:" % (var, self.const("max", field.max)))
+            add(pad + "    raise SchemaError(%s)"
+                % self.const("at_most", "must be at most %s" % field.max, owner=field))
+        if field.min_length is not None:
+            bound = self.const("min_length", field.min_length)
+            add(pad + "if len(%s) < %s:" % (var, bound))
+            add(pad + '    raise length_error(%s, "at least", %s)' % (var, bound))
+        if field.max_length is not None:
+            bound = self.const("max_length", field.max_length)
+            add(pad + "if len(%s) > %s:" % (var, bound))
+            add(pad + '    raise length_error(%s, "at most", %s)' % (var, bound))
+        if field.pattern is not None:
+            match = self.const("match", field.pattern.fullmatch, owner=field.pattern)
+            if field.type is str:       # already a string
+                add(pad + "if %s(%s) is None:" % (match, var))
+            else:
+                add(pad + "if type(%s) is not str or %s(%s) is None:" % (var, match, var))
+            add(pad + "    raise SchemaError(%s)" % self.const(
+                "mismatch", "must match the pattern %r" % field.pattern.pattern, owner=field.pattern))
+        if field.validator is not None:
+            add(pad + "if %s(%s) is False:" % (self.const("validator", field.validator), var))
+            add(pad + '    raise SchemaError("is invalid")')
+
+
+def _schema_default(field, check, value, name, root):
+    """A default cleaned by its field (``check``), or TypeError naming the field ``name``.
+
+    A default must already have the field's type (an int may stand for a
+    float, a tuple for a list): it is a value, not input to convert. So
+    ``Field(str, default=5)`` cannot put an int in the cleaned dict.
+    """
+    if check is None:
+        return value
+    expected, words = _SCHEMA_DEFAULT_TYPES[_schema_builtin(field.type) or dict]
+    if not isinstance(value, expected):
+        raise TypeError("the default of field %r must be %s, got %s" % (name, words, _describe(value)))
+    errors = {}
+    clean = check(value, name, errors, root)
+    if errors:
+        raise TypeError("the default of field %r fails the field: %s"
+                        % (name, "; ".join("%s %s" % item for item in errors.items())))
+    return clean
+
+
+def _schema_call_default(field, factory, check, path, errors, root):
+    """A default factory's result, checked; _MISSING after recording an error if either fails."""
+    try:
+        return _schema_default(field, check, factory(), _schema_path(path), root)
+    except Exception:
+        text = _schema_path(path)
+        _schema_log.exception("field %s: the default factory failed", text)
+        errors[text] = "has no usable default"
+        return _MISSING
+
+
+def _schema_broken(text, what):
+    """Log the exception being handled and give the client's message.
+
+    Its text may carry internals (a lookup's connection string), so it goes
+    to the log, never into the error.
+    """
+    _schema_log.warning("field %s: %s raised", text, what, exc_info=True)
+    return "is invalid"
+
+
+def _schema_failure(schema, errors):
+    return _outcome(False, None, schema._message(errors), 400, {"errors": errors})
+
+
+def _schema_one_of(choices):
+    return "must be one of %s" % ", ".join(map(repr, choices))
+
+
+def _schema_length_error(value, words, bound):
+    return SchemaError("must have %s %d %s" % (words, bound, _schema_unit(value, bound)))
+
+
+def _schema_unknown(data, known, path, errors):
+    """Record the keys of ``data`` a strict schema does not declare (the first ten by name)."""
+    unknown = [key for key in data if key not in known]
+    for key in unknown[:10]:
+        errors[_schema_path((path, _schema_clip(str(key))))] = "is not an allowed field"
+    if len(unknown) > 10:
+        errors[_schema_path((path, "..."))] = "%d more unknown fields" % (len(unknown) - 10)
+
+
+def _schema_summary(field):
+    """What a field is made of, for the comment above its code (no user text: names only)."""
+    kind = field.type
+    parts = ["nested schema" if isinstance(kind, Schema) else kind.__name__ if _schema_builtin(kind) else "coercer"]
+    parts += [option for option in ("required", "default", "items", "choices", "min", "max", "min_length",
+                                    "max_length", "pattern", "validator")
+              if getattr(field, option) is not None and getattr(field, option) is not False]
+    return ", ".join(parts)
 
 
 def _schema_path(path):
-    return path if type(path) is str else "%s[%d]" % path
+    """A path as text: ``path`` is a string or a tuple ``(parent path, key or index)``."""
+    if type(path) is str:
+        return path
+    parent, step = path
+    head = _schema_path(parent)
+    if type(step) is int:
+        return "%s[%d]" % (head, step)
+    return "%s.%s" % (head, step) if head else step
 
 
 def _schema_measure(value, schema):
@@ -3002,6 +3353,19 @@ def _outcome_status(status):
     if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
         raise ValueError("status must be an HTTP status code between 100 and 599, got %r" % (status,))
     return status
+
+
+# The names every compiled schema's code runs with (its constants are added per schema).
+_SCHEMA_RUNTIME = {
+    "MISSING": _MISSING, "SchemaError": SchemaError, "INF": math.inf,
+    "REFUSED": (ValueError, TypeError, ArithmeticError, LookupError),
+    "to_int": _schema_int, "to_float": _schema_float, "to_str": _schema_str, "to_bool": _schema_bool,
+    "to_list": _schema_list, "to_dict": _schema_dict, "measure": _schema_measure, "deepcopy": copy.deepcopy,
+    "kind": _schema_kind, "path_text": _schema_path, "one_of": _schema_one_of,
+    "length_error": _schema_length_error, "unknown_keys": _schema_unknown, "call_default": _schema_call_default,
+    "broken": _schema_broken, "failure": _schema_failure,
+    "Outcome": Outcome, "new_outcome": Outcome.__new__, "NO_META": _OUTCOME_NO_META,
+}
 
 
 ###############################################################################

@@ -9,6 +9,8 @@ import ast
 import atexit
 import collections
 import contextlib
+import copy
+import dataclasses
 import decimal
 import functools
 import gc
@@ -19,6 +21,7 @@ import itertools
 import json
 import logging
 import os
+import pickle
 import re
 import shlex
 import shutil
@@ -4058,6 +4061,78 @@ class TestField(SpecterTestCase):
         self.assertIn("tags[1]", out.error)
         self.assertIn("tags[3]", out.error)
 
+    def test_int_parses_integral_strings_exactly_or_refuses_them(self):
+        for raw, expected in (("9007199254740993.0", 9007199254740993), ("1e23", 10 ** 23),
+                              (" 1E+2 ", 100), ("-0.0", 0), ("12345678901234567890.000", 12345678901234567890),
+                              (decimal.Decimal("1e23"), 10 ** 23)):
+            with self.subTest(raw=raw):
+                self.assertAccepts(Field(int), raw, expected)
+        for raw in ("0.99999999999999999", "1.0000000000000000001", "1e-5", "NaN", "Infinity", "1e",
+                    decimal.Decimal("0.99999999999999999"), decimal.Decimal("NaN")):
+            with self.subTest(raw=raw):
+                self.assertRefuses(Field(int), raw)
+        started = time.monotonic()
+        for raw in ("1e999999999", decimal.Decimal("1e999999999")):   # a billion digits: refused, not built
+            with self.subTest(raw=raw):
+                self.assertRefuses(Field(int), raw)
+        self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_nested_schema_fields_apply_every_option(self):
+        owner = Schema("owner", {"email": Field(str, required=True), "name": Field(str, default="anon")})
+        seen = []
+
+        def corporate(value):
+            seen.append(value)
+            return value["email"].endswith("@corp")
+
+        cases = (
+            (Field(owner, validator=corporate), {"email": "a@corp"}, {"email": "a@home"}),
+            (Field(owner, choices=[{"email": "a@corp", "name": "anon"}]), {"email": "a@corp"}, {"email": "b@corp"}),
+            (Field(owner, min_length=2), {"email": "a@corp"}, None),
+            (Field(owner, max_length=1), None, {"email": "a@corp"}),
+            (Field(owner, min_length=3), None, {"email": "a@corp"}),
+        )
+        for field, good, bad in cases:
+            with self.subTest(field=field, good=good, bad=bad):
+                schema = Schema("t", {"f": field})
+                if good is not None:
+                    self.assertEqual(schema.validate({"f": good}).value, {"f": {**good, "name": "anon"}})
+                if bad is not None:
+                    out = schema.validate({"f": bad})
+                    self.assertFalse(out.ok)
+                    self.assertEqual(list(out.meta["errors"]), ["f"])
+        self.assertEqual(seen, [{"email": "a@corp", "name": "anon"}, {"email": "a@home", "name": "anon"}])
+        # The same options on list items, with the item's path; an invalid object never reaches the validator.
+        listed = Schema("t", {"owners": Field(list, items=Field(owner, validator=corporate))})
+        out = listed.validate({"owners": [{"email": "a@corp"}, {"email": "b@home"}, {"name": "x"}]})
+        self.assertEqual(set(out.meta["errors"]), {"owners[1]", "owners[2].email"})
+        self.assertEqual(len(seen), 4)
+        js = Schema("t", {"f": Field(owner, min_length=1, max_length=2)}).to_json_schema()
+        self.assertEqual((js["properties"]["f"]["minProperties"], js["properties"]["f"]["maxProperties"]), (1, 2))
+
+    def test_default_must_satisfy_its_own_field(self):
+        for field, words in ((Field(str, default=5), "must be a string"),
+                             (Field(int, default="5"), "must be an integer"),
+                             (Field(int, default=True), "boolean"),
+                             (Field(int, default=0, min=1), "at least 1"),
+                             (Field(str, default="x", choices=["a", "b"]), "one of"),
+                             (Field(list, default=[1, "x"], items=Field(int)), "items[1]"),
+                             (Field(bool, default="yes"), "must be a boolean")):
+            with self.subTest(field=field, default=field.default):
+                with self.assertRaisesRegex(TypeError, "field 'items'.*%s" % re.escape(words)):
+                    Schema("t", {"ok": Field(int, default=1), "items": field})
+        schema = Schema("t", {"ratio": Field(float, default=0), "tags": Field(list, default=("a",)),
+                              "parts": Field(lambda text: text.split(","), default=list)})
+        value = schema.validate({}).value
+        self.assertEqual(value, {"ratio": 0.0, "tags": ["a"], "parts": []})
+        self.assertIs(type(value["ratio"]), float)
+        # A factory's result is checked each time it is called; a bad one fails the field, logged.
+        made = Schema("t", {"name": Field(str, default=lambda: 5)})
+        with self.assertLogs("specter.schema", "ERROR") as logs:
+            out = made.validate({})
+        self.assertEqual(out.meta["errors"], {"name": "has no usable default"})
+        self.assertIn("field 'name' must be a string", "".join(logs.output))
+
 
 class TestSchema(SpecterTestCase):
     def create_schema(self):
@@ -4152,6 +4227,27 @@ class TestSchema(SpecterTestCase):
         self.assertEqual(list(schema.field_names), ["name", "age", "active"])
         self.assertEqual(list(schema.required_fields), ["name"])
 
+    def test_field_names_and_required_fields_compare_equal_to_sets(self):
+        schema = self.create_schema()
+        self.assertEqual(schema.field_names, {"name", "age", "active"})
+        self.assertEqual(schema.required_fields, {"name"})
+        self.assertTrue(schema.required_fields <= schema.field_names)
+        self.assertEqual(schema.extend("more", {"x": Field(int, required=True)}).required_fields, {"name", "x"})
+
+    def test_to_json_schema_accepts_unhashable_coercers(self):
+        @dataclasses.dataclass
+        class Scaled:
+            factor: int
+
+            def __call__(self, value):
+                return int(value) * self.factor
+
+        schema = Schema("t", {"n": Field(Scaled(10), required=True, min=0)})
+        self.assertEqual(schema.validate({"n": "3"}).value, {"n": 30})
+        js = schema.to_json_schema()
+        self.assertEqual(js["properties"]["n"], {"minimum": 0})
+        json.dumps(js)
+
     def test_nested_schema(self):
         owner = Schema("owner", {
             "email": Field(str, required=True, pattern=r"^[^@]+@[^@]+$"),
@@ -4225,6 +4321,103 @@ class TestSchema(SpecterTestCase):
         self.assertEqual(props["owner"]["type"], "object")
         self.assertIn("email", props["owner"]["properties"])
         self.assertFalse(js["additionalProperties"])
+
+    def test_field_names_patterns_and_messages_are_data_never_code(self):
+        hostile = 'x"] = 1\nimport os; os._exit(3)  # \u2028'
+        pattern = r'[\n"]+'
+        schema = Schema("t\nevil = 1", {
+            hostile: Field(int, required=True, min=0),
+            "safe": Field(str, pattern=pattern, choices=['"); raise SystemExit #', '\n\n']),
+            "inner": Field(Schema("inner", {hostile: Field(str, required=True)})),
+        }, strict=True)
+        self.assertEqual(schema.validate({hostile: "3", "safe": "\n\n"}).value,
+                         {hostile: 3, "safe": "\n\n", "inner": None})
+        out = schema.validate({hostile: -1, "safe": '"); raise SystemExit #', "inner": {}, hostile + "!": 1})
+        self.assertEqual(set(out.meta["errors"]), {hostile, "safe", "inner." + hostile, hostile + "!"})
+        source = schema.compiled_source()
+        code, _, legend = source.partition("# Constants")
+        compile(code, "<check>", "exec")
+        for text in (hostile, "os._exit", "raise SystemExit", pattern, "evil", "inner"):
+            self.assertNotIn(text, code)
+        self.assertIn(ascii(hostile), legend)           # shown escaped, in the legend only
+        self.assertNotIn("\u2028", source)
+        self.assertTrue(all(line.startswith("#") for line in legend.splitlines()[1:]))
+
+    def test_compiled_source_shows_the_generated_validator(self):
+        owner = Schema("owner", {"email": Field(str, required=True)})
+        schema = Schema("doc", {"n": Field(int, min=1), "owner": Field(owner), "tags": Field(list, items=Field(str))})
+        source = schema.compiled_source()
+        self.assertTrue(source.startswith("def validate(root, data):"))
+        self.assertIn("# field 2 of 3: nested schema", source)
+        self.assertIn("for index_1, item_1 in enumerate(v):", source)
+        self.assertIn("def clean_object(data, path, errors, root, level):", owner.compiled_source())
+        self.assertIsNotNone(compile(source.partition("# Constants")[0], "<check>", "exec"))
+
+    def test_validate_never_raises_even_when_the_mapping_breaks(self):
+        class Broken(dict):
+            def get(self, key, default=None):
+                raise RuntimeError("storage gone: password=hunter2")
+
+        schema = Schema("t", {"a": Field(int)})
+        with self.assertLogs("specter.schema", "WARNING") as logs:
+            out = schema.validate(Broken(a=1))
+        self.assertEqual((out.ok, out.status, dict(out.meta["errors"])), (False, 400, {"$": "is invalid"}))
+        self.assertNotIn("hunter2", out.error)
+        self.assertIn("hunter2", "".join(logs.output))
+
+    def test_nested_lists_and_objects_report_each_element_path(self):
+        point = Schema("point", {"x": Field(int, required=True)})
+        schema = Schema("t", {"grid": Field(list, items=Field(list, items=Field(int, min=0))),
+                              "paths": Field(list, items=Field(list, items=Field(point)))})
+        out = schema.validate({"grid": [[1, 2], [3, -1, "x", None]], "paths": [[{"x": 1}], [{"x": "y"}, 5]]})
+        self.assertEqual(set(out.meta["errors"]),
+                         {"grid[1][1]", "grid[1][2]", "grid[1][3]", "paths[1][0].x", "paths[1][1]"})
+        self.assertEqual(schema.validate({"grid": [[0], []], "paths": [[{"x": "2"}]]}).value,
+                         {"grid": [[0], []], "paths": [[{"x": 2}]]})
+
+    def test_list_elements_are_each_converted_and_checked(self):
+        for kind, raw, clean, bad in ((int, [1, "2", 3], [1, 2, 3], [1, True, None, "x"]),
+                                      (str, ["a", 1, 2.5], ["a", "1", "2.5"], ["a", ["b"], None, {}]),
+                                      (bool, [True, "no", 1], [True, False, True], [True, 2, None, "maybe"])):
+            with self.subTest(kind=kind):
+                schema = Schema("t", {"xs": Field(list, items=Field(kind))})
+                value = schema.validate({"xs": raw}).value["xs"]
+                self.assertEqual(value, clean)
+                self.assertEqual([type(x) for x in value], [kind] * 3)
+                self.assertIsNot(schema.validate({"xs": clean}).value["xs"], clean)   # a new list
+                out = schema.validate({"xs": bad})
+                self.assertEqual(set(out.meta["errors"]), {"xs[1]", "xs[2]", "xs[3]"})
+                self.assertEqual(out.meta["errors"]["xs[2]"], "is required")
+
+    def test_limits_come_from_the_schema_validate_is_called_on(self):
+        inner = Schema("inner", {"tags": Field(list, items=Field(str))})
+        outer = Schema("outer", {"inner": Field(inner)})
+        outer.max_items = 3
+        out = outer.validate({"inner": {"tags": ["a", "b", "c", "d"]}})
+        self.assertEqual(dict(out.meta["errors"]), {"inner.tags": "has more than 3 items"})
+        self.assertTrue(inner.validate({"tags": ["a", "b", "c", "d"]}).ok)
+
+    def test_a_subclass_override_of_validate_is_kept(self):
+        class Audited(Schema):
+            seen = []
+
+            def validate(self, data):
+                self.seen.append(data)
+                return super().validate(data)
+
+        schema = Audited("t", {"a": Field(int)})
+        self.assertEqual(schema.validate({"a": "1"}).value, {"a": 1})
+        self.assertEqual(schema.require({"a": "2"}), {"a": 2})
+        self.assertEqual(Audited.seen, [{"a": "1"}, {"a": "2"}])
+
+    def test_copies_and_pickles_validate_on_their_own(self):
+        schema = Schema("t", {"a": Field(int, default=1), "b": Field(list, items=Field(int))})
+        for twin in (copy.copy(schema), copy.deepcopy(schema), pickle.loads(pickle.dumps(schema))):
+            with self.subTest(twin=twin):
+                twin.max_items = 1
+                self.assertEqual(twin.validate({"b": ["2"]}).value, {"a": 1, "b": [2]})
+                self.assertFalse(twin.validate({"b": [1, 2]}).ok)
+                self.assertTrue(schema.validate({"b": [1, 2]}).ok)
 
     def assertCleanRefusal(self, schema, payload, limit=1.0):
         started = time.monotonic()
