@@ -31,6 +31,8 @@ __all__ = [
     "Handler", "SocketIngress", "Controller", "ServiceManager", "boot",
     # processes
     "ManagedProcess", "start_process",
+    # testing
+    "ManualClock", "isolated", "leak_check", "SpecterTestCase",
 ]
 
 import atexit
@@ -41,6 +43,7 @@ import contextlib
 import copy
 import decimal
 import functools
+import heapq
 import inspect
 import io
 import itertools
@@ -56,6 +59,7 @@ import subprocess
 import sys
 import time
 import types
+import unittest
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
@@ -70,6 +74,7 @@ import gevent.lock
 import gevent.queue
 import gevent.subprocess
 from gevent import Greenlet, pywsgi
+import greenlet
 from greenlet import getcurrent
 
 logger = logging.getLogger("specter")
@@ -168,6 +173,45 @@ def _describe(value):
 
 def _callable_name(fn):
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+# The clock behind every SPECTER timer. Timer code reads the time with _now()
+# and waits through _clock (call_later, start_later, sleep), never through time
+# or gevent directly, so that testing's ManualClock can take both over for a
+# test. Deadlines of real waits (a queue drain, a process exit) keep
+# _monotonic: they wait for real work, which a manual clock cannot hurry.
+_now = time.monotonic
+
+
+class _Clock:
+    """Real time: hub timers and gevent.sleep. ManualClock has the same three methods."""
+
+    __slots__ = ()
+
+    def call_later(self, seconds, callback):
+        """Run ``callback()`` in the hub after ``seconds``; ``close()`` on the handle cancels it.
+
+        The handle is the hub's own timer watcher, so a timer costs what it
+        did before there was a clock to swap.
+        """
+        timer = gevent.get_hub().loop.timer(seconds)
+        timer.start(callback, update=True)
+        if _testing_watches:
+            _testing_note_timer(timer, callback)
+        return timer
+
+    def start_later(self, glet, seconds):
+        """Start the (gevent) greenlet ``glet`` after ``seconds``; killing it cancels the start."""
+        glet.start_later(seconds)
+        if _testing_watches:
+            _testing_note_greenlet(glet)
+
+    def sleep(self, seconds):
+        """Block the current greenlet for ``seconds``."""
+        gevent.sleep(seconds)
+
+
+_clock = _Clock()
 
 
 ###############################################################################
@@ -694,6 +738,8 @@ class Service(_Owner):
         if self._status == "stopping":
             raise RuntimeError("%s: cannot start() from inside its own stop()" % self.name)
         self._begin_transition("starting")
+        if _testing_watches:
+            _testing_note_service(self)
         self._failure = None
         self._stuck = ()
         self._stop_requested = False
@@ -802,7 +848,7 @@ class Service(_Owner):
         seconds = _check_seconds(seconds, "seconds")
         _check_callable(callback, "callback")
         task = self._new_task(callback, args, kwargs, label)
-        task.start_later(seconds)
+        _clock.start_later(task, seconds)
         return task
 
     def interval(self, callback: Callable[..., Any], seconds: float) -> str:
@@ -1025,7 +1071,7 @@ class Service(_Owner):
                 with _life_app_context(self._specter_app):  # a fresh context per attempt
                     return callback(*args, **kwargs)
             except _CALLBACK_ERRORS as exc:
-                now = _monotonic()
+                now = _now()
                 failures.append(now)
                 while now - failures[0] > within:
                     failures.popleft()
@@ -1035,7 +1081,7 @@ class Service(_Owner):
                     return None
                 self._restarts += 1
                 delay = self.restart_backoff * 2 ** (len(failures) - 1)
-                gevent.sleep(min(delay, self.restart_max_backoff))
+                _clock.sleep(min(delay, self.restart_max_backoff))
 
     def _fail(self, label, exc):
         self._failure = {"label": label, "error": repr(exc), "at": time.time()}
@@ -1350,7 +1396,7 @@ class Watcher:
     def start(self) -> Watcher:
         """Start the loop in its own greenlet; idempotent."""
         if not self.running:
-            self._started_at = _monotonic()
+            self._started_at = _now()
             self._app = _life_current_app()
             self._loop = gevent.spawn(self._run)
             self._loop.name = "watcher:%s" % self.name
@@ -1386,7 +1432,7 @@ class Watcher:
             "error_count": self._error_count,
             "last_error": self._last_error,
             "last_value_at": self._last_value_at,
-            "uptime_seconds": (_monotonic() - self._started_at) if self.running else 0.0,
+            "uptime_seconds": (_now() - self._started_at) if self.running else 0.0,
             "subscribers": len(self._subs),
         }
 
@@ -1427,7 +1473,7 @@ class Watcher:
                 failures += 1
                 delay = min(self.interval * 2 ** (failures - 1), self.max_backoff)
                 delay *= 0.5 + random.random() / 2
-            gevent.sleep(delay)
+            _clock.sleep(delay)
 
     def _deliver(self, value):
         if self.transform is not None:
@@ -1466,7 +1512,7 @@ class _ServiceTimer:
         self.callback = callback
         self.period = seconds
         self.repeat = repeat
-        self.due = _monotonic() + seconds
+        self.due = _now() + seconds
         self.task = None
         self.watcher = None
         self._arm(seconds)
@@ -1478,15 +1524,13 @@ class _ServiceTimer:
             watcher.close()
 
     def _arm(self, delay):
-        watcher = gevent.get_hub().loop.timer(delay)
-        watcher.start(self._fire, update=True)
-        self.watcher = watcher
+        self.watcher = _clock.call_later(delay, self._fire)
 
     def _fire(self):
         if self.watcher is None:
             return
         self.watcher.close()
-        now = _monotonic()
+        now = _now()
         if now < self.due:
             self._arm(self.due - now)
             return
@@ -1918,10 +1962,10 @@ class Model:
 class Cache:
     """One computed value with a TTL, single-flight computation and invalidation.
 
-    ``ttl=0`` never expires; expiry uses the monotonic clock. ``None`` is a
-    value like any other. ``depends_on`` names bus events that invalidate
-    the cache; since invalidation emits ``'{name}:invalidated'``, caches
-    cascade, each invalidating once per cascade however often it is reached
+    ``ttl=0`` never expires; expiry uses SPECTER's clock (monotonic time, or a
+    test's ManualClock). ``None`` is a value like any other. ``depends_on``
+    names bus events that invalidate the cache; since invalidation emits
+    ``'{name}:invalidated'``, caches cascade, each invalidating once per cascade however often it is reached
     (a cycle, a diamond); see invalidate().
     """
 
@@ -1957,12 +2001,12 @@ class Cache:
 
     def get(self, default: Any = None) -> Any:
         """The cached value, or ``default`` when empty or expired; never waits."""
-        if _monotonic() < self._expires:
+        if _now() < self._expires:
             return self._value
         return default
 
     def is_valid(self) -> bool:
-        return _monotonic() < self._expires
+        return _now() < self._expires
 
     def set(self, value: _T, ttl: Optional[float] = None) -> _T:
         """Store ``value`` (``ttl`` overrides the cache's for this value)."""
@@ -1981,7 +2025,7 @@ class Cache:
         waiters computes instead. A result that an invalidate() overtook is
         returned but not stored.
         """
-        if _monotonic() < self._expires:
+        if _now() < self._expires:
             return self._value
         _check_callable(factory, "factory")
         ttl = self._ttl if ttl is None else _check_seconds(ttl, "ttl")
@@ -1997,7 +2041,7 @@ class Cache:
                 return flight.get(block=False)
             # The computing caller was interrupted (a kill, its own Timeout):
             # that is not the computation's failure, so compute here instead.
-            if _monotonic() < self._expires:
+            if _now() < self._expires:
                 return self._value
         flight = self._flight = gevent.event.AsyncResult()
         self._flight_owner = getcurrent()
@@ -2120,7 +2164,7 @@ class Cache:
 
     def _store(self, value, ttl):
         self._value = value
-        self._expires = _monotonic() + ttl if ttl else math.inf
+        self._expires = _now() + ttl if ttl else math.inf
         self._updated_at = time.time()
 
     def _on_dependency(self, data):
@@ -5673,8 +5717,11 @@ def _process_text_decoder(stream):
     return io.IncrementalNewlineDecoder(decoder, translate=True).decode
 
 
-def _process_group_members(pgid):
+def _process_group_members(pgid, parent=False):
     """Live pids of process group ``pgid`` read from /proc, or None without /proc.
+
+    With ``parent=True``, the live children of process ``pgid`` instead
+    (leak_check's census of child processes).
 
     Zombies do not count: they are dead, merely waiting for a parent (often
     an init that reaps slowly) to collect them, and no signal reaches them.
@@ -5698,9 +5745,410 @@ def _process_group_members(pgid):
         except OSError:
             continue  # the process ended while we looked
         fields = data[data.rfind(b")") + 2:].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+        if len(fields) > 2 and int(fields[1 if parent else 2]) == pgid and fields[0] not in (b"Z", b"X"):
             members.append(int(entry))
     return members
+
+
+###############################################################################
+# Testing ######################################################################
+###############################################################################
+
+# The leak checks in force, innermost last. Empty outside a leak_check(), so
+# the real clock's call-outs cost one truth test of a global.
+_testing_watches = ()
+_testing_tracing = None  # (our tracer, the one it chains to) while checks run
+_TESTING_MORTAL = ("greenlet", "process")  # leftovers that may still end on their own
+_TESTING_SHOWN = 40  # leftovers listed in full; a count stands for the rest
+
+
+class ManualClock:
+    """A clock a test drives: inside ``with ManualClock() as clock:`` every SPECTER timer uses it.
+
+    Intervals, timeouts, ``spawn_later``, supervision backoff, Watcher polls
+    and backoff and Cache TTLs read ``now()`` and wait on this clock, whose
+    time moves only when ``advance(seconds)`` moves it. ``advance`` runs the
+    callbacks that fall due in due-time order (ties in the order they were
+    scheduled), in the calling greenlet's turn; after each one it lets every
+    greenlet that became ready run until it blocks again, so a tick that
+    spawns, or sleeps on a SPECTER timer, is driven too, and a sleep that
+    ends inside the advanced span wakes inside it. Real waits (sockets,
+    child processes, a bare ``gevent.sleep``) are not driven. Time starts at
+    ``start``; outside the ``with``, SPECTER is back on real time, and
+    timers still pending on this clock stay with it (stop what the block
+    started; ``leak_check`` reports what it left).
+    """
+
+    def __init__(self, start: float = 0.0):
+        self._time = _check_seconds(start, "start")
+        self._queue = []  # a heap of _TestingTimer; cancelled ones are skipped when popped
+        self._order = itertools.count()
+        self._saved = None
+        self._advancing = False
+
+    def now(self) -> float:
+        """The clock's time in seconds: what SPECTER timers read instead of time.monotonic()."""
+        return self._time
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``, running what falls due on the way (see the class).
+
+        Raises RuntimeError when called from the hub, or from a greenlet this
+        advance() is driving.
+        """
+        seconds = _check_seconds(seconds, "seconds")
+        if self._advancing:
+            raise RuntimeError("ManualClock.advance() is already running; call it from the test, "
+                               "not from a callback or greenlet it drives")
+        if getcurrent() is gevent.get_hub():
+            raise RuntimeError("ManualClock.advance() cannot run in the hub; call it from a greenlet")
+        target = self._time + seconds
+        queue = self._queue
+        self._advancing = True
+        try:
+            gevent.idle()  # what is ready now (a service just started) runs before time moves
+            while queue and queue[0].due <= target:
+                timer = heapq.heappop(queue)
+                callback = timer.callback
+                if callback is None:
+                    continue  # cancelled
+                timer.callback = None
+                self._time = timer.due
+                callback()
+                gevent.idle()
+            self._time = target
+        finally:
+            self._advancing = False
+
+    def call_later(self, seconds: float, callback: Callable[[], Any]) -> Any:
+        """Run ``callback()`` when the clock reaches now + ``seconds``; ``close()`` on the result cancels it."""
+        _check_callable(callback, "callback")
+        timer = _TestingTimer(self._time + _check_seconds(seconds, "seconds"), next(self._order), callback)
+        heapq.heappush(self._queue, timer)
+        if _testing_watches:
+            _testing_note_timer(timer, callback)
+        return timer
+
+    def start_later(self, glet: Greenlet, seconds: float) -> None:
+        """Start the gevent greenlet ``glet`` after ``seconds`` of this clock; killing it cancels the start."""
+        timer = self.call_later(seconds, glet.start)
+        glet.rawlink(timer._cancel_for)
+        if _testing_watches:
+            _testing_note_greenlet(glet)
+
+    def sleep(self, seconds: float) -> None:
+        """Block the current greenlet until the clock has advanced ``seconds``."""
+        if seconds <= 0:
+            gevent.sleep(0)  # like gevent.sleep(0): a turn for the others, no time passes
+            return
+        woken = gevent.event.Event()
+        timer = self.call_later(seconds, woken.set)
+        try:
+            woken.wait()
+        finally:
+            timer.close()  # killed while asleep: the wake-up must not stay pending
+
+    def __enter__(self) -> ManualClock:
+        global _clock, _now
+        if self._saved is not None:
+            raise RuntimeError("this ManualClock is already in force; enter a clock once at a time")
+        self._saved = (_clock, _now)
+        _clock, _now = self, self.now
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        global _clock, _now
+        if self._saved is not None:
+            _clock, _now = self._saved
+            self._saved = None
+
+    def __repr__(self):
+        return "<ManualClock t=%r, %d pending>" % (self._time, len(self._pending()))
+
+    def _pending(self):
+        return sorted(timer for timer in self._queue if timer.callback is not None)
+
+
+def isolated() -> contextlib.AbstractContextManager[None]:
+    """Set aside the global ``bus`` listeners and ``registry`` entries for a block.
+
+    The block starts with an empty bus and registry; when it ends, whatever
+    it subscribed or provided is dropped and the originals are put back
+    (a ``wait_for`` still pending inside gets RuntimeError). The contents
+    move, not the objects: ``from specter import bus`` keeps working.
+    Usable as ``with isolated():`` and as a decorator.
+    """
+    return _TestingIsolation()
+
+
+def leak_check(grace: float = 1.0) -> contextlib.AbstractContextManager[None]:
+    """A context manager that fails if the block leaves work behind.
+
+    When the block ends it looks for what was created inside and is still
+    there: live greenlets (started or scheduled), live child processes, bus
+    listeners, registry keys, pending SPECTER timers and running services.
+    Greenlets and processes get up to ``grace`` seconds of real time to end
+    on their own (a greenlet that was killed may still be running its
+    ``finally``); then AssertionError names each leftover. A block that
+    raises is not checked: its own exception says more.
+    """
+    return _TestingWatch(_check_seconds(grace, "grace"))
+
+
+class SpecterTestCase(unittest.TestCase):
+    """A TestCase whose every test runs ``isolated()`` under ``leak_check()``.
+
+    With the class attribute ``manual_clock = True``, ``self.clock`` is a
+    ManualClock in force for the test. setUp enters them; they are left
+    after tearDown and after every cleanup the test added, so a test that
+    stops what it started in a cleanup passes, and a leak fails the test
+    that made it. A subclass overriding setUp calls ``super().setUp()``
+    first.
+    """
+
+    manual_clock = False
+    clock: Optional[ManualClock] = None
+
+    def setUp(self) -> None:
+        super().setUp()
+        stack = contextlib.ExitStack()
+        self.addCleanup(stack.close)  # added first, so it runs after every other cleanup
+        stack.enter_context(isolated())
+        stack.enter_context(leak_check())
+        if self.manual_clock:
+            self.clock = stack.enter_context(ManualClock())
+
+
+class _TestingTimer:
+    """One callback scheduled on a ManualClock; ordered by due time, then by scheduling order."""
+
+    __slots__ = ("due", "order", "callback")
+
+    def __init__(self, due, order, callback):
+        self.due = due
+        self.order = order
+        self.callback = callback
+
+    @property
+    def active(self):
+        return self.callback is not None
+
+    def close(self):
+        self.callback = None
+
+    stop = close  # the two names the hub's timer watchers answer to
+
+    def _cancel_for(self, glet):
+        self.close()
+
+    def __lt__(self, other):
+        return (self.due, self.order) < (other.due, other.order)
+
+    def __repr__(self):
+        return "<timer at %r: %s>" % (self.due, _testing_describe_timer(self.callback))
+
+
+class _TestingIsolation(contextlib.ContextDecorator):
+    def __enter__(self):
+        self._listeners = dict(bus._listeners)
+        self._entries = dict(registry._entries)
+        self._waiters = dict(registry._waiters)
+        bus._listeners.clear()
+        registry._entries.clear()
+        registry._waiters.clear()
+        return None
+
+    def __exit__(self, *exc_info):
+        bus._listeners.clear()
+        bus._listeners.update(self._listeners)
+        registry._entries.clear()
+        registry._entries.update(self._entries)
+        waiters = dict(registry._waiters)
+        registry._waiters.clear()
+        registry._waiters.update(self._waiters)
+        for key, waiter in waiters.items():
+            waiter.set_exception(RuntimeError("the isolated() block ended while waiting for %r" % key))
+        self._listeners = self._entries = self._waiters = None
+        return False
+
+
+class _TestingWatch:
+    """One leak_check(): what existed when it began, and what was born while it ran."""
+
+    def __init__(self, grace):
+        self.grace = grace
+        self.greenlets = []
+        self.timers = []
+        self.services = {}  # id -> service, in start order
+
+    def __enter__(self):
+        global _testing_watches, _testing_tracing
+        # Greenlets are noted at their first switch: let those spawned before
+        # the block take it now, outside.
+        gevent.idle()
+        self.listeners = {event: set(map(id, fns)) for event, fns in bus._listeners.items()}
+        self.entries = dict(registry._entries)
+        self.children = _testing_children()
+        if not _testing_watches:
+            previous = greenlet.gettrace()
+            tracer = _testing_tracer(previous)
+            greenlet.settrace(tracer)
+            _testing_tracing = (tracer, previous)
+        _testing_watches += (self,)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        global _testing_watches, _testing_tracing
+        try:
+            if exc_type is None:
+                gevent.idle()  # greenlets spawned at the very end get their first switch
+                deadline = _monotonic() + self.grace
+                leftovers = self.leftovers()
+                # Only greenlets and processes end on their own; the rest may go with them.
+                while any(kind in _TESTING_MORTAL for kind, _ in leftovers) and _monotonic() < deadline:
+                    gevent.sleep(0.01)
+                    leftovers = self.leftovers()
+                if leftovers:
+                    lines = [line for _, line in leftovers[:_TESTING_SHOWN]]
+                    if len(leftovers) > _TESTING_SHOWN:
+                        lines.append("... and %d more" % (len(leftovers) - _TESTING_SHOWN))
+                    raise AssertionError("leak_check: %d leftover(s) created inside the block:\n  %s"
+                                         % (len(leftovers), "\n  ".join(lines)))
+        finally:
+            _testing_watches = tuple(watch for watch in _testing_watches if watch is not self)
+            if not _testing_watches and _testing_tracing is not None:
+                tracer, previous = _testing_tracing
+                _testing_tracing = None
+                # A tracer set on top of ours since (gevent's monitor thread)
+                # still calls ours: leave it, ours just passes events on.
+                if greenlet.gettrace() is tracer:
+                    greenlet.settrace(previous)
+        return False
+
+    def leftovers(self):
+        """``(kind, line)`` per leftover, grouped by kind."""
+        found = []
+        hub = gevent.get_hub()
+        found.extend(("greenlet", "greenlet %s" % _testing_describe_greenlet(glet))
+                     for glet in {id(glet): glet for glet in self.greenlets}.values()
+                     if glet is not hub and not glet.dead and glet is not getcurrent())
+        found.extend(("process", "child process %d: %s" % (pid, _testing_command(pid)))
+                     for pid in _testing_children() if pid not in self.children)
+        for event, fns in bus._listeners.items():
+            before = self.listeners.get(event, ())
+            found.extend(("listener", "bus listener of %r: %s" % (event, _testing_describe_callable(fn)))
+                         for fn in fns if id(fn) not in before)
+        found.extend(("key", "registry key %r: %s" % (key, _describe(value)))
+                     for key, value in registry._entries.items() if self.entries.get(key, _MISSING) is not value)
+        found.extend(("timer", "pending timer: %s" % _testing_describe_timer(callback))
+                     for handle, callback in self.timers if handle.active)
+        found.extend(("service", "running service %r (%s)" % (service.name, service.status))
+                     for service in self.services.values() if service.status not in ("created", "stopped"))
+        return found
+
+
+def _testing_tracer(previous):
+    """A greenlet tracer noting each greenlet at its first switch, then calling ``previous``."""
+
+    def trace(event, args):
+        # Tracers run in the greenlet being switched to: one that has just
+        # started has no Python frame below the tracers' own, one that
+        # resumes has the frame it paused in.
+        if event == "switch" and _testing_watches:
+            below = sys._getframe().f_back
+            if below is None or (greenlet.gettrace() is not trace and _testing_only_tracers(below)):
+                _testing_note_greenlet(args[1])
+        if previous is not None:
+            previous(event, args)
+
+    return trace
+
+
+def _testing_only_tracers(frame):
+    """True if ``frame`` and those below it belong to the tracer set over ours (it chains to ours)."""
+    top = greenlet.gettrace()
+    code = getattr(top, "__code__", None) or getattr(getattr(top, "__call__", None), "__code__", None)
+    while frame.f_back is not None:
+        frame = frame.f_back
+    return frame.f_code is code
+
+
+# greenlet's own answer: gevent's Greenlet redefines truth for its scheduling.
+_greenlet_active = greenlet.greenlet.__bool__
+
+
+def _testing_note_timer(handle, callback):
+    for watch in _testing_watches:
+        timers = watch.timers
+        timers.append((handle, callback))
+        if len(timers) % 256 == 0:
+            timers[:] = [entry for entry in timers if entry[0].active]  # an interval re-arms every tick
+
+
+def _testing_note_greenlet(glet):
+    for watch in _testing_watches:
+        greenlets = watch.greenlets
+        greenlets.append(glet)
+        if len(greenlets) % 256 == 0:
+            greenlets[:] = [glet for glet in greenlets if not glet.dead]  # a server spawns one per request
+
+
+def _testing_note_service(service):
+    for watch in _testing_watches:
+        watch.services.setdefault(id(service), service)
+
+
+def _testing_describe_greenlet(glet):
+    state = "not started yet" if not _greenlet_active(glet) else "running"
+    run = getattr(glet, "_run", None)  # what a gevent Greenlet runs
+    owner = getattr(run, "__self__", None)
+    if isinstance(owner, Service):
+        what = "of service %r" % owner.name  # the name is the label the service gave it
+    elif run is not None:
+        what = "running %s" % _testing_describe_callable(run)
+    else:
+        what = _describe(glet)
+    name = getattr(glet, "name", None)
+    return "%r %s (%s)" % (name, what, state) if name else "%s (%s)" % (what, state)
+
+
+def _testing_describe_callable(fn):
+    owner = getattr(fn, "__self__", None)
+    if owner is None or inspect.ismodule(owner):
+        return _callable_name(fn)
+    return "%s of %s" % (_callable_name(fn), _schema_clip(repr(owner), 60))
+
+
+def _testing_describe_timer(callback):
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, _ServiceTimer):
+        kind = "every %g s" % owner.period if owner.repeat else "after %g s" % owner.period
+        return "%s of service %r (%s): %s" % (owner.id, owner.service.name, kind,
+                                            _callable_name(owner.callback))
+    if isinstance(owner, Greenlet):
+        return "start of greenlet %r (spawn_later)" % owner.name
+    if isinstance(owner, gevent.event.Event):
+        return "the end of a sleep"
+    return _callable_name(callback)
+
+
+def _testing_children():
+    """The pids of this process's live children (a set; empty without /proc)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return set()  # no child at all: one system call instead of a /proc scan
+    except (AttributeError, OSError):
+        pass  # no waitid here: scan
+    return set(_process_group_members(os.getpid(), parent=True) or ())
+
+
+def _testing_command(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip() or "?"
+    except OSError:
+        return "(ended)"
 
 
 ###############################################################################
