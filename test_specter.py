@@ -3881,6 +3881,8 @@ class TestCache(SpecterTestCase):
         checked = create_cache("checked", depends_on=["parsed:invalidated"])
         slow = create_cache("slow", depends_on=["checked:invalidated"])
         total = create_cache("total", depends_on=["fast:invalidated", "slow:invalidated"])
+        for cache in (source, fast, parsed, checked, slow, total):
+            self.addCleanup(cache.destroy)
 
         def read_source():
             return source.get_or_compute(lambda: data["v"])
