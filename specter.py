@@ -346,7 +346,7 @@ class EventBus:
         listeners = self._listeners.get(event)
         if listeners is None:
             # Only a miss can be a bad name: on() never stores one. The test
-            # is _bus_event's, inline: a call here would double an idle emit.
+            # is _bus_event's, inline: calling it would cost more than the lookup.
             if type(event) is not str or not event:
                 _bus_event(event)
             return
