@@ -294,6 +294,30 @@ def bench_bus_emit(cfg: Config) -> List[Row]:
                     n=cfg.pick(10000, 5000), cfg=cfg, target=1.3)]
 
 
+@workload("bus.emit.empty")
+def bench_bus_emit_empty(cfg: Config) -> List[Row]:
+    """emit of an event nobody listens to vs the dict lookup that finds no
+    listeners (issue #14: an idle event must cost next to nothing)."""
+    bus = specter.EventBus()
+    for cb in _make_listeners(10):
+        bus.on("tick", cb)   # other events exist; this one has no listeners
+    raw = {"tick": ()}
+    emit, get = bus.emit, raw.get
+    payload = {"seq": 1}
+
+    def spec(n):
+        for _ in range(n):
+            emit("idle", payload)
+
+    def base(n):
+        for _ in range(n):
+            get("idle")
+
+    return [compare("bus.emit, no listeners", spec, base,
+                    n=cfg.pick(20000, 10000), cfg=cfg, target=2.0,
+                    note="baseline: dict.get of the event name")]
+
+
 @workload("store.set")
 def bench_store_set(cfg: Config) -> List[Row]:
     """Store.set of a 1-key partial, 10 keys, 10 subscribers vs dict.update
@@ -1076,6 +1100,51 @@ def bench_web_socket(cfg: Config) -> List[Row]:
                         note="baseline: plain @socketio.on handler doing the same 3 calls")]
     finally:
         client.disconnect()
+
+
+@workload("socket.dispatch")
+def bench_socket_dispatch(cfg: Config) -> List[Row]:
+    """SocketIngress.dispatch of one event to 3 prioritised subscribers vs
+    calling the same 3 callables in a loop, each in try/except, keeping the
+    last non-None result (issue #14: no Socket.IO round trip on either
+    side, so the row shows the ingress's own cost)."""
+    def first(data):
+        return None
+
+    def second(data):
+        return None
+
+    def third(data):
+        return data
+
+    ingress = specter.SocketIngress()
+    ingress.subscribe("routed", third, priority=30)
+    ingress.subscribe("routed", first, priority=10)
+    ingress.subscribe("routed", second, priority=20)
+    dispatch = ingress.dispatch
+    callables = (first, second, third)
+    payload = {"n": 1}
+    assert dispatch("routed", payload) is payload
+
+    def spec(n):
+        for _ in range(n):
+            dispatch("routed", payload)
+
+    def base(n):
+        for _ in range(n):
+            result = None
+            for cb in callables:
+                try:
+                    value = cb(payload)
+                except Exception:
+                    log.exception("subscriber failed")
+                    continue
+                if value is not None:
+                    result = value
+
+    return [compare("SocketIngress.dispatch (3 subs)", spec, base,
+                    n=cfg.pick(20000, 10000), cfg=cfg, target=3.0,
+                    note="baseline: the 3 callables in a loop, try/except, last non-None kept")]
 
 
 @workload("web.app_context")

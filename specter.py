@@ -345,8 +345,10 @@ class EventBus:
         """Call every listener of ``event`` with ``data``, now, in this greenlet."""
         listeners = self._listeners.get(event)
         if listeners is None:
-            # Only a miss can be a bad name: on() never stores one.
-            _bus_event(event)
+            # Only a miss can be a bad name: on() never stores one. The test
+            # is _bus_event's, inline: calling it would cost more than the lookup.
+            if type(event) is not str or not event:
+                _bus_event(event)
             return
         for callback in listeners:
             try:
@@ -3680,7 +3682,8 @@ class Handler(_Owner):
         self._bindings = []
         self._socketio = None
         self._registered = False
-        self._gate = None
+        self._gate = None   # a Controller's "am I running?": see _guarded()
+        self._fences = []   # unsubscribes of gated connect subscriptions, which outlive teardown
         if not isinstance(self.events, dict):
             raise TypeError("%s.events must be a dict of event -> method name" % type(self).__name__)
         for event, method_name in self.events.items():
@@ -3732,6 +3735,9 @@ class Handler(_Owner):
                                "setup() or boot an app that provides 'socket_ingress'" % self.name)
         self._registered = True
         try:
+            fences, self._fences = self._fences, []
+            for unsubscribe in fences:  # the bindings below take their place
+                unsubscribe()
             for binding in self._bindings:
                 self._bind(binding)
             self.on_setup()
@@ -3766,15 +3772,31 @@ class Handler(_Owner):
     def _bind(self, binding):
         event, callback, priority, namespace, schema = binding
         ingress = registry.resolve("socket_ingress") or _web_direct_ingress(self._socketio)
-        self.add_cleanup(ingress.subscribe(event, self._guarded(callback), priority=priority,
-                                           namespace=namespace, schema=schema))
+        unsubscribe = ingress.subscribe(event, self._guarded(callback, event), priority=priority,
+                                        namespace=namespace, schema=schema)
+        if event == "connect" and self._gate is not None:
+            # A gated connect check stays subscribed through teardown, refusing
+            # clients (see _guarded): removing it would let everyone in.
+            self._fences.append(unsubscribe)
+        else:
+            self.add_cleanup(unsubscribe)
 
-    def _guarded(self, callback):
-        gate = self._gate
+    def _guarded(self, callback, event):
+        """``callback`` behind the handler's state: only a set-up handler (with its gate open) runs it.
+
+        Otherwise the event is not delivered, except that a gated handler's
+        ``connect`` check refuses the client: a Controller that is not
+        running cannot vouch for anyone, so it fails closed.
+        """
+        closed = False if event == "connect" else None
 
         def deliver(*args):
-            if not self._registered or (gate is not None and not gate()):
-                return None
+            gate = self._gate
+            if gate is None:
+                if not self._registered:
+                    return None
+            elif not self._registered or not gate():
+                return closed
             return callback(*args)
         deliver.__qualname__ = "%s.%s" % (self.name, _callable_name(callback))
         deliver.__wrapped__ = callback  # so the ingress sees the real signature
@@ -3792,7 +3814,9 @@ class SocketIngress:
     the client's ack; one Socket.IO cannot encode is logged and replaced by
     that error dict, so the client's call() never waits in vain. With
     ``schema=`` a subscriber only sees payloads that validate (cleaned); an
-    invalid one makes the ack the 400 error dict.
+    invalid one makes the ack the 400 error dict. Order, schemas and
+    signatures are settled into each event's call plan when its
+    subscribers change, so an event only walks that plan.
 
     Attached to a SocketIO, the ingress is also its default error handler:
     an exception from any event handler on it, a plain ``@socketio.on`` one
@@ -3802,7 +3826,8 @@ class SocketIngress:
     def __init__(self, socketio=None, *, name="socket_ingress"):
         self.name = _check_name(name, "ingress name")
         self._socketio = None
-        self._subs = {}
+        self._subs = {}   # (namespace, event) -> its subscribers, sorted
+        self._plans = {}  # (namespace, event) -> its call plan, see _set_subs()
         self._bound = set()
         self._error_subs = ()
         self._seq = itertools.count()
@@ -3836,8 +3861,7 @@ class SocketIngress:
         # handlers a reason only if they take them; so do we.
         arity = _web_arity(callback) if event in ("connect", "disconnect") else None
         entry = _IngressSubscriber(callback, _web_priority(priority), next(self._seq), _web_schema(schema), arity)
-        subs = self._subs.get(key, ()) + (entry,)
-        self._subs[key] = tuple(sorted(subs, key=_IngressSubscriber.order))
+        self._set_subs(key, self._subs.get(key, ()) + (entry,))
         self._bind(*key)
         unsubscribe = functools.partial(self._remove, key, entry)
         if owner is not None:
@@ -3898,10 +3922,33 @@ class SocketIngress:
 
     def dispatch(self, event: str, *args: Any, namespace: str = "/", **kwargs: Any) -> Any:
         """Run ``event``'s subscribers now, as a client event would; returns the ack value."""
-        subs = self._subs.get((_web_namespace(namespace), event))
-        if not subs:
+        try:
+            plan = self._plans.get((namespace, event))
+        except TypeError:  # an unhashable namespace gets its precise error
+            _web_namespace(namespace)
+            raise
+        if plan is None:
+            _web_namespace(namespace)  # only a miss can be a bad namespace: none is ever stored
             return None
-        return self._run(subs, event, args, kwargs)
+        if len(args) != 1 or kwargs:
+            return self._run(plan, event, args, kwargs)
+        # The usual event, one payload, walked here: CPython runs call(data)
+        # in the same eval loop, call(*args, **kwargs) through a C call, and
+        # the walk in place saves a frame (bench_specter.py socket.dispatch).
+        data = args[0]
+        result = None
+        for call, callback in plan:
+            try:
+                value = call(data)
+            except Exception as exc:
+                value = self._failed(callback, event, exc)
+            if value is not None:
+                if value is False and event == "connect":
+                    return False  # one refusal is final, whatever later subscribers say
+                result = value
+        if isinstance(result, Outcome):
+            return result.to_dict()
+        return result
 
     def dispatch_default_error(self, exc: BaseException, *args: Any, **kwargs: Any) -> Any:
         """Hand ``exc`` to the default-error subscribers; returns their last non-None result."""
@@ -3920,6 +3967,7 @@ class SocketIngress:
     def clear(self) -> None:
         """Drop every subscriber; bound events then answer nothing."""
         self._subs.clear()
+        self._plans.clear()
         self._error_subs = ()
 
     def health(self) -> Dict[str, Any]:
@@ -3937,10 +3985,7 @@ class SocketIngress:
         socketio.on_event(event, functools.partial(self._handle, namespace, event), namespace=namespace)
 
     def _handle(self, namespace, event, *args):
-        subs = self._subs.get((namespace, event))
-        if not subs:
-            return None
-        result = self._run(subs, event, args, {})
+        result = self.dispatch(event, *args, namespace=namespace)
         if result is None or result is False or event in ("connect", "disconnect"):
             return result
         return self._ackable(event, result)
@@ -3990,47 +4035,56 @@ class SocketIngress:
         result = self.dispatch_default_error(exc)
         return _web_socket_error() if result is None else result
 
-    def _run(self, subs, event, args, kwargs):
+    def _run(self, plan, event, args, kwargs):
+        """dispatch() for any arguments: the same walk, calling ``call(*args, **kwargs)``."""
         result = None
-        for entry in subs:
-            call_args = args
-            if entry.schema is not None:
-                outcome = entry.schema.validate(args[0] if args else None)
-                if not outcome.ok:
-                    result = outcome.to_dict()
-                    continue
-                call_args = (outcome.value,) + args[1:]
-            if entry.arity is not None:
-                call_args = call_args[:entry.arity]
+        for call, callback in plan:
             try:
-                value = entry.callback(*call_args, **kwargs)
+                value = call(*args, **kwargs)
             except Exception as exc:
-                if _web_refusal(exc):
-                    raise  # a connect handler refusing the client: python-socketio answers it
-                _web_log.exception("ingress %s: subscriber %s of %r raised", self.name,
-                                   _callable_name(entry.callback), event)
-                if event == "connect":
-                    return False  # fail closed: a crashed check must not let the client in
-                value = self.dispatch_default_error(exc)
-                if value is None:
-                    value = _web_socket_error()
-            if value is False and event == "connect":
-                return False  # one refusal is final, whatever later subscribers say
+                value = self._failed(callback, event, exc)
             if value is not None:
+                if value is False and event == "connect":
+                    return False
                 result = value
         if isinstance(result, Outcome):
             return result.to_dict()
         return result
+
+    def _failed(self, callback, event, exc):
+        """What a subscriber that raised ``exc`` contributes: logged, then the error subscribers' answer."""
+        if _web_refusal(exc):
+            raise  # a connect handler refusing the client: python-socketio answers it
+        _web_log.exception("ingress %s: subscriber %s of %r raised", self.name, _callable_name(callback), event)
+        if event == "connect":
+            return False  # fail closed: a crashed check must not let the client in
+        value = self.dispatch_default_error(exc)
+        return _web_socket_error() if value is None else value
+
+    def _set_subs(self, key, subs):
+        """Store ``key``'s subscribers and precompute its call plan; no subscribers drops the key.
+
+        The plan is what a dispatch walks: one ``(call, callback)`` pair per
+        subscriber, in priority order, where ``call`` is the callback itself
+        or, with a schema or a trimmed signature, its prebuilt wrapper. So
+        sorting, schema and arity are settled here, when subscribers change,
+        not on every event. Both dicts get new tuples, never mutated ones:
+        a dispatch already running keeps the plan it started with.
+        """
+        if subs:
+            subs = tuple(sorted(subs, key=_IngressSubscriber.order))
+            self._subs[key] = subs
+            self._plans[key] = tuple((entry.call, entry.callback) for entry in subs)
+        else:
+            self._subs.pop(key, None)
+            self._plans.pop(key, None)
 
     def _remove(self, key, entry):
         subs = self._subs.get(key, ())
         kept = tuple(sub for sub in subs if sub is not entry)
         if len(kept) == len(subs):
             return False
-        if kept:
-            self._subs[key] = kept
-        else:
-            del self._subs[key]
+        self._set_subs(key, kept)
         return True
 
 
@@ -4038,10 +4092,11 @@ class Controller(Service):
     """A feature's composition root: routes, socket events, schemas and state under one lifecycle.
 
     Override ``build_routes(router)`` and ``build_events(handler)``; declare
-    ``schemas``. While the controller is not running its routes answer 503
-    and its socket events are not delivered. ``stop()`` tears the handler
-    down first, then stops like any Service (owned models and stores
-    included).
+    ``schemas``. While the controller is not running its routes answer 503,
+    its socket events are not delivered and its ``connect`` subscribers
+    refuse every client (an auth check that cannot run must not let anyone
+    in). ``stop()`` tears the handler down first, then stops like any
+    Service (owned models and stores included).
     """
 
     schemas: Dict[str, Schema] = {}
@@ -4078,7 +4133,7 @@ class Controller(Service):
         """The controller's Handler, carrying the events added by build_events(); built once."""
         if self._handler is None:
             handler = Handler(self.name)
-            handler._gate = lambda: self.running
+            handler._gate = self._serving
             self.build_events(handler)
             self._handler = handler
         return self._handler
@@ -4086,7 +4141,10 @@ class Controller(Service):
     def build_handler(self, socketio: Any = None) -> Handler:
         """The controller's Handler, built once (and set up when ``socketio`` is given)."""
         if self._handler is None:
-            self._handler = self.create_handler()  # a subclass's create_handler may build its own
+            handler = self.create_handler()  # a subclass's create_handler may build its own
+            if isinstance(handler, Handler) and handler._gate is None:
+                handler._gate = self._serving  # gated like the one create_handler() builds
+            self._handler = handler
         if socketio is not None:
             self._handler.setup(socketio)
         return self._handler
@@ -4133,6 +4191,10 @@ class Controller(Service):
         if self._handler is not None:
             self._handler.teardown()
         super()._lifecycle_stopping()
+
+    def _serving(self):
+        """The gate of the controller's routes and socket events."""
+        return self.running
 
     def _http_gate(self):
         if not self.running:
@@ -4595,7 +4657,7 @@ class _BootCancelled(BaseException):
 
 
 class _IngressSubscriber:
-    __slots__ = ("callback", "priority", "seq", "schema", "arity")
+    __slots__ = ("callback", "priority", "seq", "schema", "arity", "call")
 
     def __init__(self, callback, priority, seq, schema, arity=None):
         self.callback = callback
@@ -4603,9 +4665,21 @@ class _IngressSubscriber:
         self.seq = seq
         self.schema = schema
         self.arity = arity
+        self.call = callback if schema is None and arity is None else self._checked
 
     def order(self):
         return (self.priority, self.seq)
+
+    def _checked(self, *args, **kwargs):
+        """The callback behind its schema and signature: an invalid payload is answered, not delivered."""
+        if self.schema is not None:
+            outcome = self.schema.validate(args[0] if args else None)
+            if not outcome.ok:
+                return outcome.to_dict()
+            args = (outcome.value,) + args[1:]
+        if self.arity is not None:
+            args = args[:self.arity]
+        return self.callback(*args, **kwargs)
 
 
 _WEB_FLUSH_STEP = 0.005  # how often shutdown looks whether clients took their disconnect (seconds)

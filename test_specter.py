@@ -4800,6 +4800,23 @@ class EchoController(Controller):
         return {"echo": data}
 
 
+class TokenController(EchoController):
+    """EchoController whose connect check admits the token 's3cret', recording each one it sees."""
+
+    def __init__(self, name=None):
+        super().__init__(name)
+        self.checked = []
+
+    def build_events(self, handler):
+        super().build_events(handler)
+        handler.on("connect", self.check)
+
+    def check(self, auth=None):
+        token = (auth or {}).get("token")
+        self.checked.append(token)
+        return token == "s3cret"
+
+
 class TestHTTPHelpers(SpecterTestCase):
 
     def client_for(self, view, methods=("GET", "POST"), **config):
@@ -5923,6 +5940,85 @@ class TestSocketIngress(SpecterTestCase):
         with self.assertRaises(TypeError):
             SocketIngress().attach(None)
 
+    def test_subscribers_changed_during_a_dispatch_take_effect_from_the_next_one(self):
+        _, _, ingress = self.make()
+        calls = []
+
+        def late(data):
+            calls.append(("late", data))
+
+        def second(data):
+            calls.append(("second", data))
+
+        def first(data):
+            calls.append(("first", data))
+            if data == 1:
+                ingress.subscribe("job", late, priority=5)
+                ingress.unsubscribe("job", second)
+        ingress.subscribe("job", first, priority=1)
+        ingress.subscribe("job", second, priority=2)
+        ingress.dispatch("job", 1)
+        self.assertEqual(calls, [("first", 1), ("second", 1)])
+        calls.clear()
+        ingress.dispatch("job", 2)
+        self.assertEqual(calls, [("first", 2), ("late", 2)])
+
+    def test_order_holds_as_subscribers_come_and_go(self):
+        _, _, ingress = self.make()
+        order = []
+        removers = {}
+        for label, priority in (("a", 20), ("b", 10), ("c", 20), ("d", 10)):
+            removers[label] = ingress.subscribe("job", lambda data, label=label: order.append(label),
+                                                priority=priority)
+        removers["d"]()
+        ingress.subscribe("job", lambda data: order.append("e"), priority=10)   # after b, the older tie
+        ingress.subscribe("job", lambda data: order.append("f"), priority=15)
+        removers["a"]()
+        ingress.dispatch("job", None)
+        self.assertEqual(order, ["b", "e", "f", "c"])
+        self.assertEqual(ingress.health()["events"], {"/ job": 4})
+
+    def test_dispatch_fails_connect_closed_whatever_the_arguments(self):
+        _, _, ingress = self.make()
+        ran = []
+        ingress.subscribe("connect", lambda *args, **kwargs: False, priority=1)
+        ingress.subscribe("connect", lambda *args, **kwargs: ran.append(args), priority=2)
+        for args, kwargs in (((), {}), (({"token": 1},), {}), (({"token": 1}, "extra"), {}), ((), {"flag": 1})):
+            with self.subTest(args=args, kwargs=kwargs):
+                self.assertIs(ingress.dispatch("connect", *args, **kwargs), False)
+        ingress.clear()
+
+        def crash(*args, **kwargs):
+            raise KeyError("session store down")
+        ingress.subscribe("connect", crash, priority=1)
+        ingress.subscribe("connect", lambda *args, **kwargs: ran.append(args), priority=2)
+        for args, kwargs in (((), {}), (({"token": 1},), {}), ((), {"flag": 1})):
+            with self.subTest(args=args, kwargs=kwargs):
+                with self.assertLogs("specter", "ERROR"):
+                    self.assertIs(ingress.dispatch("connect", *args, **kwargs), False)
+        self.assertEqual(ran, [])
+
+    def test_dispatch_to_a_bad_namespace_is_a_value_error(self):
+        _, _, ingress = self.make()
+        ingress.subscribe("job", lambda data: "ok")
+        for bad in ("job", "", None, ["/"]):
+            with self.subTest(namespace=bad):
+                with self.assertRaisesRegex(ValueError, "namespace must start with '/'"):
+                    ingress.dispatch("job", 1, namespace=bad)
+
+    def test_a_failing_subscriber_is_logged_under_its_own_name_with_a_schema_too(self):
+        app, sio, ingress = self.make()
+        schema = Schema("job", {"n": Field(int, required=True)})
+
+        def count_jobs(data):
+            raise LookupError("no queue for %d" % data["n"])
+        ingress.subscribe("job", count_jobs, schema=schema)
+        with self.assertLogs("specter", "ERROR") as logs:
+            ack = sio.test_client(app).emit("job", {"n": "3"}, callback=True)
+        self.assertEqual(ack, {"error": "Internal server error", "ok": False, "status": 500, "value": None})
+        self.assertIn("count_jobs", logs.output[0])
+        self.assertIn("LookupError: no queue for 3", logs.output[0])
+
 
 class TestController(SpecterTestCase):
 
@@ -6116,6 +6212,70 @@ class TestController(SpecterTestCase):
         self.assertEqual(http.get("/echo/ping").status_code, 200)
         self.assertEqual(sock.emit("echo", 4, callback=True), {"echo": 4})
         self.assertEqual(ctl.calls, [2, 4])
+
+    def test_a_connect_check_refuses_every_client_while_its_controller_is_not_running(self):
+        ctl = TokenController()
+        self.addCleanup(ctl.stop)
+        app, sio = make_web_app()
+        ctl.build_handler(sio)
+
+        def admits(token):
+            return sio.test_client(app, auth={"token": token}).is_connected()
+        self.assertFalse(admits("s3cret"))            # set up, not started yet
+        ctl.start()
+        self.assertEqual((admits("s3cret"), admits("guess")), (True, False))
+        member = sio.test_client(app, auth={"token": "s3cret"})
+        ctl.stop()
+        self.assertFalse(admits("s3cret"))            # stopped: the check cannot run, so no one gets in
+        self.assertIn(member.emit("echo", 1, callback=True), (None, []))   # other events: not delivered
+        self.assertTrue(member.is_connected())
+        ctl.start()
+        self.assertEqual((admits("s3cret"), admits("guess")), (True, False))
+        self.assertEqual(member.emit("echo", 2, callback=True), {"echo": 2})
+        self.assertEqual(ctl.checked, ["s3cret", "guess", "s3cret", "s3cret", "guess"])   # none while stopped
+
+    def test_a_stopped_controller_refuses_clients_through_the_manager(self):
+        app, sio = make_web_app()
+        ctl = TokenController()
+        manager = ServiceManager(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        manager.register_controller(ctl)
+        manager.boot()
+        app_wide = []
+        manager.socket_ingress.on("connect", lambda auth=None: app_wide.append(auth["token"]), priority=200)
+
+        def admits(token):
+            return sio.test_client(app, auth={"token": token}).is_connected()
+        self.assertTrue(admits("s3cret"))
+        for _ in range(2):                            # a restart replaces the guard, never adds one
+            ctl.stop()
+            self.assertFalse(admits("s3cret"))
+            self.assertEqual(manager.socket_ingress.health()["events"]["/ connect"], 2)
+            ctl.start()
+            self.assertTrue(admits("s3cret"))
+            self.assertEqual(manager.socket_ingress.health()["events"]["/ connect"], 2)
+        self.assertEqual(app_wide, ["s3cret"] * 3)   # a refused client goes no further
+
+    def test_a_handler_of_an_overridden_create_handler_is_gated_too(self):
+        class Door(Handler):
+            events = {"connect": "check"}
+
+            def check(self, auth=None):
+                return bool(auth)
+
+        class Custom(Controller):
+            name = "custom"
+
+            def create_handler(self):
+                return Door("door")
+        ctl = Custom()
+        self.addCleanup(ctl.stop)
+        app, sio = make_web_app()
+        ctl.build_handler(sio)
+        self.assertFalse(sio.test_client(app, auth={"token": 1}).is_connected())
+        ctl.start()
+        self.assertTrue(sio.test_client(app, auth={"token": 1}).is_connected())
+        self.assertFalse(sio.test_client(app).is_connected())
 
     def test_seed_item_controller_end_to_end(self):
         class ItemController(Controller):
@@ -7196,6 +7356,19 @@ class TestRealClients(SpecterTestCase):
         self.addCleanup(self.disconnect, client)
         return client
 
+    def refused(self, url, **kwargs):
+        """The ConnectionError of a client the server refuses (None if it got in)."""
+        client = socketio.Client()
+
+        def attempt():
+            try:
+                client.connect(url, wait_timeout=CLIENT_TIMEOUT, **kwargs)
+            except socketio.exceptions.ConnectionError as exc:
+                return exc
+            client.disconnect()
+            return None
+        return self.blocking(attempt)
+
     def disconnect(self, client):
         if client.connected:
             self.blocking(client.disconnect)
@@ -7231,6 +7404,19 @@ class TestRealClients(SpecterTestCase):
         status, kind, body = self.http_get(url + "/ping")
         self.assertEqual((status, kind), (200, "application/json"))
         self.assertEqual(flask.json.loads(body), {"pong": True, "by": "echo"})
+
+    def test_a_stopped_controller_admits_no_client(self):
+        app, sio = make_web_app()
+        ctl = TokenController()
+        url, _ = self.serve(app, sio, controllers=[ctl])
+        client = self.connect(url, auth={"token": "s3cret"})
+        self.assertEqual(self.call(client, "echo", 1), {"echo": 1})
+        self.assertIsInstance(self.refused(url, auth={"token": "guess"}), socketio.exceptions.ConnectionError)
+        ctl.stop()
+        self.assertIsInstance(self.refused(url, auth={"token": "s3cret"}), socketio.exceptions.ConnectionError)
+        self.assertEqual(ctl.checked, ["s3cret", "guess"])   # refused without running the check
+        ctl.start()
+        self.assertTrue(self.connect(url, auth={"token": "s3cret"}).connected)
 
     def test_receives_emits_from_a_service_interval(self):
         app, sio = make_web_app()
