@@ -1823,7 +1823,14 @@ class Store:
         return snapshot
 
     def _deliver(self, snapshot):
-        _notify(self._subs.cursor, (snapshot, self), _state_log, "%s: subscriber %s raised", self.name)
+        # _notify(self._subs.cursor, (snapshot, self), ...), inline like bus.emit's
+        # walk: bench_specter.py's store.set row goes over its target through
+        # the extra frame and call(*args) (1.4x -> 1.7x against a goal of 1.5x).
+        for fn in self._subs.cursor:
+            try:
+                fn(snapshot, self)
+            except Exception:
+                _state_log.exception("%s: subscriber %s raised", self.name, _callable_name(fn))
         if self._event:
             bus.emit(self._event, snapshot)
 
