@@ -4423,6 +4423,11 @@ class _WebLoopMonitor:
     def start(self):
         import gevent.events  # only when asked for: it loads zope.event
         hub = gevent.get_hub()
+        if not hub:
+            # The hub has never run (a boot first thing in the process):
+            # gevent's monitor thread ends for good at its first round if
+            # the hub is still not running then, so start it now.
+            gevent.sleep(0)
         config = gevent.config
         self._saved = (config.monitor_thread, config.max_blocking_time, config.print_blocking_reports)
         config.max_blocking_time = self.threshold  # gevent's monitor rereads it every round

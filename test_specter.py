@@ -6444,11 +6444,61 @@ class TestLoopMonitor(SpecterTestCase):
         self.assertEqual((gevent.config.monitor_thread, gevent.config.max_blocking_time), saved)
         self.assertFalse(manager.health()["loop"]["monitor"])
 
+    def test_the_monitor_works_when_boot_comes_before_the_hub_ever_ran(self):
+        # A fresh process whose boot() (with a blocking on_start) runs before anything switched to the hub.
+        with tempfile.TemporaryDirectory(prefix="specter-loop-") as workdir:
+            script = os.path.join(workdir, "fresh.py")
+            with open(script, "w") as f:
+                f.write(FRESH_MONITOR_APP)
+            child = gevent.subprocess.Popen([sys.executable, "-u", script], stdout=gevent.subprocess.PIPE,
+                                            stderr=gevent.subprocess.PIPE, env=dict(os.environ, PYTHONPATH=SPECTER_DIR),
+                                            universal_newlines=True, start_new_session=True)
+            try:
+                out, errors = child.communicate(timeout=CLIENT_TIMEOUT)
+            finally:
+                if child.poll() is None:
+                    os.killpg(child.pid, signal.SIGKILL)
+                    child.wait()
+        self.assertEqual(child.returncode, 0, errors)
+        words = out.split()
+        self.assertEqual(words[::2], ["blocked", "thread"], errors)
+        self.assertGreaterEqual(int(words[1]), 1, "the block after boot went unseen")  # the start's own may count too
+        self.assertEqual(words[3], "True", "gevent's monitor thread ended")
+        self.assertIn("the event loop is blocked", errors)
+
     def test_block_threshold_is_checked(self):
         with self.assertRaisesRegex(ValueError, "block_threshold must be greater than 0 seconds, got 0"):
             ServiceManager(block_threshold=0)
         with self.assertRaisesRegex(TypeError, "block_threshold must be a number of seconds"):
             boot(*make_web_app(), block_threshold="1")
+
+
+# A process whose first act is a boot with the loop monitor and a blocking on_start; then a block to catch.
+FRESH_MONITOR_APP = textwrap.dedent("""
+    import logging
+    import time
+
+    import gevent
+
+    import specter
+
+    logging.basicConfig()
+
+
+    class SlowStart(specter.Service):
+        def on_start(self):
+            time.sleep(0.25)  # blocks before the hub ever ran, past gevent's first monitor round
+
+
+    manager = specter.ServiceManager(signals=False, block_threshold=0.1)
+    manager.register_service(SlowStart())
+    manager.boot()
+    gevent.spawn(time.sleep, 0.3).join()  # the block the monitor must catch
+    gevent.sleep(0.05)  # the hub counts it once it runs again
+    thread = gevent.get_hub().periodic_monitoring_thread
+    print("blocked", manager.health()["loop"]["blocked"], "thread", thread.should_run)
+    manager.shutdown()
+""")
 
 
 def http_status_now(url):
