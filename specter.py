@@ -3655,8 +3655,9 @@ class ServiceManager(Service):
         answered as JSON; controllers registered so far get their routes
         mounted; the probes (if on) are added; ``flask specter`` joins
         ``app.cli``; registered services run their background work in the
-        app's context. ``socketio`` defaults to the one already on the app.
-        Binding the same app again does nothing; one manager serves one app.
+        app's context. ``socketio`` defaults to the one already on the app,
+        or on it by ``boot()`` (a factory may call ``socketio.init_app(app)``
+        after this). Binding the same app again does nothing; one manager serves one app.
         """
         if not isinstance(app, flask.Flask):
             raise TypeError("init_app() takes a Flask app, got %s" % _describe(app))
@@ -4366,6 +4367,11 @@ class _WebOperations:
             service._specter_app = self.manager._app
 
     def starting(self):
+        manager = self.manager
+        if manager._app is not None and manager._socketio is None:
+            # A factory that calls init_app() before socketio.init_app(app):
+            # the SocketIO is on the app by now, and the events need it.
+            self.bind(manager._app, manager._app.extensions.get("socketio"))
         routed = [controller.name for controller, _ in self.unmounted
                   if type(controller).build_routes is not Controller.build_routes
                   and not controller.health()["has_blueprint"]]

@@ -6021,6 +6021,19 @@ class TestAppFactory(SpecterTestCase):
         self.assertIs(manager.socketio, sio)
         self.assertIs(manager.socket_ingress.socketio, sio)
 
+    def test_init_app_before_socketio_init_app_still_delivers_socket_events(self):
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        manager.register_controller(EchoController())
+        socketio_ext = SocketIO()
+        app = Flask(__name__)
+        manager.init_app(app)  # the factory binds SPECTER first ...
+        socketio_ext.init_app(app, async_mode="gevent")  # ... and Flask-SocketIO after
+        manager.boot()
+        self.assertIs(manager.socketio, socketio_ext)
+        self.assertIs(specter.registry.require("socketio"), socketio_ext)
+        self.assertEqual(socketio_ext.test_client(app).emit("echo", 5, callback=True), {"echo": 5})
+
     def test_init_app_binds_one_app_only(self):
         manager = ServiceManager(signals=False)
         app, _ = make_web_app()
