@@ -899,10 +899,18 @@ class Service(_Owner):
     def _supervise(self, callback, args, kwargs, max_restarts, within, label):
         failures = collections.deque()
         while True:
+            returned = False
             try:
                 with _life_app_context(self._specter_app):  # a fresh context per attempt
-                    return callback(*args, **kwargs)
+                    result = callback(*args, **kwargs)
+                    returned = True
+                return result
             except _CALLBACK_ERRORS as exc:
+                if returned:
+                    # The callback's work is done; only a teardown_appcontext
+                    # handler raised. Logged, but running the work again would do it twice.
+                    self._record_error(label)
+                    return None
                 now = _monotonic()
                 failures.append(now)
                 while now - failures[0] > within:

@@ -6600,6 +6600,33 @@ class TestAppContext(SpecterTestCase):
         self.assertEqual([count for _, count in rounds], list(range(first, first + len(rounds))))
         self.assertEqual([kind for kind, _ in rounds].count("item"), 3)
 
+    def test_a_supervised_callback_that_returned_is_not_run_again_when_a_teardown_raises(self):
+        app, sio = make_web_app()
+
+        @app.teardown_appcontext
+        def close_session(exc):
+            if flask.g.get("session") == "payments":
+                raise RuntimeError("cannot close the session")
+        payments = []
+
+        class Payer(Service):
+            def on_start(self):
+                self.supervise(self.pay_once)
+
+            def pay_once(self):
+                flask.g.session = "payments"
+                payments.append("paid")
+        payer = Payer("payer")
+        manager = boot(app, sio, services=[payer], signals=False)
+        self.addCleanup(manager.shutdown)
+        with captured_logs("specter.service") as records:
+            self.assertEventually(lambda: payer.health()["errors"] == 1)
+            gevent.sleep(payer.restart_backoff * 2)  # when a restart would have come
+        self.assertEqual(payments, ["paid"], "the work of a callback that returned was done again")
+        self.assertIn("cannot close the session", payer.health()["last_error"])
+        self.assertEqual((payer.status, payer.health()["restarts"]), ("running", 0))
+        self.assertTrue(any(r.exc_info and "cannot close the session" in str(r.exc_info[1]) for r in records))
+
     def test_a_watcher_started_in_the_app_context_polls_inside_a_fresh_one(self):
         app, sio = make_web_app()
         teardowns = Recorder()
