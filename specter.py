@@ -4577,8 +4577,10 @@ def _web_probes_mount(app, manager, prefix):
 
     def readyz():
         status = _web_readiness(manager)
-        return _web_probe_answer({"status": status,
-                                  "services": {s.name: s.status for s in manager._services}},
+        # Keyed as health() keys them, so two services of one name both show.
+        services = _web_by_name({"name": s.name, "status": s.status} for s in manager._services)
+        return _web_probe_answer({"status": status, "services": {key: report["status"]
+                                                                  for key, report in services.items()}},
                                  200 if status == "ok" else 503)
 
     app.add_url_rule(prefix + "/livez", "specter_livez", livez, methods=["GET"])
@@ -4587,7 +4589,7 @@ def _web_probes_mount(app, manager, prefix):
 
 def _web_readiness(manager):
     """'ok', or why the app should get no traffic: starting, stopping, stopped, failed, degraded."""
-    if manager._shutting_down:
+    if manager._shutting_down or manager._boot_phase == "rolling back":
         return "stopping"
     if not manager.booted:
         return "stopped" if manager.status == "stopped" else "starting"

@@ -6373,6 +6373,43 @@ class TestProbes(SpecterTestCase):
         response = app.test_client().get("/readyz")
         self.assertEqual((response.status_code, response.get_json()["status"]), (503, "degraded"))
 
+    def test_readyz_lists_services_of_one_name_as_health_does(self):
+        app, sio = make_web_app()
+        first, second = Service("worker"), Service("worker")
+        manager = boot(app, sio, services=[first, second], signals=False, probes=True)
+        self.addCleanup(manager.shutdown)
+        first.stop()
+        response = app.test_client().get("/readyz")
+        self.assertEqual((response.status_code, response.get_json()),
+                         (503, {"status": "degraded", "services": {"worker": "stopped", "worker#2": "running"}}))
+        self.assertEqual(list(manager.health()["services"]), ["worker", "worker#2"])
+
+    def test_readyz_says_stopping_while_a_failed_boot_rolls_back(self):
+        app, sio = make_web_app()
+        rolling_back, proceed = gevent.event.Event(), gevent.event.Event()
+
+        class SlowStop(Service):
+            def on_stop(self):
+                rolling_back.set()
+                proceed.wait(WAIT)
+
+        class Broken(Service):
+            def on_start(self):
+                raise RuntimeError("no database")
+        manager = ServiceManager(app, sio, signals=False, probes=True)
+        self.addCleanup(manager.shutdown)
+        manager.register_service(SlowStop("slow")).register_service(Broken("broken"))
+        def boot_and_fail():
+            with captured_logs(), self.assertRaisesRegex(RuntimeError, "no database"):
+                manager.boot()
+        booting = gevent.spawn(boot_and_fail)
+        self.assertTrue(rolling_back.wait(WAIT))
+        response = app.test_client().get("/readyz")
+        self.assertEqual((response.status_code, response.get_json()["status"]), (503, "stopping"))
+        proceed.set()
+        booting.get(timeout=WAIT)
+        self.assertEqual(app.test_client().get("/readyz").get_json()["status"], "stopped")
+
     def test_probes_under_a_prefix(self):
         app, sio = make_web_app()
         manager = boot(app, sio, signals=False, probes="/ops/")
