@@ -4415,9 +4415,18 @@ class _WebLoopMonitor:
     only logs there (so a loop blocked for good is still reported) and
     records; the counters and the ``'loop:blocked'`` event are handled in
     the hub once the loop runs again, woken by a thread-safe async watcher.
+
+    gevent's monitor (its thread and settings) is the process's, so the
+    monitors of several managers share it: the first one on turns it on,
+    the smallest threshold of those on applies, the last one off restores
+    gevent's settings (and ends the thread, if the first one started it).
     """
 
     log_every = 60.0  # the same stack is logged at most once per this many seconds
+    # Shared by every monitor, as gevent's monitor is.
+    _on: List[_WebLoopMonitor] = []
+    _saved = None  # gevent's settings before the first monitor turned it on
+    _own_thread = False  # whether that one started gevent's monitor thread
 
     def __init__(self, manager, threshold):
         self.manager = manager
@@ -4431,8 +4440,6 @@ class _WebLoopMonitor:
         self._logged = {}
         self._hub = None
         self._wakeup = None
-        self._saved = None
-        self._own_thread = False
 
     def start(self):
         import gevent.events  # only when asked for: it loads zope.event
@@ -4442,11 +4449,13 @@ class _WebLoopMonitor:
             # gevent's monitor thread ends for good at its first round if
             # the hub is still not running then, so start it now.
             gevent.sleep(0)
-        config = gevent.config
-        self._saved = (config.monitor_thread, config.max_blocking_time, config.print_blocking_reports)
-        config.max_blocking_time = self.threshold  # gevent's monitor rereads it every round
-        config.print_blocking_reports = False  # reported through logging instead
-        config.monitor_thread = True
+        config, shared = gevent.config, _WebLoopMonitor
+        if not shared._on:
+            shared._saved = (config.monitor_thread, config.max_blocking_time, config.print_blocking_reports)
+            config.print_blocking_reports = False  # reported through logging instead
+            config.monitor_thread = True
+        shared._on.append(self)
+        config.max_blocking_time = min(monitor.threshold for monitor in shared._on)  # reread every round
         self._hub = hub
         self._wakeup = hub.loop.async_()
         self._wakeup.ref = False  # must not keep the loop alive on its own
@@ -4457,8 +4466,8 @@ class _WebLoopMonitor:
                 # Memory monitoring (which wants psutil) is gevent's other job; not ours.
                 warnings.filterwarnings("ignore", message="Unable to monitor memory usage")
                 hub.start_periodic_monitoring_thread()
-            self._own_thread = True
-        _loop_log.debug("loop monitor on, threshold %s s", self.threshold)
+            shared._own_thread = True
+        _loop_log.debug("loop monitor on, threshold %s s", config.max_blocking_time)
         return self
 
     def stop(self):
@@ -4470,11 +4479,16 @@ class _WebLoopMonitor:
         except ValueError:
             pass  # someone cleared gevent's subscriber list already
         hub, self._hub = self._hub, None
-        if self._own_thread and hub.periodic_monitoring_thread is not None:
-            hub.periodic_monitoring_thread.kill()  # the thread ends when its current sleep does
-            hub.periodic_monitoring_thread = None
-        config = gevent.config
-        config.monitor_thread, config.max_blocking_time, config.print_blocking_reports = self._saved
+        config, shared = gevent.config, _WebLoopMonitor
+        shared._on.remove(self)
+        if shared._on:
+            config.max_blocking_time = min(monitor.threshold for monitor in shared._on)
+        else:
+            if shared._own_thread and hub.periodic_monitoring_thread is not None:
+                hub.periodic_monitoring_thread.kill()  # the thread ends when its current sleep does
+                hub.periodic_monitoring_thread = None
+            shared._own_thread = False
+            config.monitor_thread, config.max_blocking_time, config.print_blocking_reports = shared._saved
         self._wakeup.stop()
         self._wakeup.close()
         self._drain()  # a block seen just before the stop still counts

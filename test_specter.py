@@ -6516,6 +6516,30 @@ class TestLoopMonitor(SpecterTestCase):
         self.assertEqual(words[3], "True", "gevent's monitor thread ended")
         self.assertIn("the event loop is blocked", errors)
 
+    def test_managers_share_the_monitor_until_the_last_one_shuts_down(self):
+        hub = gevent.get_hub()
+        self.assertIsNone(hub.periodic_monitoring_thread)
+        saved = (gevent.config.monitor_thread, gevent.config.max_blocking_time, gevent.config.print_blocking_reports)
+        first = ServiceManager(signals=False, name="first", block_threshold=0.1)
+        second = ServiceManager(signals=False, name="second", block_threshold=0.3)
+        self.addCleanup(first.shutdown)
+        self.addCleanup(second.shutdown)
+        first.boot()
+        second.boot()
+        self.assertEqual(gevent.config.max_blocking_time, 0.1, "the smallest threshold applies")
+        first.shutdown()
+        thread = hub.periodic_monitoring_thread
+        self.assertTrue(thread is not None and thread.should_run, "the first shutdown ended the second's monitor")
+        self.assertEqual(gevent.config.max_blocking_time, 0.3)
+        with self.assertLogs("specter.loop", "WARNING"):
+            gevent.spawn(time.sleep, 0.5).join()  # a real block, past the second's threshold
+            self.assertEventually(lambda: second.health()["loop"]["blocked"] == 1)
+        second.shutdown()
+        self.assertIsNone(hub.periodic_monitoring_thread)
+        self.assertFalse(thread.should_run)
+        self.assertEqual((gevent.config.monitor_thread, gevent.config.max_blocking_time,
+                          gevent.config.print_blocking_reports), saved)
+
     def test_block_threshold_is_checked(self):
         with self.assertRaisesRegex(ValueError, "block_threshold must be greater than 0 seconds, got 0"):
             ServiceManager(block_threshold=0)
