@@ -4543,6 +4543,11 @@ class _WebLoopMonitor:
         loop = self._hub.loop if self._hub is not None else gevent.get_hub().loop
         loop.update_now()  # the loop's clock when it last polled, before the block, to now
         seconds = loop.now() - first[0]
+        if seconds < self.threshold:
+            # Not a block of ours: gevent's thread finished a report of the
+            # block just counted after the loop ran again (or, with managers
+            # sharing the monitor, the block was short of this threshold).
+            return
         self.blocked += 1
         self.longest = max(self.longest, seconds)
         self.last_stack = first[2]

@@ -6540,6 +6540,25 @@ class TestLoopMonitor(SpecterTestCase):
         self.assertEqual((gevent.config.monitor_thread, gevent.config.max_blocking_time,
                           gevent.config.print_blocking_reports), saved)
 
+    def test_a_late_report_of_a_counted_block_is_not_another_block(self):
+        import gevent.events
+        manager = ServiceManager(signals=False, block_threshold=0.1)
+        self.addCleanup(manager.shutdown)
+        manager.boot()
+        announced = Recorder()
+        specter.bus.on("loop:blocked", announced)
+        with self.assertLogs("specter.loop", "WARNING"):
+            gevent.spawn(time.sleep, 0.3).join()  # one real block
+            self.assertEventually(lambda: announced.count == 1)
+        # gevent's monitor thread may finish its report of that block after the loop ran again.
+        late = gevent.events.EventLoopBlocked(gevent.getcurrent(), 0.1, ["Blocked Stack (late)", "  time.sleep"],
+                                              hub=gevent.get_hub())
+        with captured_logs("specter.loop"):
+            gevent.events.notify(late)
+            gevent.sleep(0.05)
+        self.assertEqual((manager.health()["loop"]["blocked"], announced.count), (1, 1))
+        self.assertNotIn("(late)", manager.health()["loop"]["last_stack"] or "")
+
     def test_block_threshold_is_checked(self):
         with self.assertRaisesRegex(ValueError, "block_threshold must be greater than 0 seconds, got 0"):
             ServiceManager(block_threshold=0)
