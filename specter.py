@@ -4366,7 +4366,7 @@ class _WebOperations:
         for controller, url_prefix in unmounted:
             _web_mount_controller(app, controller, url_prefix)
         if self.probes is not None:
-            _web_probes_mount(app, manager, self.probes)
+            _web_probes_mount(app, self.probes)
         app.cli.add_command(_web_cli_group(manager))
 
     def adopt_app(self, service):
@@ -4584,17 +4584,24 @@ def _web_probe_prefix(probes):
     return probes.rstrip("/")
 
 
-def _web_probes_mount(app, manager, prefix):
-    """Serve GET <prefix>/livez and <prefix>/readyz on ``app`` (once)."""
+def _web_probes_mount(app, prefix):
+    """Serve GET <prefix>/livez and <prefix>/readyz on ``app`` (once).
+
+    They answer for the app's manager, ``app.extensions['specter']``, looked
+    up per request: a later manager bound to the same app (a test suite
+    sharing one app) is the one they describe, not the first.
+    """
     if "specter_livez" in app.view_functions:
         return
 
     def livez():
+        manager = flask.current_app.extensions["specter"]
         if manager._ops.blocked():
             return _web_probe_answer({"status": "blocked", "threshold": manager._ops.threshold}, 503)
         return _web_probe_answer({"status": "ok"}, 200)
 
     def readyz():
+        manager = flask.current_app.extensions["specter"]
         status = _web_readiness(manager)
         # Keyed as health() keys them, so two services of one name both show.
         services = _web_by_name({"name": s.name, "status": s.status} for s in manager._services)

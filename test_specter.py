@@ -6410,6 +6410,15 @@ class TestProbes(SpecterTestCase):
         booting.get(timeout=WAIT)
         self.assertEqual(app.test_client().get("/readyz").get_json()["status"], "stopped")
 
+    def test_probes_answer_for_the_manager_bound_to_the_app_last(self):
+        app, sio = make_web_app()
+        boot(app, sio, signals=False, probes=True).shutdown()  # an earlier manager on the same app
+        later = boot(app, sio, services=[Service("worker")], signals=False, probes=True)
+        self.addCleanup(later.shutdown)
+        response = app.test_client().get("/readyz")
+        self.assertEqual((response.status_code, response.get_json()),
+                         (200, {"status": "ok", "services": {"worker": "running"}}))
+
     def test_probes_under_a_prefix(self):
         app, sio = make_web_app()
         manager = boot(app, sio, signals=False, probes="/ops/")
