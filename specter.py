@@ -3622,6 +3622,7 @@ class ServiceManager(Service):
         self._booting = None  # the greenlet running boot(), while it runs
         self._boot_phase = None  # 'starting', then 'rolling back' if it fails or is cancelled
         self._boot_cancelled = False
+        self._boot_exit = False  # a signal came while boot() ran in the main greenlet: exit after it
         self._boot_done = None
         self._shutting_down = False
         self._shutdown_greenlet = None
@@ -3728,7 +3729,7 @@ class ServiceManager(Service):
             raise RuntimeError("%s: cannot boot() while shutdown() is under way" % self.name)
         self._booting = getcurrent()
         self._boot_phase = "starting"
-        self._boot_cancelled = False
+        self._boot_cancelled = self._boot_exit = False
         self._boot_done = gevent.event.Event()
         started: List[Service] = []
         try:
@@ -3736,6 +3737,8 @@ class ServiceManager(Service):
         except _BootCancelled:
             self._roll_back(started)
             _web_log.info("boot cancelled by shutdown(); what it started is stopped")
+            if self._boot_exit:
+                raise SystemExit(0)  # a signal came meanwhile: the program ends, as it asked
             return self
         except BaseException:
             if self._boot_cancelled:
@@ -3784,8 +3787,11 @@ class ServiceManager(Service):
         finally:
             self._shutting_down = False
             # Signal handlers stay until the end, so a second Ctrl-C during a
-            # slow teardown cannot kill the process halfway through it.
-            self._remove_signals()
+            # slow teardown cannot kill the process halfway through it; called
+            # inside boot() (from an on_start), they stay until boot() has
+            # rolled back, which removes them last.
+            if self._booting is None:
+                self._remove_signals()
             if self._atexit:
                 atexit.unregister(self._at_exit)
                 self._atexit = False
@@ -3979,18 +3985,23 @@ class ServiceManager(Service):
 
     def _on_signal(self, signum):
         name = signal.Signals(signum).name
+        main = gevent.get_hub().parent
+        if self._booting is main:
+            # boot() runs in the main greenlet: end the program there, as
+            # Ctrl-C would. boot() stops what it started (finishing a rollback
+            # or a shutdown() already under way in it) and SystemExit(0) goes on up.
+            if self._boot_exit or self._boot_cancelled or self._shutting_down:
+                self._boot_exit = True
+                _web_log.warning("signal %s: already shutting down", name)
+                return
+            _web_log.info("signal %s: shutting down", name)
+            self._boot_exit = self._boot_cancelled = True
+            self._interrupt_boot(main, SystemExit(0))
+            return
         if self._shutting_down or self._boot_cancelled:
             _web_log.warning("signal %s: already shutting down", name)
             return
         _web_log.info("signal %s: shutting down", name)
-        main = gevent.get_hub().parent
-        if self._booting is main:
-            # boot() runs in the main greenlet: end the program there, as
-            # Ctrl-C would; boot() stops what it started and SystemExit(0)
-            # goes on up (while it is already rolling back, it finishes that).
-            self._boot_cancelled = True
-            self._interrupt_boot(main, SystemExit(0))
-            return
         serving = self._server is not None
         self.shutdown()
         if not serving:

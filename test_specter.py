@@ -7133,6 +7133,32 @@ BOOT_APP = textwrap.dedent("""
 """)
 
 
+# An app one of whose services calls shutdown() in its on_start and lingers: a SIGTERM comes meanwhile.
+QUITTER_APP = textwrap.dedent("""
+    import os
+    import signal
+
+    import gevent
+
+    import specter
+
+
+    class Quitter(specter.Service):
+        def on_start(self):
+            proc = self.start_process(["sleep", "60"])
+            print("grandchild", proc.pid, flush=True)
+            manager.shutdown()  # a fatal problem found while starting
+            os.kill(os.getpid(), signal.SIGTERM)  # and the platform stops the app meanwhile
+            gevent.sleep(0.2)  # the rest of on_start
+
+
+    manager = specter.ServiceManager()
+    manager.register_service(Quitter())
+    manager.boot()
+    print("the program went on after boot()", flush=True)
+""")
+
+
 class TestSignals(SpecterTestCase):
 
     def blocking(self, fn, *args, **kwargs):
@@ -7279,6 +7305,33 @@ class TestSignals(SpecterTestCase):
                 with open(marker) as f:
                     self.assertEqual(f.read(), "stopped")
                 self.assertTrue(wait_until(lambda: pid_gone(grandchild), timeout=3.0, step=0.01))
+
+    def test_sigterm_after_an_on_start_called_shutdown_still_ends_gracefully(self):
+        workdir = tempfile.mkdtemp(prefix="specter-web-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "quitter.py")
+        with open(script, "w") as f:
+            f.write(QUITTER_APP)
+        errors_path = os.path.join(workdir, "stderr.txt")
+        with open(errors_path, "w") as errors:
+            child = gevent.subprocess.Popen([sys.executable, "-u", script], stdout=gevent.subprocess.PIPE,
+                                            stderr=errors, env=dict(os.environ, PYTHONPATH=SPECTER_DIR), cwd=workdir,
+                                            universal_newlines=True, start_new_session=True)
+        self.addCleanup(self.reap, child)
+        with gevent.Timeout(CLIENT_TIMEOUT, AssertionError("the child never started its process")):
+            grandchild = int(child.stdout.readline().split()[1])
+        self.addCleanup(self.kill_stray, grandchild)
+        try:
+            code = child.wait(timeout=CLIENT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+        with open(errors_path) as f:
+            errors = f.read()
+        self.assertEqual(code, 0, "not a graceful exit (-15 is the default SIGTERM action): %s" % errors)
+        self.assertEqual(child.stdout.read(), "", "the program went on after the interrupted boot")
+        self.assertIn("already shutting down", errors)
+        self.assertTrue(wait_until(lambda: pid_gone(grandchild), timeout=3.0, step=0.01),
+                        "the starting service's process outlived the app")
 
     def reap(self, child):
         if child.poll() is None:
