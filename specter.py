@@ -4435,7 +4435,7 @@ class _WebLoopMonitor:
 
     log_every = 60.0  # the same stack is logged at most once per this many seconds
     # Shared by every monitor, as gevent's monitor is.
-    _on: List[_WebLoopMonitor] = []
+    _active: List[_WebLoopMonitor] = []  # the monitors now on
     _saved = None  # gevent's settings before the first monitor turned it on
     _own_thread = False  # whether that one started gevent's monitor thread
 
@@ -4461,12 +4461,12 @@ class _WebLoopMonitor:
             # the hub is still not running then, so start it now.
             gevent.sleep(0)
         config, shared = gevent.config, _WebLoopMonitor
-        if not shared._on:
+        if not shared._active:
             shared._saved = (config.monitor_thread, config.max_blocking_time, config.print_blocking_reports)
             config.print_blocking_reports = False  # reported through logging instead
             config.monitor_thread = True
-        shared._on.append(self)
-        config.max_blocking_time = min(monitor.threshold for monitor in shared._on)  # reread every round
+        shared._active.append(self)
+        config.max_blocking_time = min(monitor.threshold for monitor in shared._active)  # reread every round
         self._hub = hub
         self._wakeup = hub.loop.async_()
         self._wakeup.ref = False  # must not keep the loop alive on its own
@@ -4491,9 +4491,9 @@ class _WebLoopMonitor:
             pass  # someone cleared gevent's subscriber list already
         hub, self._hub = self._hub, None
         config, shared = gevent.config, _WebLoopMonitor
-        shared._on.remove(self)
-        if shared._on:
-            config.max_blocking_time = min(monitor.threshold for monitor in shared._on)
+        shared._active.remove(self)
+        if shared._active:
+            config.max_blocking_time = min(monitor.threshold for monitor in shared._active)
         else:
             if shared._own_thread and hub.periodic_monitoring_thread is not None:
                 hub.periodic_monitoring_thread.kill()  # the thread ends when its current sleep does
