@@ -1043,6 +1043,7 @@ class QueueService(Service):
         self._workers = ()
         self._processed = 0
         self._failed = 0
+        self._interrupted = 0
         self.state.update(queue_size=0, worker_count=worker_count, processed=0, failed=0)
 
     def handle_item(self, item: Any) -> None:
@@ -1098,6 +1099,7 @@ class QueueService(Service):
             "workers": sum(1 for worker in self._workers if not worker.dead),
             "processed": self._processed,
             "failed": self._failed,
+            "interrupted": self._interrupted,
         }
         return report
 
@@ -1153,6 +1155,14 @@ class QueueService(Service):
             except Exception:
                 self._record_error("on_dropped")
 
+    def _item_interrupted(self, item):
+        """Report an item whose handle_item() was interrupted: an ERROR log naming it, and a count in health()."""
+        self._interrupted += 1
+        _service_log.error(
+            "%s: %s was interrupted by %s while handling %s; the item is neither finished nor handed back",
+            self.name, getcurrent().name, type(sys.exc_info()[1]).__name__, _describe(item),
+        )
+
     def _refresh_counters(self):
         # Workers publish their tallies in bulk (see _work); state mirrors them on demand.
         self.state.update(queue_size=self.queue.qsize(), processed=self._processed, failed=self._failed)
@@ -1190,8 +1200,14 @@ class QueueService(Service):
                     try:
                         handle(item)
                     except _CALLBACK_ERRORS:
-                        self._record_error(getcurrent().name)
                         failed += 1
+                        self._record_error(getcurrent().name)
+                    except BaseException:
+                        # Killed mid-item (stop() interrupted or out of
+                        # stop_timeout, cancel_greenlet): neither finished nor
+                        # handed back, so it is reported before the worker ends.
+                        self._item_interrupted(item)
+                        raise
                     finally:
                         done()
                 else:

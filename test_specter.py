@@ -2278,6 +2278,44 @@ class TestQueueService(SpecterTestCase):
         self.assertEqual(svc.queue.unfinished_tasks, 0)
         self.assertNoNewGreenlets(before)
 
+    def test_an_item_whose_handling_is_interrupted_is_reported_never_lost_silently(self):
+        dropped = []
+
+        class Slow(Sink):
+            drain_timeout = stop_timeout = SHORT
+
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+        svc = Slow(worker_count=2, delay=LONG)
+        svc.start()
+        self.addCleanup(svc.stop)
+        for n in range(6):
+            self.assertTrue(svc.enqueue("job-%d" % n))
+        gevent.sleep(0)
+        self.assertEqual(svc.started_items, ["job-0", "job-1"])
+        # An interrupted stop() kills the workers with their items in hand.
+        with self.assertLogs("specter", "ERROR") as cm:
+            with self.assertRaises(gevent.Timeout):
+                with gevent.Timeout(SHORT / 2):
+                    svc.stop()
+        self.assertEqual(dropped, ["job-2", "job-3", "job-4", "job-5"])
+        reported = [line for line in cm.output if "interrupted" in line]
+        self.assertEqual(len(reported), 2, cm.output)
+        self.assertTrue(any("'job-0'" in line for line in reported), reported)
+        self.assertTrue(any("'job-1'" in line for line in reported), reported)
+        queue = svc.health()["queue"]
+        self.assertEqual((queue["processed"], queue["failed"], queue["interrupted"]), (0, 0, 2))
+        # The same when stop_timeout runs out on an item that will not finish.
+        svc.start()
+        self.assertTrue(svc.enqueue("job-6"))
+        gevent.sleep(0)
+        with self.assertLogs("specter", "ERROR") as cm:
+            svc.stop()
+        self.assertTrue(any("interrupted" in line and "'job-6'" in line for line in cm.output), cm.output)
+        self.assertEqual(svc.health()["queue"]["interrupted"], 3)
+        self.assertEqual(svc.handled, [])
+
     def test_a_subclass_that_forgets_super_init_is_told_to_call_it(self):
         class Forgetful(QueueService):
             def __init__(self):
