@@ -614,7 +614,8 @@ class Service(_Owner):
             raise RuntimeError("%s: cannot start() from inside its own stop()" % self.name)
         self._begin_transition("starting")
         self._failure = None
-        self._stuck = ()
+        # A survivor of an earlier stop() is still reported while it lives.
+        self._stuck = tuple(task for task in self._stuck if not task.dead)
         self._stop_requested = False
         try:
             with _life_app_context(self._specter_app):

@@ -1772,6 +1772,36 @@ class TestService(SpecterTestCase):
         release.set()
         self.assertEventually(lambda: svc.clinger.dead)
 
+    def test_a_stuck_greenlet_stays_reported_after_a_restart_while_it_lives(self):
+        release = gevent.event.Event()
+
+        class Stubborn(Service):
+            stop_timeout = SHORT
+
+            def on_start(self):
+                self.clinger = self.spawn(self._cling, label="clinger")
+
+            def _cling(self):
+                while not release.is_set():
+                    try:
+                        release.wait(LONG)
+                    except greenlet.GreenletExit:
+                        pass
+
+        svc = self.started(Stubborn())
+        gevent.sleep(0)
+        first = svc.clinger
+        with self.assertLogs("specter", "ERROR"):
+            svc.stop()
+        self.assertEqual(svc.health()["stuck"], ["clinger"])
+        svc.start()   # fresh resources, but the survivor is still alive
+        self.assertFalse(first.dead)
+        self.assertEqual(svc.health()["stuck"], ["clinger"])
+        release.set()
+        self.assertEventually(lambda: first.dead)
+        self.assertEventually(lambda: svc.clinger.dead)
+        self.assertEqual(svc.health()["stuck"], [])
+
     def test_an_interrupted_stop_still_runs_the_cleanups_it_had_not_run(self):
         log = []
 
