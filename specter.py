@@ -823,7 +823,8 @@ class Service(_Owner):
         self._check_active("adopt")
         if self._children is None:
             self._children = []
-        if child not in self._children:
+        # By identity: two children that compare equal (a dataclass, say) are both owned.
+        if not any(known is child for known in self._children):
             self._children.append(child)
         if child._specter_app is None:
             child._specter_app = self._specter_app  # the parent's app context reaches its children

@@ -1130,6 +1130,21 @@ class TestService(SpecterTestCase):
         self.assertEqual([n for n in order if n != "lazy"], ["c", "b", "a"])
         self.assertFalse(any(child.running for child in (a, b, c)))
 
+    def test_adopt_owns_children_that_compare_equal_each_in_its_own_right(self):
+        class Reader(Service):
+            def __eq__(self, other):   # value semantics, as a dataclass has
+                return isinstance(other, Reader)
+
+            __hash__ = None
+
+        parent = self.started(Service("parent"))
+        first, second = Reader("reader"), Reader("reader")
+        parent.adopt(first).adopt(second)
+        self.assertTrue(first.running and second.running)
+        self.assertEqual(parent.health()["counts"]["children"], 2)
+        parent.stop()
+        self.assertEqual((first.status, second.status), ("stopped", "stopped"))
+
     def test_own_picks_the_cleanup_method(self):
         log = []
         expected = {}
