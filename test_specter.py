@@ -8,6 +8,7 @@ only; nothing here monkey-patches. Waits are bounded: events, or
 import ast
 import atexit
 import contextlib
+import dataclasses
 import decimal
 import functools
 import gc
@@ -1915,6 +1916,46 @@ class TestService(SpecterTestCase):
         self.assertEqual((svc.name, svc.every, svc.status), ("careful", 2.0, "created"))
         self.assertEqual(Careful.__init__.__name__, "__init__")
         self.assertEqual(list(inspect.signature(Careful).parameters), ["interval"])
+
+    def test_a_skipped_super_init_is_caught_through_a_mixin_or_a_dataclass(self):
+        class Plain:
+            def __init__(self, *args, **kwargs):
+                self.encoder = "json"              # forgets to call super().__init__()
+
+        class Cooperative:
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.counters = {}
+
+        class Broken(Plain, Service):             # Plain.__init__ shadows Service's
+            pass
+
+        with self.assertRaisesRegex(TypeError, r"Plain\.__init__\(\) must call super\(\)\.__init__\(\)"):
+            Broken()
+
+        class Fine(Cooperative, Service):
+            pass
+
+        svc = self.started(Fine("fine"))
+        self.assertEqual((svc.name, svc.counters, svc.status), ("fine", {}, "running"))
+        self.assertEqual(list(inspect.signature(Fine).parameters), ["args", "kwargs"])
+
+        @dataclasses.dataclass(eq=False)
+        class Forgot(Service):                     # the generated __init__ never calls Service's
+            period: float = 1.0
+
+        with self.assertRaisesRegex(TypeError, r"Forgot\.__init__\(\) must call super\(\)\.__init__\(\).*__post_init__"):
+            Forgot().start()
+
+        @dataclasses.dataclass(eq=False)
+        class Remembered(Service):
+            period: float = 1.0
+
+            def __post_init__(self):
+                super().__init__("remembered")
+
+        svc = self.started(Remembered(period=2.0))
+        self.assertEqual((svc.name, svc.period, svc.status), ("remembered", 2.0, "running"))
 
 
 # Lifecycle: QueueService ######################################################
