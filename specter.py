@@ -1214,8 +1214,8 @@ class QueueService(Service):
                     try:
                         handle(item)
                     except _CALLBACK_ERRORS:
-                        failed += 1
                         self._record_error(getcurrent().name)
+                        failed += 1
                     except BaseException:
                         # Killed mid-item (stop() interrupted or out of
                         # stop_timeout, cancel_greenlet): neither finished nor
