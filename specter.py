@@ -423,30 +423,34 @@ _timer_ids = itertools.count(1)
 
 
 def _service_check_init(cls, init):
-    """Wrap the ``__init__`` a Service subclass resolves to so that skipping ``super().__init__()`` fails at once.
+    """Wrap a Service subclass's own ``__init__`` so that skipping ``super().__init__()`` fails at once.
 
-    That is the class's own ``__init__``, or a mixin's that comes before
-    Service in the MRO. The check runs once per construction, after the
-    whole ``__init__``, so nothing else pays for it (a ``__getattr__`` hook
-    or a class-level descriptor would slow every attribute access of every
-    service).
+    The check runs once per construction, after the whole ``__init__``, so
+    nothing else pays for it (a ``__getattr__`` hook or a class-level
+    descriptor would slow every attribute access of every service). An
+    ``__init__`` the class does not define itself (a mixin's ahead of
+    Service, one @dataclass sets later) is left alone, since a wrapper in
+    the class would stop @dataclass from generating one: start() catches
+    those.
     """
-    owner = next((klass for klass in cls.__mro__ if klass.__dict__.get("__init__") is init), cls)
-
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         init(self, *args, **kwargs)
         # getattr, not vars(self): building the instance __dict__ would cost
         # the object CPython's inline attribute values (slower access for good).
         if getattr(self, "_status", None) is None:
-            raise _service_uninitialised(owner.__name__)
+            raise _service_uninitialised(cls)
     __init__._service_checked = True  # type: ignore[attr-defined]
     return __init__
 
 
-def _service_uninitialised(name, hint=""):
-    return TypeError("%s.__init__() must call super().__init__() (the Service is not initialised%s)"
-                     % (name, hint))
+def _service_uninitialised(cls):
+    """The TypeError for a ``cls`` instance whose Service.__init__ never ran, naming the __init__ that skipped it."""
+    owner = next((klass for klass in cls.__mro__ if "__init__" in klass.__dict__), cls)
+    return TypeError(
+        "%s.__init__() must call super().__init__() (the Service is not initialised; "
+        "a dataclass calls it from __post_init__())" % owner.__name__
+    )
 
 
 class _Owner:
@@ -591,8 +595,6 @@ class Service(_Owner):
         self._failure = None
         self._stuck = ()
 
-    __init__._service_checked = True  # type: ignore[attr-defined]  # it is the initialisation
-
     def on_start(self) -> None:
         """Acquire timers, greenlets and listeners here."""
 
@@ -616,9 +618,9 @@ class Service(_Owner):
         start() racing another greenlet's start() or stop() waits for it.
         """
         if getattr(self, "_status", None) is None:
-            # An __init__ set on the class after it was made (by @dataclass)
-            # escapes the construction check; this is the next place to tell.
-            raise _service_uninitialised(type(self).__name__, "; a dataclass calls it from __post_init__()")
+            # An __init__ the construction check does not wrap (a mixin's
+            # ahead of Service, a @dataclass's) skipped Service's: say so here.
+            raise _service_uninitialised(type(self))
         self._await_transition()
         if self._status in _ACTIVE:
             return self
@@ -882,8 +884,8 @@ class Service(_Owner):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        init = cls.__init__  # the class's own, or the first up the MRO (a mixin's included)
-        if not getattr(init, "_service_checked", False):
+        init = cls.__dict__.get("__init__")
+        if init is not None and not hasattr(init, "_service_checked"):
             cls.__init__ = _service_check_init(cls, init)  # type: ignore[misc]
 
     def _lifecycle_started(self):

@@ -1931,7 +1931,7 @@ class TestService(SpecterTestCase):
             pass
 
         with self.assertRaisesRegex(TypeError, r"Plain\.__init__\(\) must call super\(\)\.__init__\(\)"):
-            Broken()
+            Broken().start()
 
         class Fine(Cooperative, Service):
             pass
@@ -1956,6 +1956,16 @@ class TestService(SpecterTestCase):
 
         svc = self.started(Remembered(period=2.0))
         self.assertEqual((svc.name, svc.period, svc.status), ("remembered", 2.0, "running"))
+
+        @dataclasses.dataclass(eq=False)
+        class Mixed(Cooperative, Service):        # @dataclass still generates its __init__
+            period: float = 1.0
+
+            def __post_init__(self):
+                super().__init__("mixed")
+
+        svc = self.started(Mixed(period=3.0))
+        self.assertEqual((svc.name, svc.period, svc.counters), ("mixed", 3.0, {}))
 
 
 # Lifecycle: QueueService ######################################################
