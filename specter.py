@@ -1312,14 +1312,24 @@ class Watcher:
         return self
 
     def stop(self) -> Watcher:
-        """End the loop now, even mid-wait; returns once its greenlet is dead."""
+        """End the loop now, even mid-wait; returns once its greenlet is dead.
+
+        Interrupted while it waits (a Timeout around it, a kill), it raises
+        and keeps a loop that is still alive: ``running`` stays true and
+        start() starts no second loop beside it; stop() again finishes.
+        """
         loop, self._loop = self._loop, None
         if loop is None or loop.dead:
             return self
         if loop is getcurrent():
             loop.kill(block=False)  # a subscriber stopped us: end at the next switch
             return self
-        loop.kill(block=True, timeout=self.stop_timeout)
+        try:
+            loop.kill(block=True, timeout=self.stop_timeout)
+        except BaseException:
+            if self._loop is None and not loop.dead:
+                self._loop = loop  # still ending: tracked until it is dead
+            raise
         if not loop.dead:
             _watcher_log.error("watcher %s: loop ignored GreenletExit for %s s", self.name, self.stop_timeout)
         return self

@@ -2793,6 +2793,31 @@ class TestWatcher(SpecterTestCase):
         self.assertIs(watcher.stop(), watcher)
         self.assertFalse(watcher.running)
 
+    def test_an_interrupted_stop_keeps_the_loop_tracked_until_it_is_dead(self):
+        loops = []
+
+        def poll():
+            loops.append(gevent.getcurrent())
+            try:
+                gevent.sleep(LONG)
+            finally:
+                gevent.sleep(SHORT * 4)   # lets go slowly (closing a connection, say)
+
+        watcher = self.make(poll=poll, interval=0.01)
+        watcher.start()
+        self.assertTrue(wait_until(lambda: loops))
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT):
+                watcher.stop()
+        self.assertFalse(loops[0].dead)
+        self.assertTrue(watcher.running)           # it is still running, and says so
+        watcher.start()                            # no second loop beside it
+        gevent.sleep(0.01)
+        self.assertEqual(len(set(loops)), 1)
+        self.assertIs(watcher.stop(), watcher)     # stop() again finishes the job
+        self.assertTrue(loops[0].dead)
+        self.assertFalse(watcher.running)
+
     def test_teardown_is_an_alias_of_stop(self):
         loops = []
 
