@@ -2089,7 +2089,7 @@ class TestQueueService(SpecterTestCase):
         self.assertEqual(state["queue_size"], 0)
         self.assertEqual((state["processed"], state["failed"]), (2, 1))
         queue = svc.health()["queue"]
-        self.assertEqual(queue, {"size": 0, "workers": 2, "processed": 2, "failed": 1})
+        self.assertEqual(queue, {"size": 0, "workers": 2, "processed": 2, "failed": 1, "interrupted": 0})
 
     def test_counters_trail_a_backlog_by_at_most_16_items_per_worker_and_are_exact_when_idle(self):
         gaps = []
