@@ -606,9 +606,42 @@ def _raw_validate(data):
     return (None if errors else out), errors
 
 
+def _pydantic_adapter():
+    """pydantic 2's TypeAdapter for a TypedDict matching the bench schema,
+    or None when pydantic 2 is not installed (it is context, not a
+    dependency). Same constraints and defaults; ``priority`` in 1..3 stands
+    for choices [1, 2, 3], since Literal[1, 2, 3] would refuse the string
+    "2" that the payload sends."""
+    try:
+        import pydantic
+        from typing import List as TList, Literal
+        from typing_extensions import Annotated, NotRequired, TypedDict
+    except ImportError:
+        return None
+    if not pydantic.VERSION.startswith("2."):
+        return None
+    P = pydantic.Field
+
+    class Bench(TypedDict):
+        id: Annotated[int, P(ge=1)]
+        price: Annotated[float, P(ge=0.0)]
+        active: NotRequired[Annotated[bool, P(default=False)]]
+        name: Annotated[str, P(min_length=1, max_length=80)]
+        role: NotRequired[Annotated[Literal["admin", "editor", "viewer"],
+                                    P(default="viewer")]]
+        qty: NotRequired[Annotated[int, P(ge=0, le=1000, default=0)]]
+        tags: NotRequired[Annotated[TList[str], P(default_factory=list)]]
+        ratio: Annotated[float, P(ge=0.0, le=1.0)]
+        priority: NotRequired[Annotated[int, P(ge=1, le=3, default=2)]]
+        limit: NotRequired[Annotated[int, P(ge=1, le=100, default=20)]]
+
+    return pydantic.TypeAdapter(Bench), pydantic.VERSION
+
+
 @workload("schema.validate")
 def bench_schema(cfg: Config) -> List[Row]:
-    """Schema.validate of a 10-field payload vs a hand-written coercion."""
+    """Schema.validate of a 10-field payload vs a hand-written coercion, and
+    beside pydantic 2's TypeAdapter(TypedDict) when pydantic is installed."""
     F = specter.Field
     schema = specter.Schema("bench", {
         "id": F(int, required=True, min=1),
@@ -642,8 +675,38 @@ def bench_schema(cfg: Config) -> List[Row]:
         for _ in range(n):
             _raw_validate(payload)
 
-    return [compare("Schema.validate 10 fields", spec, base,
-                    n=cfg.pick(4000, 2000), cfg=cfg, target=3.0, note=note)]
+    sides = {"specter": spec, "baseline": base}
+    adapter = _pydantic_adapter()
+    if adapter is not None:
+        adapter, version = adapter
+        pyd_validate = adapter.validate_python
+        pyd_note = "baseline column = pydantic %s" % version
+        if pyd_validate(payload) != want:
+            pyd_note += "; pydantic's result DIFFERS: %r" % (
+                pyd_validate(payload),)
+
+        def pyd(n):
+            for _ in range(n):
+                pyd_validate(payload)
+        sides["pydantic"] = pyd
+    stats, ns = measure(sides, cfg.pick(4000, 2000), cfg,
+                        profile=("specter",))
+    rows = []
+    for other, label, target, row_note in (
+            ("baseline", "Schema.validate 10 fields", 1.3, note),
+            ("pydantic", "Schema.validate vs pydantic TypedDict", 2.0,
+             adapter is not None and pyd_note)):
+        if other not in stats:
+            continue
+        s, b = stats["specter"], stats[other]
+        rows.append(Row(
+            label, s.median, b.median, s.median / b.median, target,
+            noise=max(s.iqr_pct, b.iqr_pct),
+            paired=statistics.median(
+                x / y for x, y in zip(s.per_op_ns, b.per_op_ns)),
+            n={"specter": ns["specter"], "baseline": ns[other]},
+            repeats=cfg.repeats, note=row_note or ""))
+    return rows
 
 
 # -- lifecycle -------------------------------------------------------------
