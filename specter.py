@@ -909,10 +909,12 @@ class Service(_Owner):
         if glet is getcurrent():
             glet.kill(block=False)  # ends at its next switch; _new_task's link forgets it then
         else:
+            waited = None
             try:
                 glet.kill(block=True, timeout=self.stop_timeout)
+                waited = self.stop_timeout
             finally:
-                self._report_stuck((glet,))
+                self._report_stuck((glet,), waited)
         return self
 
     def supervise(self, callback: Callable[..., Any], *args: Any, max_restarts: int = 5,
@@ -1125,20 +1127,28 @@ class Service(_Owner):
     def _release_tasks(self):
         current = getcurrent()
         others = [task for task in self._tasks if task is not current]
+        waited = None
         try:
             _kill_greenlets(others, self.stop_timeout)
+            waited = self.stop_timeout
         finally:
-            self._report_stuck(others)
+            self._report_stuck(others, waited)
             self._tasks.difference_update(others)
 
-    def _report_stuck(self, killed):
-        """Log the greenlets of ``killed`` that outlived their kill; health() lists them while they live."""
+    def _report_stuck(self, killed, waited):
+        """Log the greenlets of ``killed`` that outlived their kill; health() lists them while they live.
+
+        ``waited`` is how long they were given, or None when the wait was
+        interrupted (they may just be finishing their ``finally`` blocks).
+        """
         stuck = [task for task in killed if not task.dead]
         if stuck:
             self._stuck = tuple(task for task in self._stuck if not task.dead and task not in stuck) + tuple(stuck)
             _service_log.error(
-                "%s: %d greenlet(s) ignored GreenletExit for %s s: %s",
-                self.name, len(stuck), self.stop_timeout, ", ".join(task.name for task in stuck),
+                "%s: %d greenlet(s) still alive %s after GreenletExit: %s",
+                self.name, len(stuck),
+                "when the wait for them was interrupted" if waited is None else "%s s" % waited,
+                ", ".join(task.name for task in stuck),
             )
 
     def _release_listeners(self):

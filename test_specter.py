@@ -1827,6 +1827,36 @@ class TestService(SpecterTestCase):
         release.set()
         self.assertEventually(lambda: svc.clinger.dead)
 
+    def test_an_interrupted_stop_does_not_claim_its_greenlets_ignored_their_kill(self):
+        ended = []
+
+        class Flushing(Service):
+            def on_start(self):
+                self.uploader = self.spawn(self.upload, label="upload")
+
+            def upload(self):
+                try:
+                    gevent.sleep(LONG)
+                finally:
+                    gevent.sleep(SHORT * 4)   # a flush that takes a moment
+                    ended.append("flushed")
+
+        svc = self.started(Flushing())
+        gevent.sleep(0)
+        with self.assertLogs("specter", "ERROR") as cm:
+            with self.assertRaises(gevent.Timeout):
+                with gevent.Timeout(SHORT):
+                    svc.stop()
+        # It was given SHORT, not stop_timeout, and it did not ignore GreenletExit.
+        self.assertEqual(len(cm.output), 1, cm.output)
+        self.assertIn("upload", cm.output[0])
+        self.assertIn("interrupted", cm.output[0])
+        self.assertNotIn("%s s" % Flushing.stop_timeout, cm.output[0])
+        self.assertEqual(svc.health()["stuck"], ["upload"])   # alive after its kill, while it lives
+        self.assertEventually(lambda: svc.uploader.dead)
+        self.assertEqual(ended, ["flushed"])                  # its finally was not cut short
+        self.assertEqual(svc.health()["stuck"], [])
+
     def test_a_stuck_greenlet_stays_reported_after_a_restart_while_it_lives(self):
         release = gevent.event.Event()
 
