@@ -1408,6 +1408,7 @@ class Watcher:
 
     stop_timeout = 5.0
     _app = None  # the app whose context was current at start(); each round runs in a fresh one
+    _ending = None  # a loop an interrupted stop() killed: the next stop() only waits for it
 
     def __init__(self, name, *, poll=None, stream=None, interval=5.0, retry=True, max_backoff=30.0,
                  dedupe=False, transform=None):
@@ -1449,7 +1450,8 @@ class Watcher:
 
         Interrupted while it waits (a Timeout around it, a kill), it raises
         and keeps a loop that is still alive: ``running`` stays true and
-        start() starts no second loop beside it; stop() again finishes.
+        start() starts no second loop beside it; stop() again waits for it
+        without killing it twice, which would cut its ``finally`` short.
         """
         loop, self._loop = self._loop, None
         if loop is None or loop.dead:
@@ -1458,11 +1460,16 @@ class Watcher:
             loop.kill(block=False)  # a subscriber stopped us: end at the next switch
             return self
         try:
-            loop.kill(block=True, timeout=self.stop_timeout)
+            if loop is self._ending:
+                loop.join(self.stop_timeout)
+            else:
+                self._ending = loop
+                loop.kill(block=True, timeout=self.stop_timeout)
         except BaseException:
             if self._loop is None and not loop.dead:
                 self._loop = loop  # still ending: tracked until it is dead
             raise
+        self._ending = None
         if not loop.dead:
             _watcher_log.error("watcher %s: loop ignored GreenletExit for %s s", self.name, self.stop_timeout)
         return self

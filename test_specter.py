@@ -2870,7 +2870,7 @@ class TestWatcher(SpecterTestCase):
         self.assertFalse(watcher.running)
 
     def test_an_interrupted_stop_keeps_the_loop_tracked_until_it_is_dead(self):
-        loops = []
+        loops, closed = [], []
 
         def poll():
             loops.append(gevent.getcurrent())
@@ -2878,6 +2878,7 @@ class TestWatcher(SpecterTestCase):
                 gevent.sleep(LONG)
             finally:
                 gevent.sleep(SHORT * 4)   # lets go slowly (closing a connection, say)
+                closed.append(True)
 
         watcher = self.make(poll=poll, interval=0.01)
         watcher.start()
@@ -2890,8 +2891,9 @@ class TestWatcher(SpecterTestCase):
         watcher.start()                            # no second loop beside it
         gevent.sleep(0.01)
         self.assertEqual(len(set(loops)), 1)
-        self.assertIs(watcher.stop(), watcher)     # stop() again finishes the job
+        self.assertIs(watcher.stop(), watcher)     # stop() again waits for it to end
         self.assertTrue(loops[0].dead)
+        self.assertEqual(closed, [True])           # not killed twice: its finally ran to the end
         self.assertFalse(watcher.running)
 
     def test_teardown_is_an_alias_of_stop(self):
