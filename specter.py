@@ -554,7 +554,11 @@ def _service_check_init(cls, init):
 
     The check runs once per construction, after the whole ``__init__``, so
     nothing else pays for it (a ``__getattr__`` hook or a class-level
-    descriptor would slow every attribute access of every service).
+    descriptor would slow every attribute access of every service). An
+    ``__init__`` the class does not define itself (a mixin's ahead of
+    Service, one @dataclass sets later) is left alone, since a wrapper in
+    the class would stop @dataclass from generating one: start() catches
+    those.
     """
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
@@ -562,12 +566,18 @@ def _service_check_init(cls, init):
         # getattr, not vars(self): building the instance __dict__ would cost
         # the object CPython's inline attribute values (slower access for good).
         if getattr(self, "_status", None) is None:
-            raise TypeError(
-                "%s.__init__() must call super().__init__() (the Service is not initialised)"
-                % cls.__name__
-            )
+            raise _service_uninitialised(cls)
     __init__._service_checked = True  # type: ignore[attr-defined]
     return __init__
+
+
+def _service_uninitialised(cls):
+    """The TypeError for a ``cls`` instance whose Service.__init__ never ran, naming the __init__ that skipped it."""
+    owner = next((klass for klass in cls.__mro__ if "__init__" in klass.__dict__), cls)
+    return TypeError(
+        "%s.__init__() must call super().__init__() (the Service is not initialised; "
+        "a dataclass calls it from __post_init__())" % owner.__name__
+    )
 
 
 class _Owner:
@@ -734,6 +744,10 @@ class Service(_Owner):
         order, the service is left stopped and the exception propagates. A
         start() racing another greenlet's start() or stop() waits for it.
         """
+        if getattr(self, "_status", None) is None:
+            # An __init__ the construction check does not wrap (a mixin's
+            # ahead of Service, a @dataclass's) skipped Service's: say so here.
+            raise _service_uninitialised(type(self))
         self._await_transition()
         if self._status in _ACTIVE:
             return self
@@ -743,7 +757,8 @@ class Service(_Owner):
         if _testing_watches:
             _testing_note_service(self)
         self._failure = None
-        self._stuck = ()
+        # A survivor of an earlier stop() is still reported while it lives.
+        self._stuck = tuple(task for task in self._stuck if not task.dead)
         self._stop_requested = False
         try:
             with _life_app_context(self._specter_app):
@@ -896,10 +911,12 @@ class Service(_Owner):
         if glet is getcurrent():
             glet.kill(block=False)  # ends at its next switch; _new_task's link forgets it then
         else:
+            waited = None
             try:
                 glet.kill(block=True, timeout=self.stop_timeout)
+                waited = self.stop_timeout
             finally:
-                self._report_stuck((glet,))
+                self._report_stuck((glet,), waited)
         return self
 
     def supervise(self, callback: Callable[..., Any], *args: Any, max_restarts: int = 5,
@@ -951,7 +968,8 @@ class Service(_Owner):
         self._check_active("adopt")
         if self._children is None:
             self._children = []
-        if child not in self._children:
+        # By identity: two children that compare equal (a dataclass, say) are both owned.
+        if not any(known is child for known in self._children):
             self._children.append(child)
         if child._specter_app is None:
             child._specter_app = self._specter_app  # the parent's app context reaches its children
@@ -1111,20 +1129,28 @@ class Service(_Owner):
     def _release_tasks(self):
         current = getcurrent()
         others = [task for task in self._tasks if task is not current]
+        waited = None
         try:
             _kill_greenlets(others, self.stop_timeout)
+            waited = self.stop_timeout
         finally:
-            self._report_stuck(others)
+            self._report_stuck(others, waited)
             self._tasks.difference_update(others)
 
-    def _report_stuck(self, killed):
-        """Log the greenlets of ``killed`` that outlived their kill; health() lists them while they live."""
+    def _report_stuck(self, killed, waited):
+        """Log the greenlets of ``killed`` that outlived their kill; health() lists them while they live.
+
+        ``waited`` is how long they were given, or None when the wait was
+        interrupted (they may just be finishing their ``finally`` blocks).
+        """
         stuck = [task for task in killed if not task.dead]
         if stuck:
             self._stuck = tuple(task for task in self._stuck if not task.dead and task not in stuck) + tuple(stuck)
             _service_log.error(
-                "%s: %d greenlet(s) ignored GreenletExit for %s s: %s",
-                self.name, len(stuck), self.stop_timeout, ", ".join(task.name for task in stuck),
+                "%s: %d greenlet(s) still alive %s after GreenletExit: %s",
+                self.name, len(stuck),
+                "when the wait for them was interrupted" if waited is None else "%s s" % waited,
+                ", ".join(task.name for task in stuck),
             )
 
     def _release_listeners(self):
@@ -1172,6 +1198,7 @@ class QueueService(Service):
         self._workers = ()
         self._processed = 0
         self._failed = 0
+        self._interrupted = 0
         self.state.update(queue_size=0, worker_count=worker_count, processed=0, failed=0)
 
     def handle_item(self, item: Any) -> None:
@@ -1227,6 +1254,7 @@ class QueueService(Service):
             "workers": sum(1 for worker in self._workers if not worker.dead),
             "processed": self._processed,
             "failed": self._failed,
+            "interrupted": self._interrupted,
         }
         return report
 
@@ -1282,6 +1310,14 @@ class QueueService(Service):
             except Exception:
                 self._record_error("on_dropped")
 
+    def _item_interrupted(self, item):
+        """Report an item whose handle_item() was interrupted: an ERROR log naming it, and a count in health()."""
+        self._interrupted += 1
+        _service_log.error(
+            "%s: %s was interrupted by %s while handling %s; the item is neither finished nor handed back",
+            self.name, getcurrent().name, type(sys.exc_info()[1]).__name__, _describe(item),
+        )
+
     def _refresh_counters(self):
         # Workers publish their tallies in bulk (see _work); state mirrors them on demand.
         self.state.update(queue_size=self.queue.qsize(), processed=self._processed, failed=self._failed)
@@ -1321,6 +1357,12 @@ class QueueService(Service):
                     except _CALLBACK_ERRORS:
                         self._record_error(getcurrent().name)
                         failed += 1
+                    except BaseException:
+                        # Killed mid-item (stop() interrupted or out of
+                        # stop_timeout, cancel_greenlet): neither finished nor
+                        # handed back, so it is reported before the worker ends.
+                        self._item_interrupted(item)
+                        raise
                     finally:
                         done()
                 else:
@@ -1368,6 +1410,7 @@ class Watcher:
 
     stop_timeout = 5.0
     _app = None  # the app whose context was current at start(); each round runs in a fresh one
+    _ending = None  # a loop an interrupted stop() killed: the next stop() only waits for it
 
     def __init__(self, name, *, poll=None, stream=None, interval=5.0, retry=True, max_backoff=30.0,
                  dedupe=False, transform=None):
@@ -1405,14 +1448,30 @@ class Watcher:
         return self
 
     def stop(self) -> Watcher:
-        """End the loop now, even mid-wait; returns once its greenlet is dead."""
+        """End the loop now, even mid-wait; returns once its greenlet is dead.
+
+        Interrupted while it waits (a Timeout around it, a kill), it raises
+        and keeps a loop that is still alive: ``running`` stays true and
+        start() starts no second loop beside it; stop() again waits for it
+        without killing it twice, which would cut its ``finally`` short.
+        """
         loop, self._loop = self._loop, None
         if loop is None or loop.dead:
             return self
         if loop is getcurrent():
             loop.kill(block=False)  # a subscriber stopped us: end at the next switch
             return self
-        loop.kill(block=True, timeout=self.stop_timeout)
+        try:
+            if loop is self._ending:
+                loop.join(self.stop_timeout)
+            else:
+                self._ending = loop
+                loop.kill(block=True, timeout=self.stop_timeout)
+        except BaseException:
+            if self._loop is None and not loop.dead:
+                self._loop = loop  # still ending: tracked until it is dead
+            raise
+        self._ending = None
         if not loop.dead:
             _watcher_log.error("watcher %s: loop ignored GreenletExit for %s s", self.name, self.stop_timeout)
         return self

@@ -1166,6 +1166,21 @@ class TestService(SpecterTestCase):
         self.assertEqual([n for n in order if n != "lazy"], ["c", "b", "a"])
         self.assertFalse(any(child.running for child in (a, b, c)))
 
+    def test_adopt_owns_children_that_compare_equal_each_in_its_own_right(self):
+        class Reader(Service):
+            def __eq__(self, other):   # value semantics, as a dataclass has
+                return isinstance(other, Reader)
+
+            __hash__ = None
+
+        parent = self.started(Service("parent"))
+        first, second = Reader("reader"), Reader("reader")
+        parent.adopt(first).adopt(second)
+        self.assertTrue(first.running and second.running)
+        self.assertEqual(parent.health()["counts"]["children"], 2)
+        parent.stop()
+        self.assertEqual((first.status, second.status), ("stopped", "stopped"))
+
     def test_own_picks_the_cleanup_method(self):
         log = []
         expected = {}
@@ -1812,6 +1827,66 @@ class TestService(SpecterTestCase):
         release.set()
         self.assertEventually(lambda: svc.clinger.dead)
 
+    def test_an_interrupted_stop_does_not_claim_its_greenlets_ignored_their_kill(self):
+        ended = []
+
+        class Flushing(Service):
+            def on_start(self):
+                self.uploader = self.spawn(self.upload, label="upload")
+
+            def upload(self):
+                try:
+                    gevent.sleep(LONG)
+                finally:
+                    gevent.sleep(SHORT * 4)   # a flush that takes a moment
+                    ended.append("flushed")
+
+        svc = self.started(Flushing())
+        gevent.sleep(0)
+        with self.assertLogs("specter", "ERROR") as cm:
+            with self.assertRaises(gevent.Timeout):
+                with gevent.Timeout(SHORT):
+                    svc.stop()
+        # It was given SHORT, not stop_timeout, and it did not ignore GreenletExit.
+        self.assertEqual(len(cm.output), 1, cm.output)
+        self.assertIn("upload", cm.output[0])
+        self.assertIn("interrupted", cm.output[0])
+        self.assertNotIn("%s s" % Flushing.stop_timeout, cm.output[0])
+        self.assertEqual(svc.health()["stuck"], ["upload"])   # alive after its kill, while it lives
+        self.assertEventually(lambda: svc.uploader.dead)
+        self.assertEqual(ended, ["flushed"])                  # its finally was not cut short
+        self.assertEqual(svc.health()["stuck"], [])
+
+    def test_a_stuck_greenlet_stays_reported_after_a_restart_while_it_lives(self):
+        release = gevent.event.Event()
+
+        class Stubborn(Service):
+            stop_timeout = SHORT
+
+            def on_start(self):
+                self.clinger = self.spawn(self._cling, label="clinger")
+
+            def _cling(self):
+                while not release.is_set():
+                    try:
+                        release.wait(LONG)
+                    except greenlet.GreenletExit:
+                        pass
+
+        svc = self.started(Stubborn())
+        gevent.sleep(0)
+        first = svc.clinger
+        with self.assertLogs("specter", "ERROR"):
+            svc.stop()
+        self.assertEqual(svc.health()["stuck"], ["clinger"])
+        svc.start()   # fresh resources, but the survivor is still alive
+        self.assertFalse(first.dead)
+        self.assertEqual(svc.health()["stuck"], ["clinger"])
+        release.set()
+        self.assertEventually(lambda: first.dead)
+        self.assertEventually(lambda: svc.clinger.dead)
+        self.assertEqual(svc.health()["stuck"], [])
+
     def test_an_interrupted_stop_still_runs_the_cleanups_it_had_not_run(self):
         log = []
 
@@ -1910,6 +1985,56 @@ class TestService(SpecterTestCase):
         self.assertEqual((svc.name, svc.every, svc.status), ("careful", 2.0, "created"))
         self.assertEqual(Careful.__init__.__name__, "__init__")
         self.assertEqual(list(inspect.signature(Careful).parameters), ["interval"])
+
+    def test_a_skipped_super_init_is_caught_through_a_mixin_or_a_dataclass(self):
+        class Plain:
+            def __init__(self, *args, **kwargs):
+                self.encoder = "json"              # forgets to call super().__init__()
+
+        class Cooperative:
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.counters = {}
+
+        class Broken(Plain, Service):             # Plain.__init__ shadows Service's
+            pass
+
+        with self.assertRaisesRegex(TypeError, r"Plain\.__init__\(\) must call super\(\)\.__init__\(\)"):
+            Broken().start()
+
+        class Fine(Cooperative, Service):
+            pass
+
+        svc = self.started(Fine("fine"))
+        self.assertEqual((svc.name, svc.counters, svc.status), ("fine", {}, "running"))
+        self.assertEqual(list(inspect.signature(Fine).parameters), ["args", "kwargs"])
+
+        @dataclasses.dataclass(eq=False)
+        class Forgot(Service):                     # the generated __init__ never calls Service's
+            period: float = 1.0
+
+        with self.assertRaisesRegex(TypeError, r"Forgot\.__init__\(\) must call super\(\)\.__init__\(\).*__post_init__"):
+            Forgot().start()
+
+        @dataclasses.dataclass(eq=False)
+        class Remembered(Service):
+            period: float = 1.0
+
+            def __post_init__(self):
+                super().__init__("remembered")
+
+        svc = self.started(Remembered(period=2.0))
+        self.assertEqual((svc.name, svc.period, svc.status), ("remembered", 2.0, "running"))
+
+        @dataclasses.dataclass(eq=False)
+        class Mixed(Cooperative, Service):        # @dataclass still generates its __init__
+            period: float = 1.0
+
+            def __post_init__(self):
+                super().__init__("mixed")
+
+        svc = self.started(Mixed(period=3.0))
+        self.assertEqual((svc.name, svc.period, svc.counters), ("mixed", 3.0, {}))
 
 
 # Lifecycle: QueueService ######################################################
@@ -2033,7 +2158,7 @@ class TestQueueService(SpecterTestCase):
         self.assertEqual(state["queue_size"], 0)
         self.assertEqual((state["processed"], state["failed"]), (2, 1))
         queue = svc.health()["queue"]
-        self.assertEqual(queue, {"size": 0, "workers": 2, "processed": 2, "failed": 1})
+        self.assertEqual(queue, {"size": 0, "workers": 2, "processed": 2, "failed": 1, "interrupted": 0})
 
     def test_counters_trail_a_backlog_by_at_most_16_items_per_worker_and_are_exact_when_idle(self):
         gaps = []
@@ -2317,6 +2442,44 @@ class TestQueueService(SpecterTestCase):
         self.assertGreater(len(dropped), 15)
         self.assertEqual(svc.queue.unfinished_tasks, 0)
         self.assertNoNewGreenlets(before)
+
+    def test_an_item_whose_handling_is_interrupted_is_reported_never_lost_silently(self):
+        dropped = []
+
+        class Slow(Sink):
+            drain_timeout = stop_timeout = SHORT
+
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+        svc = Slow(worker_count=2, delay=LONG)
+        svc.start()
+        self.addCleanup(svc.stop)
+        for n in range(6):
+            self.assertTrue(svc.enqueue("job-%d" % n))
+        gevent.sleep(0)
+        self.assertEqual(svc.started_items, ["job-0", "job-1"])
+        # An interrupted stop() kills the workers with their items in hand.
+        with self.assertLogs("specter", "ERROR") as cm:
+            with self.assertRaises(gevent.Timeout):
+                with gevent.Timeout(SHORT / 2):
+                    svc.stop()
+        self.assertEqual(dropped, ["job-2", "job-3", "job-4", "job-5"])
+        reported = [line for line in cm.output if "interrupted" in line]
+        self.assertEqual(len(reported), 2, cm.output)
+        self.assertTrue(any("'job-0'" in line for line in reported), reported)
+        self.assertTrue(any("'job-1'" in line for line in reported), reported)
+        queue = svc.health()["queue"]
+        self.assertEqual((queue["processed"], queue["failed"], queue["interrupted"]), (0, 0, 2))
+        # The same when stop_timeout runs out on an item that will not finish.
+        svc.start()
+        self.assertTrue(svc.enqueue("job-6"))
+        gevent.sleep(0)
+        with self.assertLogs("specter", "ERROR") as cm:
+            svc.stop()
+        self.assertTrue(any("interrupted" in line and "'job-6'" in line for line in cm.output), cm.output)
+        self.assertEqual(svc.health()["queue"]["interrupted"], 3)
+        self.assertEqual(svc.handled, [])
 
     def test_a_subclass_that_forgets_super_init_is_told_to_call_it(self):
         class Forgetful(QueueService):
@@ -2704,6 +2867,33 @@ class TestWatcher(SpecterTestCase):
         watcher.start()
         watcher.stop()
         self.assertIs(watcher.stop(), watcher)
+        self.assertFalse(watcher.running)
+
+    def test_an_interrupted_stop_keeps_the_loop_tracked_until_it_is_dead(self):
+        loops, closed = [], []
+
+        def poll():
+            loops.append(gevent.getcurrent())
+            try:
+                gevent.sleep(LONG)
+            finally:
+                gevent.sleep(SHORT * 4)   # lets go slowly (closing a connection, say)
+                closed.append(True)
+
+        watcher = self.make(poll=poll, interval=0.01)
+        watcher.start()
+        self.assertTrue(wait_until(lambda: loops))
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT):
+                watcher.stop()
+        self.assertFalse(loops[0].dead)
+        self.assertTrue(watcher.running)           # it is still running, and says so
+        watcher.start()                            # no second loop beside it
+        gevent.sleep(0.01)
+        self.assertEqual(len(set(loops)), 1)
+        self.assertIs(watcher.stop(), watcher)     # stop() again waits for it to end
+        self.assertTrue(loops[0].dead)
+        self.assertEqual(closed, [True])           # not killed twice: its finally ran to the end
         self.assertFalse(watcher.running)
 
     def test_teardown_is_an_alias_of_stop(self):
