@@ -294,6 +294,30 @@ def bench_bus_emit(cfg: Config) -> List[Row]:
                     n=cfg.pick(10000, 5000), cfg=cfg, target=1.3)]
 
 
+@workload("bus.emit.empty")
+def bench_bus_emit_empty(cfg: Config) -> List[Row]:
+    """emit of an event nobody listens to vs the dict lookup that finds no
+    listeners (issue #14: an idle event must cost next to nothing)."""
+    bus = specter.EventBus()
+    for cb in _make_listeners(10):
+        bus.on("tick", cb)   # other events exist; this one has no listeners
+    raw = {"tick": ()}
+    emit, get = bus.emit, raw.get
+    payload = {"seq": 1}
+
+    def spec(n):
+        for _ in range(n):
+            emit("idle", payload)
+
+    def base(n):
+        for _ in range(n):
+            get("idle")
+
+    return [compare("bus.emit, no listeners", spec, base,
+                    n=cfg.pick(20000, 10000), cfg=cfg, target=2.0,
+                    note="baseline: dict.get of the event name")]
+
+
 @workload("store.set")
 def bench_store_set(cfg: Config) -> List[Row]:
     """Store.set of a 1-key partial, 10 keys, 10 subscribers vs dict.update
@@ -606,9 +630,42 @@ def _raw_validate(data):
     return (None if errors else out), errors
 
 
+def _pydantic_adapter():
+    """pydantic 2's TypeAdapter for a TypedDict matching the bench schema,
+    or None when pydantic 2 is not installed (it is context, not a
+    dependency). Same constraints and defaults; ``priority`` in 1..3 stands
+    for choices [1, 2, 3], since Literal[1, 2, 3] would refuse the string
+    "2" that the payload sends."""
+    try:
+        import pydantic
+        from typing import List as TList, Literal
+        from typing_extensions import Annotated, NotRequired, TypedDict
+    except ImportError:
+        return None
+    if not pydantic.VERSION.startswith("2."):
+        return None
+    P = pydantic.Field
+
+    class Bench(TypedDict):
+        id: Annotated[int, P(ge=1)]
+        price: Annotated[float, P(ge=0.0)]
+        active: NotRequired[Annotated[bool, P(default=False)]]
+        name: Annotated[str, P(min_length=1, max_length=80)]
+        role: NotRequired[Annotated[Literal["admin", "editor", "viewer"],
+                                    P(default="viewer")]]
+        qty: NotRequired[Annotated[int, P(ge=0, le=1000, default=0)]]
+        tags: NotRequired[Annotated[TList[str], P(default_factory=list)]]
+        ratio: Annotated[float, P(ge=0.0, le=1.0)]
+        priority: NotRequired[Annotated[int, P(ge=1, le=3, default=2)]]
+        limit: NotRequired[Annotated[int, P(ge=1, le=100, default=20)]]
+
+    return pydantic.TypeAdapter(Bench), pydantic.VERSION
+
+
 @workload("schema.validate")
 def bench_schema(cfg: Config) -> List[Row]:
-    """Schema.validate of a 10-field payload vs a hand-written coercion."""
+    """Schema.validate of a 10-field payload vs a hand-written coercion, and
+    beside pydantic 2's TypeAdapter(TypedDict) when pydantic is installed."""
     F = specter.Field
     schema = specter.Schema("bench", {
         "id": F(int, required=True, min=1),
@@ -642,8 +699,38 @@ def bench_schema(cfg: Config) -> List[Row]:
         for _ in range(n):
             _raw_validate(payload)
 
-    return [compare("Schema.validate 10 fields", spec, base,
-                    n=cfg.pick(4000, 2000), cfg=cfg, target=3.0, note=note)]
+    sides = {"specter": spec, "baseline": base}
+    adapter = _pydantic_adapter()
+    if adapter is not None:
+        adapter, version = adapter
+        pyd_validate = adapter.validate_python
+        pyd_note = "baseline column = pydantic %s" % version
+        if pyd_validate(payload) != want:
+            pyd_note += "; pydantic's result DIFFERS: %r" % (
+                pyd_validate(payload),)
+
+        def pyd(n):
+            for _ in range(n):
+                pyd_validate(payload)
+        sides["pydantic"] = pyd
+    stats, ns = measure(sides, cfg.pick(4000, 2000), cfg,
+                        profile=("specter",))
+    rows = []
+    for other, label, target, row_note in (
+            ("baseline", "Schema.validate 10 fields", 1.3, note),
+            ("pydantic", "Schema.validate vs pydantic TypedDict", 2.0,
+             adapter is not None and pyd_note)):
+        if other not in stats:
+            continue
+        s, b = stats["specter"], stats[other]
+        rows.append(Row(
+            label, s.median, b.median, s.median / b.median, target,
+            noise=max(s.iqr_pct, b.iqr_pct),
+            paired=statistics.median(
+                x / y for x, y in zip(s.per_op_ns, b.per_op_ns)),
+            n={"specter": ns["specter"], "baseline": ns[other]},
+            repeats=cfg.repeats, note=row_note or ""))
+    return rows
 
 
 # -- lifecycle -------------------------------------------------------------
@@ -758,7 +845,9 @@ def bench_queue(cfg: Config) -> List[Row]:
     try:
         row = compare("QueueService 4 workers, per item", spec, base,
                       n=items, cfg=cfg, target=1.25, calibrate=False,
-                      note="%s items per batch; start/stop outside timing"
+                      note="%s items per batch; start/stop outside timing; what"
+                           " remains is the enqueue() frame (bool result, refusal"
+                           " when stopped) around the same C put()"
                            % format(items, ","))
         if svc.count != sent["specter"] or counter[0] != sent["baseline"]:
             row.note += "; ITEMS LOST: specter %d/%d, raw %d/%d" % (
@@ -1011,6 +1100,51 @@ def bench_web_socket(cfg: Config) -> List[Row]:
                         note="baseline: plain @socketio.on handler doing the same 3 calls")]
     finally:
         client.disconnect()
+
+
+@workload("socket.dispatch")
+def bench_socket_dispatch(cfg: Config) -> List[Row]:
+    """SocketIngress.dispatch of one event to 3 prioritised subscribers vs
+    calling the same 3 callables in a loop, each in try/except, keeping the
+    last non-None result (issue #14: no Socket.IO round trip on either
+    side, so the row shows the ingress's own cost)."""
+    def first(data):
+        return None
+
+    def second(data):
+        return None
+
+    def third(data):
+        return data
+
+    ingress = specter.SocketIngress()
+    ingress.subscribe("routed", third, priority=30)
+    ingress.subscribe("routed", first, priority=10)
+    ingress.subscribe("routed", second, priority=20)
+    dispatch = ingress.dispatch
+    callables = (first, second, third)
+    payload = {"n": 1}
+    assert dispatch("routed", payload) is payload
+
+    def spec(n):
+        for _ in range(n):
+            dispatch("routed", payload)
+
+    def base(n):
+        for _ in range(n):
+            result = None
+            for cb in callables:
+                try:
+                    value = cb(payload)
+                except Exception:
+                    log.exception("subscriber failed")
+                    continue
+                if value is not None:
+                    result = value
+
+    return [compare("SocketIngress.dispatch (3 subs)", spec, base,
+                    n=cfg.pick(20000, 10000), cfg=cfg, target=3.0,
+                    note="baseline: the 3 callables in a loop, try/except, last non-None kept")]
 
 
 @workload("web.app_context")

@@ -14,6 +14,8 @@ from __future__ import annotations
 __version__ = "0.2.0"
 
 __all__ = [
+    # errors
+    "SpecterError",
     # bus
     "EventBus", "bus",
     # registry
@@ -29,6 +31,8 @@ __all__ = [
     "Handler", "SocketIngress", "Controller", "ServiceManager", "boot",
     # processes
     "ManagedProcess", "start_process",
+    # testing
+    "ManualClock", "isolated", "leak_check", "SpecterTestCase",
 ]
 
 import atexit
@@ -39,6 +43,7 @@ import contextlib
 import copy
 import decimal
 import functools
+import heapq
 import inspect
 import io
 import itertools
@@ -54,6 +59,7 @@ import subprocess
 import sys
 import time
 import types
+import unittest
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
@@ -68,6 +74,7 @@ import gevent.lock
 import gevent.queue
 import gevent.subprocess
 from gevent import Greenlet, pywsgi
+import greenlet
 from greenlet import getcurrent
 
 logger = logging.getLogger("specter")
@@ -168,6 +175,124 @@ def _callable_name(fn):
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
 
 
+# The clock behind every SPECTER timer. Timer code reads the time with _now()
+# and waits through _clock (call_later, start_later, sleep), never through time
+# or gevent directly, so that testing's ManualClock can take both over for a
+# test. Deadlines of real waits (a queue drain, a process exit) keep
+# _monotonic: they wait for real work, which a manual clock cannot hurry.
+_now = time.monotonic
+
+
+class _Clock:
+    """Real time: hub timers and gevent.sleep. ManualClock has the same three methods."""
+
+    __slots__ = ()
+
+    def call_later(self, seconds, callback):
+        """Run ``callback()`` in the hub after ``seconds``; ``close()`` on the handle cancels it.
+
+        The handle is the hub's own timer watcher, so a timer costs what it
+        did before there was a clock to swap.
+        """
+        timer = gevent.get_hub().loop.timer(seconds)
+        timer.start(callback, update=True)
+        if _testing_watches:
+            _testing_note_timer(timer, callback)
+        return timer
+
+    def start_later(self, glet, seconds):
+        """Start the (gevent) greenlet ``glet`` after ``seconds``; killing it cancels the start."""
+        glet.start_later(seconds)
+        if _testing_watches:
+            _testing_note_greenlet(glet)
+
+    def sleep(self, seconds):
+        """Block the current greenlet for ``seconds``."""
+        gevent.sleep(seconds)
+
+
+_clock = _Clock()
+
+
+###############################################################################
+# Errors #######################################################################
+###############################################################################
+
+# Every exception class the module defines, in one place. Each keeps the
+# built-in base it has always had, so existing ``except`` clauses still work.
+
+
+class SpecterError(Exception):
+    """The root of every exception SPECTER defines: ``except SpecterError`` catches them all."""
+
+
+class WatcherError(SpecterError, RuntimeError):
+    """Raised by a poll or stream function to report a failure without a traceback."""
+
+
+class SchemaError(SpecterError, ValueError):
+    """A contract was not met.
+
+    Raised by coercers and validators to fail a field with their own
+    message; ``field`` names the field and ``errors`` maps paths to messages.
+    """
+
+    def __init__(self, message, *, field=None, errors=None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.errors = dict(errors or {})
+
+
+class OperationError(SpecterError):
+    """Raised inside an Operation to fail it with ``status`` and ``meta``."""
+
+    def __init__(self, message, *, status=400, meta=None):
+        super().__init__(message)
+        self.message = message
+        self.status = _outcome_status(status)
+        self.meta = dict(meta or {})
+
+
+class HTTPError(SpecterError):
+    """An error meant for an HTTP client: a message, a status and a JSON payload.
+
+    ``json_endpoint`` turns it into a response whose body is ``payload``
+    plus ``error``; ``log_message`` (if any) goes to the log at
+    ``log_level``, never to the client.
+    """
+
+    def __init__(self, message, status_code=400, *, status=None, payload=None, log_message=None,
+                 log_level=logging.WARNING):
+        super().__init__(message)
+        self.message = message
+        self.status_code = _outcome_status(status if status is not None else status_code)
+        if payload is not None and not isinstance(payload, dict):
+            raise TypeError("payload must be a dict, got %s" % _describe(payload))
+        self.payload = dict(payload or {})
+        self.log_message = log_message
+        self.log_level = log_level
+
+    def to_response(self) -> flask.Response:
+        """A Flask JSON response: payload plus ``error``, with ``status_code``.
+
+        A payload JSON cannot encode is a bug on the server's side, not the
+        client's: it is logged and left out, and the client still gets the
+        message and the status as JSON rather than Flask's HTML 500.
+        """
+        body = dict(self.payload)
+        body["error"] = self.message
+        try:
+            return _web_json(body, self.status_code)
+        except Exception:
+            _web_log.exception("HTTPError %d %r: its payload cannot be encoded as JSON; answering without it",
+                               self.status_code, self.message)
+        try:
+            return _web_json({"error": self.message}, self.status_code)
+        except Exception:  # the message itself is no JSON string
+            return _web_json({"error": "Internal server error"}, 500)
+
+
 ###############################################################################
 # Bus ##########################################################################
 ###############################################################################
@@ -220,8 +345,10 @@ class EventBus:
         """Call every listener of ``event`` with ``data``, now, in this greenlet."""
         listeners = self._listeners.get(event)
         if listeners is None:
-            # Only a miss can be a bad name: on() never stores one.
-            _bus_event(event)
+            # Only a miss can be a bad name: on() never stores one. The test
+            # is _bus_event's, inline: calling it would cost more than the lookup.
+            if type(event) is not str or not event:
+                _bus_event(event)
             return
         for callback in listeners:
             try:
@@ -422,6 +549,37 @@ _STOP_METHODS = ("stop", "close", "disconnect", "destroy", "terminate", "kill")
 _timer_ids = itertools.count(1)
 
 
+def _service_check_init(cls, init):
+    """Wrap a Service subclass's own ``__init__`` so that skipping ``super().__init__()`` fails at once.
+
+    The check runs once per construction, after the whole ``__init__``, so
+    nothing else pays for it (a ``__getattr__`` hook or a class-level
+    descriptor would slow every attribute access of every service). An
+    ``__init__`` the class does not define itself (a mixin's ahead of
+    Service, one @dataclass sets later) is left alone, since a wrapper in
+    the class would stop @dataclass from generating one: start() catches
+    those.
+    """
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        # getattr, not vars(self): building the instance __dict__ would cost
+        # the object CPython's inline attribute values (slower access for good).
+        if getattr(self, "_status", None) is None:
+            raise _service_uninitialised(cls)
+    __init__._service_checked = True  # type: ignore[attr-defined]
+    return __init__
+
+
+def _service_uninitialised(cls):
+    """The TypeError for a ``cls`` instance whose Service.__init__ never ran, naming the __init__ that skipped it."""
+    owner = next((klass for klass in cls.__mro__ if "__init__" in klass.__dict__), cls)
+    return TypeError(
+        "%s.__init__() must call super().__init__() (the Service is not initialised; "
+        "a dataclass calls it from __post_init__())" % owner.__name__
+    )
+
+
 class _Owner:
     """Cleanups and owned resources, released last-in-first-out.
 
@@ -490,17 +648,27 @@ class _Owner:
         return registry.resolve(key)
 
     def _run_cleanups(self):
-        """Run and forget the cleanups, newest first; failures are logged."""
+        """Run and forget the cleanups, newest first; failures are logged.
+
+        Every cleanup runs even if the releasing greenlet is interrupted
+        (killed, or hit by a Timeout) during one of them: the interrupted
+        cleanup is not run again, the others still run, and the
+        interruption is re-raised at the end (see _run_all).
+        """
         cleanups, self._cleanups = self._cleanups, None
-        while cleanups:
-            fn, resource = cleanups.pop()
-            owners = getattr(resource, "_owners", None)
-            if type(owners) is list and self in owners:
-                owners.remove(self)  # this owner is done with it for good
-            try:
-                fn()
-            except Exception:
-                _service_log.exception("%s: cleanup %s raised", self, _callable_name(fn))
+
+        def steps():
+            while cleanups:
+                fn, resource = cleanups.pop()
+                owners = getattr(resource, "_owners", None)
+                if type(owners) is list and self in owners:
+                    owners.remove(self)  # this owner is done with it for good
+                yield fn
+
+        _run_all(steps(), self._cleanup_failed)
+
+    def _cleanup_failed(self, label):
+        _service_log.exception("%s: cleanup %s raised", self, label)
 
     def _resource_health(self):
         report = []
@@ -576,14 +744,21 @@ class Service(_Owner):
         order, the service is left stopped and the exception propagates. A
         start() racing another greenlet's start() or stop() waits for it.
         """
+        if getattr(self, "_status", None) is None:
+            # An __init__ the construction check does not wrap (a mixin's
+            # ahead of Service, a @dataclass's) skipped Service's: say so here.
+            raise _service_uninitialised(type(self))
         self._await_transition()
         if self._status in _ACTIVE:
             return self
         if self._status == "stopping":
             raise RuntimeError("%s: cannot start() from inside its own stop()" % self.name)
         self._begin_transition("starting")
+        if _testing_watches:
+            _testing_note_service(self)
         self._failure = None
-        self._stuck = ()
+        # A survivor of an earlier stop() is still reported while it lives.
+        self._stuck = tuple(task for task in self._stuck if not task.dead)
         self._stop_requested = False
         try:
             with _life_app_context(self._specter_app):
@@ -635,12 +810,9 @@ class Service(_Owner):
             return self
         self._begin_transition("stopping")
         try:
-            try:
-                with _life_app_context(self._specter_app):
-                    self._lifecycle_stopping()
-                    self.on_stop()
-            except Exception:
-                self._record_error("on_stop")
+            # on_stop runs even when the step before it fails or is interrupted.
+            with _life_app_context(self._specter_app):
+                _run_all((self._lifecycle_stopping, self.on_stop), self._record_error)
         finally:
             try:
                 self._release()
@@ -693,7 +865,7 @@ class Service(_Owner):
         seconds = _check_seconds(seconds, "seconds")
         _check_callable(callback, "callback")
         task = self._new_task(callback, args, kwargs, label)
-        task.start_later(seconds)
+        _clock.start_later(task, seconds)
         return task
 
     def interval(self, callback: Callable[..., Any], seconds: float) -> str:
@@ -724,18 +896,27 @@ class Service(_Owner):
         return self._cancel_timer(timeout_id)
 
     def cancel_greenlet(self: _S, glet: Greenlet) -> _S:
-        """Kill an owned greenlet and stop tracking it."""
+        """Kill an owned greenlet; it is tracked until it is dead.
+
+        Waits up to ``stop_timeout`` for it. One that refuses to die is
+        logged and listed in health()['stuck'], as at teardown, and stop()
+        tries again.
+        """
         if not isinstance(glet, Greenlet):
             raise TypeError("cancel_greenlet() takes a gevent Greenlet, got %s" % _describe(glet))
         if glet.dead:
             return self
         if glet not in self._tasks:
             raise ValueError("%r is not a greenlet of %s; only its own can be cancelled" % (glet, self.name))
-        self._tasks.discard(glet)
         if glet is getcurrent():
-            glet.kill(block=False)
+            glet.kill(block=False)  # ends at its next switch; _new_task's link forgets it then
         else:
-            glet.kill(block=True, timeout=self.stop_timeout)
+            waited = None
+            try:
+                glet.kill(block=True, timeout=self.stop_timeout)
+                waited = self.stop_timeout
+            finally:
+                self._report_stuck((glet,), waited)
         return self
 
     def supervise(self, callback: Callable[..., Any], *args: Any, max_restarts: int = 5,
@@ -787,7 +968,8 @@ class Service(_Owner):
         self._check_active("adopt")
         if self._children is None:
             self._children = []
-        if child not in self._children:
+        # By identity: two children that compare equal (a dataclass, say) are both owned.
+        if not any(known is child for known in self._children):
             self._children.append(child)
         if child._specter_app is None:
             child._specter_app = self._specter_app  # the parent's app context reaches its children
@@ -823,13 +1005,19 @@ class Service(_Owner):
             "last_error": self._last_error,
             "restarts": self._restarts,
             "failure": self._failure,
-            "stuck": list(self._stuck),
+            "stuck": [task.name for task in self._stuck if not task.dead],
             "children": [child.health() for child in self._children or ()],
             "resources": self._resource_health(),
         }
 
     def __repr__(self):
-        return "<%s %r %s>" % (type(self).__name__, self.name, self._status)
+        return "<%s %r %s>" % (type(self).__name__, self.name, getattr(self, "_status", "uninitialised"))
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not hasattr(init, "_service_checked"):
+            cls.__init__ = _service_check_init(cls, init)  # type: ignore[misc]
 
     def _lifecycle_started(self):
         # Subclasses with machinery of their own (QueueService) extend this
@@ -911,7 +1099,7 @@ class Service(_Owner):
                     # handler raised. Logged, but running the work again would do it twice.
                     self._record_error(label)
                     return None
-                now = _monotonic()
+                now = _now()
                 failures.append(now)
                 while now - failures[0] > within:
                     failures.popleft()
@@ -921,7 +1109,7 @@ class Service(_Owner):
                     return None
                 self._restarts += 1
                 delay = self.restart_backoff * 2 ** (len(failures) - 1)
-                gevent.sleep(min(delay, self.restart_max_backoff))
+                _clock.sleep(min(delay, self.restart_max_backoff))
 
     def _fail(self, label, exc):
         self._failure = {"label": label, "error": repr(exc), "at": time.time()}
@@ -949,17 +1137,29 @@ class Service(_Owner):
     def _release_tasks(self):
         current = getcurrent()
         others = [task for task in self._tasks if task is not current]
+        waited = None
         try:
             _kill_greenlets(others, self.stop_timeout)
+            waited = self.stop_timeout
         finally:
-            stuck = [task.name for task in others if not task.dead]
-            if stuck:
-                self._stuck = stuck
-                _service_log.error(
-                    "%s: %d greenlet(s) ignored GreenletExit for %s s: %s",
-                    self.name, len(stuck), self.stop_timeout, ", ".join(stuck),
-                )
+            self._report_stuck(others, waited)
             self._tasks.difference_update(others)
+
+    def _report_stuck(self, killed, waited):
+        """Log the greenlets of ``killed`` that outlived their kill; health() lists them while they live.
+
+        ``waited`` is how long they were given, or None when the wait was
+        interrupted (they may just be finishing their ``finally`` blocks).
+        """
+        stuck = [task for task in killed if not task.dead]
+        if stuck:
+            self._stuck = tuple(task for task in self._stuck if not task.dead and task not in stuck) + tuple(stuck)
+            _service_log.error(
+                "%s: %d greenlet(s) still alive %s after GreenletExit: %s",
+                self.name, len(stuck),
+                "when the wait for them was interrupted" if waited is None else "%s s" % waited,
+                ", ".join(task.name for task in stuck),
+            )
 
     def _release_listeners(self):
         listeners, self._listeners = self._listeners, None
@@ -985,6 +1185,13 @@ class QueueService(Service):
     before ``on_stop`` whether or not a subclass calls super. ``stop()``
     drains the queue for up to ``drain_timeout`` seconds; whatever is still
     queued then goes to ``on_dropped(items)``, so nothing is lost silently.
+
+    The queue accepts items only while the service is starting or running:
+    stop() shuts it down (gevent's ``Queue.shutdown``) before anything else,
+    which refuses new items and blocked ``enqueue(block=True)`` calls alike,
+    lets the workers take what is queued, and ends each worker once the
+    queue is empty, the one that called stop() included. Every start gets a
+    fresh queue.
     """
 
     drain_timeout = 5.0
@@ -994,10 +1201,12 @@ class QueueService(Service):
         self.worker_count = _check_count(worker_count, "worker_count", 1)
         self.maxsize = _check_count(maxsize, "maxsize", 0)
         self.poll_interval = _check_seconds(poll_interval, "poll_interval", positive=True)
-        self.queue = gevent.queue.JoinableQueue(maxsize or None)
+        self.queue = self._new_queue()
+        self.queue.shutdown()  # closed until start(): enqueue() refuses
         self._workers = ()
         self._processed = 0
         self._failed = 0
+        self._interrupted = 0
         self.state.update(queue_size=0, worker_count=worker_count, processed=0, failed=0)
 
     def handle_item(self, item: Any) -> None:
@@ -1013,15 +1222,22 @@ class QueueService(Service):
         """Receives what was still queued when the drain timed out."""
         _service_log.warning("%s: dropped %d queued item(s) at stop", self.name, len(items))
 
-    def enqueue(self, item: Any, *, block: bool = False, timeout: Optional[float] = None) -> bool:
-        """Queue ``item``; False when full (or the timeout passed) or not running."""
-        if self._status not in _ACTIVE:
-            return False
-        if block:
-            timeout = _check_seconds(timeout, "timeout", allow_none=True)
+    def enqueue(self, item: Any, block: bool = False, timeout: Optional[float] = None) -> bool:
+        """Queue ``item``; False when full (or the timeout passed) or not running.
+
+        A call blocked waiting for room returns False as soon as stop()
+        begins: the item stays with the caller. Pass ``block`` and
+        ``timeout`` by keyword.
+        """
+        # The hot path is one C call: the queue itself refuses items once
+        # it is shut down (stopped) or full. block and timeout are not
+        # keyword-only on purpose: CPython looks missing keyword-only
+        # defaults up in a dict on every call (about 20 ns, 8% of an item).
+        if block and timeout is not None:
+            timeout = _check_seconds(timeout, "timeout")
         try:
             self.queue.put(item, block, timeout)
-        except gevent.queue.Full:
+        except _QUEUE_REFUSED:
             return False
         return True
 
@@ -1046,10 +1262,16 @@ class QueueService(Service):
             "workers": sum(1 for worker in self._workers if not worker.dead),
             "processed": self._processed,
             "failed": self._failed,
+            "interrupted": self._interrupted,
         }
         return report
 
+    def _new_queue(self):
+        return gevent.queue.JoinableQueue(self.maxsize or None)
+
     def _lifecycle_started(self):
+        if self.queue.is_shutdown:
+            self.queue = self._new_queue()
         self.on_start()
         self._workers = tuple(
             self.spawn(self._work, label="%s.worker-%d" % (self.name, index))
@@ -1058,33 +1280,54 @@ class QueueService(Service):
         self.on_workers_started()
 
     def _lifecycle_stopping(self):
-        try:
-            self.on_workers_stopping()
-        except Exception:
-            self._record_error("on_workers_stopping")
-        queue = self.queue
+        # First of all: no new item, and blocked enqueue() calls get False.
+        self.queue.shutdown()
         in_hand = 1 if getcurrent() in self._workers else 0
-        self._wait_idle(self.drain_timeout, in_hand)
-        dropped = []
-        while True:
+        try:
             try:
-                dropped.append(queue.get_nowait())
-            except gevent.queue.Empty:
-                break
+                self.on_workers_stopping()
+            except Exception:
+                self._record_error("on_workers_stopping")
+            self._wait_idle(self.drain_timeout, in_hand)
+        finally:
+            # Even when the drain was interrupted: what is queued is handed over.
+            self._drop_queued()
+        self._wait_idle(self.stop_timeout, in_hand)  # the items in hand finish
+        self._refresh_counters()
+        self._workers = ()
+
+    def _release(self):
+        # A start rolled back (or a stop whose drain step failed) must not
+        # leave accepted items behind either.
+        try:
+            self._drop_queued()
+        finally:
+            super()._release()
+
+    def _drop_queued(self):
+        """Shut the queue down and hand whatever is still in it to on_dropped()."""
+        queue = self.queue
+        queue.shutdown()
+        dropped = []
+        while queue.qsize():
+            dropped.append(queue.get_nowait())
             queue.task_done()
         if dropped:
             try:
                 self.on_dropped(dropped)
             except Exception:
                 self._record_error("on_dropped")
-        self._wait_idle(self.stop_timeout, in_hand)
-        self._refresh_counters()
-        if in_hand:
-            queue.put(_QUEUE_STOP)  # the worker stopping us ends once its item is done
-        self._workers = ()
+
+    def _item_interrupted(self, item):
+        """Report an item whose handle_item() was interrupted: an ERROR log naming it, and a count in health()."""
+        self._interrupted += 1
+        _service_log.error(
+            "%s: %s was interrupted by %s while handling %s; the item is neither finished nor handed back",
+            self.name, getcurrent().name, type(sys.exc_info()[1]).__name__, _describe(item),
+        )
 
     def _refresh_counters(self):
-        # Workers count on attributes (cheap); state mirrors them on demand.
+        # Workers publish their tallies in bulk (see _work); state mirrors them on demand.
         self.state.update(queue_size=self.queue.qsize(), processed=self._processed, failed=self._failed)
 
     def _wait_idle(self, timeout, in_hand):
@@ -1101,29 +1344,64 @@ class QueueService(Service):
             gevent.sleep(0.005)
 
     def _work(self):
-        get, done = self.queue.get, self.queue.task_done
+        # Counting in bulk: a worker tallies its items in locals and adds
+        # them to the service's counters after every _QUEUE_BATCH items,
+        # whenever the queue runs empty, and when it ends, so the hot loop
+        # touches no attribute. get(False) never waits: an empty queue ends
+        # the batch (Empty) and the worker publishes before it waits.
+        queue = self.queue
+        get, peek, done = queue.get, queue.peek, queue.task_done
         handle = self.handle_item
+        if self._specter_app is not None:  # a fresh app context per item, popped after it
+            handle = functools.partial(_life_in_app_context, self._specter_app, handle)
+        batch = range(_QUEUE_BATCH)
         while True:
-            item = get()
-            if item is _QUEUE_STOP:
-                done()
-                return
+            finished = failed = 0
             try:
-                with _life_app_context(self._specter_app):  # popped after each item
-                    handle(item)
-                self._processed += 1
-            except _CALLBACK_ERRORS:
-                self._failed += 1
-                self._record_error(getcurrent().name)
+                for finished in batch:  # ``finished`` items are done when the next one is taken
+                    item = get(False)
+                    try:
+                        handle(item)
+                    except _CALLBACK_ERRORS:
+                        self._record_error(getcurrent().name)
+                        failed += 1
+                    except BaseException:
+                        # Killed mid-item (stop() interrupted or out of
+                        # stop_timeout, cancel_greenlet): neither finished nor
+                        # handed back, so it is reported before the worker ends.
+                        self._item_interrupted(item)
+                        raise
+                    finally:
+                        done()
+                else:
+                    finished = _QUEUE_BATCH
+                    continue
+            except gevent.queue.Empty:
+                pass
+            except gevent.queue.ShutDown:
+                if not queue.qsize():
+                    return  # stopped and nothing left to take
+                continue
             finally:
-                done()
+                self._processed += finished - failed
+                self._failed += failed
+            try:
+                peek()  # wait for the next item without taking it
+            except gevent.queue.ShutDown:
+                # gevent wakes every waiting get() or peek() with ShutDown,
+                # even one an item had just been put for: end only when none is left.
+                if not queue.qsize():
+                    return
+
+
+_QUEUE_BATCH = 16  # items a busy worker handles between two updates of the counters
+
+
+# What a queue raises to refuse an item: full, or shut down (stopping or stopped).
+_QUEUE_REFUSED = (gevent.queue.Full, gevent.queue.ShutDown)
 
 
 _watcher_log = logging.getLogger("specter.watcher")
-
-
-class WatcherError(RuntimeError):
-    """Raised by a poll or stream function to report a failure without a traceback."""
 
 
 class Watcher:
@@ -1140,6 +1418,7 @@ class Watcher:
 
     stop_timeout = 5.0
     _app = None  # the app whose context was current at start(); each round runs in a fresh one
+    _ending = None  # a loop an interrupted stop() killed: the next stop() only waits for it
 
     def __init__(self, name, *, poll=None, stream=None, interval=5.0, retry=True, max_backoff=30.0,
                  dedupe=False, transform=None):
@@ -1170,21 +1449,37 @@ class Watcher:
     def start(self) -> Watcher:
         """Start the loop in its own greenlet; idempotent."""
         if not self.running:
-            self._started_at = _monotonic()
+            self._started_at = _now()
             self._app = _life_current_app()
             self._loop = gevent.spawn(self._run)
             self._loop.name = "watcher:%s" % self.name
         return self
 
     def stop(self) -> Watcher:
-        """End the loop now, even mid-wait; returns once its greenlet is dead."""
+        """End the loop now, even mid-wait; returns once its greenlet is dead.
+
+        Interrupted while it waits (a Timeout around it, a kill), it raises
+        and keeps a loop that is still alive: ``running`` stays true and
+        start() starts no second loop beside it; stop() again waits for it
+        without killing it twice, which would cut its ``finally`` short.
+        """
         loop, self._loop = self._loop, None
         if loop is None or loop.dead:
             return self
         if loop is getcurrent():
             loop.kill(block=False)  # a subscriber stopped us: end at the next switch
             return self
-        loop.kill(block=True, timeout=self.stop_timeout)
+        try:
+            if loop is self._ending:
+                loop.join(self.stop_timeout)
+            else:
+                self._ending = loop
+                loop.kill(block=True, timeout=self.stop_timeout)
+        except BaseException:
+            if self._loop is None and not loop.dead:
+                self._loop = loop  # still ending: tracked until it is dead
+            raise
+        self._ending = None
         if not loop.dead:
             _watcher_log.error("watcher %s: loop ignored GreenletExit for %s s", self.name, self.stop_timeout)
         return self
@@ -1206,7 +1501,7 @@ class Watcher:
             "error_count": self._error_count,
             "last_error": self._last_error,
             "last_value_at": self._last_value_at,
-            "uptime_seconds": (_monotonic() - self._started_at) if self.running else 0.0,
+            "uptime_seconds": (_now() - self._started_at) if self.running else 0.0,
             "subscribers": len(self._subs),
         }
 
@@ -1247,7 +1542,7 @@ class Watcher:
                 failures += 1
                 delay = min(self.interval * 2 ** (failures - 1), self.max_backoff)
                 delay *= 0.5 + random.random() / 2
-            gevent.sleep(delay)
+            _clock.sleep(delay)
 
     def _deliver(self, value):
         if self.transform is not None:
@@ -1262,9 +1557,6 @@ class Watcher:
                 fn(value, self)
             except Exception:
                 _watcher_log.exception("watcher %s: subscriber %s raised", self.name, _callable_name(fn))
-
-
-_QUEUE_STOP = object()  # tells the worker that stopped its QueueService to end
 
 
 def _kill_greenlets(greenlets, timeout):
@@ -1289,7 +1581,7 @@ class _ServiceTimer:
         self.callback = callback
         self.period = seconds
         self.repeat = repeat
-        self.due = _monotonic() + seconds
+        self.due = _now() + seconds
         self.task = None
         self.watcher = None
         self._arm(seconds)
@@ -1301,15 +1593,13 @@ class _ServiceTimer:
             watcher.close()
 
     def _arm(self, delay):
-        watcher = gevent.get_hub().loop.timer(delay)
-        watcher.start(self._fire, update=True)
-        self.watcher = watcher
+        self.watcher = _clock.call_later(delay, self._fire)
 
     def _fire(self):
         if self.watcher is None:
             return
         self.watcher.close()
-        now = _monotonic()
+        now = _now()
         if now < self.due:
             self._arm(self.due - now)
             return
@@ -1444,6 +1734,12 @@ def _life_app_context(app):
     if app is None or (flask.has_app_context() and flask.current_app._get_current_object() is app):
         return _LIFE_NO_CONTEXT
     return app.app_context()
+
+
+def _life_in_app_context(app, fn, *args):
+    """Call ``fn(*args)`` inside ``app``'s application context (see _life_app_context)."""
+    with _life_app_context(app):
+        return fn(*args)
 
 
 def _life_task_context(app, callback):
@@ -1735,10 +2031,10 @@ class Model:
 class Cache:
     """One computed value with a TTL, single-flight computation and invalidation.
 
-    ``ttl=0`` never expires; expiry uses the monotonic clock. ``None`` is a
-    value like any other. ``depends_on`` names bus events that invalidate
-    the cache; since invalidation emits ``'{name}:invalidated'``, caches
-    cascade, each invalidating once per cascade however often it is reached
+    ``ttl=0`` never expires; expiry uses SPECTER's clock (monotonic time, or a
+    test's ManualClock). ``None`` is a value like any other. ``depends_on``
+    names bus events that invalidate the cache; since invalidation emits
+    ``'{name}:invalidated'``, caches cascade, each invalidating once per cascade however often it is reached
     (a cycle, a diamond); see invalidate().
     """
 
@@ -1774,12 +2070,12 @@ class Cache:
 
     def get(self, default: Any = None) -> Any:
         """The cached value, or ``default`` when empty or expired; never waits."""
-        if _monotonic() < self._expires:
+        if _now() < self._expires:
             return self._value
         return default
 
     def is_valid(self) -> bool:
-        return _monotonic() < self._expires
+        return _now() < self._expires
 
     def set(self, value: _T, ttl: Optional[float] = None) -> _T:
         """Store ``value`` (``ttl`` overrides the cache's for this value)."""
@@ -1798,7 +2094,7 @@ class Cache:
         waiters computes instead. A result that an invalidate() overtook is
         returned but not stored.
         """
-        if _monotonic() < self._expires:
+        if _now() < self._expires:
             return self._value
         _check_callable(factory, "factory")
         ttl = self._ttl if ttl is None else _check_seconds(ttl, "ttl")
@@ -1814,7 +2110,7 @@ class Cache:
                 return flight.get(block=False)
             # The computing caller was interrupted (a kill, its own Timeout):
             # that is not the computation's failure, so compute here instead.
-            if _monotonic() < self._expires:
+            if _now() < self._expires:
                 return self._value
         flight = self._flight = gevent.event.AsyncResult()
         self._flight_owner = getcurrent()
@@ -1834,14 +2130,16 @@ class Cache:
         return value
 
     def invalidate(self) -> None:
-        """Empty the cache, call on_invalidate callbacks, emit '{name}:invalidated'.
+        """Empty the cache, emit '{name}:invalidated', call on_invalidate callbacks.
 
         The emit may invalidate other caches (``depends_on``), which may
         invalidate more: one cascade. The first invalidate() in a greenlet
-        runs it as a loop over a queue rather than by recursion, so a chain of
-        any length completes; every cache it reaches is emptied at once and
-        notified in the order reached, once per cascade (a diamond or a cycle
-        reaches a cache twice).
+        runs it as a loop over queues rather than by recursion, so a chain of
+        any length completes. Every cache it reaches is emptied at once,
+        and every one is announced on the bus before any callback runs, so
+        a callback that rebuilds its cache reads only dependencies the
+        cascade has already emptied. Each cache is notified once per cascade
+        (a diamond or a cycle reaches a cache twice), in the order reached.
         """
         cascade = _state_cascades.get(getcurrent())
         if cascade is None:
@@ -1850,7 +2148,7 @@ class Cache:
         elif self not in cascade.seen:
             cascade.seen.add(self)
             self._clear()
-            cascade.queue.append(self)
+            cascade.unannounced.append(self)
 
     def on_invalidate(self, callback: Callable[..., Any]) -> Callable[[], bool]:
         """Call ``callback()`` (no arguments, as in 0.1.2) on every invalidation; returns an unsubscribe."""
@@ -1885,19 +2183,27 @@ class Cache:
 
     @staticmethod
     def _run_cascade(cascade):
-        """Notify the caches queued in ``cascade``, in this greenlet, until none is left.
+        """Run ``cascade`` in this greenlet until nothing is left: announce, then call back.
 
-        Invalidations caused meanwhile (by a ``depends_on`` listener, or a
-        callback calling invalidate()) join the queue instead of recursing
-        through ``bus.emit``, so a cascade is not bounded by the Python stack.
+        An emit may reach more caches (a ``depends_on`` listener, or any
+        listener calling invalidate()); they join ``cascade.unannounced``
+        instead of recursing through ``bus.emit``, so a cascade is not
+        bounded by the Python stack. Announcing goes first: a cache's
+        callbacks run only when no reached cache is left unannounced, that
+        is, when the cascade has emptied everything it reaches.
         """
         current = getcurrent()
         _state_cascades[current] = cascade
-        queue = cascade.queue
+        unannounced, uncalled = cascade.unannounced, cascade.uncalled
         callbacks = None
         try:
-            while queue:
-                cache = queue[0]
+            while unannounced or uncalled:
+                if unannounced:
+                    cache = unannounced[0]
+                    bus.emit(cache._event, {"name": cache.name})
+                    uncalled.append(unannounced.popleft())
+                    continue
+                cache = uncalled[0]
                 rest, cascade.rest = cascade.rest, None
                 if rest is None:
                     callbacks = iter(cache._callbacks)
@@ -1911,15 +2217,14 @@ class Cache:
                     except Exception:
                         _state_log.exception("%s: on_invalidate callback %s raised",
                                              cache.name, _callable_name(callback))
-                bus.emit(cache._event, {"name": cache.name})
-                queue.popleft()
+                uncalled.popleft()
                 callbacks = None
         except BaseException:
-            # Killed, or a Timeout, inside a callback or a listener. The caches
-            # already emptied must still be announced, or their dependents stay
-            # valid: a new greenlet carries on from the callback after the one
-            # interrupted (an interrupted emit is repeated whole).
-            if queue:
+            # Killed, or a Timeout, inside a listener or a callback. The caches
+            # already emptied must still be announced and called back, or their
+            # dependents stay valid: a new greenlet carries on from the callback
+            # after the one interrupted (an interrupted emit is repeated whole).
+            if unannounced or uncalled:
                 cascade.rest = None if callbacks is None else tuple(callbacks)
                 gevent.spawn(Cache._run_cascade, cascade)
             raise
@@ -1928,7 +2233,7 @@ class Cache:
 
     def _store(self, value, ttl):
         self._value = value
-        self._expires = _monotonic() + ttl if ttl else math.inf
+        self._expires = _now() + ttl if ttl else math.inf
         self._updated_at = time.time()
 
     def _on_dependency(self, data):
@@ -1953,12 +2258,13 @@ def create_cache(name: str, ttl: float = 0, depends_on: Union[str, Iterable[str]
 class _StateCascade:
     """One invalidation cascade, run by ``Cache._run_cascade``: the caches reached, those still to notify."""
 
-    __slots__ = ("seen", "queue", "rest")
+    __slots__ = ("seen", "unannounced", "uncalled", "rest")
 
     def __init__(self, cache):
         self.seen = {cache}
-        self.queue = collections.deque((cache,))
-        self.rest = None  # after an interruption: the callbacks of queue[0] not called yet
+        self.unannounced = collections.deque((cache,))  # emptied, event not emitted yet
+        self.uncalled = collections.deque()  # announced, callbacks not called yet
+        self.rest = None  # after an interruption: the callbacks of uncalled[0] not called yet
 
 
 # The greenlets running an invalidation cascade, each with its cascade.
@@ -2155,15 +2461,21 @@ def _model_same(a, b):
 
 
 def _model_same_types(a, b):
-    """For ``a == b``: whether their dicts, lists and tuples hold values of the same types."""
+    """For ``a == b``: whether their dicts, lists and tuples hold values of the same types.
+
+    Subclasses (an OrderedDict, a defaultdict, a namedtuple) are walked too:
+    the model keeps them as they are.
+    """
     if a is b:
         return True
     cls = type(a)
     if cls is not type(b):
         return False
-    if cls is dict:
+    if cls in _MODEL_ATOMS:
+        return True
+    if isinstance(a, dict):
         return all(_model_same_types(item, b[key]) for key, item in a.items())
-    if cls is list or cls is tuple:
+    if isinstance(a, (list, tuple)):
         return all(map(_model_same_types, a, b))
     return True
 
@@ -2221,41 +2533,30 @@ def _state_event(name, emit_events, change_event):
 _schema_log = logging.getLogger("specter.schema")
 
 
-class SchemaError(ValueError):
-    """A contract was not met.
-
-    Raised by coercers and validators to fail a field with their own
-    message; ``field`` names the field and ``errors`` maps paths to messages.
-    """
-
-    def __init__(self, message, *, field=None, errors=None):
-        super().__init__(message)
-        self.message = message
-        self.field = field
-        self.errors = dict(errors or {})
-
-
 class Field:
     """One field of a Schema: a type (or coercer) plus constraints.
 
     ``type`` is int, float, str, bool, list, dict, a nested Schema or any
     callable that converts the raw value (raising to refuse it). Checks run
-    after coercion: choices, min/max, min_length/max_length, pattern (the
-    whole string must match), items (a Field applied to each list element),
+    after coercion: items (a Field applied to each list element), choices,
+    min/max, min_length/max_length, pattern (the whole string must match),
     then ``validator(value)``, which fails the field by returning False or
-    raising.
+    raising. A Field is a description; the Schema that holds it compiles it.
     """
 
     __slots__ = ("type", "required", "default", "choices", "validator", "label", "min", "max",
-                 "min_length", "max_length", "pattern", "items", "_coerce", "_checks")
+                 "min_length", "max_length", "pattern", "items", "_coerce")
 
     def __init__(self, type=str, *, required=False, default=None, choices=None, validator=None,
                  label=None, min=None, max=None, min_length=None, max_length=None, pattern=None,
                  items=None):
+        # Built-in types are looked up by identity: hashing ``type`` would fail
+        # for an unhashable callable coercer (a dataclass instance, say).
+        builtin = _schema_builtin(type)
         if isinstance(type, Schema):
             coerce = None
-        elif isinstance(type, collections.abc.Hashable) and type in _SCHEMA_COERCERS:
-            coerce = _SCHEMA_COERCERS[type]
+        elif builtin is not None:
+            coerce = _SCHEMA_COERCERS[builtin]
         elif callable(type):
             coerce = type
         else:
@@ -2295,10 +2596,13 @@ class Field:
         self.pattern = pattern
         self.items = items
         self._coerce = coerce
-        self._checks = _schema_checks(self)
 
     def make_default(self) -> Any:
-        """The default for an absent field: a factory's result, or a copy of a list/dict."""
+        """The default for an absent field: a factory's result, or a copy of a list/dict.
+
+        The raw default, as declared; a Schema validating the field checks it
+        against the field and gives the cleaned value.
+        """
         default = self.default
         if callable(default):
             return default()
@@ -2312,7 +2616,9 @@ class Field:
         if isinstance(kind, Schema):
             out = kind.to_json_schema(root=False)
         else:
-            out = dict(_SCHEMA_JSON_TYPES.get(kind, {}))
+            out = dict(_SCHEMA_JSON_TYPES.get(_schema_builtin(kind), {}))
+        # Lengths count items for a list and keys for an object (a dict or a nested schema).
+        unit = "Items" if kind is list else "Properties" if kind is dict or isinstance(kind, Schema) else "Length"
         if self.label:
             out["title"] = self.label
         if self.choices is not None:
@@ -2322,9 +2628,9 @@ class Field:
         if self.max is not None:
             out["maximum"] = self.max
         if self.min_length is not None:
-            out["minItems" if kind is list else "minProperties" if kind is dict else "minLength"] = self.min_length
+            out["min" + unit] = self.min_length
         if self.max_length is not None:
-            out["maxItems" if kind is list else "maxProperties" if kind is dict else "maxLength"] = self.max_length
+            out["max" + unit] = self.max_length
         if self.pattern is not None:
             out["pattern"] = "^(?:%s)$" % self.pattern.pattern
         if self.items is not None:
@@ -2338,51 +2644,20 @@ class Field:
         name = kind.name if isinstance(kind, Schema) else getattr(kind, "__name__", repr(kind))
         return "Field(%s%s)" % (name, ", required=True" if self.required else "")
 
-    def _clean(self, value, path, errors, schema):
-        """The coerced, checked value, or _MISSING after recording an error at ``path``.
-
-        ``path`` is a string, or ``(list_path, index)`` for a list item, formatted
-        only when it is needed.
-        """
-        try:
-            if self._coerce is None:
-                return self.type._clean_object(value, _schema_path(path) + ".", errors, schema)
-            value = self._coerce(value)
-            if self.items is not None:
-                value = _schema_items(self.items, value, _schema_path(path), errors, schema)
-                if value is _MISSING:
-                    return _MISSING
-            elif type(value) is list or type(value) is dict:
-                _schema_measure(value, schema)
-            for check in self._checks:
-                check(value)
-            if self.validator is not None and self.validator(value) is False:
-                raise SchemaError("is invalid")
-        except SchemaError as exc:
-            errors[_schema_path(path)] = exc.message
-            return _MISSING
-        except (ValueError, TypeError, ArithmeticError, LookupError):
-            # An ordinary refusal by a coercer or validator. Only SchemaError
-            # messages are written for clients, so the text stays out.
-            errors[_schema_path(path)] = "is invalid"
-            return _MISSING
-        except Exception:
-            # Something broke (a lookup's connection, say): its text may carry
-            # internals, so it goes to the log, not to the client.
-            _schema_log.warning("field %s: %s raised", _schema_path(path), self, exc_info=True)
-            errors[_schema_path(path)] = "is invalid"
-            return _MISSING
-        return value
-
 
 class Schema:
-    """A named contract for dict payloads.
+    """A named contract for dict payloads, compiled once into a validator.
 
     ``validate`` never raises: it returns an Outcome whose value is the
     cleaned dict (declared fields only, defaults filled) or a 400 failure
     naming every bad field, with ``meta['errors']`` mapping paths such as
     ``'owner.email'`` or ``'tags[2]'`` to messages. Payloads nested deeper
     than ``max_depth`` or holding more than ``max_items`` values are refused.
+
+    Building a schema generates one straight-line Python function for its
+    fields (see ``compiled_source()``), so validating costs about what a
+    hand-written function would. Field names, patterns, bounds and messages
+    reach that code only as named constants, never as source text.
     """
 
     max_depth = 32
@@ -2400,26 +2675,22 @@ class Schema:
                                 % (key, _describe(field), getattr(field, "__name__", "...")))
         self.fields = dict(fields)
         self.strict = bool(strict)
-        self._plan = tuple(self.fields.items())
+        self._required = {key: field for key, field in self.fields.items() if field.required}
+        self._compile()
 
     @property
-    def field_names(self) -> List[str]:
-        return list(self.fields)
+    def field_names(self) -> collections.abc.KeysView[str]:
+        """The declared names in order; set-like, so it compares equal to a set."""
+        return self.fields.keys()
 
     @property
-    def required_fields(self) -> List[str]:
-        return [key for key, field in self._plan if field.required]
+    def required_fields(self) -> collections.abc.KeysView[str]:
+        """The required names in order; set-like, so it compares equal to a set."""
+        return self._required.keys()
 
     def validate(self, data: Any) -> Outcome:
         """Check and coerce ``data``; an Outcome, never an exception."""
-        errors: Dict[str, str] = {}
-        try:
-            clean = self._clean_object(data, "", errors, self)
-        except RecursionError:
-            errors = {"$": "is nested too deeply"}
-        if errors:
-            return _outcome(False, None, self._message(errors), 400, {"errors": errors})
-        return _outcome(True, clean, None, 200, None)
+        return self._validate(self, data)
 
     def require(self, data: Any) -> Dict[str, Any]:
         """The cleaned dict, or HTTPError(400) carrying the per-field errors."""
@@ -2442,49 +2713,52 @@ class Schema:
             out["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         out["title"] = self.name
         out["type"] = "object"
-        out["properties"] = {key: field.to_json_schema() for key, field in self._plan}
-        required = self.required_fields
+        out["properties"] = {key: field.to_json_schema() for key, field in self.fields.items()}
+        required = list(self._required)
         if required:
             out["required"] = required
         out["additionalProperties"] = not self.strict
         return out
 
-    def __repr__(self):
-        return "<Schema %r %s>" % (self.name, self.field_names)
+    def compiled_source(self) -> str:
+        """The Python source this schema was compiled to, for reading and debugging.
 
-    def _clean_object(self, data, prefix, errors, root):
-        if not isinstance(data, dict):
-            errors[prefix[:-1] or "$"] = "must be an object, got %s" % _schema_kind(data)
-            return _MISSING
-        if len(data) > root.max_items:
-            errors[prefix[:-1] or "$"] = "has more than %d keys" % root.max_items
-            return _MISSING
-        if prefix.count(".") > root.max_depth:
-            errors[prefix[:-1]] = "is nested more than %d levels deep" % root.max_depth
-            return _MISSING
-        clean = {}
-        for key, field in self._plan:
-            value = data.get(key)
-            if value is None:
-                if field.required:
-                    errors[prefix + key] = "is required"
-                    continue
-                try:
-                    clean[key] = field.make_default()
-                except Exception:
-                    _schema_log.exception("field %s: the default factory raised", prefix + key)
-                    errors[prefix + key] = "has no usable default"
-                continue
-            value = field._clean(value, prefix + key, errors, root)
-            if value is not _MISSING:
-                clean[key] = value
-        unknown = [key for key in data if key not in self.fields] if self.strict else ()
-        if unknown:
-            for key in unknown[:10]:
-                errors[prefix + _schema_clip(str(key))] = "is not an allowed field"
-            if len(unknown) > 10:
-                errors[prefix + "..."] = "%d more unknown fields" % (len(unknown) - 10)
-        return clean
+        The code names its constants (``key_0``, ``match_3``...); a legend
+        after it shows each constant's value, escaped with ``ascii()``; the
+        legend is not part of the compiled code. Once the schema is used as a
+        nested field type, the code for that use follows.
+        """
+        if self._nested is None:
+            return self._source
+        return self._source + "\n\n" + self._nested[1]
+
+    def __repr__(self):
+        return "<Schema %r %s>" % (self.name, list(self.fields))
+
+    def __getstate__(self):
+        # The compiled code is not copied or pickled: a copy compiles its own.
+        state = dict(self.__dict__)
+        for key in ("validate", "_validate", "_source", "_nested"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._compile()
+
+    def _compile(self):
+        self._validate, self._source = _SchemaCompiler(self).build(nested=False)
+        self._nested = None             # (function, source) once compiled for nesting
+        if type(self).validate is Schema.validate:
+            # The compiled function, bound: one call per validate instead of two.
+            # A subclass that overrides validate keeps its override.
+            self.validate = types.MethodType(self._validate, self)  # type: ignore[method-assign]
+
+    def _object_cleaner(self):
+        """The function cleaning this schema as a nested field, compiled on first use."""
+        if self._nested is None:
+            self._nested = _SchemaCompiler(self).build(nested=True)
+        return self._nested[0]
 
     def _message(self, errors):
         parts = []
@@ -2575,16 +2849,6 @@ class Outcome:
         return "Outcome.failure(%r, status=%d)" % (self._error, self._status)
 
 
-class OperationError(Exception):
-    """Raised inside an Operation to fail it with ``status`` and ``meta``."""
-
-    def __init__(self, message, *, status=400, meta=None):
-        super().__init__(message)
-        self.message = message
-        self.status = _outcome_status(status)
-        self.meta = dict(meta or {})
-
-
 class Operation:
     """A reusable action: override ``validate`` (raise OperationError) and ``perform``.
 
@@ -2622,60 +2886,92 @@ class Operation:
 
 
 def _schema_int(value):
+    """An int from an int, an integral float or Decimal, or a string holding a whole number."""
     cls = type(value)
-    if cls is int:
-        return value
-    if cls is bool:
-        raise SchemaError("must be an integer, got a boolean")
-    if cls is float:
-        if value.is_integer():
-            return int(value)
-        raise SchemaError("must be a whole number, got %s" % _schema_clip(repr(value)))
     if cls is str:
-        text = value.strip()
+        # int() and Decimal() skip surrounding whitespace themselves. The length
+        # bound keeps a hostile megabyte of digits away from them; "_" is
+        # Python syntax ("1_000"), not a number a client sends.
+        text = value if len(value) <= 64 else value.strip()
         if len(text) <= 64 and "_" not in text:
             try:
                 return int(text)
             except ValueError:
                 pass
+            # "3.0" and "1e23" are integers written another way. Decimal reads
+            # them exactly; a float would round ("1e23" to ...991611392) and
+            # make "0.99999999999999999" a whole 1.
             try:
-                number = float(text)
-            except ValueError:
+                number = decimal.Decimal(text)
+            except (ArithmeticError, ValueError):
                 pass
             else:
-                if number.is_integer():
-                    return int(number)
+                whole = _schema_whole(number)
+                if whole is not None:
+                    return whole
         raise SchemaError("must be an integer, got %s" % _schema_clip(repr(value)))
-    if isinstance(value, decimal.Decimal) and value.is_finite() and value == value.to_integral_value():
-        return int(value)
+    if cls is int:
+        return value
+    if cls is float:
+        if value.is_integer():
+            return int(value)
+        raise SchemaError("must be a whole number, got %s" % _schema_clip(repr(value)))
+    if cls is bool:
+        raise SchemaError("must be an integer, got a boolean")
+    if isinstance(value, decimal.Decimal):
+        whole = _schema_whole(value)
+        if whole is not None:
+            return whole
+        raise SchemaError("must be a whole number, got %s" % _schema_clip(repr(value)))
     if isinstance(value, numbers.Integral):
         return int(value)
     raise SchemaError("must be an integer, got %s" % _schema_kind(value))
 
 
+def _schema_whole(number):
+    """The int a Decimal stands for exactly, or None when it is not a whole number.
+
+    The exponent is bounded first: int(Decimal("1e999999999")) would build a
+    billion-digit integer.
+    """
+    if (number.is_finite() and number.adjusted() < _SCHEMA_INT_DIGITS
+            and number == number.to_integral_value()):
+        return int(number)
+    return None
+
+
+# Whole numbers written with an exponent may have at most this many digits:
+# the limit Python itself puts on int("...") (sys.int_info.default_max_str_digits).
+_SCHEMA_INT_DIGITS = 4300
+
+
 def _schema_float(value):
+    """A finite float from an int, a float, a real number or a numeric string."""
     cls = type(value)
-    if cls is float:
-        number = value
-    elif cls is int:
-        number = float(value)
-    elif cls is bool:
-        raise SchemaError("must be a number, got a boolean")
-    elif cls is str:
-        text = value.strip()
+    if cls is str:
+        text = value if len(value) <= 64 else value.strip()   # float() skips whitespace itself
         if len(text) > 64 or "_" in text:
             raise SchemaError("must be a number, got %s" % _schema_clip(repr(value)))
         try:
             number = float(text)
         except ValueError:
             raise SchemaError("must be a number, got %s" % _schema_clip(repr(value))) from None
+    elif cls is int:
+        number = float(value)
+    elif cls is float:
+        number = value
+    elif cls is bool:
+        raise SchemaError("must be a number, got a boolean")
     elif isinstance(value, numbers.Real):
         number = float(value)
     else:
         raise SchemaError("must be a number, got %s" % _schema_kind(value))
-    if not math.isfinite(number):
-        raise SchemaError("must be a finite number, got %s" % _schema_clip(repr(value)))
-    return number
+    if -_SCHEMA_INF < number < _SCHEMA_INF:    # False for NaN too
+        return number
+    raise SchemaError("must be a finite number, got %s" % _schema_clip(repr(value)))
+
+
+_SCHEMA_INF = math.inf
 
 
 def _schema_str(value):
@@ -2687,22 +2983,23 @@ def _schema_str(value):
     raise SchemaError("must be a string, got %s" % _schema_kind(value))
 
 
-_SCHEMA_TRUE = frozenset(("true", "yes", "on", "1"))
-_SCHEMA_FALSE = frozenset(("false", "no", "off", "0"))
+_SCHEMA_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+                 "false": False, "no": False, "off": False, "0": False}
 
 
 def _schema_bool(value):
+    """A bool from a bool, 0/1, or true/false, yes/no, on/off, 1/0 in any case."""
     cls = type(value)
-    if cls is bool:
-        return value
-    if cls is int and (value == 0 or value == 1):
-        return bool(value)
     if cls is str and len(value) <= 16:
-        word = value.strip().lower()
-        if word in _SCHEMA_TRUE:
-            return True
-        if word in _SCHEMA_FALSE:
-            return False
+        word = _SCHEMA_WORDS.get(value)
+        if word is None:
+            word = _SCHEMA_WORDS.get(value.strip().lower())
+        if word is not None:
+            return word
+    elif cls is bool:
+        return value
+    elif cls is int and (value == 0 or value == 1):
+        return value == 1
     raise SchemaError("must be true or false (also yes/no, on/off, 1/0), got %s"
                       % _schema_clip(repr(value)))
 
@@ -2723,80 +3020,422 @@ def _schema_dict(value):
 
 _SCHEMA_COERCERS = {int: _schema_int, float: _schema_float, str: _schema_str, bool: _schema_bool,
                     list: _schema_list, dict: _schema_dict}
+# What a fixed default of each built-in type (dict also for a nested schema)
+# may be, and how an error says it.
+_SCHEMA_DEFAULT_TYPES = {int: (int, "an integer"), float: ((int, float), "a number"), str: (str, "a string"),
+                         bool: (bool, "a boolean"), list: ((list, tuple), "a list"), dict: (dict, "an object")}
+
+
+def _schema_builtin(kind):
+    """The built-in type ``kind`` is (int, float, str, bool, list, dict), or None.
+
+    Compared by identity: a coercer may be unhashable (a dataclass instance).
+    """
+    for builtin in _SCHEMA_COERCERS:
+        if kind is builtin:
+            return builtin
+    return None
+
 _SCHEMA_JSON_TYPES = {int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
                       bool: {"type": "boolean"}, list: {"type": "array"}, dict: {"type": "object"}}
 
 
-def _schema_checks(field):
-    """The post-coercion checks a field needs, as a tuple of functions that raise SchemaError."""
-    checks = []
-    if field.choices is not None:
-        choices = field.choices
+class _SchemaCompiler:
+    """Writes a Schema's validator as Python source, then compiles it.
 
-        def check_choices(value):
-            if value not in choices:
-                raise SchemaError("must be one of %s" % ", ".join(map(repr, choices[:20])))
-        checks.append(check_choices)
-    if field.min is not None:
-        low = field.min
+    The source holds only generated names, keywords and small integers.
+    Everything that comes from the schema's author (field names, defaults,
+    bounds, choices, patterns, coercers, validators, messages) is a value in
+    the namespace the code runs in, under a generated name such as
+    ``key_0`` or ``match_3``: data stays data, whatever characters it holds.
 
-        def check_min(value):
-            if value < low:
-                raise SchemaError("must be at least %s" % low)
-        checks.append(check_min)
-    if field.max is not None:
-        high = field.max
+    The code is straight-line per field: a type test that takes the common
+    case inline, a call to the coercer otherwise, then the field's checks,
+    all inside one ``try`` whose handlers turn a refusal into a message at
+    the field's path (a ``try`` costs nothing until something raises). List
+    elements are checked by a loop written in place.
 
-        def check_max(value):
-            if value > high:
-                raise SchemaError("must be at most %s" % high)
-        checks.append(check_max)
-    if field.min_length is not None:
-        shortest = field.min_length
+    Paths travel unformatted, as nested tuples ``(parent, key_or_index)``
+    that ``_schema_path`` renders, so a path costs nothing until an error
+    needs its text. ``root`` is the schema ``validate`` was called on: its
+    ``max_depth`` and ``max_items`` bound the whole payload, nested objects
+    included.
+    """
 
-        def check_min_length(value):
-            if len(value) < shortest:
-                raise SchemaError("must have at least %d %s" % (shortest, _schema_unit(value, shortest)))
-        checks.append(check_min_length)
-    if field.max_length is not None:
-        longest = field.max_length
+    def __init__(self, schema):
+        self.schema = schema
+        self.namespace = dict(_SCHEMA_RUNTIME)
+        self.names = {}                 # (stem, id of the value or of its owner) -> generated name
+        self.legend = []                # the constants' names, in order
+        self.functions = []             # one list of source lines per generated function
+        self.serial = itertools.count()
+        self.defaults = []              # (key, field, check, constant or None, default) to check
 
-        def check_max_length(value):
-            if len(value) > longest:
-                raise SchemaError("must have at most %d %s" % (longest, _schema_unit(value, longest)))
-        checks.append(check_max_length)
-    if field.pattern is not None:
-        pattern = field.pattern
+    def build(self, nested):
+        """Compile ``validate(root, data)``, or with ``nested`` ``clean_object(data, path, errors, root, level)``.
 
-        def check_pattern(value):
-            if not isinstance(value, str) or pattern.fullmatch(value) is None:
-                raise SchemaError("must match the pattern %r" % pattern.pattern)
-        checks.append(check_pattern)
-    return tuple(checks)
-
-
-def _schema_items(item_field, value, path, errors, schema):
-    if not isinstance(value, list):
-        raise SchemaError("must be a list, got %s" % _schema_kind(value))
-    if len(value) > schema.max_items:
-        raise SchemaError("has more than %d items" % schema.max_items)
-    clean = []
-    failed = False
-    for index, item in enumerate(value):
-        if item is None:
-            errors["%s[%d]" % (path, index)] = "is required"
-            failed = True
-            continue
-        item = item_field._clean(item, (path, index), errors, schema)
-        if item is _MISSING:
-            failed = True
+        Returns (function, source). Fixed defaults are checked here, so a bad
+        one raises TypeError naming its field while the schema is built.
+        """
+        if nested:
+            self._object_function()
         else:
-            clean.append(item)
-    return _MISSING if failed else clean
+            self._validate_function()
+        source = "\n\n\n".join("\n".join(lines) for lines in self.functions) + "\n"
+        label = "<specter schema %s%s>" % (_schema_clip(ascii(self.schema.name), 60), " nested" if nested else "")
+        exec(compile(source, label, "exec"), self.namespace)
+        for key, field, check, constant, default in self.defaults:
+            if callable(default):           # list or dict: always an empty one
+                default = default()
+            clean = _schema_default(field, self.namespace[check], default, key, self.schema)
+            if constant is not None:
+                self.namespace[constant] = clean
+        if self.legend:
+            source += "\n# Constants (values, escaped, not compiled):\n" + "\n".join(
+                "#   %s = %s" % (name, _schema_clip(ascii(self.namespace[name]), 100)) for name in self.legend) + "\n"
+        return self.namespace["clean_object" if nested else "validate"], source
+
+    # -- names -----------------------------------------------------------------
+
+    def const(self, stem, value, owner=None):
+        """A generated global name bound to ``value`` (one name per value, or per ``owner``)."""
+        memo = (stem, id(value) if owner is None else id(owner))
+        name = self.names.get(memo)
+        if name is None:
+            name = self.names[memo] = "%s_%d" % (stem, next(self.serial))
+            self.namespace[name] = value
+            self.legend.append(name)
+        return name
+
+    def function(self, header, doc):
+        lines = [header, '    """%s"""' % doc]
+        self.functions.append(lines)
+        return lines
+
+    # -- functions -------------------------------------------------------------
+
+    def _validate_function(self):
+        out = self.function("def validate(root, data):",
+                            "Schema.validate: the cleaned dict as an Outcome, or a 400 naming every bad field.")
+        add = out.append
+        add("    errors = {}")
+        add("    try:")
+        add("        if type(data) is not dict and not isinstance(data, dict):")
+        add('            errors["$"] = "must be an object, got %s" % kind(data)')
+        add("        elif len(data) > root.max_items:")
+        add('            errors["$"] = "has more than %d keys" % root.max_items')
+        add("        else:")
+        self._members(out, 3, nested=False)
+        add("    except RecursionError:")
+        add('        errors = {"$": "is nested too deeply"}')
+        add("    except Exception:   # outside any field: a dict subclass's get(), say")
+        add('        errors = {"$": broken("$", root)}')
+        add("    if errors:")
+        add("        return failure(root, errors)")
+        add("    result = new_outcome(Outcome)   # what _outcome() does, without the call")
+        add("    result._ok = True")
+        add("    result._value = out")
+        add("    result._error = None")
+        add("    result._status = 200")
+        add("    result._meta = NO_META")
+        add("    return result")
+
+    def _object_function(self):
+        out = self.function("def clean_object(data, path, errors, root, level):",
+                            "The schema as a nested field: the cleaned dict, or MISSING once errors are recorded.")
+        add = out.append
+        add("    if type(data) is not dict and not isinstance(data, dict):")
+        add('        errors[path_text(path)] = "must be an object, got %s" % kind(data)')
+        add("        return MISSING")
+        add("    if len(data) > root.max_items:")
+        add('        errors[path_text(path)] = "has more than %d keys" % root.max_items')
+        add("        return MISSING")
+        add("    if level > root.max_depth:")
+        add('        errors[path_text(path)] = "is nested more than %d levels deep" % root.max_depth')
+        add("        return MISSING")
+        add("    known = len(errors)")
+        self._members(out, 1, nested=True)
+        add("    return out if len(errors) == known else MISSING")
+
+    def _members(self, out, depth, nested):
+        """Each field in declaration order, then (strict) the keys nobody declared."""
+        pad = "    " * depth
+        add = out.append
+        add(pad + "get = data.get")
+        add(pad + "out = {}")
+        fields = self.schema.fields
+        for number, (key, field) in enumerate(fields.items(), 1):
+            name = self.const("key", key)
+            path = "(path, %s)" % name if nested else name
+            text = "path_text(%s)" % path if nested else name
+            add("")
+            add(pad + "# field %d of %d: %s" % (number, len(fields), _schema_summary(field)))
+            add(pad + "v = get(%s)" % name)
+            add(pad + "if v is None:")
+            self._absent(out, depth + 1, key, field, name, path, text)
+            add(pad + "else:")
+            self._value(out, depth + 1, field, "v", path, text, "level" if nested else "0", "out[%s] = v" % name, 0)
+        if self.schema.strict:
+            known = self.const("known", frozenset(fields))
+            add("")
+            add(pad + "# strict: keys the schema does not declare are refused")
+            add(pad + "if not data.keys() <= %s:" % known)
+            add(pad + "    unknown_keys(data, %s, %s, errors)" % (known, "path" if nested else '""'))
+
+    def _absent(self, out, depth, key, field, name, path, text):
+        """An absent or None value: 'is required', or the default, checked against the field."""
+        pad = "    " * depth
+        add = out.append
+        default = field.default
+        if field.required:
+            add(pad + 'errors[%s] = "is required"' % text)
+            return
+        if default is None:
+            add(pad + "out[%s] = None" % name)
+            return
+        check = self._default_check(field)
+        if default is list or default is dict or (type(default) in (list, dict) and not default):
+            # An empty container is written as a literal: a fresh one each time, nothing to copy.
+            if check is not None:
+                self.defaults.append((key, field, check, None, default))
+            add(pad + "out[%s] = %s" % (name, "[]" if default is list or type(default) is list else "{}"))
+        elif callable(default):
+            # A factory's result is checked each time it is called.
+            add(pad + "v = call_default(%s, %s, %s, %s, errors, root)"
+                % (self.const("field", field), self.const("factory", default), check, path))
+            add(pad + "if v is not MISSING:")
+            add(pad + "    out[%s] = v" % name)
+        else:
+            # A fixed default was checked when the schema was built; the constant holds its cleaned value.
+            constant = self.const("default", default)
+            if check is not None:
+                self.defaults.append((key, field, check, constant, default))
+            template = "out[%s] = deepcopy(%s)" if isinstance(default, (list, tuple, dict)) else "out[%s] = %s"
+            add(pad + template % (name, constant))
+
+    def _default_check(self, field):
+        """The name of a function cleaning a default of ``field``; None when it is not checked.
+
+        Defaults of the built-in types and of nested schemas are checked; a
+        coercer's are not (only the coercer knows what it produces).
+        """
+        if _schema_builtin(field.type) is None and not isinstance(field.type, Schema):
+            return None
+        name = "check_%d" % next(self.serial)
+        out = self.function("def %s(v, path, errors, root):" % name,
+                            "A default of one field, cleaned: the value, or MISSING once errors are recorded.")
+        self._value(out, 1, field, "v", "path", "path_text(path)", "0", "return v", 0)
+        out.append("    return MISSING")
+        return name
+
+    def _value(self, out, depth, field, var, path, text, level, store, nest):
+        """Convert and check ``var`` for ``field``, then run ``store``.
+
+        ``path`` is the expression of the value's path, ``text`` of its text
+        (where a refusal is recorded), ``level`` of the object nesting level.
+        """
+        pad = "    " * depth
+        add = out.append
+        add(pad + "try:")
+        depth += 1
+        body = "    " * depth
+        kind = _schema_builtin(field.type)
+        if isinstance(field.type, Schema):
+            cleaner = self.const("object", field.type._object_cleaner())
+            deeper = "1" if level == "0" else level + " + 1"
+            add(body + "%s = %s(%s, %s, errors, root, %s)" % (var, cleaner, var, path, deeper))
+            add(body + "if %s is not MISSING:" % var)
+            depth += 1
+            body += "    "
+        elif kind is float:
+            add(body + "if type(%s) is int:" % var)
+            add(body + "    %s = float(%s)" % (var, var))
+            add(body + "elif type(%s) is not float or not -INF < %s < INF:   # to_float refuses NaN, infinities"
+                % (var, var))
+            add(body + "    %s = to_float(%s)" % (var, var))
+        elif kind is int:
+            add(body + "if type(%s) is not int:" % var)
+            add(body + "    if type(%s) is str and len(%s) <= 64 and %s.isdecimal():   # plain digits: int() reads them"
+                % (var, var, var))
+            add(body + "        %s = int(%s)" % (var, var))
+            add(body + "    else:")
+            add(body + "        %s = to_int(%s)" % (var, var))
+        elif kind in (str, bool) or (kind is list and field.items is not None):
+            add(body + "if type(%s) is not %s:" % (var, kind.__name__))
+            add(body + "    %s = to_%s(%s)" % (var, kind.__name__, var))
+        elif kind is not None:
+            add(body + "%s = to_%s(%s)   # a copy" % (var, kind.__name__, var))
+        else:
+            add(body + "%s = %s(%s)" % (var, self.const("coerce", field.type), var))
+        if field.items is not None:
+            depth = self._items(out, depth, field, var, path, level, nest + 1)
+            body = "    " * depth
+        elif kind is list or kind is dict:
+            add(body + "measure(%s, root)" % var)
+        elif kind is None and not isinstance(field.type, Schema):
+            add(body + "if type(%s) is list or type(%s) is dict:" % (var, var))
+            add(body + "    measure(%s, root)" % var)
+        self._checks(out, depth, field, var)
+        add(body + store)
+        add(pad + "except SchemaError as exc:")
+        add(pad + "    errors[%s] = exc.message" % text)
+        add(pad + "except REFUSED:   # an ordinary refusal: its text stays out of the message")
+        add(pad + '    errors[%s] = "is invalid"' % text)
+        add(pad + "except Exception:")
+        add(pad + "    errors[%s] = broken(%s, %s)" % (text, text, self.const("field", field)))
+
+    def _items(self, out, depth, field, var, path, level, nest):
+        """The loop cleaning each element of the list ``var``; returns the depth the code continues at."""
+        pad = "    " * depth
+        add = out.append
+        item, index, items, append, before = ("%s_%d" % (stem, nest) for stem in ("item", "index", "items", "append", "before"))
+        if _schema_builtin(field.type) is not list:
+            add(pad + "if not isinstance(%s, list):" % var)
+            add(pad + '    raise SchemaError("must be a list, got %%s" %% kind(%s))' % var)
+        add(pad + "if len(%s) > root.max_items:" % var)
+        add(pad + '    raise SchemaError("has more than %d items" % root.max_items)')
+        add(pad + "%s = len(errors)" % before)
+        element = field.items
+        kind = _schema_builtin(element.type)
+        loop = pad
+        if kind in (int, str, bool) and not any(getattr(element, option) is not None for option in (
+                "items", "choices", "min", "max", "min_length", "max_length", "pattern", "validator")):
+            # Elements that already have the type and nothing more to check are
+            # taken in one pass; the loop below runs only when one is not.
+            add(pad + "%s = [%s for %s in %s if type(%s) is %s]   # all clean already?"
+                % (items, item, item, var, item, kind.__name__))
+            add(pad + "if len(%s) != len(%s):" % (items, var))
+            loop += "    "
+        add(loop + "%s = []" % items)
+        add(loop + "%s = %s.append" % (append, items))
+        add(loop + "for %s, %s in enumerate(%s):" % (index, item, var))
+        add(loop + "    if %s is None:" % item)
+        add(loop + '        errors[path_text((%s, %s))] = "is required"' % (path, index))
+        add(loop + "        continue")
+        self._value(out, len(loop) // 4 + 1, element, item, "(%s, %s)" % (path, index),
+                    "path_text((%s, %s))" % (path, index), level, "%s(%s)" % (append, item), nest)
+        add(pad + "if len(errors) == %s:" % before)
+        add(pad + "    %s = %s" % (var, items))
+        return depth + 1
+
+    def _checks(self, out, depth, field, var):
+        """The constraints, in the documented order, each raising SchemaError with its message."""
+        pad = "    " * depth
+        add = out.append
+        if field.choices is not None:
+            choices = self.const("choices", field.choices)
+            add(pad + "if %s not in %s:" % (var, choices))
+            add(pad + "    raise SchemaError(one_of(%s))" % choices)
+        if field.min is not None:
+            add(pad + "if %s < %s:" % (var, self.const("min", field.min)))
+            add(pad + "    raise SchemaError(%s)"
+                % self.const("at_least", "must be at least %s" % field.min, owner=field))
+        if field.max is not None:
+            add(pad + "if %s > %s:" % (var, self.const("max", field.max)))
+            add(pad + "    raise SchemaError(%s)"
+                % self.const("at_most", "must be at most %s" % field.max, owner=field))
+        if field.min_length is not None:
+            bound = self.const("min_length", field.min_length)
+            add(pad + "if len(%s) < %s:" % (var, bound))
+            add(pad + '    raise length_error(%s, "at least", %s)' % (var, bound))
+        if field.max_length is not None:
+            bound = self.const("max_length", field.max_length)
+            add(pad + "if len(%s) > %s:" % (var, bound))
+            add(pad + '    raise length_error(%s, "at most", %s)' % (var, bound))
+        if field.pattern is not None:
+            match = self.const("match", field.pattern.fullmatch, owner=field.pattern)
+            if field.type is str:       # already a string
+                add(pad + "if %s(%s) is None:" % (match, var))
+            else:
+                add(pad + "if type(%s) is not str or %s(%s) is None:" % (var, match, var))
+            add(pad + "    raise SchemaError(%s)" % self.const(
+                "mismatch", "must match the pattern %r" % field.pattern.pattern, owner=field.pattern))
+        if field.validator is not None:
+            add(pad + "if %s(%s) is False:" % (self.const("validator", field.validator), var))
+            add(pad + '    raise SchemaError("is invalid")')
+
+
+def _schema_default(field, check, value, name, root):
+    """A default cleaned by its field (``check``), or TypeError naming the field ``name``.
+
+    A default must already have the field's type (an int may stand for a
+    float, a tuple for a list): it is a value, not input to convert. So
+    ``Field(str, default=5)`` cannot put an int in the cleaned dict.
+    """
+    if check is None:
+        return value
+    expected, words = _SCHEMA_DEFAULT_TYPES[_schema_builtin(field.type) or dict]
+    if not isinstance(value, expected):
+        raise TypeError("the default of field %r must be %s, got %s" % (name, words, _describe(value)))
+    errors = {}
+    clean = check(value, name, errors, root)
+    if errors:
+        raise TypeError("the default of field %r fails the field: %s"
+                        % (name, "; ".join("%s %s" % item for item in errors.items())))
+    return clean
+
+
+def _schema_call_default(field, factory, check, path, errors, root):
+    """A default factory's result, checked; _MISSING after recording an error if either fails."""
+    try:
+        return _schema_default(field, check, factory(), _schema_path(path), root)
+    except Exception:
+        text = _schema_path(path)
+        _schema_log.exception("field %s: the default factory failed", text)
+        errors[text] = "has no usable default"
+        return _MISSING
+
+
+def _schema_broken(text, what):
+    """Log the exception being handled and give the client's message.
+
+    Its text may carry internals (a lookup's connection string), so it goes
+    to the log, never into the error.
+    """
+    _schema_log.warning("field %s: %s raised", text, what, exc_info=True)
+    return "is invalid"
+
+
+def _schema_failure(schema, errors):
+    return _outcome(False, None, schema._message(errors), 400, {"errors": errors})
+
+
+def _schema_one_of(choices):
+    return "must be one of %s" % ", ".join(map(repr, choices))
+
+
+def _schema_length_error(value, words, bound):
+    return SchemaError("must have %s %d %s" % (words, bound, _schema_unit(value, bound)))
+
+
+def _schema_unknown(data, known, path, errors):
+    """Record the keys of ``data`` a strict schema does not declare (the first ten by name)."""
+    unknown = [key for key in data if key not in known]
+    for key in unknown[:10]:
+        errors[_schema_path((path, _schema_clip(str(key))))] = "is not an allowed field"
+    if len(unknown) > 10:
+        errors[_schema_path((path, "..."))] = "%d more unknown fields" % (len(unknown) - 10)
+
+
+def _schema_summary(field):
+    """What a field is made of, for the comment above its code (no user text: names only)."""
+    kind = field.type
+    parts = ["nested schema" if isinstance(kind, Schema) else kind.__name__ if _schema_builtin(kind) else "coercer"]
+    parts += [option for option in ("required", "default", "items", "choices", "min", "max", "min_length",
+                                    "max_length", "pattern", "validator")
+              if getattr(field, option) is not None and getattr(field, option) is not False]
+    return ", ".join(parts)
 
 
 def _schema_path(path):
-    return path if type(path) is str else "%s[%d]" % path
+    """A path as text: ``path`` is a string or a tuple ``(parent path, key or index)``."""
+    if type(path) is str:
+        return path
+    parent, step = path
+    head = _schema_path(parent)
+    if type(step) is int:
+        return "%s[%d]" % (head, step)
+    return "%s.%s" % (head, step) if head else step
 
 
 def _schema_measure(value, schema):
@@ -2854,6 +3493,19 @@ def _outcome_status(status):
     return status
 
 
+# The names every compiled schema's code runs with (its constants are added per schema).
+_SCHEMA_RUNTIME = {
+    "MISSING": _MISSING, "SchemaError": SchemaError, "INF": math.inf,
+    "REFUSED": (ValueError, TypeError, ArithmeticError, LookupError),
+    "to_int": _schema_int, "to_float": _schema_float, "to_str": _schema_str, "to_bool": _schema_bool,
+    "to_list": _schema_list, "to_dict": _schema_dict, "measure": _schema_measure, "deepcopy": copy.deepcopy,
+    "kind": _schema_kind, "path_text": _schema_path, "one_of": _schema_one_of,
+    "length_error": _schema_length_error, "unknown_keys": _schema_unknown, "call_default": _schema_call_default,
+    "broken": _schema_broken, "failure": _schema_failure,
+    "Outcome": Outcome, "new_outcome": Outcome.__new__, "NO_META": _OUTCOME_NO_META,
+}
+
+
 ###############################################################################
 # Web ##########################################################################
 ###############################################################################
@@ -2864,45 +3516,6 @@ _web_log = logging.getLogger("specter.web")
 _JSON_LIMIT_DEFAULT = 8 * 1024 * 1024
 _WEB_TOO_DEEP = "Request body is nested too deeply"
 _WEB_BODY_REQUIRED = "Request body is required"  # expect_json's default error
-
-
-class HTTPError(Exception):
-    """An error meant for an HTTP client: a message, a status and a JSON payload.
-
-    ``json_endpoint`` turns it into a response whose body is ``payload``
-    plus ``error``; ``log_message`` (if any) goes to the log at
-    ``log_level``, never to the client.
-    """
-
-    def __init__(self, message, status_code=400, *, status=None, payload=None, log_message=None,
-                 log_level=logging.WARNING):
-        super().__init__(message)
-        self.message = message
-        self.status_code = _outcome_status(status if status is not None else status_code)
-        if payload is not None and not isinstance(payload, dict):
-            raise TypeError("payload must be a dict, got %s" % _describe(payload))
-        self.payload = dict(payload or {})
-        self.log_message = log_message
-        self.log_level = log_level
-
-    def to_response(self) -> flask.Response:
-        """A Flask JSON response: payload plus ``error``, with ``status_code``.
-
-        A payload JSON cannot encode is a bug on the server's side, not the
-        client's: it is logged and left out, and the client still gets the
-        message and the status as JSON rather than Flask's HTML 500.
-        """
-        body = dict(self.payload)
-        body["error"] = self.message
-        try:
-            return _web_json(body, self.status_code)
-        except Exception:
-            _web_log.exception("HTTPError %d %r: its payload cannot be encoded as JSON; answering without it",
-                               self.status_code, self.message)
-        try:
-            return _web_json({"error": self.message}, self.status_code)
-        except Exception:  # the message itself is no JSON string
-            return _web_json({"error": "Internal server error"}, 500)
 
 
 def json_endpoint(error_message: Union[str, Callable[..., Any], None] = None, *,
@@ -3136,7 +3749,8 @@ class Handler(_Owner):
         self._bindings = []
         self._socketio = None
         self._registered = False
-        self._gate = None
+        self._gate = None   # a Controller's "am I running?": see _guarded()
+        self._fences = []   # unsubscribes of gated connect subscriptions, which outlive teardown
         if not isinstance(self.events, dict):
             raise TypeError("%s.events must be a dict of event -> method name" % type(self).__name__)
         for event, method_name in self.events.items():
@@ -3188,6 +3802,9 @@ class Handler(_Owner):
                                "setup() or boot an app that provides 'socket_ingress'" % self.name)
         self._registered = True
         try:
+            fences, self._fences = self._fences, []
+            for unsubscribe in fences:  # the bindings below take their place
+                unsubscribe()
             for binding in self._bindings:
                 self._bind(binding)
             self.on_setup()
@@ -3222,15 +3839,31 @@ class Handler(_Owner):
     def _bind(self, binding):
         event, callback, priority, namespace, schema = binding
         ingress = registry.resolve("socket_ingress") or _web_direct_ingress(self._socketio)
-        self.add_cleanup(ingress.subscribe(event, self._guarded(callback), priority=priority,
-                                           namespace=namespace, schema=schema))
+        unsubscribe = ingress.subscribe(event, self._guarded(callback, event), priority=priority,
+                                        namespace=namespace, schema=schema)
+        if event == "connect" and self._gate is not None:
+            # A gated connect check stays subscribed through teardown, refusing
+            # clients (see _guarded): removing it would let everyone in.
+            self._fences.append(unsubscribe)
+        else:
+            self.add_cleanup(unsubscribe)
 
-    def _guarded(self, callback):
-        gate = self._gate
+    def _guarded(self, callback, event):
+        """``callback`` behind the handler's state: only a set-up handler (with its gate open) runs it.
+
+        Otherwise the event is not delivered, except that a gated handler's
+        ``connect`` check refuses the client: a Controller that is not
+        running cannot vouch for anyone, so it fails closed.
+        """
+        closed = False if event == "connect" else None
 
         def deliver(*args):
-            if not self._registered or (gate is not None and not gate()):
-                return None
+            gate = self._gate
+            if gate is None:
+                if not self._registered:
+                    return None
+            elif not self._registered or not gate():
+                return closed
             return callback(*args)
         deliver.__qualname__ = "%s.%s" % (self.name, _callable_name(callback))
         deliver.__wrapped__ = callback  # so the ingress sees the real signature
@@ -3248,7 +3881,9 @@ class SocketIngress:
     the client's ack; one Socket.IO cannot encode is logged and replaced by
     that error dict, so the client's call() never waits in vain. With
     ``schema=`` a subscriber only sees payloads that validate (cleaned); an
-    invalid one makes the ack the 400 error dict.
+    invalid one makes the ack the 400 error dict. Order, schemas and
+    signatures are settled into each event's call plan when its
+    subscribers change, so an event only walks that plan.
 
     Attached to a SocketIO, the ingress is also its default error handler:
     an exception from any event handler on it, a plain ``@socketio.on`` one
@@ -3258,7 +3893,8 @@ class SocketIngress:
     def __init__(self, socketio=None, *, name="socket_ingress"):
         self.name = _check_name(name, "ingress name")
         self._socketio = None
-        self._subs = {}
+        self._subs = {}   # (namespace, event) -> its subscribers, sorted
+        self._plans = {}  # (namespace, event) -> its call plan, see _set_subs()
         self._bound = set()
         self._error_subs = ()
         self._seq = itertools.count()
@@ -3292,8 +3928,7 @@ class SocketIngress:
         # handlers a reason only if they take them; so do we.
         arity = _web_arity(callback) if event in ("connect", "disconnect") else None
         entry = _IngressSubscriber(callback, _web_priority(priority), next(self._seq), _web_schema(schema), arity)
-        subs = self._subs.get(key, ()) + (entry,)
-        self._subs[key] = tuple(sorted(subs, key=_IngressSubscriber.order))
+        self._set_subs(key, self._subs.get(key, ()) + (entry,))
         self._bind(*key)
         unsubscribe = functools.partial(self._remove, key, entry)
         if owner is not None:
@@ -3354,10 +3989,33 @@ class SocketIngress:
 
     def dispatch(self, event: str, *args: Any, namespace: str = "/", **kwargs: Any) -> Any:
         """Run ``event``'s subscribers now, as a client event would; returns the ack value."""
-        subs = self._subs.get((_web_namespace(namespace), event))
-        if not subs:
+        try:
+            plan = self._plans.get((namespace, event))
+        except TypeError:  # an unhashable namespace gets its precise error
+            _web_namespace(namespace)
+            raise
+        if plan is None:
+            _web_namespace(namespace)  # only a miss can be a bad namespace: none is ever stored
             return None
-        return self._run(subs, event, args, kwargs)
+        if len(args) != 1 or kwargs:
+            return self._run(plan, event, args, kwargs)
+        # The usual event, one payload, walked here: CPython runs call(data)
+        # in the same eval loop, call(*args, **kwargs) through a C call, and
+        # the walk in place saves a frame (bench_specter.py socket.dispatch).
+        data = args[0]
+        result = None
+        for call, callback in plan:
+            try:
+                value = call(data)
+            except Exception as exc:
+                value = self._failed(callback, event, exc)
+            if value is not None:
+                if value is False and event == "connect":
+                    return False  # one refusal is final, whatever later subscribers say
+                result = value
+        if isinstance(result, Outcome):
+            return result.to_dict()
+        return result
 
     def dispatch_default_error(self, exc: BaseException, *args: Any, **kwargs: Any) -> Any:
         """Hand ``exc`` to the default-error subscribers; returns their last non-None result."""
@@ -3376,6 +4034,7 @@ class SocketIngress:
     def clear(self) -> None:
         """Drop every subscriber; bound events then answer nothing."""
         self._subs.clear()
+        self._plans.clear()
         self._error_subs = ()
 
     def health(self) -> Dict[str, Any]:
@@ -3393,10 +4052,7 @@ class SocketIngress:
         socketio.on_event(event, functools.partial(self._handle, namespace, event), namespace=namespace)
 
     def _handle(self, namespace, event, *args):
-        subs = self._subs.get((namespace, event))
-        if not subs:
-            return None
-        result = self._run(subs, event, args, {})
+        result = self.dispatch(event, *args, namespace=namespace)
         if result is None or result is False or event in ("connect", "disconnect"):
             return result
         return self._ackable(event, result)
@@ -3446,47 +4102,56 @@ class SocketIngress:
         result = self.dispatch_default_error(exc)
         return _web_socket_error() if result is None else result
 
-    def _run(self, subs, event, args, kwargs):
+    def _run(self, plan, event, args, kwargs):
+        """dispatch() for any arguments: the same walk, calling ``call(*args, **kwargs)``."""
         result = None
-        for entry in subs:
-            call_args = args
-            if entry.schema is not None:
-                outcome = entry.schema.validate(args[0] if args else None)
-                if not outcome.ok:
-                    result = outcome.to_dict()
-                    continue
-                call_args = (outcome.value,) + args[1:]
-            if entry.arity is not None:
-                call_args = call_args[:entry.arity]
+        for call, callback in plan:
             try:
-                value = entry.callback(*call_args, **kwargs)
+                value = call(*args, **kwargs)
             except Exception as exc:
-                if _web_refusal(exc):
-                    raise  # a connect handler refusing the client: python-socketio answers it
-                _web_log.exception("ingress %s: subscriber %s of %r raised", self.name,
-                                   _callable_name(entry.callback), event)
-                if event == "connect":
-                    return False  # fail closed: a crashed check must not let the client in
-                value = self.dispatch_default_error(exc)
-                if value is None:
-                    value = _web_socket_error()
-            if value is False and event == "connect":
-                return False  # one refusal is final, whatever later subscribers say
+                value = self._failed(callback, event, exc)
             if value is not None:
+                if value is False and event == "connect":
+                    return False
                 result = value
         if isinstance(result, Outcome):
             return result.to_dict()
         return result
+
+    def _failed(self, callback, event, exc):
+        """What a subscriber that raised ``exc`` contributes: logged, then the error subscribers' answer."""
+        if _web_refusal(exc):
+            raise  # a connect handler refusing the client: python-socketio answers it
+        _web_log.exception("ingress %s: subscriber %s of %r raised", self.name, _callable_name(callback), event)
+        if event == "connect":
+            return False  # fail closed: a crashed check must not let the client in
+        value = self.dispatch_default_error(exc)
+        return _web_socket_error() if value is None else value
+
+    def _set_subs(self, key, subs):
+        """Store ``key``'s subscribers and precompute its call plan; no subscribers drops the key.
+
+        The plan is what a dispatch walks: one ``(call, callback)`` pair per
+        subscriber, in priority order, where ``call`` is the callback itself
+        or, with a schema or a trimmed signature, its prebuilt wrapper. So
+        sorting, schema and arity are settled here, when subscribers change,
+        not on every event. Both dicts get new tuples, never mutated ones:
+        a dispatch already running keeps the plan it started with.
+        """
+        if subs:
+            subs = tuple(sorted(subs, key=_IngressSubscriber.order))
+            self._subs[key] = subs
+            self._plans[key] = tuple((entry.call, entry.callback) for entry in subs)
+        else:
+            self._subs.pop(key, None)
+            self._plans.pop(key, None)
 
     def _remove(self, key, entry):
         subs = self._subs.get(key, ())
         kept = tuple(sub for sub in subs if sub is not entry)
         if len(kept) == len(subs):
             return False
-        if kept:
-            self._subs[key] = kept
-        else:
-            del self._subs[key]
+        self._set_subs(key, kept)
         return True
 
 
@@ -3494,10 +4159,11 @@ class Controller(Service):
     """A feature's composition root: routes, socket events, schemas and state under one lifecycle.
 
     Override ``build_routes(router)`` and ``build_events(handler)``; declare
-    ``schemas``. While the controller is not running its routes answer 503
-    and its socket events are not delivered. ``stop()`` tears the handler
-    down first, then stops like any Service (owned models and stores
-    included).
+    ``schemas``. While the controller is not running its routes answer 503,
+    its socket events are not delivered and its ``connect`` subscribers
+    refuse every client (an auth check that cannot run must not let anyone
+    in). ``stop()`` tears the handler down first, then stops like any
+    Service (owned models and stores included).
     """
 
     schemas: Dict[str, Schema] = {}
@@ -3534,7 +4200,7 @@ class Controller(Service):
         """The controller's Handler, carrying the events added by build_events(); built once."""
         if self._handler is None:
             handler = Handler(self.name)
-            handler._gate = lambda: self.running
+            handler._gate = self._serving
             self.build_events(handler)
             self._handler = handler
         return self._handler
@@ -3542,7 +4208,10 @@ class Controller(Service):
     def build_handler(self, socketio: Any = None) -> Handler:
         """The controller's Handler, built once (and set up when ``socketio`` is given)."""
         if self._handler is None:
-            self._handler = self.create_handler()  # a subclass's create_handler may build its own
+            handler = self.create_handler()  # a subclass's create_handler may build its own
+            if isinstance(handler, Handler) and handler._gate is None:
+                handler._gate = self._serving  # gated like the one create_handler() builds
+            self._handler = handler
         if socketio is not None:
             self._handler.setup(socketio)
         return self._handler
@@ -3589,6 +4258,10 @@ class Controller(Service):
         if self._handler is not None:
             self._handler.teardown()
         super()._lifecycle_stopping()
+
+    def _serving(self):
+        """The gate of the controller's routes and socket events."""
+        return self.running
 
     def _http_gate(self):
         if not self.running:
@@ -4063,7 +4736,7 @@ class _BootCancelled(BaseException):
 
 
 class _IngressSubscriber:
-    __slots__ = ("callback", "priority", "seq", "schema", "arity")
+    __slots__ = ("callback", "priority", "seq", "schema", "arity", "call")
 
     def __init__(self, callback, priority, seq, schema, arity=None):
         self.callback = callback
@@ -4071,9 +4744,21 @@ class _IngressSubscriber:
         self.seq = seq
         self.schema = schema
         self.arity = arity
+        self.call = callback if schema is None and arity is None else self._checked
 
     def order(self):
         return (self.priority, self.seq)
+
+    def _checked(self, *args, **kwargs):
+        """The callback behind its schema and signature: an invalid payload is answered, not delivered."""
+        if self.schema is not None:
+            outcome = self.schema.validate(args[0] if args else None)
+            if not outcome.ok:
+                return outcome.to_dict()
+            args = (outcome.value,) + args[1:]
+        if self.arity is not None:
+            args = args[:self.arity]
+        return self.callback(*args, **kwargs)
 
 
 _WEB_FLUSH_STEP = 0.005  # how often shutdown looks whether clients took their disconnect (seconds)
@@ -4797,9 +5482,10 @@ class ManagedProcess:
     block the hub, whether or not the application monkey-patches.
 
     The launch runs in a greenlet the process owns, so no interruption of
-    the caller can separate a child from its handle; a group is signalled
-    only while it is verifiably the child's, never after its pgid may
-    have been reused.
+    the caller can separate a child from its handle, and a teardown whose
+    caller is interrupted is finished by one; a group is signalled only
+    while it is verifiably the child's, never after its pgid may have been
+    reused.
     """
 
     PIPE = subprocess.PIPE
@@ -4820,6 +5506,7 @@ class ManagedProcess:
         self._reaper = None
         self._launcher = None
         self._stopping = gevent.lock.RLock()
+        self._terminated_at = None  # when this run's group got SIGTERM (monotonic)
 
     def start(self, args: Union[str, bytes, Sequence[Any]], *, owner: Any = None,
               **popen_kwargs: Any) -> ManagedProcess:
@@ -4941,27 +5628,20 @@ class ManagedProcess:
 
         ``timeout`` overrides ``terminate_timeout``. Idempotent. A launch in
         progress is waited for and its child ended; a stop() under way in
-        another greenlet is waited for.
+        another greenlet is waited for. An interruption of the caller (its
+        own Timeout, a kill) ends its wait, not the teardown: a greenlet of
+        the process's own finishes it, and SIGKILL still comes ``timeout``
+        seconds after the first SIGTERM.
         """
         grace = self.terminate_timeout if timeout is None else _check_seconds(timeout, "timeout")
-        with self._stopping:
-            launcher = self._launcher
-            if launcher is not None and not launcher.dead:
-                launcher.join()  # fork to exec: brief, and the child must not escape
-            popen = self._popen
-            if popen is not None:
-                if self._group_alive():
-                    _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
-                    self._signal_group(signal.SIGTERM)
-                    if self._wait_group(grace):
-                        _process_log.warning("%s: still running %.1f s after SIGTERM; killing",
-                                             self.name, grace)
-                        self._signal_group(signal.SIGKILL)
-                        if self._wait_group(self.kill_timeout):
-                            _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
-                self._stop_readers()
-                _process_close(popen.stdin, popen.stdout, popen.stderr)
-            self._leave_owners()
+        run = self._launcher  # the run this call ends (the latest launch)
+        try:
+            self._teardown(grace)
+        except BaseException:
+            # Every step of the teardown is idempotent: run it again to the end.
+            finisher = gevent.spawn(self._teardown, grace, run)
+            finisher.name = "%s:stop" % self.name
+            raise
         return self
 
     @property
@@ -5059,10 +5739,42 @@ class ManagedProcess:
         self._pgid = popen.pid  # a new session's leader leads its group
         self._watched = set()
         self._group_gone = False
+        self._terminated_at = None
         self._reaper = gevent.spawn(self._reap, popen)
         self._reaper.name = "%s:reaper" % self.name
         _process_log.debug("%s: started pid %d", self.name, popen.pid)
         return None
+
+    def _teardown(self, grace, run=None):
+        """stop()'s work, one greenlet at a time; each step is idempotent.
+
+        The SIGKILL deadline counts from this run's first SIGTERM, so a
+        teardown finishing an interrupted one does not start a new grace.
+        Given ``run`` (the launcher of the run to end), it does nothing once
+        another run has started: that start() ended the old run already.
+        """
+        with self._stopping:
+            launcher = self._launcher
+            if run is not None and launcher is not run:
+                return
+            if launcher is not None and not launcher.dead:
+                launcher.join()  # fork to exec: brief, and the child must not escape
+            popen = self._popen
+            if popen is not None:
+                if self._group_alive():
+                    if self._terminated_at is None:
+                        _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
+                        self._signal_group(signal.SIGTERM)
+                        self._terminated_at = _monotonic()
+                    if self._wait_group(max(self._terminated_at + grace - _monotonic(), 0.0)):
+                        _process_log.warning("%s: still running %.1f s after SIGTERM; killing",
+                                             self.name, grace)
+                        self._signal_group(signal.SIGKILL)
+                        if self._wait_group(self.kill_timeout):
+                            _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
+                self._stop_readers()
+                _process_close(popen.stdin, popen.stdout, popen.stderr)
+            self._leave_owners()
 
     def _check_idle(self):
         if self._launcher is not None and not self._launcher.dead:
@@ -5196,8 +5908,11 @@ def _process_text_decoder(stream):
     return io.IncrementalNewlineDecoder(decoder, translate=True).decode
 
 
-def _process_group_members(pgid):
+def _process_group_members(pgid, parent=False):
     """Live pids of process group ``pgid`` read from /proc, or None without /proc.
+
+    With ``parent=True``, the live children of process ``pgid`` instead
+    (leak_check's census of child processes).
 
     Zombies do not count: they are dead, merely waiting for a parent (often
     an init that reaps slowly) to collect them, and no signal reaches them.
@@ -5221,9 +5936,410 @@ def _process_group_members(pgid):
         except OSError:
             continue  # the process ended while we looked
         fields = data[data.rfind(b")") + 2:].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+        if len(fields) > 2 and int(fields[1 if parent else 2]) == pgid and fields[0] not in (b"Z", b"X"):
             members.append(int(entry))
     return members
+
+
+###############################################################################
+# Testing ######################################################################
+###############################################################################
+
+# The leak checks in force, innermost last. Empty outside a leak_check(), so
+# the real clock's call-outs cost one truth test of a global.
+_testing_watches = ()
+_testing_tracing = None  # (our tracer, the one it chains to) while checks run
+_TESTING_MORTAL = ("greenlet", "process")  # leftovers that may still end on their own
+_TESTING_SHOWN = 40  # leftovers listed in full; a count stands for the rest
+
+
+class ManualClock:
+    """A clock a test drives: inside ``with ManualClock() as clock:`` every SPECTER timer uses it.
+
+    Intervals, timeouts, ``spawn_later``, supervision backoff, Watcher polls
+    and backoff and Cache TTLs read ``now()`` and wait on this clock, whose
+    time moves only when ``advance(seconds)`` moves it. ``advance`` runs the
+    callbacks that fall due in due-time order (ties in the order they were
+    scheduled), in the calling greenlet's turn; after each one it lets every
+    greenlet that became ready run until it blocks again, so a tick that
+    spawns, or sleeps on a SPECTER timer, is driven too, and a sleep that
+    ends inside the advanced span wakes inside it. Real waits (sockets,
+    child processes, a bare ``gevent.sleep``) are not driven. Time starts at
+    ``start``; outside the ``with``, SPECTER is back on real time, and
+    timers still pending on this clock stay with it (stop what the block
+    started; ``leak_check`` reports what it left).
+    """
+
+    def __init__(self, start: float = 0.0):
+        self._time = _check_seconds(start, "start")
+        self._queue = []  # a heap of _TestingTimer; cancelled ones are skipped when popped
+        self._order = itertools.count()
+        self._saved = None
+        self._advancing = False
+
+    def now(self) -> float:
+        """The clock's time in seconds: what SPECTER timers read instead of time.monotonic()."""
+        return self._time
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``, running what falls due on the way (see the class).
+
+        Raises RuntimeError when called from the hub, or from a greenlet this
+        advance() is driving.
+        """
+        seconds = _check_seconds(seconds, "seconds")
+        if self._advancing:
+            raise RuntimeError("ManualClock.advance() is already running; call it from the test, "
+                               "not from a callback or greenlet it drives")
+        if getcurrent() is gevent.get_hub():
+            raise RuntimeError("ManualClock.advance() cannot run in the hub; call it from a greenlet")
+        target = self._time + seconds
+        queue = self._queue
+        self._advancing = True
+        try:
+            gevent.idle()  # what is ready now (a service just started) runs before time moves
+            while queue and queue[0].due <= target:
+                timer = heapq.heappop(queue)
+                callback = timer.callback
+                if callback is None:
+                    continue  # cancelled
+                timer.callback = None
+                self._time = timer.due
+                callback()
+                gevent.idle()
+            self._time = target
+        finally:
+            self._advancing = False
+
+    def call_later(self, seconds: float, callback: Callable[[], Any]) -> Any:
+        """Run ``callback()`` when the clock reaches now + ``seconds``; ``close()`` on the result cancels it."""
+        _check_callable(callback, "callback")
+        timer = _TestingTimer(self._time + _check_seconds(seconds, "seconds"), next(self._order), callback)
+        heapq.heappush(self._queue, timer)
+        if _testing_watches:
+            _testing_note_timer(timer, callback)
+        return timer
+
+    def start_later(self, glet: Greenlet, seconds: float) -> None:
+        """Start the gevent greenlet ``glet`` after ``seconds`` of this clock; killing it cancels the start."""
+        timer = self.call_later(seconds, glet.start)
+        glet.rawlink(timer._cancel_for)
+        if _testing_watches:
+            _testing_note_greenlet(glet)
+
+    def sleep(self, seconds: float) -> None:
+        """Block the current greenlet until the clock has advanced ``seconds``."""
+        if seconds <= 0:
+            gevent.sleep(0)  # like gevent.sleep(0): a turn for the others, no time passes
+            return
+        woken = gevent.event.Event()
+        timer = self.call_later(seconds, woken.set)
+        try:
+            woken.wait()
+        finally:
+            timer.close()  # killed while asleep: the wake-up must not stay pending
+
+    def __enter__(self) -> ManualClock:
+        global _clock, _now
+        if self._saved is not None:
+            raise RuntimeError("this ManualClock is already in force; enter a clock once at a time")
+        self._saved = (_clock, _now)
+        _clock, _now = self, self.now
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        global _clock, _now
+        if self._saved is not None:
+            _clock, _now = self._saved
+            self._saved = None
+
+    def __repr__(self):
+        return "<ManualClock t=%r, %d pending>" % (self._time, len(self._pending()))
+
+    def _pending(self):
+        return sorted(timer for timer in self._queue if timer.callback is not None)
+
+
+def isolated() -> contextlib.AbstractContextManager[None]:
+    """Set aside the global ``bus`` listeners and ``registry`` entries for a block.
+
+    The block starts with an empty bus and registry; when it ends, whatever
+    it subscribed or provided is dropped and the originals are put back
+    (a ``wait_for`` still pending inside gets RuntimeError). The contents
+    move, not the objects: ``from specter import bus`` keeps working.
+    Usable as ``with isolated():`` and as a decorator.
+    """
+    return _TestingIsolation()
+
+
+def leak_check(grace: float = 1.0) -> contextlib.AbstractContextManager[None]:
+    """A context manager that fails if the block leaves work behind.
+
+    When the block ends it looks for what was created inside and is still
+    there: live greenlets (started or scheduled), live child processes, bus
+    listeners, registry keys, pending SPECTER timers and running services.
+    Greenlets and processes get up to ``grace`` seconds of real time to end
+    on their own (a greenlet that was killed may still be running its
+    ``finally``); then AssertionError names each leftover. A block that
+    raises is not checked: its own exception says more.
+    """
+    return _TestingWatch(_check_seconds(grace, "grace"))
+
+
+class SpecterTestCase(unittest.TestCase):
+    """A TestCase whose every test runs ``isolated()`` under ``leak_check()``.
+
+    With the class attribute ``manual_clock = True``, ``self.clock`` is a
+    ManualClock in force for the test. setUp enters them; they are left
+    after tearDown and after every cleanup the test added, so a test that
+    stops what it started in a cleanup passes, and a leak fails the test
+    that made it. A subclass overriding setUp calls ``super().setUp()``
+    first.
+    """
+
+    manual_clock = False
+    clock: Optional[ManualClock] = None
+
+    def setUp(self) -> None:
+        super().setUp()
+        stack = contextlib.ExitStack()
+        self.addCleanup(stack.close)  # added first, so it runs after every other cleanup
+        stack.enter_context(isolated())
+        stack.enter_context(leak_check())
+        if self.manual_clock:
+            self.clock = stack.enter_context(ManualClock())
+
+
+class _TestingTimer:
+    """One callback scheduled on a ManualClock; ordered by due time, then by scheduling order."""
+
+    __slots__ = ("due", "order", "callback")
+
+    def __init__(self, due, order, callback):
+        self.due = due
+        self.order = order
+        self.callback = callback
+
+    @property
+    def active(self):
+        return self.callback is not None
+
+    def close(self):
+        self.callback = None
+
+    stop = close  # the two names the hub's timer watchers answer to
+
+    def _cancel_for(self, glet):
+        self.close()
+
+    def __lt__(self, other):
+        return (self.due, self.order) < (other.due, other.order)
+
+    def __repr__(self):
+        return "<timer at %r: %s>" % (self.due, _testing_describe_timer(self.callback))
+
+
+class _TestingIsolation(contextlib.ContextDecorator):
+    def __enter__(self):
+        self._listeners = dict(bus._listeners)
+        self._entries = dict(registry._entries)
+        self._waiters = dict(registry._waiters)
+        bus._listeners.clear()
+        registry._entries.clear()
+        registry._waiters.clear()
+        return None
+
+    def __exit__(self, *exc_info):
+        bus._listeners.clear()
+        bus._listeners.update(self._listeners)
+        registry._entries.clear()
+        registry._entries.update(self._entries)
+        waiters = dict(registry._waiters)
+        registry._waiters.clear()
+        registry._waiters.update(self._waiters)
+        for key, waiter in waiters.items():
+            waiter.set_exception(RuntimeError("the isolated() block ended while waiting for %r" % key))
+        self._listeners = self._entries = self._waiters = None
+        return False
+
+
+class _TestingWatch:
+    """One leak_check(): what existed when it began, and what was born while it ran."""
+
+    def __init__(self, grace):
+        self.grace = grace
+        self.greenlets = []
+        self.timers = []
+        self.services = {}  # id -> service, in start order
+
+    def __enter__(self):
+        global _testing_watches, _testing_tracing
+        # Greenlets are noted at their first switch: let those spawned before
+        # the block take it now, outside.
+        gevent.idle()
+        self.listeners = {event: set(map(id, fns)) for event, fns in bus._listeners.items()}
+        self.entries = dict(registry._entries)
+        self.children = _testing_children()
+        if not _testing_watches:
+            previous = greenlet.gettrace()
+            tracer = _testing_tracer(previous)
+            greenlet.settrace(tracer)
+            _testing_tracing = (tracer, previous)
+        _testing_watches += (self,)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        global _testing_watches, _testing_tracing
+        try:
+            if exc_type is None:
+                gevent.idle()  # greenlets spawned at the very end get their first switch
+                deadline = _monotonic() + self.grace
+                leftovers = self.leftovers()
+                # Only greenlets and processes end on their own; the rest may go with them.
+                while any(kind in _TESTING_MORTAL for kind, _ in leftovers) and _monotonic() < deadline:
+                    gevent.sleep(0.01)
+                    leftovers = self.leftovers()
+                if leftovers:
+                    lines = [line for _, line in leftovers[:_TESTING_SHOWN]]
+                    if len(leftovers) > _TESTING_SHOWN:
+                        lines.append("... and %d more" % (len(leftovers) - _TESTING_SHOWN))
+                    raise AssertionError("leak_check: %d leftover(s) created inside the block:\n  %s"
+                                         % (len(leftovers), "\n  ".join(lines)))
+        finally:
+            _testing_watches = tuple(watch for watch in _testing_watches if watch is not self)
+            if not _testing_watches and _testing_tracing is not None:
+                tracer, previous = _testing_tracing
+                _testing_tracing = None
+                # A tracer set on top of ours since (gevent's monitor thread)
+                # still calls ours: leave it, ours just passes events on.
+                if greenlet.gettrace() is tracer:
+                    greenlet.settrace(previous)
+        return False
+
+    def leftovers(self):
+        """``(kind, line)`` per leftover, grouped by kind."""
+        found = []
+        hub = gevent.get_hub()
+        found.extend(("greenlet", "greenlet %s" % _testing_describe_greenlet(glet))
+                     for glet in {id(glet): glet for glet in self.greenlets}.values()
+                     if glet is not hub and not glet.dead and glet is not getcurrent())
+        found.extend(("process", "child process %d: %s" % (pid, _testing_command(pid)))
+                     for pid in _testing_children() if pid not in self.children)
+        for event, fns in bus._listeners.items():
+            before = self.listeners.get(event, ())
+            found.extend(("listener", "bus listener of %r: %s" % (event, _testing_describe_callable(fn)))
+                         for fn in fns if id(fn) not in before)
+        found.extend(("key", "registry key %r: %s" % (key, _describe(value)))
+                     for key, value in registry._entries.items() if self.entries.get(key, _MISSING) is not value)
+        found.extend(("timer", "pending timer: %s" % _testing_describe_timer(callback))
+                     for handle, callback in self.timers if handle.active)
+        found.extend(("service", "running service %r (%s)" % (service.name, service.status))
+                     for service in self.services.values() if service.status not in ("created", "stopped"))
+        return found
+
+
+def _testing_tracer(previous):
+    """A greenlet tracer noting each greenlet at its first switch, then calling ``previous``."""
+
+    def trace(event, args):
+        # Tracers run in the greenlet being switched to: one that has just
+        # started has no Python frame below the tracers' own, one that
+        # resumes has the frame it paused in.
+        if event == "switch" and _testing_watches:
+            below = sys._getframe().f_back
+            if below is None or (greenlet.gettrace() is not trace and _testing_only_tracers(below)):
+                _testing_note_greenlet(args[1])
+        if previous is not None:
+            previous(event, args)
+
+    return trace
+
+
+def _testing_only_tracers(frame):
+    """True if ``frame`` and those below it belong to the tracer set over ours (it chains to ours)."""
+    top = greenlet.gettrace()
+    code = getattr(top, "__code__", None) or getattr(getattr(top, "__call__", None), "__code__", None)
+    while frame.f_back is not None:
+        frame = frame.f_back
+    return frame.f_code is code
+
+
+# greenlet's own answer: gevent's Greenlet redefines truth for its scheduling.
+_greenlet_active = greenlet.greenlet.__bool__
+
+
+def _testing_note_timer(handle, callback):
+    for watch in _testing_watches:
+        timers = watch.timers
+        timers.append((handle, callback))
+        if len(timers) % 256 == 0:
+            timers[:] = [entry for entry in timers if entry[0].active]  # an interval re-arms every tick
+
+
+def _testing_note_greenlet(glet):
+    for watch in _testing_watches:
+        greenlets = watch.greenlets
+        greenlets.append(glet)
+        if len(greenlets) % 256 == 0:
+            greenlets[:] = [glet for glet in greenlets if not glet.dead]  # a server spawns one per request
+
+
+def _testing_note_service(service):
+    for watch in _testing_watches:
+        watch.services.setdefault(id(service), service)
+
+
+def _testing_describe_greenlet(glet):
+    state = "not started yet" if not _greenlet_active(glet) else "running"
+    run = getattr(glet, "_run", None)  # what a gevent Greenlet runs
+    owner = getattr(run, "__self__", None)
+    if isinstance(owner, Service):
+        what = "of service %r" % owner.name  # the name is the label the service gave it
+    elif run is not None:
+        what = "running %s" % _testing_describe_callable(run)
+    else:
+        what = _describe(glet)
+    name = getattr(glet, "name", None)
+    return "%r %s (%s)" % (name, what, state) if name else "%s (%s)" % (what, state)
+
+
+def _testing_describe_callable(fn):
+    owner = getattr(fn, "__self__", None)
+    if owner is None or inspect.ismodule(owner):
+        return _callable_name(fn)
+    return "%s of %s" % (_callable_name(fn), _schema_clip(repr(owner), 60))
+
+
+def _testing_describe_timer(callback):
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, _ServiceTimer):
+        kind = "every %g s" % owner.period if owner.repeat else "after %g s" % owner.period
+        return "%s of service %r (%s): %s" % (owner.id, owner.service.name, kind,
+                                            _callable_name(owner.callback))
+    if isinstance(owner, Greenlet):
+        return "start of greenlet %r (spawn_later)" % owner.name
+    if isinstance(owner, gevent.event.Event):
+        return "the end of a sleep"
+    return _callable_name(callback)
+
+
+def _testing_children():
+    """The pids of this process's live children (a set; empty without /proc)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return set()  # no child at all: one system call instead of a /proc scan
+    except (AttributeError, OSError):
+        pass  # no waitid here: scan
+    return set(_process_group_members(os.getpid(), parent=True) or ())
+
+
+def _testing_command(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip() or "?"
+    except OSError:
+        return "(ended)"
 
 
 ###############################################################################

@@ -7,16 +7,21 @@ only; nothing here monkey-patches. Waits are bounded: events, or
 
 import ast
 import atexit
+import collections
 import contextlib
+import copy
+import dataclasses
 import decimal
 import functools
 import gc
 import importlib.util
 import glob
+import inspect
 import itertools
 import json
 import logging
 import os
+import pickle
 import re
 import shlex
 import shutil
@@ -91,6 +96,7 @@ LONG = 30  # "forever" for greenlets that must be killed
 
 # Every public name of API.md section 0.
 API_NAMES = [
+    "SpecterError",
     "EventBus", "bus", "SPECTERRegistry", "Registry", "registry",
     "Service", "QueueService", "Watcher", "WatcherError",
     "Store", "create_store", "Model", "create_model", "Cache", "create_cache",
@@ -98,6 +104,7 @@ API_NAMES = [
     "HTTPError", "json_endpoint", "expect_json", "require_fields",
     "Router", "route", "Handler", "SocketIngress", "Controller",
     "ServiceManager", "boot", "ManagedProcess", "start_process",
+    "ManualClock", "isolated", "leak_check", "SpecterTestCase",
 ]
 
 
@@ -162,6 +169,14 @@ class Recorder:
         return [args[0] if args else None for args in self.calls]
 
 
+def outcome_of(fn, *args):
+    """What ``fn(*args)`` returns, or the exception it raises (for greenlets expected to fail)."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return exc
+
+
 def make_resource(log, *methods, **attributes):
     """An object whose named methods append ``(resource, method)`` to ``log``."""
     namespace = dict(attributes)
@@ -221,18 +236,24 @@ class Sink(QueueService):
             self.active -= 1
 
 
-class SpecterTestCase(unittest.TestCase):
-    """Clears the module singletons and arms a per-test time ceiling (``ceiling`` seconds)."""
+class SpecterTestCase(specter.SpecterTestCase):
+    """The kit's test case (each test isolated, under a leak check) with a per-test time ceiling (``ceiling`` seconds)."""
 
     ceiling = TEST_CEILING
 
     def setUp(self):
-        specter.bus.clear()
-        specter.registry.clear()
+        super().setUp()
         timer = gevent.Timeout.start_new(
             self.ceiling, AssertionError("test exceeded %ds" % self.ceiling)
         )
         self.addCleanup(timer.close)
+
+    def use_manual_clock(self, start=0.0):
+        """A ManualClock in force until the test's cleanups have run (those added later run first)."""
+        clock = specter.ManualClock(start)
+        clock.__enter__()
+        self.addCleanup(clock.__exit__, None, None, None)
+        return clock
 
     def started(self, service):
         """Start ``service`` and stop it when the test ends."""
@@ -272,6 +293,21 @@ class TestModule(SpecterTestCase):
     def test_all_has_only_public_names_once(self):
         self.assertEqual(len(specter.__all__), len(set(specter.__all__)))
         self.assertEqual(set(specter.__all__), set(API_NAMES))
+
+    def test_every_exception_class_has_the_one_root_and_keeps_its_builtin_base(self):
+        defined = {name: obj for name, obj in vars(specter).items()
+                   if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == "specter"}
+        self.assertEqual(set(defined) - {"SpecterError"},
+                         {"WatcherError", "SchemaError", "OperationError", "HTTPError"})
+        for name, cls in defined.items():
+            with self.subTest(name=name):
+                self.assertTrue(issubclass(cls, specter.SpecterError))
+        self.assertTrue(issubclass(specter.WatcherError, RuntimeError))
+        self.assertTrue(issubclass(specter.SchemaError, ValueError))
+        with self.assertRaises(ValueError):  # an except clause written for 0.1.2 still catches it
+            raise specter.SchemaError("bad", field="age")
+        with self.assertRaises(specter.SpecterError):
+            raise specter.HTTPError("gone", 410)
 
     def test_registry_alias_and_singletons(self):
         self.assertIs(specter.Registry, specter.SPECTERRegistry)
@@ -553,7 +589,7 @@ class TestEventBus(SpecterTestCase):
 
     def test_module_bus_is_shared(self):
         rec = Recorder()
-        specter.bus.on("shared", rec)
+        self.addCleanup(specter.bus.on("shared", rec))
         specter.bus.emit("shared", 1)
         self.assertEqual(rec.calls, [(1,)])
 
@@ -738,6 +774,7 @@ class TestRegistry(SpecterTestCase):
 
     def test_module_registry_is_shared(self):
         specter.registry.provide("shared", 1)
+        self.addCleanup(specter.registry.unregister, "shared")
         self.assertEqual(specter.registry.require("shared"), 1)
 
 
@@ -943,48 +980,45 @@ class TestService(SpecterTestCase):
         self.assertGreaterEqual(ticks[0] - started, SHORT * 0.8)
 
     def test_interval_keeps_a_fixed_rate_without_drift(self):
-        # Tick k is due at t0 + k*period. The callback naps 0-15 ms (7.2 ms on
-        # average), so an interval that re-arms after the callback would be
-        # ~0.1 s late by tick 16; a fixed-rate one is not late at all.
-        period, n = 0.025, 16
-        naps = itertools.cycle([0.0, 0.012, 0.006, 0.015, 0.003])
+        # Tick k is due at t0 + k*period. The callback naps 0-15 s on SPECTER's
+        # clock, so an interval that re-armed after the callback would be 115 s
+        # late by tick 16; a fixed-rate one is not late at all.
+        clock = self.use_manual_clock(start=1000)
+        period, n = 25, 16
+        naps = itertools.cycle([0, 12, 6, 15, 3])
         ticks = []
 
         def tick():
-            ticks.append(time.monotonic())
-            gevent.sleep(next(naps))
+            ticks.append(clock.now())
+            specter._clock.sleep(next(naps))
 
         svc = self.started(Service("rate"))
-        t0 = time.monotonic()
         svc.interval(tick, period)
-        self.assertEventually(lambda: len(ticks) >= n, timeout=3)
-        elapsed = ticks[n - 1] - t0
-        self.assertGreaterEqual(elapsed, n * period - 0.005)
-        self.assertLess(elapsed, n * period + 0.05, "tick %d came %.3fs after start" % (n, elapsed))
+        clock.advance(n * period)
+        self.assertEqual(ticks, [1000.0 + k * period for k in range(1, n + 1)])
 
     def test_interval_overrun_skips_ticks_instead_of_piling_up(self):
-        period, nap = 0.03, 0.045
+        clock = self.use_manual_clock()
+        period, nap = 30, 45
         starts = []
         state = {"active": 0, "peak": 0}
 
         def slow():
-            starts.append(time.monotonic())
+            starts.append(clock.now())
             state["active"] += 1
             state["peak"] = max(state["peak"], state["active"])
             try:
-                gevent.sleep(nap)
+                specter._clock.sleep(nap)
             finally:
                 state["active"] -= 1
 
         svc = self.started(Service("overrun"))
         svc.interval(slow, period)
-        self.assertEventually(lambda: len(starts) >= 5, timeout=3)
+        clock.advance(5 * 2 * period)
         self.assertEqual(state["peak"], 1)
-        gaps = [b - a for a, b in zip(starts, starts[1:])]
-        # The tick due while the callback still runs is skipped: the next
-        # start is two periods later, not as soon as the callback ends.
-        self.assertGreaterEqual(min(gaps), 2 * period - 0.01, gaps)
-        self.assertLess(starts[4] - starts[0], 4 * 2 * period + 0.03, gaps)
+        # The tick due while the callback still runs (at 60, 120, ...) is
+        # skipped: the next start is two periods later, not at 75 when it ends.
+        self.assertEqual(starts, [30.0, 90.0, 150.0, 210.0, 270.0])
 
     def test_interval_keeps_running_after_a_raising_callback(self):
         calls = []
@@ -1002,13 +1036,15 @@ class TestService(SpecterTestCase):
         self.assertGreaterEqual(svc.health()["errors"], 1)
 
     def test_timeout_fires_once_and_forgets_itself(self):
+        clock = self.use_manual_clock()
         svc = self.started(Service("once"))
         rec = Recorder()
-        timeout_id = svc.timeout(rec, 0.01)
+        timeout_id = svc.timeout(rec, 10)
         self.assertIsInstance(timeout_id, str)
         self.assertEqual(svc.health()["counts"]["timeouts"], 1)
-        self.assertEventually(lambda: rec.count == 1)
-        gevent.sleep(SHORT)
+        clock.advance(9.5)
+        self.assertEqual(rec.count, 0)
+        clock.advance(3600)
         self.assertEqual(rec.count, 1)
         self.assertEqual(svc.health()["counts"]["timeouts"], 0)
         self.assertFalse(svc.cancel_timeout(timeout_id))
@@ -1027,14 +1063,15 @@ class TestService(SpecterTestCase):
         self.assertLoggedException(cm, "timer boom")
 
     def test_cancel_interval_and_timeout(self):
+        clock = self.use_manual_clock()
         svc = self.started(Service("cancel"))
         tick, fire = Recorder(), Recorder()
-        interval_id = svc.interval(tick, 0.01)
-        timeout_id = svc.timeout(fire, 0.02)
+        interval_id = svc.interval(tick, 10)
+        timeout_id = svc.timeout(fire, 20)
         self.assertNotEqual(interval_id, timeout_id)
         self.assertTrue(svc.cancel_interval(interval_id))
         self.assertTrue(svc.cancel_timeout(timeout_id))
-        gevent.sleep(SHORT)
+        clock.advance(3600)
         self.assertEqual((tick.count, fire.count), (0, 0))
         self.assertFalse(svc.cancel_interval(interval_id))
         self.assertFalse(svc.cancel_interval("interval-unknown"))
@@ -1101,7 +1138,7 @@ class TestService(SpecterTestCase):
     def test_emit_publishes_on_the_bus(self):
         svc = self.started(Service("emitter"))
         rec = Recorder()
-        specter.bus.on("metrics:updated", rec)
+        self.addCleanup(specter.bus.on("metrics:updated", rec))
         self.assertIs(svc.emit("metrics:updated", {"cpu": 1}), svc)
         svc.emit("metrics:updated")
         self.assertEqual(rec.calls, [({"cpu": 1},), (None,)])
@@ -1128,6 +1165,21 @@ class TestService(SpecterTestCase):
         parent.stop()
         self.assertEqual([n for n in order if n != "lazy"], ["c", "b", "a"])
         self.assertFalse(any(child.running for child in (a, b, c)))
+
+    def test_adopt_owns_children_that_compare_equal_each_in_its_own_right(self):
+        class Reader(Service):
+            def __eq__(self, other):   # value semantics, as a dataclass has
+                return isinstance(other, Reader)
+
+            __hash__ = None
+
+        parent = self.started(Service("parent"))
+        first, second = Reader("reader"), Reader("reader")
+        parent.adopt(first).adopt(second)
+        self.assertTrue(first.running and second.running)
+        self.assertEqual(parent.health()["counts"]["children"], 2)
+        parent.stop()
+        self.assertEqual((first.status, second.status), ("stopped", "stopped"))
 
     def test_own_picks_the_cleanup_method(self):
         log = []
@@ -1301,11 +1353,12 @@ class TestService(SpecterTestCase):
         self.assertNoNewGreenlets(before)
 
     def test_stop_from_inside_an_interval_callback(self):
+        clock = self.use_manual_clock()
         log = []
 
         class SelfStopping(Service):
             def on_start(self):
-                self.interval(self._tick, 0.01)
+                self.interval(self._tick, 10)
 
             def on_stop(self):
                 log.append("on_stop")
@@ -1319,11 +1372,11 @@ class TestService(SpecterTestCase):
         before = live_greenlets()
         svc.start()
         self.addCleanup(svc.stop)
-        self.assertEventually(lambda: svc.status == "stopped")
-        self.assertEventually(lambda: len(log) == 3)
+        clock.advance(10)
+        self.assertEqual(svc.status, "stopped")
         self.assertEqual(log, ["tick", "on_stop", "after-stop:stopped"])
         self.assertEventually(lambda: not new_live_greenlets(before))
-        gevent.sleep(SHORT)
+        clock.advance(100)
         self.assertEqual(log.count("tick"), 1)
 
     def test_stop_from_inside_a_spawned_task(self):
@@ -1442,24 +1495,26 @@ class TestService(SpecterTestCase):
         self.assertEqual(specter.bus.listener_count("ping"), 1)
 
     def test_restart_after_stop_gets_fresh_resources(self):
+        clock = self.use_manual_clock()
         ticks = []
 
         class Ticker(Service):
             def on_start(self):
-                self.interval(lambda: ticks.append(1), 0.01)
+                self.interval(lambda: ticks.append(clock.now()), 10)
                 self.listen("ping", lambda data: None)
 
         svc = self.started(Ticker())
-        self.assertEventually(lambda: len(ticks) >= 2)
+        clock.advance(20)
+        self.assertEqual(ticks, [10.0, 20.0])
         svc.stop()
         counts = svc.health()["counts"]
         self.assertEqual((counts["intervals"], counts["listeners"]), (0, 0))
-        stopped_at = len(ticks)
-        gevent.sleep(0.03)
-        self.assertEqual(len(ticks), stopped_at)
+        clock.advance(100)
+        self.assertEqual(len(ticks), 2)
         svc.start()
         self.assertEqual(svc.status, "running")
-        self.assertEventually(lambda: len(ticks) >= stopped_at + 2)
+        clock.advance(20)
+        self.assertEqual(ticks, [10.0, 20.0, 130.0, 140.0])  # a fresh interval, from the restart
         counts = svc.health()["counts"]
         self.assertEqual((counts["intervals"], counts["listeners"]), (1, 1))
         self.assertEqual(specter.bus.listener_count("ping"), 1)
@@ -1587,17 +1642,18 @@ class TestService(SpecterTestCase):
         self.assertEqual((rec.count, quiet.count), (2, 1))
 
     def test_supervise_restarts_with_capped_exponential_backoff(self):
+        clock = self.use_manual_clock()
         attempts = []
 
         class Supervised(Service):
-            restart_backoff = 0.005
-            restart_max_backoff = 0.01
+            restart_backoff = 5.0
+            restart_max_backoff = 10.0
 
             def on_start(self):
                 self.runner = self.supervise(self._work, "arg", max_restarts=10, within=60.0)
 
             def _work(self, arg):
-                attempts.append(time.monotonic())
+                attempts.append(clock.now())
                 if len(attempts) <= 5:
                     raise RuntimeError("attempt %d failed" % len(attempts))
                 return arg
@@ -1605,14 +1661,11 @@ class TestService(SpecterTestCase):
         with self.assertLogs("specter", "ERROR"):
             svc = self.started(Supervised())
             self.assertIsInstance(svc.runner, gevent.Greenlet)
-            self.assertEventually(lambda: len(attempts) == 6)
-        gevent.sleep(SHORT)
-        self.assertEqual(len(attempts), 6)  # returning normally ends supervision
-        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-        # backoff 0.005, 0.01, then capped at 0.01 (uncapped would reach 0.08)
-        self.assertGreaterEqual(gaps[0], 0.004, gaps)
-        self.assertGreaterEqual(gaps[1], 0.009, gaps)
-        self.assertLess(gaps[4], 0.05, gaps)
+            clock.advance(3600)
+        # backoff 5, 10, then capped at 10 (uncapped would reach 80); returning
+        # normally ends supervision.
+        self.assertEqual(attempts, [0.0, 5.0, 15.0, 25.0, 35.0, 45.0])
+        self.assertEqual(svc.runner.value, "arg")
         health = svc.health()
         self.assertEqual(health["restarts"], 5)
         self.assertEqual(health["status"], "ok")
@@ -1667,7 +1720,7 @@ class TestService(SpecterTestCase):
     def test_supervise_gives_up_after_max_restarts_within_window(self):
         attempts = []
         failures = Recorder()
-        specter.bus.on("service:failed", failures)
+        self.addCleanup(specter.bus.on("service:failed", failures))
 
         class Doomed(Service):
             restart_backoff = 0.001
@@ -1696,22 +1749,25 @@ class TestService(SpecterTestCase):
         self.assertEqual(svc.status, "stopped")
 
     def test_supervise_failures_outside_the_window_do_not_fail_the_service(self):
+        clock = self.use_manual_clock()
         attempts = []
 
         class Sporadic(Service):
-            restart_backoff = 0.03
-            restart_max_backoff = 0.03
+            restart_backoff = 30.0
+            restart_max_backoff = 30.0
 
             def on_start(self):
-                self.supervise(self._work, max_restarts=1, within=0.02)
+                self.supervise(self._work, max_restarts=1, within=20.0)
 
             def _work(self):
-                attempts.append(1)
+                attempts.append(clock.now())
                 raise RuntimeError("sporadic")
 
         with self.assertLogs("specter", "ERROR"):
             svc = self.started(Sporadic())
-            self.assertEventually(lambda: len(attempts) >= 4)
+            clock.advance(90)
+        # One failure every 30 s: never two within 20 s, so never more than max_restarts.
+        self.assertEqual(attempts, [0.0, 30.0, 60.0, 90.0])
         self.assertEqual(svc.status, "running")
         self.assertIsNone(svc.health()["failure"])
 
@@ -1770,6 +1826,215 @@ class TestService(SpecterTestCase):
         self.assertEqual(svc.status, "stopped")
         release.set()
         self.assertEventually(lambda: svc.clinger.dead)
+
+    def test_an_interrupted_stop_does_not_claim_its_greenlets_ignored_their_kill(self):
+        ended = []
+
+        class Flushing(Service):
+            def on_start(self):
+                self.uploader = self.spawn(self.upload, label="upload")
+
+            def upload(self):
+                try:
+                    gevent.sleep(LONG)
+                finally:
+                    gevent.sleep(SHORT * 4)   # a flush that takes a moment
+                    ended.append("flushed")
+
+        svc = self.started(Flushing())
+        gevent.sleep(0)
+        with self.assertLogs("specter", "ERROR") as cm:
+            with self.assertRaises(gevent.Timeout):
+                with gevent.Timeout(SHORT):
+                    svc.stop()
+        # It was given SHORT, not stop_timeout, and it did not ignore GreenletExit.
+        self.assertEqual(len(cm.output), 1, cm.output)
+        self.assertIn("upload", cm.output[0])
+        self.assertIn("interrupted", cm.output[0])
+        self.assertNotIn("%s s" % Flushing.stop_timeout, cm.output[0])
+        self.assertEqual(svc.health()["stuck"], ["upload"])   # alive after its kill, while it lives
+        self.assertEventually(lambda: svc.uploader.dead)
+        self.assertEqual(ended, ["flushed"])                  # its finally was not cut short
+        self.assertEqual(svc.health()["stuck"], [])
+
+    def test_a_stuck_greenlet_stays_reported_after_a_restart_while_it_lives(self):
+        release = gevent.event.Event()
+
+        class Stubborn(Service):
+            stop_timeout = SHORT
+
+            def on_start(self):
+                self.clinger = self.spawn(self._cling, label="clinger")
+
+            def _cling(self):
+                while not release.is_set():
+                    try:
+                        release.wait(LONG)
+                    except greenlet.GreenletExit:
+                        pass
+
+        svc = self.started(Stubborn())
+        gevent.sleep(0)
+        first = svc.clinger
+        with self.assertLogs("specter", "ERROR"):
+            svc.stop()
+        self.assertEqual(svc.health()["stuck"], ["clinger"])
+        svc.start()   # fresh resources, but the survivor is still alive
+        self.assertFalse(first.dead)
+        self.assertEqual(svc.health()["stuck"], ["clinger"])
+        release.set()
+        self.assertEventually(lambda: first.dead)
+        self.assertEventually(lambda: svc.clinger.dead)
+        self.assertEqual(svc.health()["stuck"], [])
+
+    def test_an_interrupted_stop_still_runs_the_cleanups_it_had_not_run(self):
+        log = []
+
+        def slow_cleanup():
+            log.append("slow:begun")
+            gevent.sleep(LONG)
+            log.append("slow:finished")
+
+        svc = self.started(Service("slow-release"))
+        specter.registry.provide("slow-release.key", "value", owner=svc)
+        svc.add_cleanup(lambda: log.append("added-first"))   # runs last
+        svc.add_cleanup(slow_cleanup)
+        svc.add_cleanup(lambda: log.append("added-last"))    # runs first
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT):
+                svc.stop()
+        self.assertEqual(log, ["added-last", "slow:begun", "added-first"])
+        self.assertFalse(specter.registry.has("slow-release.key"))
+        self.assertEqual(svc.status, "stopped")
+        self.assertEqual(svc.health()["counts"]["cleanups"], 0)
+
+    def test_an_interrupted_stop_still_runs_on_stop_and_releases_everything(self):
+        log = []
+
+        class Stalling(Service):
+            def on_start(self):
+                self.spawn(gevent.sleep, LONG, label="sleeper")
+                self.interval(lambda: None, 1.0)
+                self.listen("stalling:event", log.append)
+                self.add_cleanup(lambda: log.append("cleanup"))
+
+            def _lifecycle_stopping(self):
+                gevent.sleep(LONG)   # a subclass step that is interrupted
+
+            def on_stop(self):
+                log.append("on_stop")
+
+        svc = Stalling()
+        before = live_greenlets()
+        svc.start()
+        self.addCleanup(svc.stop)
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT):
+                svc.stop()
+        self.assertEqual(log, ["on_stop", "cleanup"])
+        counts = svc.health()["counts"]
+        self.assertEqual((counts["tasks"], counts["intervals"], counts["listeners"]), (0, 0, 0))
+        self.assertEqual(svc.status, "stopped")
+        self.assertNoNewGreenlets(before)
+
+    def test_cancel_greenlet_reports_a_greenlet_that_refuses_to_die(self):
+        release = gevent.event.Event()
+
+        class Stubborn(Service):
+            stop_timeout = SHORT
+
+            def on_start(self):
+                self.clinger = self.spawn(self._cling, label="clinger")
+
+            def _cling(self):
+                while not release.is_set():
+                    try:
+                        release.wait(LONG)
+                    except greenlet.GreenletExit:
+                        pass
+
+        svc = self.started(Stubborn())
+        gevent.sleep(0)
+        with self.assertLogs("specter", "ERROR") as cm:
+            svc.cancel_greenlet(svc.clinger)
+        self.assertTrue(any("clinger" in line for line in cm.output), cm.output)
+        health = svc.health()
+        self.assertIn("clinger", health["stuck"])
+        self.assertEqual(health["counts"]["tasks"], 1)   # still tracked while alive
+        with self.assertLogs("specter", "ERROR") as cm:
+            svc.stop()                                    # teardown tries again, and says so
+        self.assertIn("clinger", svc.health()["stuck"])
+        release.set()
+        self.assertEventually(lambda: svc.clinger.dead)
+        self.assertEqual(svc.health()["stuck"], [])
+
+    def test_a_subclass_that_forgets_super_init_is_told_to_call_it(self):
+        class Forgetful(Service):
+            def __init__(self, interval):
+                self.every = interval
+
+        with self.assertRaisesRegex(TypeError, r"Forgetful\.__init__\(\) must call super\(\)\.__init__\(\)"):
+            Forgetful(1.0)
+
+        class Careful(Forgetful):
+            def __init__(self, interval):
+                Service.__init__(self, "careful")
+                self.every = interval
+
+        svc = Careful(2.0)   # the check sees the finished object, whoever initialised it
+        self.assertEqual((svc.name, svc.every, svc.status), ("careful", 2.0, "created"))
+        self.assertEqual(Careful.__init__.__name__, "__init__")
+        self.assertEqual(list(inspect.signature(Careful).parameters), ["interval"])
+
+    def test_a_skipped_super_init_is_caught_through_a_mixin_or_a_dataclass(self):
+        class Plain:
+            def __init__(self, *args, **kwargs):
+                self.encoder = "json"              # forgets to call super().__init__()
+
+        class Cooperative:
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.counters = {}
+
+        class Broken(Plain, Service):             # Plain.__init__ shadows Service's
+            pass
+
+        with self.assertRaisesRegex(TypeError, r"Plain\.__init__\(\) must call super\(\)\.__init__\(\)"):
+            Broken().start()
+
+        class Fine(Cooperative, Service):
+            pass
+
+        svc = self.started(Fine("fine"))
+        self.assertEqual((svc.name, svc.counters, svc.status), ("fine", {}, "running"))
+        self.assertEqual(list(inspect.signature(Fine).parameters), ["args", "kwargs"])
+
+        @dataclasses.dataclass(eq=False)
+        class Forgot(Service):                     # the generated __init__ never calls Service's
+            period: float = 1.0
+
+        with self.assertRaisesRegex(TypeError, r"Forgot\.__init__\(\) must call super\(\)\.__init__\(\).*__post_init__"):
+            Forgot().start()
+
+        @dataclasses.dataclass(eq=False)
+        class Remembered(Service):
+            period: float = 1.0
+
+            def __post_init__(self):
+                super().__init__("remembered")
+
+        svc = self.started(Remembered(period=2.0))
+        self.assertEqual((svc.name, svc.period, svc.status), ("remembered", 2.0, "running"))
+
+        @dataclasses.dataclass(eq=False)
+        class Mixed(Cooperative, Service):        # @dataclass still generates its __init__
+            period: float = 1.0
+
+            def __post_init__(self):
+                super().__init__("mixed")
+
+        svc = self.started(Mixed(period=3.0))
+        self.assertEqual((svc.name, svc.period, svc.counters), ("mixed", 3.0, {}))
 
 
 # Lifecycle: QueueService ######################################################
@@ -1893,7 +2158,35 @@ class TestQueueService(SpecterTestCase):
         self.assertEqual(state["queue_size"], 0)
         self.assertEqual((state["processed"], state["failed"]), (2, 1))
         queue = svc.health()["queue"]
-        self.assertEqual(queue, {"size": 0, "workers": 2, "processed": 2, "failed": 1})
+        self.assertEqual(queue, {"size": 0, "workers": 2, "processed": 2, "failed": 1, "interrupted": 0})
+
+    def test_counters_trail_a_backlog_by_at_most_16_items_per_worker_and_are_exact_when_idle(self):
+        gaps = []
+
+        class Counting(QueueService):
+            def __init__(self):
+                super().__init__("counting", worker_count=3)
+                self.done = 0
+
+            def handle_item(self, item):
+                state = self.get_state()
+                gaps.append(self.done - state["processed"] - state["failed"])
+                self.done += 1
+                if item % 7 == 0:
+                    raise ValueError("bad item %d" % item)
+
+        svc = self.started(Counting())
+        with self.assertLogs("specter", "ERROR"):
+            for item in range(300):
+                self.assertTrue(svc.enqueue(item))
+            self.assertTrue(svc.join(timeout=WAIT))
+        self.assertLessEqual(max(gaps), 16 * 3)
+        self.assertGreater(max(gaps), 0)   # they do count in bulk
+        state = svc.get_state()
+        self.assertEqual((state["processed"], state["failed"]), (300 - 43, 43))
+        svc.enqueue(300)
+        self.assertTrue(svc.join(timeout=WAIT))
+        self.assertEqual(svc.health()["queue"]["processed"], 258)
 
     def test_pending_count_and_queue_size(self):
         gate = gevent.event.Event()
@@ -1957,6 +2250,21 @@ class TestQueueService(SpecterTestCase):
             self.assertTrue(svc.enqueue(item))
         svc.stop()
         self.assertEqual(svc.handled, list(range(20)))
+        self.assertEqual(dropped, [])
+
+    def test_stop_drains_items_queued_while_the_workers_waited_in_get(self):
+        dropped = []
+
+        class Quick(Sink):
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+        svc = self.started(Quick(worker_count=3))
+        gevent.sleep(0.01)                      # every worker is idle in get()
+        for item in range(6):
+            self.assertTrue(svc.enqueue(item))  # no switch: the workers have not woken yet
+        svc.stop()
+        self.assertEqual(sorted(svc.handled), list(range(6)))
         self.assertEqual(dropped, [])
 
     def test_on_dropped_gets_exactly_the_unprocessed_items(self):
@@ -2038,6 +2346,151 @@ class TestQueueService(SpecterTestCase):
         self.assertEqual(svc.handled, [1, 2])
         svc.stop()
         self.assertNoNewGreenlets(before)
+
+    def test_a_worker_that_stops_its_service_ends_with_it_among_several_workers(self):
+        class Poison(QueueService):
+            def handle_item(self, item):
+                if item == "stop":
+                    self.stop()
+                else:
+                    gevent.sleep(0.001)
+
+        for workers, busy in itertools.product((2, 4), (0, 1, 3)):
+            with self.subTest(workers=workers, busy=busy):
+                svc = Poison("poison", worker_count=workers).start()
+                self.addCleanup(svc.stop)
+                before = set(svc._workers)
+                for item in range(busy):      # the other workers are mid-item, then idle in get()
+                    svc.enqueue(item)
+                svc.enqueue("stop")
+                self.assertTrue(wait_until(lambda: svc.status == "stopped"))
+                self.assertEventually(lambda: all(worker.dead for worker in before),
+                                      msg="a worker outlived the stop it called")
+                self.assertEqual(svc.health()["counts"]["tasks"], 0)
+
+    def test_a_blocked_enqueue_is_refused_once_stop_begins(self):
+        for drain_timeout in (5.0, 0):
+            with self.subTest(drain_timeout=drain_timeout):
+                gate = gevent.event.Event()
+                dropped = []
+
+                class Gated(Sink):
+                    def on_dropped(self, items):
+                        dropped.extend(items)
+
+                Gated.drain_timeout = drain_timeout
+                svc = self.started(Gated(maxsize=1, gate=gate))
+                self.assertTrue(svc.enqueue(1))
+                self.assertEventually(lambda: svc.started_items == [1])
+                self.assertTrue(svc.enqueue(2))                      # the queue is full now
+                blocked = gevent.spawn(svc.enqueue, 3, block=True, timeout=WAIT)
+                gevent.sleep(0.01)
+                self.assertFalse(blocked.ready())                    # waiting for room
+                stopper = gevent.spawn(svc.stop)
+                gevent.sleep(0)
+                self.assertEqual(svc.status, "stopping")
+                gate.set()                                           # the drain frees the slot
+                self.assertIs(blocked.get(timeout=WAIT), False)      # refused: the caller keeps it
+                stopper.get(timeout=WAIT)
+                self.assertNotIn(3, svc.started_items)
+                self.assertNotIn(3, dropped)
+                self.assertEqual(sorted(svc.handled + dropped), [1, 2])
+
+    def test_a_rolled_back_start_hands_items_queued_by_on_start_to_on_dropped(self):
+        dropped = []
+
+        class Doomed(Sink):
+            def on_start(self):
+                for item in range(3):
+                    self.enqueue(item)
+                raise RuntimeError("config missing")
+
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+        svc = Doomed()
+        with self.assertRaisesRegex(RuntimeError, "config missing"):
+            svc.start()
+        self.assertEqual(dropped, [0, 1, 2])
+        self.assertEqual(svc.pending_count(), 0)
+        self.assertFalse(svc.enqueue(3))
+
+    def test_an_interrupted_drain_still_hands_queued_items_to_on_dropped_and_runs_on_stop(self):
+        dropped, hooks = [], []
+
+        class Slow(Sink):
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+            def on_stop(self):
+                hooks.append("on_stop")
+
+        svc = Slow(delay=SHORT)
+        before = live_greenlets()
+        svc.start()
+        self.addCleanup(svc.stop)
+        for item in range(20):
+            self.assertTrue(svc.enqueue(item))
+        gevent.sleep(0)
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT / 2):
+                svc.stop()
+        self.assertEqual(hooks, ["on_stop"])
+        self.assertEqual(svc.status, "stopped")
+        # Every item not taken by a worker went to on_dropped, once.
+        self.assertEqual(sorted(svc.started_items + dropped), list(range(20)))
+        self.assertGreater(len(dropped), 15)
+        self.assertEqual(svc.queue.unfinished_tasks, 0)
+        self.assertNoNewGreenlets(before)
+
+    def test_an_item_whose_handling_is_interrupted_is_reported_never_lost_silently(self):
+        dropped = []
+
+        class Slow(Sink):
+            drain_timeout = stop_timeout = SHORT
+
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+        svc = Slow(worker_count=2, delay=LONG)
+        svc.start()
+        self.addCleanup(svc.stop)
+        for n in range(6):
+            self.assertTrue(svc.enqueue("job-%d" % n))
+        gevent.sleep(0)
+        self.assertEqual(svc.started_items, ["job-0", "job-1"])
+        # An interrupted stop() kills the workers with their items in hand.
+        with self.assertLogs("specter", "ERROR") as cm:
+            with self.assertRaises(gevent.Timeout):
+                with gevent.Timeout(SHORT / 2):
+                    svc.stop()
+        self.assertEqual(dropped, ["job-2", "job-3", "job-4", "job-5"])
+        reported = [line for line in cm.output if "interrupted" in line]
+        self.assertEqual(len(reported), 2, cm.output)
+        self.assertTrue(any("'job-0'" in line for line in reported), reported)
+        self.assertTrue(any("'job-1'" in line for line in reported), reported)
+        queue = svc.health()["queue"]
+        self.assertEqual((queue["processed"], queue["failed"], queue["interrupted"]), (0, 0, 2))
+        # The same when stop_timeout runs out on an item that will not finish.
+        svc.start()
+        self.assertTrue(svc.enqueue("job-6"))
+        gevent.sleep(0)
+        with self.assertLogs("specter", "ERROR") as cm:
+            svc.stop()
+        self.assertTrue(any("interrupted" in line and "'job-6'" in line for line in cm.output), cm.output)
+        self.assertEqual(svc.health()["queue"]["interrupted"], 3)
+        self.assertEqual(svc.handled, [])
+
+    def test_a_subclass_that_forgets_super_init_is_told_to_call_it(self):
+        class Forgetful(QueueService):
+            def __init__(self):
+                self.seen = []
+
+            def handle_item(self, item):
+                self.seen.append(item)
+
+        with self.assertRaisesRegex(TypeError, r"Forgetful\.__init__\(\) must call super\(\)\.__init__\(\)"):
+            Forgetful()
 
 
 # Lifecycle: Watcher ###########################################################
@@ -2169,35 +2622,38 @@ class TestWatcher(SpecterTestCase):
         self.assertEqual(watcher.last_value, "b")
 
     def test_stream_that_ends_is_reopened_after_interval_with_retry(self):
+        clock = self.use_manual_clock()
         opens = []
 
         def stream():
-            opens.append(time.monotonic())
+            opens.append(clock.now())
             yield len(opens)
 
-        watcher = self.make(stream=stream, interval=0.05, retry=True)
+        watcher = self.make(stream=stream, interval=50, retry=True)
         got = []
         watcher.subscribe(lambda value, w: got.append(value))
         watcher.start()
-        self.assertTrue(wait_until(lambda: len(opens) >= 3))
-        self.assertEqual(got[:3], [1, 2, 3])
-        for a, b in zip(opens, opens[1:]):
-            self.assertGreaterEqual(b - a, 0.05 - SLACK)
+        clock.advance(100)
+        self.assertEqual(opens, [0.0, 50.0, 100.0])
+        self.assertEqual(got, [1, 2, 3])
         self.assertTrue(watcher.running)
 
     def test_stream_that_ends_is_not_reopened_without_retry(self):
+        clock = self.use_manual_clock()
         opens = []
 
         def stream():
-            opens.append(time.monotonic())
+            opens.append(clock.now())
             yield "only"
 
-        watcher = self.make(stream=stream, interval=0.01, retry=False)
+        watcher = self.make(stream=stream, interval=10, retry=False)
         got = []
         watcher.subscribe(lambda value, w: got.append(value))
         watcher.start()
-        self.assertTrue(wait_until(lambda: not watcher.running))
-        self.assertFalse(wait_until(lambda: len(opens) > 1, timeout=0.1))
+        clock.advance(0)
+        self.assertFalse(watcher.running)
+        clock.advance(3600)
+        self.assertEqual(opens, [0.0])
         self.assertEqual(got, ["only"])
         self.assertEqual(watcher.health()["error_count"], 0)
 
@@ -2263,72 +2719,76 @@ class TestWatcher(SpecterTestCase):
         self.assertIn("upstream returned 503", watcher.health()["last_error"])
 
     def test_backoff_grows_and_is_capped(self):
-        # 5 failures then success. Nominal delays with interval=0.02 and
-        # max_backoff=0.06: 0.02, 0.04, 0.06, 0.06, 0.06, each times a jitter
-        # in [0.5, 1.0]. Uncapped, the 4th and 5th would be >= 0.08 and 0.16.
+        # 5 failures then success. Nominal delays with interval=20 and
+        # max_backoff=60: 20, 40, 60, 60, 60, each times a jitter in
+        # [0.5, 1.0). Uncapped, the 4th and 5th would be >= 80 and 160.
+        clock = self.use_manual_clock()
         attempts = []
 
         def poll():
-            attempts.append(time.monotonic())
+            attempts.append(clock.now())
             if len(attempts) <= 5:
                 raise ValueError("attempt %d" % len(attempts))
             return "ok"
 
-        watcher = self.make(poll=poll, interval=0.02, max_backoff=0.06)
+        watcher = self.make(poll=poll, interval=20, max_backoff=60)
         got = []
         watcher.subscribe(lambda value, w: got.append(value))
         with self.assertLogs("specter", "ERROR"):
             watcher.start()
-            self.assertTrue(wait_until(lambda: got))
+            while not got and clock.now() < 20 + 40 + 60 * 3:
+                clock.advance(1)
+        self.assertEqual(got, ["ok"])
         self.assertEqual(len(attempts), 6)
         gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-        nominal = [0.02, 0.04, 0.06, 0.06, 0.06]
-        for gap, base in zip(gaps, nominal):
-            self.assertGreaterEqual(gap, 0.5 * base - SLACK, gaps)  # grows, jitter floor 0.5x
-        for gap in gaps:
-            self.assertLessEqual(gap, 0.06 + 0.06, gaps)  # capped (uncapped 5th >= 0.16)
+        for gap, nominal in zip(gaps, [20, 40, 60, 60, 60]):
+            self.assertTrue(nominal / 2 <= gap < nominal, gaps)
         self.assertEqual(watcher.health()["error_count"], 5)
 
     def test_backoff_has_jitter(self):
-        # With max_backoff == interval every backoff is 0.04 x jitter, jitter
-        # in [0.5, 1.0]. A busy machine only lengthens gaps, so a gap clearly
-        # under 0.04 shows jitter (all 7 landing above 0.9x: ~1e-7).
+        # With max_backoff == interval every backoff is 40 x jitter, jitter in
+        # [0.5, 1.0): on the manual clock each gap is exactly that.
+        clock = self.use_manual_clock()
         attempts = []
 
         def poll():
-            attempts.append(time.monotonic())
+            attempts.append(clock.now())
             raise ValueError("down")
 
-        watcher = self.make(poll=poll, interval=0.04, max_backoff=0.04)
+        watcher = self.make(poll=poll, interval=40, max_backoff=40)
         with self.assertLogs("specter", "ERROR"):
             watcher.start()
-            self.assertTrue(wait_until(lambda: len(attempts) >= 8))
+            while len(attempts) < 8:
+                clock.advance(5)
         watcher.stop()
         gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-        self.assertTrue(all(gap >= 0.02 - SLACK for gap in gaps), gaps)
-        self.assertLess(min(gaps), 0.036, gaps)
+        self.assertTrue(all(20 <= gap < 40 for gap in gaps), gaps)
+        self.assertGreater(len(set(gaps)), 1, gaps)  # all 7 equal: about 1e-90 for a real jitter
 
     def test_backoff_resets_after_success(self):
-        # 4 failures (nominal 0.02, 0.04, 0.08, 0.16), a success, then a
-        # failure: after a reset its backoff is <= 0.02; without one it would
-        # be 0.32 * jitter >= 0.16.
+        # 4 failures (nominal 20, 40, 80, 160 s), a success, then a failure:
+        # after a reset its backoff is under 20; without one it would be
+        # 320 x jitter >= 160.
+        clock = self.use_manual_clock()
         attempts = []
         outcomes = ["fail", "fail", "fail", "fail", "ok", "fail", "ok"]
 
         def poll():
-            attempts.append(time.monotonic())
+            attempts.append(clock.now())
             outcome = outcomes[min(len(attempts), len(outcomes)) - 1]
             if outcome == "fail":
                 raise ValueError("attempt %d" % len(attempts))
             return len(attempts)
 
-        watcher = self.make(poll=poll, interval=0.02, max_backoff=1.0)
+        watcher = self.make(poll=poll, interval=20, max_backoff=1000)
         with self.assertLogs("specter", "ERROR"):
             watcher.start()
-            self.assertTrue(wait_until(lambda: len(attempts) >= 7, timeout=3.0))
+            clock.advance(20 + 40 + 80 + 160 + 20 + 20)
         gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-        self.assertGreaterEqual(gaps[3], 0.08 - SLACK, gaps)  # 4th failure backed off 0.16 x jitter
-        self.assertLess(gaps[5], 0.1, gaps)  # the failure after the success starts over
+        for gap, nominal in zip(gaps, [20, 40, 80, 160]):
+            self.assertTrue(nominal / 2 <= gap < nominal, gaps)  # jitter in [0.5, 1)
+        self.assertAlmostEqual(gaps[4], 20, places=9)  # after the success: the interval (times are jittered floats)
+        self.assertTrue(10 <= gaps[5] < 20, gaps)  # the failure after the success starts over
 
     def test_without_retry_the_first_error_ends_the_loop(self):
         calls = []
@@ -2407,6 +2867,33 @@ class TestWatcher(SpecterTestCase):
         watcher.start()
         watcher.stop()
         self.assertIs(watcher.stop(), watcher)
+        self.assertFalse(watcher.running)
+
+    def test_an_interrupted_stop_keeps_the_loop_tracked_until_it_is_dead(self):
+        loops, closed = [], []
+
+        def poll():
+            loops.append(gevent.getcurrent())
+            try:
+                gevent.sleep(LONG)
+            finally:
+                gevent.sleep(SHORT * 4)   # lets go slowly (closing a connection, say)
+                closed.append(True)
+
+        watcher = self.make(poll=poll, interval=0.01)
+        watcher.start()
+        self.assertTrue(wait_until(lambda: loops))
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT):
+                watcher.stop()
+        self.assertFalse(loops[0].dead)
+        self.assertTrue(watcher.running)           # it is still running, and says so
+        watcher.start()                            # no second loop beside it
+        gevent.sleep(0.01)
+        self.assertEqual(len(set(loops)), 1)
+        self.assertIs(watcher.stop(), watcher)     # stop() again waits for it to end
+        self.assertTrue(loops[0].dead)
+        self.assertEqual(closed, [True])           # not killed twice: its finally ran to the end
         self.assertFalse(watcher.running)
 
     def test_teardown_is_an_alias_of_stop(self):
@@ -2734,19 +3221,19 @@ class TestStore(SpecterTestCase):
 
     def test_emit_events(self):
         changed = Recorder()
-        specter.bus.on("conn:changed", changed)
+        self.addCleanup(specter.bus.on("conn:changed", changed))
         store = create_store("conn", {"count": 0}, emit_events=True)
         store.set({"count": 1})
         self.assertEqual(changed.firsts, [{"count": 1}])
         quiet = create_store("quiet", {"count": 0})
         silent = Recorder()
-        specter.bus.on("quiet:changed", silent)
+        self.addCleanup(specter.bus.on("quiet:changed", silent))
         quiet.set({"count": 1})
         self.assertEqual(silent.count, 0)
 
     def test_change_event(self):
         custom = Recorder()
-        specter.bus.on("conn:custom", custom)
+        self.addCleanup(specter.bus.on("conn:custom", custom))
         store = create_store("conn", emit_events=True, change_event="conn:custom")
         store.set({"a": 1})
         self.assertEqual(custom.firsts, [{"a": 1}])
@@ -3051,8 +3538,8 @@ class TestModel(SpecterTestCase):
 
     def test_emit_events_and_change_event(self):
         changed, custom = Recorder(), Recorder()
-        specter.bus.on("tv:changed", changed)
-        specter.bus.on("tv:custom", custom)
+        self.addCleanup(specter.bus.on("tv:changed", changed))
+        self.addCleanup(specter.bus.on("tv:custom", custom))
         model = create_model("tv", {"a": 1}, emit_events=True)
         model.set("a", 2)
         self.assertEqual(changed.firsts, [{"a": 2}])
@@ -3170,6 +3657,30 @@ class TestModel(SpecterTestCase):
                 write(model)  # the same value, same types: no change
                 self.assertEqual((whole.count, selected.count), (1, 1))
 
+    def test_a_changed_type_inside_a_dict_or_list_subclass_is_a_change(self):
+        # A model keeps an OrderedDict or a defaultdict as it is (its copies are
+        # deep copies), so a type change inside one is a change like any other.
+        from collections import OrderedDict as ordered, defaultdict as defaults
+
+        class Row(list):
+            pass
+        cases = [
+            ("OrderedDict", ordered(limit=1), ordered(limit=True)),
+            ("defaultdict", defaults(int, limit=1), defaults(int, limit=1.0)),
+            ("list subclass", Row([0, 1]), Row([False, True])),
+            ("list in an OrderedDict", ordered(v=[0, 1]), ordered(v=[0, True])),
+        ]
+        for label, before, after in cases:
+            with self.subTest(container=label):
+                model = create_model("m", {"cfg": before})
+                selected = Recorder()
+                model.subscribe(selected, selector="cfg")
+                model.set("cfg", after)
+                self.assertEqual(repr(model.get("cfg")), repr(after))
+                self.assertEqual([repr(v) for v in selected.firsts], [repr(after)])
+                model.set("cfg", after)  # the same value, same types: no change
+                self.assertEqual(selected.count, 1)
+
     def test_large_model_unrelated_subtree_subscriber_stays_quiet(self):
         big = {"g%d" % g: {"k%d" % k: k for k in range(100)} for g in range(100)}
         model = create_model("big", {"big": big, "other": {"x": 1}})
@@ -3231,7 +3742,9 @@ class TestCache(SpecterTestCase):
     def test_concurrent_cascades_through_a_cycle_terminate(self):
         counts = {"a": 0, "b": 0}
         a = create_cache("a", depends_on=["b:invalidated"])
+        self.addCleanup(a.destroy)
         b = create_cache("b", depends_on=["a:invalidated"])
+        self.addCleanup(b.destroy)
         for cache in (a, b):
             cache.on_invalidate(lambda c=cache: (counts.__setitem__(c.name, counts[c.name] + 1), gevent.sleep(0)))
         gevent.joinall([gevent.spawn(a.invalidate), gevent.spawn(b.invalidate)], timeout=2)
@@ -3300,25 +3813,31 @@ class TestCache(SpecterTestCase):
         self.assertEqual(factory.count, 1)
 
     def test_ttl_zero_never_expires(self):
+        clock = self.use_manual_clock()
         cache = create_cache("c", ttl=0)
         cache.set("v")
-        gevent.sleep(0.1)
+        clock.advance(10 ** 9)
         self.assertTrue(cache.is_valid())
         self.assertEqual(cache.get(), "v")
 
     def test_set_and_get_or_compute_ttl_override(self):
+        clock = self.use_manual_clock()
         for ttl in (0, 300):
             with self.subTest(cache_ttl=ttl):
                 cache = create_cache("c", ttl=ttl)
-                cache.set("v", ttl=SHORT)
+                cache.set("v", ttl=5)
+                clock.advance(4.5)
                 self.assertTrue(cache.is_valid())
-                self.assertEventually(lambda: not cache.is_valid(), timeout=1.0)
-                cache.get_or_compute(lambda: "w", ttl=SHORT)
+                clock.advance(0.5)
+                self.assertFalse(cache.is_valid())
+                cache.get_or_compute(lambda: "w", ttl=5)
+                clock.advance(4.5)
                 self.assertTrue(cache.is_valid())
-                self.assertEventually(lambda: not cache.is_valid(), timeout=1.0)
-        cache = create_cache("c", ttl=SHORT)
+                clock.advance(0.5)
+                self.assertFalse(cache.is_valid())
+        cache = create_cache("c", ttl=5)
         cache.set("v", ttl=0)
-        gevent.sleep(SHORT * 2)
+        clock.advance(10 ** 9)
         self.assertTrue(cache.is_valid())
 
     def test_bad_ttl(self):
@@ -3432,7 +3951,7 @@ class TestCache(SpecterTestCase):
     def test_invalidate_calls_callbacks_and_emits(self):
         cache = create_cache("drives")
         events = Recorder()
-        specter.bus.on("drives:invalidated", events)
+        self.addCleanup(specter.bus.on("drives:invalidated", events))
         callback = Recorder()
         unsubscribe = cache.on_invalidate(callback)
         cache.set("v")
@@ -3470,7 +3989,9 @@ class TestCache(SpecterTestCase):
     def test_depends_on_cascades(self):
         a = create_cache("a")
         b = create_cache("b", depends_on=["a:invalidated"])
+        self.addCleanup(b.destroy)
         c = create_cache("c", depends_on=["b:invalidated", "storage:mount_changed"])
+        self.addCleanup(c.destroy)
         for cache in (a, b, c):
             cache.set(cache.name)
         a.invalidate()
@@ -3481,8 +4002,11 @@ class TestCache(SpecterTestCase):
 
     def test_depends_on_cycle_terminates_with_one_invalidation_each(self):
         a = create_cache("a", depends_on=["c:invalidated"])
+        self.addCleanup(a.destroy)
         b = create_cache("b", depends_on=["a:invalidated"])
+        self.addCleanup(b.destroy)
         c = create_cache("c", depends_on=["b:invalidated"])
+        self.addCleanup(c.destroy)
         counts = {"a": 0, "b": 0, "c": 0}
         for cache in (a, b, c):
             cache.on_invalidate(lambda x=cache: counts.__setitem__(x.name, counts[x.name] + 1))
@@ -3509,6 +4033,7 @@ class TestCache(SpecterTestCase):
                 caches = {}
                 for name, sources in graph.items():
                     cache = caches[name] = create_cache(name, depends_on=[s + ":invalidated" for s in sources])
+                    self.addCleanup(cache.destroy)
                     cache.on_invalidate(lambda name=name: counts.__setitem__(name, counts[name] + 1))
                     cache.set(1)
                 caches["a"].invalidate()
@@ -3522,21 +4047,58 @@ class TestCache(SpecterTestCase):
         chain = [create_cache("c0")]
         for index in range(1, 400):
             chain.append(create_cache("c%d" % index, depends_on=["c%d:invalidated" % (index - 1)]))
+            self.addCleanup(chain[-1].destroy)
         notified = []
         for cache in chain:
             cache.set(cache.name)
             cache.on_invalidate(lambda name=cache.name: notified.append(name))
         last = Recorder()
-        specter.bus.on("c399:invalidated", last)
+        self.addCleanup(specter.bus.on("c399:invalidated", last))
         chain[0].invalidate()
         self.assertEqual([cache.name for cache in chain if cache.is_valid()], [])
         self.assertEqual(notified, [cache.name for cache in chain])
         self.assertEqual(last.firsts, [{"name": "c399"}])
 
+    def test_a_callback_that_rebuilds_its_cache_reads_only_dependencies_the_cascade_emptied(self):
+        # total depends on fast (one hop from source) and on slow (three hops):
+        # source -> fast -> total, source -> parsed -> checked -> slow -> total.
+        # total's callback rebuilds it; it must not read slow before the
+        # cascade has reached slow, or total keeps a stale value for good.
+        data = {"v": 1}
+        source = create_cache("source", depends_on=["data:changed"])
+        fast = create_cache("fast", depends_on=["source:invalidated"])
+        parsed = create_cache("parsed", depends_on=["source:invalidated"])
+        checked = create_cache("checked", depends_on=["parsed:invalidated"])
+        slow = create_cache("slow", depends_on=["checked:invalidated"])
+        total = create_cache("total", depends_on=["fast:invalidated", "slow:invalidated"])
+        for cache in (source, fast, parsed, checked, slow, total):
+            self.addCleanup(cache.destroy)
+
+        def read_source():
+            return source.get_or_compute(lambda: data["v"])
+
+        def read_slow():
+            parsed_value = parsed.get_or_compute(read_source)
+            checked_value = checked.get_or_compute(lambda: parsed_value)
+            return slow.get_or_compute(lambda: checked_value)
+
+        def read_total():
+            return total.get_or_compute(lambda: (fast.get_or_compute(read_source), read_slow()))
+
+        self.assertEqual(read_total(), (1, 1))
+        rebuilt = []
+        total.on_invalidate(lambda: rebuilt.append(read_total()))
+        data["v"] = 2
+        specter.bus.emit("data:changed")
+        self.assertEqual(rebuilt, [(2, 2)])
+        self.assertEqual(total.get(), (2, 2))
+
     def test_a_cascade_whose_greenlet_is_killed_still_reaches_every_dependent(self):
         a = create_cache("a")
         b = create_cache("b", depends_on=["a:invalidated"])
+        self.addCleanup(b.destroy)
         c = create_cache("c", depends_on=["b:invalidated"])
+        self.addCleanup(c.destroy)
         calls = []
         gate = gevent.event.Event()
         a.on_invalidate(lambda: (calls.append("a1"), gate.wait()))
@@ -3763,6 +4325,78 @@ class TestField(SpecterTestCase):
         self.assertIn("tags[1]", out.error)
         self.assertIn("tags[3]", out.error)
 
+    def test_int_parses_integral_strings_exactly_or_refuses_them(self):
+        for raw, expected in (("9007199254740993.0", 9007199254740993), ("1e23", 10 ** 23),
+                              (" 1E+2 ", 100), ("-0.0", 0), ("12345678901234567890.000", 12345678901234567890),
+                              (decimal.Decimal("1e23"), 10 ** 23)):
+            with self.subTest(raw=raw):
+                self.assertAccepts(Field(int), raw, expected)
+        for raw in ("0.99999999999999999", "1.0000000000000000001", "1e-5", "NaN", "Infinity", "1e",
+                    decimal.Decimal("0.99999999999999999"), decimal.Decimal("NaN")):
+            with self.subTest(raw=raw):
+                self.assertRefuses(Field(int), raw)
+        started = time.monotonic()
+        for raw in ("1e999999999", decimal.Decimal("1e999999999")):   # a billion digits: refused, not built
+            with self.subTest(raw=raw):
+                self.assertRefuses(Field(int), raw)
+        self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_nested_schema_fields_apply_every_option(self):
+        owner = Schema("owner", {"email": Field(str, required=True), "name": Field(str, default="anon")})
+        seen = []
+
+        def corporate(value):
+            seen.append(value)
+            return value["email"].endswith("@corp")
+
+        cases = (
+            (Field(owner, validator=corporate), {"email": "a@corp"}, {"email": "a@home"}),
+            (Field(owner, choices=[{"email": "a@corp", "name": "anon"}]), {"email": "a@corp"}, {"email": "b@corp"}),
+            (Field(owner, min_length=2), {"email": "a@corp"}, None),
+            (Field(owner, max_length=1), None, {"email": "a@corp"}),
+            (Field(owner, min_length=3), None, {"email": "a@corp"}),
+        )
+        for field, good, bad in cases:
+            with self.subTest(field=field, good=good, bad=bad):
+                schema = Schema("t", {"f": field})
+                if good is not None:
+                    self.assertEqual(schema.validate({"f": good}).value, {"f": {**good, "name": "anon"}})
+                if bad is not None:
+                    out = schema.validate({"f": bad})
+                    self.assertFalse(out.ok)
+                    self.assertEqual(list(out.meta["errors"]), ["f"])
+        self.assertEqual(seen, [{"email": "a@corp", "name": "anon"}, {"email": "a@home", "name": "anon"}])
+        # The same options on list items, with the item's path; an invalid object never reaches the validator.
+        listed = Schema("t", {"owners": Field(list, items=Field(owner, validator=corporate))})
+        out = listed.validate({"owners": [{"email": "a@corp"}, {"email": "b@home"}, {"name": "x"}]})
+        self.assertEqual(set(out.meta["errors"]), {"owners[1]", "owners[2].email"})
+        self.assertEqual(len(seen), 4)
+        js = Schema("t", {"f": Field(owner, min_length=1, max_length=2)}).to_json_schema()
+        self.assertEqual((js["properties"]["f"]["minProperties"], js["properties"]["f"]["maxProperties"]), (1, 2))
+
+    def test_default_must_satisfy_its_own_field(self):
+        for field, words in ((Field(str, default=5), "must be a string"),
+                             (Field(int, default="5"), "must be an integer"),
+                             (Field(int, default=True), "boolean"),
+                             (Field(int, default=0, min=1), "at least 1"),
+                             (Field(str, default="x", choices=["a", "b"]), "one of"),
+                             (Field(list, default=[1, "x"], items=Field(int)), "items[1]"),
+                             (Field(bool, default="yes"), "must be a boolean")):
+            with self.subTest(field=field, default=field.default):
+                with self.assertRaisesRegex(TypeError, "field 'items'.*%s" % re.escape(words)):
+                    Schema("t", {"ok": Field(int, default=1), "items": field})
+        schema = Schema("t", {"ratio": Field(float, default=0), "tags": Field(list, default=("a",)),
+                              "parts": Field(lambda text: text.split(","), default=list)})
+        value = schema.validate({}).value
+        self.assertEqual(value, {"ratio": 0.0, "tags": ["a"], "parts": []})
+        self.assertIs(type(value["ratio"]), float)
+        # A factory's result is checked each time it is called; a bad one fails the field, logged.
+        made = Schema("t", {"name": Field(str, default=lambda: 5)})
+        with self.assertLogs("specter.schema", "ERROR") as logs:
+            out = made.validate({})
+        self.assertEqual(out.meta["errors"], {"name": "has no usable default"})
+        self.assertIn("field 'name' must be a string", "".join(logs.output))
+
 
 class TestSchema(SpecterTestCase):
     def create_schema(self):
@@ -3857,6 +4491,27 @@ class TestSchema(SpecterTestCase):
         self.assertEqual(list(schema.field_names), ["name", "age", "active"])
         self.assertEqual(list(schema.required_fields), ["name"])
 
+    def test_field_names_and_required_fields_compare_equal_to_sets(self):
+        schema = self.create_schema()
+        self.assertEqual(schema.field_names, {"name", "age", "active"})
+        self.assertEqual(schema.required_fields, {"name"})
+        self.assertTrue(schema.required_fields <= schema.field_names)
+        self.assertEqual(schema.extend("more", {"x": Field(int, required=True)}).required_fields, {"name", "x"})
+
+    def test_to_json_schema_accepts_unhashable_coercers(self):
+        @dataclasses.dataclass
+        class Scaled:
+            factor: int
+
+            def __call__(self, value):
+                return int(value) * self.factor
+
+        schema = Schema("t", {"n": Field(Scaled(10), required=True, min=0)})
+        self.assertEqual(schema.validate({"n": "3"}).value, {"n": 30})
+        js = schema.to_json_schema()
+        self.assertEqual(js["properties"]["n"], {"minimum": 0})
+        json.dumps(js)
+
     def test_nested_schema(self):
         owner = Schema("owner", {
             "email": Field(str, required=True, pattern=r"^[^@]+@[^@]+$"),
@@ -3930,6 +4585,103 @@ class TestSchema(SpecterTestCase):
         self.assertEqual(props["owner"]["type"], "object")
         self.assertIn("email", props["owner"]["properties"])
         self.assertFalse(js["additionalProperties"])
+
+    def test_field_names_patterns_and_messages_are_data_never_code(self):
+        hostile = 'x"] = 1\nimport os; os._exit(3)  # \u2028'
+        pattern = r'[\n"]+'
+        schema = Schema("t\nevil = 1", {
+            hostile: Field(int, required=True, min=0),
+            "safe": Field(str, pattern=pattern, choices=['"); raise SystemExit #', '\n\n']),
+            "inner": Field(Schema("inner", {hostile: Field(str, required=True)})),
+        }, strict=True)
+        self.assertEqual(schema.validate({hostile: "3", "safe": "\n\n"}).value,
+                         {hostile: 3, "safe": "\n\n", "inner": None})
+        out = schema.validate({hostile: -1, "safe": '"); raise SystemExit #', "inner": {}, hostile + "!": 1})
+        self.assertEqual(set(out.meta["errors"]), {hostile, "safe", "inner." + hostile, hostile + "!"})
+        source = schema.compiled_source()
+        code, _, legend = source.partition("# Constants")
+        compile(code, "<check>", "exec")
+        for text in (hostile, "os._exit", "raise SystemExit", pattern, "evil", "inner"):
+            self.assertNotIn(text, code)
+        self.assertIn(ascii(hostile), legend)           # shown escaped, in the legend only
+        self.assertNotIn("\u2028", source)
+        self.assertTrue(all(line.startswith("#") for line in legend.splitlines()[1:]))
+
+    def test_compiled_source_shows_the_generated_validator(self):
+        owner = Schema("owner", {"email": Field(str, required=True)})
+        schema = Schema("doc", {"n": Field(int, min=1), "owner": Field(owner), "tags": Field(list, items=Field(str))})
+        source = schema.compiled_source()
+        self.assertTrue(source.startswith("def validate(root, data):"))
+        self.assertIn("# field 2 of 3: nested schema", source)
+        self.assertIn("for index_1, item_1 in enumerate(v):", source)
+        self.assertIn("def clean_object(data, path, errors, root, level):", owner.compiled_source())
+        self.assertIsNotNone(compile(source.partition("# Constants")[0], "<check>", "exec"))
+
+    def test_validate_never_raises_even_when_the_mapping_breaks(self):
+        class Broken(dict):
+            def get(self, key, default=None):
+                raise RuntimeError("storage gone: password=hunter2")
+
+        schema = Schema("t", {"a": Field(int)})
+        with self.assertLogs("specter.schema", "WARNING") as logs:
+            out = schema.validate(Broken(a=1))
+        self.assertEqual((out.ok, out.status, dict(out.meta["errors"])), (False, 400, {"$": "is invalid"}))
+        self.assertNotIn("hunter2", out.error)
+        self.assertIn("hunter2", "".join(logs.output))
+
+    def test_nested_lists_and_objects_report_each_element_path(self):
+        point = Schema("point", {"x": Field(int, required=True)})
+        schema = Schema("t", {"grid": Field(list, items=Field(list, items=Field(int, min=0))),
+                              "paths": Field(list, items=Field(list, items=Field(point)))})
+        out = schema.validate({"grid": [[1, 2], [3, -1, "x", None]], "paths": [[{"x": 1}], [{"x": "y"}, 5]]})
+        self.assertEqual(set(out.meta["errors"]),
+                         {"grid[1][1]", "grid[1][2]", "grid[1][3]", "paths[1][0].x", "paths[1][1]"})
+        self.assertEqual(schema.validate({"grid": [[0], []], "paths": [[{"x": "2"}]]}).value,
+                         {"grid": [[0], []], "paths": [[{"x": 2}]]})
+
+    def test_list_elements_are_each_converted_and_checked(self):
+        for kind, raw, clean, bad in ((int, [1, "2", 3], [1, 2, 3], [1, True, None, "x"]),
+                                      (str, ["a", 1, 2.5], ["a", "1", "2.5"], ["a", ["b"], None, {}]),
+                                      (bool, [True, "no", 1], [True, False, True], [True, 2, None, "maybe"])):
+            with self.subTest(kind=kind):
+                schema = Schema("t", {"xs": Field(list, items=Field(kind))})
+                value = schema.validate({"xs": raw}).value["xs"]
+                self.assertEqual(value, clean)
+                self.assertEqual([type(x) for x in value], [kind] * 3)
+                self.assertIsNot(schema.validate({"xs": clean}).value["xs"], clean)   # a new list
+                out = schema.validate({"xs": bad})
+                self.assertEqual(set(out.meta["errors"]), {"xs[1]", "xs[2]", "xs[3]"})
+                self.assertEqual(out.meta["errors"]["xs[2]"], "is required")
+
+    def test_limits_come_from_the_schema_validate_is_called_on(self):
+        inner = Schema("inner", {"tags": Field(list, items=Field(str))})
+        outer = Schema("outer", {"inner": Field(inner)})
+        outer.max_items = 3
+        out = outer.validate({"inner": {"tags": ["a", "b", "c", "d"]}})
+        self.assertEqual(dict(out.meta["errors"]), {"inner.tags": "has more than 3 items"})
+        self.assertTrue(inner.validate({"tags": ["a", "b", "c", "d"]}).ok)
+
+    def test_a_subclass_override_of_validate_is_kept(self):
+        class Audited(Schema):
+            seen = []
+
+            def validate(self, data):
+                self.seen.append(data)
+                return super().validate(data)
+
+        schema = Audited("t", {"a": Field(int)})
+        self.assertEqual(schema.validate({"a": "1"}).value, {"a": 1})
+        self.assertEqual(schema.require({"a": "2"}), {"a": 2})
+        self.assertEqual(Audited.seen, [{"a": "1"}, {"a": "2"}])
+
+    def test_copies_and_pickles_validate_on_their_own(self):
+        schema = Schema("t", {"a": Field(int, default=1), "b": Field(list, items=Field(int))})
+        for twin in (copy.copy(schema), copy.deepcopy(schema), pickle.loads(pickle.dumps(schema))):
+            with self.subTest(twin=twin):
+                twin.max_items = 1
+                self.assertEqual(twin.validate({"b": ["2"]}).value, {"a": 1, "b": [2]})
+                self.assertFalse(twin.validate({"b": [1, 2]}).ok)
+                self.assertTrue(schema.validate({"b": [1, 2]}).ok)
 
     def assertCleanRefusal(self, schema, payload, limit=1.0):
         started = time.monotonic()
@@ -4137,6 +4889,18 @@ def pid_gone(pid):
     return data[data.rfind(b")") + 2:].split()[0] in (b"Z", b"X")
 
 
+def settle_engineio(test, sio):
+    """Make Engine.IO's greenlets end with a test that serves real clients.
+
+    The server's service task runs until the Socket.IO server shuts down
+    (ServiceManager.shutdown does not do that), and each connection's ping
+    timer sleeps a whole ping_interval (25 s by default) before it notices
+    that the connection closed; the leak check would report both.
+    """
+    sio.server.eio.ping_interval = 0.05
+    test.addCleanup(sio.server.shutdown)
+
+
 def make_web_app():
     """A fresh Flask app and its gevent Flask-SocketIO server."""
     app = Flask(__name__)
@@ -4224,6 +4988,23 @@ class EchoController(Controller):
     def echo(self, data=None):
         self.calls.append(data)
         return {"echo": data}
+
+
+class TokenController(EchoController):
+    """EchoController whose connect check admits the token 's3cret', recording each one it sees."""
+
+    def __init__(self, name=None):
+        super().__init__(name)
+        self.checked = []
+
+    def build_events(self, handler):
+        super().build_events(handler)
+        handler.on("connect", self.check)
+
+    def check(self, auth=None):
+        token = (auth or {}).get("token")
+        self.checked.append(token)
+        return token == "s3cret"
 
 
 class TestHTTPHelpers(SpecterTestCase):
@@ -4819,6 +5600,7 @@ class TestRouter(SpecterTestCase):
     def test_require_and_resolve_use_the_registry(self):
         db = object()
         specter.registry.provide("db", db)
+        self.addCleanup(specter.registry.unregister, "db")
         router = Router("deps")
         self.assertIs(router.require("db"), db)
         self.assertIs(router.resolve("db"), db)
@@ -4922,6 +5704,7 @@ class TestHandler(SpecterTestCase):
         app, sio = make_web_app()
         ingress = SocketIngress(sio)
         specter.registry.provide("socket_ingress", ingress)
+        self.addCleanup(specter.registry.unregister, "socket_ingress")
         order = []
 
         class Ordered(ChatHandler):
@@ -4945,6 +5728,7 @@ class TestHandler(SpecterTestCase):
     def test_setup_without_socketio_uses_the_ingress(self):
         app, sio = make_web_app()
         specter.registry.provide("socket_ingress", SocketIngress(sio))
+        self.addCleanup(specter.registry.unregister, "socket_ingress")
         handler = ChatHandler()
         self.addCleanup(handler.teardown)
         handler.setup()
@@ -4985,6 +5769,7 @@ class TestHandler(SpecterTestCase):
     def test_require_and_resolve(self):
         store = specter.create_store("sessions", {})
         specter.registry.provide("sessions", store)
+        self.addCleanup(specter.registry.unregister, "sessions")
         handler = ChatHandler()
         self.assertIs(handler.require("sessions"), store)
         self.assertIs(handler.resolve("sessions"), store)
@@ -5345,6 +6130,85 @@ class TestSocketIngress(SpecterTestCase):
         with self.assertRaises(TypeError):
             SocketIngress().attach(None)
 
+    def test_subscribers_changed_during_a_dispatch_take_effect_from_the_next_one(self):
+        _, _, ingress = self.make()
+        calls = []
+
+        def late(data):
+            calls.append(("late", data))
+
+        def second(data):
+            calls.append(("second", data))
+
+        def first(data):
+            calls.append(("first", data))
+            if data == 1:
+                ingress.subscribe("job", late, priority=5)
+                ingress.unsubscribe("job", second)
+        ingress.subscribe("job", first, priority=1)
+        ingress.subscribe("job", second, priority=2)
+        ingress.dispatch("job", 1)
+        self.assertEqual(calls, [("first", 1), ("second", 1)])
+        calls.clear()
+        ingress.dispatch("job", 2)
+        self.assertEqual(calls, [("first", 2), ("late", 2)])
+
+    def test_order_holds_as_subscribers_come_and_go(self):
+        _, _, ingress = self.make()
+        order = []
+        removers = {}
+        for label, priority in (("a", 20), ("b", 10), ("c", 20), ("d", 10)):
+            removers[label] = ingress.subscribe("job", lambda data, label=label: order.append(label),
+                                                priority=priority)
+        removers["d"]()
+        ingress.subscribe("job", lambda data: order.append("e"), priority=10)   # after b, the older tie
+        ingress.subscribe("job", lambda data: order.append("f"), priority=15)
+        removers["a"]()
+        ingress.dispatch("job", None)
+        self.assertEqual(order, ["b", "e", "f", "c"])
+        self.assertEqual(ingress.health()["events"], {"/ job": 4})
+
+    def test_dispatch_fails_connect_closed_whatever_the_arguments(self):
+        _, _, ingress = self.make()
+        ran = []
+        ingress.subscribe("connect", lambda *args, **kwargs: False, priority=1)
+        ingress.subscribe("connect", lambda *args, **kwargs: ran.append(args), priority=2)
+        for args, kwargs in (((), {}), (({"token": 1},), {}), (({"token": 1}, "extra"), {}), ((), {"flag": 1})):
+            with self.subTest(args=args, kwargs=kwargs):
+                self.assertIs(ingress.dispatch("connect", *args, **kwargs), False)
+        ingress.clear()
+
+        def crash(*args, **kwargs):
+            raise KeyError("session store down")
+        ingress.subscribe("connect", crash, priority=1)
+        ingress.subscribe("connect", lambda *args, **kwargs: ran.append(args), priority=2)
+        for args, kwargs in (((), {}), (({"token": 1},), {}), ((), {"flag": 1})):
+            with self.subTest(args=args, kwargs=kwargs):
+                with self.assertLogs("specter", "ERROR"):
+                    self.assertIs(ingress.dispatch("connect", *args, **kwargs), False)
+        self.assertEqual(ran, [])
+
+    def test_dispatch_to_a_bad_namespace_is_a_value_error(self):
+        _, _, ingress = self.make()
+        ingress.subscribe("job", lambda data: "ok")
+        for bad in ("job", "", None, ["/"]):
+            with self.subTest(namespace=bad):
+                with self.assertRaisesRegex(ValueError, "namespace must start with '/'"):
+                    ingress.dispatch("job", 1, namespace=bad)
+
+    def test_a_failing_subscriber_is_logged_under_its_own_name_with_a_schema_too(self):
+        app, sio, ingress = self.make()
+        schema = Schema("job", {"n": Field(int, required=True)})
+
+        def count_jobs(data):
+            raise LookupError("no queue for %d" % data["n"])
+        ingress.subscribe("job", count_jobs, schema=schema)
+        with self.assertLogs("specter", "ERROR") as logs:
+            ack = sio.test_client(app).emit("job", {"n": "3"}, callback=True)
+        self.assertEqual(ack, {"error": "Internal server error", "ok": False, "status": 500, "value": None})
+        self.assertIn("count_jobs", logs.output[0])
+        self.assertIn("LookupError: no queue for 3", logs.output[0])
+
 
 class TestController(SpecterTestCase):
 
@@ -5441,6 +6305,7 @@ class TestController(SpecterTestCase):
     def test_service_require_and_resolve(self):
         db = {"kind": "db"}
         specter.registry.provide("db", db)
+        self.addCleanup(specter.registry.unregister, "db")
         ctl = Controller("deps")
         self.assertIs(ctl.service("db"), db)
         self.assertIs(ctl.require("db"), db)
@@ -5537,6 +6402,70 @@ class TestController(SpecterTestCase):
         self.assertEqual(http.get("/echo/ping").status_code, 200)
         self.assertEqual(sock.emit("echo", 4, callback=True), {"echo": 4})
         self.assertEqual(ctl.calls, [2, 4])
+
+    def test_a_connect_check_refuses_every_client_while_its_controller_is_not_running(self):
+        ctl = TokenController()
+        self.addCleanup(ctl.stop)
+        app, sio = make_web_app()
+        ctl.build_handler(sio)
+
+        def admits(token):
+            return sio.test_client(app, auth={"token": token}).is_connected()
+        self.assertFalse(admits("s3cret"))            # set up, not started yet
+        ctl.start()
+        self.assertEqual((admits("s3cret"), admits("guess")), (True, False))
+        member = sio.test_client(app, auth={"token": "s3cret"})
+        ctl.stop()
+        self.assertFalse(admits("s3cret"))            # stopped: the check cannot run, so no one gets in
+        self.assertIn(member.emit("echo", 1, callback=True), (None, []))   # other events: not delivered
+        self.assertTrue(member.is_connected())
+        ctl.start()
+        self.assertEqual((admits("s3cret"), admits("guess")), (True, False))
+        self.assertEqual(member.emit("echo", 2, callback=True), {"echo": 2})
+        self.assertEqual(ctl.checked, ["s3cret", "guess", "s3cret", "s3cret", "guess"])   # none while stopped
+
+    def test_a_stopped_controller_refuses_clients_through_the_manager(self):
+        app, sio = make_web_app()
+        ctl = TokenController()
+        manager = ServiceManager(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        manager.register_controller(ctl)
+        manager.boot()
+        app_wide = []
+        manager.socket_ingress.on("connect", lambda auth=None: app_wide.append(auth["token"]), priority=200)
+
+        def admits(token):
+            return sio.test_client(app, auth={"token": token}).is_connected()
+        self.assertTrue(admits("s3cret"))
+        for _ in range(2):                            # a restart replaces the guard, never adds one
+            ctl.stop()
+            self.assertFalse(admits("s3cret"))
+            self.assertEqual(manager.socket_ingress.health()["events"]["/ connect"], 2)
+            ctl.start()
+            self.assertTrue(admits("s3cret"))
+            self.assertEqual(manager.socket_ingress.health()["events"]["/ connect"], 2)
+        self.assertEqual(app_wide, ["s3cret"] * 3)   # a refused client goes no further
+
+    def test_a_handler_of_an_overridden_create_handler_is_gated_too(self):
+        class Door(Handler):
+            events = {"connect": "check"}
+
+            def check(self, auth=None):
+                return bool(auth)
+
+        class Custom(Controller):
+            name = "custom"
+
+            def create_handler(self):
+                return Door("door")
+        ctl = Custom()
+        self.addCleanup(ctl.stop)
+        app, sio = make_web_app()
+        ctl.build_handler(sio)
+        self.assertFalse(sio.test_client(app, auth={"token": 1}).is_connected())
+        ctl.start()
+        self.assertTrue(sio.test_client(app, auth={"token": 1}).is_connected())
+        self.assertFalse(sio.test_client(app).is_connected())
 
     def test_seed_item_controller_end_to_end(self):
         class ItemController(Controller):
@@ -6455,7 +7384,7 @@ class TestLoopMonitor(SpecterTestCase):
         started = threading.Event()  # set from the hub, waited on by a native thread
         app.add_url_rule("/block", "block", functools.partial(blocking_view, started))
         announced = Recorder()
-        specter.bus.on("loop:blocked", announced)
+        self.addCleanup(specter.bus.on("loop:blocked", announced))
         manager = boot(app, sio, signals=False, probes=True, block_threshold=self.threshold)
         self.addCleanup(manager.shutdown)
         self.assertEqual(manager.health()["loop"], {"monitor": True, "threshold": self.threshold, "blocked": 0,
@@ -6556,7 +7485,7 @@ class TestLoopMonitor(SpecterTestCase):
         self.addCleanup(manager.shutdown)
         manager.boot()
         announced = Recorder()
-        specter.bus.on("loop:blocked", announced)
+        self.addCleanup(specter.bus.on("loop:blocked", announced))
         with self.assertLogs("specter.loop", "WARNING"):
             gevent.spawn(time.sleep, 0.3).join()  # one real block
             self.assertEventually(lambda: announced.count == 1)
@@ -6783,6 +7712,7 @@ class TestRealClients(SpecterTestCase):
 
     def serve(self, app, sio, **boot_kwargs):
         """Boot the app, serve it on an ephemeral port; the base URL and the manager."""
+        settle_engineio(self, sio)
         manager = boot(app, sio, signals=False, **boot_kwargs)
         self.addCleanup(manager.shutdown)
         server = pywsgi.WSGIServer(("127.0.0.1", 0), app, log=None, handler_class=UpgradeClosingHandler)
@@ -6795,6 +7725,19 @@ class TestRealClients(SpecterTestCase):
         self.blocking(client.connect, url, wait_timeout=CLIENT_TIMEOUT, **kwargs)
         self.addCleanup(self.disconnect, client)
         return client
+
+    def refused(self, url, **kwargs):
+        """The ConnectionError of a client the server refuses (None if it got in)."""
+        client = socketio.Client()
+
+        def attempt():
+            try:
+                client.connect(url, wait_timeout=CLIENT_TIMEOUT, **kwargs)
+            except socketio.exceptions.ConnectionError as exc:
+                return exc
+            client.disconnect()
+            return None
+        return self.blocking(attempt)
 
     def disconnect(self, client):
         if client.connected:
@@ -6831,6 +7774,19 @@ class TestRealClients(SpecterTestCase):
         status, kind, body = self.http_get(url + "/ping")
         self.assertEqual((status, kind), (200, "application/json"))
         self.assertEqual(flask.json.loads(body), {"pong": True, "by": "echo"})
+
+    def test_a_stopped_controller_admits_no_client(self):
+        app, sio = make_web_app()
+        ctl = TokenController()
+        url, _ = self.serve(app, sio, controllers=[ctl])
+        client = self.connect(url, auth={"token": "s3cret"})
+        self.assertEqual(self.call(client, "echo", 1), {"echo": 1})
+        self.assertIsInstance(self.refused(url, auth={"token": "guess"}), socketio.exceptions.ConnectionError)
+        ctl.stop()
+        self.assertIsInstance(self.refused(url, auth={"token": "s3cret"}), socketio.exceptions.ConnectionError)
+        self.assertEqual(ctl.checked, ["s3cret", "guess"])   # refused without running the check
+        ctl.start()
+        self.assertTrue(self.connect(url, auth={"token": "s3cret"}).connected)
 
     def test_receives_emits_from_a_service_interval(self):
         app, sio = make_web_app()
@@ -6885,7 +7841,7 @@ class TestRealClients(SpecterTestCase):
                 self.emit("metrics:tick", self.ticks)                    # the in-process bus
                 self.socketio.emit("metrics", {"ticks": self.ticks})     # Socket.IO clients
         on_bus = []
-        specter.bus.on("metrics:tick", on_bus.append)
+        self.addCleanup(specter.bus.on("metrics:tick", on_bus.append))
         url, manager = self.serve(app, sio, services=[Metrics()])
         self.assertIs(specter.registry.require("socketio"), sio)
         got = []
@@ -7713,6 +8669,67 @@ class TestManagedProcess(SpecterTestCase):
         self.assertLess(time.monotonic() - started, 1.0)
         self.assertEqual(proc.returncode, -signal.SIGKILL)
 
+    def test_an_interrupted_stop_still_ends_the_group_on_time_and_releases_everything(self):
+        # The caller's own deadline (or a kill) ends its wait, not the teardown:
+        # SIGKILL still follows the grace counted from the first SIGTERM, and the
+        # readers, the pipes and the owner's entry are released after it.
+        stubborn = ("import signal, time\n"
+                    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                    "print('ready')\n"
+                    "time.sleep(30)\n")
+        for interruption in ("timeout", "kill"):
+            with self.subTest(interruption=interruption):
+                owner = self.started(Service("owner"))
+                proc = self.make("stubborn", terminate_timeout=0.6)
+                proc.start(child_args(stubborn), owner=owner, stdout=specter.ManagedProcess.PIPE)
+                lines, reader = self.collect(proc, "stdout")
+                self.assertTrue(wait_until(lambda: lines == [b"ready"], timeout=5))
+                self.assertEqual(len(owner.health()["resources"]), 1)
+                started = time.monotonic()
+                with captured_logs():
+                    if interruption == "timeout":
+                        with self.assertRaises(gevent.Timeout):
+                            with gevent.Timeout(0.4):
+                                proc.stop()
+                    else:
+                        stopper = gevent.spawn(proc.stop)
+                        gevent.sleep(0.4)
+                        stopper.kill()
+                    self.assertTrue(proc.running)  # SIGTERM ignored, grace not over yet
+                    self.assertTrue(wait_until(lambda: not proc.running, timeout=2))
+                    elapsed = time.monotonic() - started
+                    self.assertEqual(proc.returncode, -signal.SIGKILL)
+                    # SIGKILL 0.6 s after SIGTERM, not a new grace from the interruption (1.0 s)
+                    self.assertLess(elapsed, 0.6 + 0.3)
+                    self.assertTrue(wait_until(lambda: reader.dead and proc.stdout.closed))
+                    self.assertEqual(owner.health()["resources"], [])
+
+    def test_a_restart_right_after_an_interrupted_stop_keeps_running(self):
+        # The teardown an interrupted stop() leaves behind finishes that run
+        # only: a start() made meanwhile has already ended the old run, and
+        # the new child is not the old teardown's to end.
+        proc = self.piped("print('up')\nimport time\ntime.sleep(30)\n", make_kwargs={"terminate_timeout": 1.0})
+
+        def slow_to_unwind(line):
+            try:
+                gevent.sleep(LONG)
+            except greenlet.GreenletExit:
+                gevent.sleep(0.3)  # the reader takes a while to die
+                raise
+        entered = []
+        proc.watch_stream("stdout", lambda line: (entered.append(line), slow_to_unwind(line)))
+        self.assertTrue(wait_until(lambda: entered, timeout=5))
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(0.15):
+                proc.stop()  # interrupted while the reader unwinds
+        self.assertFalse(proc.running)
+        proc.start(child_args("import time; time.sleep(30)"))
+        new_pid = proc.pid
+        gevent.sleep(0.5)  # the old teardown has finished by now
+        self.assertTrue(proc.running)
+        self.assertEqual(proc.pid, new_pid)
+        self.assertFalse(pid_gone(new_pid))
+
     def test_stop_ends_grandchildren(self):
         proc = self.make("tree")
         proc.start(["sh", "-c", "sleep 30 & echo $!; sleep 30 & echo $!; wait"],
@@ -8157,6 +9174,431 @@ class TestManagedProcess(SpecterTestCase):
         self.assertTrue(all(0 < len(chunk.encode()) <= 4 for chunk in chunks), chunks)
 
 
+# Testing ######################################################################
+
+
+class Ticker(Service):
+    """A service whose interval records the clock's time at each tick."""
+
+    def __init__(self, name="ticker", *, period=60.0):
+        super().__init__(name)
+        self.period = period
+        self.log = []
+
+    def on_start(self):
+        self.interval(lambda: self.log.append(("tick", specter._now())), self.period)
+
+
+class TestTestingKit(SpecterTestCase):
+    """ManualClock, isolated(), leak_check() and the public SpecterTestCase."""
+
+    def test_interval_ticks_exactly_n_times_in_advance_of_n_periods(self):
+        with specter.ManualClock() as clock:
+            svc = self.started(Ticker(period=60.0))
+            clock.advance(60 * 5)
+            self.assertEqual(svc.log, [("tick", 60.0 * k) for k in range(1, 6)])
+            clock.advance(59.5)
+            self.assertEqual(len(svc.log), 5)
+            clock.advance(0.5)
+            self.assertEqual(svc.log[-1], ("tick", 360.0))
+            clock.advance(60 * 1000)
+            self.assertEqual(len(svc.log), 1006)
+            self.assertEqual(clock.now(), 60.0 * 1006)
+            svc.stop()
+
+    def test_advance_runs_due_callbacks_in_due_time_order_in_the_callers_turn(self):
+        seen = []
+        with specter.ManualClock(start=100.0) as clock:
+            svc = self.started(Service("order"))
+            for delay in (30, 10, 20, 10):
+                svc.timeout(functools.partial(lambda d: seen.append((d, clock.now())), delay), delay)
+            svc.interval(lambda: seen.append(("iv", clock.now())), 15)
+            self.assertEqual(clock.now(), 100.0)
+            clock.advance(25)
+            # Returned with every due callback run, without the test yielding.
+            self.assertEqual(seen, [(10, 110.0), (10, 110.0), ("iv", 115.0), (20, 120.0)])
+            self.assertEqual(clock.now(), 125.0)
+            clock.advance(5)
+            # A tie goes to the callback scheduled first: the timeout (at 100) before the re-armed tick (at 115).
+            self.assertEqual(seen[4:], [(30, 130.0), ("iv", 130.0)])
+            svc.stop()
+
+    def test_advance_drives_callbacks_that_spawn_and_sleep_on_specter_timers(self):
+        steps = []
+        with specter.ManualClock() as clock:
+            svc = self.started(Service("chain"))
+
+            def second():
+                steps.append(("second", clock.now()))
+                svc.spawn(lambda: steps.append(("spawned", clock.now())))
+
+            def first():
+                steps.append(("first", clock.now()))
+                svc.spawn_later(5, second)
+
+            svc.timeout(first, 10)
+            clock.advance(14)
+            self.assertEqual(steps, [("first", 10.0)])
+            clock.advance(1)
+            self.assertEqual(steps, [("first", 10.0), ("second", 15.0), ("spawned", 15.0)])
+            svc.stop()
+
+    def test_spawn_later_follows_the_clock_and_stop_cancels_it(self):
+        ran = Recorder()
+        with specter.ManualClock() as clock:
+            svc = self.started(Service("later"))
+            svc.spawn_later(3600, ran, "late")
+            dropped = svc.spawn_later(10, ran, "never")
+            svc.cancel_greenlet(dropped)
+            clock.advance(3599)
+            self.assertEqual(ran.calls, [])
+            clock.advance(1)
+            self.assertEqual(ran.calls, [("late",)])
+            svc.spawn_later(60, ran, "stopped first")
+            svc.stop()
+            clock.advance(120)
+            self.assertEqual(ran.calls, [("late",)])
+            self.assertEqual(clock._pending(), [])
+
+    def test_supervision_backoff_follows_the_clock(self):
+        attempts = []
+
+        def flaky():
+            attempts.append(clock.now())
+            raise ValueError("down")
+
+        with specter.ManualClock() as clock:
+            svc = Service("supervised")
+            svc.restart_backoff = 1.0
+            svc.restart_max_backoff = 8.0
+            self.started(svc)
+            with self.assertLogs("specter", "ERROR"):
+                svc.supervise(flaky, max_restarts=6, within=3600)
+                clock.advance(0)
+                self.assertEqual(attempts, [0.0])
+                clock.advance(100)
+            # Waits of 1, 2, 4, 8, 8, 8 s between attempts; the 7th failure marks it failed.
+            self.assertEqual(attempts, [0.0, 1.0, 3.0, 7.0, 15.0, 23.0, 31.0])
+            self.assertEqual(svc.status, "failed")
+            svc.stop()
+
+    def test_watcher_polls_and_backs_off_on_the_clock(self):
+        results = iter([1, 2, specter.WatcherError("flaky"), specter.WatcherError("flaky"), 3])
+        polls = []
+
+        def poll():
+            polls.append(clock.now())
+            value = next(results, 4)
+            if isinstance(value, Exception):
+                raise value
+            return value
+
+        with specter.ManualClock() as clock:
+            values = []
+            watcher = specter.Watcher("w", poll=poll, interval=5.0, max_backoff=60.0)
+            watcher.subscribe(lambda value, w: values.append(value))
+            try:
+                with self.assertLogs("specter.watcher", "WARNING"):
+                    watcher.start()
+                    clock.advance(10)
+                    self.assertEqual(polls[:3], [0.0, 5.0, 10.0])
+                    clock.advance(30)
+                # Backoff after failure k waits interval * 2**(k-1) scaled by a jitter in [0.5, 1).
+                gaps = [b - a for a, b in zip(polls[2:5], polls[3:6])]
+                self.assertTrue(2.5 <= gaps[0] < 5.0, gaps)
+                self.assertTrue(5.0 <= gaps[1] < 10.0, gaps)
+                self.assertEqual(values[:3], [1, 2, 3])
+                self.assertAlmostEqual(gaps[2], 5.0, places=9)  # a value resets the backoff
+                self.assertGreater(watcher.health()["uptime_seconds"], 39.0)
+            finally:
+                watcher.stop()
+
+    def test_cache_ttl_follows_the_clock(self):
+        with specter.ManualClock() as clock:
+            cache = create_cache("prices", ttl=300)
+            computed = Recorder(result="fresh")
+            self.assertEqual(cache.get_or_compute(computed), "fresh")
+            clock.advance(299.5)
+            self.assertTrue(cache.is_valid())
+            self.assertEqual(cache.get_or_compute(computed), "fresh")
+            self.assertEqual(computed.count, 1)
+            clock.advance(0.5)
+            self.assertFalse(cache.is_valid())
+            self.assertIsNone(cache.get())
+            cache.get_or_compute(computed)
+            self.assertEqual(computed.count, 2)
+            cache.destroy()
+
+    def test_an_hour_of_every_timer_kind_passes_in_under_a_second_of_wall_time(self):
+        """No SPECTER timer reads the real clock behind the ManualClock's back."""
+        counts = collections.Counter()
+
+        class Everything(Service):
+            restart_backoff = 30.0
+            restart_max_backoff = 30.0
+
+            def on_start(self):
+                self.interval(lambda: counts.update(["interval"]), 60)
+                self.timeout(lambda: counts.update(["timeout"]), 1800)
+                self.spawn_later(900, lambda: counts.update(["spawn_later"]))
+                self.supervise(self.crash, max_restarts=1000, within=60)
+
+            def crash(self):
+                counts.update(["supervised"])
+                raise ValueError("again")
+
+        def poll():
+            counts.update(["poll"])
+            if counts["poll"] % 2:
+                raise specter.WatcherError("odd poll")  # every other poll backs off
+            return counts["poll"]
+
+        started = time.monotonic()
+        with specter.ManualClock() as clock, \
+                mock.patch.object(specter._service_log, "exception"), \
+                mock.patch.object(specter._watcher_log, "warning"):
+            cache = create_cache("hourly", ttl=3600)
+            cache.set("v")
+            svc = self.started(Everything("everything"))
+            watcher = specter.Watcher("poller", poll=poll, interval=10, max_backoff=40)
+            self.addCleanup(watcher.stop)
+            watcher.start()
+            clock.advance(3599)
+            self.assertTrue(cache.is_valid())
+            clock.advance(1)
+            self.assertFalse(cache.is_valid())
+            svc.stop()
+            watcher.stop()
+        elapsed = time.monotonic() - started
+        self.assertEqual(counts["interval"], 60)
+        self.assertEqual(counts["timeout"], 1)
+        self.assertEqual(counts["spawn_later"], 1)
+        self.assertEqual(counts["supervised"], 121)  # at 0 and every 30 s until 3600
+        # 10 s after a value, 5-10 s (jittered backoff) after a failure: 2 polls per 15-20 s.
+        self.assertTrue(361 <= counts["poll"] <= 481, counts)
+        self.assertLess(elapsed, 1.0)
+
+    def test_outside_the_with_timers_run_on_real_time_again(self):
+        with specter.ManualClock() as clock:
+            self.assertEqual(specter._now(), clock.now())
+        svc = self.started(Ticker(period=SHORT))
+        self.assertEventually(lambda: len(svc.log) >= 2)
+        self.assertGreater(svc.log[0][1], 1000.0)  # time.monotonic(), not a manual time
+        self.assertIsInstance(specter._clock, specter._Clock)
+
+    def test_manual_clock_rejects_bad_use_precisely(self):
+        clock = specter.ManualClock()
+        with self.assertRaisesRegex(ValueError, "seconds must be 0 or more seconds, got -1"):
+            clock.advance(-1)
+        with self.assertRaisesRegex(TypeError, "seconds must be a number of seconds, got str"):
+            clock.advance("1")
+        with self.assertRaisesRegex(ValueError, "start must be 0 or more"):
+            specter.ManualClock(start=-5)
+        with clock:
+            with self.assertRaisesRegex(RuntimeError, "already in force"):
+                clock.__enter__()
+            svc = self.started(Service("reentrant"))
+            errors = []
+
+            def nested():
+                try:
+                    clock.advance(1)
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+
+            svc.timeout(nested, 1)
+            clock.advance(1)
+            self.assertEqual(len(errors), 1)
+            self.assertIn("already running", errors[0])
+            svc.stop()
+
+    def test_isolated_sets_aside_bus_and_registry_contents_and_restores_them(self):
+        from specter import bus, registry  # the names apps import keep working
+        outer = Recorder()
+        self.addCleanup(bus.on("ping", outer))
+        registry.provide("db", "outer-db")
+        self.addCleanup(registry.unregister, "db")
+        self.addCleanup(registry.unregister, "late")
+        waiter = gevent.spawn(outcome_of, registry.wait_for, "late", 5)
+        gevent.sleep(0)
+        with specter.isolated():
+            self.assertIs(bus, specter.bus)
+            self.assertFalse(bus.has_listeners("ping"))
+            self.assertEqual(registry.list(), [])
+            inner = Recorder()
+            bus.on("ping", inner)
+            bus.emit("ping", 1)
+            registry.provide("db", "inner-db")
+            registry.provide("late", "inner")  # the outer wait is not satisfied from inside
+            stuck = gevent.spawn(outcome_of, registry.wait_for, "never")
+            gevent.sleep(0)
+        self.assertEqual((outer.calls, inner.calls), ([], [(1,)]))
+        bus.emit("ping", 2)
+        self.assertEqual((outer.calls, inner.calls), ([(2,)], [(1,)]))
+        self.assertEqual(registry.list(), ["db"])
+        self.assertEqual(registry.require("db"), "outer-db")
+        self.assertIn("the isolated() block ended while waiting for 'never'", str(stuck.get(timeout=1)))
+        self.assertFalse(waiter.ready())
+        registry.provide("late", "outer")
+        self.assertEqual(waiter.get(timeout=1), "outer")
+
+    def test_isolated_works_as_a_decorator(self):
+        specter.registry.provide("outer", 1)
+        self.addCleanup(specter.registry.unregister, "outer")
+
+        @specter.isolated()
+        def inside():
+            return specter.registry.list()
+
+        self.assertEqual(inside(), [])
+        self.assertEqual(specter.registry.list(), ["outer"])
+
+    def test_leak_check_names_each_leftover_created_inside_the_block(self):
+        before = gevent.spawn(gevent.sleep, LONG)  # alive before the block: not a leak
+        self.addCleanup(specter.bus.on("old", print))
+        self.addCleanup(before.kill)
+        with self.assertRaises(AssertionError) as cm:
+            with specter.leak_check(grace=0.05):
+                svc = Service("leaky").start()
+                svc.interval(print, 60)
+                svc.listen("svc:event", print)
+                specter.registry.provide("cfg", {"a": 1})
+                loose = gevent.spawn(gevent.sleep, LONG)
+                loose.name = "loose-sleeper"
+                child = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+        try:
+            message = str(cm.exception)
+            self.assertIn("leftover(s) created inside the block", message)
+            self.assertIn("greenlet 'loose-sleeper'", message)
+            self.assertIn("child process %d: sleep 30" % child.pid, message)
+            self.assertIn("bus listener of 'svc:event'", message)
+            self.assertIn("registry key 'cfg'", message)
+            self.assertRegex(message, r"pending timer: interval-\d+ of service 'leaky' \(every 60 s\): print")
+            self.assertIn("running service 'leaky' (running)", message)
+            self.assertNotIn("old", message)
+            self.assertNotIn(repr(before.name), message)
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            svc.stop()
+            loose.kill()
+            specter.registry.unregister("cfg")
+
+    def test_leak_check_passes_a_block_that_cleans_up(self):
+        with specter.leak_check():
+            svc = Service("tidy").start()
+            svc.interval(print, 60)
+            svc.spawn(gevent.sleep, LONG)
+            svc.listen("e", print)
+            specter.registry.provide("k", 1, owner=svc)
+            child = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+            quick = gevent.spawn(gevent.sleep, 0)
+            svc.stop()
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            # A greenlet killed without waiting still ends within the grace period.
+            dying = gevent.spawn(self._slow_finally)
+            gevent.sleep(0)
+            dying.kill(block=False)
+        self.assertTrue(quick.dead and dying.dead)
+
+    @staticmethod
+    def _slow_finally():
+        try:
+            gevent.sleep(LONG)
+        finally:
+            gevent.sleep(0.05)
+
+    def test_leak_check_reports_pending_manual_timers_and_unstarted_greenlets(self):
+        with self.assertRaises(AssertionError) as cm:
+            with specter.leak_check(grace=0), specter.ManualClock():
+                svc = Service("paused").start()
+                svc.spawn_later(30, print)
+                svc.timeout(print, 45)
+        svc.stop()
+        message = str(cm.exception)
+        self.assertIn("greenlet 'print' of service 'paused' (not started yet)", message)
+        self.assertIn("pending timer: start of greenlet 'print' (spawn_later)", message)
+        self.assertRegex(message, r"pending timer: timeout-\d+ of service 'paused' \(after 45 s\)")
+
+    def test_leak_check_works_under_and_over_other_greenlet_tracers(self):
+        seen = []
+
+        def chained(event, args):
+            seen.append(event)
+            if below is not None:
+                below(event, args)
+
+        below = greenlet.settrace(chained)  # over the test case's own check, as gevent's monitor would be
+        self.addCleanup(greenlet.settrace, below)
+        with self.assertRaisesRegex(AssertionError, "greenlet 'noted-through-the-chain'"):
+            with specter.leak_check(grace=0):
+                loose = gevent.spawn(gevent.sleep, LONG)
+                loose.name = "noted-through-the-chain"
+        loose.kill()
+        self.assertIn("switch", seen)
+        self.assertIs(greenlet.gettrace(), chained)  # the check left the tracer on top alone
+
+    def test_leak_check_leaves_a_failing_block_to_its_own_exception(self):
+        loose = gevent.spawn(gevent.sleep, LONG)
+        self.addCleanup(loose.kill)
+        with self.assertRaisesRegex(KeyError, "boom"):
+            with specter.leak_check():
+                other = gevent.spawn(gevent.sleep, LONG)
+                self.addCleanup(other.kill)
+                raise KeyError("boom")
+
+    def test_specter_test_case_isolates_checks_leaks_and_gives_a_manual_clock(self):
+        from specter import bus, registry
+        self.addCleanup(bus.on("outer", print))
+        registry.provide("outer", 1)
+        self.addCleanup(registry.unregister, "outer")
+        seen = {}
+
+        class AppTests(specter.SpecterTestCase):
+            manual_clock = True
+
+            def test_clean(self):
+                seen["bus"] = bus.listener_count()
+                seen["keys"] = registry.list()
+                seen["clock"] = self.clock
+                svc = Ticker(period=60)
+                self.addCleanup(svc.stop)
+                svc.start()
+                self.clock.advance(600)
+                seen["ticks"] = len(svc.log)
+
+            def test_leaky(self):
+                Ticker("forgotten", period=60).start()
+                registry.provide("forgotten", 2)
+
+        class RealTime(specter.SpecterTestCase):
+            def test_no_clock(self):
+                seen["real"] = self.clock
+
+        result = unittest.TestResult()
+        suite = unittest.TestSuite([AppTests("test_clean"), AppTests("test_leaky"), RealTime("test_no_clock")])
+        suite.run(result)
+        self.assertEqual(result.errors, [])
+        self.assertEqual(seen["bus"], 0)
+        self.assertEqual(seen["keys"], [])
+        self.assertIsInstance(seen["clock"], specter.ManualClock)
+        self.assertEqual(seen["ticks"], 10)
+        self.assertIsNone(seen["real"])
+        self.assertEqual(len(result.failures), 1, result.failures)
+        failed, trace = result.failures[0]
+        self.assertEqual(failed.id().rsplit(".", 1)[-1], "test_leaky")
+        self.assertIn("running service 'forgotten'", trace)
+        self.assertIn("registry key 'forgotten'", trace)
+        self.assertEqual(registry.list(), ["outer"])
+        self.assertEqual(bus.listener_count(), 1)
+        self.assertIsInstance(specter._clock, specter._Clock)
+        for obj in gc.get_objects():
+            if isinstance(obj, Ticker) and obj.name == "forgotten":
+                obj.stop()
+
+
+
 # Examples #####################################################################
 
 
@@ -8194,7 +9636,8 @@ class TestJobBoardDemo(SpecterTestCase):
 
     def start_board(self, **overrides):
         """Boot the demo and serve it on a free port; cleanups stop the server, then shut down."""
-        app, _socketio, boot_board = import_demo()(dict(DEMO_CONFIG, **overrides))
+        app, socketio_server, boot_board = import_demo()(dict(DEMO_CONFIG, **overrides))
+        settle_engineio(self, socketio_server)
         manager = boot_board(signals=False)
         self.addCleanup(manager.shutdown)
         server = pywsgi.WSGIServer(("127.0.0.1", 0), app, log=None, handler_class=UpgradeClosingHandler)
