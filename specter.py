@@ -1087,10 +1087,18 @@ class Service(_Owner):
     def _supervise(self, callback, args, kwargs, max_restarts, within, label):
         failures = collections.deque()
         while True:
+            returned = False
             try:
                 with _life_app_context(self._specter_app):  # a fresh context per attempt
-                    return callback(*args, **kwargs)
+                    result = callback(*args, **kwargs)
+                    returned = True
+                return result
             except _CALLBACK_ERRORS as exc:
+                if returned:
+                    # The callback's work is done; only a teardown_appcontext
+                    # handler raised. Logged, but running the work again would do it twice.
+                    self._record_error(label)
+                    return None
                 now = _now()
                 failures.append(now)
                 while now - failures[0] > within:
@@ -4287,6 +4295,7 @@ class ServiceManager(Service):
         self._booting = None  # the greenlet running boot(), while it runs
         self._boot_phase = None  # 'starting', then 'rolling back' if it fails or is cancelled
         self._boot_cancelled = False
+        self._boot_exit = False  # a signal came while boot() ran in the main greenlet: exit after it
         self._boot_done = None
         self._shutting_down = False
         self._shutdown_greenlet = None
@@ -4328,8 +4337,9 @@ class ServiceManager(Service):
         answered as JSON; controllers registered so far get their routes
         mounted; the probes (if on) are added; ``flask specter`` joins
         ``app.cli``; registered services run their background work in the
-        app's context. ``socketio`` defaults to the one already on the app.
-        Binding the same app again does nothing; one manager serves one app.
+        app's context. ``socketio`` defaults to the one already on the app,
+        or on it by ``boot()`` (a factory may call ``socketio.init_app(app)``
+        after this). Binding the same app again does nothing; one manager serves one app.
         """
         if not isinstance(app, flask.Flask):
             raise TypeError("init_app() takes a Flask app, got %s" % _describe(app))
@@ -4392,7 +4402,7 @@ class ServiceManager(Service):
             raise RuntimeError("%s: cannot boot() while shutdown() is under way" % self.name)
         self._booting = getcurrent()
         self._boot_phase = "starting"
-        self._boot_cancelled = False
+        self._boot_cancelled = self._boot_exit = False
         self._boot_done = gevent.event.Event()
         started: List[Service] = []
         try:
@@ -4400,6 +4410,8 @@ class ServiceManager(Service):
         except _BootCancelled:
             self._roll_back(started)
             _web_log.info("boot cancelled by shutdown(); what it started is stopped")
+            if self._boot_exit:
+                raise SystemExit(0)  # a signal came meanwhile: the program ends, as it asked
             return self
         except BaseException:
             if self._boot_cancelled:
@@ -4448,8 +4460,11 @@ class ServiceManager(Service):
         finally:
             self._shutting_down = False
             # Signal handlers stay until the end, so a second Ctrl-C during a
-            # slow teardown cannot kill the process halfway through it.
-            self._remove_signals()
+            # slow teardown cannot kill the process halfway through it; called
+            # inside boot() (from an on_start), they stay until boot() has
+            # rolled back, which removes them last.
+            if self._booting is None:
+                self._remove_signals()
             if self._atexit:
                 atexit.unregister(self._at_exit)
                 self._atexit = False
@@ -4643,18 +4658,23 @@ class ServiceManager(Service):
 
     def _on_signal(self, signum):
         name = signal.Signals(signum).name
+        main = gevent.get_hub().parent
+        if self._booting is main:
+            # boot() runs in the main greenlet: end the program there, as
+            # Ctrl-C would. boot() stops what it started (finishing a rollback
+            # or a shutdown() already under way in it) and SystemExit(0) goes on up.
+            if self._boot_exit or self._boot_cancelled or self._shutting_down:
+                self._boot_exit = True
+                _web_log.warning("signal %s: already shutting down", name)
+                return
+            _web_log.info("signal %s: shutting down", name)
+            self._boot_exit = self._boot_cancelled = True
+            self._interrupt_boot(main, SystemExit(0))
+            return
         if self._shutting_down or self._boot_cancelled:
             _web_log.warning("signal %s: already shutting down", name)
             return
         _web_log.info("signal %s: shutting down", name)
-        main = gevent.get_hub().parent
-        if self._booting is main:
-            # boot() runs in the main greenlet: end the program there, as
-            # Ctrl-C would; boot() stops what it started and SystemExit(0)
-            # goes on up (while it is already rolling back, it finishes that).
-            self._boot_cancelled = True
-            self._interrupt_boot(main, SystemExit(0))
-            return
         serving = self._server is not None
         self.shutdown()
         if not serving:
@@ -5042,7 +5062,7 @@ class _WebOperations:
         for controller, url_prefix in unmounted:
             _web_mount_controller(app, controller, url_prefix)
         if self.probes is not None:
-            _web_probes_mount(app, manager, self.probes)
+            _web_probes_mount(app, self.probes)
         app.cli.add_command(_web_cli_group(manager))
 
     def adopt_app(self, service):
@@ -5051,6 +5071,11 @@ class _WebOperations:
             service._specter_app = self.manager._app
 
     def starting(self):
+        manager = self.manager
+        if manager._app is not None and manager._socketio is None:
+            # A factory that calls init_app() before socketio.init_app(app):
+            # the SocketIO is on the app by now, and the events need it.
+            self.bind(manager._app, manager._app.extensions.get("socketio"))
         routed = [controller.name for controller, _ in self.unmounted
                   if type(controller).build_routes is not Controller.build_routes
                   and not controller.health()["has_blueprint"]]
@@ -5086,9 +5111,18 @@ class _WebLoopMonitor:
     only logs there (so a loop blocked for good is still reported) and
     records; the counters and the ``'loop:blocked'`` event are handled in
     the hub once the loop runs again, woken by a thread-safe async watcher.
+
+    gevent's monitor (its thread and settings) is the process's, so the
+    monitors of several managers share it: the first one on turns it on,
+    the smallest threshold of those on applies, the last one off restores
+    gevent's settings (and ends the thread, if the first one started it).
     """
 
     log_every = 60.0  # the same stack is logged at most once per this many seconds
+    # Shared by every monitor, as gevent's monitor is.
+    _active: List[_WebLoopMonitor] = []  # the monitors now on
+    _saved = None  # gevent's settings before the first monitor turned it on
+    _own_thread = False  # whether that one started gevent's monitor thread
 
     def __init__(self, manager, threshold):
         self.manager = manager
@@ -5102,17 +5136,22 @@ class _WebLoopMonitor:
         self._logged = {}
         self._hub = None
         self._wakeup = None
-        self._saved = None
-        self._own_thread = False
 
     def start(self):
         import gevent.events  # only when asked for: it loads zope.event
         hub = gevent.get_hub()
-        config = gevent.config
-        self._saved = (config.monitor_thread, config.max_blocking_time, config.print_blocking_reports)
-        config.max_blocking_time = self.threshold  # gevent's monitor rereads it every round
-        config.print_blocking_reports = False  # reported through logging instead
-        config.monitor_thread = True
+        if not hub:
+            # The hub has never run (a boot first thing in the process):
+            # gevent's monitor thread ends for good at its first round if
+            # the hub is still not running then, so start it now.
+            gevent.sleep(0)
+        config, shared = gevent.config, _WebLoopMonitor
+        if not shared._active:
+            shared._saved = (config.monitor_thread, config.max_blocking_time, config.print_blocking_reports)
+            config.print_blocking_reports = False  # reported through logging instead
+            config.monitor_thread = True
+        shared._active.append(self)
+        config.max_blocking_time = min(monitor.threshold for monitor in shared._active)  # reread every round
         self._hub = hub
         self._wakeup = hub.loop.async_()
         self._wakeup.ref = False  # must not keep the loop alive on its own
@@ -5123,8 +5162,8 @@ class _WebLoopMonitor:
                 # Memory monitoring (which wants psutil) is gevent's other job; not ours.
                 warnings.filterwarnings("ignore", message="Unable to monitor memory usage")
                 hub.start_periodic_monitoring_thread()
-            self._own_thread = True
-        _loop_log.debug("loop monitor on, threshold %s s", self.threshold)
+            shared._own_thread = True
+        _loop_log.debug("loop monitor on, threshold %s s", config.max_blocking_time)
         return self
 
     def stop(self):
@@ -5136,11 +5175,16 @@ class _WebLoopMonitor:
         except ValueError:
             pass  # someone cleared gevent's subscriber list already
         hub, self._hub = self._hub, None
-        if self._own_thread and hub.periodic_monitoring_thread is not None:
-            hub.periodic_monitoring_thread.kill()  # the thread ends when its current sleep does
-            hub.periodic_monitoring_thread = None
-        config = gevent.config
-        config.monitor_thread, config.max_blocking_time, config.print_blocking_reports = self._saved
+        config, shared = gevent.config, _WebLoopMonitor
+        shared._active.remove(self)
+        if shared._active:
+            config.max_blocking_time = min(monitor.threshold for monitor in shared._active)
+        else:
+            if shared._own_thread and hub.periodic_monitoring_thread is not None:
+                hub.periodic_monitoring_thread.kill()  # the thread ends when its current sleep does
+                hub.periodic_monitoring_thread = None
+            shared._own_thread = False
+            config.monitor_thread, config.max_blocking_time, config.print_blocking_reports = shared._saved
         self._wakeup.stop()
         self._wakeup.close()
         self._drain()  # a block seen just before the stop still counts
@@ -5195,6 +5239,11 @@ class _WebLoopMonitor:
         loop = self._hub.loop if self._hub is not None else gevent.get_hub().loop
         loop.update_now()  # the loop's clock when it last polled, before the block, to now
         seconds = loop.now() - first[0]
+        if seconds < self.threshold:
+            # Not a block of ours: gevent's thread finished a report of the
+            # block just counted after the loop ran again (or, with managers
+            # sharing the monitor, the block was short of this threshold).
+            return
         self.blocked += 1
         self.longest = max(self.longest, seconds)
         self.last_stack = first[2]
@@ -5231,20 +5280,29 @@ def _web_probe_prefix(probes):
     return probes.rstrip("/")
 
 
-def _web_probes_mount(app, manager, prefix):
-    """Serve GET <prefix>/livez and <prefix>/readyz on ``app`` (once)."""
+def _web_probes_mount(app, prefix):
+    """Serve GET <prefix>/livez and <prefix>/readyz on ``app`` (once).
+
+    They answer for the app's manager, ``app.extensions['specter']``, looked
+    up per request: a later manager bound to the same app (a test suite
+    sharing one app) is the one they describe, not the first.
+    """
     if "specter_livez" in app.view_functions:
         return
 
     def livez():
+        manager = flask.current_app.extensions["specter"]
         if manager._ops.blocked():
             return _web_probe_answer({"status": "blocked", "threshold": manager._ops.threshold}, 503)
         return _web_probe_answer({"status": "ok"}, 200)
 
     def readyz():
+        manager = flask.current_app.extensions["specter"]
         status = _web_readiness(manager)
-        return _web_probe_answer({"status": status,
-                                  "services": {s.name: s.status for s in manager._services}},
+        # Keyed as health() keys them, so two services of one name both show.
+        services = _web_by_name({"name": s.name, "status": s.status} for s in manager._services)
+        return _web_probe_answer({"status": status, "services": {key: report["status"]
+                                                                  for key, report in services.items()}},
                                  200 if status == "ok" else 503)
 
     app.add_url_rule(prefix + "/livez", "specter_livez", livez, methods=["GET"])
@@ -5253,7 +5311,7 @@ def _web_probes_mount(app, manager, prefix):
 
 def _web_readiness(manager):
     """'ok', or why the app should get no traffic: starting, stopping, stopped, failed, degraded."""
-    if manager._shutting_down:
+    if manager._shutting_down or manager._boot_phase == "rolling back":
         return "stopping"
     if not manager.booted:
         return "stopped" if manager.status == "stopped" else "starting"

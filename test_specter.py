@@ -6950,6 +6950,19 @@ class TestAppFactory(SpecterTestCase):
         self.assertIs(manager.socketio, sio)
         self.assertIs(manager.socket_ingress.socketio, sio)
 
+    def test_init_app_before_socketio_init_app_still_delivers_socket_events(self):
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        manager.register_controller(EchoController())
+        socketio_ext = SocketIO()
+        app = Flask(__name__)
+        manager.init_app(app)  # the factory binds SPECTER first ...
+        socketio_ext.init_app(app, async_mode="gevent")  # ... and Flask-SocketIO after
+        manager.boot()
+        self.assertIs(manager.socketio, socketio_ext)
+        self.assertIs(specter.registry.require("socketio"), socketio_ext)
+        self.assertEqual(socketio_ext.test_client(app).emit("echo", 5, callback=True), {"echo": 5})
+
     def test_init_app_binds_one_app_only(self):
         manager = ServiceManager(signals=False)
         app, _ = make_web_app()
@@ -7289,6 +7302,52 @@ class TestProbes(SpecterTestCase):
         response = app.test_client().get("/readyz")
         self.assertEqual((response.status_code, response.get_json()["status"]), (503, "degraded"))
 
+    def test_readyz_lists_services_of_one_name_as_health_does(self):
+        app, sio = make_web_app()
+        first, second = Service("worker"), Service("worker")
+        manager = boot(app, sio, services=[first, second], signals=False, probes=True)
+        self.addCleanup(manager.shutdown)
+        first.stop()
+        response = app.test_client().get("/readyz")
+        self.assertEqual((response.status_code, response.get_json()),
+                         (503, {"status": "degraded", "services": {"worker": "stopped", "worker#2": "running"}}))
+        self.assertEqual(list(manager.health()["services"]), ["worker", "worker#2"])
+
+    def test_readyz_says_stopping_while_a_failed_boot_rolls_back(self):
+        app, sio = make_web_app()
+        rolling_back, proceed = gevent.event.Event(), gevent.event.Event()
+
+        class SlowStop(Service):
+            def on_stop(self):
+                rolling_back.set()
+                proceed.wait(WAIT)
+
+        class Broken(Service):
+            def on_start(self):
+                raise RuntimeError("no database")
+        manager = ServiceManager(app, sio, signals=False, probes=True)
+        self.addCleanup(manager.shutdown)
+        manager.register_service(SlowStop("slow")).register_service(Broken("broken"))
+        def boot_and_fail():
+            with captured_logs(), self.assertRaisesRegex(RuntimeError, "no database"):
+                manager.boot()
+        booting = gevent.spawn(boot_and_fail)
+        self.assertTrue(rolling_back.wait(WAIT))
+        response = app.test_client().get("/readyz")
+        self.assertEqual((response.status_code, response.get_json()["status"]), (503, "stopping"))
+        proceed.set()
+        booting.get(timeout=WAIT)
+        self.assertEqual(app.test_client().get("/readyz").get_json()["status"], "stopped")
+
+    def test_probes_answer_for_the_manager_bound_to_the_app_last(self):
+        app, sio = make_web_app()
+        boot(app, sio, signals=False, probes=True).shutdown()  # an earlier manager on the same app
+        later = boot(app, sio, services=[Service("worker")], signals=False, probes=True)
+        self.addCleanup(later.shutdown)
+        response = app.test_client().get("/readyz")
+        self.assertEqual((response.status_code, response.get_json()),
+                         (200, {"status": "ok", "services": {"worker": "running"}}))
+
     def test_probes_under_a_prefix(self):
         app, sio = make_web_app()
         manager = boot(app, sio, signals=False, probes="/ops/")
@@ -7373,11 +7432,105 @@ class TestLoopMonitor(SpecterTestCase):
         self.assertEqual((gevent.config.monitor_thread, gevent.config.max_blocking_time), saved)
         self.assertFalse(manager.health()["loop"]["monitor"])
 
+    def test_the_monitor_works_when_boot_comes_before_the_hub_ever_ran(self):
+        # A fresh process whose boot() (with a blocking on_start) runs before anything switched to the hub.
+        with tempfile.TemporaryDirectory(prefix="specter-loop-") as workdir:
+            script = os.path.join(workdir, "fresh.py")
+            with open(script, "w") as f:
+                f.write(FRESH_MONITOR_APP)
+            child = gevent.subprocess.Popen([sys.executable, "-u", script], stdout=gevent.subprocess.PIPE,
+                                            stderr=gevent.subprocess.PIPE, env=dict(os.environ, PYTHONPATH=SPECTER_DIR),
+                                            universal_newlines=True, start_new_session=True)
+            try:
+                out, errors = child.communicate(timeout=CLIENT_TIMEOUT)
+            finally:
+                if child.poll() is None:
+                    os.killpg(child.pid, signal.SIGKILL)
+                    child.wait()
+        self.assertEqual(child.returncode, 0, errors)
+        words = out.split()
+        self.assertEqual(words[::2], ["blocked", "thread"], errors)
+        self.assertGreaterEqual(int(words[1]), 1, "the block after boot went unseen")  # the start's own may count too
+        self.assertEqual(words[3], "True", "gevent's monitor thread ended")
+        self.assertIn("the event loop is blocked", errors)
+
+    def test_managers_share_the_monitor_until_the_last_one_shuts_down(self):
+        hub = gevent.get_hub()
+        self.assertIsNone(hub.periodic_monitoring_thread)
+        saved = (gevent.config.monitor_thread, gevent.config.max_blocking_time, gevent.config.print_blocking_reports)
+        first = ServiceManager(signals=False, name="first", block_threshold=0.1)
+        second = ServiceManager(signals=False, name="second", block_threshold=0.2)
+        self.addCleanup(first.shutdown)
+        self.addCleanup(second.shutdown)
+        first.boot()
+        second.boot()
+        self.assertEqual(gevent.config.max_blocking_time, 0.1, "the smallest threshold applies")
+        first.shutdown()
+        thread = hub.periodic_monitoring_thread
+        self.assertTrue(thread is not None and thread.should_run, "the first shutdown ended the second's monitor")
+        self.assertEqual(gevent.config.max_blocking_time, 0.2)
+        with self.assertLogs("specter.loop", "WARNING"):
+            # A real block; gevent sees one for sure once it spans a whole round (up to twice the threshold).
+            gevent.spawn(time.sleep, 0.5).join()
+            self.assertEventually(lambda: second.health()["loop"]["blocked"] == 1)
+        second.shutdown()
+        self.assertIsNone(hub.periodic_monitoring_thread)
+        self.assertFalse(thread.should_run)
+        self.assertEqual((gevent.config.monitor_thread, gevent.config.max_blocking_time,
+                          gevent.config.print_blocking_reports), saved)
+
+    def test_a_late_report_of_a_counted_block_is_not_another_block(self):
+        import gevent.events
+        manager = ServiceManager(signals=False, block_threshold=0.1)
+        self.addCleanup(manager.shutdown)
+        manager.boot()
+        announced = Recorder()
+        self.addCleanup(specter.bus.on("loop:blocked", announced))
+        with self.assertLogs("specter.loop", "WARNING"):
+            gevent.spawn(time.sleep, 0.3).join()  # one real block
+            self.assertEventually(lambda: announced.count == 1)
+        # gevent's monitor thread may finish its report of that block after the loop ran again.
+        late = gevent.events.EventLoopBlocked(gevent.getcurrent(), 0.1, ["Blocked Stack (late)", "  time.sleep"],
+                                              hub=gevent.get_hub())
+        with captured_logs("specter.loop"):
+            gevent.events.notify(late)
+            gevent.sleep(0.05)
+        self.assertEqual((manager.health()["loop"]["blocked"], announced.count), (1, 1))
+        self.assertNotIn("(late)", manager.health()["loop"]["last_stack"] or "")
+
     def test_block_threshold_is_checked(self):
         with self.assertRaisesRegex(ValueError, "block_threshold must be greater than 0 seconds, got 0"):
             ServiceManager(block_threshold=0)
         with self.assertRaisesRegex(TypeError, "block_threshold must be a number of seconds"):
             boot(*make_web_app(), block_threshold="1")
+
+
+# A process whose first act is a boot with the loop monitor and a blocking on_start; then a block to catch.
+FRESH_MONITOR_APP = textwrap.dedent("""
+    import logging
+    import time
+
+    import gevent
+
+    import specter
+
+    logging.basicConfig()
+
+
+    class SlowStart(specter.Service):
+        def on_start(self):
+            time.sleep(0.25)  # blocks before the hub ever ran, past gevent's first monitor round
+
+
+    manager = specter.ServiceManager(signals=False, block_threshold=0.1)
+    manager.register_service(SlowStart())
+    manager.boot()
+    gevent.spawn(time.sleep, 0.3).join()  # the block the monitor must catch
+    gevent.sleep(0.05)  # the hub counts it once it runs again
+    thread = gevent.get_hub().periodic_monitoring_thread
+    print("blocked", manager.health()["loop"]["blocked"], "thread", thread.should_run)
+    manager.shutdown()
+""")
 
 
 def http_status_now(url):
@@ -7465,6 +7618,33 @@ class TestAppContext(SpecterTestCase):
         # Each round saw one teardown per earlier round (on_start's included): one context each, popped after it.
         self.assertEqual([count for _, count in rounds], list(range(first, first + len(rounds))))
         self.assertEqual([kind for kind, _ in rounds].count("item"), 3)
+
+    def test_a_supervised_callback_that_returned_is_not_run_again_when_a_teardown_raises(self):
+        app, sio = make_web_app()
+
+        @app.teardown_appcontext
+        def close_session(exc):
+            if flask.g.get("session") == "payments":
+                raise RuntimeError("cannot close the session")
+        payments = []
+
+        class Payer(Service):
+            def on_start(self):
+                self.supervise(self.pay_once)
+
+            def pay_once(self):
+                flask.g.session = "payments"
+                payments.append("paid")
+        payer = Payer("payer")
+        manager = boot(app, sio, services=[payer], signals=False)
+        self.addCleanup(manager.shutdown)
+        with captured_logs("specter.service") as records:
+            self.assertEventually(lambda: payer.health()["errors"] == 1)
+            gevent.sleep(payer.restart_backoff * 2)  # when a restart would have come
+        self.assertEqual(payments, ["paid"], "the work of a callback that returned was done again")
+        self.assertIn("cannot close the session", payer.health()["last_error"])
+        self.assertEqual((payer.status, payer.health()["restarts"]), ("running", 0))
+        self.assertTrue(any(r.exc_info and "cannot close the session" in str(r.exc_info[1]) for r in records))
 
     def test_a_watcher_started_in_the_app_context_polls_inside_a_fresh_one(self):
         app, sio = make_web_app()
@@ -7910,6 +8090,32 @@ BOOT_APP = textwrap.dedent("""
 """)
 
 
+# An app one of whose services calls shutdown() in its on_start and lingers: a SIGTERM comes meanwhile.
+QUITTER_APP = textwrap.dedent("""
+    import os
+    import signal
+
+    import gevent
+
+    import specter
+
+
+    class Quitter(specter.Service):
+        def on_start(self):
+            proc = self.start_process(["sleep", "60"])
+            print("grandchild", proc.pid, flush=True)
+            manager.shutdown()  # a fatal problem found while starting
+            os.kill(os.getpid(), signal.SIGTERM)  # and the platform stops the app meanwhile
+            gevent.sleep(0.2)  # the rest of on_start
+
+
+    manager = specter.ServiceManager()
+    manager.register_service(Quitter())
+    manager.boot()
+    print("the program went on after boot()", flush=True)
+""")
+
+
 class TestSignals(SpecterTestCase):
 
     def blocking(self, fn, *args, **kwargs):
@@ -8056,6 +8262,33 @@ class TestSignals(SpecterTestCase):
                 with open(marker) as f:
                     self.assertEqual(f.read(), "stopped")
                 self.assertTrue(wait_until(lambda: pid_gone(grandchild), timeout=3.0, step=0.01))
+
+    def test_sigterm_after_an_on_start_called_shutdown_still_ends_gracefully(self):
+        workdir = tempfile.mkdtemp(prefix="specter-web-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "quitter.py")
+        with open(script, "w") as f:
+            f.write(QUITTER_APP)
+        errors_path = os.path.join(workdir, "stderr.txt")
+        with open(errors_path, "w") as errors:
+            child = gevent.subprocess.Popen([sys.executable, "-u", script], stdout=gevent.subprocess.PIPE,
+                                            stderr=errors, env=dict(os.environ, PYTHONPATH=SPECTER_DIR), cwd=workdir,
+                                            universal_newlines=True, start_new_session=True)
+        self.addCleanup(self.reap, child)
+        with gevent.Timeout(CLIENT_TIMEOUT, AssertionError("the child never started its process")):
+            grandchild = int(child.stdout.readline().split()[1])
+        self.addCleanup(self.kill_stray, grandchild)
+        try:
+            code = child.wait(timeout=CLIENT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+        with open(errors_path) as f:
+            errors = f.read()
+        self.assertEqual(code, 0, "not a graceful exit (-15 is the default SIGTERM action): %s" % errors)
+        self.assertEqual(child.stdout.read(), "", "the program went on after the interrupted boot")
+        self.assertIn("already shutting down", errors)
+        self.assertTrue(wait_until(lambda: pid_gone(grandchild), timeout=3.0, step=0.01),
+                        "the starting service's process outlived the app")
 
     def reap(self, child):
         if child.poll() is None:
