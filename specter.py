@@ -4353,7 +4353,7 @@ class ServiceManager(Service):
         if not isinstance(service, Service):
             raise TypeError("register_service() takes a Service, got %s" % _describe(service))
         self._ops.adopt_app(service)
-        if service not in self._services:
+        if not any(known is service for known in self._services):
             self._services.append(service)
             if self._booted:
                 service.start()
@@ -4364,7 +4364,7 @@ class ServiceManager(Service):
         if not callable(getattr(handler, "setup", None)) or not callable(getattr(handler, "teardown", None)):
             raise TypeError("register_handler() takes an object with setup() and teardown(), got %s"
                             % _describe(handler))
-        if handler not in self._handlers:
+        if not any(known is handler for known in self._handlers):
             self._handlers.append(handler)
             if self._booted:
                 handler.setup(self._socketio)
@@ -4455,7 +4455,8 @@ class ServiceManager(Service):
                 self._cancel_boot(booting)
             steps = [handler.teardown for handler in reversed(self._handlers)]
             steps += [service.stop for service in reversed(self._services)]
-            steps += [self._disconnect_clients, self._ingress.clear, self.stop, registry.clear, self._stop_server]
+            steps += [self._disconnect_clients, self._end_socketio_tasks, self._ingress.clear, self.stop, registry.clear,
+                      self._stop_server]
             _run_all(steps, self._record_error)
         finally:
             self._shutting_down = False
@@ -4583,7 +4584,7 @@ class ServiceManager(Service):
         for key, value in providers.items():
             key = _registry_key(key)
             self._providers.append((key, value))
-            if isinstance(value, Service) and value not in self._services:
+            if isinstance(value, Service) and not any(known is value for known in self._services):
                 # Providers are dependencies: they start before everything registered so far.
                 self._services.insert(sum(1 for _, v in self._providers[:-1] if isinstance(v, Service)), value)
             if self._booted:
@@ -4626,6 +4627,20 @@ class ServiceManager(Service):
         finally:
             timer.close()
         _web_log.debug("disconnected %d Socket.IO session(s)", count)
+
+    def _end_socketio_tasks(self):
+        """End Engine.IO's service task, so no greenlet of the SocketIO outlives shutdown.
+
+        Engine.IO starts it with the first request and keeps it until its
+        server shuts down; it is re-armed so a later boot's first request
+        starts it again.
+        """
+        server = getattr(self._socketio, "server", None)
+        eio = getattr(server, "eio", None)
+        if getattr(eio, "service_task_handle", None) is None:
+            return
+        server.shutdown()
+        eio.start_service_task = True
 
     def _stop_server(self):
         self._booted = False

@@ -4890,15 +4890,14 @@ def pid_gone(pid):
 
 
 def settle_engineio(test, sio):
-    """Make Engine.IO's greenlets end with a test that serves real clients.
+    """Make Engine.IO's ping greenlets end with a test that serves real clients.
 
-    The server's service task runs until the Socket.IO server shuts down
-    (ServiceManager.shutdown does not do that), and each connection's ping
-    timer sleeps a whole ping_interval (25 s by default) before it notices
-    that the connection closed; the leak check would report both.
+    Each connection's ping timer sleeps a whole ping_interval (25 s by
+    default) before it notices that the connection closed; the leak check
+    would report it. (The server's service task ends with
+    ServiceManager.shutdown.)
     """
     sio.server.eio.ping_interval = 0.05
-    test.addCleanup(sio.server.shutdown)
 
 
 def make_web_app():
@@ -6534,6 +6533,21 @@ class TestServiceManager(SpecterTestCase):
         self.assertIs(manager.shutdown(), manager)
         self.assertEqual(log, ["teardown:h2", "teardown:h1", "stop:c", "stop:b", "stop:a"])
 
+    def test_register_service_owns_services_that_compare_equal_each_in_its_own_right(self):
+        class Same(Service):
+            def __eq__(self, other):
+                return isinstance(other, Same)
+
+            __hash__ = Service.__hash__
+
+        first, second = Same("a"), Same("b")
+        manager = ServiceManager(signals=False)
+        manager.register_service(first).register_service(second)
+        manager.boot()
+        self.assertTrue(first.running and second.running)
+        manager.shutdown()
+        self.assertFalse(first.running or second.running)
+
     def test_register_calls_return_the_manager_so_they_chain(self):
         log = []
         manager = self.manager()
@@ -7764,6 +7778,21 @@ class TestRealClients(SpecterTestCase):
         self.assertTrue(client.sid)
         self.assertEqual(self.call(client, "ping", {"x": 1}), {"pong": {"x": 1}, "by": "h"})
         self.assertEqual(handler.calls, [{"x": 1}])
+
+    def test_shutdown_ends_engineios_service_task_and_a_reboot_starts_it_again(self):
+        app, sio = make_web_app()
+        url, manager = self.serve(app, sio, handlers=[RecordingHandler("h", [])])
+        client = self.connect(url)
+        task = sio.server.eio.service_task_handle
+        self.assertIsNotNone(task)  # started by the first request
+        self.disconnect(client)
+        manager.shutdown()
+        self.assertTrue(task.dead)
+        self.assertIsNone(sio.server.eio.service_task_handle)
+        manager.boot()
+        client = self.connect(url)
+        self.assertIsNotNone(sio.server.eio.service_task_handle)
+        self.assertIsNot(sio.server.eio.service_task_handle, task)
 
     def test_ack_through_a_controller_and_http(self):
         app, sio = make_web_app()
