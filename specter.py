@@ -579,7 +579,11 @@ def _service_check_init(cls, init):
 
     The check runs once per construction, after the whole ``__init__``, so
     nothing else pays for it (a ``__getattr__`` hook or a class-level
-    descriptor would slow every attribute access of every service).
+    descriptor would slow every attribute access of every service). An
+    ``__init__`` the class does not define itself (a mixin's ahead of
+    Service, one @dataclass sets later) is left alone, since a wrapper in
+    the class would stop @dataclass from generating one: start() catches
+    those.
     """
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
@@ -587,12 +591,18 @@ def _service_check_init(cls, init):
         # getattr, not vars(self): building the instance __dict__ would cost
         # the object CPython's inline attribute values (slower access for good).
         if getattr(self, "_status", None) is None:
-            raise TypeError(
-                "%s.__init__() must call super().__init__() (the Service is not initialised)"
-                % cls.__name__
-            )
+            raise _service_uninitialised(cls)
     __init__._service_checked = True  # type: ignore[attr-defined]
     return __init__
+
+
+def _service_uninitialised(cls):
+    """The TypeError for a ``cls`` instance whose Service.__init__ never ran, naming the __init__ that skipped it."""
+    owner = next((klass for klass in cls.__mro__ if "__init__" in klass.__dict__), cls)
+    return TypeError(
+        "%s.__init__() must call super().__init__() (the Service is not initialised; "
+        "a dataclass calls it from __post_init__())" % owner.__name__
+    )
 
 
 class _Owner:
@@ -759,6 +769,10 @@ class Service(_Owner):
         order, the service is left stopped and the exception propagates. A
         start() racing another greenlet's start() or stop() waits for it.
         """
+        if getattr(self, "_status", None) is None:
+            # An __init__ the construction check does not wrap (a mixin's
+            # ahead of Service, a @dataclass's) skipped Service's: say so here.
+            raise _service_uninitialised(type(self))
         self._await_transition()
         if self._status in _ACTIVE:
             return self
@@ -768,7 +782,8 @@ class Service(_Owner):
         if _testing_watches:
             _testing_note_service(self)
         self._failure = None
-        self._stuck = ()
+        # A survivor of an earlier stop() is still reported while it lives.
+        self._stuck = tuple(task for task in self._stuck if not task.dead)
         self._stop_requested = False
         try:
             with _life_app_context(self._specter_app):
@@ -921,10 +936,12 @@ class Service(_Owner):
         if glet is getcurrent():
             glet.kill(block=False)  # ends at its next switch; _new_task's link forgets it then
         else:
+            waited = None
             try:
                 glet.kill(block=True, timeout=self.stop_timeout)
+                waited = self.stop_timeout
             finally:
-                self._report_stuck((glet,))
+                self._report_stuck((glet,), waited)
         return self
 
     def supervise(self, callback: Callable[..., Any], *args: Any, max_restarts: int = 5,
@@ -976,7 +993,8 @@ class Service(_Owner):
         self._check_active("adopt")
         if self._children is None:
             self._children = []
-        if child not in self._children:
+        # By identity: two children that compare equal (a dataclass, say) are both owned.
+        if not any(known is child for known in self._children):
             self._children.append(child)
         if child._specter_app is None:
             child._specter_app = self._specter_app  # the parent's app context reaches its children
@@ -1094,10 +1112,18 @@ class Service(_Owner):
     def _supervise(self, callback, args, kwargs, max_restarts, within, label):
         failures = collections.deque()
         while True:
+            returned = False
             try:
                 with _life_app_context(self._specter_app):  # a fresh context per attempt
-                    return callback(*args, **kwargs)
+                    result = callback(*args, **kwargs)
+                    returned = True
+                return result
             except _CALLBACK_ERRORS as exc:
+                if returned:
+                    # The callback's work is done; only a teardown_appcontext
+                    # handler raised. Logged, but running the work again would do it twice.
+                    self._record_error(label)
+                    return None
                 now = _now()
                 failures.append(now)
                 while now - failures[0] > within:
@@ -1135,20 +1161,28 @@ class Service(_Owner):
     def _release_tasks(self):
         current = getcurrent()
         others = [task for task in self._tasks if task is not current]
+        waited = None
         try:
             _kill_greenlets(others, self.stop_timeout)
+            waited = self.stop_timeout
         finally:
-            self._report_stuck(others)
+            self._report_stuck(others, waited)
             self._tasks.difference_update(others)
 
-    def _report_stuck(self, killed):
-        """Log the greenlets of ``killed`` that outlived their kill; health() lists them while they live."""
+    def _report_stuck(self, killed, waited):
+        """Log the greenlets of ``killed`` that outlived their kill; health() lists them while they live.
+
+        ``waited`` is how long they were given, or None when the wait was
+        interrupted (they may just be finishing their ``finally`` blocks).
+        """
         stuck = [task for task in killed if not task.dead]
         if stuck:
             self._stuck = tuple(task for task in self._stuck if not task.dead and task not in stuck) + tuple(stuck)
             _service_log.error(
-                "%s: %d greenlet(s) ignored GreenletExit for %s s: %s",
-                self.name, len(stuck), self.stop_timeout, ", ".join(task.name for task in stuck),
+                "%s: %d greenlet(s) still alive %s after GreenletExit: %s",
+                self.name, len(stuck),
+                "when the wait for them was interrupted" if waited is None else "%s s" % waited,
+                ", ".join(task.name for task in stuck),
             )
 
     def _release_listeners(self):
@@ -1192,6 +1226,7 @@ class QueueService(Service):
         self._workers = ()
         self._processed = 0
         self._failed = 0
+        self._interrupted = 0
         self.state.update(queue_size=0, worker_count=worker_count, processed=0, failed=0)
 
     def handle_item(self, item: Any) -> None:
@@ -1247,6 +1282,7 @@ class QueueService(Service):
             "workers": sum(1 for worker in self._workers if not worker.dead),
             "processed": self._processed,
             "failed": self._failed,
+            "interrupted": self._interrupted,
         }
         return report
 
@@ -1302,6 +1338,14 @@ class QueueService(Service):
             except Exception:
                 self._record_error("on_dropped")
 
+    def _item_interrupted(self, item):
+        """Report an item whose handle_item() was interrupted: an ERROR log naming it, and a count in health()."""
+        self._interrupted += 1
+        _service_log.error(
+            "%s: %s was interrupted by %s while handling %s; the item is neither finished nor handed back",
+            self.name, getcurrent().name, type(sys.exc_info()[1]).__name__, _describe(item),
+        )
+
     def _refresh_counters(self):
         # Workers publish their tallies in bulk (see _work); state mirrors them on demand.
         self.state.update(queue_size=self.queue.qsize(), processed=self._processed, failed=self._failed)
@@ -1341,6 +1385,12 @@ class QueueService(Service):
                     except _CALLBACK_ERRORS:
                         self._record_error(getcurrent().name)
                         failed += 1
+                    except BaseException:
+                        # Killed mid-item (stop() interrupted or out of
+                        # stop_timeout, cancel_greenlet): neither finished nor
+                        # handed back, so it is reported before the worker ends.
+                        self._item_interrupted(item)
+                        raise
                     finally:
                         done()
                 else:
@@ -1388,6 +1438,7 @@ class Watcher:
 
     stop_timeout = 5.0
     _app = None  # the app whose context was current at start(); each round runs in a fresh one
+    _ending = None  # a loop an interrupted stop() killed: the next stop() only waits for it
 
     def __init__(self, name, *, poll=None, stream=None, interval=5.0, retry=True, max_backoff=30.0,
                  dedupe=False, transform=None):
@@ -1425,14 +1476,30 @@ class Watcher:
         return self
 
     def stop(self) -> Watcher:
-        """End the loop now, even mid-wait; returns once its greenlet is dead."""
+        """End the loop now, even mid-wait; returns once its greenlet is dead.
+
+        Interrupted while it waits (a Timeout around it, a kill), it raises
+        and keeps a loop that is still alive: ``running`` stays true and
+        start() starts no second loop beside it; stop() again waits for it
+        without killing it twice, which would cut its ``finally`` short.
+        """
         loop, self._loop = self._loop, None
         if loop is None or loop.dead:
             return self
         if loop is getcurrent():
             loop.kill(block=False)  # a subscriber stopped us: end at the next switch
             return self
-        loop.kill(block=True, timeout=self.stop_timeout)
+        try:
+            if loop is self._ending:
+                loop.join(self.stop_timeout)
+            else:
+                self._ending = loop
+                loop.kill(block=True, timeout=self.stop_timeout)
+        except BaseException:
+            if self._loop is None and not loop.dead:
+                self._loop = loop  # still ending: tracked until it is dead
+            raise
+        self._ending = None
         if not loop.dead:
             _watcher_log.error("watcher %s: loop ignored GreenletExit for %s s", self.name, self.stop_timeout)
         return self
@@ -4249,6 +4316,7 @@ class ServiceManager(Service):
         self._booting = None  # the greenlet running boot(), while it runs
         self._boot_phase = None  # 'starting', then 'rolling back' if it fails or is cancelled
         self._boot_cancelled = False
+        self._boot_exit = False  # a signal came while boot() ran in the main greenlet: exit after it
         self._boot_done = None
         self._shutting_down = False
         self._shutdown_greenlet = None
@@ -4290,8 +4358,9 @@ class ServiceManager(Service):
         answered as JSON; controllers registered so far get their routes
         mounted; the probes (if on) are added; ``flask specter`` joins
         ``app.cli``; registered services run their background work in the
-        app's context. ``socketio`` defaults to the one already on the app.
-        Binding the same app again does nothing; one manager serves one app.
+        app's context. ``socketio`` defaults to the one already on the app,
+        or on it by ``boot()`` (a factory may call ``socketio.init_app(app)``
+        after this). Binding the same app again does nothing; one manager serves one app.
         """
         if not isinstance(app, flask.Flask):
             raise TypeError("init_app() takes a Flask app, got %s" % _describe(app))
@@ -4305,7 +4374,7 @@ class ServiceManager(Service):
         if not isinstance(service, Service):
             raise TypeError("register_service() takes a Service, got %s" % _describe(service))
         self._ops.adopt_app(service)
-        if service not in self._services:
+        if not any(known is service for known in self._services):
             self._services.append(service)
             if self._booted:
                 service.start()
@@ -4316,7 +4385,7 @@ class ServiceManager(Service):
         if not callable(getattr(handler, "setup", None)) or not callable(getattr(handler, "teardown", None)):
             raise TypeError("register_handler() takes an object with setup() and teardown(), got %s"
                             % _describe(handler))
-        if handler not in self._handlers:
+        if not any(known is handler for known in self._handlers):
             self._handlers.append(handler)
             if self._booted:
                 handler.setup(self._socketio)
@@ -4354,7 +4423,7 @@ class ServiceManager(Service):
             raise RuntimeError("%s: cannot boot() while shutdown() is under way" % self.name)
         self._booting = getcurrent()
         self._boot_phase = "starting"
-        self._boot_cancelled = False
+        self._boot_cancelled = self._boot_exit = False
         self._boot_done = gevent.event.Event()
         started: List[Service] = []
         try:
@@ -4362,6 +4431,8 @@ class ServiceManager(Service):
         except _BootCancelled:
             self._roll_back(started)
             _web_log.info("boot cancelled by shutdown(); what it started is stopped")
+            if self._boot_exit:
+                raise SystemExit(0)  # a signal came meanwhile: the program ends, as it asked
             return self
         except BaseException:
             if self._boot_cancelled:
@@ -4405,13 +4476,17 @@ class ServiceManager(Service):
                 self._cancel_boot(booting)
             steps = [handler.teardown for handler in reversed(self._handlers)]
             steps += [service.stop for service in reversed(self._services)]
-            steps += [self._disconnect_clients, self._ingress.clear, self.stop, registry.clear, self._stop_server]
+            steps += [self._disconnect_clients, self._end_socketio_tasks, self._ingress.clear, self.stop, registry.clear,
+                      self._stop_server]
             _run_all(steps, self._record_error)
         finally:
             self._shutting_down = False
             # Signal handlers stay until the end, so a second Ctrl-C during a
-            # slow teardown cannot kill the process halfway through it.
-            self._remove_signals()
+            # slow teardown cannot kill the process halfway through it; called
+            # inside boot() (from an on_start), they stay until boot() has
+            # rolled back, which removes them last.
+            if self._booting is None:
+                self._remove_signals()
             if self._atexit:
                 atexit.unregister(self._at_exit)
                 self._atexit = False
@@ -4530,7 +4605,7 @@ class ServiceManager(Service):
         for key, value in providers.items():
             key = _registry_key(key)
             self._providers.append((key, value))
-            if isinstance(value, Service) and value not in self._services:
+            if isinstance(value, Service) and not any(known is value for known in self._services):
                 # Providers are dependencies: they start before everything registered so far.
                 self._services.insert(sum(1 for _, v in self._providers[:-1] if isinstance(v, Service)), value)
             if self._booted:
@@ -4574,6 +4649,20 @@ class ServiceManager(Service):
             timer.close()
         _web_log.debug("disconnected %d Socket.IO session(s)", count)
 
+    def _end_socketio_tasks(self):
+        """End Engine.IO's service task, so no greenlet of the SocketIO outlives shutdown.
+
+        Engine.IO starts it with the first request and keeps it until its
+        server shuts down; it is re-armed so a later boot's first request
+        starts it again.
+        """
+        server = getattr(self._socketio, "server", None)
+        eio = getattr(server, "eio", None)
+        if getattr(eio, "service_task_handle", None) is None:
+            return
+        server.shutdown()
+        eio.start_service_task = True
+
     def _stop_server(self):
         self._booted = False
         server, self._server = self._server, None
@@ -4605,18 +4694,23 @@ class ServiceManager(Service):
 
     def _on_signal(self, signum):
         name = signal.Signals(signum).name
+        main = gevent.get_hub().parent
+        if self._booting is main:
+            # boot() runs in the main greenlet: end the program there, as
+            # Ctrl-C would. boot() stops what it started (finishing a rollback
+            # or a shutdown() already under way in it) and SystemExit(0) goes on up.
+            if self._boot_exit or self._boot_cancelled or self._shutting_down:
+                self._boot_exit = True
+                _web_log.warning("signal %s: already shutting down", name)
+                return
+            _web_log.info("signal %s: shutting down", name)
+            self._boot_exit = self._boot_cancelled = True
+            self._interrupt_boot(main, SystemExit(0))
+            return
         if self._shutting_down or self._boot_cancelled:
             _web_log.warning("signal %s: already shutting down", name)
             return
         _web_log.info("signal %s: shutting down", name)
-        main = gevent.get_hub().parent
-        if self._booting is main:
-            # boot() runs in the main greenlet: end the program there, as
-            # Ctrl-C would; boot() stops what it started and SystemExit(0)
-            # goes on up (while it is already rolling back, it finishes that).
-            self._boot_cancelled = True
-            self._interrupt_boot(main, SystemExit(0))
-            return
         serving = self._server is not None
         self.shutdown()
         if not serving:
@@ -5004,7 +5098,7 @@ class _WebOperations:
         for controller, url_prefix in unmounted:
             _web_mount_controller(app, controller, url_prefix)
         if self.probes is not None:
-            _web_probes_mount(app, manager, self.probes)
+            _web_probes_mount(app, self.probes)
         app.cli.add_command(_web_cli_group(manager))
 
     def adopt_app(self, service):
@@ -5013,6 +5107,11 @@ class _WebOperations:
             service._specter_app = self.manager._app
 
     def starting(self):
+        manager = self.manager
+        if manager._app is not None and manager._socketio is None:
+            # A factory that calls init_app() before socketio.init_app(app):
+            # the SocketIO is on the app by now, and the events need it.
+            self.bind(manager._app, manager._app.extensions.get("socketio"))
         routed = [controller.name for controller, _ in self.unmounted
                   if type(controller).build_routes is not Controller.build_routes
                   and not controller.health()["has_blueprint"]]
@@ -5048,9 +5147,18 @@ class _WebLoopMonitor:
     only logs there (so a loop blocked for good is still reported) and
     records; the counters and the ``'loop:blocked'`` event are handled in
     the hub once the loop runs again, woken by a thread-safe async watcher.
+
+    gevent's monitor (its thread and settings) is the process's, so the
+    monitors of several managers share it: the first one on turns it on,
+    the smallest threshold of those on applies, the last one off restores
+    gevent's settings (and ends the thread, if the first one started it).
     """
 
     log_every = 60.0  # the same stack is logged at most once per this many seconds
+    # Shared by every monitor, as gevent's monitor is.
+    _active: List[_WebLoopMonitor] = []  # the monitors now on
+    _saved = None  # gevent's settings before the first monitor turned it on
+    _own_thread = False  # whether that one started gevent's monitor thread
 
     def __init__(self, manager, threshold):
         self.manager = manager
@@ -5064,17 +5172,22 @@ class _WebLoopMonitor:
         self._logged = {}
         self._hub = None
         self._wakeup = None
-        self._saved = None
-        self._own_thread = False
 
     def start(self):
         import gevent.events  # only when asked for: it loads zope.event
         hub = gevent.get_hub()
-        config = gevent.config
-        self._saved = (config.monitor_thread, config.max_blocking_time, config.print_blocking_reports)
-        config.max_blocking_time = self.threshold  # gevent's monitor rereads it every round
-        config.print_blocking_reports = False  # reported through logging instead
-        config.monitor_thread = True
+        if not hub:
+            # The hub has never run (a boot first thing in the process):
+            # gevent's monitor thread ends for good at its first round if
+            # the hub is still not running then, so start it now.
+            gevent.sleep(0)
+        config, shared = gevent.config, _WebLoopMonitor
+        if not shared._active:
+            shared._saved = (config.monitor_thread, config.max_blocking_time, config.print_blocking_reports)
+            config.print_blocking_reports = False  # reported through logging instead
+            config.monitor_thread = True
+        shared._active.append(self)
+        config.max_blocking_time = min(monitor.threshold for monitor in shared._active)  # reread every round
         self._hub = hub
         self._wakeup = hub.loop.async_()
         self._wakeup.ref = False  # must not keep the loop alive on its own
@@ -5085,8 +5198,8 @@ class _WebLoopMonitor:
                 # Memory monitoring (which wants psutil) is gevent's other job; not ours.
                 warnings.filterwarnings("ignore", message="Unable to monitor memory usage")
                 hub.start_periodic_monitoring_thread()
-            self._own_thread = True
-        _loop_log.debug("loop monitor on, threshold %s s", self.threshold)
+            shared._own_thread = True
+        _loop_log.debug("loop monitor on, threshold %s s", config.max_blocking_time)
         return self
 
     def stop(self):
@@ -5098,11 +5211,16 @@ class _WebLoopMonitor:
         except ValueError:
             pass  # someone cleared gevent's subscriber list already
         hub, self._hub = self._hub, None
-        if self._own_thread and hub.periodic_monitoring_thread is not None:
-            hub.periodic_monitoring_thread.kill()  # the thread ends when its current sleep does
-            hub.periodic_monitoring_thread = None
-        config = gevent.config
-        config.monitor_thread, config.max_blocking_time, config.print_blocking_reports = self._saved
+        config, shared = gevent.config, _WebLoopMonitor
+        shared._active.remove(self)
+        if shared._active:
+            config.max_blocking_time = min(monitor.threshold for monitor in shared._active)
+        else:
+            if shared._own_thread and hub.periodic_monitoring_thread is not None:
+                hub.periodic_monitoring_thread.kill()  # the thread ends when its current sleep does
+                hub.periodic_monitoring_thread = None
+            shared._own_thread = False
+            config.monitor_thread, config.max_blocking_time, config.print_blocking_reports = shared._saved
         self._wakeup.stop()
         self._wakeup.close()
         self._drain()  # a block seen just before the stop still counts
@@ -5157,6 +5275,11 @@ class _WebLoopMonitor:
         loop = self._hub.loop if self._hub is not None else gevent.get_hub().loop
         loop.update_now()  # the loop's clock when it last polled, before the block, to now
         seconds = loop.now() - first[0]
+        if seconds < self.threshold:
+            # Not a block of ours: gevent's thread finished a report of the
+            # block just counted after the loop ran again (or, with managers
+            # sharing the monitor, the block was short of this threshold).
+            return
         self.blocked += 1
         self.longest = max(self.longest, seconds)
         self.last_stack = first[2]
@@ -5193,20 +5316,29 @@ def _web_probe_prefix(probes):
     return probes.rstrip("/")
 
 
-def _web_probes_mount(app, manager, prefix):
-    """Serve GET <prefix>/livez and <prefix>/readyz on ``app`` (once)."""
+def _web_probes_mount(app, prefix):
+    """Serve GET <prefix>/livez and <prefix>/readyz on ``app`` (once).
+
+    They answer for the app's manager, ``app.extensions['specter']``, looked
+    up per request: a later manager bound to the same app (a test suite
+    sharing one app) is the one they describe, not the first.
+    """
     if "specter_livez" in app.view_functions:
         return
 
     def livez():
+        manager = flask.current_app.extensions["specter"]
         if manager._ops.blocked():
             return _web_probe_answer({"status": "blocked", "threshold": manager._ops.threshold}, 503)
         return _web_probe_answer({"status": "ok"}, 200)
 
     def readyz():
+        manager = flask.current_app.extensions["specter"]
         status = _web_readiness(manager)
-        return _web_probe_answer({"status": status,
-                                  "services": {s.name: s.status for s in manager._services}},
+        # Keyed as health() keys them, so two services of one name both show.
+        services = _web_by_name({"name": s.name, "status": s.status} for s in manager._services)
+        return _web_probe_answer({"status": status, "services": {key: report["status"]
+                                                                  for key, report in services.items()}},
                                  200 if status == "ok" else 503)
 
     app.add_url_rule(prefix + "/livez", "specter_livez", livez, methods=["GET"])
@@ -5215,7 +5347,7 @@ def _web_probes_mount(app, manager, prefix):
 
 def _web_readiness(manager):
     """'ok', or why the app should get no traffic: starting, stopping, stopped, failed, degraded."""
-    if manager._shutting_down:
+    if manager._shutting_down or manager._boot_phase == "rolling back":
         return "stopping"
     if not manager.booted:
         return "stopped" if manager.status == "stopped" else "starting"

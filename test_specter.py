@@ -1166,6 +1166,21 @@ class TestService(SpecterTestCase):
         self.assertEqual([n for n in order if n != "lazy"], ["c", "b", "a"])
         self.assertFalse(any(child.running for child in (a, b, c)))
 
+    def test_adopt_owns_children_that_compare_equal_each_in_its_own_right(self):
+        class Reader(Service):
+            def __eq__(self, other):   # value semantics, as a dataclass has
+                return isinstance(other, Reader)
+
+            __hash__ = None
+
+        parent = self.started(Service("parent"))
+        first, second = Reader("reader"), Reader("reader")
+        parent.adopt(first).adopt(second)
+        self.assertTrue(first.running and second.running)
+        self.assertEqual(parent.health()["counts"]["children"], 2)
+        parent.stop()
+        self.assertEqual((first.status, second.status), ("stopped", "stopped"))
+
     def test_own_picks_the_cleanup_method(self):
         log = []
         expected = {}
@@ -1812,6 +1827,66 @@ class TestService(SpecterTestCase):
         release.set()
         self.assertEventually(lambda: svc.clinger.dead)
 
+    def test_an_interrupted_stop_does_not_claim_its_greenlets_ignored_their_kill(self):
+        ended = []
+
+        class Flushing(Service):
+            def on_start(self):
+                self.uploader = self.spawn(self.upload, label="upload")
+
+            def upload(self):
+                try:
+                    gevent.sleep(LONG)
+                finally:
+                    gevent.sleep(SHORT * 4)   # a flush that takes a moment
+                    ended.append("flushed")
+
+        svc = self.started(Flushing())
+        gevent.sleep(0)
+        with self.assertLogs("specter", "ERROR") as cm:
+            with self.assertRaises(gevent.Timeout):
+                with gevent.Timeout(SHORT):
+                    svc.stop()
+        # It was given SHORT, not stop_timeout, and it did not ignore GreenletExit.
+        self.assertEqual(len(cm.output), 1, cm.output)
+        self.assertIn("upload", cm.output[0])
+        self.assertIn("interrupted", cm.output[0])
+        self.assertNotIn("%s s" % Flushing.stop_timeout, cm.output[0])
+        self.assertEqual(svc.health()["stuck"], ["upload"])   # alive after its kill, while it lives
+        self.assertEventually(lambda: svc.uploader.dead)
+        self.assertEqual(ended, ["flushed"])                  # its finally was not cut short
+        self.assertEqual(svc.health()["stuck"], [])
+
+    def test_a_stuck_greenlet_stays_reported_after_a_restart_while_it_lives(self):
+        release = gevent.event.Event()
+
+        class Stubborn(Service):
+            stop_timeout = SHORT
+
+            def on_start(self):
+                self.clinger = self.spawn(self._cling, label="clinger")
+
+            def _cling(self):
+                while not release.is_set():
+                    try:
+                        release.wait(LONG)
+                    except greenlet.GreenletExit:
+                        pass
+
+        svc = self.started(Stubborn())
+        gevent.sleep(0)
+        first = svc.clinger
+        with self.assertLogs("specter", "ERROR"):
+            svc.stop()
+        self.assertEqual(svc.health()["stuck"], ["clinger"])
+        svc.start()   # fresh resources, but the survivor is still alive
+        self.assertFalse(first.dead)
+        self.assertEqual(svc.health()["stuck"], ["clinger"])
+        release.set()
+        self.assertEventually(lambda: first.dead)
+        self.assertEventually(lambda: svc.clinger.dead)
+        self.assertEqual(svc.health()["stuck"], [])
+
     def test_an_interrupted_stop_still_runs_the_cleanups_it_had_not_run(self):
         log = []
 
@@ -1910,6 +1985,56 @@ class TestService(SpecterTestCase):
         self.assertEqual((svc.name, svc.every, svc.status), ("careful", 2.0, "created"))
         self.assertEqual(Careful.__init__.__name__, "__init__")
         self.assertEqual(list(inspect.signature(Careful).parameters), ["interval"])
+
+    def test_a_skipped_super_init_is_caught_through_a_mixin_or_a_dataclass(self):
+        class Plain:
+            def __init__(self, *args, **kwargs):
+                self.encoder = "json"              # forgets to call super().__init__()
+
+        class Cooperative:
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.counters = {}
+
+        class Broken(Plain, Service):             # Plain.__init__ shadows Service's
+            pass
+
+        with self.assertRaisesRegex(TypeError, r"Plain\.__init__\(\) must call super\(\)\.__init__\(\)"):
+            Broken().start()
+
+        class Fine(Cooperative, Service):
+            pass
+
+        svc = self.started(Fine("fine"))
+        self.assertEqual((svc.name, svc.counters, svc.status), ("fine", {}, "running"))
+        self.assertEqual(list(inspect.signature(Fine).parameters), ["args", "kwargs"])
+
+        @dataclasses.dataclass(eq=False)
+        class Forgot(Service):                     # the generated __init__ never calls Service's
+            period: float = 1.0
+
+        with self.assertRaisesRegex(TypeError, r"Forgot\.__init__\(\) must call super\(\)\.__init__\(\).*__post_init__"):
+            Forgot().start()
+
+        @dataclasses.dataclass(eq=False)
+        class Remembered(Service):
+            period: float = 1.0
+
+            def __post_init__(self):
+                super().__init__("remembered")
+
+        svc = self.started(Remembered(period=2.0))
+        self.assertEqual((svc.name, svc.period, svc.status), ("remembered", 2.0, "running"))
+
+        @dataclasses.dataclass(eq=False)
+        class Mixed(Cooperative, Service):        # @dataclass still generates its __init__
+            period: float = 1.0
+
+            def __post_init__(self):
+                super().__init__("mixed")
+
+        svc = self.started(Mixed(period=3.0))
+        self.assertEqual((svc.name, svc.period, svc.counters), ("mixed", 3.0, {}))
 
 
 # Lifecycle: QueueService ######################################################
@@ -2033,7 +2158,7 @@ class TestQueueService(SpecterTestCase):
         self.assertEqual(state["queue_size"], 0)
         self.assertEqual((state["processed"], state["failed"]), (2, 1))
         queue = svc.health()["queue"]
-        self.assertEqual(queue, {"size": 0, "workers": 2, "processed": 2, "failed": 1})
+        self.assertEqual(queue, {"size": 0, "workers": 2, "processed": 2, "failed": 1, "interrupted": 0})
 
     def test_counters_trail_a_backlog_by_at_most_16_items_per_worker_and_are_exact_when_idle(self):
         gaps = []
@@ -2317,6 +2442,44 @@ class TestQueueService(SpecterTestCase):
         self.assertGreater(len(dropped), 15)
         self.assertEqual(svc.queue.unfinished_tasks, 0)
         self.assertNoNewGreenlets(before)
+
+    def test_an_item_whose_handling_is_interrupted_is_reported_never_lost_silently(self):
+        dropped = []
+
+        class Slow(Sink):
+            drain_timeout = stop_timeout = SHORT
+
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+        svc = Slow(worker_count=2, delay=LONG)
+        svc.start()
+        self.addCleanup(svc.stop)
+        for n in range(6):
+            self.assertTrue(svc.enqueue("job-%d" % n))
+        gevent.sleep(0)
+        self.assertEqual(svc.started_items, ["job-0", "job-1"])
+        # An interrupted stop() kills the workers with their items in hand.
+        with self.assertLogs("specter", "ERROR") as cm:
+            with self.assertRaises(gevent.Timeout):
+                with gevent.Timeout(SHORT / 2):
+                    svc.stop()
+        self.assertEqual(dropped, ["job-2", "job-3", "job-4", "job-5"])
+        reported = [line for line in cm.output if "interrupted" in line]
+        self.assertEqual(len(reported), 2, cm.output)
+        self.assertTrue(any("'job-0'" in line for line in reported), reported)
+        self.assertTrue(any("'job-1'" in line for line in reported), reported)
+        queue = svc.health()["queue"]
+        self.assertEqual((queue["processed"], queue["failed"], queue["interrupted"]), (0, 0, 2))
+        # The same when stop_timeout runs out on an item that will not finish.
+        svc.start()
+        self.assertTrue(svc.enqueue("job-6"))
+        gevent.sleep(0)
+        with self.assertLogs("specter", "ERROR") as cm:
+            svc.stop()
+        self.assertTrue(any("interrupted" in line and "'job-6'" in line for line in cm.output), cm.output)
+        self.assertEqual(svc.health()["queue"]["interrupted"], 3)
+        self.assertEqual(svc.handled, [])
 
     def test_a_subclass_that_forgets_super_init_is_told_to_call_it(self):
         class Forgetful(QueueService):
@@ -2704,6 +2867,33 @@ class TestWatcher(SpecterTestCase):
         watcher.start()
         watcher.stop()
         self.assertIs(watcher.stop(), watcher)
+        self.assertFalse(watcher.running)
+
+    def test_an_interrupted_stop_keeps_the_loop_tracked_until_it_is_dead(self):
+        loops, closed = [], []
+
+        def poll():
+            loops.append(gevent.getcurrent())
+            try:
+                gevent.sleep(LONG)
+            finally:
+                gevent.sleep(SHORT * 4)   # lets go slowly (closing a connection, say)
+                closed.append(True)
+
+        watcher = self.make(poll=poll, interval=0.01)
+        watcher.start()
+        self.assertTrue(wait_until(lambda: loops))
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT):
+                watcher.stop()
+        self.assertFalse(loops[0].dead)
+        self.assertTrue(watcher.running)           # it is still running, and says so
+        watcher.start()                            # no second loop beside it
+        gevent.sleep(0.01)
+        self.assertEqual(len(set(loops)), 1)
+        self.assertIs(watcher.stop(), watcher)     # stop() again waits for it to end
+        self.assertTrue(loops[0].dead)
+        self.assertEqual(closed, [True])           # not killed twice: its finally ran to the end
         self.assertFalse(watcher.running)
 
     def test_teardown_is_an_alias_of_stop(self):
@@ -4700,15 +4890,14 @@ def pid_gone(pid):
 
 
 def settle_engineio(test, sio):
-    """Make Engine.IO's greenlets end with a test that serves real clients.
+    """Make Engine.IO's ping greenlets end with a test that serves real clients.
 
-    The server's service task runs until the Socket.IO server shuts down
-    (ServiceManager.shutdown does not do that), and each connection's ping
-    timer sleeps a whole ping_interval (25 s by default) before it notices
-    that the connection closed; the leak check would report both.
+    Each connection's ping timer sleeps a whole ping_interval (25 s by
+    default) before it notices that the connection closed; the leak check
+    would report it. (The server's service task ends with
+    ServiceManager.shutdown.)
     """
     sio.server.eio.ping_interval = 0.05
-    test.addCleanup(sio.server.shutdown)
 
 
 def make_web_app():
@@ -6344,6 +6533,21 @@ class TestServiceManager(SpecterTestCase):
         self.assertIs(manager.shutdown(), manager)
         self.assertEqual(log, ["teardown:h2", "teardown:h1", "stop:c", "stop:b", "stop:a"])
 
+    def test_register_service_owns_services_that_compare_equal_each_in_its_own_right(self):
+        class Same(Service):
+            def __eq__(self, other):
+                return isinstance(other, Same)
+
+            __hash__ = Service.__hash__
+
+        first, second = Same("a"), Same("b")
+        manager = ServiceManager(signals=False)
+        manager.register_service(first).register_service(second)
+        manager.boot()
+        self.assertTrue(first.running and second.running)
+        manager.shutdown()
+        self.assertFalse(first.running or second.running)
+
     def test_register_calls_return_the_manager_so_they_chain(self):
         log = []
         manager = self.manager()
@@ -6760,6 +6964,19 @@ class TestAppFactory(SpecterTestCase):
         self.assertIs(manager.socketio, sio)
         self.assertIs(manager.socket_ingress.socketio, sio)
 
+    def test_init_app_before_socketio_init_app_still_delivers_socket_events(self):
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        manager.register_controller(EchoController())
+        socketio_ext = SocketIO()
+        app = Flask(__name__)
+        manager.init_app(app)  # the factory binds SPECTER first ...
+        socketio_ext.init_app(app, async_mode="gevent")  # ... and Flask-SocketIO after
+        manager.boot()
+        self.assertIs(manager.socketio, socketio_ext)
+        self.assertIs(specter.registry.require("socketio"), socketio_ext)
+        self.assertEqual(socketio_ext.test_client(app).emit("echo", 5, callback=True), {"echo": 5})
+
     def test_init_app_binds_one_app_only(self):
         manager = ServiceManager(signals=False)
         app, _ = make_web_app()
@@ -7099,6 +7316,52 @@ class TestProbes(SpecterTestCase):
         response = app.test_client().get("/readyz")
         self.assertEqual((response.status_code, response.get_json()["status"]), (503, "degraded"))
 
+    def test_readyz_lists_services_of_one_name_as_health_does(self):
+        app, sio = make_web_app()
+        first, second = Service("worker"), Service("worker")
+        manager = boot(app, sio, services=[first, second], signals=False, probes=True)
+        self.addCleanup(manager.shutdown)
+        first.stop()
+        response = app.test_client().get("/readyz")
+        self.assertEqual((response.status_code, response.get_json()),
+                         (503, {"status": "degraded", "services": {"worker": "stopped", "worker#2": "running"}}))
+        self.assertEqual(list(manager.health()["services"]), ["worker", "worker#2"])
+
+    def test_readyz_says_stopping_while_a_failed_boot_rolls_back(self):
+        app, sio = make_web_app()
+        rolling_back, proceed = gevent.event.Event(), gevent.event.Event()
+
+        class SlowStop(Service):
+            def on_stop(self):
+                rolling_back.set()
+                proceed.wait(WAIT)
+
+        class Broken(Service):
+            def on_start(self):
+                raise RuntimeError("no database")
+        manager = ServiceManager(app, sio, signals=False, probes=True)
+        self.addCleanup(manager.shutdown)
+        manager.register_service(SlowStop("slow")).register_service(Broken("broken"))
+        def boot_and_fail():
+            with captured_logs(), self.assertRaisesRegex(RuntimeError, "no database"):
+                manager.boot()
+        booting = gevent.spawn(boot_and_fail)
+        self.assertTrue(rolling_back.wait(WAIT))
+        response = app.test_client().get("/readyz")
+        self.assertEqual((response.status_code, response.get_json()["status"]), (503, "stopping"))
+        proceed.set()
+        booting.get(timeout=WAIT)
+        self.assertEqual(app.test_client().get("/readyz").get_json()["status"], "stopped")
+
+    def test_probes_answer_for_the_manager_bound_to_the_app_last(self):
+        app, sio = make_web_app()
+        boot(app, sio, signals=False, probes=True).shutdown()  # an earlier manager on the same app
+        later = boot(app, sio, services=[Service("worker")], signals=False, probes=True)
+        self.addCleanup(later.shutdown)
+        response = app.test_client().get("/readyz")
+        self.assertEqual((response.status_code, response.get_json()),
+                         (200, {"status": "ok", "services": {"worker": "running"}}))
+
     def test_probes_under_a_prefix(self):
         app, sio = make_web_app()
         manager = boot(app, sio, signals=False, probes="/ops/")
@@ -7183,11 +7446,105 @@ class TestLoopMonitor(SpecterTestCase):
         self.assertEqual((gevent.config.monitor_thread, gevent.config.max_blocking_time), saved)
         self.assertFalse(manager.health()["loop"]["monitor"])
 
+    def test_the_monitor_works_when_boot_comes_before_the_hub_ever_ran(self):
+        # A fresh process whose boot() (with a blocking on_start) runs before anything switched to the hub.
+        with tempfile.TemporaryDirectory(prefix="specter-loop-") as workdir:
+            script = os.path.join(workdir, "fresh.py")
+            with open(script, "w") as f:
+                f.write(FRESH_MONITOR_APP)
+            child = gevent.subprocess.Popen([sys.executable, "-u", script], stdout=gevent.subprocess.PIPE,
+                                            stderr=gevent.subprocess.PIPE, env=dict(os.environ, PYTHONPATH=SPECTER_DIR),
+                                            universal_newlines=True, start_new_session=True)
+            try:
+                out, errors = child.communicate(timeout=CLIENT_TIMEOUT)
+            finally:
+                if child.poll() is None:
+                    os.killpg(child.pid, signal.SIGKILL)
+                    child.wait()
+        self.assertEqual(child.returncode, 0, errors)
+        words = out.split()
+        self.assertEqual(words[::2], ["blocked", "thread"], errors)
+        self.assertGreaterEqual(int(words[1]), 1, "the block after boot went unseen")  # the start's own may count too
+        self.assertEqual(words[3], "True", "gevent's monitor thread ended")
+        self.assertIn("the event loop is blocked", errors)
+
+    def test_managers_share_the_monitor_until_the_last_one_shuts_down(self):
+        hub = gevent.get_hub()
+        self.assertIsNone(hub.periodic_monitoring_thread)
+        saved = (gevent.config.monitor_thread, gevent.config.max_blocking_time, gevent.config.print_blocking_reports)
+        first = ServiceManager(signals=False, name="first", block_threshold=0.1)
+        second = ServiceManager(signals=False, name="second", block_threshold=0.2)
+        self.addCleanup(first.shutdown)
+        self.addCleanup(second.shutdown)
+        first.boot()
+        second.boot()
+        self.assertEqual(gevent.config.max_blocking_time, 0.1, "the smallest threshold applies")
+        first.shutdown()
+        thread = hub.periodic_monitoring_thread
+        self.assertTrue(thread is not None and thread.should_run, "the first shutdown ended the second's monitor")
+        self.assertEqual(gevent.config.max_blocking_time, 0.2)
+        with self.assertLogs("specter.loop", "WARNING"):
+            # A real block; gevent sees one for sure once it spans a whole round (up to twice the threshold).
+            gevent.spawn(time.sleep, 0.5).join()
+            self.assertEventually(lambda: second.health()["loop"]["blocked"] == 1)
+        second.shutdown()
+        self.assertIsNone(hub.periodic_monitoring_thread)
+        self.assertFalse(thread.should_run)
+        self.assertEqual((gevent.config.monitor_thread, gevent.config.max_blocking_time,
+                          gevent.config.print_blocking_reports), saved)
+
+    def test_a_late_report_of_a_counted_block_is_not_another_block(self):
+        import gevent.events
+        manager = ServiceManager(signals=False, block_threshold=0.1)
+        self.addCleanup(manager.shutdown)
+        manager.boot()
+        announced = Recorder()
+        self.addCleanup(specter.bus.on("loop:blocked", announced))
+        with self.assertLogs("specter.loop", "WARNING"):
+            gevent.spawn(time.sleep, 0.3).join()  # one real block
+            self.assertEventually(lambda: announced.count == 1)
+        # gevent's monitor thread may finish its report of that block after the loop ran again.
+        late = gevent.events.EventLoopBlocked(gevent.getcurrent(), 0.1, ["Blocked Stack (late)", "  time.sleep"],
+                                              hub=gevent.get_hub())
+        with captured_logs("specter.loop"):
+            gevent.events.notify(late)
+            gevent.sleep(0.05)
+        self.assertEqual((manager.health()["loop"]["blocked"], announced.count), (1, 1))
+        self.assertNotIn("(late)", manager.health()["loop"]["last_stack"] or "")
+
     def test_block_threshold_is_checked(self):
         with self.assertRaisesRegex(ValueError, "block_threshold must be greater than 0 seconds, got 0"):
             ServiceManager(block_threshold=0)
         with self.assertRaisesRegex(TypeError, "block_threshold must be a number of seconds"):
             boot(*make_web_app(), block_threshold="1")
+
+
+# A process whose first act is a boot with the loop monitor and a blocking on_start; then a block to catch.
+FRESH_MONITOR_APP = textwrap.dedent("""
+    import logging
+    import time
+
+    import gevent
+
+    import specter
+
+    logging.basicConfig()
+
+
+    class SlowStart(specter.Service):
+        def on_start(self):
+            time.sleep(0.25)  # blocks before the hub ever ran, past gevent's first monitor round
+
+
+    manager = specter.ServiceManager(signals=False, block_threshold=0.1)
+    manager.register_service(SlowStart())
+    manager.boot()
+    gevent.spawn(time.sleep, 0.3).join()  # the block the monitor must catch
+    gevent.sleep(0.05)  # the hub counts it once it runs again
+    thread = gevent.get_hub().periodic_monitoring_thread
+    print("blocked", manager.health()["loop"]["blocked"], "thread", thread.should_run)
+    manager.shutdown()
+""")
 
 
 def http_status_now(url):
@@ -7275,6 +7632,33 @@ class TestAppContext(SpecterTestCase):
         # Each round saw one teardown per earlier round (on_start's included): one context each, popped after it.
         self.assertEqual([count for _, count in rounds], list(range(first, first + len(rounds))))
         self.assertEqual([kind for kind, _ in rounds].count("item"), 3)
+
+    def test_a_supervised_callback_that_returned_is_not_run_again_when_a_teardown_raises(self):
+        app, sio = make_web_app()
+
+        @app.teardown_appcontext
+        def close_session(exc):
+            if flask.g.get("session") == "payments":
+                raise RuntimeError("cannot close the session")
+        payments = []
+
+        class Payer(Service):
+            def on_start(self):
+                self.supervise(self.pay_once)
+
+            def pay_once(self):
+                flask.g.session = "payments"
+                payments.append("paid")
+        payer = Payer("payer")
+        manager = boot(app, sio, services=[payer], signals=False)
+        self.addCleanup(manager.shutdown)
+        with captured_logs("specter.service") as records:
+            self.assertEventually(lambda: payer.health()["errors"] == 1)
+            gevent.sleep(payer.restart_backoff * 2)  # when a restart would have come
+        self.assertEqual(payments, ["paid"], "the work of a callback that returned was done again")
+        self.assertIn("cannot close the session", payer.health()["last_error"])
+        self.assertEqual((payer.status, payer.health()["restarts"]), ("running", 0))
+        self.assertTrue(any(r.exc_info and "cannot close the session" in str(r.exc_info[1]) for r in records))
 
     def test_a_watcher_started_in_the_app_context_polls_inside_a_fresh_one(self):
         app, sio = make_web_app()
@@ -7394,6 +7778,21 @@ class TestRealClients(SpecterTestCase):
         self.assertTrue(client.sid)
         self.assertEqual(self.call(client, "ping", {"x": 1}), {"pong": {"x": 1}, "by": "h"})
         self.assertEqual(handler.calls, [{"x": 1}])
+
+    def test_shutdown_ends_engineios_service_task_and_a_reboot_starts_it_again(self):
+        app, sio = make_web_app()
+        url, manager = self.serve(app, sio, handlers=[RecordingHandler("h", [])])
+        client = self.connect(url)
+        task = sio.server.eio.service_task_handle
+        self.assertIsNotNone(task)  # started by the first request
+        self.disconnect(client)
+        manager.shutdown()
+        self.assertTrue(task.dead)
+        self.assertIsNone(sio.server.eio.service_task_handle)
+        manager.boot()
+        client = self.connect(url)
+        self.assertIsNotNone(sio.server.eio.service_task_handle)
+        self.assertIsNot(sio.server.eio.service_task_handle, task)
 
     def test_ack_through_a_controller_and_http(self):
         app, sio = make_web_app()
@@ -7720,6 +8119,32 @@ BOOT_APP = textwrap.dedent("""
 """)
 
 
+# An app one of whose services calls shutdown() in its on_start and lingers: a SIGTERM comes meanwhile.
+QUITTER_APP = textwrap.dedent("""
+    import os
+    import signal
+
+    import gevent
+
+    import specter
+
+
+    class Quitter(specter.Service):
+        def on_start(self):
+            proc = self.start_process(["sleep", "60"])
+            print("grandchild", proc.pid, flush=True)
+            manager.shutdown()  # a fatal problem found while starting
+            os.kill(os.getpid(), signal.SIGTERM)  # and the platform stops the app meanwhile
+            gevent.sleep(0.2)  # the rest of on_start
+
+
+    manager = specter.ServiceManager()
+    manager.register_service(Quitter())
+    manager.boot()
+    print("the program went on after boot()", flush=True)
+""")
+
+
 class TestSignals(SpecterTestCase):
 
     def blocking(self, fn, *args, **kwargs):
@@ -7866,6 +8291,33 @@ class TestSignals(SpecterTestCase):
                 with open(marker) as f:
                     self.assertEqual(f.read(), "stopped")
                 self.assertTrue(wait_until(lambda: pid_gone(grandchild), timeout=3.0, step=0.01))
+
+    def test_sigterm_after_an_on_start_called_shutdown_still_ends_gracefully(self):
+        workdir = tempfile.mkdtemp(prefix="specter-web-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "quitter.py")
+        with open(script, "w") as f:
+            f.write(QUITTER_APP)
+        errors_path = os.path.join(workdir, "stderr.txt")
+        with open(errors_path, "w") as errors:
+            child = gevent.subprocess.Popen([sys.executable, "-u", script], stdout=gevent.subprocess.PIPE,
+                                            stderr=errors, env=dict(os.environ, PYTHONPATH=SPECTER_DIR), cwd=workdir,
+                                            universal_newlines=True, start_new_session=True)
+        self.addCleanup(self.reap, child)
+        with gevent.Timeout(CLIENT_TIMEOUT, AssertionError("the child never started its process")):
+            grandchild = int(child.stdout.readline().split()[1])
+        self.addCleanup(self.kill_stray, grandchild)
+        try:
+            code = child.wait(timeout=CLIENT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+        with open(errors_path) as f:
+            errors = f.read()
+        self.assertEqual(code, 0, "not a graceful exit (-15 is the default SIGTERM action): %s" % errors)
+        self.assertEqual(child.stdout.read(), "", "the program went on after the interrupted boot")
+        self.assertIn("already shutting down", errors)
+        self.assertTrue(wait_until(lambda: pid_gone(grandchild), timeout=3.0, step=0.01),
+                        "the starting service's process outlived the app")
 
     def reap(self, child):
         if child.poll() is None:
