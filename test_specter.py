@@ -328,6 +328,36 @@ class TestModule(SpecterTestCase):
         self.assertEqual(literals, [specter.__version__])
         self.assertTrue(specter.__version__)
 
+    def test_one_name_rule_with_the_documented_error_types(self):
+        # R0 "Argument rules": names refuse an empty string with ValueError;
+        # event names and registry keys refuse it with TypeError; a
+        # non-string is a TypeError everywhere. Names and keys are stripped,
+        # event names are taken as given.
+        registry = SPECTERRegistry()
+        bus = EventBus()
+        named = {"service name": Service, "store name": create_store, "model name": create_model,
+                 "watcher name": lambda name: specter.Watcher(name, poll=dict)}
+        for what, make in named.items():
+            with self.subTest(what=what):
+                with self.assertRaisesRegex(ValueError, "%s must be a non-empty string" % what):
+                    make("   ")
+                with self.assertRaisesRegex(TypeError, "%s must be a non-empty string, got int 3" % what):
+                    make(3)
+                self.assertEqual(make(" padded ").name, "padded")
+        for bad in ("", "   ", 3):
+            with self.subTest(key=bad):
+                with self.assertRaisesRegex(TypeError, "registry key must be a non-empty string"):
+                    registry.provide(bad, 1)
+        self.assertEqual(registry.provide(" db ", 1), 1)
+        self.assertEqual(registry.require("db"), 1)
+        for bad in ("", 3, b"e"):
+            with self.subTest(event=bad):
+                with self.assertRaisesRegex(TypeError, "event must be a non-empty string"):
+                    bus.on(bad, print)
+        bus.on(" spaced ", print)
+        self.assertTrue(bus.has_listeners(" spaced "))
+        self.assertFalse(bus.has_listeners("spaced"))
+
     def test_logs_use_the_specter_logger_with_lazy_formatting(self):
         bus = EventBus()
         bus.on("job:done", lambda data: TestService._raise("listener broke"))
@@ -3523,6 +3553,21 @@ class TestModel(SpecterTestCase):
             model.set("a", 1)
         self.assertLoggedException(cm, "model subscriber broke")
         self.assertEqual(rec.count, 1)
+
+    def test_a_raising_selector_subscriber_is_logged_by_its_function_name(self):
+        model = create_model("m", {"a": 0})
+        rec = Recorder()
+
+        def breaks_on_a(value, m):
+            raise ValueError("selector subscriber broke on %r" % value)
+
+        model.subscribe(breaks_on_a, "a", immediate=False)
+        model.subscribe(rec, "a", immediate=False)
+        with self.assertLogs("specter.state", "ERROR") as cm:
+            model.set("a", 1)
+        self.assertLoggedException(cm, "selector subscriber broke on 1")
+        self.assertIn("m: subscriber %s raised" % breaks_on_a.__qualname__, cm.output[0])
+        self.assertEqual(rec.calls, [(1, model)])
 
     def test_subscribe_owner(self):
         model = create_model("m")
