@@ -91,6 +91,7 @@ API_NAMES = [
     "HTTPError", "json_endpoint", "expect_json", "require_fields",
     "Router", "route", "Handler", "SocketIngress", "Controller",
     "ServiceManager", "boot", "ManagedProcess", "start_process",
+    "Cluster", "ClusterQueue", "Lease",
 ]
 
 
