@@ -5365,7 +5365,7 @@ def _cluster_lease(owner, cluster, name, ttl):
     """A started Lease owned by ``owner``; the owner's existing lease of that name if it has one."""
     name = _check_name(name, "lease name")
     for _, resource in owner._cleanups or ():
-        if isinstance(resource, Lease) and resource.name == name:
+        if isinstance(resource, Lease) and resource.name == name and not resource._closed:
             return resource
     lease = Lease(cluster, name, ttl)
     owner.own(lease, "release")
