@@ -64,7 +64,10 @@ import werkzeug.exceptions
 
 import gevent
 import gevent.event
+import gevent.monkey
 import gevent.queue
+import gevent.socket
+import gevent.ssl
 import gevent.subprocess
 from gevent import Greenlet, pywsgi
 from greenlet import getcurrent
@@ -5264,11 +5267,12 @@ def _cluster_client(redis, url, options, cluster):
     base = kwargs.pop("connection_class", redis.connection.Connection)
     kwargs.update(decode_responses=True, socket_timeout=cluster.socket_timeout,
                   socket_connect_timeout=cluster.connect_timeout, retry=None)
-    import gevent.monkey
-    if not gevent.monkey.is_module_patched("select"):
-        # hiredis's readiness check calls the real poll() and would freeze the hub.
-        kwargs["parser_class"] = getattr(redis.connection, "_RESP2Parser", None) or redis.connection.PythonParser
     kwargs.update(options)
+    if not gevent.monkey.is_module_patched("select") and "parser_class" not in options:
+        # hiredis's readiness check calls the real poll() and would freeze the hub.
+        resp3 = str(kwargs.get("protocol", 2)) == "3"
+        kwargs["parser_class"] = (getattr(redis.connection, "_RESP3Parser" if resp3 else "_RESP2Parser", None)
+                                  or redis.connection.PythonParser)
     kwargs["connection_class"] = _cluster_connection_class(redis, base)
     pool = redis.ConnectionPool(**kwargs)
     client = redis.Redis(connection_pool=pool)
@@ -5284,7 +5288,6 @@ def _cluster_connection_class(redis, base):
     cls = _cluster_classes.get(base)
     if cls is not None:
         return cls
-    import gevent.socket
     connection = redis.connection
 
     class _GeventConnection(base):
@@ -5313,7 +5316,6 @@ def _cluster_connection_class(redis, base):
             return sock
 
         def _gevent_tls(self, sock):
-            import gevent.ssl
             context = gevent.ssl.create_default_context()
             context.check_hostname = bool(self.check_hostname)
             context.verify_mode = self.cert_reqs
