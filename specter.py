@@ -5404,19 +5404,31 @@ def _cluster_singleton_begin(service):
     if cluster is None:
         return False
     lease = Lease(cluster, "service:%s" % service.name, service.singleton_ttl)
-    lease.on_acquired(functools.partial(_cluster_singleton_promote, service))
-    lease.on_lost(functools.partial(_cluster_singleton_demote, service))
+    # In greenlets of their own, so a slow on_start or on_stop never delays a renewal.
+    lease.on_acquired(lambda lease: gevent.spawn(_cluster_singleton_settle, service, lease))
+    lease.on_lost(lambda lease: gevent.spawn(_cluster_singleton_settle, service, lease))
     service._singleton = lease
     service._status = "standby"
     lease.start()
     return True
 
 
+def _cluster_singleton_settle(service, lease):
+    """Bring a singleton service in line with its lease: run on_start when held, stop the work when not."""
+    service._await_transition()
+    while service._singleton is lease:
+        if service._status == "standby" and lease.held:
+            _cluster_singleton_promote(service, lease)
+        elif service._status in ("running", "failed") and not lease.held:
+            _cluster_singleton_demote(service, lease)
+        else:
+            return
+
+
 def _cluster_singleton_promote(service, lease):
-    """The lease is ours: run on_start, as start() would, in the lease's greenlet."""
-    if service._status != "standby":
-        return
+    """The lease is ours: run on_start, as start() would."""
     service._begin_transition("starting")
+    service._stop_requested = False
     try:
         service.on_start()
     except BaseException:
@@ -5427,7 +5439,8 @@ def _cluster_singleton_promote(service, lease):
         finally:
             service._status = "standby"
             service._end_transition()
-        lease._lose("on_start failed")
+        lease.release()  # let another node try; this one tries again after its ttl
+        lease.start()
         return
     if service._status == "starting":
         service._status = "running"
@@ -5438,9 +5451,7 @@ def _cluster_singleton_promote(service, lease):
 
 
 def _cluster_singleton_demote(service, lease):
-    """The lease is gone: stop the work (on_stop, release) and wait in standby again."""
-    if service._status not in ("running", "failed"):
-        return
+    """The lease is gone: stop the work (on_stop, then release what it owns) and wait in standby."""
     service._begin_transition("stopping")
     try:
         try:
