@@ -7354,7 +7354,7 @@ class TestExamples(SpecterTestCase):
         names = [os.path.basename(path) for path in example_files()]
         for expected in ("quickstart.py", "polling_service.py", "queue_worker.py",
                          "controller_app.py", "state_primitives.py", "process_watcher.py",
-                         "graceful_shutdown.py", "registry_and_bus.py"):
+                         "graceful_shutdown.py", "registry_and_bus.py", "cluster_demo.py"):
             self.assertIn(expected, names)
         self.assertFalse([name for name in names if name.startswith("jobboard")])
 
