@@ -6361,7 +6361,11 @@ class RedisServer:
 
 # What every child node runs first: out() reports JSON lines, serve() boots and waits.
 NODE_PRELUDE = '''
-import json, os, sys, time
+import os
+if os.environ.get("PATCH"):
+    from gevent import monkey
+    monkey.patch_all()
+import json, sys, time
 import flask, gevent, specter
 
 def out(kind, **data):
@@ -6547,7 +6551,7 @@ class TestCluster(ClusterTestCase):
 
     def test_boot_with_unreachable_redis_starts_nothing(self):
         service = RecordingService("s", [])
-        with self.assertRaises(ConnectionError):
+        with self.assertRaises(ConnectionError), self.assertLogs("specter", "ERROR"):
             boot(Flask(__name__), None, services=[service], cluster="redis://127.0.0.1:%d" % free_port(),
                  signals=False)
         self.assertEqual(service.status, "created")
@@ -6600,18 +6604,20 @@ class TestCluster(ClusterTestCase):
         cache.set(1)
         specter.bus.emit("x:one", 1)
         self.assertEventually(lambda: cluster.health()["bus"]["sent"] == 1)
-        server.kill()
-        self.assertEventually(lambda: cluster.health()["status"] == "degraded", timeout=3)
-        health = cluster.health()
-        self.assertFalse(health["connected"])
-        self.assertTrue(health["last_error"])
-        specter.bus.emit("x:two", 2)  # local delivery goes on; the shared copy is dropped and counted
-        self.assertEqual(cluster.health()["bus"]["dropped"], 1)
-        server.start()
-        back = time.monotonic()
-        self.assertEventually(lambda: cluster.health()["status"] == "ok", timeout=3)
-        self.assertLess(time.monotonic() - back, 2.0)
-        self.assertEventually(lambda: gaps)
+        with self.assertLogs("specter.cluster", "WARNING") as logs:
+            server.kill()
+            self.assertEventually(lambda: cluster.health()["status"] == "degraded", timeout=3)
+            health = cluster.health()
+            self.assertFalse(health["connected"])
+            self.assertTrue(health["last_error"])
+            specter.bus.emit("x:two", 2)  # local delivery goes on; the shared copy is dropped and counted
+            self.assertEqual(cluster.health()["bus"]["dropped"], 1)
+            server.start()
+            back = time.monotonic()
+            self.assertEventually(lambda: cluster.health()["status"] == "ok", timeout=3)
+            self.assertLess(time.monotonic() - back, 2.0)
+            self.assertEventually(lambda: gaps)
+        self.assertIn("lost Redis at %s" % server.url, "\n".join(logs.output))
         self.assertIn("lost the shared events", gaps[0]["reason"])
         self.assertIn("1 shared emit(s) of this node were dropped", gaps[0]["reason"])
         self.assertEqual(cluster.health()["reconnects"], 1)
@@ -6653,7 +6659,7 @@ class TestClusterBus(ClusterTestCase):
 
     def test_shared_events_cross_processes_in_order_without_echo(self):
         self.join(share=["job:*"])
-        node = self.node("node-b", BUS_NODE)
+        node = self.node("node-b", BUS_NODE, PATCH="1")  # a monkey-patched app, this one is not
         node.wait_for("ready")
         seq, local_pings, remote_pings = [], [], []
         specter.bus.on("job:seq", seq.append)
@@ -6699,11 +6705,12 @@ class TestClusterBus(ClusterTestCase):
         cluster = self.join(share=["job:*"])
         gaps = []
         specter.bus.on("cluster:gap", gaps.append)
-        # Another node's events, 5 of which were trimmed before this node read them.
-        for seq in (1, 7):
-            self.redis.incr("specter:bus:seq")
-            self.redis.xadd("specter:bus", {"n": "elsewhere", "s": seq, "e": "job:x", "d": "1"})
-        self.assertEventually(lambda: gaps)
+        with self.assertLogs("specter.cluster", "WARNING"):
+            # Another node's events, 5 of which were trimmed before this node read them.
+            for seq in (1, 7):
+                self.redis.incr("specter:bus:seq")
+                self.redis.xadd("specter:bus", {"n": "elsewhere", "s": seq, "e": "job:x", "d": "1"})
+            self.assertEventually(lambda: gaps)
         self.assertEqual(gaps[0]["missed"], 5)
         self.assertEqual(cluster.health()["gaps"], 1)
 
@@ -6753,7 +6760,7 @@ class TestClusterQueue(ClusterTestCase):
 
     def test_every_item_is_handled_exactly_once_across_nodes(self):
         self.join()
-        nodes = [self.node("node-%s" % name, QUEUE_NODE) for name in "bc"]
+        nodes = [self.node("node-b", QUEUE_NODE), self.node("node-c", QUEUE_NODE, PATCH="1")]
         for node in nodes:
             node.wait_for("ready")
         queue = self.started(RecordingQueue(worker_count=2))
@@ -6851,6 +6858,33 @@ class TestClusterQueue(ClusterTestCase):
         self.assertEventually(lambda: queue.handled)
         self.assertGreaterEqual(time.monotonic() - started, 0.3)
         self.assertEqual(queue.health()["cluster"]["delayed"] is not None, True)
+
+    def test_items_survive_a_redis_restart_with_persistence(self):
+        server = self.own_redis(appendonly=True)
+        self.join(server.url)
+        gate = gevent.event.Event()
+        queue = self.started(RecordingQueue(worker_count=2, fail=lambda item, n: not gate.wait(5)))
+        for number in range(20):
+            self.assertTrue(queue.enqueue(number))
+        self.assertEventually(lambda: len(queue.started_items) == 2)  # two in hand, 18 waiting
+        with self.assertLogs("specter.cluster", "WARNING"):
+            server.kill()
+            server.start()
+            gate.set()
+            self.assertTrue(queue.join(timeout=10))
+        self.assertEqual(sorted(queue.handled), list(range(20)))
+
+    def test_consumption_resumes_after_the_connections_are_killed(self):
+        cluster = self.join()
+        queue = self.started(RecordingQueue())
+        queue.enqueue(1)
+        self.assertTrue(queue.join(timeout=3))
+        with self.assertLogs("specter.cluster", "WARNING"):
+            self.redis.client_kill_filter(_type="normal", skipme=True)
+            self.assertEventually(lambda: cluster.health()["reconnects"] >= 1, timeout=3)
+        self.assertEventually(lambda: queue.enqueue(2), timeout=3)
+        self.assertTrue(queue.join(timeout=5))
+        self.assertEqual(queue.handled, [1, 2])
 
     def test_needs_a_started_cluster(self):
         with self.assertRaisesRegex(RuntimeError, "needs a started Cluster"):
