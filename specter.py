@@ -4267,11 +4267,11 @@ class Cluster(Service):
         self.share(*share)
         self._redis = None
         self._scripts = None
-        self._errors_types = ()
+        self._redis_errors = ()
         self._connected = gevent.event.Event()
         self._lost = gevent.event.Event()
         self._reconnects = 0
-        self._cluster_error = None
+        self._redis_error = None
         self._nodes = []
         self._clock_offset = 0.0
         self._started_at = None
@@ -4319,7 +4319,7 @@ class Cluster(Service):
             raise RuntimeError("a Cluster is already running in this process (node %s); "
                                "one process is one node" % _cluster_active.node_id)
         redis = _cluster_import_redis()
-        self._errors_types = (redis.RedisError,)
+        self._redis_errors = (redis.RedisError,)
         self._redis = _cluster_client(redis, self._url, self._options, self)
         self.add_cleanup(self._redis.connection_pool.disconnect)
         self._scripts = _ClusterScripts(self._redis)
@@ -4333,9 +4333,9 @@ class Cluster(Service):
         _cluster_active = self
         self.add_cleanup(_cluster_detach)
         bus._attach(_ClusterBusLink(self))
-        self.spawn(self._monitor, label="cluster.monitor")
-        self.spawn(self._read_bus, label="cluster.bus-reader")
-        self.spawn(self._send_bus, label="cluster.bus-sender")
+        # Supervised: a loop that died on a surprise would silently cut this node off.
+        for loop in (self._monitor, self._read_bus, self._send_bus):
+            self.supervise(loop)
         _cluster_log.info("node %s joined %s (namespace %r)", self.node_id, self.url, self.namespace)
 
     def on_stop(self) -> None:
@@ -4347,7 +4347,7 @@ class Cluster(Service):
             try:
                 self._redis.pipeline(transaction=True).zrem(self._key("nodes"), self.node_id) \
                     .hdel(self._key("nodeinfo"), self.node_id).execute()
-            except self._errors_types as exc:
+            except self._redis_errors as exc:
                 _cluster_log.warning("could not remove node %s from Redis: %s", self.node_id, exc)
         self._connected.clear()
 
@@ -4359,7 +4359,7 @@ class Cluster(Service):
         if self._connected.is_set():
             try:
                 self._nodes = self._live_nodes(register=False)
-            except self._errors_types as exc:
+            except self._redis_errors as exc:
                 self._fault(exc)
         return [dict(node) for node in self._nodes]
 
@@ -4387,7 +4387,7 @@ class Cluster(Service):
         report.update(
             connected=connected, url=self.url, node_id=self.node_id, namespace=self.namespace,
             nodes=[node["node_id"] for node in self._nodes], reconnects=self._reconnects,
-            last_error=self._cluster_error or report["last_error"],
+            last_error=self._redis_error or report["last_error"],
             bus={"shared": list(self._patterns), "sent": self._sent, "received": self._received,
                  "dropped": self._dropped, "lag": self._lag, "outbox": len(self._outbox)},
             lag=self._lag, gaps=self._gaps,
@@ -4402,7 +4402,7 @@ class Cluster(Service):
 
     def _fault(self, exc):
         """A Redis call failed: mark the node disconnected and let the monitor reconnect."""
-        self._cluster_error = "%s: %s" % (type(exc).__name__, exc)
+        self._redis_error = "%s: %s" % (type(exc).__name__, exc)
         if self._connected.is_set():
             self._connected.clear()
             _cluster_log.warning("lost Redis at %s: %s", self.url, exc)
@@ -4433,7 +4433,7 @@ class Cluster(Service):
                 if not self._lost.wait(self.heartbeat):
                     try:
                         self._heartbeat()
-                    except self._errors_types as exc:
+                    except self._redis_errors as exc:
                         self._fault(exc)
                 continue
             failures = 0
@@ -4445,8 +4445,8 @@ class Cluster(Service):
                     self._heartbeat()
                     reason = self._restore_bus()
                     break
-                except self._errors_types as exc:
-                    self._cluster_error = "%s: %s" % (type(exc).__name__, exc)
+                except self._redis_errors as exc:
+                    self._redis_error = "%s: %s" % (type(exc).__name__, exc)
             self._reconnects += 1
             self._lost.clear()
             self._connected.set()
@@ -4510,7 +4510,7 @@ class Cluster(Service):
             try:
                 self._scripts.emit(keys=[self._key("bus"), self._key("bus", "seq")], args=args)
                 self._sent += len(batch)
-            except self._errors_types as exc:
+            except self._redis_errors as exc:
                 self._dropped += len(batch)
                 self._dropped_unreported += len(batch)
                 self._fault(exc)
@@ -4523,12 +4523,16 @@ class Cluster(Service):
                 self._connected.wait()
             try:
                 reply = self._redis.xread({stream: self._bus_last}, count=1000, block=block)
-            except self._errors_types as exc:
+            except self._redis_errors as exc:
                 self._fault(exc)
                 continue
             for _, entries in reply or ():
                 for entry_id, fields in entries:
-                    self._bus_entry(entry_id, fields)
+                    try:
+                        self._bus_entry(entry_id, fields)
+                    except (ValueError, TypeError, KeyError):
+                        # Not ours (another program writing to the stream): skip it, loudly.
+                        _cluster_log.exception("skipped malformed shared event %s: %r", entry_id, fields)
 
     def _bus_entry(self, entry_id, fields):
         self._bus_last = entry_id
@@ -4630,7 +4634,7 @@ class ClusterQueue(QueueService):
             added = cluster._scripts.enqueue(
                 keys=[self._stream, self._delayed_key],
                 args=[payload, self.maxsize, int(delay * 1000), os.urandom(8).hex()])
-        except cluster._errors_types as exc:
+        except cluster._redis_errors as exc:
             cluster._fault(exc)
             return False
         if added and delay:
@@ -4651,7 +4655,7 @@ class ClusterQueue(QueueService):
                 self._cq_refresh()
                 done = not self._in_hand and not self._acks and not (
                     self._stats["backlog"] + self._stats["pending"] + self._stats["delayed"])
-            except self._require_cluster()._errors_types:
+            except self._require_cluster()._redis_errors:
                 done = False
             if done:
                 return True
@@ -4703,7 +4707,7 @@ class ClusterQueue(QueueService):
         self._cq_keys(cluster)
         try:
             self._cq_group(cluster)
-        except cluster._errors_types as exc:
+        except cluster._redis_errors as exc:
             raise ConnectionError("ClusterQueue %r cannot reach Redis at %s: %s" % (self.name, cluster.url, exc)) from None
         self._cluster = cluster
         cluster._queues.append(self)
@@ -4714,9 +4718,9 @@ class ClusterQueue(QueueService):
         self._workers = tuple(
             self.spawn(self._cq_work, label="%s.worker-%d" % (self.name, index))
             for index in range(self.worker_count))
-        self._acker = self.spawn(self._cq_ack_loop, label="%s.acker" % self.name)
-        self._reader = self.spawn(self._cq_read, label="%s.reader" % self.name)
-        self.spawn(self._cq_housekeep, label="%s.housekeeper" % self.name)
+        self._acker = self.supervise(self._cq_ack_loop)
+        self._reader = self.supervise(self._cq_read)
+        self.supervise(self._cq_housekeep)
         self.on_workers_started()
 
     def _lifecycle_stopping(self):
@@ -4802,7 +4806,7 @@ class ClusterQueue(QueueService):
                     keys=[self._stream, self._delayed_key, self._dead_key],
                     args=[self.group, entry_id, payload, deliveries, error, delay, cluster.node_id])
                 break
-            except cluster._errors_types as exc:
+            except cluster._redis_errors as exc:
                 cluster._fault(exc)
                 if not cluster._await_connection(self.visibility_timeout):
                     return  # still down: the entry stays pending and is redelivered later
@@ -4838,7 +4842,7 @@ class ClusterQueue(QueueService):
                     raise
                 self._cq_group(cluster)  # Redis lost the queue (restarted without persistence): start over
                 continue
-            except cluster._errors_types as exc:
+            except cluster._redis_errors as exc:
                 cluster._fault(exc)
                 continue
             for _, entries in reply or ():
@@ -4846,11 +4850,14 @@ class ClusterQueue(QueueService):
                     self._cq_take(entry_id, fields, 1)
 
     def _cq_take(self, entry_id, fields, delivered):
-        if not fields:
-            self._acks.append(entry_id)  # deleted while pending: nothing left to do
+        payload = (fields or {}).get("d")
+        if payload is None:
+            if fields:
+                _cluster_log.error("%s: dropped entry %s, which has no item: %r", self.name, entry_id, fields)
+            self._acks.append(entry_id)  # deleted while pending, or not an item: nothing to do
             self._ack_ready.set()
             return
-        payload, attempts = fields["d"], int(fields.get("a", 0))
+        attempts = int(fields.get("a", 0)) if str(fields.get("a", "0")).isdigit() else 0
         self._in_hand[entry_id] = (payload, attempts)
         deliveries = attempts + delivered
         if deliveries > self.max_deliveries:
@@ -4888,7 +4895,7 @@ class ClusterQueue(QueueService):
                     .xdel(self._stream, *ids).execute()
             except BaseException as exc:
                 self._acks = ids + self._acks
-                if not isinstance(exc, cluster._errors_types):
+                if not isinstance(exc, cluster._redis_errors):
                     raise  # killed mid-call: the ids wait for the next flush
                 cluster._fault(exc)
                 if self._status not in _ACTIVE or not cluster._await_connection(self.visibility_timeout):
@@ -4909,7 +4916,7 @@ class ClusterQueue(QueueService):
             return
         try:
             cluster._scripts.release(keys=[self._stream], args=args)
-        except cluster._errors_types as exc:
+        except cluster._redis_errors as exc:
             cluster._fault(exc)  # they stay pending and are reclaimed after visibility_timeout
 
     def _cq_housekeep(self):
@@ -4945,7 +4952,7 @@ class ClusterQueue(QueueService):
                 if "NOGROUP" not in str(exc):
                     raise
                 self._cq_group(cluster)
-            except cluster._errors_types as exc:
+            except cluster._redis_errors as exc:
                 cluster._fault(exc)
                 continue
             self._hk_wake.clear()
@@ -5064,7 +5071,7 @@ class Lease:
             if cluster._connected.is_set():
                 try:
                     cluster._scripts.release_lease(keys=[cluster._key("lease", self.name)], args=[self._holder])
-                except cluster._errors_types as exc:
+                except cluster._redis_errors as exc:
                     _cluster_log.warning("lease %s: release failed (it expires by itself): %s", self.name, exc)
         self._lose("released")
 
@@ -5094,7 +5101,7 @@ class Lease:
                     token = cluster._scripts.acquire(keys=[key, fence], args=[self._holder, ttl_ms])
                     if token and not self._closed:
                         self._set_held(int(token), sent + self.ttl - margin)
-            except cluster._errors_types as exc:
+            except cluster._redis_errors as exc:
                 cluster._fault(exc)
             if self._held and _monotonic() >= self._valid_until:
                 self._lose("expired while Redis could not be reached")
@@ -5545,7 +5552,7 @@ def _cluster_socketio_manager_class():
             try:
                 cluster._redis.publish(self.channel, getattr(self, "json", json).dumps(data))
                 self.published += 1
-            except cluster._errors_types as exc:
+            except cluster._redis_errors as exc:
                 self.dropped += 1
                 cluster._fault(exc)
 
@@ -5562,7 +5569,7 @@ def _cluster_socketio_manager_class():
                         if message is not None and message["type"] == "message":
                             self.received += 1
                             yield message["data"]
-                except cluster._errors_types as exc:
+                except cluster._redis_errors as exc:
                     cluster._fault(exc)
                 finally:
                     self.listening = False
