@@ -6983,6 +6983,20 @@ class TestLease(ClusterTestCase):
         self.assertEqual(boss.status, "stopped")
         self.assertIsNone(self.redis.get("specter:lease:service:Boss"))
 
+    def test_a_singleton_service_takes_over_when_its_holder_dies(self):
+        ttl = 1.0
+        nodes = [self.node("node-%s" % name, LEASE_NODE, TTL=str(ttl)) for name in "ab"]
+        for node in nodes:
+            node.wait_for("ready")
+        self.assertEventually(lambda: any(node.records("boss-start") for node in nodes), timeout=3)
+        gevent.sleep(0.2)
+        [holder] = [node for node in nodes if node.records("boss-start")]
+        [other] = [node for node in nodes if node is not holder]
+        holder.kill()
+        killed = time.time()
+        started = other.wait_for("boss-start", timeout=ttl * 2)[0]
+        self.assertLessEqual(started["t"] - killed, ttl * 4 / 3)
+
     def test_a_holder_that_loses_its_lease_stops_its_work_and_waits_again(self):
         self.join()
         stops = []
@@ -7033,6 +7047,8 @@ class TestLease(ClusterTestCase):
         self.assertEqual(boss.status, "running")
         self.assertIsNotNone(boss.token)
         self.assertEventually(lambda: len(ticks) >= 2)
+        with self.assertRaisesRegex(TypeError, "singleton must be True, False or a lease name"):
+            boss.interval(print, 1, singleton=1)
 
 
 CACHE_NODE = '''
