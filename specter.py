@@ -4241,17 +4241,7 @@ class Cluster(Service):
                  node_id: Optional[str] = None, share: Iterable[str] = (),
                  redis_options: Optional[Dict[str, Any]] = None):
         super().__init__("cluster")
-        if url is None:
-            url = os.environ.get("SPECTER_REDIS_URL") or None
-            if url is None:
-                raise ValueError("Cluster needs a Redis URL: pass url='redis://host:6379/0' "
-                                 "or set the environment variable SPECTER_REDIS_URL")
-        if not isinstance(url, str):
-            raise TypeError("url must be a string like 'redis://host:6379/0', got %s" % _describe(url))
-        self._url = url.strip()
-        scheme = self._url.partition("://")[0].lower()
-        if scheme not in ("redis", "rediss", "unix") or "://" not in self._url:
-            raise ValueError("url must start with redis://, rediss:// or unix://, got %r" % self.url)
+        self._url = _cluster_url(url)
         self.namespace = _check_name(namespace, "namespace")
         if node_id is None:
             node_id = "%s:%d:%s" % (socket.gethostname(), os.getpid(), os.urandom(3).hex())
@@ -4708,7 +4698,8 @@ class ClusterQueue(QueueService):
         try:
             self._cq_group(cluster)
         except cluster._redis_errors as exc:
-            raise ConnectionError("ClusterQueue %r cannot reach Redis at %s: %s" % (self.name, cluster.url, exc)) from None
+            raise ConnectionError("ClusterQueue %r cannot reach Redis at %s: %s"
+                                  % (self.name, cluster.url, exc)) from None
         self._cluster = cluster
         cluster._queues.append(self)
         self.add_cleanup(functools.partial(_drop_item, cluster._queues, self))
@@ -5316,31 +5307,47 @@ def _cluster_connection_class(redis, base):
             sock.settimeout(self.socket_timeout)
             if isinstance(self, connection.SSLConnection):
                 try:
-                    return self._gevent_tls(sock)
+                    return _cluster_tls(self, sock)
                 except OSError:
                     sock.close()
                     raise
             return sock
 
-        def _gevent_tls(self, sock):
-            context = gevent.ssl.create_default_context()
-            context.check_hostname = bool(self.check_hostname)
-            context.verify_mode = self.cert_reqs
-            if self.certfile or self.keyfile:
-                context.load_cert_chain(certfile=self.certfile, keyfile=self.keyfile,
-                                        password=self.certificate_password)
-            if self.ca_certs is not None or self.ca_path is not None or getattr(self, "ca_data", None) is not None:
-                context.load_verify_locations(cafile=self.ca_certs, capath=self.ca_path,
-                                              cadata=getattr(self, "ca_data", None))
-            if getattr(self, "ssl_min_version", None) is not None:
-                context.minimum_version = self.ssl_min_version
-            if getattr(self, "ssl_ciphers", None):
-                context.set_ciphers(self.ssl_ciphers)
-            return context.wrap_socket(sock, server_hostname=self.host)
-
     _GeventConnection.__name__ = _GeventConnection.__qualname__ = "Gevent" + base.__name__
     _cluster_classes[base] = _GeventConnection
     return _GeventConnection
+
+
+def _cluster_url(url):
+    """The Redis URL given, or SPECTER_REDIS_URL's; checked, never logged unmasked."""
+    if url is None:
+        url = os.environ.get("SPECTER_REDIS_URL") or None
+        if url is None:
+            raise ValueError("Cluster needs a Redis URL: pass url='redis://host:6379/0' "
+                             "or set the environment variable SPECTER_REDIS_URL")
+    if not isinstance(url, str):
+        raise TypeError("url must be a string like 'redis://host:6379/0', got %s" % _describe(url))
+    url = url.strip()
+    if url.partition("://")[0].lower() not in ("redis", "rediss", "unix") or "://" not in url:
+        raise ValueError("url must start with redis://, rediss:// or unix://, got %r" % _cluster_mask(url))
+    return url
+
+
+def _cluster_tls(conn, sock):
+    """``sock`` wrapped by ``gevent.ssl`` with the TLS settings of redis-py's SSLConnection ``conn``."""
+    context = gevent.ssl.create_default_context()
+    context.check_hostname = bool(conn.check_hostname)
+    context.verify_mode = conn.cert_reqs
+    if conn.certfile or conn.keyfile:
+        context.load_cert_chain(certfile=conn.certfile, keyfile=conn.keyfile, password=conn.certificate_password)
+    ca_data = getattr(conn, "ca_data", None)
+    if conn.ca_certs is not None or conn.ca_path is not None or ca_data is not None:
+        context.load_verify_locations(cafile=conn.ca_certs, capath=conn.ca_path, cadata=ca_data)
+    if getattr(conn, "ssl_min_version", None) is not None:
+        context.minimum_version = conn.ssl_min_version
+    if getattr(conn, "ssl_ciphers", None):
+        context.set_ciphers(conn.ssl_ciphers)
+    return context.wrap_socket(sock, server_hostname=conn.host)
 
 
 def _cluster_mask(url):
@@ -5525,6 +5532,27 @@ def _cluster_boot(manager, cluster, socketio):
 _cluster_sio_class = None
 
 
+def _cluster_sio_listen(manager):
+    """Messages of the manager's channel, for ever: resubscribes whenever the cluster reconnects."""
+    cluster = manager.cluster
+    while True:
+        cluster._connected.wait()
+        pubsub = cluster._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(manager.channel)
+            manager.listening = True
+            while True:
+                message = pubsub.get_message(timeout=cluster.block)
+                if message is not None and message["type"] == "message":
+                    manager.received += 1
+                    yield message["data"]
+        except cluster._redis_errors as exc:
+            cluster._fault(exc)
+        finally:
+            manager.listening = False
+            pubsub.close()
+
+
 def _cluster_socketio_manager_class():
     global _cluster_sio_class
     if _cluster_sio_class is not None:
@@ -5557,23 +5585,7 @@ def _cluster_socketio_manager_class():
                 cluster._fault(exc)
 
         def _listen(self):
-            cluster = self.cluster
-            while True:
-                cluster._connected.wait()
-                pubsub = cluster._redis.pubsub(ignore_subscribe_messages=True)
-                try:
-                    pubsub.subscribe(self.channel)
-                    self.listening = True
-                    while True:
-                        message = pubsub.get_message(timeout=cluster.block)
-                        if message is not None and message["type"] == "message":
-                            self.received += 1
-                            yield message["data"]
-                except cluster._redis_errors as exc:
-                    cluster._fault(exc)
-                finally:
-                    self.listening = False
-                    pubsub.close()
+            return _cluster_sio_listen(self)
 
         def health(self):
             return {"channel": self.channel, "listening": self.listening, "published": self.published,
