@@ -57,7 +57,7 @@ import sys
 import time
 import types
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import flask
 import werkzeug.exceptions
@@ -4250,24 +4250,24 @@ class Cluster(Service):
             raise TypeError("redis_options must be a dict of redis-py connection options, got %s"
                             % _describe(redis_options))
         self._options = dict(redis_options or {})
-        self._patterns = ()
-        self._match = None
+        self._patterns: Tuple[str, ...] = ()
+        self._match: Optional[Callable[[str], Any]] = None
         if isinstance(share, str):
             share = (share,)
         self.share(*share)
-        self._redis = None
-        self._scripts = None
-        self._redis_errors = ()
+        self._redis: Any = None  # a redis.Redis once started
+        self._scripts: Any = None
+        self._redis_errors: Tuple[Type[BaseException], ...] = ()
         self._connected = gevent.event.Event()
         self._lost = gevent.event.Event()
         self._reconnects = 0
         self._redis_error = None
-        self._nodes = []
+        self._nodes: List[Dict[str, Any]] = []
         self._clock_offset = 0.0
-        self._started_at = None
+        self._started_at: Optional[float] = None
         self._redis_now = 0.0
-        self._response_error = None
-        self._outbox = collections.deque()
+        self._response_error: Any = None
+        self._outbox: Deque[Tuple[str, str]] = collections.deque()
         self._outbox_ready = gevent.event.Event()
         self._bus_last = "0-0"
         self._bus_seq = None
@@ -4278,9 +4278,9 @@ class Cluster(Service):
         self._gaps = 0
         self._lag = 0.0
         self._applying = None
-        self._queues = []
-        self._leases = []
-        self._sio_managers = []
+        self._queues: List[ClusterQueue] = []
+        self._leases: List[Lease] = []
+        self._sio_managers: List[Any] = []
 
     @property
     def url(self) -> str:
@@ -4609,7 +4609,7 @@ class ClusterQueue(QueueService):
         _cluster_log.warning("%s: item buried as a dead letter after %d deliveries: %s",
                              self.name, deliveries, error)
 
-    def enqueue(self, item: Any, *, delay: float = 0) -> bool:
+    def enqueue(self, item: Any, *, delay: float = 0) -> bool:  # type: ignore[override]  # the contract's signature
         """Add ``item`` (JSON) to the shared backlog, after ``delay`` seconds if given.
 
         False when the queue is stopped, the backlog is at ``maxsize`` or
@@ -5003,9 +5003,9 @@ class Lease:
         self._held = False
         self._token = None
         self._valid_until = -math.inf
-        self._on_acquired = ()
-        self._on_lost = ()
-        self._loop = None
+        self._on_acquired: Tuple[Callable[..., Any], ...] = ()
+        self._on_lost: Tuple[Callable[..., Any], ...] = ()
+        self._loop: Optional[Greenlet] = None
         self._closed = False
         self._acquisitions = 0
 
@@ -5038,7 +5038,8 @@ class Lease:
     def start(self) -> Lease:
         """Begin acquiring and renewing; idempotent."""
         self._closed = False
-        if self._cluster is None:
+        cluster = self._cluster
+        if cluster is None:
             if not self._held:
                 _cluster_local_tokens[self.name] += 1
                 self._set_held(_cluster_local_tokens[self.name], math.inf)
@@ -5046,8 +5047,8 @@ class Lease:
         if self._loop is None or self._loop.dead:
             self._loop = gevent.spawn(self._run)
             self._loop.name = "lease:%s" % self.name
-            if self not in self._cluster._leases:
-                self._cluster._leases.append(self)
+            if self not in cluster._leases:
+                cluster._leases.append(self)
         return self
 
     def release(self) -> None:
