@@ -606,9 +606,42 @@ def _raw_validate(data):
     return (None if errors else out), errors
 
 
+def _pydantic_adapter():
+    """pydantic 2's TypeAdapter for a TypedDict matching the bench schema,
+    or None when pydantic 2 is not installed (it is context, not a
+    dependency). Same constraints and defaults; ``priority`` in 1..3 stands
+    for choices [1, 2, 3], since Literal[1, 2, 3] would refuse the string
+    "2" that the payload sends."""
+    try:
+        import pydantic
+        from typing import List as TList, Literal
+        from typing_extensions import Annotated, NotRequired, TypedDict
+    except ImportError:
+        return None
+    if not pydantic.VERSION.startswith("2."):
+        return None
+    P = pydantic.Field
+
+    class Bench(TypedDict):
+        id: Annotated[int, P(ge=1)]
+        price: Annotated[float, P(ge=0.0)]
+        active: NotRequired[Annotated[bool, P(default=False)]]
+        name: Annotated[str, P(min_length=1, max_length=80)]
+        role: NotRequired[Annotated[Literal["admin", "editor", "viewer"],
+                                    P(default="viewer")]]
+        qty: NotRequired[Annotated[int, P(ge=0, le=1000, default=0)]]
+        tags: NotRequired[Annotated[TList[str], P(default_factory=list)]]
+        ratio: Annotated[float, P(ge=0.0, le=1.0)]
+        priority: NotRequired[Annotated[int, P(ge=1, le=3, default=2)]]
+        limit: NotRequired[Annotated[int, P(ge=1, le=100, default=20)]]
+
+    return pydantic.TypeAdapter(Bench), pydantic.VERSION
+
+
 @workload("schema.validate")
 def bench_schema(cfg: Config) -> List[Row]:
-    """Schema.validate of a 10-field payload vs a hand-written coercion."""
+    """Schema.validate of a 10-field payload vs a hand-written coercion, and
+    beside pydantic 2's TypeAdapter(TypedDict) when pydantic is installed."""
     F = specter.Field
     schema = specter.Schema("bench", {
         "id": F(int, required=True, min=1),
@@ -642,8 +675,38 @@ def bench_schema(cfg: Config) -> List[Row]:
         for _ in range(n):
             _raw_validate(payload)
 
-    return [compare("Schema.validate 10 fields", spec, base,
-                    n=cfg.pick(4000, 2000), cfg=cfg, target=3.0, note=note)]
+    sides = {"specter": spec, "baseline": base}
+    adapter = _pydantic_adapter()
+    if adapter is not None:
+        adapter, version = adapter
+        pyd_validate = adapter.validate_python
+        pyd_note = "baseline column = pydantic %s" % version
+        if pyd_validate(payload) != want:
+            pyd_note += "; pydantic's result DIFFERS: %r" % (
+                pyd_validate(payload),)
+
+        def pyd(n):
+            for _ in range(n):
+                pyd_validate(payload)
+        sides["pydantic"] = pyd
+    stats, ns = measure(sides, cfg.pick(4000, 2000), cfg,
+                        profile=("specter",))
+    rows = []
+    for other, label, target, row_note in (
+            ("baseline", "Schema.validate 10 fields", 1.3, note),
+            ("pydantic", "Schema.validate vs pydantic TypedDict", 2.0,
+             adapter is not None and pyd_note)):
+        if other not in stats:
+            continue
+        s, b = stats["specter"], stats[other]
+        rows.append(Row(
+            label, s.median, b.median, s.median / b.median, target,
+            noise=max(s.iqr_pct, b.iqr_pct),
+            paired=statistics.median(
+                x / y for x, y in zip(s.per_op_ns, b.per_op_ns)),
+            n={"specter": ns["specter"], "baseline": ns[other]},
+            repeats=cfg.repeats, note=row_note or ""))
+    return rows
 
 
 # -- lifecycle -------------------------------------------------------------
@@ -758,7 +821,9 @@ def bench_queue(cfg: Config) -> List[Row]:
     try:
         row = compare("QueueService 4 workers, per item", spec, base,
                       n=items, cfg=cfg, target=1.25, calibrate=False,
-                      note="%s items per batch; start/stop outside timing"
+                      note="%s items per batch; start/stop outside timing; what"
+                           " remains is the enqueue() frame (bool result, refusal"
+                           " when stopped) around the same C put()"
                            % format(items, ","))
         if svc.count != sent["specter"] or counter[0] != sent["baseline"]:
             row.note += "; ITEMS LOST: specter %d/%d, raw %d/%d" % (
@@ -1011,6 +1076,106 @@ def bench_web_socket(cfg: Config) -> List[Row]:
                         note="baseline: plain @socketio.on handler doing the same 3 calls")]
     finally:
         client.disconnect()
+
+
+@workload("web.app_context")
+def bench_app_context(cfg: Config) -> List[Row]:
+    """The application context around background work: a QueueService item
+    and a spawned task (an interval tick takes the same path) of a service
+    registered with a manager that has an app, vs the raw loop pushing the
+    context by hand, and vs the same services with no app."""
+    import flask
+
+    app = flask.Flask("bench.context")
+    teardowns = [0]
+    app.teardown_appcontext(lambda exc: teardowns.__setitem__(0, teardowns[0] + 1))
+
+    class CountQueue(specter.QueueService):
+        count = 0
+
+        def handle_item(self, item):
+            self.count += 1
+
+    bound_queue, free_queue = CountQueue("bench.ctx.bound"), CountQueue("bench.ctx.free")
+    bound_tasks, free_tasks = specter.Service("bench.ctx.tasks"), specter.Service("bench.ctx.free.tasks")
+    manager = specter.ServiceManager(app, signals=False, name="bench.ctx.manager")
+    manager.register_service(bound_queue)
+    manager.register_service(bound_tasks)
+    manager.boot()
+    free_queue.start()
+    free_tasks.start()
+
+    q = gevent.queue.JoinableQueue()
+    counter = [0]
+
+    def worker():
+        while True:
+            item = q.get()
+            try:
+                with app.app_context():
+                    counter[0] += 1
+            finally:
+                q.task_done()
+    raw_worker = gevent.spawn(worker)
+
+    def queue_side(svc):
+        enqueue, join = svc.enqueue, svc.join
+
+        def run(n):
+            for i in range(n):
+                enqueue(i)
+            join()
+        return run
+
+    def raw_queue(n):
+        for i in range(n):
+            q.put(i)
+        q.join()
+
+    def in_context():
+        with app.app_context():
+            _noop()
+
+    def task_side(svc):
+        def run(n):
+            spawn = svc.spawn
+            gevent.joinall([spawn(_noop) for _ in range(n)])
+        return run
+
+    def raw_tasks(n):
+        gevent.joinall([gevent.spawn(in_context) for _ in range(n)])
+
+    items, tasks = cfg.pick(20000, 5000), cfg.pick(5000, 2000)
+    rows = []
+    try:
+        for label, sides, n in (
+                ("item", {"bound": queue_side(bound_queue), "free": queue_side(free_queue),
+                          "raw": raw_queue}, items),
+                ("task", {"bound": task_side(bound_tasks), "free": task_side(free_tasks),
+                          "raw": raw_tasks}, tasks)):
+            before = teardowns[0]
+            stats, ns = measure(sides, n, cfg, calibrate=False)
+            bound, free, raw = stats["bound"], stats["free"], stats["raw"]
+            name = "QueueService item" if label == "item" else "Service task/tick"
+            rows.append(Row("%s in app context" % name, bound.median, raw.median,
+                            bound.median / raw.median, 1.25 if label == "item" else 1.5,
+                            noise=max(bound.iqr_pct, raw.iqr_pct), n=ns, repeats=cfg.repeats,
+                            note="baseline: raw loop with `with app.app_context()` per %s" % label))
+            rows.append(Row("%s, app-bound vs no app" % name, bound.median, free.median,
+                            bound.median / free.median, None,
+                            noise=max(bound.iqr_pct, free.iqr_pct), n=ns, repeats=cfg.repeats,
+                            note="context costs %.1f us per %s"
+                                 % ((bound.median - free.median) / 1000, label)))
+            expected = (cfg.repeats + 1) * n * 2  # bound and raw sides, warm-up included
+            if teardowns[0] - before != expected:
+                rows[-1].note += "; TEARDOWNS %d, expected %d" % (teardowns[0] - before, expected)
+                rows[-1].status = "ERROR"
+    finally:
+        manager.shutdown()
+        free_queue.stop()
+        free_tasks.stop()
+        raw_worker.kill()
+    return rows
 
 
 def _rss_bytes() -> int:

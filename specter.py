@@ -14,6 +14,8 @@ from __future__ import annotations
 __version__ = "0.2.0"
 
 __all__ = [
+    # errors
+    "SpecterError",
     # bus
     "EventBus", "bus",
     # registry
@@ -31,22 +33,27 @@ __all__ = [
     "ManagedProcess", "start_process",
     # cluster
     "Cluster", "ClusterQueue", "Lease",
+    # testing
+    "ManualClock", "isolated", "leak_check", "SpecterTestCase",
 ]
 
 import atexit
+import codecs
 import collections
 import collections.abc
+import contextlib
 import copy
 import decimal
 import fnmatch
 import functools
+import heapq
 import inspect
+import io
 import itertools
 import json
 import logging
 import math
 import numbers
-import operator
 import os
 import random
 import re
@@ -56,20 +63,26 @@ import subprocess
 import sys
 import time
 import types
+import unittest
+import warnings
 import weakref
 from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
+import click
 import flask
+import flask.cli
 import werkzeug.exceptions
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.monkey
 import gevent.queue
 import gevent.socket
 import gevent.ssl
 import gevent.subprocess
 from gevent import Greenlet, pywsgi
+import greenlet
 from greenlet import getcurrent
 
 logger = logging.getLogger("specter")
@@ -81,7 +94,6 @@ _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
 _O = TypeVar("_O", bound="_Owner")
 _S = TypeVar("_S", bound="Service")
-_C = TypeVar("_C", bound="Controller")
 
 
 def _check_callable(value, what):
@@ -169,6 +181,124 @@ def _describe(value):
 
 def _callable_name(fn):
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+# The clock behind every SPECTER timer. Timer code reads the time with _now()
+# and waits through _clock (call_later, start_later, sleep), never through time
+# or gevent directly, so that testing's ManualClock can take both over for a
+# test. Deadlines of real waits (a queue drain, a process exit) keep
+# _monotonic: they wait for real work, which a manual clock cannot hurry.
+_now = time.monotonic
+
+
+class _Clock:
+    """Real time: hub timers and gevent.sleep. ManualClock has the same three methods."""
+
+    __slots__ = ()
+
+    def call_later(self, seconds, callback):
+        """Run ``callback()`` in the hub after ``seconds``; ``close()`` on the handle cancels it.
+
+        The handle is the hub's own timer watcher, so a timer costs what it
+        did before there was a clock to swap.
+        """
+        timer = gevent.get_hub().loop.timer(seconds)
+        timer.start(callback, update=True)
+        if _testing_watches:
+            _testing_note_timer(timer, callback)
+        return timer
+
+    def start_later(self, glet, seconds):
+        """Start the (gevent) greenlet ``glet`` after ``seconds``; killing it cancels the start."""
+        glet.start_later(seconds)
+        if _testing_watches:
+            _testing_note_greenlet(glet)
+
+    def sleep(self, seconds):
+        """Block the current greenlet for ``seconds``."""
+        gevent.sleep(seconds)
+
+
+_clock = _Clock()
+
+
+###############################################################################
+# Errors #######################################################################
+###############################################################################
+
+# Every exception class the module defines, in one place. Each keeps the
+# built-in base it has always had, so existing ``except`` clauses still work.
+
+
+class SpecterError(Exception):
+    """The root of every exception SPECTER defines: ``except SpecterError`` catches them all."""
+
+
+class WatcherError(SpecterError, RuntimeError):
+    """Raised by a poll or stream function to report a failure without a traceback."""
+
+
+class SchemaError(SpecterError, ValueError):
+    """A contract was not met.
+
+    Raised by coercers and validators to fail a field with their own
+    message; ``field`` names the field and ``errors`` maps paths to messages.
+    """
+
+    def __init__(self, message, *, field=None, errors=None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.errors = dict(errors or {})
+
+
+class OperationError(SpecterError):
+    """Raised inside an Operation to fail it with ``status`` and ``meta``."""
+
+    def __init__(self, message, *, status=400, meta=None):
+        super().__init__(message)
+        self.message = message
+        self.status = _outcome_status(status)
+        self.meta = dict(meta or {})
+
+
+class HTTPError(SpecterError):
+    """An error meant for an HTTP client: a message, a status and a JSON payload.
+
+    ``json_endpoint`` turns it into a response whose body is ``payload``
+    plus ``error``; ``log_message`` (if any) goes to the log at
+    ``log_level``, never to the client.
+    """
+
+    def __init__(self, message, status_code=400, *, status=None, payload=None, log_message=None,
+                 log_level=logging.WARNING):
+        super().__init__(message)
+        self.message = message
+        self.status_code = _outcome_status(status if status is not None else status_code)
+        if payload is not None and not isinstance(payload, dict):
+            raise TypeError("payload must be a dict, got %s" % _describe(payload))
+        self.payload = dict(payload or {})
+        self.log_message = log_message
+        self.log_level = log_level
+
+    def to_response(self) -> flask.Response:
+        """A Flask JSON response: payload plus ``error``, with ``status_code``.
+
+        A payload JSON cannot encode is a bug on the server's side, not the
+        client's: it is logged and left out, and the client still gets the
+        message and the status as JSON rather than Flask's HTML 500.
+        """
+        body = dict(self.payload)
+        body["error"] = self.message
+        try:
+            return _web_json(body, self.status_code)
+        except Exception:
+            _web_log.exception("HTTPError %d %r: its payload cannot be encoded as JSON; answering without it",
+                               self.status_code, self.message)
+        try:
+            return _web_json({"error": self.message}, self.status_code)
+        except Exception:  # the message itself is no JSON string
+            return _web_json({"error": "Internal server error"}, 500)
 
 
 ###############################################################################
@@ -489,6 +619,27 @@ _STOP_METHODS = ("stop", "close", "disconnect", "destroy", "terminate", "kill")
 _timer_ids = itertools.count(1)
 
 
+def _service_check_init(cls, init):
+    """Wrap a Service subclass's own ``__init__`` so that skipping ``super().__init__()`` fails at once.
+
+    The check runs once per construction, after the whole ``__init__``, so
+    nothing else pays for it (a ``__getattr__`` hook or a class-level
+    descriptor would slow every attribute access of every service).
+    """
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        # getattr, not vars(self): building the instance __dict__ would cost
+        # the object CPython's inline attribute values (slower access for good).
+        if getattr(self, "_status", None) is None:
+            raise TypeError(
+                "%s.__init__() must call super().__init__() (the Service is not initialised)"
+                % cls.__name__
+            )
+    __init__._service_checked = True  # type: ignore[attr-defined]
+    return __init__
+
+
 class _Owner:
     """Cleanups and owned resources, released last-in-first-out.
 
@@ -557,17 +708,27 @@ class _Owner:
         return registry.resolve(key)
 
     def _run_cleanups(self):
-        """Run and forget the cleanups, newest first; failures are logged."""
+        """Run and forget the cleanups, newest first; failures are logged.
+
+        Every cleanup runs even if the releasing greenlet is interrupted
+        (killed, or hit by a Timeout) during one of them: the interrupted
+        cleanup is not run again, the others still run, and the
+        interruption is re-raised at the end (see _run_all).
+        """
         cleanups, self._cleanups = self._cleanups, None
-        while cleanups:
-            fn, resource = cleanups.pop()
-            owners = getattr(resource, "_owners", None)
-            if type(owners) is list and self in owners:
-                owners.remove(self)  # this owner is done with it for good
-            try:
-                fn()
-            except Exception:
-                _service_log.exception("%s: cleanup %s raised", self, _callable_name(fn))
+
+        def steps():
+            while cleanups:
+                fn, resource = cleanups.pop()
+                owners = getattr(resource, "_owners", None)
+                if type(owners) is list and self in owners:
+                    owners.remove(self)  # this owner is done with it for good
+                yield fn
+
+        _run_all(steps(), self._cleanup_failed)
+
+    def _cleanup_failed(self, label):
+        _service_log.exception("%s: cleanup %s raised", self, label)
 
     def _resource_health(self):
         report = []
@@ -597,6 +758,9 @@ class Service(_Owner):
     restart_max_backoff = 5.0
     singleton = False  # with a Cluster: on_start runs only on the node holding lease 'service:<name>'
     singleton_ttl = 10.0  # ttl of that lease, and of singleton intervals
+    # The Flask app whose application context the service's own work runs in
+    # (set by the ServiceManager it is registered with, or inherited on adopt()).
+    _specter_app: Optional[flask.Flask] = None
 
     def __init__(self, name=None, initial_state=None):
         if name is None:
@@ -649,11 +813,14 @@ class Service(_Owner):
         if self._status == "stopping":
             raise RuntimeError("%s: cannot start() from inside its own stop()" % self.name)
         self._begin_transition("starting")
+        if _testing_watches:
+            _testing_note_service(self)
         self._failure = None
         self._stuck = ()
         self._stop_requested = False
         try:
-            self._lifecycle_started()
+            with _life_app_context(self._specter_app):
+                self._lifecycle_started()
         except BaseException:
             _service_log.debug("%s: start failed, rolling back", self.name)
             self._status = "stopping"
@@ -704,11 +871,9 @@ class Service(_Owner):
             return self
         self._begin_transition("stopping")
         try:
-            try:
-                self._lifecycle_stopping()
-                self.on_stop()
-            except Exception:
-                self._record_error("on_stop")
+            # on_stop runs even when the step before it fails or is interrupted.
+            with _life_app_context(self._specter_app):
+                _run_all((self._lifecycle_stopping, self.on_stop), self._record_error)
         finally:
             try:
                 self._release()
@@ -761,7 +926,7 @@ class Service(_Owner):
         seconds = _check_seconds(seconds, "seconds")
         _check_callable(callback, "callback")
         task = self._new_task(callback, args, kwargs, label)
-        task.start_later(seconds)
+        _clock.start_later(task, seconds)
         return task
 
     def interval(self, callback: Callable[..., Any], seconds: float, *,
@@ -797,18 +962,25 @@ class Service(_Owner):
         return self._cancel_timer(timeout_id)
 
     def cancel_greenlet(self: _S, glet: Greenlet) -> _S:
-        """Kill an owned greenlet and stop tracking it."""
+        """Kill an owned greenlet; it is tracked until it is dead.
+
+        Waits up to ``stop_timeout`` for it. One that refuses to die is
+        logged and listed in health()['stuck'], as at teardown, and stop()
+        tries again.
+        """
         if not isinstance(glet, Greenlet):
             raise TypeError("cancel_greenlet() takes a gevent Greenlet, got %s" % _describe(glet))
         if glet.dead:
             return self
         if glet not in self._tasks:
             raise ValueError("%r is not a greenlet of %s; only its own can be cancelled" % (glet, self.name))
-        self._tasks.discard(glet)
         if glet is getcurrent():
-            glet.kill(block=False)
+            glet.kill(block=False)  # ends at its next switch; _new_task's link forgets it then
         else:
-            glet.kill(block=True, timeout=self.stop_timeout)
+            try:
+                glet.kill(block=True, timeout=self.stop_timeout)
+            finally:
+                self._report_stuck((glet,))
         return self
 
     def supervise(self, callback: Callable[..., Any], *args: Any, max_restarts: int = 5,
@@ -867,6 +1039,8 @@ class Service(_Owner):
             self._children = []
         if child not in self._children:
             self._children.append(child)
+        if child._specter_app is None:
+            child._specter_app = self._specter_app  # the parent's app context reaches its children
         if start:
             child.start()
         return self
@@ -899,13 +1073,19 @@ class Service(_Owner):
             "last_error": self._last_error,
             "restarts": self._restarts,
             "failure": self._failure,
-            "stuck": list(self._stuck),
+            "stuck": [task.name for task in self._stuck if not task.dead],
             "children": [child.health() for child in self._children or ()],
             "resources": self._resource_health(),
         }
 
     def __repr__(self):
-        return "<%s %r %s>" % (type(self).__name__, self.name, self._status)
+        return "<%s %r %s>" % (type(self).__name__, self.name, getattr(self, "_status", "uninitialised"))
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not hasattr(init, "_service_checked"):
+            cls.__init__ = _service_check_init(cls, init)  # type: ignore[misc]
 
     def _lifecycle_started(self):
         # Subclasses with machinery of their own (QueueService) extend this
@@ -947,7 +1127,8 @@ class Service(_Owner):
 
     def _run_task(self, callback, args, kwargs):
         try:
-            return callback(*args, **kwargs)
+            with _life_task_context(self._specter_app, callback):
+                return callback(*args, **kwargs)
         except _CALLBACK_ERRORS:
             self._record_error(getcurrent().name)
             return None
@@ -977,9 +1158,10 @@ class Service(_Owner):
         failures = collections.deque()
         while True:
             try:
-                return callback(*args, **kwargs)
+                with _life_app_context(self._specter_app):  # a fresh context per attempt
+                    return callback(*args, **kwargs)
             except _CALLBACK_ERRORS as exc:
-                now = _monotonic()
+                now = _now()
                 failures.append(now)
                 while now - failures[0] > within:
                     failures.popleft()
@@ -989,7 +1171,7 @@ class Service(_Owner):
                     return None
                 self._restarts += 1
                 delay = self.restart_backoff * 2 ** (len(failures) - 1)
-                gevent.sleep(min(delay, self.restart_max_backoff))
+                _clock.sleep(min(delay, self.restart_max_backoff))
 
     def _fail(self, label, exc):
         self._failure = {"label": label, "error": repr(exc), "at": time.time()}
@@ -1020,14 +1202,18 @@ class Service(_Owner):
         try:
             _kill_greenlets(others, self.stop_timeout)
         finally:
-            stuck = [task.name for task in others if not task.dead]
-            if stuck:
-                self._stuck = stuck
-                _service_log.error(
-                    "%s: %d greenlet(s) ignored GreenletExit for %s s: %s",
-                    self.name, len(stuck), self.stop_timeout, ", ".join(stuck),
-                )
+            self._report_stuck(others)
             self._tasks.difference_update(others)
+
+    def _report_stuck(self, killed):
+        """Log the greenlets of ``killed`` that outlived their kill; health() lists them while they live."""
+        stuck = [task for task in killed if not task.dead]
+        if stuck:
+            self._stuck = tuple(task for task in self._stuck if not task.dead and task not in stuck) + tuple(stuck)
+            _service_log.error(
+                "%s: %d greenlet(s) ignored GreenletExit for %s s: %s",
+                self.name, len(stuck), self.stop_timeout, ", ".join(task.name for task in stuck),
+            )
 
     def _release_listeners(self):
         listeners, self._listeners = self._listeners, None
@@ -1039,7 +1225,7 @@ class Service(_Owner):
         _run_all([child.stop for child in reversed(children or ())], self._record_error)
 
     def _deliver_state(self, snapshot):
-        for fn in self._state_subs.entries:
+        for fn in self._state_subs.cursor:
             try:
                 fn(snapshot, self)
             except Exception:
@@ -1053,6 +1239,13 @@ class QueueService(Service):
     before ``on_stop`` whether or not a subclass calls super. ``stop()``
     drains the queue for up to ``drain_timeout`` seconds; whatever is still
     queued then goes to ``on_dropped(items)``, so nothing is lost silently.
+
+    The queue accepts items only while the service is starting or running:
+    stop() shuts it down (gevent's ``Queue.shutdown``) before anything else,
+    which refuses new items and blocked ``enqueue(block=True)`` calls alike,
+    lets the workers take what is queued, and ends each worker once the
+    queue is empty, the one that called stop() included. Every start gets a
+    fresh queue.
     """
 
     drain_timeout = 5.0
@@ -1062,7 +1255,8 @@ class QueueService(Service):
         self.worker_count = _check_count(worker_count, "worker_count", 1)
         self.maxsize = _check_count(maxsize, "maxsize", 0)
         self.poll_interval = _check_seconds(poll_interval, "poll_interval", positive=True)
-        self.queue = gevent.queue.JoinableQueue(maxsize or None)
+        self.queue = self._new_queue()
+        self.queue.shutdown()  # closed until start(): enqueue() refuses
         self._workers = ()
         self._processed = 0
         self._failed = 0
@@ -1081,15 +1275,22 @@ class QueueService(Service):
         """Receives what was still queued when the drain timed out."""
         _service_log.warning("%s: dropped %d queued item(s) at stop", self.name, len(items))
 
-    def enqueue(self, item: Any, *, block: bool = False, timeout: Optional[float] = None) -> bool:
-        """Queue ``item``; False when full (or the timeout passed) or not running."""
-        if self._status not in _ACTIVE:
-            return False
-        if block:
-            timeout = _check_seconds(timeout, "timeout", allow_none=True)
+    def enqueue(self, item: Any, block: bool = False, timeout: Optional[float] = None) -> bool:
+        """Queue ``item``; False when full (or the timeout passed) or not running.
+
+        A call blocked waiting for room returns False as soon as stop()
+        begins: the item stays with the caller. Pass ``block`` and
+        ``timeout`` by keyword.
+        """
+        # The hot path is one C call: the queue itself refuses items once
+        # it is shut down (stopped) or full. block and timeout are not
+        # keyword-only on purpose: CPython looks missing keyword-only
+        # defaults up in a dict on every call (about 20 ns, 8% of an item).
+        if block and timeout is not None:
+            timeout = _check_seconds(timeout, "timeout")
         try:
             self.queue.put(item, block, timeout)
-        except gevent.queue.Full:
+        except _QUEUE_REFUSED:
             return False
         return True
 
@@ -1117,7 +1318,12 @@ class QueueService(Service):
         }
         return report
 
+    def _new_queue(self):
+        return gevent.queue.JoinableQueue(self.maxsize or None)
+
     def _lifecycle_started(self):
+        if self.queue.is_shutdown:
+            self.queue = self._new_queue()
         self.on_start()
         self._workers = tuple(
             self.spawn(self._work, label="%s.worker-%d" % (self.name, index))
@@ -1126,33 +1332,46 @@ class QueueService(Service):
         self.on_workers_started()
 
     def _lifecycle_stopping(self):
-        try:
-            self.on_workers_stopping()
-        except Exception:
-            self._record_error("on_workers_stopping")
-        queue = self.queue
+        # First of all: no new item, and blocked enqueue() calls get False.
+        self.queue.shutdown()
         in_hand = 1 if getcurrent() in self._workers else 0
-        self._wait_idle(self.drain_timeout, in_hand)
-        dropped = []
-        while True:
+        try:
             try:
-                dropped.append(queue.get_nowait())
-            except gevent.queue.Empty:
-                break
+                self.on_workers_stopping()
+            except Exception:
+                self._record_error("on_workers_stopping")
+            self._wait_idle(self.drain_timeout, in_hand)
+        finally:
+            # Even when the drain was interrupted: what is queued is handed over.
+            self._drop_queued()
+        self._wait_idle(self.stop_timeout, in_hand)  # the items in hand finish
+        self._refresh_counters()
+        self._workers = ()
+
+    def _release(self):
+        # A start rolled back (or a stop whose drain step failed) must not
+        # leave accepted items behind either.
+        try:
+            self._drop_queued()
+        finally:
+            super()._release()
+
+    def _drop_queued(self):
+        """Shut the queue down and hand whatever is still in it to on_dropped()."""
+        queue = self.queue
+        queue.shutdown()
+        dropped = []
+        while queue.qsize():
+            dropped.append(queue.get_nowait())
             queue.task_done()
         if dropped:
             try:
                 self.on_dropped(dropped)
             except Exception:
                 self._record_error("on_dropped")
-        self._wait_idle(self.stop_timeout, in_hand)
-        self._refresh_counters()
-        if in_hand:
-            queue.put(_QUEUE_STOP)  # the worker stopping us ends once its item is done
-        self._workers = ()
 
     def _refresh_counters(self):
-        # Workers count on attributes (cheap); state mirrors them on demand.
+        # Workers publish their tallies in bulk (see _work); state mirrors them on demand.
         self.state.update(queue_size=self.queue.qsize(), processed=self._processed, failed=self._failed)
 
     def _wait_idle(self, timeout, in_hand):
@@ -1169,28 +1388,58 @@ class QueueService(Service):
             gevent.sleep(0.005)
 
     def _work(self):
-        get, done = self.queue.get, self.queue.task_done
+        # Counting in bulk: a worker tallies its items in locals and adds
+        # them to the service's counters after every _QUEUE_BATCH items,
+        # whenever the queue runs empty, and when it ends, so the hot loop
+        # touches no attribute. get(False) never waits: an empty queue ends
+        # the batch (Empty) and the worker publishes before it waits.
+        queue = self.queue
+        get, peek, done = queue.get, queue.peek, queue.task_done
         handle = self.handle_item
+        if self._specter_app is not None:  # a fresh app context per item, popped after it
+            handle = functools.partial(_life_in_app_context, self._specter_app, handle)
+        batch = range(_QUEUE_BATCH)
         while True:
-            item = get()
-            if item is _QUEUE_STOP:
-                done()
-                return
+            finished = failed = 0
             try:
-                handle(item)
-                self._processed += 1
-            except _CALLBACK_ERRORS:
-                self._failed += 1
-                self._record_error(getcurrent().name)
+                for finished in batch:  # ``finished`` items are done when the next one is taken
+                    item = get(False)
+                    try:
+                        handle(item)
+                    except _CALLBACK_ERRORS:
+                        self._record_error(getcurrent().name)
+                        failed += 1
+                    finally:
+                        done()
+                else:
+                    finished = _QUEUE_BATCH
+                    continue
+            except gevent.queue.Empty:
+                pass
+            except gevent.queue.ShutDown:
+                if not queue.qsize():
+                    return  # stopped and nothing left to take
+                continue
             finally:
-                done()
+                self._processed += finished - failed
+                self._failed += failed
+            try:
+                peek()  # wait for the next item without taking it
+            except gevent.queue.ShutDown:
+                # gevent wakes every waiting get() or peek() with ShutDown,
+                # even one an item had just been put for: end only when none is left.
+                if not queue.qsize():
+                    return
+
+
+_QUEUE_BATCH = 16  # items a busy worker handles between two updates of the counters
+
+
+# What a queue raises to refuse an item: full, or shut down (stopping or stopped).
+_QUEUE_REFUSED = (gevent.queue.Full, gevent.queue.ShutDown)
 
 
 _watcher_log = logging.getLogger("specter.watcher")
-
-
-class WatcherError(RuntimeError):
-    """Raised by a poll or stream function to report a failure without a traceback."""
 
 
 class Watcher:
@@ -1206,6 +1455,7 @@ class Watcher:
     """
 
     stop_timeout = 5.0
+    _app = None  # the app whose context was current at start(); each round runs in a fresh one
 
     def __init__(self, name, *, poll=None, stream=None, interval=5.0, retry=True, max_backoff=30.0,
                  dedupe=False, transform=None):
@@ -1236,7 +1486,8 @@ class Watcher:
     def start(self) -> Watcher:
         """Start the loop in its own greenlet; idempotent."""
         if not self.running:
-            self._started_at = _monotonic()
+            self._started_at = _now()
+            self._app = _life_current_app()
             self._loop = gevent.spawn(self._run)
             self._loop.name = "watcher:%s" % self.name
         return self
@@ -1271,7 +1522,7 @@ class Watcher:
             "error_count": self._error_count,
             "last_error": self._last_error,
             "last_value_at": self._last_value_at,
-            "uptime_seconds": (_monotonic() - self._started_at) if self.running else 0.0,
+            "uptime_seconds": (_now() - self._started_at) if self.running else 0.0,
             "subscribers": len(self._subs),
         }
 
@@ -1283,18 +1534,20 @@ class Watcher:
         while True:
             try:
                 if self.mode == "poll":
-                    self._deliver(self._source())
+                    with _life_app_context(self._app):  # popped after each round
+                        self._deliver(self._source())
                     failures = 0
                 else:
-                    iterator = iter(self._source())
-                    try:
-                        for item in iterator:
-                            self._deliver(item)
-                            failures = 0
-                    finally:
-                        close = getattr(iterator, "close", None)
-                        if close is not None:
-                            close()
+                    with _life_app_context(self._app):  # one stream is one round
+                        iterator = iter(self._source())
+                        try:
+                            for item in iterator:
+                                self._deliver(item)
+                                failures = 0
+                        finally:
+                            close = getattr(iterator, "close", None)
+                            if close is not None:
+                                close()
                     if not self.retry:
                         return
                 delay = self.interval
@@ -1310,7 +1563,7 @@ class Watcher:
                 failures += 1
                 delay = min(self.interval * 2 ** (failures - 1), self.max_backoff)
                 delay *= 0.5 + random.random() / 2
-            gevent.sleep(delay)
+            _clock.sleep(delay)
 
     def _deliver(self, value):
         if self.transform is not None:
@@ -1325,9 +1578,6 @@ class Watcher:
                 fn(value, self)
             except Exception:
                 _watcher_log.exception("watcher %s: subscriber %s raised", self.name, _callable_name(fn))
-
-
-_QUEUE_STOP = object()  # tells the worker that stopped its QueueService to end
 
 
 def _kill_greenlets(greenlets, timeout):
@@ -1352,7 +1602,7 @@ class _ServiceTimer:
         self.callback = callback
         self.period = seconds
         self.repeat = repeat
-        self.due = _monotonic() + seconds
+        self.due = _now() + seconds
         self.task = None
         self.watcher = None
         self._arm(seconds)
@@ -1364,15 +1614,13 @@ class _ServiceTimer:
             watcher.close()
 
     def _arm(self, delay):
-        watcher = gevent.get_hub().loop.timer(delay)
-        watcher.start(self._fire, update=True)
-        self.watcher = watcher
+        self.watcher = _clock.call_later(delay, self._fire)
 
     def _fire(self):
         if self.watcher is None:
             return
         self.watcher.close()
-        now = _monotonic()
+        now = _now()
         if now < self.due:
             self._arm(self.due - now)
             return
@@ -1400,14 +1648,21 @@ class _Subscribers:
     committed during a round (by another greenlet, or by a subscriber
     itself) is queued and delivered after it, so every subscriber sees the
     changes in the order they were committed.
+
+    A round's ``deliver(payload)`` walks ``cursor`` (an iterator over the
+    entries), so an interrupted round knows whom it had not reached yet. If
+    the greenlet delivering is killed or times out inside a subscriber, the
+    rest of its round and every round queued behind it are handed to a new
+    greenlet, in order: no change is stranded until the next write.
     """
 
-    __slots__ = ("entries", "pending", "busy")
+    __slots__ = ("entries", "pending", "busy", "cursor")
 
     def __init__(self):
         self.entries = ()
         self.pending = None
         self.busy = False
+        self.cursor = iter(())
 
     def add(self, entry, owner=None):
         _check_owner(owner)
@@ -1424,24 +1679,99 @@ class _Subscribers:
         self.entries = ()
 
     def publish(self, deliver, payload):
-        if self.busy:
+        if self.busy or self.pending:
+            # Behind the running round, or behind rounds an interrupted one left.
             if self.pending is None:
                 self.pending = collections.deque()
-            self.pending.append((deliver, payload))
+            self.pending.append((deliver, payload, None))
+            if not self.busy:
+                self._drain()
             return
         self.busy = True
+        self.cursor = iter(self.entries)
         try:
-            if self.pending:
-                # Left over by a round whose greenlet was killed: they are older.
-                self.pending.append((deliver, payload))
-            else:
-                deliver(payload)
-            pending = self.pending
-            while pending:
-                deliver, payload = pending.popleft()
-                deliver(payload)
+            deliver(payload)
+        except BaseException:
+            self._interrupted(deliver, payload)
+            raise
         finally:
             self.busy = False
+        if self.pending:
+            self._drain()
+
+    def _drain(self):
+        """Deliver the queued rounds in commit order, in this greenlet."""
+        pending = self.pending
+        self.busy = True
+        try:
+            while pending:
+                deliver, payload, rest = pending.popleft()
+                entries = self.entries
+                if rest is not None:
+                    # What an interrupted round had left, minus whoever unsubscribed since.
+                    live = set(map(id, entries))
+                    entries = [entry for entry in rest if id(entry) in live]
+                self.cursor = iter(entries)
+                try:
+                    deliver(payload)
+                except BaseException:
+                    self._interrupted(deliver, payload)
+                    raise
+        finally:
+            self.busy = False
+
+    def _interrupted(self, deliver, payload):
+        # Only an interruption gets here (deliver logs a subscriber's
+        # Exception): the subscribers this round had not reached go first,
+        # then the queued rounds, all from a new greenlet, since this one is
+        # on its way out. It starts once this greenlet has let go of the round.
+        if self.pending is None:
+            self.pending = collections.deque()
+        self.pending.appendleft((deliver, payload, tuple(self.cursor)))
+        gevent.spawn(self._resume)
+
+    def _resume(self):
+        if not self.busy and self.pending:
+            self._drain()
+
+
+_LIFE_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _life_current_app():
+    """The Flask app whose application context is current in this greenlet, or None."""
+    return flask.current_app._get_current_object() if flask.has_app_context() else None
+
+
+def _life_app_context(app):
+    """A context manager running a piece of background work inside ``app``'s application context.
+
+    A fresh context per callback, tick or item, popped when it returns, so
+    ``teardown_appcontext`` handlers run after it as they do after a
+    request. Work already inside ``app``'s context (``start()`` called from a
+    view) keeps that one: popping a nested context there would tear down
+    what the caller still uses. Without an app it costs nothing.
+    """
+    if app is None or (flask.has_app_context() and flask.current_app._get_current_object() is app):
+        return _LIFE_NO_CONTEXT
+    return app.app_context()
+
+
+def _life_in_app_context(app, fn, *args):
+    """Call ``fn(*args)`` inside ``app``'s application context (see _life_app_context)."""
+    with _life_app_context(app):
+        return fn(*args)
+
+
+def _life_task_context(app, callback):
+    """The context of an owned greenlet's callback; loops that push one per round run outside it."""
+    if app is None or getattr(callback, "__func__", None) in _LIFE_PER_ROUND:
+        return _LIFE_NO_CONTEXT
+    return _life_app_context(app)
+
+
+# Loops that push a context per round themselves (per attempt, per item).
+_LIFE_PER_ROUND = frozenset((Service._supervise, QueueService._work))
 
 
 ###############################################################################
@@ -1554,7 +1884,7 @@ class Store:
         return snapshot
 
     def _deliver(self, snapshot):
-        for fn in self._subs.entries:
+        for fn in self._subs.cursor:
             try:
                 fn(snapshot, self)
             except Exception:
@@ -1581,14 +1911,14 @@ class Model:
 
     def get(self, path: Union[str, Sequence[Any], None] = None, default: Any = None) -> Any:
         """A deep copy of the value at ``path`` (or of everything), or ``default``."""
-        if path is None:
-            return _model_copy(self._root)
-        getter = _model_getters.get(path) if type(path) is str else None
-        if getter is None:
-            getter = _model_getter(_model_path(path))
         try:
-            node = getter(self._root)
-        except (KeyError, IndexError, TypeError):
+            # The fast path: a cached string path through plain dicts. Anything
+            # else (no path, a key sequence, an uncached or missing path, a list
+            # on the way) raises, and the general rule below answers.
+            node = _model_getters[path](self._root)
+        except (LookupError, TypeError):
+            if path is None:
+                return _model_copy(self._root)
             node = _model_lookup(self._root, _model_path(path), _MISSING)
             if node is _MISSING:
                 return default
@@ -1620,8 +1950,7 @@ class Model:
         root = self._root
         new_root = None
         for key, value in partial.items():
-            old = root.get(key, _MISSING)
-            if old is not _MISSING and type(old) is type(value) and old == value:
+            if _model_same(root.get(key, _MISSING), value):
                 continue
             if new_root is None:
                 new_root = dict(root)
@@ -1637,7 +1966,9 @@ class Model:
         """
         result, _ = _state_mutate(self, self.snapshot, mutator)
         result = _model_copy(result)  # the caller may still hold the draft
-        if result != self._root:
+        if type(result) is not dict:
+            result = dict(result)  # the root is always a plain dict (Model.get's fast path relies on it)
+        if not _model_same(result, self._root):
             self._commit(result)
 
     def delete(self, path: Union[str, Sequence[Any]]) -> None:
@@ -1698,17 +2029,17 @@ class Model:
             self._subs.publish(self._deliver, root)
 
     def _deliver(self, root):
-        snapshot = None
-        for entry in self._subs.entries:
+        for entry in self._subs.cursor:
             try:
                 if entry.selector is None:
-                    if snapshot is None:
-                        snapshot = _model_copy(root)
-                    entry.fn(snapshot, self)
+                    # Each its own copy: one subscriber's edit must not reach the next.
+                    entry.fn(_model_copy(root), self)
                     continue
                 value = entry.select(root)
                 last = entry.last
-                if value is last or (type(value) is type(last) and value == last):
+                # _model_same(value, last), inlined: this runs for every selector on every write
+                if value is last or (type(value) is type(last) and value == last
+                                     and (type(value) in _MODEL_ATOMS or _model_same_types(value, last))):
                     continue
                 entry.last = value
                 entry.fn(_model_copy(value), self)
@@ -1721,10 +2052,11 @@ class Model:
 class Cache:
     """One computed value with a TTL, single-flight computation and invalidation.
 
-    ``ttl=0`` never expires; expiry uses the monotonic clock. ``None`` is a
-    value like any other. ``depends_on`` names bus events that invalidate
-    the cache; since invalidation emits ``'{name}:invalidated'``, caches
-    cascade, and a cycle stops after each cache has invalidated once.
+    ``ttl=0`` never expires; expiry uses SPECTER's clock (monotonic time, or a
+    test's ManualClock). ``None`` is a value like any other. ``depends_on``
+    names bus events that invalidate the cache; since invalidation emits
+    ``'{name}:invalidated'``, caches cascade, each invalidating once per cascade however often it is reached
+    (a cycle, a diamond); see invalidate().
     """
 
     def __init__(self, name, ttl=0, depends_on=None, shared=False):
@@ -1737,7 +2069,6 @@ class Cache:
         self._flight = None
         self._flight_owner = None
         self._callbacks = ()
-        self._invalidating = set()  # greenlets inside an invalidation cascade of this cache
         self._event = "%s:invalidated" % self.name
         if depends_on is None:
             depends_on = ()
@@ -1763,12 +2094,12 @@ class Cache:
 
     def get(self, default: Any = None) -> Any:
         """The cached value, or ``default`` when empty or expired; never waits."""
-        if _monotonic() < self._expires:
+        if _now() < self._expires:
             return self._value
         return default
 
     def is_valid(self) -> bool:
-        return _monotonic() < self._expires
+        return _now() < self._expires
 
     def set(self, value: _T, ttl: Optional[float] = None) -> _T:
         """Store ``value`` (``ttl`` overrides the cache's for this value)."""
@@ -1781,10 +2112,13 @@ class Cache:
         """The cached value, or ``factory()``'s, computed by one greenlet at a time.
 
         Concurrent callers wait for the running computation and share its
-        result, or its exception. A result that an invalidate() overtook is
+        result, or the exception it failed with (an ``Exception``). An
+        interruption of the computing caller (its own ``gevent.Timeout``, a
+        kill) is that caller's alone: it propagates there, and one of the
+        waiters computes instead. A result that an invalidate() overtook is
         returned but not stored.
         """
-        if _monotonic() < self._expires:
+        if _now() < self._expires:
             return self._value
         _check_callable(factory, "factory")
         ttl = self._ttl if ttl is None else _check_seconds(ttl, "ttl")
@@ -1796,10 +2130,11 @@ class Cache:
                 raise RuntimeError("the factory of cache %s called get_or_compute() on the same cache; "
                                    "it would wait for itself forever" % self.name)
             flight.wait()
-            if flight.successful() or not isinstance(flight.exception, gevent.GreenletExit):
+            if flight.successful() or isinstance(flight.exception, Exception):
                 return flight.get(block=False)
-            # The computing greenlet was killed: compute here instead.
-            if _monotonic() < self._expires:
+            # The computing caller was interrupted (a kill, its own Timeout):
+            # that is not the computation's failure, so compute here instead.
+            if _now() < self._expires:
                 return self._value
         flight = self._flight = gevent.event.AsyncResult()
         self._flight_owner = getcurrent()
@@ -1819,31 +2154,30 @@ class Cache:
         return value
 
     def invalidate(self) -> None:
-        """Empty the cache, call on_invalidate callbacks, emit '{name}:invalidated'."""
-        current = getcurrent()
-        if current in self._invalidating:
-            return  # a dependency cycle came back to us: this cascade is done
-        self._invalidating.add(current)
-        try:
-            self._value = None
-            self._expires = -math.inf
-            self._updated_at = None
-            self._generation += 1
-            self._flight = None  # callers from now on must not join a computation this overtook
-            for callback in self._callbacks:
-                try:
-                    callback(self)
-                except Exception:
-                    _state_log.exception("%s: on_invalidate callback %s raised",
-                                         self.name, _callable_name(callback))
-            bus.emit(self._event, {"name": self.name})
-            if self._shared:
-                _cluster_cache_invalidated(self)
-        finally:
-            self._invalidating.discard(current)
+        """Empty the cache, emit '{name}:invalidated', call on_invalidate callbacks.
+
+        The emit may invalidate other caches (``depends_on``), which may
+        invalidate more: one cascade. The first invalidate() in a greenlet
+        runs it as a loop over queues rather than by recursion, so a chain of
+        any length completes. Every cache it reaches is emptied at once,
+        and every one is announced on the bus before any callback runs, so
+        a callback that rebuilds its cache reads only dependencies the
+        cascade has already emptied. Each cache is notified once per cascade
+        (a diamond or a cycle reaches a cache twice), in the order reached.
+        """
+        cascade = _state_cascades.get(getcurrent())
+        if cascade is None:
+            self._clear()
+            self._run_cascade(_StateCascade(self))
+        elif self not in cascade.seen:
+            cascade.seen.add(self)
+            self._clear()
+            cascade.unannounced.append(self)
+        if self._shared:
+            _cluster_cache_invalidated(self)
 
     def on_invalidate(self, callback: Callable[..., Any]) -> Callable[[], bool]:
-        """Call ``callback(cache)`` on every invalidation; returns an unsubscribe."""
+        """Call ``callback()`` (no arguments, as in 0.1.2) on every invalidation; returns an unsubscribe."""
         _check_callable(callback, "callback")
         self._callbacks += (callback,)
         return functools.partial(_drop, self, "_callbacks", callback)
@@ -1868,9 +2202,66 @@ class Cache:
     def __repr__(self):
         return "<Cache %r %s>" % (self.name, "valid" if self.is_valid() else "empty")
 
+    def _clear(self):
+        self._value = None
+        self._expires = -math.inf
+        self._updated_at = None
+        self._generation += 1
+        self._flight = None  # callers from now on must not join a computation this overtook
+
+    @staticmethod
+    def _run_cascade(cascade):
+        """Run ``cascade`` in this greenlet until nothing is left: announce, then call back.
+
+        An emit may reach more caches (a ``depends_on`` listener, or any
+        listener calling invalidate()); they join ``cascade.unannounced``
+        instead of recursing through ``bus.emit``, so a cascade is not
+        bounded by the Python stack. Announcing goes first: a cache's
+        callbacks run only when no reached cache is left unannounced, that
+        is, when the cascade has emptied everything it reaches.
+        """
+        current = getcurrent()
+        _state_cascades[current] = cascade
+        unannounced, uncalled = cascade.unannounced, cascade.uncalled
+        callbacks = None
+        try:
+            while unannounced or uncalled:
+                if unannounced:
+                    cache = unannounced[0]
+                    bus.emit(cache._event, {"name": cache.name})
+                    uncalled.append(unannounced.popleft())
+                    continue
+                cache = uncalled[0]
+                rest, cascade.rest = cascade.rest, None
+                if rest is None:
+                    callbacks = iter(cache._callbacks)
+                else:
+                    # Resuming: what was left, minus callbacks dropped since.
+                    live = set(map(id, cache._callbacks))
+                    callbacks = iter([callback for callback in rest if id(callback) in live])
+                for callback in callbacks:
+                    try:
+                        callback()
+                    except Exception:
+                        _state_log.exception("%s: on_invalidate callback %s raised",
+                                             cache.name, _callable_name(callback))
+                uncalled.popleft()
+                callbacks = None
+        except BaseException:
+            # Killed, or a Timeout, inside a listener or a callback. The caches
+            # already emptied must still be announced and called back, or their
+            # dependents stay valid: a new greenlet carries on from the callback
+            # after the one interrupted (an interrupted emit is repeated whole).
+            if unannounced or uncalled:
+                cascade.rest = None if callbacks is None else tuple(callbacks)
+                gevent.spawn(Cache._run_cascade, cascade)
+            raise
+        finally:
+            del _state_cascades[current]
+
     def _store(self, value, ttl):
         self._value = value
-        self._expires = _monotonic() + ttl if ttl else math.inf
+        self._expires = _now() + ttl if ttl else math.inf
         self._updated_at = time.time()
 
     def _on_dependency(self, data):
@@ -1891,6 +2282,22 @@ def create_cache(name: str, ttl: float = 0, depends_on: Union[str, Iterable[str]
                  shared: bool = False) -> Cache:
     """A new Cache (``shared=True``: invalidations cross the cluster)."""
     return Cache(name, ttl, depends_on, shared)
+
+
+class _StateCascade:
+    """One invalidation cascade, run by ``Cache._run_cascade``: the caches reached, those still to notify."""
+
+    __slots__ = ("seen", "unannounced", "uncalled", "rest")
+
+    def __init__(self, cache):
+        self.seen = {cache}
+        self.unannounced = collections.deque((cache,))  # emptied, event not emitted yet
+        self.uncalled = collections.deque()  # announced, callbacks not called yet
+        self.rest = None  # after an interruption: the callbacks of uncalled[0] not called yet
+
+
+# The greenlets running an invalidation cascade, each with its cascade.
+_state_cascades: Dict[Any, _StateCascade] = {}
 
 
 class _ModelSubscriber:
@@ -1937,20 +2344,56 @@ def _model_path(path):
 
 
 def _model_getter(keys):
-    """A function reading ``keys`` from a tree with plain subscripts (Model.get's fast path)."""
+    """Model.get's fast path for a string path: plain subscripts through plain dicts.
+
+    It raises LookupError (KeyError included) whenever it cannot answer: a
+    missing key, or a value on the way that is not a plain dict (a list, a
+    dict subclass, anything else). The caller then applies
+    ``_model_lookup``, so reads and selectors follow one rule. The root is
+    always a plain dict.
+    """
     if len(keys) == 1:
         k0, = keys
         return lambda root: root[k0]
     if len(keys) == 2:
         k0, k1 = keys
-        return lambda root: root[k0][k1]
+
+        def get2(root):
+            node = root[k0]
+            if type(node) is not dict:
+                raise LookupError
+            return node[k1]
+        return get2
     if len(keys) == 3:
         k0, k1, k2 = keys
-        return lambda root: root[k0][k1][k2]
-    return lambda root: functools.reduce(operator.getitem, keys, root)
+
+        def get3(root):
+            node = root[k0]
+            if type(node) is not dict:
+                raise LookupError
+            node = node[k1]
+            if type(node) is not dict:
+                raise LookupError
+            return node[k2]
+        return get3
+
+    def get(root):
+        node = root
+        for key in keys:
+            if type(node) is not dict:
+                raise LookupError
+            node = node[key]
+        return node
+    return get
 
 
 def _model_lookup(node, keys, default):
+    """The value at ``keys``, or ``default``: the one rule for every path.
+
+    A key goes into a dict (any dict, read with ``get``, so a defaultdict
+    never grows) or, as an index, into a list; any other value (a tuple, a
+    string, an object) ends the path, so a key past it finds nothing.
+    """
     for key in keys:
         if isinstance(node, dict):
             node = node.get(key, _MISSING)
@@ -1965,7 +2408,7 @@ def _model_lookup(node, keys, default):
 
 
 def _model_index(key, items):
-    if isinstance(key, str) and key.isdigit():
+    if isinstance(key, str) and key.isascii() and key.isdigit():
         key = int(key)
     if type(key) is int and -len(items) <= key < len(items):
         return key
@@ -1992,7 +2435,9 @@ def _model_assoc(node, keys, depth, value):
             % (".".join(map(str, keys)), ".".join(map(str, keys[:depth])) or "the root", _describe(node))
         )
     if last:
-        if old is value or (type(old) is type(value) and old == value):
+        # _model_same(old, value), inlined for the hot path
+        if old is value or (type(old) is type(value) and old == value
+                            and (type(value) in _MODEL_ATOMS or _model_same_types(old, value))):
             return node
         new_child = value
     else:
@@ -2025,6 +2470,43 @@ def _model_dissoc(node, keys, depth):
         return node
     new_node[key] = new_child
     return new_node
+
+
+def _model_same(a, b):
+    """Whether ``a`` and ``b`` are equal and of the same types all the way down.
+
+    ``==`` alone holds ``1 == 1.0 == True``, also inside containers, so it
+    would drop a write that only changes a type. One ``==`` (in C) decides
+    every unequal pair; only equal containers are then walked for their
+    types, and structural sharing makes unchanged subtrees the same object,
+    which needs no walk at all.
+    """
+    if a is b:
+        return True
+    cls = type(a)
+    if cls is not type(b) or a != b:
+        return False
+    return cls in _MODEL_ATOMS or _model_same_types(a, b)
+
+
+def _model_same_types(a, b):
+    """For ``a == b``: whether their dicts, lists and tuples hold values of the same types.
+
+    Subclasses (an OrderedDict, a defaultdict, a namedtuple) are walked too:
+    the model keeps them as they are.
+    """
+    if a is b:
+        return True
+    cls = type(a)
+    if cls is not type(b):
+        return False
+    if cls in _MODEL_ATOMS:
+        return True
+    if isinstance(a, dict):
+        return all(_model_same_types(item, b[key]) for key, item in a.items())
+    if isinstance(a, (list, tuple)):
+        return all(map(_model_same_types, a, b))
+    return True
 
 
 def _model_copy(value):
@@ -2080,41 +2562,30 @@ def _state_event(name, emit_events, change_event):
 _schema_log = logging.getLogger("specter.schema")
 
 
-class SchemaError(ValueError):
-    """A contract was not met.
-
-    Raised by coercers and validators to fail a field with their own
-    message; ``field`` names the field and ``errors`` maps paths to messages.
-    """
-
-    def __init__(self, message, *, field=None, errors=None):
-        super().__init__(message)
-        self.message = message
-        self.field = field
-        self.errors = dict(errors or {})
-
-
 class Field:
     """One field of a Schema: a type (or coercer) plus constraints.
 
     ``type`` is int, float, str, bool, list, dict, a nested Schema or any
     callable that converts the raw value (raising to refuse it). Checks run
-    after coercion: choices, min/max, min_length/max_length, pattern (the
-    whole string must match), items (a Field applied to each list element),
+    after coercion: items (a Field applied to each list element), choices,
+    min/max, min_length/max_length, pattern (the whole string must match),
     then ``validator(value)``, which fails the field by returning False or
-    raising.
+    raising. A Field is a description; the Schema that holds it compiles it.
     """
 
     __slots__ = ("type", "required", "default", "choices", "validator", "label", "min", "max",
-                 "min_length", "max_length", "pattern", "items", "_coerce", "_checks")
+                 "min_length", "max_length", "pattern", "items", "_coerce")
 
     def __init__(self, type=str, *, required=False, default=None, choices=None, validator=None,
                  label=None, min=None, max=None, min_length=None, max_length=None, pattern=None,
                  items=None):
+        # Built-in types are looked up by identity: hashing ``type`` would fail
+        # for an unhashable callable coercer (a dataclass instance, say).
+        builtin = _schema_builtin(type)
         if isinstance(type, Schema):
             coerce = None
-        elif isinstance(type, collections.abc.Hashable) and type in _SCHEMA_COERCERS:
-            coerce = _SCHEMA_COERCERS[type]
+        elif builtin is not None:
+            coerce = _SCHEMA_COERCERS[builtin]
         elif callable(type):
             coerce = type
         else:
@@ -2154,10 +2625,13 @@ class Field:
         self.pattern = pattern
         self.items = items
         self._coerce = coerce
-        self._checks = _schema_checks(self)
 
     def make_default(self) -> Any:
-        """The default for an absent field: a factory's result, or a copy of a list/dict."""
+        """The default for an absent field: a factory's result, or a copy of a list/dict.
+
+        The raw default, as declared; a Schema validating the field checks it
+        against the field and gives the cleaned value.
+        """
         default = self.default
         if callable(default):
             return default()
@@ -2171,7 +2645,9 @@ class Field:
         if isinstance(kind, Schema):
             out = kind.to_json_schema(root=False)
         else:
-            out = dict(_SCHEMA_JSON_TYPES.get(kind, {}))
+            out = dict(_SCHEMA_JSON_TYPES.get(_schema_builtin(kind), {}))
+        # Lengths count items for a list and keys for an object (a dict or a nested schema).
+        unit = "Items" if kind is list else "Properties" if kind is dict or isinstance(kind, Schema) else "Length"
         if self.label:
             out["title"] = self.label
         if self.choices is not None:
@@ -2181,9 +2657,9 @@ class Field:
         if self.max is not None:
             out["maximum"] = self.max
         if self.min_length is not None:
-            out["minItems" if kind is list else "minProperties" if kind is dict else "minLength"] = self.min_length
+            out["min" + unit] = self.min_length
         if self.max_length is not None:
-            out["maxItems" if kind is list else "maxProperties" if kind is dict else "maxLength"] = self.max_length
+            out["max" + unit] = self.max_length
         if self.pattern is not None:
             out["pattern"] = "^(?:%s)$" % self.pattern.pattern
         if self.items is not None:
@@ -2197,51 +2673,20 @@ class Field:
         name = kind.name if isinstance(kind, Schema) else getattr(kind, "__name__", repr(kind))
         return "Field(%s%s)" % (name, ", required=True" if self.required else "")
 
-    def _clean(self, value, path, errors, schema):
-        """The coerced, checked value, or _MISSING after recording an error at ``path``.
-
-        ``path`` is a string, or ``(list_path, index)`` for a list item, formatted
-        only when it is needed.
-        """
-        try:
-            if self._coerce is None:
-                return self.type._clean_object(value, _schema_path(path) + ".", errors, schema)
-            value = self._coerce(value)
-            if self.items is not None:
-                value = _schema_items(self.items, value, _schema_path(path), errors, schema)
-                if value is _MISSING:
-                    return _MISSING
-            elif type(value) is list or type(value) is dict:
-                _schema_measure(value, schema)
-            for check in self._checks:
-                check(value)
-            if self.validator is not None and self.validator(value) is False:
-                raise SchemaError("is invalid")
-        except SchemaError as exc:
-            errors[_schema_path(path)] = exc.message
-            return _MISSING
-        except (ValueError, TypeError, ArithmeticError, LookupError):
-            # An ordinary refusal by a coercer or validator. Only SchemaError
-            # messages are written for clients, so the text stays out.
-            errors[_schema_path(path)] = "is invalid"
-            return _MISSING
-        except Exception:
-            # Something broke (a lookup's connection, say): its text may carry
-            # internals, so it goes to the log, not to the client.
-            _schema_log.warning("field %s: %s raised", _schema_path(path), self, exc_info=True)
-            errors[_schema_path(path)] = "is invalid"
-            return _MISSING
-        return value
-
 
 class Schema:
-    """A named contract for dict payloads.
+    """A named contract for dict payloads, compiled once into a validator.
 
     ``validate`` never raises: it returns an Outcome whose value is the
     cleaned dict (declared fields only, defaults filled) or a 400 failure
     naming every bad field, with ``meta['errors']`` mapping paths such as
     ``'owner.email'`` or ``'tags[2]'`` to messages. Payloads nested deeper
     than ``max_depth`` or holding more than ``max_items`` values are refused.
+
+    Building a schema generates one straight-line Python function for its
+    fields (see ``compiled_source()``), so validating costs about what a
+    hand-written function would. Field names, patterns, bounds and messages
+    reach that code only as named constants, never as source text.
     """
 
     max_depth = 32
@@ -2259,26 +2704,22 @@ class Schema:
                                 % (key, _describe(field), getattr(field, "__name__", "...")))
         self.fields = dict(fields)
         self.strict = bool(strict)
-        self._plan = tuple(self.fields.items())
+        self._required = {key: field for key, field in self.fields.items() if field.required}
+        self._compile()
 
     @property
-    def field_names(self) -> List[str]:
-        return list(self.fields)
+    def field_names(self) -> collections.abc.KeysView[str]:
+        """The declared names in order; set-like, so it compares equal to a set."""
+        return self.fields.keys()
 
     @property
-    def required_fields(self) -> List[str]:
-        return [key for key, field in self._plan if field.required]
+    def required_fields(self) -> collections.abc.KeysView[str]:
+        """The required names in order; set-like, so it compares equal to a set."""
+        return self._required.keys()
 
     def validate(self, data: Any) -> Outcome:
         """Check and coerce ``data``; an Outcome, never an exception."""
-        errors: Dict[str, str] = {}
-        try:
-            clean = self._clean_object(data, "", errors, self)
-        except RecursionError:
-            errors = {"$": "is nested too deeply"}
-        if errors:
-            return _outcome(False, None, self._message(errors), 400, {"errors": errors})
-        return _outcome(True, clean, None, 200, None)
+        return self._validate(self, data)
 
     def require(self, data: Any) -> Dict[str, Any]:
         """The cleaned dict, or HTTPError(400) carrying the per-field errors."""
@@ -2301,49 +2742,52 @@ class Schema:
             out["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         out["title"] = self.name
         out["type"] = "object"
-        out["properties"] = {key: field.to_json_schema() for key, field in self._plan}
-        required = self.required_fields
+        out["properties"] = {key: field.to_json_schema() for key, field in self.fields.items()}
+        required = list(self._required)
         if required:
             out["required"] = required
         out["additionalProperties"] = not self.strict
         return out
 
-    def __repr__(self):
-        return "<Schema %r %s>" % (self.name, self.field_names)
+    def compiled_source(self) -> str:
+        """The Python source this schema was compiled to, for reading and debugging.
 
-    def _clean_object(self, data, prefix, errors, root):
-        if not isinstance(data, dict):
-            errors[prefix[:-1] or "$"] = "must be an object, got %s" % _schema_kind(data)
-            return _MISSING
-        if len(data) > root.max_items:
-            errors[prefix[:-1] or "$"] = "has more than %d keys" % root.max_items
-            return _MISSING
-        if prefix.count(".") > root.max_depth:
-            errors[prefix[:-1]] = "is nested more than %d levels deep" % root.max_depth
-            return _MISSING
-        clean = {}
-        for key, field in self._plan:
-            value = data.get(key)
-            if value is None:
-                if field.required:
-                    errors[prefix + key] = "is required"
-                    continue
-                try:
-                    clean[key] = field.make_default()
-                except Exception:
-                    _schema_log.exception("field %s: the default factory raised", prefix + key)
-                    errors[prefix + key] = "has no usable default"
-                continue
-            value = field._clean(value, prefix + key, errors, root)
-            if value is not _MISSING:
-                clean[key] = value
-        unknown = [key for key in data if key not in self.fields] if self.strict else ()
-        if unknown:
-            for key in unknown[:10]:
-                errors[prefix + _schema_clip(str(key))] = "is not an allowed field"
-            if len(unknown) > 10:
-                errors[prefix + "..."] = "%d more unknown fields" % (len(unknown) - 10)
-        return clean
+        The code names its constants (``key_0``, ``match_3``...); a legend
+        after it shows each constant's value, escaped with ``ascii()``; the
+        legend is not part of the compiled code. Once the schema is used as a
+        nested field type, the code for that use follows.
+        """
+        if self._nested is None:
+            return self._source
+        return self._source + "\n\n" + self._nested[1]
+
+    def __repr__(self):
+        return "<Schema %r %s>" % (self.name, list(self.fields))
+
+    def __getstate__(self):
+        # The compiled code is not copied or pickled: a copy compiles its own.
+        state = dict(self.__dict__)
+        for key in ("validate", "_validate", "_source", "_nested"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._compile()
+
+    def _compile(self):
+        self._validate, self._source = _SchemaCompiler(self).build(nested=False)
+        self._nested = None             # (function, source) once compiled for nesting
+        if type(self).validate is Schema.validate:
+            # The compiled function, bound: one call per validate instead of two.
+            # A subclass that overrides validate keeps its override.
+            self.validate = types.MethodType(self._validate, self)  # type: ignore[method-assign]
+
+    def _object_cleaner(self):
+        """The function cleaning this schema as a nested field, compiled on first use."""
+        if self._nested is None:
+            self._nested = _SchemaCompiler(self).build(nested=True)
+        return self._nested[0]
 
     def _message(self, errors):
         parts = []
@@ -2434,16 +2878,6 @@ class Outcome:
         return "Outcome.failure(%r, status=%d)" % (self._error, self._status)
 
 
-class OperationError(Exception):
-    """Raised inside an Operation to fail it with ``status`` and ``meta``."""
-
-    def __init__(self, message, *, status=400, meta=None):
-        super().__init__(message)
-        self.message = message
-        self.status = _outcome_status(status)
-        self.meta = dict(meta or {})
-
-
 class Operation:
     """A reusable action: override ``validate`` (raise OperationError) and ``perform``.
 
@@ -2481,60 +2915,92 @@ class Operation:
 
 
 def _schema_int(value):
+    """An int from an int, an integral float or Decimal, or a string holding a whole number."""
     cls = type(value)
-    if cls is int:
-        return value
-    if cls is bool:
-        raise SchemaError("must be an integer, got a boolean")
-    if cls is float:
-        if value.is_integer():
-            return int(value)
-        raise SchemaError("must be a whole number, got %s" % _schema_clip(repr(value)))
     if cls is str:
-        text = value.strip()
+        # int() and Decimal() skip surrounding whitespace themselves. The length
+        # bound keeps a hostile megabyte of digits away from them; "_" is
+        # Python syntax ("1_000"), not a number a client sends.
+        text = value if len(value) <= 64 else value.strip()
         if len(text) <= 64 and "_" not in text:
             try:
                 return int(text)
             except ValueError:
                 pass
+            # "3.0" and "1e23" are integers written another way. Decimal reads
+            # them exactly; a float would round ("1e23" to ...991611392) and
+            # make "0.99999999999999999" a whole 1.
             try:
-                number = float(text)
-            except ValueError:
+                number = decimal.Decimal(text)
+            except (ArithmeticError, ValueError):
                 pass
             else:
-                if number.is_integer():
-                    return int(number)
+                whole = _schema_whole(number)
+                if whole is not None:
+                    return whole
         raise SchemaError("must be an integer, got %s" % _schema_clip(repr(value)))
-    if isinstance(value, decimal.Decimal) and value.is_finite() and value == value.to_integral_value():
-        return int(value)
+    if cls is int:
+        return value
+    if cls is float:
+        if value.is_integer():
+            return int(value)
+        raise SchemaError("must be a whole number, got %s" % _schema_clip(repr(value)))
+    if cls is bool:
+        raise SchemaError("must be an integer, got a boolean")
+    if isinstance(value, decimal.Decimal):
+        whole = _schema_whole(value)
+        if whole is not None:
+            return whole
+        raise SchemaError("must be a whole number, got %s" % _schema_clip(repr(value)))
     if isinstance(value, numbers.Integral):
         return int(value)
     raise SchemaError("must be an integer, got %s" % _schema_kind(value))
 
 
+def _schema_whole(number):
+    """The int a Decimal stands for exactly, or None when it is not a whole number.
+
+    The exponent is bounded first: int(Decimal("1e999999999")) would build a
+    billion-digit integer.
+    """
+    if (number.is_finite() and number.adjusted() < _SCHEMA_INT_DIGITS
+            and number == number.to_integral_value()):
+        return int(number)
+    return None
+
+
+# Whole numbers written with an exponent may have at most this many digits:
+# the limit Python itself puts on int("...") (sys.int_info.default_max_str_digits).
+_SCHEMA_INT_DIGITS = 4300
+
+
 def _schema_float(value):
+    """A finite float from an int, a float, a real number or a numeric string."""
     cls = type(value)
-    if cls is float:
-        number = value
-    elif cls is int:
-        number = float(value)
-    elif cls is bool:
-        raise SchemaError("must be a number, got a boolean")
-    elif cls is str:
-        text = value.strip()
+    if cls is str:
+        text = value if len(value) <= 64 else value.strip()   # float() skips whitespace itself
         if len(text) > 64 or "_" in text:
             raise SchemaError("must be a number, got %s" % _schema_clip(repr(value)))
         try:
             number = float(text)
         except ValueError:
             raise SchemaError("must be a number, got %s" % _schema_clip(repr(value))) from None
+    elif cls is int:
+        number = float(value)
+    elif cls is float:
+        number = value
+    elif cls is bool:
+        raise SchemaError("must be a number, got a boolean")
     elif isinstance(value, numbers.Real):
         number = float(value)
     else:
         raise SchemaError("must be a number, got %s" % _schema_kind(value))
-    if not math.isfinite(number):
-        raise SchemaError("must be a finite number, got %s" % _schema_clip(repr(value)))
-    return number
+    if -_SCHEMA_INF < number < _SCHEMA_INF:    # False for NaN too
+        return number
+    raise SchemaError("must be a finite number, got %s" % _schema_clip(repr(value)))
+
+
+_SCHEMA_INF = math.inf
 
 
 def _schema_str(value):
@@ -2546,22 +3012,23 @@ def _schema_str(value):
     raise SchemaError("must be a string, got %s" % _schema_kind(value))
 
 
-_SCHEMA_TRUE = frozenset(("true", "yes", "on", "1"))
-_SCHEMA_FALSE = frozenset(("false", "no", "off", "0"))
+_SCHEMA_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+                 "false": False, "no": False, "off": False, "0": False}
 
 
 def _schema_bool(value):
+    """A bool from a bool, 0/1, or true/false, yes/no, on/off, 1/0 in any case."""
     cls = type(value)
-    if cls is bool:
-        return value
-    if cls is int and (value == 0 or value == 1):
-        return bool(value)
     if cls is str and len(value) <= 16:
-        word = value.strip().lower()
-        if word in _SCHEMA_TRUE:
-            return True
-        if word in _SCHEMA_FALSE:
-            return False
+        word = _SCHEMA_WORDS.get(value)
+        if word is None:
+            word = _SCHEMA_WORDS.get(value.strip().lower())
+        if word is not None:
+            return word
+    elif cls is bool:
+        return value
+    elif cls is int and (value == 0 or value == 1):
+        return value == 1
     raise SchemaError("must be true or false (also yes/no, on/off, 1/0), got %s"
                       % _schema_clip(repr(value)))
 
@@ -2582,80 +3049,422 @@ def _schema_dict(value):
 
 _SCHEMA_COERCERS = {int: _schema_int, float: _schema_float, str: _schema_str, bool: _schema_bool,
                     list: _schema_list, dict: _schema_dict}
+# What a fixed default of each built-in type (dict also for a nested schema)
+# may be, and how an error says it.
+_SCHEMA_DEFAULT_TYPES = {int: (int, "an integer"), float: ((int, float), "a number"), str: (str, "a string"),
+                         bool: (bool, "a boolean"), list: ((list, tuple), "a list"), dict: (dict, "an object")}
+
+
+def _schema_builtin(kind):
+    """The built-in type ``kind`` is (int, float, str, bool, list, dict), or None.
+
+    Compared by identity: a coercer may be unhashable (a dataclass instance).
+    """
+    for builtin in _SCHEMA_COERCERS:
+        if kind is builtin:
+            return builtin
+    return None
+
 _SCHEMA_JSON_TYPES = {int: {"type": "integer"}, float: {"type": "number"}, str: {"type": "string"},
                       bool: {"type": "boolean"}, list: {"type": "array"}, dict: {"type": "object"}}
 
 
-def _schema_checks(field):
-    """The post-coercion checks a field needs, as a tuple of functions that raise SchemaError."""
-    checks = []
-    if field.choices is not None:
-        choices = field.choices
+class _SchemaCompiler:
+    """Writes a Schema's validator as Python source, then compiles it.
 
-        def check_choices(value):
-            if value not in choices:
-                raise SchemaError("must be one of %s" % ", ".join(map(repr, choices[:20])))
-        checks.append(check_choices)
-    if field.min is not None:
-        low = field.min
+    The source holds only generated names, keywords and small integers.
+    Everything that comes from the schema's author (field names, defaults,
+    bounds, choices, patterns, coercers, validators, messages) is a value in
+    the namespace the code runs in, under a generated name such as
+    ``key_0`` or ``match_3``: data stays data, whatever characters it holds.
 
-        def check_min(value):
-            if value < low:
-                raise SchemaError("must be at least %s" % low)
-        checks.append(check_min)
-    if field.max is not None:
-        high = field.max
+    The code is straight-line per field: a type test that takes the common
+    case inline, a call to the coercer otherwise, then the field's checks,
+    all inside one ``try`` whose handlers turn a refusal into a message at
+    the field's path (a ``try`` costs nothing until something raises). List
+    elements are checked by a loop written in place.
 
-        def check_max(value):
-            if value > high:
-                raise SchemaError("must be at most %s" % high)
-        checks.append(check_max)
-    if field.min_length is not None:
-        shortest = field.min_length
+    Paths travel unformatted, as nested tuples ``(parent, key_or_index)``
+    that ``_schema_path`` renders, so a path costs nothing until an error
+    needs its text. ``root`` is the schema ``validate`` was called on: its
+    ``max_depth`` and ``max_items`` bound the whole payload, nested objects
+    included.
+    """
 
-        def check_min_length(value):
-            if len(value) < shortest:
-                raise SchemaError("must have at least %d %s" % (shortest, _schema_unit(value, shortest)))
-        checks.append(check_min_length)
-    if field.max_length is not None:
-        longest = field.max_length
+    def __init__(self, schema):
+        self.schema = schema
+        self.namespace = dict(_SCHEMA_RUNTIME)
+        self.names = {}                 # (stem, id of the value or of its owner) -> generated name
+        self.legend = []                # the constants' names, in order
+        self.functions = []             # one list of source lines per generated function
+        self.serial = itertools.count()
+        self.defaults = []              # (key, field, check, constant or None, default) to check
 
-        def check_max_length(value):
-            if len(value) > longest:
-                raise SchemaError("must have at most %d %s" % (longest, _schema_unit(value, longest)))
-        checks.append(check_max_length)
-    if field.pattern is not None:
-        pattern = field.pattern
+    def build(self, nested):
+        """Compile ``validate(root, data)``, or with ``nested`` ``clean_object(data, path, errors, root, level)``.
 
-        def check_pattern(value):
-            if not isinstance(value, str) or pattern.fullmatch(value) is None:
-                raise SchemaError("must match the pattern %r" % pattern.pattern)
-        checks.append(check_pattern)
-    return tuple(checks)
-
-
-def _schema_items(item_field, value, path, errors, schema):
-    if not isinstance(value, list):
-        raise SchemaError("must be a list, got %s" % _schema_kind(value))
-    if len(value) > schema.max_items:
-        raise SchemaError("has more than %d items" % schema.max_items)
-    clean = []
-    failed = False
-    for index, item in enumerate(value):
-        if item is None:
-            errors["%s[%d]" % (path, index)] = "is required"
-            failed = True
-            continue
-        item = item_field._clean(item, (path, index), errors, schema)
-        if item is _MISSING:
-            failed = True
+        Returns (function, source). Fixed defaults are checked here, so a bad
+        one raises TypeError naming its field while the schema is built.
+        """
+        if nested:
+            self._object_function()
         else:
-            clean.append(item)
-    return _MISSING if failed else clean
+            self._validate_function()
+        source = "\n\n\n".join("\n".join(lines) for lines in self.functions) + "\n"
+        label = "<specter schema %s%s>" % (_schema_clip(ascii(self.schema.name), 60), " nested" if nested else "")
+        exec(compile(source, label, "exec"), self.namespace)
+        for key, field, check, constant, default in self.defaults:
+            if callable(default):           # list or dict: always an empty one
+                default = default()
+            clean = _schema_default(field, self.namespace[check], default, key, self.schema)
+            if constant is not None:
+                self.namespace[constant] = clean
+        if self.legend:
+            source += "\n# Constants (values, escaped, not compiled):\n" + "\n".join(
+                "#   %s = %s" % (name, _schema_clip(ascii(self.namespace[name]), 100)) for name in self.legend) + "\n"
+        return self.namespace["clean_object" if nested else "validate"], source
+
+    # -- names -----------------------------------------------------------------
+
+    def const(self, stem, value, owner=None):
+        """A generated global name bound to ``value`` (one name per value, or per ``owner``)."""
+        memo = (stem, id(value) if owner is None else id(owner))
+        name = self.names.get(memo)
+        if name is None:
+            name = self.names[memo] = "%s_%d" % (stem, next(self.serial))
+            self.namespace[name] = value
+            self.legend.append(name)
+        return name
+
+    def function(self, header, doc):
+        lines = [header, '    """%s"""' % doc]
+        self.functions.append(lines)
+        return lines
+
+    # -- functions -------------------------------------------------------------
+
+    def _validate_function(self):
+        out = self.function("def validate(root, data):",
+                            "Schema.validate: the cleaned dict as an Outcome, or a 400 naming every bad field.")
+        add = out.append
+        add("    errors = {}")
+        add("    try:")
+        add("        if type(data) is not dict and not isinstance(data, dict):")
+        add('            errors["$"] = "must be an object, got %s" % kind(data)')
+        add("        elif len(data) > root.max_items:")
+        add('            errors["$"] = "has more than %d keys" % root.max_items')
+        add("        else:")
+        self._members(out, 3, nested=False)
+        add("    except RecursionError:")
+        add('        errors = {"$": "is nested too deeply"}')
+        add("    except Exception:   # outside any field: a dict subclass's get(), say")
+        add('        errors = {"$": broken("$", root)}')
+        add("    if errors:")
+        add("        return failure(root, errors)")
+        add("    result = new_outcome(Outcome)   # what _outcome() does, without the call")
+        add("    result._ok = True")
+        add("    result._value = out")
+        add("    result._error = None")
+        add("    result._status = 200")
+        add("    result._meta = NO_META")
+        add("    return result")
+
+    def _object_function(self):
+        out = self.function("def clean_object(data, path, errors, root, level):",
+                            "The schema as a nested field: the cleaned dict, or MISSING once errors are recorded.")
+        add = out.append
+        add("    if type(data) is not dict and not isinstance(data, dict):")
+        add('        errors[path_text(path)] = "must be an object, got %s" % kind(data)')
+        add("        return MISSING")
+        add("    if len(data) > root.max_items:")
+        add('        errors[path_text(path)] = "has more than %d keys" % root.max_items')
+        add("        return MISSING")
+        add("    if level > root.max_depth:")
+        add('        errors[path_text(path)] = "is nested more than %d levels deep" % root.max_depth')
+        add("        return MISSING")
+        add("    known = len(errors)")
+        self._members(out, 1, nested=True)
+        add("    return out if len(errors) == known else MISSING")
+
+    def _members(self, out, depth, nested):
+        """Each field in declaration order, then (strict) the keys nobody declared."""
+        pad = "    " * depth
+        add = out.append
+        add(pad + "get = data.get")
+        add(pad + "out = {}")
+        fields = self.schema.fields
+        for number, (key, field) in enumerate(fields.items(), 1):
+            name = self.const("key", key)
+            path = "(path, %s)" % name if nested else name
+            text = "path_text(%s)" % path if nested else name
+            add("")
+            add(pad + "# field %d of %d: %s" % (number, len(fields), _schema_summary(field)))
+            add(pad + "v = get(%s)" % name)
+            add(pad + "if v is None:")
+            self._absent(out, depth + 1, key, field, name, path, text)
+            add(pad + "else:")
+            self._value(out, depth + 1, field, "v", path, text, "level" if nested else "0", "out[%s] = v" % name, 0)
+        if self.schema.strict:
+            known = self.const("known", frozenset(fields))
+            add("")
+            add(pad + "# strict: keys the schema does not declare are refused")
+            add(pad + "if not data.keys() <= %s:" % known)
+            add(pad + "    unknown_keys(data, %s, %s, errors)" % (known, "path" if nested else '""'))
+
+    def _absent(self, out, depth, key, field, name, path, text):
+        """An absent or None value: 'is required', or the default, checked against the field."""
+        pad = "    " * depth
+        add = out.append
+        default = field.default
+        if field.required:
+            add(pad + 'errors[%s] = "is required"' % text)
+            return
+        if default is None:
+            add(pad + "out[%s] = None" % name)
+            return
+        check = self._default_check(field)
+        if default is list or default is dict or (type(default) in (list, dict) and not default):
+            # An empty container is written as a literal: a fresh one each time, nothing to copy.
+            if check is not None:
+                self.defaults.append((key, field, check, None, default))
+            add(pad + "out[%s] = %s" % (name, "[]" if default is list or type(default) is list else "{}"))
+        elif callable(default):
+            # A factory's result is checked each time it is called.
+            add(pad + "v = call_default(%s, %s, %s, %s, errors, root)"
+                % (self.const("field", field), self.const("factory", default), check, path))
+            add(pad + "if v is not MISSING:")
+            add(pad + "    out[%s] = v" % name)
+        else:
+            # A fixed default was checked when the schema was built; the constant holds its cleaned value.
+            constant = self.const("default", default)
+            if check is not None:
+                self.defaults.append((key, field, check, constant, default))
+            template = "out[%s] = deepcopy(%s)" if isinstance(default, (list, tuple, dict)) else "out[%s] = %s"
+            add(pad + template % (name, constant))
+
+    def _default_check(self, field):
+        """The name of a function cleaning a default of ``field``; None when it is not checked.
+
+        Defaults of the built-in types and of nested schemas are checked; a
+        coercer's are not (only the coercer knows what it produces).
+        """
+        if _schema_builtin(field.type) is None and not isinstance(field.type, Schema):
+            return None
+        name = "check_%d" % next(self.serial)
+        out = self.function("def %s(v, path, errors, root):" % name,
+                            "A default of one field, cleaned: the value, or MISSING once errors are recorded.")
+        self._value(out, 1, field, "v", "path", "path_text(path)", "0", "return v", 0)
+        out.append("    return MISSING")
+        return name
+
+    def _value(self, out, depth, field, var, path, text, level, store, nest):
+        """Convert and check ``var`` for ``field``, then run ``store``.
+
+        ``path`` is the expression of the value's path, ``text`` of its text
+        (where a refusal is recorded), ``level`` of the object nesting level.
+        """
+        pad = "    " * depth
+        add = out.append
+        add(pad + "try:")
+        depth += 1
+        body = "    " * depth
+        kind = _schema_builtin(field.type)
+        if isinstance(field.type, Schema):
+            cleaner = self.const("object", field.type._object_cleaner())
+            deeper = "1" if level == "0" else level + " + 1"
+            add(body + "%s = %s(%s, %s, errors, root, %s)" % (var, cleaner, var, path, deeper))
+            add(body + "if %s is not MISSING:" % var)
+            depth += 1
+            body += "    "
+        elif kind is float:
+            add(body + "if type(%s) is int:" % var)
+            add(body + "    %s = float(%s)" % (var, var))
+            add(body + "elif type(%s) is not float or not -INF < %s < INF:   # to_float refuses NaN, infinities"
+                % (var, var))
+            add(body + "    %s = to_float(%s)" % (var, var))
+        elif kind is int:
+            add(body + "if type(%s) is not int:" % var)
+            add(body + "    if type(%s) is str and len(%s) <= 64 and %s.isdecimal():   # plain digits: int() reads them"
+                % (var, var, var))
+            add(body + "        %s = int(%s)" % (var, var))
+            add(body + "    else:")
+            add(body + "        %s = to_int(%s)" % (var, var))
+        elif kind in (str, bool) or (kind is list and field.items is not None):
+            add(body + "if type(%s) is not %s:" % (var, kind.__name__))
+            add(body + "    %s = to_%s(%s)" % (var, kind.__name__, var))
+        elif kind is not None:
+            add(body + "%s = to_%s(%s)   # a copy" % (var, kind.__name__, var))
+        else:
+            add(body + "%s = %s(%s)" % (var, self.const("coerce", field.type), var))
+        if field.items is not None:
+            depth = self._items(out, depth, field, var, path, level, nest + 1)
+            body = "    " * depth
+        elif kind is list or kind is dict:
+            add(body + "measure(%s, root)" % var)
+        elif kind is None and not isinstance(field.type, Schema):
+            add(body + "if type(%s) is list or type(%s) is dict:" % (var, var))
+            add(body + "    measure(%s, root)" % var)
+        self._checks(out, depth, field, var)
+        add(body + store)
+        add(pad + "except SchemaError as exc:")
+        add(pad + "    errors[%s] = exc.message" % text)
+        add(pad + "except REFUSED:   # an ordinary refusal: its text stays out of the message")
+        add(pad + '    errors[%s] = "is invalid"' % text)
+        add(pad + "except Exception:")
+        add(pad + "    errors[%s] = broken(%s, %s)" % (text, text, self.const("field", field)))
+
+    def _items(self, out, depth, field, var, path, level, nest):
+        """The loop cleaning each element of the list ``var``; returns the depth the code continues at."""
+        pad = "    " * depth
+        add = out.append
+        item, index, items, append, before = ("%s_%d" % (stem, nest) for stem in ("item", "index", "items", "append", "before"))
+        if _schema_builtin(field.type) is not list:
+            add(pad + "if not isinstance(%s, list):" % var)
+            add(pad + '    raise SchemaError("must be a list, got %%s" %% kind(%s))' % var)
+        add(pad + "if len(%s) > root.max_items:" % var)
+        add(pad + '    raise SchemaError("has more than %d items" % root.max_items)')
+        add(pad + "%s = len(errors)" % before)
+        element = field.items
+        kind = _schema_builtin(element.type)
+        loop = pad
+        if kind in (int, str, bool) and not any(getattr(element, option) is not None for option in (
+                "items", "choices", "min", "max", "min_length", "max_length", "pattern", "validator")):
+            # Elements that already have the type and nothing more to check are
+            # taken in one pass; the loop below runs only when one is not.
+            add(pad + "%s = [%s for %s in %s if type(%s) is %s]   # all clean already?"
+                % (items, item, item, var, item, kind.__name__))
+            add(pad + "if len(%s) != len(%s):" % (items, var))
+            loop += "    "
+        add(loop + "%s = []" % items)
+        add(loop + "%s = %s.append" % (append, items))
+        add(loop + "for %s, %s in enumerate(%s):" % (index, item, var))
+        add(loop + "    if %s is None:" % item)
+        add(loop + '        errors[path_text((%s, %s))] = "is required"' % (path, index))
+        add(loop + "        continue")
+        self._value(out, len(loop) // 4 + 1, element, item, "(%s, %s)" % (path, index),
+                    "path_text((%s, %s))" % (path, index), level, "%s(%s)" % (append, item), nest)
+        add(pad + "if len(errors) == %s:" % before)
+        add(pad + "    %s = %s" % (var, items))
+        return depth + 1
+
+    def _checks(self, out, depth, field, var):
+        """The constraints, in the documented order, each raising SchemaError with its message."""
+        pad = "    " * depth
+        add = out.append
+        if field.choices is not None:
+            choices = self.const("choices", field.choices)
+            add(pad + "if %s not in %s:" % (var, choices))
+            add(pad + "    raise SchemaError(one_of(%s))" % choices)
+        if field.min is not None:
+            add(pad + "if %s < %s:" % (var, self.const("min", field.min)))
+            add(pad + "    raise SchemaError(%s)"
+                % self.const("at_least", "must be at least %s" % field.min, owner=field))
+        if field.max is not None:
+            add(pad + "if %s > %s:" % (var, self.const("max", field.max)))
+            add(pad + "    raise SchemaError(%s)"
+                % self.const("at_most", "must be at most %s" % field.max, owner=field))
+        if field.min_length is not None:
+            bound = self.const("min_length", field.min_length)
+            add(pad + "if len(%s) < %s:" % (var, bound))
+            add(pad + '    raise length_error(%s, "at least", %s)' % (var, bound))
+        if field.max_length is not None:
+            bound = self.const("max_length", field.max_length)
+            add(pad + "if len(%s) > %s:" % (var, bound))
+            add(pad + '    raise length_error(%s, "at most", %s)' % (var, bound))
+        if field.pattern is not None:
+            match = self.const("match", field.pattern.fullmatch, owner=field.pattern)
+            if field.type is str:       # already a string
+                add(pad + "if %s(%s) is None:" % (match, var))
+            else:
+                add(pad + "if type(%s) is not str or %s(%s) is None:" % (var, match, var))
+            add(pad + "    raise SchemaError(%s)" % self.const(
+                "mismatch", "must match the pattern %r" % field.pattern.pattern, owner=field.pattern))
+        if field.validator is not None:
+            add(pad + "if %s(%s) is False:" % (self.const("validator", field.validator), var))
+            add(pad + '    raise SchemaError("is invalid")')
+
+
+def _schema_default(field, check, value, name, root):
+    """A default cleaned by its field (``check``), or TypeError naming the field ``name``.
+
+    A default must already have the field's type (an int may stand for a
+    float, a tuple for a list): it is a value, not input to convert. So
+    ``Field(str, default=5)`` cannot put an int in the cleaned dict.
+    """
+    if check is None:
+        return value
+    expected, words = _SCHEMA_DEFAULT_TYPES[_schema_builtin(field.type) or dict]
+    if not isinstance(value, expected):
+        raise TypeError("the default of field %r must be %s, got %s" % (name, words, _describe(value)))
+    errors = {}
+    clean = check(value, name, errors, root)
+    if errors:
+        raise TypeError("the default of field %r fails the field: %s"
+                        % (name, "; ".join("%s %s" % item for item in errors.items())))
+    return clean
+
+
+def _schema_call_default(field, factory, check, path, errors, root):
+    """A default factory's result, checked; _MISSING after recording an error if either fails."""
+    try:
+        return _schema_default(field, check, factory(), _schema_path(path), root)
+    except Exception:
+        text = _schema_path(path)
+        _schema_log.exception("field %s: the default factory failed", text)
+        errors[text] = "has no usable default"
+        return _MISSING
+
+
+def _schema_broken(text, what):
+    """Log the exception being handled and give the client's message.
+
+    Its text may carry internals (a lookup's connection string), so it goes
+    to the log, never into the error.
+    """
+    _schema_log.warning("field %s: %s raised", text, what, exc_info=True)
+    return "is invalid"
+
+
+def _schema_failure(schema, errors):
+    return _outcome(False, None, schema._message(errors), 400, {"errors": errors})
+
+
+def _schema_one_of(choices):
+    return "must be one of %s" % ", ".join(map(repr, choices))
+
+
+def _schema_length_error(value, words, bound):
+    return SchemaError("must have %s %d %s" % (words, bound, _schema_unit(value, bound)))
+
+
+def _schema_unknown(data, known, path, errors):
+    """Record the keys of ``data`` a strict schema does not declare (the first ten by name)."""
+    unknown = [key for key in data if key not in known]
+    for key in unknown[:10]:
+        errors[_schema_path((path, _schema_clip(str(key))))] = "is not an allowed field"
+    if len(unknown) > 10:
+        errors[_schema_path((path, "..."))] = "%d more unknown fields" % (len(unknown) - 10)
+
+
+def _schema_summary(field):
+    """What a field is made of, for the comment above its code (no user text: names only)."""
+    kind = field.type
+    parts = ["nested schema" if isinstance(kind, Schema) else kind.__name__ if _schema_builtin(kind) else "coercer"]
+    parts += [option for option in ("required", "default", "items", "choices", "min", "max", "min_length",
+                                    "max_length", "pattern", "validator")
+              if getattr(field, option) is not None and getattr(field, option) is not False]
+    return ", ".join(parts)
 
 
 def _schema_path(path):
-    return path if type(path) is str else "%s[%d]" % path
+    """A path as text: ``path`` is a string or a tuple ``(parent path, key or index)``."""
+    if type(path) is str:
+        return path
+    parent, step = path
+    head = _schema_path(parent)
+    if type(step) is int:
+        return "%s[%d]" % (head, step)
+    return "%s.%s" % (head, step) if head else step
 
 
 def _schema_measure(value, schema):
@@ -2713,6 +3522,19 @@ def _outcome_status(status):
     return status
 
 
+# The names every compiled schema's code runs with (its constants are added per schema).
+_SCHEMA_RUNTIME = {
+    "MISSING": _MISSING, "SchemaError": SchemaError, "INF": math.inf,
+    "REFUSED": (ValueError, TypeError, ArithmeticError, LookupError),
+    "to_int": _schema_int, "to_float": _schema_float, "to_str": _schema_str, "to_bool": _schema_bool,
+    "to_list": _schema_list, "to_dict": _schema_dict, "measure": _schema_measure, "deepcopy": copy.deepcopy,
+    "kind": _schema_kind, "path_text": _schema_path, "one_of": _schema_one_of,
+    "length_error": _schema_length_error, "unknown_keys": _schema_unknown, "call_default": _schema_call_default,
+    "broken": _schema_broken, "failure": _schema_failure,
+    "Outcome": Outcome, "new_outcome": Outcome.__new__, "NO_META": _OUTCOME_NO_META,
+}
+
+
 ###############################################################################
 # Web ##########################################################################
 ###############################################################################
@@ -2721,32 +3543,8 @@ _web_log = logging.getLogger("specter.web")
 
 
 _JSON_LIMIT_DEFAULT = 8 * 1024 * 1024
-
-
-class HTTPError(Exception):
-    """An error meant for an HTTP client: a message, a status and a JSON payload.
-
-    ``json_endpoint`` turns it into a response whose body is ``payload``
-    plus ``error``; ``log_message`` (if any) goes to the log at
-    ``log_level``, never to the client.
-    """
-
-    def __init__(self, message, status_code=400, *, status=None, payload=None, log_message=None,
-                 log_level=logging.WARNING):
-        super().__init__(message)
-        self.message = message
-        self.status_code = _outcome_status(status if status is not None else status_code)
-        if payload is not None and not isinstance(payload, dict):
-            raise TypeError("payload must be a dict, got %s" % _describe(payload))
-        self.payload = dict(payload or {})
-        self.log_message = log_message
-        self.log_level = log_level
-
-    def to_response(self) -> flask.Response:
-        """A Flask JSON response: payload plus ``error``, with ``status_code``."""
-        body = dict(self.payload)
-        body["error"] = self.message
-        return _web_json(body, self.status_code)
+_WEB_TOO_DEEP = "Request body is nested too deeply"
+_WEB_BODY_REQUIRED = "Request body is required"  # expect_json's default error
 
 
 def json_endpoint(error_message: Union[str, Callable[..., Any], None] = None, *,
@@ -2785,12 +3583,12 @@ def expect_json(*, required: Union[str, Iterable[str], None] = None, error: str 
                 allow_empty: bool = False) -> Dict[str, Any]:
     """The current request's JSON object body, or an HTTPError the client can act on.
 
-    Missing or unparsable bodies, and ``{}`` unless ``allow_empty``, are 400
-    with ``error``; a body that is not an object is 400; a body over the
-    size limit is 413 (Flask's ``MAX_CONTENT_LENGTH`` when set, else
-    ``SPECTER_MAX_JSON_BYTES``, 8 MiB by default); nesting too deep to
-    parse is 400; a form or text content type is 415. ``required`` fields
-    are checked with ``require_fields``.
+    No body is 400 with ``error``. A body that was sent but cannot be used
+    is 400 saying what was wrong: not JSON, sent as a form or text, empty
+    (``{}`` too, unless ``allow_empty``), not an object, nested too deep to
+    parse. A body over the size limit is 413 (Flask's ``MAX_CONTENT_LENGTH``
+    when set, else ``SPECTER_MAX_JSON_BYTES``, 8 MiB by default).
+    ``required`` fields are checked with ``require_fields``.
     """
     request = flask.request
     config = flask.current_app.config
@@ -2798,8 +3596,8 @@ def expect_json(*, required: Union[str, Iterable[str], None] = None, error: str 
     if request.content_length is not None and request.content_length > limit:
         raise HTTPError("Request body is too large (limit %d bytes)" % limit, 413)
     if request.mimetype and not request.is_json:
-        raise HTTPError("%s (send it as JSON with Content-Type: application/json, not %s)"
-                        % (error, request.mimetype), 400)
+        raise HTTPError(_web_body_error(error, "send the body as JSON (Content-Type: application/json); "
+                                               "it was sent as %s" % request.mimetype), 400)
     raw = request.get_data(cache=True) if request.content_length is not None \
         else request.stream.read(limit + 1)
     if len(raw) > limit:
@@ -2807,17 +3605,17 @@ def expect_json(*, required: Union[str, Iterable[str], None] = None, error: str 
     if not raw.strip():
         if allow_empty:
             return {}
-        raise HTTPError(error, 400)
+        raise HTTPError(_web_body_error(error, "the body is empty") if raw else error, 400)
     try:
         payload = flask.json.loads(raw, parse_constant=_web_refuse_constant)
     except RecursionError:
-        raise HTTPError("Request body is nested too deeply", 400) from None
+        raise HTTPError(_WEB_TOO_DEEP, 400) from None
     except ValueError:
-        raise HTTPError("%s (the body is not valid JSON)" % error, 400) from None
+        raise HTTPError(_web_body_error(error, "the body is not valid JSON"), 400) from None
     if not isinstance(payload, dict):
         raise HTTPError("Request body must be a JSON object, got %s" % _schema_kind(payload), 400)
     if not payload and not allow_empty:
-        raise HTTPError(error, 400)
+        raise HTTPError(_web_body_error(error, "the body is empty ({})"), 400)
     if required:
         require_fields(payload, required)
     return payload
@@ -2870,14 +3668,13 @@ class Router(_Owner):
     ``on_unmount`` and then the router's cleanups, newest first.
     """
 
-    name: Optional[str] = None
-    url_prefix: Optional[str] = None
+    name: str = "router"
+    url_prefix: Optional[str] = ""
 
     def __init__(self, name=None, *, url_prefix=None, import_name=None):
-        name = name or type(self).name or _web_snake(type(self).__name__)
-        self.name = _check_name(name, "router name")
+        self.name = _check_name(name or _web_default_name(self, Router), "router name")
         prefix = url_prefix if url_prefix is not None else type(self).url_prefix
-        if prefix is not None and (not isinstance(prefix, str) or not prefix.startswith("/")):
+        if prefix and (not isinstance(prefix, str) or not prefix.startswith("/")):
             raise ValueError("url_prefix must be a path starting with '/', got %r" % (prefix,))
         self.url_prefix = prefix
         self.import_name = import_name or type(self).__module__
@@ -2970,13 +3767,13 @@ class Handler(_Owner):
     coexist in priority order and teardown removes only this one's.
     """
 
-    name: Optional[str] = None
+    name: str = "unnamed_handler"
     namespace = "/"
     events: Dict[str, str] = {}
     event_priorities: Dict[str, int] = {}
 
     def __init__(self, name=None, *, namespace=None):
-        self.name = _check_name(name or type(self).name or _web_snake(type(self).__name__), "handler name")
+        self.name = _check_name(name or _web_default_name(self, Handler), "handler name")
         self.namespace = _web_namespace(namespace if namespace is not None else type(self).namespace)
         self._bindings = []
         self._socketio = None
@@ -3088,9 +3885,16 @@ class SocketIngress:
     Subscribers run in priority order (lower first; ties in subscription
     order) in the greenlet Flask-SocketIO gives the event. One that raises
     is logged, handed to the default-error subscribers, and the others still
-    run. The last non-None result is the handler's return value, i.e. the
-    client's ack. With ``schema=`` a subscriber only sees payloads that
-    validate (cleaned); an invalid one makes the ack the 400 error dict.
+    run; its result is what those subscribers return, else the generic 500
+    error dict. The last non-None result is the handler's return value, i.e.
+    the client's ack; one Socket.IO cannot encode is logged and replaced by
+    that error dict, so the client's call() never waits in vain. With
+    ``schema=`` a subscriber only sees payloads that validate (cleaned); an
+    invalid one makes the ack the 400 error dict.
+
+    Attached to a SocketIO, the ingress is also its default error handler:
+    an exception from any event handler on it, a plain ``@socketio.on`` one
+    included, is logged and reaches the default-error subscribers.
     """
 
     def __init__(self, socketio=None, *, name="socket_ingress"):
@@ -3114,6 +3918,7 @@ class SocketIngress:
         if self._socketio is not None and self._socketio is not socketio:
             raise RuntimeError("ingress %s is already attached to another SocketIO" % self.name)
         self._socketio = socketio
+        self._install_error_handler(socketio)
         for namespace, event in list(self._subs):
             self._bind(namespace, event)
         return self
@@ -3233,7 +4038,55 @@ class SocketIngress:
         subs = self._subs.get((namespace, event))
         if not subs:
             return None
-        return self._run(subs, event, args, {})
+        result = self._run(subs, event, args, {})
+        if result is None or result is False or event in ("connect", "disconnect"):
+            return result
+        return self._ackable(event, result)
+
+    def _ackable(self, event, result):
+        """``result`` if Socket.IO can send it as the ack, else the generic error (logged).
+
+        Socket.IO encodes the ack after the handler has returned, out of
+        anyone's reach: a set there would kill the sending greenlet and
+        leave the client's call() to time out. Encoding once here, with the
+        server's own packet class (binary parts and all), catches it.
+        """
+        packet_class = getattr(getattr(self._socketio, "server", None), "packet_class", None)
+        if packet_class is None:
+            return result
+        try:
+            packet_class(data=list(result) if isinstance(result, tuple) else [result]).encode()
+        except Exception:
+            _web_log.exception("ingress %s: the ack of %r cannot be encoded (%s); answering an error instead",
+                               self.name, event, _describe(result))
+            return _web_socket_error()
+        return result
+
+    def _install_error_handler(self, socketio):
+        """Become ``socketio``'s default error handler (the last ingress attached wins).
+
+        A default handler of the app's own, set before, is kept as the
+        first default-error subscriber, so it still runs and may still
+        answer the ack.
+        """
+        if not callable(getattr(socketio, "on_error_default", None)):
+            return
+        current = getattr(socketio, "default_exception_handler", None)
+        if current is not None and not isinstance(getattr(current, "__self__", None), SocketIngress):
+            self.subscribe_error_default(current, priority=-1)
+        socketio.on_error_default(self._on_socket_error)
+
+    def _on_socket_error(self, exc):
+        """Flask-SocketIO's default error handler: log, tell the subscribers, answer the ack."""
+        if _web_refusal(exc):
+            raise  # not a failure: python-socketio refuses the client, as without this handler
+        event = getattr(flask.request, "event", None) or {}
+        name = event.get("message") if isinstance(event, dict) else None
+        _web_log.exception("socket handler of %r raised", name)
+        if name == "connect":
+            return False  # fail closed, as the ingress's own connect subscribers do
+        result = self.dispatch_default_error(exc)
+        return _web_socket_error() if result is None else result
 
     def _run(self, subs, event, args, kwargs):
         result = None
@@ -3249,14 +4102,16 @@ class SocketIngress:
                 call_args = call_args[:entry.arity]
             try:
                 value = entry.callback(*call_args, **kwargs)
-            except ConnectionRefusedError:
-                raise  # Flask-SocketIO's way for a connect handler to refuse the client
             except Exception as exc:
+                if _web_refusal(exc):
+                    raise  # a connect handler refusing the client: python-socketio answers it
                 _web_log.exception("ingress %s: subscriber %s of %r raised", self.name,
                                    _callable_name(entry.callback), event)
                 if event == "connect":
                     return False  # fail closed: a crashed check must not let the client in
                 value = self.dispatch_default_error(exc)
+                if value is None:
+                    value = _web_socket_error()
             if value is False and event == "connect":
                 return False  # one refusal is final, whatever later subscribers say
             if value is not None:
@@ -3318,16 +4173,18 @@ class Controller(Service):
         return self._blueprint
 
     def create_handler(self) -> Handler:
-        """A new Handler carrying the events added by build_events()."""
-        handler = Handler(self.name)
-        handler._gate = lambda: self.running
-        self.build_events(handler)
-        return handler
+        """The controller's Handler, carrying the events added by build_events(); built once."""
+        if self._handler is None:
+            handler = Handler(self.name)
+            handler._gate = lambda: self.running
+            self.build_events(handler)
+            self._handler = handler
+        return self._handler
 
     def build_handler(self, socketio: Any = None) -> Handler:
         """The controller's Handler, built once (and set up when ``socketio`` is given)."""
         if self._handler is None:
-            self._handler = self.create_handler()
+            self._handler = self.create_handler()  # a subclass's create_handler may build its own
         if socketio is not None:
             self._handler.setup(socketio)
         return self._handler
@@ -3384,17 +4241,19 @@ class Controller(Service):
 class ServiceManager(Service):
     """The composition root: registers services, handlers and controllers, boots and shuts down.
 
-    ``boot()`` starts the manager, provides ``'service_manager'`` and
-    ``'socket_ingress'`` (plus any providers), starts services in
-    registration order (rolling back on failure), sets up handlers, and
-    installs an atexit hook and SIGTERM/SIGINT handlers that shut down once.
-    ``shutdown()`` tears handlers down and stops services in reverse, clears
-    the ingress and the registry, and stops the manager.
+    ``boot()`` installs SIGTERM/SIGINT handlers that shut down once, starts
+    the manager, provides ``'service_manager'``, ``'socket_ingress'`` and
+    ``'socketio'`` (plus any providers), starts services in registration
+    order (rolling back on failure), sets up handlers, and installs an
+    atexit hook. ``shutdown()`` tears handlers down and stops services in
+    reverse, disconnects Socket.IO clients, clears the ingress and the
+    registry, and stops the manager.
     """
 
-    def __init__(self, app=None, socketio=None, *, signals=True, name="service_manager"):
+    def __init__(self, app=None, socketio=None, *, signals=True, name="service_manager", probes=False,
+                 block_threshold=None):
         super().__init__(name)
-        self._app = app
+        self._app = None
         self._socketio = socketio
         self._signals = bool(signals)
         self._ingress = SocketIngress(socketio) if socketio is not None else SocketIngress()
@@ -3402,18 +4261,19 @@ class ServiceManager(Service):
         self._handlers = []
         self._providers = []
         self._booted = False
+        self._booting = None  # the greenlet running boot(), while it runs
+        self._boot_phase = None  # 'starting', then 'rolling back' if it fails or is cancelled
+        self._boot_cancelled = False
+        self._boot_done = None
         self._shutting_down = False
         self._shutdown_greenlet = None
         self._shutdown_done = None
         self._signal_watchers = []
         self._atexit = False
         self._server = None
+        self._ops = _WebOperations(self, probes, block_threshold)
         if app is not None:
-            # Like any Flask extension: findable on the app, and an HTTPError
-            # raised in any of its views is answered as JSON.
-            app.extensions["specter"] = self
-            if HTTPError not in app.error_handler_spec[None][None]:  # keep the app's own
-                app.register_error_handler(HTTPError, _web_http_error)
+            self._ops.bind(app, socketio)
 
     @property
     def app(self) -> Optional[flask.Flask]:
@@ -3436,98 +4296,131 @@ class ServiceManager(Service):
         """The gevent WSGIServer while run() serves (its ``server_port`` is the bound port), else None."""
         return self._server
 
-    def register_service(self, service: _S) -> _S:
-        """Add a service (started at boot, or at once if already booted)."""
+    def init_app(self, app: flask.Flask, socketio: Any = None) -> ServiceManager:
+        """Bind the manager to ``app`` (and its Flask-SocketIO), as a Flask extension does.
+
+        For the app-factory pattern: a manager made at import time binds to
+        the app ``create_app()`` builds. The manager becomes
+        ``app.extensions['specter']``; HTTPError raised in any view is
+        answered as JSON; controllers registered so far get their routes
+        mounted; the probes (if on) are added; ``flask specter`` joins
+        ``app.cli``; registered services run their background work in the
+        app's context. ``socketio`` defaults to the one already on the app.
+        Binding the same app again does nothing; one manager serves one app.
+        """
+        if not isinstance(app, flask.Flask):
+            raise TypeError("init_app() takes a Flask app, got %s" % _describe(app))
+        if socketio is None and self._socketio is None:
+            socketio = app.extensions.get("socketio")  # where Flask-SocketIO records itself
+        self._ops.bind(app, socketio)
+        return self
+
+    def register_service(self, service: Service) -> ServiceManager:
+        """Add a service (started at boot, or at once if already booted); returns the manager."""
         if not isinstance(service, Service):
             raise TypeError("register_service() takes a Service, got %s" % _describe(service))
+        self._ops.adopt_app(service)
         if service not in self._services:
             self._services.append(service)
             if self._booted:
                 service.start()
-        return service
+        return self
 
-    def register_handler(self, handler: _T) -> _T:
-        """Add a handler (set up at boot, or at once if already booted)."""
+    def register_handler(self, handler: Any) -> ServiceManager:
+        """Add a handler (set up at boot, or at once if already booted); returns the manager."""
         if not callable(getattr(handler, "setup", None)) or not callable(getattr(handler, "teardown", None)):
             raise TypeError("register_handler() takes an object with setup() and teardown(), got %s"
                             % _describe(handler))
         if handler not in self._handlers:
             self._handlers.append(handler)
             if self._booted:
-                handler.setup(self._socketio)  # type: ignore[attr-defined]  # any object with setup()
-        return handler
+                handler.setup(self._socketio)
+        return self
 
-    def register_controller(self, controller: _C, *, url_prefix: Optional[str] = None) -> _C:
-        """Add a controller: its blueprint goes on the app, its handler is managed."""
+    def register_controller(self, controller: Controller, *, url_prefix: Optional[str] = None) -> ServiceManager:
+        """Add a controller: its blueprint goes on the app, its handler is managed; returns the manager."""
         if not isinstance(controller, Controller):
             raise TypeError("register_controller() takes a Controller, got %s" % _describe(controller))
         if self._app is not None:
-            blueprint = controller.build_blueprint(url_prefix)
-            registered = self._app.blueprints.get(blueprint.name)
-            if registered is None:
-                self._app.register_blueprint(blueprint)
-            elif registered is not blueprint:
-                raise ValueError(
-                    "the app already has a blueprint named %r (from another controller or router); "
-                    "give this controller another name" % blueprint.name)
+            _web_mount_controller(self._app, controller, url_prefix)
+        else:
+            self._ops.unmounted.append((controller, url_prefix))  # mounted by init_app()
         self.register_service(controller)
-        self.register_handler(controller.build_handler())
-        return controller
+        return self.register_handler(controller.build_handler())
 
     def boot(self, providers: Optional[Dict[str, Any]] = None) -> ServiceManager:
-        """Start everything; idempotent. A service that fails to start undoes the boot."""
+        """Start everything; idempotent. A service that fails to start undoes the boot.
+
+        Signal handlers go in first, so a SIGTERM at any point from here on
+        rolls back or shuts down what was started. ``shutdown()`` called
+        while boot() runs cancels it: boot() stops starting things, stops
+        what it started and returns with ``booted`` False. A boot() from
+        another greenlet while one runs waits for it.
+        """
         if providers:
             self._add_providers(providers)
         if self._booted:
             return self
-        self.start()
-        started = []
+        if self._booting is not None:
+            if self._booting is not getcurrent():
+                self._boot_done.wait()
+            return self
+        if self._shutting_down:
+            raise RuntimeError("%s: cannot boot() while shutdown() is under way" % self.name)
+        self._booting = getcurrent()
+        self._boot_phase = "starting"
+        self._boot_cancelled = False
+        self._boot_done = gevent.event.Event()
+        started: List[Service] = []
         try:
-            registry.provide("service_manager", self, owner=self, replace=True)
-            registry.provide("socket_ingress", self._ingress, owner=self, replace=True)
-            for key, value in self._providers:
-                registry.provide(key, value, owner=self, replace=True)
-            for service in self._services:
-                service.start()
-                started.append(service)
-            self._booted = True
-            for handler in self._handlers:
-                handler.setup(self._socketio)
+            self._start_all(started)
+        except _BootCancelled:
+            self._roll_back(started)
+            _web_log.info("boot cancelled by shutdown(); what it started is stopped")
+            return self
         except BaseException:
-            _web_log.error("boot failed; stopping what was started")
-            self._booted = False
-            for handler in reversed(self._handlers):
-                handler.teardown()
-            for service in reversed(started):
-                service.stop()
-            self.stop()
+            if self._boot_cancelled:
+                _web_log.info("boot interrupted; stopping what was started")
+            else:
+                _web_log.error("boot failed; stopping what was started")
+            self._roll_back(started)
             raise
+        finally:
+            self._booting = None
+            self._boot_phase = None
+            self._boot_done.set()
         if not self._atexit:
             atexit.register(self._at_exit)
             self._atexit = True
-        if self._signals:
-            self._install_signals()
         _web_log.info("booted %d service(s) and %d handler(s)", len(self._services), len(self._handlers))
         return self
 
     def shutdown(self) -> ServiceManager:
-        """Tear everything down in reverse; idempotent.
+        """Tear everything down in reverse; idempotent while nothing is left to stop.
 
-        A call while another greenlet shuts down waits for it to finish.
+        A call while another greenlet shuts down waits for it to finish. A
+        call while boot() runs cancels the boot: from another greenlet it
+        interrupts boot() where it is and waits until boot() has stopped
+        what it started; from inside boot() (a service's on_start), boot()
+        starts nothing more once that on_start returns.
         """
+        current = getcurrent()
         if self._shutting_down:
-            if self._shutdown_greenlet is not getcurrent():
+            if self._shutdown_greenlet is not current:
                 self._shutdown_done.wait()
             return self
-        if not self._booted and not self.running:
+        booting = self._booting
+        if booting is None and not self._has_work():
             return self
         self._shutting_down = True
-        self._shutdown_greenlet = getcurrent()
+        self._shutdown_greenlet = current
         self._shutdown_done = gevent.event.Event()
-        steps = [handler.teardown for handler in reversed(self._handlers)]
-        steps += [service.stop for service in reversed(self._services)]
-        steps += [self._ingress.clear, self.stop, registry.clear, self._stop_server]
         try:
+            if booting is not None:
+                self._cancel_boot(booting)
+            steps = [handler.teardown for handler in reversed(self._handlers)]
+            steps += [service.stop for service in reversed(self._services)]
+            steps += [self._disconnect_clients, self._ingress.clear, self.stop, registry.clear, self._stop_server]
             _run_all(steps, self._record_error)
         finally:
             self._shutting_down = False
@@ -3556,6 +4449,8 @@ class ServiceManager(Service):
             raise TypeError("run() got unexpected keyword argument(s) %s; it accepts log_output and "
                             "gevent WSGIServer options: %s" % (", ".join(unknown), ", ".join(sorted(_WEB_SERVER_OPTIONS))))
         self.boot()
+        if not self._booted:
+            return self  # shutdown() cancelled the boot: nothing to serve
         kwargs.setdefault("handler_class", _WebSocketClosingHandler)
         server = pywsgi.WSGIServer((host, port), self._app, log="default" if log_output else None, **kwargs)
         self._server = server
@@ -3568,18 +4463,81 @@ class ServiceManager(Service):
         return self
 
     def health(self) -> Dict[str, Any]:
-        """The manager's health with every service's nested under ``services``.
+        """The manager's health, with ``services`` and ``handlers`` keyed by name.
 
-        ``status`` is 'degraded' while the manager runs but a service does not.
+        Each service's value is its own health tree; each handler's has at
+        least ``registered``. ``status`` is 'degraded' while the manager runs
+        but a service does not.
         """
         report = super().health()
         report["booted"] = self._booted
-        report["services"] = [service.health() for service in self._services]
-        if report["status"] == "ok" and any(child["status"] != "ok" for child in report["services"]):
+        report["services"] = _web_by_name(service.health() for service in self._services)
+        if report["status"] == "ok" and any(child["status"] != "ok" for child in report["services"].values()):
             report["status"] = "degraded"
-        report["handlers"] = [_web_health(handler) for handler in self._handlers]
+        report["handlers"] = _web_by_name(_web_health(handler) for handler in self._handlers)
         report["ingress"] = self._ingress.health()
+        report["loop"] = self._ops.loop_health()
         return report
+
+    def _start_all(self, started):
+        """boot()'s work: what it starts goes into ``started``, for a rollback."""
+        if self._signals:
+            self._install_signals()
+        self.start()
+        registry.provide("service_manager", self, owner=self, replace=True)
+        registry.provide("socket_ingress", self._ingress, owner=self, replace=True)
+        if self._socketio is not None:
+            # How a plain Service reaches Socket.IO clients: Service.emit is the in-process bus.
+            registry.provide("socketio", self._socketio, owner=self, replace=True)
+        for key, value in self._providers:
+            registry.provide(key, value, owner=self, replace=True)
+        for service in self._services:  # the loop also sees services an on_start registers
+            self._check_boot()
+            service.start()
+            started.append(service)
+        self._check_boot()
+        self._booted = True
+        for handler in self._handlers:
+            handler.setup(self._socketio)
+        self._check_boot()
+
+    def _check_boot(self):
+        if self._boot_cancelled:
+            raise _BootCancelled()
+
+    def _cancel_boot(self, booting):
+        """Make a running boot() stop and roll back; from another greenlet, wait for that."""
+        self._boot_cancelled = True
+        if booting is getcurrent():
+            return  # inside boot(): it checks the flag as soon as the current step returns
+        self._interrupt_boot(booting, _BootCancelled())
+        self._boot_done.wait()
+
+    def _interrupt_boot(self, booting, exc):
+        """Soon raise ``exc`` in the booting greenlet where it waits, unless it is rolling back by then.
+
+        The hub does it, as it delivers a gevent.Timeout: the check runs
+        while that greenlet is suspended, so its phase cannot change under it.
+        """
+        def interrupt():
+            if self._booting is booting and self._boot_phase == "starting" and not booting.dead:
+                booting.throw(exc)
+        gevent.get_hub().loop.run_callback(interrupt)
+
+    def _roll_back(self, started):
+        """Undo a boot: handlers torn down, started services stopped in reverse, the manager stopped."""
+        self._boot_phase = "rolling back"
+        self._booted = False
+        steps = [handler.teardown for handler in reversed(self._handlers)]
+        steps += [service.stop for service in reversed(started)]
+        steps += [self.stop, self._remove_signals]
+        _run_all(steps, self._record_error)
+
+    def _has_work(self):
+        """Whether anything shutdown() releases is still up (so a repeat call is not a no-op then)."""
+        return (self._booted or self._server is not None or self._status not in ("created", "stopped")
+                or any(service.status not in ("created", "stopped") for service in self._services)
+                or any(getattr(handler, "registered", False) for handler in self._handlers))
 
     def _add_providers(self, providers):
         if not isinstance(providers, dict):
@@ -3594,6 +4552,42 @@ class ServiceManager(Service):
                 registry.provide(key, value, owner=self, replace=True)
                 if isinstance(value, Service):
                     value.start()
+
+    def _disconnect_clients(self):
+        """Disconnect every Socket.IO client of this process, after the services' final emits.
+
+        Each session gets Socket.IO's disconnect packet behind whatever it
+        still has to receive, so clients see those messages and then a clean
+        'server disconnect' (not a 'transport error' when the server or the
+        program goes away); server-side 'disconnect' handlers run as for any
+        disconnect. The wait, at most ``stop_timeout``, lasts until every
+        client has taken its packets (or closed) and the loop has gone idle,
+        i.e. the writers have put them on the wire.
+        """
+        server = getattr(self._socketio, "server", None)
+        rooms = getattr(getattr(server, "manager", None), "rooms", None)
+        if not rooms:
+            return
+        sockets = list(getattr(server.eio, "sockets", {}).values())
+        count = 0
+        for namespace in list(server.manager.get_namespaces()):
+            for sid, _ in list(server.manager.get_participants(namespace, None)):
+                # ignore_queue: these are this process's own clients; a message
+                # queue must not carry the disconnect to other processes.
+                server.disconnect(sid, namespace=namespace, ignore_queue=True)
+                count += 1
+        timer = gevent.Timeout.start_new(self.stop_timeout)
+        try:
+            while any(not sock.closed and not sock.queue.empty() for sock in sockets):
+                gevent.sleep(_WEB_FLUSH_STEP)
+            gevent.idle()
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            _web_log.warning("Socket.IO clients did not take their disconnect within %s s", self.stop_timeout)
+        finally:
+            timer.close()
+        _web_log.debug("disconnected %d Socket.IO session(s)", count)
 
     def _stop_server(self):
         self._booted = False
@@ -3625,36 +4619,56 @@ class ServiceManager(Service):
                     _web_log.debug("cannot restore the handler of signal %s: %s", signum, exc)
 
     def _on_signal(self, signum):
-        if self._shutting_down:
-            _web_log.warning("signal %s: already shutting down", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self._shutting_down or self._boot_cancelled:
+            _web_log.warning("signal %s: already shutting down", name)
             return
-        _web_log.info("signal %s: shutting down", signal.Signals(signum).name)
+        _web_log.info("signal %s: shutting down", name)
+        main = gevent.get_hub().parent
+        if self._booting is main:
+            # boot() runs in the main greenlet: end the program there, as
+            # Ctrl-C would; boot() stops what it started and SystemExit(0)
+            # goes on up (while it is already rolling back, it finishes that).
+            self._boot_cancelled = True
+            self._interrupt_boot(main, SystemExit(0))
+            return
         serving = self._server is not None
         self.shutdown()
         if not serving:
             # Nothing of ours is serving, so end the program the way Python
             # would: SystemExit in the main greenlet (raising it here would
             # only end this signal greenlet, whose watcher shutdown() closed).
-            gevent.get_hub().parent.throw(SystemExit(0))
+            main.throw(SystemExit(0))
 
     def _at_exit(self):
-        if self._booted:
+        if self._has_work():
             try:
                 self.shutdown()
             except Exception:
                 _web_log.exception("shutdown at exit raised")
 
+    def _lifecycle_started(self):
+        # boot() starts the manager first: the loop monitor then also sees a
+        # blocking on_start, and the warning about unmounted routes comes first.
+        self._ops.starting()
+        super()._lifecycle_started()
+
+    def _lifecycle_stopping(self):
+        super()._lifecycle_stopping()
+        self._ops.stopping()
+
 
 def boot(app: flask.Flask, socketio: Any, *, services: Optional[Iterable[Service]] = None,
          handlers: Optional[Iterable[Any]] = None, controllers: Optional[Iterable[Controller]] = None,
          providers: Optional[Dict[str, Any]] = None, signals: bool = True,
+         probes: Union[bool, str] = False, block_threshold: Optional[float] = None,
          cluster: Union[Cluster, str, None] = None) -> ServiceManager:
     """Register everything on a new ServiceManager, boot it and return it.
 
     ``cluster`` (a Cluster or a Redis URL) starts before every service,
     stops after them all, and is provided as 'cluster'.
     """
-    manager = ServiceManager(app, socketio, signals=signals)
+    manager = ServiceManager(app, socketio, signals=signals, probes=probes, block_threshold=block_threshold)
     if cluster is not None:
         _cluster_boot(manager, cluster, socketio)
     if providers:
@@ -3681,6 +4695,10 @@ class _WebSocketClosingHandler(pywsgi.WSGIHandler):
             self.close_connection = True
 
 
+class _BootCancelled(BaseException):
+    """Raised inside boot() by shutdown(): a BaseException, so no ``except Exception`` in an on_start keeps it."""
+
+
 class _IngressSubscriber:
     __slots__ = ("callback", "priority", "seq", "schema", "arity")
 
@@ -3694,6 +4712,8 @@ class _IngressSubscriber:
     def order(self):
         return (self.priority, self.seq)
 
+
+_WEB_FLUSH_STEP = 0.005  # how often shutdown looks whether clients took their disconnect (seconds)
 
 _WEB_SERVER_OPTIONS = frozenset((
     "backlog", "spawn", "error_log", "handler_class", "environ", "keyfile", "certfile", "ca_certs",
@@ -3723,9 +4743,58 @@ def _web_http_error(exc, log=_web_log):
 
 def _web_server_error(exc):
     """A blueprint's unhandled error, as JSON (Flask has logged it already)."""
-    if isinstance(getattr(exc, "original_exception", None), RecursionError):
-        return _web_json({"error": "Request body is nested too deeply"}, 400)
+    if _web_too_deep(getattr(exc, "original_exception", None)):
+        return _web_json({"error": _WEB_TOO_DEEP}, 400)
     return _web_json({"error": "Internal server error"}, 500)
+
+
+def _web_too_deep(exc):
+    """True for the RecursionError of a JSON decoder given absurdly nested input.
+
+    That is the client's fault (``request.get_json()`` on a hostile body),
+    so it is a 400; a RecursionError anywhere else is the server's own bug.
+    The innermost frame tells them apart: the decoder's module (``json.decoder``,
+    or whichever JSON library the app's provider uses) has "json" in its name.
+    """
+    if not isinstance(exc, RecursionError):
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "json" in (tb.tb_frame.f_globals.get("__name__") or "")
+
+
+def _web_body_error(error, reason):
+    """The message for a body that was sent but is unusable: what was wrong, first.
+
+    The default ``error`` ("Request body is required") would be untrue
+    once a body arrived, so the reason stands alone; an ``error`` of the
+    caller's own leads, with the reason after a colon.
+    """
+    if error == _WEB_BODY_REQUIRED:
+        return reason[0].upper() + reason[1:]
+    return "%s: %s" % (error, reason)
+
+
+def _web_refusal(exc):
+    """Whether ``exc`` is a connect handler refusing the client.
+
+    python-socketio takes Python's ConnectionRefusedError and its own (which
+    Flask-SocketIO re-exports, and which is no subclass of Python's) as a
+    refusal. Its module is looked up, not imported: if nothing loaded it,
+    nothing can have raised its exception.
+    """
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    exceptions = sys.modules.get("socketio.exceptions")
+    return exceptions is not None and isinstance(exc, exceptions.ConnectionRefusedError)
+
+
+def _web_socket_error():
+    """The ack of a socket event whose handling failed: no details, a status, JSON."""
+    return Outcome.failure("Internal server error", status=500).to_dict()
 
 
 def _web_refuse_constant(name):
@@ -3763,6 +4832,10 @@ def _web_response(result):
 def _web_error_response(exc, message, log, include_trace):
     if isinstance(exc, HTTPError):
         return _web_http_error(exc, log)
+    if isinstance(exc, werkzeug.exceptions.HTTPException) and exc.response is not None:
+        return exc.get_response()  # abort(response): the view chose the response itself
+    if _web_too_deep(exc):
+        return _web_json({"error": _WEB_TOO_DEEP}, 400)
     if isinstance(exc, werkzeug.exceptions.HTTPException) and exc.code is not None:
         if exc.code < 400:
             return exc.get_response()  # redirects stay redirects
@@ -3832,9 +4905,22 @@ def _web_schema(schema):
 
 def _web_health(obj):
     health = getattr(obj, "health", None)
-    if callable(health):
-        return health()
-    return {"name": getattr(obj, "name", repr(obj)), "registered": getattr(obj, "registered", None)}
+    report = dict(health()) if callable(health) else {}
+    report.setdefault("name", getattr(obj, "name", None) or repr(obj))
+    report.setdefault("registered", getattr(obj, "registered", None))
+    return report
+
+
+def _web_by_name(reports):
+    """Health reports keyed by their ``name``, in order; a repeated name gets '#2', '#3'..."""
+    keyed: Dict[str, Any] = {}
+    for report in reports:
+        key, count = report["name"], 1
+        while key in keyed:
+            count += 1
+            key = "%s#%d" % (report["name"], count)
+        keyed[key] = report
+    return keyed
 
 
 def _web_arity(callback):
@@ -3852,8 +4938,445 @@ def _web_arity(callback):
     return count
 
 
+def _web_default_name(obj, base):
+    """The name of a Router or Handler built without one.
+
+    A class that sets ``name`` gives it; a subclass that does not is named
+    after itself in snake case (``JobsRouter`` -> ``'jobs_router'``), so two
+    such classes do not share a name; ``base`` itself keeps its class
+    default ('router', 'unnamed_handler').
+    """
+    for klass in type(obj).__mro__:
+        if klass is base:
+            break
+        if vars(klass).get("name"):
+            return vars(klass)["name"]
+    return base.name if type(obj) is base else _web_snake(type(obj).__name__)
+
+
 def _web_snake(name):
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _web_mount_controller(app, controller, url_prefix):
+    """Register ``controller``'s blueprint on ``app`` once; another blueprint of that name is an error."""
+    blueprint = controller.build_blueprint(url_prefix)
+    registered = app.blueprints.get(blueprint.name)
+    if registered is None:
+        app.register_blueprint(blueprint)
+    elif registered is not blueprint:
+        raise ValueError(
+            "the app already has a blueprint named %r (from another controller or router); "
+            "give this controller another name" % blueprint.name)
+
+
+_loop_log = logging.getLogger("specter.loop")
+
+
+class _WebOperations:
+    """What a manager adds for operators: the app binding, probes, the loop monitor and the CLI.
+
+    Kept apart from ServiceManager so its boot and shutdown only call out
+    here: ``bind`` when an app arrives, ``starting``/``stopping`` as the
+    manager starts and stops.
+    """
+
+    def __init__(self, manager, probes, block_threshold):
+        self.manager = manager
+        self.probes = _web_probe_prefix(probes)
+        self.threshold = _check_seconds(block_threshold, "block_threshold", allow_none=True, positive=True)
+        self.unmounted = []  # (controller, url_prefix) registered before the manager had an app
+        self.monitor = None
+
+    def bind(self, app, socketio):
+        """Bind the manager to ``app`` (and ``socketio``): see ServiceManager.init_app()."""
+        manager = self.manager
+        if manager._app is not None and manager._app is not app:
+            raise RuntimeError("%s is already bound to the app %r; one manager serves one app, so make "
+                               "another ServiceManager for %r" % (manager.name, manager._app.name, app.name))
+        if socketio is not None and manager._socketio is not None and socketio is not manager._socketio:
+            raise RuntimeError("%s already uses another SocketIO; pass the same one to init_app()" % manager.name)
+        if socketio is not None:
+            manager._socketio = socketio
+            if manager._ingress.socketio is None:
+                manager._ingress.attach(socketio)
+        if manager._app is app:
+            return
+        manager._app = app
+        # Like any Flask extension: findable on the app, and an HTTPError
+        # raised in any of its views is answered as JSON.
+        app.extensions["specter"] = manager
+        if HTTPError not in app.error_handler_spec[None][None]:  # keep the app's own
+            app.register_error_handler(HTTPError, _web_http_error)
+        for service in [manager] + manager._services:
+            self.adopt_app(service)
+        unmounted, self.unmounted = self.unmounted, []
+        for controller, url_prefix in unmounted:
+            _web_mount_controller(app, controller, url_prefix)
+        if self.probes is not None:
+            _web_probes_mount(app, manager, self.probes)
+        app.cli.add_command(_web_cli_group(manager))
+
+    def adopt_app(self, service):
+        """Run ``service``'s background work in the manager's app context (unless it has an app)."""
+        if service._specter_app is None:
+            service._specter_app = self.manager._app
+
+    def starting(self):
+        routed = [controller.name for controller, _ in self.unmounted
+                  if type(controller).build_routes is not Controller.build_routes
+                  and not controller.health()["has_blueprint"]]
+        if routed:
+            _web_log.warning("the HTTP routes of %s are not served: the manager has no Flask app. Call "
+                             "manager.init_app(app) before boot() (app-factory pattern), or make the "
+                             "manager with the app", ", ".join(routed))
+        if self.threshold is not None and self.monitor is None:
+            self.monitor = _WebLoopMonitor(self.manager, self.threshold)
+            self.monitor.start()
+
+    def stopping(self):
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.stop()
+
+    def loop_health(self):
+        if self.monitor is not None:
+            return self.monitor.health()
+        return {"monitor": False, "threshold": self.threshold, "blocked": 0, "longest": 0.0, "last_stack": None}
+
+    def blocked(self):
+        return self.monitor is not None and self.monitor.blocked_now()
+
+
+class _WebLoopMonitor:
+    """gevent's own loop monitor, reported through ``specter.loop``, health() and the bus.
+
+    gevent's monitor thread checks every ``threshold`` seconds whether the
+    hub switched greenlets; when it did not, it notifies an
+    ``EventLoopBlocked`` with the stack of the greenlet that holds the
+    loop. That notification arrives in the monitor thread, so this class
+    only logs there (so a loop blocked for good is still reported) and
+    records; the counters and the ``'loop:blocked'`` event are handled in
+    the hub once the loop runs again, woken by a thread-safe async watcher.
+    """
+
+    log_every = 60.0  # the same stack is logged at most once per this many seconds
+
+    def __init__(self, manager, threshold):
+        self.manager = manager
+        self.threshold = threshold
+        self.blocked = 0
+        self.longest = 0.0
+        self.last_stack = None
+        self._reports = collections.deque()  # appended by the monitor thread, drained by the hub
+        self._last_report = None
+        self._in_block = False
+        self._logged = {}
+        self._hub = None
+        self._wakeup = None
+        self._saved = None
+        self._own_thread = False
+
+    def start(self):
+        import gevent.events  # only when asked for: it loads zope.event
+        hub = gevent.get_hub()
+        config = gevent.config
+        self._saved = (config.monitor_thread, config.max_blocking_time, config.print_blocking_reports)
+        config.max_blocking_time = self.threshold  # gevent's monitor rereads it every round
+        config.print_blocking_reports = False  # reported through logging instead
+        config.monitor_thread = True
+        self._hub = hub
+        self._wakeup = hub.loop.async_()
+        self._wakeup.ref = False  # must not keep the loop alive on its own
+        self._wakeup.start(self._drain)
+        gevent.events.subscribers.append(self._on_blocked)
+        if hub.periodic_monitoring_thread is None:
+            with warnings.catch_warnings():
+                # Memory monitoring (which wants psutil) is gevent's other job; not ours.
+                warnings.filterwarnings("ignore", message="Unable to monitor memory usage")
+                hub.start_periodic_monitoring_thread()
+            self._own_thread = True
+        _loop_log.debug("loop monitor on, threshold %s s", self.threshold)
+        return self
+
+    def stop(self):
+        import gevent.events
+        if self._hub is None:
+            return
+        try:
+            gevent.events.subscribers.remove(self._on_blocked)
+        except ValueError:
+            pass  # someone cleared gevent's subscriber list already
+        hub, self._hub = self._hub, None
+        if self._own_thread and hub.periodic_monitoring_thread is not None:
+            hub.periodic_monitoring_thread.kill()  # the thread ends when its current sleep does
+            hub.periodic_monitoring_thread = None
+        config = gevent.config
+        config.monitor_thread, config.max_blocking_time, config.print_blocking_reports = self._saved
+        self._wakeup.stop()
+        self._wakeup.close()
+        self._drain()  # a block seen just before the stop still counts
+        _loop_log.debug("loop monitor off")
+
+    def health(self):
+        return {"monitor": self._hub is not None, "threshold": self.threshold, "blocked": self.blocked,
+                "longest": round(self.longest, 3), "last_stack": self.last_stack}
+
+    def blocked_now(self):
+        """True while gevent reports the loop blocked, and for one more threshold after its last report.
+
+        The loop cannot answer while it is blocked; the extra threshold makes
+        a probe that waited out the block answer 503, since the block ended
+        at most one monitor round after the last report.
+        """
+        last = self._last_report
+        return last is not None and _monotonic() - last < 2 * self.threshold
+
+    def _on_blocked(self, event):
+        """A gevent event subscriber: runs in gevent's monitor thread, never in the hub."""
+        import gevent.events
+        hub = self._hub
+        if hub is None or not isinstance(event, gevent.events.EventLoopBlocked) \
+                or getattr(event, "hub", hub) is not hub:
+            return
+        now = _monotonic()
+        stack = _web_loop_stack(event.info)
+        name = _web_loop_greenlet_name(event.greenlet)
+        self._last_report = now
+        # The loop's clock stands still while it is blocked: it says when the loop last polled.
+        self._reports.append((hub.loop.now(), name, stack))
+        if not self._in_block:  # one warning per block, not one per monitor round
+            self._in_block = True
+            logged = self._logged.get(stack)
+            if logged is None or now - logged >= self.log_every:
+                self._logged[stack] = now
+                _loop_log.warning("the event loop is blocked (over %s s) by greenlet %s; its stack:\n%s",
+                                  self.threshold, name, stack)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            wakeup.send()  # thread-safe; runs _drain in the hub once the loop is free
+
+    def _drain(self):
+        """In the hub, once the loop runs again: count the block and announce it."""
+        self._in_block = False
+        if not self._reports:
+            return
+        first = self._reports[0]
+        while self._reports:
+            self._reports.popleft()
+        loop = self._hub.loop if self._hub is not None else gevent.get_hub().loop
+        loop.update_now()  # the loop's clock when it last polled, before the block, to now
+        seconds = loop.now() - first[0]
+        self.blocked += 1
+        self.longest = max(self.longest, seconds)
+        self.last_stack = first[2]
+        data = {"seconds": round(seconds, 3), "threshold": self.threshold, "greenlet": first[1],
+                "stack": first[2]}
+        if self.manager.status in _ACTIVE:
+            # A loop callback may not block, and listeners may: they get a greenlet.
+            self.manager.spawn(bus.emit, "loop:blocked", data, label="loop:blocked")
+
+
+def _web_loop_greenlet_name(glet):
+    name = getattr(glet, "name", None)
+    if name:
+        return name
+    return "main" if getattr(glet, "parent", False) is None else type(glet).__name__
+
+
+def _web_loop_stack(info):
+    """The blocked stack out of gevent's report lines (the block after 'Blocked Stack')."""
+    for index, line in enumerate(info[:-1]):
+        if isinstance(line, str) and line.startswith("Blocked Stack"):
+            return info[index + 1].rstrip()
+    return "\n".join(str(line) for line in info).strip()
+
+
+def _web_probe_prefix(probes):
+    """None (off), '' (on at the root) or '/prefix' from ``probes=``."""
+    if probes is None or probes is False:
+        return None
+    if probes is True:
+        return ""
+    if not isinstance(probes, str) or not probes.startswith("/"):
+        raise ValueError("probes must be True, False or a path prefix starting with '/', got %r" % (probes,))
+    return probes.rstrip("/")
+
+
+def _web_probes_mount(app, manager, prefix):
+    """Serve GET <prefix>/livez and <prefix>/readyz on ``app`` (once)."""
+    if "specter_livez" in app.view_functions:
+        return
+
+    def livez():
+        if manager._ops.blocked():
+            return _web_probe_answer({"status": "blocked", "threshold": manager._ops.threshold}, 503)
+        return _web_probe_answer({"status": "ok"}, 200)
+
+    def readyz():
+        status = _web_readiness(manager)
+        return _web_probe_answer({"status": status,
+                                  "services": {s.name: s.status for s in manager._services}},
+                                 200 if status == "ok" else 503)
+
+    app.add_url_rule(prefix + "/livez", "specter_livez", livez, methods=["GET"])
+    app.add_url_rule(prefix + "/readyz", "specter_readyz", readyz, methods=["GET"])
+
+
+def _web_readiness(manager):
+    """'ok', or why the app should get no traffic: starting, stopping, stopped, failed, degraded."""
+    if manager._shutting_down:
+        return "stopping"
+    if not manager.booted:
+        return "stopped" if manager.status == "stopped" else "starting"
+    statuses = [manager.status] + [service.status for service in manager._services]
+    if "failed" in statuses:
+        return "failed"
+    if any(status != "running" and status != "standby" for status in statuses):
+        return "degraded"  # a singleton waiting for its lease on another node is ready, not degraded
+    return "ok"
+
+
+def _web_probe_answer(body, status):
+    response = _web_json(body, status)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _web_cli_group(manager):
+    """The ``flask specter`` command group of ``manager``'s app."""
+    group = flask.cli.AppGroup("specter", help="Inspect and serve the SPECTER app.")
+
+    @group.command("routes")
+    def routes():
+        """Every HTTP route and socket event, with what owns it."""
+        http, events = _web_cli_http_rows(manager), _web_cli_event_rows(manager)
+        click.echo("HTTP routes (%d)\n" % len(http))
+        click.echo(_web_cli_table(("RULE", "METHODS", "OWNER", "ERRORS"), http))
+        click.echo("\nSocket events (%d)\n" % len(events))
+        click.echo(_web_cli_table(("NAMESPACE", "EVENT", "PRIORITY", "OWNER", "CALLBACK", "SCHEMA"), events))
+
+    @group.command("schemas")
+    @click.argument("name", required=False)
+    def schemas(name):
+        """The JSON Schema of every schema the controllers declare (or of NAME)."""
+        known = _web_cli_schemas(manager)
+        if name is None:
+            out = {key: schema.to_json_schema() for key, schema in known.items()}
+        elif name in known:
+            out = known[name].to_json_schema()
+        else:
+            raise click.BadParameter("no schema named %r; known: %s" % (name, ", ".join(known) or "none"),
+                                     param_hint="NAME")
+        click.echo(json.dumps(out, indent=2))
+
+    @group.command("run", with_appcontext=False)
+    @click.option("--host", default="127.0.0.1", show_default=True, help="The interface to bind.")
+    @click.option("--port", default=5000, show_default=True, type=int, help="The port to bind.")
+    def run(host, port):
+        """Boot the services and serve the app (Socket.IO included) until SIGTERM or SIGINT."""
+        click.echo("serving on http://%s:%d (Ctrl-C to stop)" % (host, port))
+        manager.run(host=host, port=port)
+
+    return group
+
+
+def _web_cli_table(headers, rows):
+    """Rows as left-aligned columns under ``headers``; '-' for an empty cell."""
+    rows = [tuple("-" if cell in (None, "") else str(cell) for cell in row) for row in rows]
+    if not rows:
+        rows = [("(none)",) + ("",) * (len(headers) - 1)]
+    widths = [max(len(row[i]) for row in [headers] + rows) for i in range(len(headers))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in [headers] + rows)
+
+
+def _web_cli_http_rows(manager):
+    app = manager.app
+    controllers = {service.name.replace(".", "_"): service.name
+                   for service in manager._services if isinstance(service, Controller)}
+    rows = []
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: (r.rule, sorted(r.methods or ()))):
+        endpoint = rule.endpoint
+        blueprint = endpoint.rpartition(".")[0]
+        view = app.view_functions.get(endpoint)
+        if blueprint in controllers:
+            owner = "%s (controller)" % controllers[blueprint]
+        elif endpoint.startswith("specter_"):
+            owner = "specter (probe)"
+        elif endpoint == "static":
+            owner = "flask (static files)"
+        elif blueprint:
+            bound = getattr(inspect.unwrap(view), "__self__", None) if view is not None else None
+            owner = "%s (%s)" % (blueprint, "router" if isinstance(bound, Router) else "blueprint")
+        else:
+            owner = "app"
+        methods = ", ".join(sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}))
+        rows.append((rule.rule, methods, owner, _web_cli_errors(app, blueprint, endpoint, view)))
+    return rows
+
+
+def _web_cli_errors(app, blueprint, endpoint, view):
+    """How a view answers errors: json "<message>" (json_endpoint), json, or html (Flask's pages)."""
+    fn = view
+    while fn is not None:
+        if getattr(fn, "__code__", None) is _WEB_JSON_ENDPOINT_CODE:
+            message = inspect.getclosurevars(fn).nonlocals.get("message")
+            return 'json "%s"' % message if message else "json"
+        fn = getattr(fn, "__wrapped__", None)
+    if endpoint.startswith("specter_"):
+        return "json"
+    handlers = app.error_handler_spec.get(blueprint, {}) if blueprint else {}
+    if _web_server_error in handlers.get(500, {}).values():
+        return "json"  # a Router's blueprint answers its errors as JSON
+    return "html"
+
+
+def _web_cli_event_rows(manager):
+    """Socket events: subscribed on the ingress, plus those of handlers not set up yet."""
+    rows = []
+    for (namespace, event), entries in manager.socket_ingress._subs.items():
+        for entry in entries:
+            owner, callback = _web_cli_owner(entry.callback)
+            schema = entry.schema.name if entry.schema is not None else None
+            rows.append(((namespace, event, entry.priority, entry.seq), owner, callback, schema))
+    for handler in manager._handlers:
+        if getattr(handler, "registered", False) or not isinstance(handler, Handler):
+            continue
+        for seq, (event, callback, priority, namespace, schema) in enumerate(handler._bindings):
+            rows.append(((namespace, event, priority, seq), handler.name, _callable_name(callback),
+                         schema.name if schema is not None else None))
+    rows.sort(key=lambda row: row[0])
+    return [(key[0], key[1], key[2], owner, callback, schema) for key, owner, callback, schema in rows]
+
+
+def _web_cli_owner(callback):
+    """(owner, callback name): a Handler's subscriber names its handler; others are the ingress's own."""
+    inner = getattr(callback, "__wrapped__", None)
+    if inner is not None:
+        inner_name = _callable_name(inner)
+        qualname = _callable_name(callback)
+        if qualname.endswith("." + inner_name):
+            return qualname[:-len(inner_name) - 1], inner_name
+    return "(ingress)", _callable_name(callback)
+
+
+def _web_cli_schemas(manager):
+    """Every schema the manager's controllers declare, by name (controller-qualified on a clash)."""
+    found = {}
+    for service in manager._services:
+        if not isinstance(service, Controller):
+            continue
+        for schema in service.schemas.values():
+            key = schema.name
+            if key in found and found[key] is not schema:
+                key = "%s.%s" % (service.name, schema.name)
+            found[key] = schema
+    return found
+
+
+# The code of json_endpoint's wrapper: how the CLI tells a json_endpoint view.
+_WEB_JSON_ENDPOINT_CODE = json_endpoint(_check_callable).__code__
 
 
 ###############################################################################
@@ -3871,6 +5394,12 @@ class ManagedProcess:
     up to ``terminate_timeout`` seconds of grace, then SIGKILL. Waiting,
     reading and stopping go through gevent's subprocess support and never
     block the hub, whether or not the application monkey-patches.
+
+    The launch runs in a greenlet the process owns, so no interruption of
+    the caller can separate a child from its handle, and a teardown whose
+    caller is interrupted is finished by one; a group is signalled only
+    while it is verifiably the child's, never after its pgid may have been
+    reused.
     """
 
     PIPE = subprocess.PIPE
@@ -3889,13 +5418,19 @@ class ManagedProcess:
         self._watched = set()
         self._group_gone = False
         self._reaper = None
+        self._launcher = None
+        self._stopping = gevent.lock.RLock()
+        self._terminated_at = None  # when this run's group got SIGTERM (monotonic)
 
     def start(self, args: Union[str, bytes, Sequence[Any]], *, owner: Any = None,
               **popen_kwargs: Any) -> ManagedProcess:
-        """Launch ``args`` (popen keywords pass through); RuntimeError if already running."""
-        if self.running:
-            raise RuntimeError("process %s is already running (pid %d); stop() it first"
-                               % (self.name, self._popen.pid))
+        """Launch ``args`` (popen keywords pass through); RuntimeError if already running.
+
+        If the caller is interrupted during the launch (a kill, a Timeout),
+        start() stops the child before re-raising; a stop() from any
+        greenlet during the launch waits for it and ends the child too.
+        """
+        self._check_idle()
         if isinstance(args, (str, bytes)):
             if not args.strip():
                 raise ValueError("args must name a program, got an empty string")
@@ -3911,18 +5446,24 @@ class ManagedProcess:
         popen_kwargs["start_new_session"] = True
         if self._popen is not None:
             self.stop()  # the previous run's group, readers and pipes
+            self._check_idle()  # another greenlet may have started it meanwhile
         self.args = args
-        self._popen = gevent.subprocess.Popen(args, **popen_kwargs)
-        self._pgid = self._popen.pid  # a new session's leader leads its group
-        self._watched = set()
-        self._group_gone = False
-        for holder in self._owners:
-            holder._hold(self.stop, self)  # its owners own the new run too
-        self._reaper = gevent.spawn(self._reap, self._popen)
-        self._reaper.name = "%s:reaper" % self.name
-        _process_log.debug("%s: started pid %d", self.name, self._popen.pid)
+        # Owners hold the process before the launch, so an owner stopping
+        # during it ends the child too.
         if owner is not None:
             self.attach(owner)
+        for holder in self._owners:
+            holder._hold(self.stop, self)  # its owners own the new run too
+        launcher = self._launcher = gevent.spawn(self._launch, args, popen_kwargs)
+        launcher.name = "%s:launch" % self.name
+        try:
+            failure = launcher.get()
+            if failure is not None:
+                raise failure
+        except BaseException:
+            # Interrupted, or the launch failed: leave nothing running or held.
+            self.stop()
+            raise
         return self
 
     def attach(self, owner: Any) -> ManagedProcess:
@@ -3943,8 +5484,10 @@ class ManagedProcess:
                      close_on_exit: bool = False) -> Greenlet:
         """Read ``'stdout'`` or ``'stderr'`` in an owned greenlet, calling ``handler`` per line.
 
-        With ``chunk_size`` the handler gets raw chunks of up to that many
-        bytes instead. A handler that raises is logged and reading goes on.
+        With ``chunk_size`` the handler gets chunks instead, as soon as
+        output arrives: up to that many bytes, decoded to ``str`` (newlines
+        translated) when the process runs in text mode. A handler that
+        raises is logged and reading goes on.
         """
         if stream_name not in ("stdout", "stderr"):
             raise ValueError("stream_name must be 'stdout' or 'stderr', got %r" % (stream_name,))
@@ -3997,23 +5540,22 @@ class ManagedProcess:
     def stop(self, timeout: Optional[float] = None) -> ManagedProcess:
         """End the process group: SIGTERM, wait, then SIGKILL; stop readers, close pipes.
 
-        ``timeout`` overrides ``terminate_timeout``. Idempotent.
+        ``timeout`` overrides ``terminate_timeout``. Idempotent. A launch in
+        progress is waited for and its child ended; a stop() under way in
+        another greenlet is waited for. An interruption of the caller (its
+        own Timeout, a kill) ends its wait, not the teardown: a greenlet of
+        the process's own finishes it, and SIGKILL still comes ``timeout``
+        seconds after the first SIGTERM.
         """
         grace = self.terminate_timeout if timeout is None else _check_seconds(timeout, "timeout")
-        popen = self._popen
-        if popen is None:
-            return self
-        if popen.poll() is None or (not self._group_gone and self._group_alive()):
-            _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
-            self._signal_group(signal.SIGTERM)
-            if self._wait_group(grace):
-                _process_log.warning("%s: still running %.1f s after SIGTERM; killing", self.name, grace)
-                self._signal_group(signal.SIGKILL)
-                if self._wait_group(self.kill_timeout):
-                    _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
-        self._stop_readers()
-        _process_close(popen.stdin, popen.stdout, popen.stderr)
-        self._leave_owners()
+        run = self._launcher  # the run this call ends (the latest launch)
+        try:
+            self._teardown(grace)
+        except BaseException:
+            # Every step of the teardown is idempotent: run it again to the end.
+            finisher = gevent.spawn(self._teardown, grace, run)
+            finisher.name = "%s:stop" % self.name
+            raise
         return self
 
     @property
@@ -4052,12 +5594,22 @@ class ManagedProcess:
     def _read(self, stream, handler, chunk_size, strip, label, close_on_exit):
         try:
             if chunk_size:
-                read = stream.read1 if hasattr(stream, "read1") else stream.read
+                # read1() returns what has arrived; a text stream's read(n) would
+                # wait for n characters, so text is read as bytes and decoded here.
+                decode = _process_text_decoder(stream)
+                raw = stream if decode is None else stream.buffer
+                read = raw.read1 if hasattr(raw, "read1") else raw.read
                 while True:
                     chunk = read(chunk_size)
                     if not chunk:
                         break
-                    self._handle(handler, chunk, label)
+                    if decode is not None:
+                        chunk = decode(chunk)  # '' while a character is split across reads
+                    if chunk:
+                        self._handle(handler, chunk, label)
+                tail = decode(b"", True) if decode is not None else None
+                if tail:
+                    self._handle(handler, tail, label)
             else:
                 newline = b"\r\n" if not isinstance(getattr(stream, "encoding", None), str) else "\r\n"
                 for line in stream:
@@ -4084,7 +5636,71 @@ class ManagedProcess:
     def _log_line(self, label, line):
         _process_log.info("%s[%s] %s", self.name, label, line)
 
+    def _launch(self, args, popen_kwargs):
+        """Run Popen and adopt the child, in the greenlet start() waits for.
+
+        gevent's Popen yields between fork and exec; adopting here rather
+        than in start() means the handle reaches the process even when
+        start() is interrupted there. A launch that fails returns its
+        exception for start() to raise (a greenlet dying of it would also be
+        reported by the hub).
+        """
+        try:
+            popen = gevent.subprocess.Popen(args, **popen_kwargs)
+        except Exception as exc:
+            return exc
+        self._popen = popen
+        self._pgid = popen.pid  # a new session's leader leads its group
+        self._watched = set()
+        self._group_gone = False
+        self._terminated_at = None
+        self._reaper = gevent.spawn(self._reap, popen)
+        self._reaper.name = "%s:reaper" % self.name
+        _process_log.debug("%s: started pid %d", self.name, popen.pid)
+        return None
+
+    def _teardown(self, grace, run=None):
+        """stop()'s work, one greenlet at a time; each step is idempotent.
+
+        The SIGKILL deadline counts from this run's first SIGTERM, so a
+        teardown finishing an interrupted one does not start a new grace.
+        Given ``run`` (the launcher of the run to end), it does nothing once
+        another run has started: that start() ended the old run already.
+        """
+        with self._stopping:
+            launcher = self._launcher
+            if run is not None and launcher is not run:
+                return
+            if launcher is not None and not launcher.dead:
+                launcher.join()  # fork to exec: brief, and the child must not escape
+            popen = self._popen
+            if popen is not None:
+                if self._group_alive():
+                    if self._terminated_at is None:
+                        _process_log.debug("%s: terminating process group %d", self.name, self._pgid)
+                        self._signal_group(signal.SIGTERM)
+                        self._terminated_at = _monotonic()
+                    if self._wait_group(max(self._terminated_at + grace - _monotonic(), 0.0)):
+                        _process_log.warning("%s: still running %.1f s after SIGTERM; killing",
+                                             self.name, grace)
+                        self._signal_group(signal.SIGKILL)
+                        if self._wait_group(self.kill_timeout):
+                            _process_log.error("%s: process group %d survived SIGKILL", self.name, self._pgid)
+                self._stop_readers()
+                _process_close(popen.stdin, popen.stdout, popen.stderr)
+            self._leave_owners()
+
+    def _check_idle(self):
+        if self._launcher is not None and not self._launcher.dead:
+            raise RuntimeError("process %s is being started by another greenlet; stop() it first" % self.name)
+        if self.running:
+            raise RuntimeError("process %s is already running (pid %d); stop() it first"
+                               % (self.name, self._popen.pid))
+
     def _signal_group(self, signum):
+        """Signal the group, verified as ours just before (no yield in between)."""
+        if not self._group_alive():
+            return
         try:
             if self._pgid != os.getpgrp():
                 os.killpg(self._pgid, signum)
@@ -4096,14 +5712,34 @@ class ManagedProcess:
             self._popen.send_signal(signum)
 
     def _group_alive(self):
+        """True while the group has a live member and is verifiably ours.
+
+        Until gevent reaps our leader, its pid, and so the pgid, cannot be
+        reused: the group is ours. After that only descendants keep the
+        pgid in use. Once the group is seen empty, or a live process holds
+        the reaped leader's pid (the kernel reused the number), the pgid is
+        someone else's: that is recorded for good, and the group is never
+        probed or signalled again.
+        """
+        if self._group_gone:
+            return False
+        if self._popen.returncode is None:
+            return True
         try:
             os.killpg(self._pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        # Something answers; only /proc can tell the living from zombies. The
-        # scan reads every /proc/*/stat, so it runs off the hub, in a thread.
-        members = gevent.get_hub().threadpool.apply(_process_group_members, (self._pgid,))
-        return True if members is None else bool(members)
+        except ProcessLookupError:
+            members = []
+        except PermissionError:
+            return False  # not ours to signal, and perhaps not ours at all
+        else:
+            # Something answers; only /proc can tell the living from zombies.
+            members = _process_group_members(self._pgid)
+            if members is None:
+                return True  # no /proc: the kill(0) answer is all there is
+        if members and self._pgid not in members:
+            return True
+        self._group_gone = True
+        return False
 
     def _wait_group(self, timeout):
         """Wait for the child and then its group to be gone; True if something is left."""
@@ -4115,7 +5751,7 @@ class ManagedProcess:
                 return True
             gevent.sleep(min(pause, max(deadline - _monotonic(), 0)))
             pause = min(pause * 2, 0.1)
-        return self._popen.poll() is None
+        return False
 
     def _reap(self, popen):
         """Once the child and its group are gone and its watched output is read, release it.
@@ -4131,8 +5767,7 @@ class ManagedProcess:
                 break
             gevent.joinall(readers)
         if self._popen is not popen or self._group_alive():
-            return
-        self._group_gone = True  # its pgid may be reused from now on: never signal it again
+            return  # otherwise the group is gone for good (_group_alive recorded it)
         _process_close(popen.stdin, *(getattr(popen, name) for name in self._watched))
         self._leave_owners()
 
@@ -4174,18 +5809,39 @@ def _process_drain(stream):
         pass  # closed at last: nothing more to drain
 
 
-def _process_group_members(pgid):
+def _process_text_decoder(stream):
+    """A ``decode(data, final=False)`` matching text-mode ``stream``, or None for a binary one.
+
+    Newlines are translated as the stream's own reads would (Popen's text
+    mode uses universal newlines).
+    """
+    encoding = getattr(stream, "encoding", None)
+    if not isinstance(encoding, str):
+        return None
+    decoder = codecs.getincrementaldecoder(encoding)(getattr(stream, "errors", None) or "strict")
+    return io.IncrementalNewlineDecoder(decoder, translate=True).decode
+
+
+def _process_group_members(pgid, parent=False):
     """Live pids of process group ``pgid`` read from /proc, or None without /proc.
+
+    With ``parent=True``, the live children of process ``pgid`` instead
+    (leak_check's census of child processes).
 
     Zombies do not count: they are dead, merely waiting for a parent (often
     an init that reaps slowly) to collect them, and no signal reaches them.
+    The scan yields to the hub every few entries instead of running in a
+    thread: gevent's threadpool cannot be created at interpreter exit, where
+    the atexit shutdown may still have a group to kill.
     """
     try:
         entries = os.listdir("/proc")
     except OSError:
         return None
     members = []
-    for entry in entries:
+    for count, entry in enumerate(entries, 1):
+        if count % 64 == 0:
+            gevent.sleep(0)
         if not entry.isdigit():
             continue
         try:
@@ -4194,7 +5850,7 @@ def _process_group_members(pgid):
         except OSError:
             continue  # the process ended while we looked
         fields = data[data.rfind(b")") + 2:].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+        if len(fields) > 2 and int(fields[1 if parent else 2]) == pgid and fields[0] not in (b"Z", b"X"):
             members.append(int(entry))
     return members
 
@@ -4414,7 +6070,7 @@ class Cluster(Service):
             keys=[self._key("nodes"), self._key("nodeinfo")],
             args=[self.node_id, info, int(self.node_timeout * 1000), 1 if register else 0])
         self._redis_now = int(now) / 1000.0
-        return sorted((json.loads(text) for text in infos if text), key=operator.itemgetter("node_id"))
+        return sorted((json.loads(text) for text in infos if text), key=lambda node: node["node_id"])
 
     def _monitor(self):
         """Heartbeat while connected; after a fault, retry with capped jittered backoff."""
@@ -4702,9 +6358,11 @@ class ClusterQueue(QueueService):
                                   % (self.name, cluster.url, exc)) from None
         self._cluster = cluster
         cluster._queues.append(self)
-        self.add_cleanup(functools.partial(_drop_item, cluster._queues, self))
+        self.add_cleanup(functools.partial(_cluster_drop, cluster._queues, self))
         self.on_start()
-        self.queue = gevent.queue.Queue()  # fetched entries waiting for a worker
+        # Fetched entries waiting for a worker: never more than the idle workers (plus
+        # reclaimed ones), so unbounded; maxsize bounds the shared backlog instead.
+        self.queue = gevent.queue.JoinableQueue()
         self._idle = self.worker_count
         self._workers = tuple(
             self.spawn(self._cq_work, label="%s.worker-%d" % (self.name, index))
@@ -4724,11 +6382,8 @@ class ClusterQueue(QueueService):
             if task is not None and task is not current:
                 self.cancel_greenlet(task)
         self._reader = self._acker = None
-        while True:
-            try:
-                self.queue.get_nowait()
-            except gevent.queue.Empty:
-                break
+        while self.queue.qsize():
+            self.queue.get_nowait()  # back to the backlog below, with the other unfinished ones
         own = self._handling.get(current)  # a worker stopping its own queue: its item is finished after
         deadline = _monotonic() + self.drain_timeout
         while any(worker is not current for worker in self._handling) and _monotonic() < deadline:
@@ -4752,12 +6407,11 @@ class ClusterQueue(QueueService):
 
     def _cq_work(self):
         get, handle, handling = self.queue.get, self.handle_item, self._handling
+        if self._specter_app is not None:  # a fresh app context per item, as QueueService does
+            handle = functools.partial(_life_in_app_context, self._specter_app, handle)
         me = getcurrent()
         while True:
-            entry = get()
-            if entry is _QUEUE_STOP:
-                return
-            entry_id, payload, deliveries = entry
+            entry_id, payload, deliveries = get()  # the worker ends when stop() kills it
             self._idle -= 1
             handling[me] = entry_id
             try:
@@ -5059,7 +6713,7 @@ class Lease:
             loop.kill(block=True, timeout=self.stop_timeout)
         cluster = self._cluster
         if cluster is not None:
-            _drop_item(cluster._leases, self)
+            _cluster_drop(cluster._leases, self)
             if cluster._connected.is_set():
                 try:
                     cluster._scripts.release_lease(keys=[cluster._key("lease", self.name)], args=[self._holder])
@@ -5369,7 +7023,7 @@ def _cluster_detach():
     _cluster_active = None
 
 
-def _drop_item(items, item):
+def _cluster_drop(items, item):
     """Remove ``item`` (by identity) from the list ``items`` if present."""
     for index, entry in enumerate(items):
         if entry is item:
@@ -5594,6 +7248,407 @@ def _cluster_socketio_manager_class():
 
     _cluster_sio_class = _ClusterSocketIOManager
     return _cluster_sio_class
+
+
+###############################################################################
+# Testing ######################################################################
+###############################################################################
+
+# The leak checks in force, innermost last. Empty outside a leak_check(), so
+# the real clock's call-outs cost one truth test of a global.
+_testing_watches = ()
+_testing_tracing = None  # (our tracer, the one it chains to) while checks run
+_TESTING_MORTAL = ("greenlet", "process")  # leftovers that may still end on their own
+_TESTING_SHOWN = 40  # leftovers listed in full; a count stands for the rest
+
+
+class ManualClock:
+    """A clock a test drives: inside ``with ManualClock() as clock:`` every SPECTER timer uses it.
+
+    Intervals, timeouts, ``spawn_later``, supervision backoff, Watcher polls
+    and backoff and Cache TTLs read ``now()`` and wait on this clock, whose
+    time moves only when ``advance(seconds)`` moves it. ``advance`` runs the
+    callbacks that fall due in due-time order (ties in the order they were
+    scheduled), in the calling greenlet's turn; after each one it lets every
+    greenlet that became ready run until it blocks again, so a tick that
+    spawns, or sleeps on a SPECTER timer, is driven too, and a sleep that
+    ends inside the advanced span wakes inside it. Real waits (sockets,
+    child processes, a bare ``gevent.sleep``) are not driven. Time starts at
+    ``start``; outside the ``with``, SPECTER is back on real time, and
+    timers still pending on this clock stay with it (stop what the block
+    started; ``leak_check`` reports what it left).
+    """
+
+    def __init__(self, start: float = 0.0):
+        self._time = _check_seconds(start, "start")
+        self._queue = []  # a heap of _TestingTimer; cancelled ones are skipped when popped
+        self._order = itertools.count()
+        self._saved = None
+        self._advancing = False
+
+    def now(self) -> float:
+        """The clock's time in seconds: what SPECTER timers read instead of time.monotonic()."""
+        return self._time
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``, running what falls due on the way (see the class).
+
+        Raises RuntimeError when called from the hub, or from a greenlet this
+        advance() is driving.
+        """
+        seconds = _check_seconds(seconds, "seconds")
+        if self._advancing:
+            raise RuntimeError("ManualClock.advance() is already running; call it from the test, "
+                               "not from a callback or greenlet it drives")
+        if getcurrent() is gevent.get_hub():
+            raise RuntimeError("ManualClock.advance() cannot run in the hub; call it from a greenlet")
+        target = self._time + seconds
+        queue = self._queue
+        self._advancing = True
+        try:
+            gevent.idle()  # what is ready now (a service just started) runs before time moves
+            while queue and queue[0].due <= target:
+                timer = heapq.heappop(queue)
+                callback = timer.callback
+                if callback is None:
+                    continue  # cancelled
+                timer.callback = None
+                self._time = timer.due
+                callback()
+                gevent.idle()
+            self._time = target
+        finally:
+            self._advancing = False
+
+    def call_later(self, seconds: float, callback: Callable[[], Any]) -> Any:
+        """Run ``callback()`` when the clock reaches now + ``seconds``; ``close()`` on the result cancels it."""
+        _check_callable(callback, "callback")
+        timer = _TestingTimer(self._time + _check_seconds(seconds, "seconds"), next(self._order), callback)
+        heapq.heappush(self._queue, timer)
+        if _testing_watches:
+            _testing_note_timer(timer, callback)
+        return timer
+
+    def start_later(self, glet: Greenlet, seconds: float) -> None:
+        """Start the gevent greenlet ``glet`` after ``seconds`` of this clock; killing it cancels the start."""
+        timer = self.call_later(seconds, glet.start)
+        glet.rawlink(timer._cancel_for)
+        if _testing_watches:
+            _testing_note_greenlet(glet)
+
+    def sleep(self, seconds: float) -> None:
+        """Block the current greenlet until the clock has advanced ``seconds``."""
+        if seconds <= 0:
+            gevent.sleep(0)  # like gevent.sleep(0): a turn for the others, no time passes
+            return
+        woken = gevent.event.Event()
+        timer = self.call_later(seconds, woken.set)
+        try:
+            woken.wait()
+        finally:
+            timer.close()  # killed while asleep: the wake-up must not stay pending
+
+    def __enter__(self) -> ManualClock:
+        global _clock, _now
+        if self._saved is not None:
+            raise RuntimeError("this ManualClock is already in force; enter a clock once at a time")
+        self._saved = (_clock, _now)
+        _clock, _now = self, self.now
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        global _clock, _now
+        if self._saved is not None:
+            _clock, _now = self._saved
+            self._saved = None
+
+    def __repr__(self):
+        return "<ManualClock t=%r, %d pending>" % (self._time, len(self._pending()))
+
+    def _pending(self):
+        return sorted(timer for timer in self._queue if timer.callback is not None)
+
+
+def isolated() -> contextlib.AbstractContextManager[None]:
+    """Set aside the global ``bus`` listeners and ``registry`` entries for a block.
+
+    The block starts with an empty bus and registry; when it ends, whatever
+    it subscribed or provided is dropped and the originals are put back
+    (a ``wait_for`` still pending inside gets RuntimeError). The contents
+    move, not the objects: ``from specter import bus`` keeps working.
+    Usable as ``with isolated():`` and as a decorator.
+    """
+    return _TestingIsolation()
+
+
+def leak_check(grace: float = 1.0) -> contextlib.AbstractContextManager[None]:
+    """A context manager that fails if the block leaves work behind.
+
+    When the block ends it looks for what was created inside and is still
+    there: live greenlets (started or scheduled), live child processes, bus
+    listeners, registry keys, pending SPECTER timers and running services.
+    Greenlets and processes get up to ``grace`` seconds of real time to end
+    on their own (a greenlet that was killed may still be running its
+    ``finally``); then AssertionError names each leftover. A block that
+    raises is not checked: its own exception says more.
+    """
+    return _TestingWatch(_check_seconds(grace, "grace"))
+
+
+class SpecterTestCase(unittest.TestCase):
+    """A TestCase whose every test runs ``isolated()`` under ``leak_check()``.
+
+    With the class attribute ``manual_clock = True``, ``self.clock`` is a
+    ManualClock in force for the test. setUp enters them; they are left
+    after tearDown and after every cleanup the test added, so a test that
+    stops what it started in a cleanup passes, and a leak fails the test
+    that made it. A subclass overriding setUp calls ``super().setUp()``
+    first.
+    """
+
+    manual_clock = False
+    clock: Optional[ManualClock] = None
+
+    def setUp(self) -> None:
+        super().setUp()
+        stack = contextlib.ExitStack()
+        self.addCleanup(stack.close)  # added first, so it runs after every other cleanup
+        stack.enter_context(isolated())
+        stack.enter_context(leak_check())
+        if self.manual_clock:
+            self.clock = stack.enter_context(ManualClock())
+
+
+class _TestingTimer:
+    """One callback scheduled on a ManualClock; ordered by due time, then by scheduling order."""
+
+    __slots__ = ("due", "order", "callback")
+
+    def __init__(self, due, order, callback):
+        self.due = due
+        self.order = order
+        self.callback = callback
+
+    @property
+    def active(self):
+        return self.callback is not None
+
+    def close(self):
+        self.callback = None
+
+    stop = close  # the two names the hub's timer watchers answer to
+
+    def _cancel_for(self, glet):
+        self.close()
+
+    def __lt__(self, other):
+        return (self.due, self.order) < (other.due, other.order)
+
+    def __repr__(self):
+        return "<timer at %r: %s>" % (self.due, _testing_describe_timer(self.callback))
+
+
+class _TestingIsolation(contextlib.ContextDecorator):
+    def __enter__(self):
+        self._listeners = dict(bus._listeners)
+        self._entries = dict(registry._entries)
+        self._waiters = dict(registry._waiters)
+        bus._listeners.clear()
+        registry._entries.clear()
+        registry._waiters.clear()
+        return None
+
+    def __exit__(self, *exc_info):
+        bus._listeners.clear()
+        bus._listeners.update(self._listeners)
+        registry._entries.clear()
+        registry._entries.update(self._entries)
+        waiters = dict(registry._waiters)
+        registry._waiters.clear()
+        registry._waiters.update(self._waiters)
+        for key, waiter in waiters.items():
+            waiter.set_exception(RuntimeError("the isolated() block ended while waiting for %r" % key))
+        self._listeners = self._entries = self._waiters = None
+        return False
+
+
+class _TestingWatch:
+    """One leak_check(): what existed when it began, and what was born while it ran."""
+
+    def __init__(self, grace):
+        self.grace = grace
+        self.greenlets = []
+        self.timers = []
+        self.services = {}  # id -> service, in start order
+
+    def __enter__(self):
+        global _testing_watches, _testing_tracing
+        # Greenlets are noted at their first switch: let those spawned before
+        # the block take it now, outside.
+        gevent.idle()
+        self.listeners = {event: set(map(id, fns)) for event, fns in bus._listeners.items()}
+        self.entries = dict(registry._entries)
+        self.children = _testing_children()
+        if not _testing_watches:
+            previous = greenlet.gettrace()
+            tracer = _testing_tracer(previous)
+            greenlet.settrace(tracer)
+            _testing_tracing = (tracer, previous)
+        _testing_watches += (self,)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        global _testing_watches, _testing_tracing
+        try:
+            if exc_type is None:
+                gevent.idle()  # greenlets spawned at the very end get their first switch
+                deadline = _monotonic() + self.grace
+                leftovers = self.leftovers()
+                # Only greenlets and processes end on their own; the rest may go with them.
+                while any(kind in _TESTING_MORTAL for kind, _ in leftovers) and _monotonic() < deadline:
+                    gevent.sleep(0.01)
+                    leftovers = self.leftovers()
+                if leftovers:
+                    lines = [line for _, line in leftovers[:_TESTING_SHOWN]]
+                    if len(leftovers) > _TESTING_SHOWN:
+                        lines.append("... and %d more" % (len(leftovers) - _TESTING_SHOWN))
+                    raise AssertionError("leak_check: %d leftover(s) created inside the block:\n  %s"
+                                         % (len(leftovers), "\n  ".join(lines)))
+        finally:
+            _testing_watches = tuple(watch for watch in _testing_watches if watch is not self)
+            if not _testing_watches and _testing_tracing is not None:
+                tracer, previous = _testing_tracing
+                _testing_tracing = None
+                # A tracer set on top of ours since (gevent's monitor thread)
+                # still calls ours: leave it, ours just passes events on.
+                if greenlet.gettrace() is tracer:
+                    greenlet.settrace(previous)
+        return False
+
+    def leftovers(self):
+        """``(kind, line)`` per leftover, grouped by kind."""
+        found = []
+        hub = gevent.get_hub()
+        found.extend(("greenlet", "greenlet %s" % _testing_describe_greenlet(glet))
+                     for glet in {id(glet): glet for glet in self.greenlets}.values()
+                     if glet is not hub and not glet.dead and glet is not getcurrent())
+        found.extend(("process", "child process %d: %s" % (pid, _testing_command(pid)))
+                     for pid in _testing_children() if pid not in self.children)
+        for event, fns in bus._listeners.items():
+            before = self.listeners.get(event, ())
+            found.extend(("listener", "bus listener of %r: %s" % (event, _testing_describe_callable(fn)))
+                         for fn in fns if id(fn) not in before)
+        found.extend(("key", "registry key %r: %s" % (key, _describe(value)))
+                     for key, value in registry._entries.items() if self.entries.get(key, _MISSING) is not value)
+        found.extend(("timer", "pending timer: %s" % _testing_describe_timer(callback))
+                     for handle, callback in self.timers if handle.active)
+        found.extend(("service", "running service %r (%s)" % (service.name, service.status))
+                     for service in self.services.values() if service.status not in ("created", "stopped"))
+        return found
+
+
+def _testing_tracer(previous):
+    """A greenlet tracer noting each greenlet at its first switch, then calling ``previous``."""
+
+    def trace(event, args):
+        # Tracers run in the greenlet being switched to: one that has just
+        # started has no Python frame below the tracers' own, one that
+        # resumes has the frame it paused in.
+        if event == "switch" and _testing_watches:
+            below = sys._getframe().f_back
+            if below is None or (greenlet.gettrace() is not trace and _testing_only_tracers(below)):
+                _testing_note_greenlet(args[1])
+        if previous is not None:
+            previous(event, args)
+
+    return trace
+
+
+def _testing_only_tracers(frame):
+    """True if ``frame`` and those below it belong to the tracer set over ours (it chains to ours)."""
+    top = greenlet.gettrace()
+    code = getattr(top, "__code__", None) or getattr(getattr(top, "__call__", None), "__code__", None)
+    while frame.f_back is not None:
+        frame = frame.f_back
+    return frame.f_code is code
+
+
+# greenlet's own answer: gevent's Greenlet redefines truth for its scheduling.
+_greenlet_active = greenlet.greenlet.__bool__
+
+
+def _testing_note_timer(handle, callback):
+    for watch in _testing_watches:
+        timers = watch.timers
+        timers.append((handle, callback))
+        if len(timers) % 256 == 0:
+            timers[:] = [entry for entry in timers if entry[0].active]  # an interval re-arms every tick
+
+
+def _testing_note_greenlet(glet):
+    for watch in _testing_watches:
+        greenlets = watch.greenlets
+        greenlets.append(glet)
+        if len(greenlets) % 256 == 0:
+            greenlets[:] = [glet for glet in greenlets if not glet.dead]  # a server spawns one per request
+
+
+def _testing_note_service(service):
+    for watch in _testing_watches:
+        watch.services.setdefault(id(service), service)
+
+
+def _testing_describe_greenlet(glet):
+    state = "not started yet" if not _greenlet_active(glet) else "running"
+    run = getattr(glet, "_run", None)  # what a gevent Greenlet runs
+    owner = getattr(run, "__self__", None)
+    if isinstance(owner, Service):
+        what = "of service %r" % owner.name  # the name is the label the service gave it
+    elif run is not None:
+        what = "running %s" % _testing_describe_callable(run)
+    else:
+        what = _describe(glet)
+    name = getattr(glet, "name", None)
+    return "%r %s (%s)" % (name, what, state) if name else "%s (%s)" % (what, state)
+
+
+def _testing_describe_callable(fn):
+    owner = getattr(fn, "__self__", None)
+    if owner is None or inspect.ismodule(owner):
+        return _callable_name(fn)
+    return "%s of %s" % (_callable_name(fn), _schema_clip(repr(owner), 60))
+
+
+def _testing_describe_timer(callback):
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, _ServiceTimer):
+        kind = "every %g s" % owner.period if owner.repeat else "after %g s" % owner.period
+        return "%s of service %r (%s): %s" % (owner.id, owner.service.name, kind,
+                                            _callable_name(owner.callback))
+    if isinstance(owner, Greenlet):
+        return "start of greenlet %r (spawn_later)" % owner.name
+    if isinstance(owner, gevent.event.Event):
+        return "the end of a sleep"
+    return _callable_name(callback)
+
+
+def _testing_children():
+    """The pids of this process's live children (a set; empty without /proc)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return set()  # no child at all: one system call instead of a /proc scan
+    except (AttributeError, OSError):
+        pass  # no waitid here: scan
+    return set(_process_group_members(os.getpid(), parent=True) or ())
+
+
+def _testing_command(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip() or "?"
+    except OSError:
+        return "(ended)"
 
 
 ###############################################################################

@@ -9,26 +9,36 @@ import ast
 import atexit
 import collections
 import contextlib
+import copy
+import dataclasses
 import decimal
 import functools
 import gc
+import importlib.util
 import glob
+import inspect
 import itertools
 import json
 import logging
 import os
+import pickle
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
+import threading
 import time
 import unittest
 import urllib.error
+import urllib.parse
 import urllib.request
+import zipfile
 from unittest import mock
 
 import flask
@@ -87,6 +97,7 @@ LONG = 30  # "forever" for greenlets that must be killed
 
 # Every public name of API.md section 0.
 API_NAMES = [
+    "SpecterError",
     "EventBus", "bus", "SPECTERRegistry", "Registry", "registry",
     "Service", "QueueService", "Watcher", "WatcherError",
     "Store", "create_store", "Model", "create_model", "Cache", "create_cache",
@@ -95,6 +106,7 @@ API_NAMES = [
     "Router", "route", "Handler", "SocketIngress", "Controller",
     "ServiceManager", "boot", "ManagedProcess", "start_process",
     "Cluster", "ClusterQueue", "Lease",
+    "ManualClock", "isolated", "leak_check", "SpecterTestCase",
 ]
 
 
@@ -159,6 +171,14 @@ class Recorder:
         return [args[0] if args else None for args in self.calls]
 
 
+def outcome_of(fn, *args):
+    """What ``fn(*args)`` returns, or the exception it raises (for greenlets expected to fail)."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return exc
+
+
 def make_resource(log, *methods, **attributes):
     """An object whose named methods append ``(resource, method)`` to ``log``."""
     namespace = dict(attributes)
@@ -218,18 +238,24 @@ class Sink(QueueService):
             self.active -= 1
 
 
-class SpecterTestCase(unittest.TestCase):
-    """Clears the module singletons and arms a per-test time ceiling (``ceiling`` seconds)."""
+class SpecterTestCase(specter.SpecterTestCase):
+    """The kit's test case (each test isolated, under a leak check) with a per-test time ceiling (``ceiling`` seconds)."""
 
     ceiling = TEST_CEILING
 
     def setUp(self):
-        specter.bus.clear()
-        specter.registry.clear()
+        super().setUp()
         timer = gevent.Timeout.start_new(
             self.ceiling, AssertionError("test exceeded %ds" % self.ceiling)
         )
         self.addCleanup(timer.close)
+
+    def use_manual_clock(self, start=0.0):
+        """A ManualClock in force until the test's cleanups have run (those added later run first)."""
+        clock = specter.ManualClock(start)
+        clock.__enter__()
+        self.addCleanup(clock.__exit__, None, None, None)
+        return clock
 
     def started(self, service):
         """Start ``service`` and stop it when the test ends."""
@@ -269,6 +295,21 @@ class TestModule(SpecterTestCase):
     def test_all_has_only_public_names_once(self):
         self.assertEqual(len(specter.__all__), len(set(specter.__all__)))
         self.assertEqual(set(specter.__all__), set(API_NAMES))
+
+    def test_every_exception_class_has_the_one_root_and_keeps_its_builtin_base(self):
+        defined = {name: obj for name, obj in vars(specter).items()
+                   if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == "specter"}
+        self.assertEqual(set(defined) - {"SpecterError"},
+                         {"WatcherError", "SchemaError", "OperationError", "HTTPError"})
+        for name, cls in defined.items():
+            with self.subTest(name=name):
+                self.assertTrue(issubclass(cls, specter.SpecterError))
+        self.assertTrue(issubclass(specter.WatcherError, RuntimeError))
+        self.assertTrue(issubclass(specter.SchemaError, ValueError))
+        with self.assertRaises(ValueError):  # an except clause written for 0.1.2 still catches it
+            raise specter.SchemaError("bad", field="age")
+        with self.assertRaises(specter.SpecterError):
+            raise specter.HTTPError("gone", 410)
 
     def test_registry_alias_and_singletons(self):
         self.assertIs(specter.Registry, specter.SPECTERRegistry)
@@ -550,7 +591,7 @@ class TestEventBus(SpecterTestCase):
 
     def test_module_bus_is_shared(self):
         rec = Recorder()
-        specter.bus.on("shared", rec)
+        self.addCleanup(specter.bus.on("shared", rec))
         specter.bus.emit("shared", 1)
         self.assertEqual(rec.calls, [(1,)])
 
@@ -735,6 +776,7 @@ class TestRegistry(SpecterTestCase):
 
     def test_module_registry_is_shared(self):
         specter.registry.provide("shared", 1)
+        self.addCleanup(specter.registry.unregister, "shared")
         self.assertEqual(specter.registry.require("shared"), 1)
 
 
@@ -940,48 +982,45 @@ class TestService(SpecterTestCase):
         self.assertGreaterEqual(ticks[0] - started, SHORT * 0.8)
 
     def test_interval_keeps_a_fixed_rate_without_drift(self):
-        # Tick k is due at t0 + k*period. The callback naps 0-15 ms (7.2 ms on
-        # average), so an interval that re-arms after the callback would be
-        # ~0.1 s late by tick 16; a fixed-rate one is not late at all.
-        period, n = 0.025, 16
-        naps = itertools.cycle([0.0, 0.012, 0.006, 0.015, 0.003])
+        # Tick k is due at t0 + k*period. The callback naps 0-15 s on SPECTER's
+        # clock, so an interval that re-armed after the callback would be 115 s
+        # late by tick 16; a fixed-rate one is not late at all.
+        clock = self.use_manual_clock(start=1000)
+        period, n = 25, 16
+        naps = itertools.cycle([0, 12, 6, 15, 3])
         ticks = []
 
         def tick():
-            ticks.append(time.monotonic())
-            gevent.sleep(next(naps))
+            ticks.append(clock.now())
+            specter._clock.sleep(next(naps))
 
         svc = self.started(Service("rate"))
-        t0 = time.monotonic()
         svc.interval(tick, period)
-        self.assertEventually(lambda: len(ticks) >= n, timeout=3)
-        elapsed = ticks[n - 1] - t0
-        self.assertGreaterEqual(elapsed, n * period - 0.005)
-        self.assertLess(elapsed, n * period + 0.05, "tick %d came %.3fs after start" % (n, elapsed))
+        clock.advance(n * period)
+        self.assertEqual(ticks, [1000.0 + k * period for k in range(1, n + 1)])
 
     def test_interval_overrun_skips_ticks_instead_of_piling_up(self):
-        period, nap = 0.03, 0.045
+        clock = self.use_manual_clock()
+        period, nap = 30, 45
         starts = []
         state = {"active": 0, "peak": 0}
 
         def slow():
-            starts.append(time.monotonic())
+            starts.append(clock.now())
             state["active"] += 1
             state["peak"] = max(state["peak"], state["active"])
             try:
-                gevent.sleep(nap)
+                specter._clock.sleep(nap)
             finally:
                 state["active"] -= 1
 
         svc = self.started(Service("overrun"))
         svc.interval(slow, period)
-        self.assertEventually(lambda: len(starts) >= 5, timeout=3)
+        clock.advance(5 * 2 * period)
         self.assertEqual(state["peak"], 1)
-        gaps = [b - a for a, b in zip(starts, starts[1:])]
-        # The tick due while the callback still runs is skipped: the next
-        # start is two periods later, not as soon as the callback ends.
-        self.assertGreaterEqual(min(gaps), 2 * period - 0.01, gaps)
-        self.assertLess(starts[4] - starts[0], 4 * 2 * period + 0.03, gaps)
+        # The tick due while the callback still runs (at 60, 120, ...) is
+        # skipped: the next start is two periods later, not at 75 when it ends.
+        self.assertEqual(starts, [30.0, 90.0, 150.0, 210.0, 270.0])
 
     def test_interval_keeps_running_after_a_raising_callback(self):
         calls = []
@@ -999,13 +1038,15 @@ class TestService(SpecterTestCase):
         self.assertGreaterEqual(svc.health()["errors"], 1)
 
     def test_timeout_fires_once_and_forgets_itself(self):
+        clock = self.use_manual_clock()
         svc = self.started(Service("once"))
         rec = Recorder()
-        timeout_id = svc.timeout(rec, 0.01)
+        timeout_id = svc.timeout(rec, 10)
         self.assertIsInstance(timeout_id, str)
         self.assertEqual(svc.health()["counts"]["timeouts"], 1)
-        self.assertEventually(lambda: rec.count == 1)
-        gevent.sleep(SHORT)
+        clock.advance(9.5)
+        self.assertEqual(rec.count, 0)
+        clock.advance(3600)
         self.assertEqual(rec.count, 1)
         self.assertEqual(svc.health()["counts"]["timeouts"], 0)
         self.assertFalse(svc.cancel_timeout(timeout_id))
@@ -1024,14 +1065,15 @@ class TestService(SpecterTestCase):
         self.assertLoggedException(cm, "timer boom")
 
     def test_cancel_interval_and_timeout(self):
+        clock = self.use_manual_clock()
         svc = self.started(Service("cancel"))
         tick, fire = Recorder(), Recorder()
-        interval_id = svc.interval(tick, 0.01)
-        timeout_id = svc.timeout(fire, 0.02)
+        interval_id = svc.interval(tick, 10)
+        timeout_id = svc.timeout(fire, 20)
         self.assertNotEqual(interval_id, timeout_id)
         self.assertTrue(svc.cancel_interval(interval_id))
         self.assertTrue(svc.cancel_timeout(timeout_id))
-        gevent.sleep(SHORT)
+        clock.advance(3600)
         self.assertEqual((tick.count, fire.count), (0, 0))
         self.assertFalse(svc.cancel_interval(interval_id))
         self.assertFalse(svc.cancel_interval("interval-unknown"))
@@ -1098,7 +1140,7 @@ class TestService(SpecterTestCase):
     def test_emit_publishes_on_the_bus(self):
         svc = self.started(Service("emitter"))
         rec = Recorder()
-        specter.bus.on("metrics:updated", rec)
+        self.addCleanup(specter.bus.on("metrics:updated", rec))
         self.assertIs(svc.emit("metrics:updated", {"cpu": 1}), svc)
         svc.emit("metrics:updated")
         self.assertEqual(rec.calls, [({"cpu": 1},), (None,)])
@@ -1298,11 +1340,12 @@ class TestService(SpecterTestCase):
         self.assertNoNewGreenlets(before)
 
     def test_stop_from_inside_an_interval_callback(self):
+        clock = self.use_manual_clock()
         log = []
 
         class SelfStopping(Service):
             def on_start(self):
-                self.interval(self._tick, 0.01)
+                self.interval(self._tick, 10)
 
             def on_stop(self):
                 log.append("on_stop")
@@ -1316,11 +1359,11 @@ class TestService(SpecterTestCase):
         before = live_greenlets()
         svc.start()
         self.addCleanup(svc.stop)
-        self.assertEventually(lambda: svc.status == "stopped")
-        self.assertEventually(lambda: len(log) == 3)
+        clock.advance(10)
+        self.assertEqual(svc.status, "stopped")
         self.assertEqual(log, ["tick", "on_stop", "after-stop:stopped"])
         self.assertEventually(lambda: not new_live_greenlets(before))
-        gevent.sleep(SHORT)
+        clock.advance(100)
         self.assertEqual(log.count("tick"), 1)
 
     def test_stop_from_inside_a_spawned_task(self):
@@ -1439,24 +1482,26 @@ class TestService(SpecterTestCase):
         self.assertEqual(specter.bus.listener_count("ping"), 1)
 
     def test_restart_after_stop_gets_fresh_resources(self):
+        clock = self.use_manual_clock()
         ticks = []
 
         class Ticker(Service):
             def on_start(self):
-                self.interval(lambda: ticks.append(1), 0.01)
+                self.interval(lambda: ticks.append(clock.now()), 10)
                 self.listen("ping", lambda data: None)
 
         svc = self.started(Ticker())
-        self.assertEventually(lambda: len(ticks) >= 2)
+        clock.advance(20)
+        self.assertEqual(ticks, [10.0, 20.0])
         svc.stop()
         counts = svc.health()["counts"]
         self.assertEqual((counts["intervals"], counts["listeners"]), (0, 0))
-        stopped_at = len(ticks)
-        gevent.sleep(0.03)
-        self.assertEqual(len(ticks), stopped_at)
+        clock.advance(100)
+        self.assertEqual(len(ticks), 2)
         svc.start()
         self.assertEqual(svc.status, "running")
-        self.assertEventually(lambda: len(ticks) >= stopped_at + 2)
+        clock.advance(20)
+        self.assertEqual(ticks, [10.0, 20.0, 130.0, 140.0])  # a fresh interval, from the restart
         counts = svc.health()["counts"]
         self.assertEqual((counts["intervals"], counts["listeners"]), (1, 1))
         self.assertEqual(specter.bus.listener_count("ping"), 1)
@@ -1584,17 +1629,18 @@ class TestService(SpecterTestCase):
         self.assertEqual((rec.count, quiet.count), (2, 1))
 
     def test_supervise_restarts_with_capped_exponential_backoff(self):
+        clock = self.use_manual_clock()
         attempts = []
 
         class Supervised(Service):
-            restart_backoff = 0.005
-            restart_max_backoff = 0.01
+            restart_backoff = 5.0
+            restart_max_backoff = 10.0
 
             def on_start(self):
                 self.runner = self.supervise(self._work, "arg", max_restarts=10, within=60.0)
 
             def _work(self, arg):
-                attempts.append(time.monotonic())
+                attempts.append(clock.now())
                 if len(attempts) <= 5:
                     raise RuntimeError("attempt %d failed" % len(attempts))
                 return arg
@@ -1602,14 +1648,11 @@ class TestService(SpecterTestCase):
         with self.assertLogs("specter", "ERROR"):
             svc = self.started(Supervised())
             self.assertIsInstance(svc.runner, gevent.Greenlet)
-            self.assertEventually(lambda: len(attempts) == 6)
-        gevent.sleep(SHORT)
-        self.assertEqual(len(attempts), 6)  # returning normally ends supervision
-        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-        # backoff 0.005, 0.01, then capped at 0.01 (uncapped would reach 0.08)
-        self.assertGreaterEqual(gaps[0], 0.004, gaps)
-        self.assertGreaterEqual(gaps[1], 0.009, gaps)
-        self.assertLess(gaps[4], 0.05, gaps)
+            clock.advance(3600)
+        # backoff 5, 10, then capped at 10 (uncapped would reach 80); returning
+        # normally ends supervision.
+        self.assertEqual(attempts, [0.0, 5.0, 15.0, 25.0, 35.0, 45.0])
+        self.assertEqual(svc.runner.value, "arg")
         health = svc.health()
         self.assertEqual(health["restarts"], 5)
         self.assertEqual(health["status"], "ok")
@@ -1664,7 +1707,7 @@ class TestService(SpecterTestCase):
     def test_supervise_gives_up_after_max_restarts_within_window(self):
         attempts = []
         failures = Recorder()
-        specter.bus.on("service:failed", failures)
+        self.addCleanup(specter.bus.on("service:failed", failures))
 
         class Doomed(Service):
             restart_backoff = 0.001
@@ -1693,22 +1736,25 @@ class TestService(SpecterTestCase):
         self.assertEqual(svc.status, "stopped")
 
     def test_supervise_failures_outside_the_window_do_not_fail_the_service(self):
+        clock = self.use_manual_clock()
         attempts = []
 
         class Sporadic(Service):
-            restart_backoff = 0.03
-            restart_max_backoff = 0.03
+            restart_backoff = 30.0
+            restart_max_backoff = 30.0
 
             def on_start(self):
-                self.supervise(self._work, max_restarts=1, within=0.02)
+                self.supervise(self._work, max_restarts=1, within=20.0)
 
             def _work(self):
-                attempts.append(1)
+                attempts.append(clock.now())
                 raise RuntimeError("sporadic")
 
         with self.assertLogs("specter", "ERROR"):
             svc = self.started(Sporadic())
-            self.assertEventually(lambda: len(attempts) >= 4)
+            clock.advance(90)
+        # One failure every 30 s: never two within 20 s, so never more than max_restarts.
+        self.assertEqual(attempts, [0.0, 30.0, 60.0, 90.0])
         self.assertEqual(svc.status, "running")
         self.assertIsNone(svc.health()["failure"])
 
@@ -1767,6 +1813,105 @@ class TestService(SpecterTestCase):
         self.assertEqual(svc.status, "stopped")
         release.set()
         self.assertEventually(lambda: svc.clinger.dead)
+
+    def test_an_interrupted_stop_still_runs_the_cleanups_it_had_not_run(self):
+        log = []
+
+        def slow_cleanup():
+            log.append("slow:begun")
+            gevent.sleep(LONG)
+            log.append("slow:finished")
+
+        svc = self.started(Service("slow-release"))
+        specter.registry.provide("slow-release.key", "value", owner=svc)
+        svc.add_cleanup(lambda: log.append("added-first"))   # runs last
+        svc.add_cleanup(slow_cleanup)
+        svc.add_cleanup(lambda: log.append("added-last"))    # runs first
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT):
+                svc.stop()
+        self.assertEqual(log, ["added-last", "slow:begun", "added-first"])
+        self.assertFalse(specter.registry.has("slow-release.key"))
+        self.assertEqual(svc.status, "stopped")
+        self.assertEqual(svc.health()["counts"]["cleanups"], 0)
+
+    def test_an_interrupted_stop_still_runs_on_stop_and_releases_everything(self):
+        log = []
+
+        class Stalling(Service):
+            def on_start(self):
+                self.spawn(gevent.sleep, LONG, label="sleeper")
+                self.interval(lambda: None, 1.0)
+                self.listen("stalling:event", log.append)
+                self.add_cleanup(lambda: log.append("cleanup"))
+
+            def _lifecycle_stopping(self):
+                gevent.sleep(LONG)   # a subclass step that is interrupted
+
+            def on_stop(self):
+                log.append("on_stop")
+
+        svc = Stalling()
+        before = live_greenlets()
+        svc.start()
+        self.addCleanup(svc.stop)
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT):
+                svc.stop()
+        self.assertEqual(log, ["on_stop", "cleanup"])
+        counts = svc.health()["counts"]
+        self.assertEqual((counts["tasks"], counts["intervals"], counts["listeners"]), (0, 0, 0))
+        self.assertEqual(svc.status, "stopped")
+        self.assertNoNewGreenlets(before)
+
+    def test_cancel_greenlet_reports_a_greenlet_that_refuses_to_die(self):
+        release = gevent.event.Event()
+
+        class Stubborn(Service):
+            stop_timeout = SHORT
+
+            def on_start(self):
+                self.clinger = self.spawn(self._cling, label="clinger")
+
+            def _cling(self):
+                while not release.is_set():
+                    try:
+                        release.wait(LONG)
+                    except greenlet.GreenletExit:
+                        pass
+
+        svc = self.started(Stubborn())
+        gevent.sleep(0)
+        with self.assertLogs("specter", "ERROR") as cm:
+            svc.cancel_greenlet(svc.clinger)
+        self.assertTrue(any("clinger" in line for line in cm.output), cm.output)
+        health = svc.health()
+        self.assertIn("clinger", health["stuck"])
+        self.assertEqual(health["counts"]["tasks"], 1)   # still tracked while alive
+        with self.assertLogs("specter", "ERROR") as cm:
+            svc.stop()                                    # teardown tries again, and says so
+        self.assertIn("clinger", svc.health()["stuck"])
+        release.set()
+        self.assertEventually(lambda: svc.clinger.dead)
+        self.assertEqual(svc.health()["stuck"], [])
+
+    def test_a_subclass_that_forgets_super_init_is_told_to_call_it(self):
+        class Forgetful(Service):
+            def __init__(self, interval):
+                self.every = interval
+
+        with self.assertRaisesRegex(TypeError, r"Forgetful\.__init__\(\) must call super\(\)\.__init__\(\)"):
+            Forgetful(1.0)
+
+        class Careful(Forgetful):
+            def __init__(self, interval):
+                Service.__init__(self, "careful")
+                self.every = interval
+
+        svc = Careful(2.0)   # the check sees the finished object, whoever initialised it
+        self.assertEqual((svc.name, svc.every, svc.status), ("careful", 2.0, "created"))
+        self.assertEqual(Careful.__init__.__name__, "__init__")
+        self.assertEqual(list(inspect.signature(Careful).parameters), ["interval"])
 
 
 # Lifecycle: QueueService ######################################################
@@ -1892,6 +2037,34 @@ class TestQueueService(SpecterTestCase):
         queue = svc.health()["queue"]
         self.assertEqual(queue, {"size": 0, "workers": 2, "processed": 2, "failed": 1})
 
+    def test_counters_trail_a_backlog_by_at_most_16_items_per_worker_and_are_exact_when_idle(self):
+        gaps = []
+
+        class Counting(QueueService):
+            def __init__(self):
+                super().__init__("counting", worker_count=3)
+                self.done = 0
+
+            def handle_item(self, item):
+                state = self.get_state()
+                gaps.append(self.done - state["processed"] - state["failed"])
+                self.done += 1
+                if item % 7 == 0:
+                    raise ValueError("bad item %d" % item)
+
+        svc = self.started(Counting())
+        with self.assertLogs("specter", "ERROR"):
+            for item in range(300):
+                self.assertTrue(svc.enqueue(item))
+            self.assertTrue(svc.join(timeout=WAIT))
+        self.assertLessEqual(max(gaps), 16 * 3)
+        self.assertGreater(max(gaps), 0)   # they do count in bulk
+        state = svc.get_state()
+        self.assertEqual((state["processed"], state["failed"]), (300 - 43, 43))
+        svc.enqueue(300)
+        self.assertTrue(svc.join(timeout=WAIT))
+        self.assertEqual(svc.health()["queue"]["processed"], 258)
+
     def test_pending_count_and_queue_size(self):
         gate = gevent.event.Event()
         svc = self.started(Sink(gate=gate))
@@ -1954,6 +2127,21 @@ class TestQueueService(SpecterTestCase):
             self.assertTrue(svc.enqueue(item))
         svc.stop()
         self.assertEqual(svc.handled, list(range(20)))
+        self.assertEqual(dropped, [])
+
+    def test_stop_drains_items_queued_while_the_workers_waited_in_get(self):
+        dropped = []
+
+        class Quick(Sink):
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+        svc = self.started(Quick(worker_count=3))
+        gevent.sleep(0.01)                      # every worker is idle in get()
+        for item in range(6):
+            self.assertTrue(svc.enqueue(item))  # no switch: the workers have not woken yet
+        svc.stop()
+        self.assertEqual(sorted(svc.handled), list(range(6)))
         self.assertEqual(dropped, [])
 
     def test_on_dropped_gets_exactly_the_unprocessed_items(self):
@@ -2035,6 +2223,113 @@ class TestQueueService(SpecterTestCase):
         self.assertEqual(svc.handled, [1, 2])
         svc.stop()
         self.assertNoNewGreenlets(before)
+
+    def test_a_worker_that_stops_its_service_ends_with_it_among_several_workers(self):
+        class Poison(QueueService):
+            def handle_item(self, item):
+                if item == "stop":
+                    self.stop()
+                else:
+                    gevent.sleep(0.001)
+
+        for workers, busy in itertools.product((2, 4), (0, 1, 3)):
+            with self.subTest(workers=workers, busy=busy):
+                svc = Poison("poison", worker_count=workers).start()
+                self.addCleanup(svc.stop)
+                before = set(svc._workers)
+                for item in range(busy):      # the other workers are mid-item, then idle in get()
+                    svc.enqueue(item)
+                svc.enqueue("stop")
+                self.assertTrue(wait_until(lambda: svc.status == "stopped"))
+                self.assertEventually(lambda: all(worker.dead for worker in before),
+                                      msg="a worker outlived the stop it called")
+                self.assertEqual(svc.health()["counts"]["tasks"], 0)
+
+    def test_a_blocked_enqueue_is_refused_once_stop_begins(self):
+        for drain_timeout in (5.0, 0):
+            with self.subTest(drain_timeout=drain_timeout):
+                gate = gevent.event.Event()
+                dropped = []
+
+                class Gated(Sink):
+                    def on_dropped(self, items):
+                        dropped.extend(items)
+
+                Gated.drain_timeout = drain_timeout
+                svc = self.started(Gated(maxsize=1, gate=gate))
+                self.assertTrue(svc.enqueue(1))
+                self.assertEventually(lambda: svc.started_items == [1])
+                self.assertTrue(svc.enqueue(2))                      # the queue is full now
+                blocked = gevent.spawn(svc.enqueue, 3, block=True, timeout=WAIT)
+                gevent.sleep(0.01)
+                self.assertFalse(blocked.ready())                    # waiting for room
+                stopper = gevent.spawn(svc.stop)
+                gevent.sleep(0)
+                self.assertEqual(svc.status, "stopping")
+                gate.set()                                           # the drain frees the slot
+                self.assertIs(blocked.get(timeout=WAIT), False)      # refused: the caller keeps it
+                stopper.get(timeout=WAIT)
+                self.assertNotIn(3, svc.started_items)
+                self.assertNotIn(3, dropped)
+                self.assertEqual(sorted(svc.handled + dropped), [1, 2])
+
+    def test_a_rolled_back_start_hands_items_queued_by_on_start_to_on_dropped(self):
+        dropped = []
+
+        class Doomed(Sink):
+            def on_start(self):
+                for item in range(3):
+                    self.enqueue(item)
+                raise RuntimeError("config missing")
+
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+        svc = Doomed()
+        with self.assertRaisesRegex(RuntimeError, "config missing"):
+            svc.start()
+        self.assertEqual(dropped, [0, 1, 2])
+        self.assertEqual(svc.pending_count(), 0)
+        self.assertFalse(svc.enqueue(3))
+
+    def test_an_interrupted_drain_still_hands_queued_items_to_on_dropped_and_runs_on_stop(self):
+        dropped, hooks = [], []
+
+        class Slow(Sink):
+            def on_dropped(self, items):
+                dropped.extend(items)
+
+            def on_stop(self):
+                hooks.append("on_stop")
+
+        svc = Slow(delay=SHORT)
+        before = live_greenlets()
+        svc.start()
+        self.addCleanup(svc.stop)
+        for item in range(20):
+            self.assertTrue(svc.enqueue(item))
+        gevent.sleep(0)
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(SHORT / 2):
+                svc.stop()
+        self.assertEqual(hooks, ["on_stop"])
+        self.assertEqual(svc.status, "stopped")
+        # Every item not taken by a worker went to on_dropped, once.
+        self.assertEqual(sorted(svc.started_items + dropped), list(range(20)))
+        self.assertGreater(len(dropped), 15)
+        self.assertEqual(svc.queue.unfinished_tasks, 0)
+        self.assertNoNewGreenlets(before)
+
+    def test_a_subclass_that_forgets_super_init_is_told_to_call_it(self):
+        class Forgetful(QueueService):
+            def __init__(self):
+                self.seen = []
+
+            def handle_item(self, item):
+                self.seen.append(item)
+
+        with self.assertRaisesRegex(TypeError, r"Forgetful\.__init__\(\) must call super\(\)\.__init__\(\)"):
+            Forgetful()
 
 
 # Lifecycle: Watcher ###########################################################
@@ -2166,35 +2461,38 @@ class TestWatcher(SpecterTestCase):
         self.assertEqual(watcher.last_value, "b")
 
     def test_stream_that_ends_is_reopened_after_interval_with_retry(self):
+        clock = self.use_manual_clock()
         opens = []
 
         def stream():
-            opens.append(time.monotonic())
+            opens.append(clock.now())
             yield len(opens)
 
-        watcher = self.make(stream=stream, interval=0.05, retry=True)
+        watcher = self.make(stream=stream, interval=50, retry=True)
         got = []
         watcher.subscribe(lambda value, w: got.append(value))
         watcher.start()
-        self.assertTrue(wait_until(lambda: len(opens) >= 3))
-        self.assertEqual(got[:3], [1, 2, 3])
-        for a, b in zip(opens, opens[1:]):
-            self.assertGreaterEqual(b - a, 0.05 - SLACK)
+        clock.advance(100)
+        self.assertEqual(opens, [0.0, 50.0, 100.0])
+        self.assertEqual(got, [1, 2, 3])
         self.assertTrue(watcher.running)
 
     def test_stream_that_ends_is_not_reopened_without_retry(self):
+        clock = self.use_manual_clock()
         opens = []
 
         def stream():
-            opens.append(time.monotonic())
+            opens.append(clock.now())
             yield "only"
 
-        watcher = self.make(stream=stream, interval=0.01, retry=False)
+        watcher = self.make(stream=stream, interval=10, retry=False)
         got = []
         watcher.subscribe(lambda value, w: got.append(value))
         watcher.start()
-        self.assertTrue(wait_until(lambda: not watcher.running))
-        self.assertFalse(wait_until(lambda: len(opens) > 1, timeout=0.1))
+        clock.advance(0)
+        self.assertFalse(watcher.running)
+        clock.advance(3600)
+        self.assertEqual(opens, [0.0])
         self.assertEqual(got, ["only"])
         self.assertEqual(watcher.health()["error_count"], 0)
 
@@ -2260,72 +2558,76 @@ class TestWatcher(SpecterTestCase):
         self.assertIn("upstream returned 503", watcher.health()["last_error"])
 
     def test_backoff_grows_and_is_capped(self):
-        # 5 failures then success. Nominal delays with interval=0.02 and
-        # max_backoff=0.06: 0.02, 0.04, 0.06, 0.06, 0.06, each times a jitter
-        # in [0.5, 1.0]. Uncapped, the 4th and 5th would be >= 0.08 and 0.16.
+        # 5 failures then success. Nominal delays with interval=20 and
+        # max_backoff=60: 20, 40, 60, 60, 60, each times a jitter in
+        # [0.5, 1.0). Uncapped, the 4th and 5th would be >= 80 and 160.
+        clock = self.use_manual_clock()
         attempts = []
 
         def poll():
-            attempts.append(time.monotonic())
+            attempts.append(clock.now())
             if len(attempts) <= 5:
                 raise ValueError("attempt %d" % len(attempts))
             return "ok"
 
-        watcher = self.make(poll=poll, interval=0.02, max_backoff=0.06)
+        watcher = self.make(poll=poll, interval=20, max_backoff=60)
         got = []
         watcher.subscribe(lambda value, w: got.append(value))
         with self.assertLogs("specter", "ERROR"):
             watcher.start()
-            self.assertTrue(wait_until(lambda: got))
+            while not got and clock.now() < 20 + 40 + 60 * 3:
+                clock.advance(1)
+        self.assertEqual(got, ["ok"])
         self.assertEqual(len(attempts), 6)
         gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-        nominal = [0.02, 0.04, 0.06, 0.06, 0.06]
-        for gap, base in zip(gaps, nominal):
-            self.assertGreaterEqual(gap, 0.5 * base - SLACK, gaps)  # grows, jitter floor 0.5x
-        for gap in gaps:
-            self.assertLessEqual(gap, 0.06 + 0.06, gaps)  # capped (uncapped 5th >= 0.16)
+        for gap, nominal in zip(gaps, [20, 40, 60, 60, 60]):
+            self.assertTrue(nominal / 2 <= gap < nominal, gaps)
         self.assertEqual(watcher.health()["error_count"], 5)
 
     def test_backoff_has_jitter(self):
-        # With max_backoff == interval every backoff is 0.04 x jitter, jitter
-        # in [0.5, 1.0]. A busy machine only lengthens gaps, so a gap clearly
-        # under 0.04 shows jitter (all 7 landing above 0.9x: ~1e-7).
+        # With max_backoff == interval every backoff is 40 x jitter, jitter in
+        # [0.5, 1.0): on the manual clock each gap is exactly that.
+        clock = self.use_manual_clock()
         attempts = []
 
         def poll():
-            attempts.append(time.monotonic())
+            attempts.append(clock.now())
             raise ValueError("down")
 
-        watcher = self.make(poll=poll, interval=0.04, max_backoff=0.04)
+        watcher = self.make(poll=poll, interval=40, max_backoff=40)
         with self.assertLogs("specter", "ERROR"):
             watcher.start()
-            self.assertTrue(wait_until(lambda: len(attempts) >= 8))
+            while len(attempts) < 8:
+                clock.advance(5)
         watcher.stop()
         gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-        self.assertTrue(all(gap >= 0.02 - SLACK for gap in gaps), gaps)
-        self.assertLess(min(gaps), 0.036, gaps)
+        self.assertTrue(all(20 <= gap < 40 for gap in gaps), gaps)
+        self.assertGreater(len(set(gaps)), 1, gaps)  # all 7 equal: about 1e-90 for a real jitter
 
     def test_backoff_resets_after_success(self):
-        # 4 failures (nominal 0.02, 0.04, 0.08, 0.16), a success, then a
-        # failure: after a reset its backoff is <= 0.02; without one it would
-        # be 0.32 * jitter >= 0.16.
+        # 4 failures (nominal 20, 40, 80, 160 s), a success, then a failure:
+        # after a reset its backoff is under 20; without one it would be
+        # 320 x jitter >= 160.
+        clock = self.use_manual_clock()
         attempts = []
         outcomes = ["fail", "fail", "fail", "fail", "ok", "fail", "ok"]
 
         def poll():
-            attempts.append(time.monotonic())
+            attempts.append(clock.now())
             outcome = outcomes[min(len(attempts), len(outcomes)) - 1]
             if outcome == "fail":
                 raise ValueError("attempt %d" % len(attempts))
             return len(attempts)
 
-        watcher = self.make(poll=poll, interval=0.02, max_backoff=1.0)
+        watcher = self.make(poll=poll, interval=20, max_backoff=1000)
         with self.assertLogs("specter", "ERROR"):
             watcher.start()
-            self.assertTrue(wait_until(lambda: len(attempts) >= 7, timeout=3.0))
+            clock.advance(20 + 40 + 80 + 160 + 20 + 20)
         gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-        self.assertGreaterEqual(gaps[3], 0.08 - SLACK, gaps)  # 4th failure backed off 0.16 x jitter
-        self.assertLess(gaps[5], 0.1, gaps)  # the failure after the success starts over
+        for gap, nominal in zip(gaps, [20, 40, 80, 160]):
+            self.assertTrue(nominal / 2 <= gap < nominal, gaps)  # jitter in [0.5, 1)
+        self.assertAlmostEqual(gaps[4], 20, places=9)  # after the success: the interval (times are jittered floats)
+        self.assertTrue(10 <= gaps[5] < 20, gaps)  # the failure after the success starts over
 
     def test_without_retry_the_first_error_ends_the_loop(self):
         calls = []
@@ -2547,6 +2849,45 @@ class TestStore(SpecterTestCase):
         store.set({"v": 3})
         self.assertEqual(seen, [1, 2, 3])
 
+    def test_changes_behind_a_killed_round_are_delivered_without_another_write(self):
+        # The round delivering 1.1 is killed inside a subscriber while 1.2 waits
+        # behind it: the subscribers it had not reached get 1.1, then everyone
+        # gets 1.2, in commit order, from another greenlet.
+        store = create_store("s", {"v": 1.0})
+        first, second = [], []
+        gate = gevent.event.Event()
+
+        def slow(snapshot, s):
+            first.append(snapshot["v"])
+            if snapshot["v"] == 1.1:
+                gate.wait()
+        store.subscribe(slow)
+        store.subscribe(lambda snapshot, s: second.append(snapshot["v"]))
+        writer = gevent.spawn(store.set, {"v": 1.1})
+        gevent.sleep(0)
+        store.set({"v": 1.2})  # committed, queued behind the round of 1.1
+        writer.kill()
+        self.assertEqual(store.get("v"), 1.2)
+        self.assertEventually(lambda: second == [1.1, 1.2], timeout=1)
+        self.assertEqual(first, [1.1, 1.2])
+        gevent.sleep(0.01)
+        self.assertEqual((first, second), ([1.1, 1.2], [1.1, 1.2]))
+
+    def test_an_interrupted_round_does_not_resume_into_a_dropped_subscriber(self):
+        store = create_store("s", {"v": 0})
+        gate = gevent.event.Event()
+        kept, dropped = Recorder(), Recorder()
+        store.subscribe(lambda snapshot, s: gate.wait())
+        store.subscribe(kept)
+        unsubscribe = store.subscribe(dropped)
+        writer = gevent.spawn(store.set, {"v": 1})
+        gevent.sleep(0)
+        unsubscribe()
+        writer.kill()
+        self.assertEventually(lambda: kept.count == 1, timeout=1)
+        gevent.sleep(0.01)
+        self.assertEqual((kept.firsts, dropped.count), ([{"v": 1}], 0))
+
     def test_create_store(self):
         store = create_store("connections", {"count": 0, "active": []})
         self.assertIsInstance(store, Store)
@@ -2692,19 +3033,19 @@ class TestStore(SpecterTestCase):
 
     def test_emit_events(self):
         changed = Recorder()
-        specter.bus.on("conn:changed", changed)
+        self.addCleanup(specter.bus.on("conn:changed", changed))
         store = create_store("conn", {"count": 0}, emit_events=True)
         store.set({"count": 1})
         self.assertEqual(changed.firsts, [{"count": 1}])
         quiet = create_store("quiet", {"count": 0})
         silent = Recorder()
-        specter.bus.on("quiet:changed", silent)
+        self.addCleanup(specter.bus.on("quiet:changed", silent))
         quiet.set({"count": 1})
         self.assertEqual(silent.count, 0)
 
     def test_change_event(self):
         custom = Recorder()
-        specter.bus.on("conn:custom", custom)
+        self.addCleanup(specter.bus.on("conn:custom", custom))
         store = create_store("conn", emit_events=True, change_event="conn:custom")
         store.set({"a": 1})
         self.assertEqual(custom.firsts, [{"a": 1}])
@@ -2819,6 +3160,16 @@ class TestModel(SpecterTestCase):
         patch["p"]["q"].append(2)
         self.assertEqual(model.get(), {"a": {"b": 1}, "x": {"k": [1]}, "p": {"q": [1]}})
 
+    def test_writes_return_none(self):
+        # A documented difference from 0.1.2 (which returned a deep copy): a copy
+        # per write would cost the size of the state.
+        model = create_model("m", {"a": {"b": 1}})
+        writes = [lambda: model.set("a.b", 2), lambda: model.patch({"c": 1}),
+                  lambda: model.update(lambda draft: draft.update(d=1)), lambda: model.delete("c"),
+                  lambda: model.set("a.b", 2), lambda: model.clear()]
+        self.assertEqual([write() for write in writes], [None] * len(writes))
+        self.assertEqual(model.get(), {})
+
     def test_set_creates_missing_dicts(self):
         model = create_model("m")
         model.set("x.y.z", 1)
@@ -2860,6 +3211,39 @@ class TestModel(SpecterTestCase):
         model.clear()
         self.assertEqual(model.get(), {})
 
+    def test_reads_and_selectors_resolve_paths_by_one_rule(self):
+        # Paths go into dicts by key and into lists by index; a tuple, a string
+        # or any other value ends the path. get(), select() and a selector agree.
+        model = create_model("m", {"pos": (3, 4), "name": "ana", "items": [10, {"id": 7}],
+                                   "d": {"0": "zero"}})
+        self.assertIsNone(model.get(("pos", 0)))
+        self.assertEqual(model.get("pos.0", "absent"), "absent")
+        self.assertEqual(model.get(("name", 0), "absent"), "absent")
+        self.assertEqual(model.get("name.0", "absent"), "absent")
+        self.assertEqual(model.get(("items", 1, "id")), 7)
+        self.assertEqual(model.get("items.1.id"), 7)
+        self.assertEqual(model.get(("items", -2)), 10)
+        self.assertEqual(model.get("d.0"), "zero")
+        paths = [("pos", 0), "pos.0", ("name", 0), "name.0", ("items", 1, "id"), "items.1.id",
+                 ("items", -2), "items.0", "d.0", "items.x", "items.9", "pos"]
+        writes = [lambda m: m.set("pos", (5, 4)), lambda m: m.set("name", "bo"),
+                  lambda m: m.set("items", [11, {"id": 8}]), lambda m: m.set("d.0", "nil")]
+        recorders = {}
+        for path in paths:
+            recorders[path] = Recorder()
+            model.subscribe(recorders[path], selector=path, immediate=True)
+        for write in writes:
+            before = {path: model.get(path) for path in paths}
+            counts = {path: rec.count for path, rec in recorders.items()}
+            write(model)
+            for path in paths:
+                with self.subTest(path=path):
+                    after = model.get(path)
+                    self.assertEqual(model.select(path), after)
+                    fired = recorders[path].count - counts[path]
+                    self.assertEqual(fired, int(after != before[path]))
+                    self.assertEqual(recorders[path].firsts[-1], after)
+
     def test_select_path_or_callable(self):
         model = create_model("m", {"a": {"b": [1, 2]}})
         self.assertEqual(model.select("a.b"), [1, 2])
@@ -2879,6 +3263,17 @@ class TestModel(SpecterTestCase):
         self.assertIs(rec.calls[0][1], model)
         rec.calls[1][0]["a"] = 99
         self.assertEqual(model.get("a"), 2)
+
+    def test_each_subscriber_without_a_selector_gets_its_own_deep_copy(self):
+        model = create_model("m", {"a": {"list": [1]}})
+        first = Recorder(side_effect=lambda snap, m: snap["a"]["list"].append("edited"))
+        second = Recorder()
+        model.subscribe(first)
+        model.subscribe(second)
+        model.set("b", 1)
+        self.assertEqual(second.firsts, [{"a": {"list": [1]}, "b": 1}])
+        self.assertIsNot(first.firsts[0], second.firsts[0])
+        self.assertEqual(model.get(), {"a": {"list": [1]}, "b": 1})
 
     def test_path_selector_fires_only_when_the_selected_value_changes(self):
         model = _tv()
@@ -2955,8 +3350,8 @@ class TestModel(SpecterTestCase):
 
     def test_emit_events_and_change_event(self):
         changed, custom = Recorder(), Recorder()
-        specter.bus.on("tv:changed", changed)
-        specter.bus.on("tv:custom", custom)
+        self.addCleanup(specter.bus.on("tv:changed", changed))
+        self.addCleanup(specter.bus.on("tv:custom", custom))
         model = create_model("tv", {"a": 1}, emit_events=True)
         model.set("a", 2)
         self.assertEqual(changed.firsts, [{"a": 2}])
@@ -3025,6 +3420,79 @@ class TestModel(SpecterTestCase):
         self.assertEqual(first_seen, [1, 2])
         self.assertEqual(second_seen, [1, 2])
 
+    def test_changes_behind_a_timed_out_round_are_delivered_in_order(self):
+        # The writer's own gevent.Timeout interrupts the round in a subscriber:
+        # the write stays committed and nobody misses it or what came after.
+        model = create_model("m", {"n": 0})
+        slow_seen, path_seen, whole_seen = [], [], []
+        gate = gevent.event.Event()
+
+        def slow(value, m):
+            slow_seen.append(value)
+            if value == 1:
+                gate.wait()
+        model.subscribe(slow, selector="n")
+        model.subscribe(lambda value, m: path_seen.append(value), selector="n")
+        model.subscribe(lambda snap, m: whole_seen.append(snap["n"]))
+
+        def writer():
+            with self.assertRaises(gevent.Timeout):
+                with gevent.Timeout(SHORT):
+                    model.set("n", 1)
+        done = gevent.spawn(writer)
+        gevent.sleep(0)
+        model.set("n", 2)
+        model.set("n", 3)
+        done.get(timeout=1)
+        self.assertEventually(lambda: whole_seen == [1, 2, 3], timeout=1)
+        self.assertEqual((slow_seen, path_seen), ([1, 2, 3], [1, 2, 3]))
+
+    def test_a_changed_type_inside_a_container_is_a_change(self):
+        # 1 == 1.0 == True, also inside containers; a write that only changes a
+        # type must still land and notify (set, patch and update alike).
+        cases = [
+            ("set", {"limit": 1}, lambda m: m.set("cfg", {"limit": True}), {"limit": True}),
+            ("patch", {"limit": 1}, lambda m: m.patch({"cfg": {"limit": 1.0}}), {"limit": 1.0}),
+            ("update", [0, 1], lambda m: m.update(lambda draft: {"cfg": [False, True]}), [False, True]),
+            ("nested", {"a": [(1, 2)]}, lambda m: m.set("cfg", {"a": [(1, 2.0)]}), {"a": [(1, 2.0)]}),
+        ]
+        for how, before, write, after in cases:
+            with self.subTest(how=how):
+                model = create_model("m", {"cfg": before})
+                whole, selected = Recorder(), Recorder()
+                model.subscribe(whole)
+                model.subscribe(selected, selector="cfg")
+                write(model)
+                self.assertEqual(repr(model.get("cfg")), repr(after))
+                self.assertEqual([repr(v) for v in selected.firsts], [repr(after)])
+                self.assertEqual(whole.count, 1)
+                write(model)  # the same value, same types: no change
+                self.assertEqual((whole.count, selected.count), (1, 1))
+
+    def test_a_changed_type_inside_a_dict_or_list_subclass_is_a_change(self):
+        # A model keeps an OrderedDict or a defaultdict as it is (its copies are
+        # deep copies), so a type change inside one is a change like any other.
+        from collections import OrderedDict as ordered, defaultdict as defaults
+
+        class Row(list):
+            pass
+        cases = [
+            ("OrderedDict", ordered(limit=1), ordered(limit=True)),
+            ("defaultdict", defaults(int, limit=1), defaults(int, limit=1.0)),
+            ("list subclass", Row([0, 1]), Row([False, True])),
+            ("list in an OrderedDict", ordered(v=[0, 1]), ordered(v=[0, True])),
+        ]
+        for label, before, after in cases:
+            with self.subTest(container=label):
+                model = create_model("m", {"cfg": before})
+                selected = Recorder()
+                model.subscribe(selected, selector="cfg")
+                model.set("cfg", after)
+                self.assertEqual(repr(model.get("cfg")), repr(after))
+                self.assertEqual([repr(v) for v in selected.firsts], [repr(after)])
+                model.set("cfg", after)  # the same value, same types: no change
+                self.assertEqual(selected.count, 1)
+
     def test_large_model_unrelated_subtree_subscriber_stays_quiet(self):
         big = {"g%d" % g: {"k%d" % k: k for k in range(100)} for g in range(100)}
         model = create_model("big", {"big": big, "other": {"x": 1}})
@@ -3086,9 +3554,11 @@ class TestCache(SpecterTestCase):
     def test_concurrent_cascades_through_a_cycle_terminate(self):
         counts = {"a": 0, "b": 0}
         a = create_cache("a", depends_on=["b:invalidated"])
+        self.addCleanup(a.destroy)
         b = create_cache("b", depends_on=["a:invalidated"])
+        self.addCleanup(b.destroy)
         for cache in (a, b):
-            cache.on_invalidate(lambda c: (counts.__setitem__(c.name, counts[c.name] + 1), gevent.sleep(0)))
+            cache.on_invalidate(lambda c=cache: (counts.__setitem__(c.name, counts[c.name] + 1), gevent.sleep(0)))
         gevent.joinall([gevent.spawn(a.invalidate), gevent.spawn(b.invalidate)], timeout=2)
         self.assertEqual(counts, {"a": 2, "b": 2})  # each cascade invalidates each cache once
 
@@ -3096,7 +3566,7 @@ class TestCache(SpecterTestCase):
         cache = create_cache("c")
         calls = []
 
-        def slow_callback(c):
+        def slow_callback():
             calls.append(gevent.getcurrent())
             gevent.sleep(0.01)
         cache.on_invalidate(slow_callback)
@@ -3155,25 +3625,31 @@ class TestCache(SpecterTestCase):
         self.assertEqual(factory.count, 1)
 
     def test_ttl_zero_never_expires(self):
+        clock = self.use_manual_clock()
         cache = create_cache("c", ttl=0)
         cache.set("v")
-        gevent.sleep(0.1)
+        clock.advance(10 ** 9)
         self.assertTrue(cache.is_valid())
         self.assertEqual(cache.get(), "v")
 
     def test_set_and_get_or_compute_ttl_override(self):
+        clock = self.use_manual_clock()
         for ttl in (0, 300):
             with self.subTest(cache_ttl=ttl):
                 cache = create_cache("c", ttl=ttl)
-                cache.set("v", ttl=SHORT)
+                cache.set("v", ttl=5)
+                clock.advance(4.5)
                 self.assertTrue(cache.is_valid())
-                self.assertEventually(lambda: not cache.is_valid(), timeout=1.0)
-                cache.get_or_compute(lambda: "w", ttl=SHORT)
+                clock.advance(0.5)
+                self.assertFalse(cache.is_valid())
+                cache.get_or_compute(lambda: "w", ttl=5)
+                clock.advance(4.5)
                 self.assertTrue(cache.is_valid())
-                self.assertEventually(lambda: not cache.is_valid(), timeout=1.0)
-        cache = create_cache("c", ttl=SHORT)
+                clock.advance(0.5)
+                self.assertFalse(cache.is_valid())
+        cache = create_cache("c", ttl=5)
         cache.set("v", ttl=0)
-        gevent.sleep(SHORT * 2)
+        clock.advance(10 ** 9)
         self.assertTrue(cache.is_valid())
 
     def test_bad_ttl(self):
@@ -3240,6 +3716,31 @@ class TestCache(SpecterTestCase):
         self.assertEqual(cache.get_or_compute(lambda: "recovered"), "recovered")
         self.assertEqual(cache.get(), "recovered")
 
+    def test_a_callers_own_timeout_is_not_raised_in_other_waiting_callers(self):
+        # The impatient caller runs the factory and its own Timeout fires inside
+        # it: that caller gets its Timeout; the patient waiter computes instead.
+        cache = create_cache("c")
+        calls = []
+
+        def factory():
+            calls.append(gevent.getcurrent())
+            if len(calls) == 1:
+                gevent.sleep(LONG)  # the first computation hangs
+            return "fresh"
+
+        def impatient():
+            with gevent.Timeout(SHORT):
+                return cache.get_or_compute(factory)
+        first = gevent.spawn(impatient)
+        gevent.sleep(0)
+        patient = gevent.spawn(cache.get_or_compute, factory)
+        gevent.joinall([first, patient], timeout=WAIT)
+        self.assertIsInstance(first.exception, gevent.Timeout)
+        self.assertTrue(patient.successful(), "the patient caller raised %r" % (patient.exception,))
+        self.assertEqual(patient.value, "fresh")
+        self.assertEqual(calls, [first, patient])
+        self.assertEqual(cache.get(), "fresh")
+
     def test_readers_never_wait_behind_a_running_factory(self):
         cache = create_cache("c")
         gate = gevent.event.Event()
@@ -3262,24 +3763,33 @@ class TestCache(SpecterTestCase):
     def test_invalidate_calls_callbacks_and_emits(self):
         cache = create_cache("drives")
         events = Recorder()
-        specter.bus.on("drives:invalidated", events)
+        self.addCleanup(specter.bus.on("drives:invalidated", events))
         callback = Recorder()
         unsubscribe = cache.on_invalidate(callback)
         cache.set("v")
         cache.invalidate()
         self.assertFalse(cache.is_valid())
         self.assertEqual(cache.get("dflt"), "dflt")
-        self.assertEqual(callback.calls, [(cache,)])
+        self.assertEqual(callback.calls, [()])
         self.assertEqual(events.firsts, [{"name": "drives"}])
         unsubscribe()
         cache.set("w")
         cache.invalidate()
         self.assertEqual(callback.count, 1)
 
+    def test_on_invalidate_callback_is_called_with_no_arguments(self):
+        # As in 0.1.2: a zero-argument callback works, and is not logged as failing.
+        cache = create_cache("c")
+        calls = []
+        cache.on_invalidate(lambda: calls.append("emptied"))
+        cache.set(1)
+        cache.invalidate()
+        self.assertEqual(calls, ["emptied"])
+
     def test_on_invalidate_callback_that_raises_is_logged(self):
         cache = create_cache("c")
         after = Recorder()
-        cache.on_invalidate(lambda c: TestService._raise("invalidate hook broke"))
+        cache.on_invalidate(lambda: TestService._raise("invalidate hook broke"))
         cache.on_invalidate(after)
         cache.set(1)
         with self.assertLogs("specter", "ERROR") as cm:
@@ -3291,7 +3801,9 @@ class TestCache(SpecterTestCase):
     def test_depends_on_cascades(self):
         a = create_cache("a")
         b = create_cache("b", depends_on=["a:invalidated"])
+        self.addCleanup(b.destroy)
         c = create_cache("c", depends_on=["b:invalidated", "storage:mount_changed"])
+        self.addCleanup(c.destroy)
         for cache in (a, b, c):
             cache.set(cache.name)
         a.invalidate()
@@ -3302,11 +3814,14 @@ class TestCache(SpecterTestCase):
 
     def test_depends_on_cycle_terminates_with_one_invalidation_each(self):
         a = create_cache("a", depends_on=["c:invalidated"])
+        self.addCleanup(a.destroy)
         b = create_cache("b", depends_on=["a:invalidated"])
+        self.addCleanup(b.destroy)
         c = create_cache("c", depends_on=["b:invalidated"])
+        self.addCleanup(c.destroy)
         counts = {"a": 0, "b": 0, "c": 0}
         for cache in (a, b, c):
-            cache.on_invalidate(lambda x: counts.__setitem__(x.name, counts[x.name] + 1))
+            cache.on_invalidate(lambda x=cache: counts.__setitem__(x.name, counts[x.name] + 1))
             cache.set(1)
         a.invalidate()
         self.assertEqual(counts, {"a": 1, "b": 1, "c": 1})
@@ -3315,6 +3830,101 @@ class TestCache(SpecterTestCase):
             cache.set(2)
         b.invalidate()  # a second, separate cascade
         self.assertEqual(counts, {"a": 2, "b": 2, "c": 2})
+
+    def test_a_cache_reached_twice_in_one_cascade_invalidates_once(self):
+        graphs = {
+            # d depends on b and c, both on a
+            "diamond": {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]},
+            # a cycle a -> b -> c -> a, with a shortcut a -> c
+            "cycle with a shortcut": {"a": ["c"], "b": ["a"], "c": ["b", "a"]},
+        }
+        for label, graph in graphs.items():
+            with self.subTest(graph=label):
+                specter.bus.clear()
+                counts = dict.fromkeys(graph, 0)
+                caches = {}
+                for name, sources in graph.items():
+                    cache = caches[name] = create_cache(name, depends_on=[s + ":invalidated" for s in sources])
+                    self.addCleanup(cache.destroy)
+                    cache.on_invalidate(lambda name=name: counts.__setitem__(name, counts[name] + 1))
+                    cache.set(1)
+                caches["a"].invalidate()
+                self.assertEqual(counts, dict.fromkeys(graph, 1))
+                self.assertFalse(any(cache.is_valid() for cache in caches.values()))
+                caches["a"].invalidate()  # a second cascade: once more each
+                self.assertEqual(counts, dict.fromkeys(graph, 2))
+
+    def test_a_long_depends_on_chain_invalidates_entirely(self):
+        # 400 hops: far deeper than the Python stack allows by recursion.
+        chain = [create_cache("c0")]
+        for index in range(1, 400):
+            chain.append(create_cache("c%d" % index, depends_on=["c%d:invalidated" % (index - 1)]))
+            self.addCleanup(chain[-1].destroy)
+        notified = []
+        for cache in chain:
+            cache.set(cache.name)
+            cache.on_invalidate(lambda name=cache.name: notified.append(name))
+        last = Recorder()
+        self.addCleanup(specter.bus.on("c399:invalidated", last))
+        chain[0].invalidate()
+        self.assertEqual([cache.name for cache in chain if cache.is_valid()], [])
+        self.assertEqual(notified, [cache.name for cache in chain])
+        self.assertEqual(last.firsts, [{"name": "c399"}])
+
+    def test_a_callback_that_rebuilds_its_cache_reads_only_dependencies_the_cascade_emptied(self):
+        # total depends on fast (one hop from source) and on slow (three hops):
+        # source -> fast -> total, source -> parsed -> checked -> slow -> total.
+        # total's callback rebuilds it; it must not read slow before the
+        # cascade has reached slow, or total keeps a stale value for good.
+        data = {"v": 1}
+        source = create_cache("source", depends_on=["data:changed"])
+        fast = create_cache("fast", depends_on=["source:invalidated"])
+        parsed = create_cache("parsed", depends_on=["source:invalidated"])
+        checked = create_cache("checked", depends_on=["parsed:invalidated"])
+        slow = create_cache("slow", depends_on=["checked:invalidated"])
+        total = create_cache("total", depends_on=["fast:invalidated", "slow:invalidated"])
+        for cache in (source, fast, parsed, checked, slow, total):
+            self.addCleanup(cache.destroy)
+
+        def read_source():
+            return source.get_or_compute(lambda: data["v"])
+
+        def read_slow():
+            parsed_value = parsed.get_or_compute(read_source)
+            checked_value = checked.get_or_compute(lambda: parsed_value)
+            return slow.get_or_compute(lambda: checked_value)
+
+        def read_total():
+            return total.get_or_compute(lambda: (fast.get_or_compute(read_source), read_slow()))
+
+        self.assertEqual(read_total(), (1, 1))
+        rebuilt = []
+        total.on_invalidate(lambda: rebuilt.append(read_total()))
+        data["v"] = 2
+        specter.bus.emit("data:changed")
+        self.assertEqual(rebuilt, [(2, 2)])
+        self.assertEqual(total.get(), (2, 2))
+
+    def test_a_cascade_whose_greenlet_is_killed_still_reaches_every_dependent(self):
+        a = create_cache("a")
+        b = create_cache("b", depends_on=["a:invalidated"])
+        self.addCleanup(b.destroy)
+        c = create_cache("c", depends_on=["b:invalidated"])
+        self.addCleanup(c.destroy)
+        calls = []
+        gate = gevent.event.Event()
+        a.on_invalidate(lambda: (calls.append("a1"), gate.wait()))
+        a.on_invalidate(lambda: calls.append("a2"))
+        b.on_invalidate(lambda: calls.append("b"))
+        c.on_invalidate(lambda: calls.append("c"))
+        for cache in (a, b, c):
+            cache.set(1)
+        invalidating = gevent.spawn(a.invalidate)
+        gevent.sleep(0)
+        invalidating.kill()  # inside a's first callback
+        self.assertFalse(a.is_valid())
+        self.assertEventually(lambda: calls == ["a1", "a2", "b", "c"], timeout=1)
+        self.assertFalse(b.is_valid() or c.is_valid())
 
     def test_destroy_drops_depends_on_subscriptions(self):
         for method in ("destroy", "stop"):
@@ -3527,6 +4137,78 @@ class TestField(SpecterTestCase):
         self.assertIn("tags[1]", out.error)
         self.assertIn("tags[3]", out.error)
 
+    def test_int_parses_integral_strings_exactly_or_refuses_them(self):
+        for raw, expected in (("9007199254740993.0", 9007199254740993), ("1e23", 10 ** 23),
+                              (" 1E+2 ", 100), ("-0.0", 0), ("12345678901234567890.000", 12345678901234567890),
+                              (decimal.Decimal("1e23"), 10 ** 23)):
+            with self.subTest(raw=raw):
+                self.assertAccepts(Field(int), raw, expected)
+        for raw in ("0.99999999999999999", "1.0000000000000000001", "1e-5", "NaN", "Infinity", "1e",
+                    decimal.Decimal("0.99999999999999999"), decimal.Decimal("NaN")):
+            with self.subTest(raw=raw):
+                self.assertRefuses(Field(int), raw)
+        started = time.monotonic()
+        for raw in ("1e999999999", decimal.Decimal("1e999999999")):   # a billion digits: refused, not built
+            with self.subTest(raw=raw):
+                self.assertRefuses(Field(int), raw)
+        self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_nested_schema_fields_apply_every_option(self):
+        owner = Schema("owner", {"email": Field(str, required=True), "name": Field(str, default="anon")})
+        seen = []
+
+        def corporate(value):
+            seen.append(value)
+            return value["email"].endswith("@corp")
+
+        cases = (
+            (Field(owner, validator=corporate), {"email": "a@corp"}, {"email": "a@home"}),
+            (Field(owner, choices=[{"email": "a@corp", "name": "anon"}]), {"email": "a@corp"}, {"email": "b@corp"}),
+            (Field(owner, min_length=2), {"email": "a@corp"}, None),
+            (Field(owner, max_length=1), None, {"email": "a@corp"}),
+            (Field(owner, min_length=3), None, {"email": "a@corp"}),
+        )
+        for field, good, bad in cases:
+            with self.subTest(field=field, good=good, bad=bad):
+                schema = Schema("t", {"f": field})
+                if good is not None:
+                    self.assertEqual(schema.validate({"f": good}).value, {"f": {**good, "name": "anon"}})
+                if bad is not None:
+                    out = schema.validate({"f": bad})
+                    self.assertFalse(out.ok)
+                    self.assertEqual(list(out.meta["errors"]), ["f"])
+        self.assertEqual(seen, [{"email": "a@corp", "name": "anon"}, {"email": "a@home", "name": "anon"}])
+        # The same options on list items, with the item's path; an invalid object never reaches the validator.
+        listed = Schema("t", {"owners": Field(list, items=Field(owner, validator=corporate))})
+        out = listed.validate({"owners": [{"email": "a@corp"}, {"email": "b@home"}, {"name": "x"}]})
+        self.assertEqual(set(out.meta["errors"]), {"owners[1]", "owners[2].email"})
+        self.assertEqual(len(seen), 4)
+        js = Schema("t", {"f": Field(owner, min_length=1, max_length=2)}).to_json_schema()
+        self.assertEqual((js["properties"]["f"]["minProperties"], js["properties"]["f"]["maxProperties"]), (1, 2))
+
+    def test_default_must_satisfy_its_own_field(self):
+        for field, words in ((Field(str, default=5), "must be a string"),
+                             (Field(int, default="5"), "must be an integer"),
+                             (Field(int, default=True), "boolean"),
+                             (Field(int, default=0, min=1), "at least 1"),
+                             (Field(str, default="x", choices=["a", "b"]), "one of"),
+                             (Field(list, default=[1, "x"], items=Field(int)), "items[1]"),
+                             (Field(bool, default="yes"), "must be a boolean")):
+            with self.subTest(field=field, default=field.default):
+                with self.assertRaisesRegex(TypeError, "field 'items'.*%s" % re.escape(words)):
+                    Schema("t", {"ok": Field(int, default=1), "items": field})
+        schema = Schema("t", {"ratio": Field(float, default=0), "tags": Field(list, default=("a",)),
+                              "parts": Field(lambda text: text.split(","), default=list)})
+        value = schema.validate({}).value
+        self.assertEqual(value, {"ratio": 0.0, "tags": ["a"], "parts": []})
+        self.assertIs(type(value["ratio"]), float)
+        # A factory's result is checked each time it is called; a bad one fails the field, logged.
+        made = Schema("t", {"name": Field(str, default=lambda: 5)})
+        with self.assertLogs("specter.schema", "ERROR") as logs:
+            out = made.validate({})
+        self.assertEqual(out.meta["errors"], {"name": "has no usable default"})
+        self.assertIn("field 'name' must be a string", "".join(logs.output))
+
 
 class TestSchema(SpecterTestCase):
     def create_schema(self):
@@ -3621,6 +4303,27 @@ class TestSchema(SpecterTestCase):
         self.assertEqual(list(schema.field_names), ["name", "age", "active"])
         self.assertEqual(list(schema.required_fields), ["name"])
 
+    def test_field_names_and_required_fields_compare_equal_to_sets(self):
+        schema = self.create_schema()
+        self.assertEqual(schema.field_names, {"name", "age", "active"})
+        self.assertEqual(schema.required_fields, {"name"})
+        self.assertTrue(schema.required_fields <= schema.field_names)
+        self.assertEqual(schema.extend("more", {"x": Field(int, required=True)}).required_fields, {"name", "x"})
+
+    def test_to_json_schema_accepts_unhashable_coercers(self):
+        @dataclasses.dataclass
+        class Scaled:
+            factor: int
+
+            def __call__(self, value):
+                return int(value) * self.factor
+
+        schema = Schema("t", {"n": Field(Scaled(10), required=True, min=0)})
+        self.assertEqual(schema.validate({"n": "3"}).value, {"n": 30})
+        js = schema.to_json_schema()
+        self.assertEqual(js["properties"]["n"], {"minimum": 0})
+        json.dumps(js)
+
     def test_nested_schema(self):
         owner = Schema("owner", {
             "email": Field(str, required=True, pattern=r"^[^@]+@[^@]+$"),
@@ -3694,6 +4397,103 @@ class TestSchema(SpecterTestCase):
         self.assertEqual(props["owner"]["type"], "object")
         self.assertIn("email", props["owner"]["properties"])
         self.assertFalse(js["additionalProperties"])
+
+    def test_field_names_patterns_and_messages_are_data_never_code(self):
+        hostile = 'x"] = 1\nimport os; os._exit(3)  # \u2028'
+        pattern = r'[\n"]+'
+        schema = Schema("t\nevil = 1", {
+            hostile: Field(int, required=True, min=0),
+            "safe": Field(str, pattern=pattern, choices=['"); raise SystemExit #', '\n\n']),
+            "inner": Field(Schema("inner", {hostile: Field(str, required=True)})),
+        }, strict=True)
+        self.assertEqual(schema.validate({hostile: "3", "safe": "\n\n"}).value,
+                         {hostile: 3, "safe": "\n\n", "inner": None})
+        out = schema.validate({hostile: -1, "safe": '"); raise SystemExit #', "inner": {}, hostile + "!": 1})
+        self.assertEqual(set(out.meta["errors"]), {hostile, "safe", "inner." + hostile, hostile + "!"})
+        source = schema.compiled_source()
+        code, _, legend = source.partition("# Constants")
+        compile(code, "<check>", "exec")
+        for text in (hostile, "os._exit", "raise SystemExit", pattern, "evil", "inner"):
+            self.assertNotIn(text, code)
+        self.assertIn(ascii(hostile), legend)           # shown escaped, in the legend only
+        self.assertNotIn("\u2028", source)
+        self.assertTrue(all(line.startswith("#") for line in legend.splitlines()[1:]))
+
+    def test_compiled_source_shows_the_generated_validator(self):
+        owner = Schema("owner", {"email": Field(str, required=True)})
+        schema = Schema("doc", {"n": Field(int, min=1), "owner": Field(owner), "tags": Field(list, items=Field(str))})
+        source = schema.compiled_source()
+        self.assertTrue(source.startswith("def validate(root, data):"))
+        self.assertIn("# field 2 of 3: nested schema", source)
+        self.assertIn("for index_1, item_1 in enumerate(v):", source)
+        self.assertIn("def clean_object(data, path, errors, root, level):", owner.compiled_source())
+        self.assertIsNotNone(compile(source.partition("# Constants")[0], "<check>", "exec"))
+
+    def test_validate_never_raises_even_when_the_mapping_breaks(self):
+        class Broken(dict):
+            def get(self, key, default=None):
+                raise RuntimeError("storage gone: password=hunter2")
+
+        schema = Schema("t", {"a": Field(int)})
+        with self.assertLogs("specter.schema", "WARNING") as logs:
+            out = schema.validate(Broken(a=1))
+        self.assertEqual((out.ok, out.status, dict(out.meta["errors"])), (False, 400, {"$": "is invalid"}))
+        self.assertNotIn("hunter2", out.error)
+        self.assertIn("hunter2", "".join(logs.output))
+
+    def test_nested_lists_and_objects_report_each_element_path(self):
+        point = Schema("point", {"x": Field(int, required=True)})
+        schema = Schema("t", {"grid": Field(list, items=Field(list, items=Field(int, min=0))),
+                              "paths": Field(list, items=Field(list, items=Field(point)))})
+        out = schema.validate({"grid": [[1, 2], [3, -1, "x", None]], "paths": [[{"x": 1}], [{"x": "y"}, 5]]})
+        self.assertEqual(set(out.meta["errors"]),
+                         {"grid[1][1]", "grid[1][2]", "grid[1][3]", "paths[1][0].x", "paths[1][1]"})
+        self.assertEqual(schema.validate({"grid": [[0], []], "paths": [[{"x": "2"}]]}).value,
+                         {"grid": [[0], []], "paths": [[{"x": 2}]]})
+
+    def test_list_elements_are_each_converted_and_checked(self):
+        for kind, raw, clean, bad in ((int, [1, "2", 3], [1, 2, 3], [1, True, None, "x"]),
+                                      (str, ["a", 1, 2.5], ["a", "1", "2.5"], ["a", ["b"], None, {}]),
+                                      (bool, [True, "no", 1], [True, False, True], [True, 2, None, "maybe"])):
+            with self.subTest(kind=kind):
+                schema = Schema("t", {"xs": Field(list, items=Field(kind))})
+                value = schema.validate({"xs": raw}).value["xs"]
+                self.assertEqual(value, clean)
+                self.assertEqual([type(x) for x in value], [kind] * 3)
+                self.assertIsNot(schema.validate({"xs": clean}).value["xs"], clean)   # a new list
+                out = schema.validate({"xs": bad})
+                self.assertEqual(set(out.meta["errors"]), {"xs[1]", "xs[2]", "xs[3]"})
+                self.assertEqual(out.meta["errors"]["xs[2]"], "is required")
+
+    def test_limits_come_from_the_schema_validate_is_called_on(self):
+        inner = Schema("inner", {"tags": Field(list, items=Field(str))})
+        outer = Schema("outer", {"inner": Field(inner)})
+        outer.max_items = 3
+        out = outer.validate({"inner": {"tags": ["a", "b", "c", "d"]}})
+        self.assertEqual(dict(out.meta["errors"]), {"inner.tags": "has more than 3 items"})
+        self.assertTrue(inner.validate({"tags": ["a", "b", "c", "d"]}).ok)
+
+    def test_a_subclass_override_of_validate_is_kept(self):
+        class Audited(Schema):
+            seen = []
+
+            def validate(self, data):
+                self.seen.append(data)
+                return super().validate(data)
+
+        schema = Audited("t", {"a": Field(int)})
+        self.assertEqual(schema.validate({"a": "1"}).value, {"a": 1})
+        self.assertEqual(schema.require({"a": "2"}), {"a": 2})
+        self.assertEqual(Audited.seen, [{"a": "1"}, {"a": "2"}])
+
+    def test_copies_and_pickles_validate_on_their_own(self):
+        schema = Schema("t", {"a": Field(int, default=1), "b": Field(list, items=Field(int))})
+        for twin in (copy.copy(schema), copy.deepcopy(schema), pickle.loads(pickle.dumps(schema))):
+            with self.subTest(twin=twin):
+                twin.max_items = 1
+                self.assertEqual(twin.validate({"b": ["2"]}).value, {"a": 1, "b": [2]})
+                self.assertFalse(twin.validate({"b": [1, 2]}).ok)
+                self.assertTrue(schema.validate({"b": [1, 2]}).ok)
 
     def assertCleanRefusal(self, schema, payload, limit=1.0):
         started = time.monotonic()
@@ -3899,6 +4699,18 @@ def pid_gone(pid):
     except OSError:
         return True  # vanished between the two looks
     return data[data.rfind(b")") + 2:].split()[0] in (b"Z", b"X")
+
+
+def settle_engineio(test, sio):
+    """Make Engine.IO's greenlets end with a test that serves real clients.
+
+    The server's service task runs until the Socket.IO server shuts down
+    (ServiceManager.shutdown does not do that), and each connection's ping
+    timer sleeps a whole ping_interval (25 s by default) before it notices
+    that the connection closed; the leak check would report both.
+    """
+    sio.server.eio.ping_interval = 0.05
+    test.addCleanup(sio.server.shutdown)
 
 
 def make_web_app():
@@ -4125,6 +4937,67 @@ class TestHTTPHelpers(SpecterTestCase):
         self.assertIn("error", self.assertJSON(response, 405))
         self.assertEqual(set(response.headers["Allow"].replace(" ", "").split(",")), {"GET", "DELETE"})
 
+    def test_json_endpoint_answers_an_absurdly_nested_get_json_body_400(self):
+        seen = []
+
+        @json_endpoint
+        def view():
+            seen.append(request.get_json(silent=True))
+            return {"read": True}
+        client = self.client_for(view)
+        depth = 100000
+        nested = "[" * depth + "]" * depth
+        for encoding in ("utf-8", "utf-16"):
+            with self.subTest(encoding=encoding):
+                response = client.post("/v", data=nested.encode(encoding), content_type="application/json")
+                self.assertEqual(self.assertJSON(response, 400), {"error": "Request body is nested too deeply"})
+        self.assertEqual(seen, [])
+        self.assertEqual(self.assertJSON(client.post("/v", json=[[1]]), 200), {"read": True})
+
+    def test_json_endpoint_keeps_a_recursion_bug_of_its_own_a_500(self):
+        @json_endpoint("Could not walk the tree")
+        def view():
+            def walk(node):
+                return walk(node)
+            return walk(1)
+        with self.assertLogs("specter", "ERROR"):
+            response = self.client_for(view).get("/v")
+        self.assertEqual(self.assertJSON(response, 500), {"error": "Could not walk the tree"})
+
+    def test_json_endpoint_abort_with_a_response_keeps_that_response(self):
+        @json_endpoint
+        def view():
+            abort(flask.Response("brewing", status=418, headers={"X-Pot": "tea"}))
+        response = self.client_for(view).get("/v")
+        self.assertEqual((response.status_code, response.get_data(as_text=True)), (418, "brewing"))
+        self.assertEqual(response.headers["X-Pot"], "tea")
+
+        @json_endpoint
+        def json_view():
+            abort(flask.make_response(flask.jsonify(reason="quota"), 429))
+        response = self.client_for(json_view).get("/v")
+        self.assertEqual(self.assertJSON(response, 429), {"reason": "quota"})
+
+    def test_http_error_whose_payload_json_cannot_encode_is_still_a_json_body(self):
+        @json_endpoint
+        def view():
+            raise HTTPError("Tag conflict", 409, payload={"tags": {"a", "b"}})
+        with self.assertLogs("specter", "ERROR") as logs:
+            response = self.client_for(view).get("/v")
+        self.assertEqual(self.assertJSON(response, 409), {"error": "Tag conflict"})
+        self.assertIn("cannot be encoded as JSON", "\n".join(logs.output))
+
+        app, sio = make_web_app()
+
+        @app.route("/plain")
+        def plain():
+            raise HTTPError("Tag conflict", 409, payload={"tags": {"a"}})
+        manager = ServiceManager(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        with self.assertLogs("specter", "ERROR"):
+            response = app.test_client().get("/plain")
+        self.assertEqual(self.assertJSON(response, 409), {"error": "Tag conflict"})
+
     def test_json_endpoint_answers_other_exceptions_500_without_details(self):
         @json_endpoint("Could not save the job")
         def view():
@@ -4192,9 +5065,32 @@ class TestHTTPHelpers(SpecterTestCase):
 
     def test_expect_json_empty_object_counts_as_missing_unless_allowed(self):
         body = self.assertJSON(self.echo_client().post("/v", json={}), 400)
-        self.assertEqual(body["error"], "Request body is required")
+        self.assertEqual(body["error"], "The body is empty ({})")
         self.assertEqual(self.assertJSON(self.echo_client(allow_empty=True).post("/v", json={}), 200),
                          {"got": {}})
+
+    def test_expect_json_messages_say_what_was_wrong_with_the_body(self):
+        client = self.echo_client()
+        cases = [
+            ({}, "Request body is required"),
+            ({"data": "{bad json", "content_type": "application/json"}, "The body is not valid JSON"),
+            ({"data": "   ", "content_type": "application/json"}, "The body is empty"),
+            ({"json": {}}, "The body is empty ({})"),
+            ({"data": {"name": "a"}},
+             "Send the body as JSON (Content-Type: application/json); "
+             "it was sent as application/x-www-form-urlencoded"),
+            ({"data": '{"name": "a"}', "content_type": "text/plain"},
+             "Send the body as JSON (Content-Type: application/json); it was sent as text/plain"),
+        ]
+        for kwargs, message in cases:
+            with self.subTest(message=message):
+                self.assertEqual(self.assertJSON(client.post("/v", **kwargs), 400)["error"], message)
+        custom = self.echo_client(error="Send a job")
+        self.assertEqual(self.assertJSON(custom.post("/v"), 400)["error"], "Send a job")
+        response = custom.post("/v", data="{bad", content_type="application/json")
+        self.assertEqual(self.assertJSON(response, 400)["error"], "Send a job: the body is not valid JSON")
+        self.assertEqual(self.assertJSON(custom.post("/v", json={}), 400)["error"],
+                         "Send a job: the body is empty ({})")
 
     def test_expect_json_non_object_body_is_400(self):
         client = self.echo_client(allow_empty=True)
@@ -4472,9 +5368,34 @@ class TestRouter(SpecterTestCase):
         router.teardown()
         self.assertEqual(closed, [1])
 
+    def test_class_defaults_are_name_router_and_an_empty_url_prefix(self):
+        self.assertEqual((Router.name, Router.url_prefix), ("router", ""))
+        router = Router()
+        self.assertEqual((router.name, router.url_prefix), ("router", ""))
+
+        class SensorRouter(Router):
+            @route("/sensors")
+            def sensors(self):
+                return {"sensors": []}
+
+        class LegacyRouter(SensorRouter):
+            name = "legacy"
+
+        class OldLegacyRouter(LegacyRouter):
+            pass
+        self.assertEqual(SensorRouter().name, "sensor_router")
+        self.assertEqual(OldLegacyRouter().name, "legacy")
+        _, client = self.served(SensorRouter())
+        self.assertEqual(client.get("/sensors").get_json(), {"sensors": []})
+        _, client = self.served(SensorRouter(url_prefix=""))
+        self.assertEqual(client.get("/sensors").status_code, 200)
+        with self.assertRaisesRegex(ValueError, "starting with '/'"):
+            Router(url_prefix="api")
+
     def test_require_and_resolve_use_the_registry(self):
         db = object()
         specter.registry.provide("db", db)
+        self.addCleanup(specter.registry.unregister, "db")
         router = Router("deps")
         self.assertIs(router.require("db"), db)
         self.assertIs(router.resolve("db"), db)
@@ -4578,6 +5499,7 @@ class TestHandler(SpecterTestCase):
         app, sio = make_web_app()
         ingress = SocketIngress(sio)
         specter.registry.provide("socket_ingress", ingress)
+        self.addCleanup(specter.registry.unregister, "socket_ingress")
         order = []
 
         class Ordered(ChatHandler):
@@ -4601,6 +5523,7 @@ class TestHandler(SpecterTestCase):
     def test_setup_without_socketio_uses_the_ingress(self):
         app, sio = make_web_app()
         specter.registry.provide("socket_ingress", SocketIngress(sio))
+        self.addCleanup(specter.registry.unregister, "socket_ingress")
         handler = ChatHandler()
         self.addCleanup(handler.teardown)
         handler.setup()
@@ -4641,12 +5564,24 @@ class TestHandler(SpecterTestCase):
     def test_require_and_resolve(self):
         store = specter.create_store("sessions", {})
         specter.registry.provide("sessions", store)
+        self.addCleanup(specter.registry.unregister, "sessions")
         handler = ChatHandler()
         self.assertIs(handler.require("sessions"), store)
         self.assertIs(handler.resolve("sessions"), store)
         self.assertIsNone(handler.resolve("nothing"))
         with self.assertRaises(KeyError):
             handler.require("nothing")
+
+    def test_class_defaults_are_unnamed_handler_and_no_events(self):
+        self.assertEqual((Handler.name, Handler.events), ("unnamed_handler", {}))
+        handler = Handler()
+        self.assertEqual(handler.name, "unnamed_handler")
+        self.assertEqual(handler.health()["events"], [])
+        self.assertEqual(ChatHandler().name, "chat")
+
+        class PresenceHandler(Handler):
+            pass
+        self.assertEqual(PresenceHandler().name, "presence_handler")
 
     def test_events_mapping_to_a_missing_method_is_a_type_error(self):
         class Broken(Handler):
@@ -4694,6 +5629,30 @@ class TestSocketIngress(SpecterTestCase):
         ingress.subscribe("connect", authenticate)
         self.assertFalse(sio.test_client(app, auth={"token": "bad"}).is_connected())
         self.assertTrue(sio.test_client(app, auth={"token": "good"}).is_connected())
+
+    def test_a_connect_handler_refusing_the_client_is_not_logged_as_a_failure(self):
+        import flask_socketio
+        app, sio, ingress = self.make()
+        errors = []
+        ingress.subscribe_error_default(errors.append)
+
+        def authenticate(auth=None):
+            if not auth:
+                raise flask_socketio.ConnectionRefusedError("send a token")
+            if auth.get("token") != "good":
+                raise ConnectionRefusedError("bad token")
+        ingress.subscribe("connect", authenticate)
+
+        @sio.on("connect", namespace="/plain")
+        def plain(auth=None):
+            raise ConnectionRefusedError("plain says no")
+        with captured_logs() as records:
+            self.assertFalse(sio.test_client(app).is_connected())
+            self.assertFalse(sio.test_client(app, auth={"token": "bad"}).is_connected())
+            self.assertFalse(sio.test_client(app, namespace="/plain").is_connected("/plain"))
+            self.assertTrue(sio.test_client(app, auth={"token": "good"}).is_connected())
+        self.assertEqual([r.getMessage() for r in records if r.levelno >= logging.WARNING], [])
+        self.assertEqual(errors, [])
 
     def test_connect_fails_closed(self):
         app, sio, ingress = self.make()
@@ -4898,6 +5857,63 @@ class TestSocketIngress(SpecterTestCase):
         self.assertIn(client.emit("job", 2, callback=True), (None, []))
         self.assertEqual(calls, [1])
 
+    def test_an_attached_ingress_is_the_socketios_default_error_handler(self):
+        app, sio, ingress = self.make()
+        errors = []
+        ingress.subscribe_error_default(lambda exc: errors.append(exc))
+        failure = KeyError("no such room")
+
+        @sio.on("plain")
+        def plain(data):
+            raise failure
+
+        @sio.on("plain", namespace="/admin")
+        def plain_admin(data):
+            raise ValueError("admins only")
+        client = sio.test_client(app)
+        with self.assertLogs("specter", "ERROR") as logs:
+            ack = client.emit("plain", 1, callback=True)
+        self.assertEqual(errors, [failure])
+        self.assertEqual(ack, {"ok": False, "status": 500, "error": "Internal server error", "value": None})
+        self.assertLoggedException(logs, "no such room")
+        client.connect(namespace="/admin")
+        with self.assertLogs("specter", "ERROR"):
+            client.emit("plain", 2, namespace="/admin", callback=True)
+        self.assertEqual([type(exc) for exc in errors], [KeyError, ValueError])
+        ingress.subscribe_error_default(lambda exc: {"ok": False, "error": "try again", "status": 503})
+        with self.assertLogs("specter", "ERROR"):
+            ack = client.emit("plain", 3, callback=True)
+        self.assertEqual(ack, {"ok": False, "error": "try again", "status": 503})
+
+    def test_a_booted_managers_ingress_gets_errors_of_plain_handlers(self):
+        app, sio = make_web_app()
+        seen = []
+
+        @sio.on_error_default
+        def apps_own(exc):
+            seen.append(("app", str(exc)))
+            return {"handled_by": "app"}
+
+        @sio.on("plain")
+        def plain(data):
+            raise RuntimeError("plain failed")
+        manager = boot(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        manager.socket_ingress.subscribe_error_default(lambda exc: seen.append(("ingress", str(exc))))
+        with self.assertLogs("specter", "ERROR"):
+            ack = sio.test_client(app).emit("plain", None, callback=True)
+        self.assertEqual(seen, [("app", "plain failed"), ("ingress", "plain failed")])
+        self.assertEqual(ack, {"handled_by": "app"})
+
+    def test_a_plain_connect_handler_that_raises_refuses_the_client(self):
+        app, sio, ingress = self.make()
+
+        @sio.on("connect")
+        def check(auth=None):
+            raise KeyError("session store down")
+        with self.assertLogs("specter", "ERROR"):
+            self.assertFalse(sio.test_client(app).is_connected())
+
     def test_attach_binds_pending_events(self):
         app, sio = make_web_app()
         ingress = SocketIngress()
@@ -4956,7 +5972,7 @@ class TestController(SpecterTestCase):
         self.assertEqual((response.status_code, response.get_json()), (200, {"pong": True, "by": "echo"}))
         self.assertEqual(app.test_client().get("/ping").status_code, 404)
 
-    def test_create_handler_and_build_handler(self):
+    def test_create_handler_and_build_handler_build_once_and_return_the_same_handler(self):
         handlers = []
 
         class Jobs(EchoController):
@@ -4965,18 +5981,24 @@ class TestController(SpecterTestCase):
                 super().build_events(handler)
         ctl = Jobs()
         self.addCleanup(ctl.stop)
-        fresh = ctl.create_handler()
-        self.assertIsInstance(fresh, Handler)
-        self.assertIsNot(ctl.create_handler(), fresh)
-        self.assertEqual(handlers[:2], [fresh, handlers[1]])
-        app, sio = make_web_app()
-        handler = ctl.build_handler(sio)
+        self.assertFalse(ctl.health()["has_handler"])
+        handler = ctl.create_handler()
         self.assertIsInstance(handler, Handler)
+        self.assertEqual(handler.name, "echo")
+        self.assertIs(ctl.create_handler(), handler)
+        self.assertTrue(ctl.health()["has_handler"])
+        app, sio = make_web_app()
+        self.assertIs(ctl.build_handler(sio), handler)
         self.assertTrue(handler.registered)
         self.assertIs(ctl.build_handler(), handler)
+        self.assertIs(ctl.create_handler(), handler)
+        self.assertEqual(handlers, [handler])
         self.assertIs(ctl.socketio, sio)
         ctl.start()
         self.assertEqual(sio.test_client(app).emit("echo", 9, callback=True), {"echo": 9})
+        fresh = Jobs()
+        self.addCleanup(fresh.stop)
+        self.assertIs(fresh.build_handler(), fresh.create_handler())
 
     def test_owned_model_and_store_are_destroyed_on_stop(self):
         ctl = Controller("owner").start()
@@ -4999,6 +6021,7 @@ class TestController(SpecterTestCase):
     def test_service_require_and_resolve(self):
         db = {"kind": "db"}
         specter.registry.provide("db", db)
+        self.addCleanup(specter.registry.unregister, "db")
         ctl = Controller("deps")
         self.assertIs(ctl.service("db"), db)
         self.assertIs(ctl.require("db"), db)
@@ -5132,7 +6155,7 @@ class TestController(SpecterTestCase):
         response = app.test_client().post("/api/items", json={"name": "lamp"})
         self.assertEqual((response.status_code, response.get_json()), (200, {"ok": True, "name": "lamp"}))
         self.assertEqual(sio.test_client(app).emit("item_created", {"id": 1}, callback=True), {"ok": True})
-        self.assertEqual(manager.health()["services"][0]["name"], "items")
+        self.assertEqual(manager.health()["services"]["items"]["name"], "items")
         model = ctl.state
         seen = []
         model.subscribe(lambda value, m: seen.append(value))
@@ -5163,14 +6186,33 @@ class TestServiceManager(SpecterTestCase):
         self.assertIs(manager.shutdown(), manager)
         self.assertEqual(log, ["teardown:h2", "teardown:h1", "stop:c", "stop:b", "stop:a"])
 
+    def test_register_calls_return_the_manager_so_they_chain(self):
+        log = []
+        manager = self.manager()
+        service, handler, ctl = RecordingService("a", log), RecordingHandler("h", log), EchoController()
+        self.assertIs(manager.register_service(service), manager)
+        self.assertIs(manager.register_handler(handler), manager)
+        self.assertIs(manager.register_controller(ctl, url_prefix="/echo"), manager)
+        chained = self.manager()
+        returned = (chained.register_service(RecordingService("b", log))
+                    .register_handler(RecordingHandler("h2", log))
+                    .register_controller(EchoController(), url_prefix="/echo")
+                    .boot())
+        self.assertIs(returned, chained)
+        self.assertEqual(log, ["start:b", "setup:h2"])
+        self.assertEqual(chained.app.test_client().get("/echo/ping").get_json(), {"pong": True, "by": "echo"})
+        self.assertIs(chained.register_service(service), chained)  # booted: starts at once
+        self.assertTrue(service.running)
+
     def test_registry_holds_manager_and_ingress_until_shutdown(self):
         manager = self.manager()
         manager.boot()
         self.assertIs(specter.registry.require("service_manager"), manager)
         self.assertIs(specter.registry.require("socket_ingress"), manager.socket_ingress)
+        self.assertIs(specter.registry.require("socketio"), manager.socketio)
         specter.registry.provide("extra", 1)
         manager.shutdown()
-        for key in ("service_manager", "socket_ingress", "extra"):
+        for key in ("service_manager", "socket_ingress", "socketio", "extra"):
             self.assertNotIn(key, specter.registry)
         self.assertFalse(manager.running)
 
@@ -5192,7 +6234,8 @@ class TestServiceManager(SpecterTestCase):
             def on_stop(self):
                 gevent.sleep(0.05)
         manager = self.manager()
-        slow = manager.register_service(Slow())
+        slow = Slow()
+        manager.register_service(slow)
         manager.boot()
         first = gevent.spawn(manager.shutdown)
         gevent.sleep(0.01)
@@ -5200,6 +6243,67 @@ class TestServiceManager(SpecterTestCase):
         manager.shutdown()
         self.assertEqual((slow.status, manager.booted), ("stopped", False))
         first.join()
+
+    def test_shutdown_during_boot_stops_the_boot_and_releases_what_it_started(self):
+        log = []
+        gate = gevent.event.Event()
+
+        class Slow(RecordingService):
+            def on_start(self):
+                super().on_start()
+                self.spawn(gevent.sleep, LONG)
+                gate.wait(LONG)  # a start that takes its time (a database coming up, say)
+        manager = self.manager()
+        first, slow, last = RecordingService("first", log), Slow("slow", log), RecordingService("last", log)
+        manager.register_service(first).register_service(slow).register_service(last)
+        handler = RecordingHandler("h", log)
+        manager.register_handler(handler)
+        before = live_greenlets()
+        booting = gevent.spawn(manager.boot)
+        self.assertTrue(wait_until(lambda: slow.status == "starting"))
+        started = time.monotonic()
+        self.assertIs(manager.shutdown(), manager)
+        self.assertLess(time.monotonic() - started, 1.0, "shutdown() waited for the slow start to finish")
+        self.assertEqual(log, ["start:first", "start:slow", "stop:first"])
+        self.assertEqual((first.status, slow.status, last.status), ("stopped", "stopped", "created"))
+        self.assertFalse(handler.registered)
+        self.assertFalse(manager.running or manager.booted)
+        self.assertEqual(specter.registry.list(), [])
+        self.assertIs(booting.get(timeout=WAIT), manager)
+        gate.set()
+        gevent.sleep(0)
+        self.assertEqual(last.status, "created", "boot() went on starting services after shutdown()")
+        self.assertNoNewGreenlets(before)
+
+    def test_shutdown_from_an_on_start_cancels_the_rest_of_the_boot(self):
+        log = []
+        manager = self.manager()
+
+        class Quitter(RecordingService):
+            def on_start(self):
+                super().on_start()
+                manager.shutdown()  # e.g. a fatal configuration error found while starting
+        first, quitter, last = RecordingService("first", log), Quitter("quitter", log), RecordingService("last", log)
+        manager.register_service(first).register_service(quitter).register_service(last)
+        self.assertIs(manager.boot(), manager)
+        self.assertEqual(log, ["start:first", "start:quitter", "stop:first", "stop:quitter"])
+        self.assertEqual((first.status, quitter.status, last.status), ("stopped", "stopped", "created"))
+        self.assertFalse(manager.running or manager.booted)
+        self.assertEqual(specter.registry.list(), [])
+
+    def test_a_later_shutdown_is_not_a_no_op_while_work_remains(self):
+        log = []
+        manager = self.manager()
+        worker = RecordingService("worker", log)
+        manager.register_service(worker)
+        manager.boot()
+        manager.shutdown()
+        worker.start()  # restarted by hand after the app was shut down
+        manager.shutdown()
+        self.assertEqual(log, ["start:worker", "stop:worker", "start:worker", "stop:worker"])
+        self.assertFalse(worker.running)
+        manager.shutdown()
+        self.assertEqual(len(log), 4)
 
     def test_shutdown_gives_signals_back_their_previous_handlers(self):
         before = signal.getsignal(signal.SIGINT)
@@ -5221,8 +6325,8 @@ class TestServiceManager(SpecterTestCase):
             def on_stop(self):
                 gevent.sleep(0.2)
         manager = self.manager()
-        fast = manager.register_service(Service("fast"))
-        manager.register_service(Slow())
+        fast = Service("fast")
+        manager.register_service(fast).register_service(Slow())
         manager.boot()
         with self.assertRaises(gevent.Timeout):
             with gevent.Timeout(0.05):
@@ -5340,18 +6444,47 @@ class TestServiceManager(SpecterTestCase):
         manager.boot()
         health = manager.health()
         self.assertEqual(health["status"], "ok")
-        (parent,) = [s for s in health["services"] if s["name"] == "parent"]
+        parent = health["services"]["parent"]
         self.assertEqual(parent["status"], "ok")
         self.assertEqual([c["name"] for c in parent["children"]], ["child"])
         self.assertEqual(parent["children"][0]["status"], "ok")
         self.assertIn("parent.model", [r.get("name") for r in parent["resources"]])
-        self.assertEqual([h["name"] for h in health["handlers"]], ["h"])
+        self.assertEqual(list(health["handlers"]), ["h"])
         manager.shutdown()
         self.assertEqual(manager.health()["status"], "stopped")
 
+    def test_health_keys_services_and_handlers_by_name(self):
+        class Bare:
+            """A handler with setup/teardown and nothing else."""
+            registered = False
+
+            def setup(self, socketio=None):
+                self.registered = True
+
+            def teardown(self):
+                self.registered = False
+        manager = self.manager()
+        db, search = Service("db"), EchoController("search")
+        manager.register_service(db).register_controller(search).register_handler(RecordingHandler("h", []))
+        bare = Bare()
+        manager.register_service(Service("db")).register_handler(bare)
+        manager.boot()
+        health = manager.health()
+        self.assertIsInstance(health["services"], dict)
+        self.assertEqual(list(health["services"]), ["db", "search", "db#2"])
+        self.assertEqual(health["services"]["db"], db.health())
+        self.assertEqual(health["services"]["search"]["has_handler"], True)
+        self.assertIsInstance(health["handlers"], dict)
+        self.assertEqual(list(health["handlers"]), ["search", "h", repr(bare)])
+        self.assertTrue(all(h["registered"] is True for h in health["handlers"].values()))
+        json.dumps(health)
+        manager.shutdown()
+        self.assertTrue(all(h["registered"] is False for h in manager.health()["handlers"].values()))
+
     def test_health_is_degraded_while_a_service_is_down(self):
         manager = self.manager()
-        worker = manager.register_service(Service("worker"))
+        worker = Service("worker")
+        manager.register_service(worker)
         manager.boot()
         self.assertEqual(manager.health()["status"], "ok")
         worker.stop()
@@ -5438,6 +6571,598 @@ class TestServiceManager(SpecterTestCase):
         self.assertFalse(install.called)
 
 
+class TestAppFactory(SpecterTestCase):
+    """ServiceManager(app=None) + init_app(app): the Flask app-factory pattern."""
+
+    def test_init_app_binds_a_manager_made_before_the_app(self):
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        echo = EchoController()
+        manager.register_controller(echo, url_prefix="/echo")
+        app, sio = make_web_app()
+
+        @app.route("/refuse")
+        def refuse():
+            raise HTTPError("no", 409)
+        self.assertIs(manager.init_app(app, sio), manager)
+        self.assertIs(app.extensions["specter"], manager)
+        self.assertEqual((manager.app, manager.socketio), (app, sio))
+        http = app.test_client()
+        self.assertEqual(http.get("/echo/ping").status_code, 503)  # mounted, not running yet
+        manager.boot()
+        self.assertEqual(http.get("/echo/ping").get_json(), {"pong": True, "by": "echo"})
+        self.assertEqual((http.get("/refuse").status_code, http.get("/refuse").get_json()), (409, {"error": "no"}))
+        self.assertEqual(sio.test_client(app).emit("echo", 7, callback=True), {"echo": 7})
+        self.assertEqual(echo.calls, [7])
+
+    def test_init_app_finds_the_socketio_already_on_the_app(self):
+        manager = ServiceManager(signals=False)
+        app, sio = make_web_app()
+        manager.init_app(app)
+        self.assertIs(manager.socketio, sio)
+        self.assertIs(manager.socket_ingress.socketio, sio)
+
+    def test_init_app_binds_one_app_only(self):
+        manager = ServiceManager(signals=False)
+        app, _ = make_web_app()
+        manager.init_app(app)
+        self.assertIs(manager.init_app(app), manager)  # the same app again: nothing to do
+        with self.assertRaisesRegex(RuntimeError, "already bound to the app"):
+            manager.init_app(make_web_app()[0])
+        with self.assertRaisesRegex(TypeError, "init_app\\(\\) takes a Flask app, got str"):
+            ServiceManager(signals=False).init_app("app")
+
+    def test_a_manager_without_an_app_boots_and_warns_about_unmounted_routes(self):
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        echo = EchoController()
+        manager.register_controller(echo)
+        log = []
+        manager.register_service(RecordingService("plain", log))
+        with self.assertLogs("specter.web", "WARNING") as cm:
+            manager.boot()
+        self.assertEqual(len(cm.records), 1)
+        self.assertIn("echo", cm.output[0])
+        self.assertIn("manager.init_app(app)", cm.output[0])
+        self.assertEqual((echo.status, log), ("running", ["start:plain"]))
+        self.assertEqual(manager.socket_ingress.dispatch("echo", 3), {"echo": 3})  # events still work
+
+    def test_no_warning_when_the_controller_routes_were_mounted_by_hand(self):
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        echo = EchoController()
+        manager.register_controller(echo)
+        app, _ = make_web_app()
+        app.register_blueprint(echo.build_blueprint())
+        with captured_logs("specter.web") as records:
+            manager.boot()
+        self.assertEqual([r for r in records if r.levelno >= logging.WARNING], [])
+
+
+class TestFlaskCLI(SpecterTestCase):
+    """`flask specter routes | schemas | run` on the bound app's cli."""
+
+    def chat_app(self, **kwargs):
+        """A manager with a controller, a router, a handler and plain views, bound by init_app."""
+        manager = ServiceManager(signals=False, **kwargs)
+        self.addCleanup(manager.shutdown)
+        manager.register_controller(CliChat(), url_prefix="/chat")
+        manager.register_handler(RecordingHandler("presence", []))
+        app, sio = make_web_app()
+        JobsRouter().register(app)
+
+        @app.post("/feedback")
+        @json_endpoint("Could not record the feedback")
+        def feedback():
+            return {}
+
+        @app.get("/about")
+        def about():
+            return "about"
+        manager.init_app(app, sio)
+        return manager, app
+
+    def rows(self, output, title):
+        """The rows of the table under ``title`` in ``output``, each split into its cells."""
+        lines = output.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith(title))
+        table = []
+        for line in lines[start + 2:]:
+            if not line.strip():
+                break
+            table.append(re.split(r"\s{2,}", line.strip()))
+        return table
+
+    def test_routes_lists_every_http_route_and_socket_event(self):
+        manager, app = self.chat_app(probes=True)
+        manager.socket_ingress.subscribe("typing", ack_typing, priority=5)
+        result = app.test_cli_runner().invoke(args=["specter", "routes"])
+        self.assertEqual(result.exit_code, 0, result.output)
+        self.assertEqual(self.rows(result.output, "HTTP routes"), [
+            ["RULE", "METHODS", "OWNER", "ERRORS"],
+            ["/about", "GET", "app", "html"],
+            ["/chat/rooms/<room>/messages", "GET", "cli_chat (controller)", "json"],
+            ["/chat/rooms/<room>/messages", "POST", "cli_chat (controller)", 'json "Could not post"'],
+            ["/feedback", "POST", "app", 'json "Could not record the feedback"'],
+            ["/jobs/all", "GET", "jobs (router)", "json"],
+            ["/jobs/boom", "GET", "jobs (router)", 'json "Jobs are unavailable"'],
+            ["/jobs/list", "GET", "jobs (router)", "json"],
+            ["/jobs/list", "POST", "jobs (router)", "json"],
+            ["/jobs/taken", "GET", "jobs (router)", "json"],
+            ["/livez", "GET", "specter (probe)", "json"],
+            ["/readyz", "GET", "specter (probe)", "json"],
+            ["/static/<path:filename>", "GET", "flask (static files)", "html"],
+        ])
+        self.assertEqual(self.rows(result.output, "Socket events"), [
+            ["NAMESPACE", "EVENT", "PRIORITY", "OWNER", "CALLBACK", "SCHEMA"],
+            ["/", "ping", "100", "presence", "RecordingHandler.ping", "-"],
+            ["/", "send_message", "10", "cli_chat", "CliChat.audit", "-"],
+            ["/", "send_message", "50", "cli_chat", "CliChat.send", "message"],
+            ["/", "typing", "5", "(ingress)", "ack_typing", "-"],
+        ])
+        self.assertIn("HTTP routes (12)", result.output)
+        self.assertFalse(manager.booted, "listing routes boots nothing")
+
+    def test_routes_reads_the_ingress_once_booted(self):
+        manager, app = self.chat_app()
+        manager.boot()
+        result = app.test_cli_runner().invoke(args=["specter", "routes"])
+        events = self.rows(result.output, "Socket events")
+        self.assertIn(["/", "send_message", "50", "cli_chat", "CliChat.send", "message"], events)
+        self.assertEqual(len(events), 4)  # the header and each subscriber once
+
+    def test_schemas_prints_the_json_schema_of_every_schema_or_one(self):
+        _, app = self.chat_app()
+        runner = app.test_cli_runner()
+        everything = runner.invoke(args=["specter", "schemas"])
+        self.assertEqual(everything.exit_code, 0, everything.output)
+        self.assertEqual(json.loads(everything.output), {
+            "message": CliChat.schemas["message"].to_json_schema(),
+            "typing": CliChat.schemas["typing"].to_json_schema(),
+        })
+        one = runner.invoke(args=["specter", "schemas", "typing"])
+        self.assertEqual(json.loads(one.output), CliChat.schemas["typing"].to_json_schema())
+        unknown = runner.invoke(args=["specter", "schemas", "nope"])
+        self.assertEqual(unknown.exit_code, 2)
+        self.assertIn("no schema named 'nope'; known: message, typing", unknown.output)
+
+    def test_flask_specter_run_serves_until_sigterm(self):
+        workdir = tempfile.mkdtemp(prefix="specter-cli-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        with open(os.path.join(workdir, "cliapp.py"), "w") as f:
+            f.write(CLI_APP)
+        port = free_port()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join((workdir, SPECTER_DIR)), FLASK_APP="cliapp:create_app")
+        errors_path = os.path.join(workdir, "stderr.txt")
+        with open(errors_path, "w") as errors:
+            child = gevent.subprocess.Popen(
+                [sys.executable, "-m", "flask", "specter", "run", "--port", str(port)], cwd=workdir, env=env,
+                stdout=gevent.subprocess.PIPE, stderr=errors, universal_newlines=True, start_new_session=True)
+        self.addCleanup(self.kill_group, child)
+
+        def stderr():
+            with open(errors_path) as f:
+                return f.read()
+        url = "http://127.0.0.1:%d" % port
+        ready = wait_until(lambda: child.poll() is not None or http_status(url + "/readyz") == 200,
+                           timeout=CLIENT_TIMEOUT, step=0.02)
+        self.assertTrue(ready and child.poll() is None, "the app never became ready: %s" % stderr())
+        self.assertEqual(http_status(url + "/work"), 200)
+        worker_pid = int(http_body(url + "/work"))
+        self.assertFalse(pid_gone(worker_pid))
+        child.send_signal(signal.SIGTERM)
+        try:
+            code = child.wait(timeout=CLIENT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+        self.assertEqual(code, 0, stderr())
+        out = child.stdout.read()
+        self.assertIn("serving on http://127.0.0.1:%d" % port, out)
+        self.assertIn("stopped cleanly", out)
+        self.assertNotIn("Traceback", stderr())
+        self.assertTrue(wait_until(lambda: pid_gone(worker_pid), timeout=CLIENT_TIMEOUT))
+        self.assertEqual(process_group_members(child.pid), [], "a process of the group outlived it")
+
+    def kill_group(self, child):
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+        for pid in process_group_members(child.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        child.stdout.close()
+
+
+class CliChat(Controller):
+    """A controller with routes, prioritised events and two schemas, for the CLI tests."""
+
+    name = "cli_chat"
+    schemas = {
+        "message": Schema("message", {"text": Field(str, required=True)}),
+        "typing": Schema("typing", {"author": Field(str, required=True)}),
+    }
+
+    def build_routes(self, router):
+        @router.route("/rooms/<room>/messages", methods=["POST"], json_errors="Could not post")
+        def post(room):
+            return {}, 201
+
+        @router.route("/rooms/<room>/messages")
+        def listing(room):
+            return []
+
+    def build_events(self, handler):
+        handler.on("send_message", self.audit, priority=10)
+        handler.on("send_message", self.send, priority=50, schema=self.schema("message"))
+
+    def audit(self, data):
+        return None
+
+    def send(self, data):
+        return data
+
+
+def ack_typing(data):
+    return {"ok": True}
+
+
+# A factory app for `flask specter run`: a module-level manager, a worker process.
+CLI_APP = textwrap.dedent("""
+    import flask
+    from flask_socketio import SocketIO
+
+    import specter
+
+    manager = specter.ServiceManager(probes=True)
+
+
+    class Worker(specter.Service):
+        def on_start(self):
+            self.proc = self.start_process(["sleep", "60"])
+
+        def on_stop(self):
+            print("stopped cleanly", flush=True)
+
+
+    worker = Worker()
+    manager.register_service(worker)
+
+
+    def create_app():
+        app = flask.Flask(__name__)
+        SocketIO(app, async_mode="gevent")
+
+        @app.route("/work")
+        def work():
+            return str(worker.proc.pid)
+        manager.init_app(app)
+        return app
+""")
+
+
+def http_status(url):
+    """The status of GET ``url`` from a native thread (0 when nothing answers)."""
+    def fetch():
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+    return gevent.get_hub().threadpool.spawn(fetch).get()
+
+
+def http_body(url):
+    def fetch():
+        with urllib.request.urlopen(url, timeout=CLIENT_TIMEOUT) as response:
+            return response.read().decode()
+    return gevent.get_hub().threadpool.spawn(fetch).get()
+
+
+def process_group_members(pgid):
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as stat:
+                fields = stat.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry))
+    return members
+
+
+class TestProbes(SpecterTestCase):
+    """boot(..., probes=True | '/prefix'): GET /livez and /readyz through a whole lifecycle."""
+
+    def test_readyz_follows_the_lifecycle_and_livez_stays_up(self):
+        app, sio = make_web_app()
+        release = gevent.event.Event()
+
+        class Flaky(Service):
+            restart_backoff = 0.001
+
+            def on_start(self):
+                self.supervise(self.crash, max_restarts=2)
+
+            def crash(self):
+                release.wait(WAIT)
+                raise RuntimeError("secret database password in this message")
+
+        class SlowStop(Service):
+            def on_stop(self):
+                stopping.set()
+                proceed.wait(WAIT)
+        stopping, proceed = gevent.event.Event(), gevent.event.Event()
+        manager = ServiceManager(app, sio, signals=False, probes=True)
+        self.addCleanup(manager.shutdown)
+        manager.register_service(SlowStop("slow"))
+        flaky = Flaky("flaky")
+        manager.register_service(flaky)
+        http = app.test_client()
+
+        def probe(path):
+            response = http.get(path)
+            self.assertEqual(response.headers["Cache-Control"], "no-store")
+            return response.status_code, response.get_json()
+        self.assertEqual(probe("/readyz"), (503, {"status": "starting",
+                                                  "services": {"slow": "created", "flaky": "created"}}))
+        self.assertEqual(probe("/livez"), (200, {"status": "ok"}))
+        manager.boot()
+        self.assertEqual(probe("/readyz"), (200, {"status": "ok",
+                                                  "services": {"slow": "running", "flaky": "running"}}))
+        with captured_logs():
+            release.set()
+            self.assertEventually(lambda: flaky.status == "failed")
+        status, body = probe("/readyz")
+        self.assertEqual((status, body["status"], body["services"]["flaky"]), (503, "failed", "failed"))
+        self.assertNotIn("password", json.dumps(body))
+        self.assertEqual(probe("/livez"), (200, {"status": "ok"}))
+        shutting = gevent.spawn(manager.shutdown)
+        self.assertTrue(stopping.wait(WAIT))
+        self.assertEqual(probe("/readyz")[:1] + (probe("/readyz")[1]["status"],), (503, "stopping"))
+        proceed.set()
+        shutting.get(timeout=WAIT)
+        self.assertEqual(probe("/readyz"), (503, {"status": "stopped",
+                                                  "services": {"slow": "stopped", "flaky": "stopped"}}))
+
+    def test_a_stopped_controller_makes_readyz_degraded(self):
+        app, sio = make_web_app()
+        echo = EchoController()
+        manager = boot(app, sio, controllers=[echo], signals=False, probes=True)
+        self.addCleanup(manager.shutdown)
+        echo.stop()
+        response = app.test_client().get("/readyz")
+        self.assertEqual((response.status_code, response.get_json()["status"]), (503, "degraded"))
+
+    def test_probes_under_a_prefix(self):
+        app, sio = make_web_app()
+        manager = boot(app, sio, signals=False, probes="/ops/")
+        self.addCleanup(manager.shutdown)
+        http = app.test_client()
+        self.assertEqual(http.get("/ops/livez").status_code, 200)
+        self.assertEqual(http.get("/ops/readyz").status_code, 200)
+        self.assertEqual(http.get("/livez").status_code, 404)
+
+    def test_probes_are_off_by_default_and_checked(self):
+        app, sio = make_web_app()
+        manager = boot(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertEqual(app.test_client().get("/livez").status_code, 404)
+        with self.assertRaisesRegex(ValueError, "probes must be True, False or a path prefix starting with '/'"):
+            ServiceManager(probes="ops")
+
+
+# A view that blocks the whole process the way a forgotten blocking call does.
+def blocking_view(started):
+    started.set()
+    time.sleep(0.4)  # the blocking call under test
+    return "done"
+
+
+class TestLoopMonitor(SpecterTestCase):
+    """boot(..., block_threshold=s): gevent's monitor thread catches a real blocking call."""
+
+    threshold = 0.1
+
+    def test_a_blocking_call_is_logged_counted_announced_and_fails_livez(self):
+        self.assertFalse(gevent.monkey.is_anything_patched(), "time.sleep must really block here")
+        app, sio = make_web_app()
+        started = threading.Event()  # set from the hub, waited on by a native thread
+        app.add_url_rule("/block", "block", functools.partial(blocking_view, started))
+        announced = Recorder()
+        self.addCleanup(specter.bus.on("loop:blocked", announced))
+        manager = boot(app, sio, signals=False, probes=True, block_threshold=self.threshold)
+        self.addCleanup(manager.shutdown)
+        self.assertEqual(manager.health()["loop"], {"monitor": True, "threshold": self.threshold, "blocked": 0,
+                                                    "longest": 0.0, "last_stack": None})
+        server = pywsgi.WSGIServer(("127.0.0.1", 0), app, log=None)
+        server.start()
+        self.addCleanup(server.stop, timeout=1)
+        url = "http://127.0.0.1:%d" % server.server_port
+        pool = gevent.get_hub().threadpool
+
+        def livez_during_the_block():
+            if not started.wait(CLIENT_TIMEOUT):
+                return None
+            return http_status_now(url + "/livez")
+        with self.assertLogs("specter.loop", "WARNING") as cm:
+            during = pool.spawn(livez_during_the_block)
+            self.assertEqual(http_status(url + "/block"), 200)
+            self.assertEqual(during.get(), 503)
+        self.assertEqual(len(cm.records), 1, cm.output)
+        self.assertIn("the event loop is blocked", cm.output[0])
+        self.assertIn("time.sleep(0.4)  # the blocking call under test", cm.output[0])
+        self.assertIn("in blocking_view", cm.output[0])
+        self.assertTrue(wait_until(lambda: announced.count == 1))
+        loop = manager.health()["loop"]
+        self.assertEqual(loop["blocked"], 1)
+        self.assertGreaterEqual(loop["longest"], 0.4)  # from the loop's last poll to its next
+        self.assertLess(loop["longest"], 0.4 + 1.0)
+        self.assertIn("time.sleep(0.4)", loop["last_stack"])
+        event = announced.firsts[0]
+        self.assertEqual((event["threshold"], event["stack"], event["seconds"]),
+                         (self.threshold, loop["last_stack"], loop["longest"]))
+        self.assertTrue(wait_until(lambda: http_status(url + "/livez") == 200, timeout=WAIT, step=0.02))
+
+    def test_shutdown_turns_the_monitor_off(self):
+        hub = gevent.get_hub()
+        self.assertIsNone(hub.periodic_monitoring_thread)
+        saved = (gevent.config.monitor_thread, gevent.config.max_blocking_time)
+        app, sio = make_web_app()
+        manager = boot(app, sio, signals=False, block_threshold=0.25)
+        self.addCleanup(manager.shutdown)
+        self.assertIsNotNone(hub.periodic_monitoring_thread)
+        self.assertEqual(gevent.config.max_blocking_time, 0.25)
+        manager.shutdown()
+        self.assertIsNone(hub.periodic_monitoring_thread)
+        self.assertEqual((gevent.config.monitor_thread, gevent.config.max_blocking_time), saved)
+        self.assertFalse(manager.health()["loop"]["monitor"])
+
+    def test_block_threshold_is_checked(self):
+        with self.assertRaisesRegex(ValueError, "block_threshold must be greater than 0 seconds, got 0"):
+            ServiceManager(block_threshold=0)
+        with self.assertRaisesRegex(TypeError, "block_threshold must be a number of seconds"):
+            boot(*make_web_app(), block_threshold="1")
+
+
+def http_status_now(url):
+    """GET ``url`` from the calling native thread; its status (0 when nothing answers)."""
+    try:
+        with urllib.request.urlopen(url, timeout=CLIENT_TIMEOUT) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+class TestAppContext(SpecterTestCase):
+    """Background work of app-bound services runs in a fresh app context, popped after each round."""
+
+    def test_background_work_sees_current_app_and_tears_down_each_round(self):
+        app, sio = make_web_app()
+        app.config["NAME"] = "jobs-app"
+        teardowns = []
+        app.teardown_appcontext(lambda exc: teardowns.append(exc))
+        seen = {}
+
+        def note(where):
+            seen.setdefault(where, []).append(flask.current_app.config["NAME"])
+
+        class Child(Service):
+            def on_start(self):
+                self.interval(lambda: note("child tick"), 0.01)
+
+        class Jobs(QueueService):
+            def on_start(self):
+                note("on_start")
+                self.ticks = self.interval(lambda: note("tick"), 0.01)
+                self.spawn(note, "spawned")
+                self.spawn_later(0.01, note, "delayed")
+                self.supervise(note, "supervised")
+                self.adopt(Child("child"))
+
+            def handle_item(self, item):
+                note("item")
+
+            def on_stop(self):
+                note("on_stop")
+        jobs = Jobs("jobs")
+        manager = boot(app, sio, services=[jobs], signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertEventually(lambda: {"tick", "spawned", "delayed", "supervised", "child tick"} <= set(seen))
+        jobs.cancel_interval(jobs.ticks)
+        jobs.enqueue(1)
+        jobs.enqueue(2)
+        self.assertTrue(jobs.join(WAIT))
+        manager.shutdown()
+        for where in ("on_start", "tick", "spawned", "delayed", "supervised", "child tick", "item", "on_stop"):
+            self.assertEqual(set(seen[where]), {"jobs-app"}, where)
+        self.assertEqual(len(seen["item"]), 2)
+        self.assertFalse(flask.has_app_context(), "nothing leaks into the caller")
+
+    def test_teardown_appcontext_runs_once_per_tick_and_per_item(self):
+        app, sio = make_web_app()
+        teardowns = Recorder()
+        app.teardown_appcontext(teardowns)
+        rounds = []
+
+        class Counter(QueueService):
+            def on_start(self):
+                rounds.append(("start", teardowns.count))
+                self.ticker = self.interval(self.tick, 0.01)
+
+            def tick(self):
+                rounds.append(("tick", teardowns.count))
+
+            def handle_item(self, item):
+                rounds.append(("item", teardowns.count))
+        counter = Counter("counter")
+        manager = boot(app, sio, services=[counter], signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertEventually(lambda: len(rounds) >= 4)
+        counter.cancel_interval(counter.ticker)
+        for item in range(3):
+            counter.enqueue(item)
+        self.assertTrue(counter.join(WAIT))
+        first = rounds[0][1]
+        self.assertTrue(wait_until(lambda: teardowns.count == first + len(rounds)))
+        # Each round saw one teardown per earlier round (on_start's included): one context each, popped after it.
+        self.assertEqual([count for _, count in rounds], list(range(first, first + len(rounds))))
+        self.assertEqual([kind for kind, _ in rounds].count("item"), 3)
+
+    def test_a_watcher_started_in_the_app_context_polls_inside_a_fresh_one(self):
+        app, sio = make_web_app()
+        teardowns = Recorder()
+        app.teardown_appcontext(teardowns)
+        values = []
+
+        class Sensors(Service):
+            def on_start(self):
+                watcher = self.own(specter.Watcher("temp", poll=lambda: flask.current_app.name, interval=0.01))
+                watcher.subscribe(lambda value, _: values.append((value, teardowns.count)))
+                watcher.start()
+        manager = boot(app, sio, services=[Sensors()], signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertEventually(lambda: len(values) >= 2)
+        self.assertEqual(values[0][0], app.name)
+        self.assertGreater(values[1][1], values[0][1], "the first round's context was popped before the second")
+
+    def test_start_called_inside_the_apps_context_keeps_that_context(self):
+        app, sio = make_web_app()
+        manager = boot(app, sio, signals=False)
+        self.addCleanup(manager.shutdown)
+        contexts = []
+
+        class Late(Service):
+            def on_start(self):
+                contexts.append(flask.globals.app_ctx._get_current_object())
+        with app.app_context() as outer:
+            manager.register_service(Late("late"))
+        self.assertEqual(contexts, [outer])
+
+    def test_services_without_an_app_run_as_before(self):
+        seen = []
+
+        class Plain(Service):
+            def on_start(self):
+                seen.append(flask.has_app_context())
+                self.spawn(lambda: seen.append(flask.has_app_context()))
+        manager = ServiceManager(signals=False)
+        self.addCleanup(manager.shutdown)
+        manager.register_service(Plain())
+        manager.boot()
+        self.assertEventually(lambda: len(seen) == 2)
+        self.assertEqual(seen, [False, False])
+
+
 class UpgradeClosingHandler(pywsgi.WSGIHandler):
     """Close a connection once its websocket session ends.
 
@@ -5459,6 +7184,7 @@ class TestRealClients(SpecterTestCase):
 
     def serve(self, app, sio, **boot_kwargs):
         """Boot the app, serve it on an ephemeral port; the base URL and the manager."""
+        settle_engineio(self, sio)
         manager = boot(app, sio, signals=False, **boot_kwargs)
         self.addCleanup(manager.shutdown)
         server = pywsgi.WSGIServer(("127.0.0.1", 0), app, log=None, handler_class=UpgradeClosingHandler)
@@ -5547,6 +7273,33 @@ class TestRealClients(SpecterTestCase):
         manager.shutdown()
         self.assertFalse(specter.bus.has_listeners("job:done"))
 
+    def test_a_plain_service_reaches_socket_clients_through_the_registry(self):
+        app, sio = make_web_app()
+
+        class Metrics(Service):
+            def on_start(self):
+                self.socketio = self.require("socketio")
+                self.ticks = 0
+                self.interval(self.tick, 0.02)
+
+            def tick(self):
+                self.ticks += 1
+                self.emit("metrics:tick", self.ticks)                    # the in-process bus
+                self.socketio.emit("metrics", {"ticks": self.ticks})     # Socket.IO clients
+        on_bus = []
+        self.addCleanup(specter.bus.on("metrics:tick", on_bus.append))
+        url, manager = self.serve(app, sio, services=[Metrics()])
+        self.assertIs(specter.registry.require("socketio"), sio)
+        got = []
+        client = socketio.Client()
+        client.on("metrics", got.append)
+        self.connect(url, client)
+        self.assertTrue(wait_until(lambda: len(got) >= 2, timeout=CLIENT_TIMEOUT))
+        self.assertEqual(set(got[0]), {"ticks"})
+        self.assertTrue(on_bus)
+        manager.shutdown()
+        self.assertNotIn("socketio", specter.registry)
+
     def test_namespace(self):
         class RoomHandler(RecordingHandler):
             namespace = "/chat"
@@ -5579,6 +7332,55 @@ class TestRealClients(SpecterTestCase):
         self.assertFalse(client.connected)
         self.assertTrue(wait_until(lambda: len(presence.log) >= 2, timeout=CLIENT_TIMEOUT))
         self.assertEqual(presence.log[1], ("left", presence.log[0][1]))
+
+    def test_a_failing_socket_handler_acks_a_json_error_instead_of_timing_out(self):
+        app, sio = make_web_app()
+
+        class Rooms(Handler):
+            events = {"join": "join", "members": "members", "ping": "ping"}
+
+            def join(self, data):
+                raise KeyError("room table is gone")
+
+            def members(self, data):
+                return {"members": {"ann", "bob"}}  # a set: JSON cannot encode it
+
+            def ping(self, data):
+                return {"pong": data}, b"\x00\x01"  # two ack arguments, one binary: fine
+        url, _ = self.serve(app, sio, handlers=[Rooms()])
+        client = self.connect(url)
+        error = {"ok": False, "status": 500, "error": "Internal server error", "value": None}
+        with self.assertLogs("specter", "ERROR") as logs:
+            started = time.monotonic()
+            self.assertEqual(self.call(client, "join", {"room": "lobby"}), error)
+            self.assertEqual(self.call(client, "members", "lobby"), error)
+            self.assertLess(time.monotonic() - started, CLIENT_TIMEOUT / 2)
+        self.assertLoggedException(logs, "room table is gone")
+        self.assertIn("cannot be encoded", "\n".join(logs.output))
+        self.assertTrue(all(record.name.startswith("specter") for record in logs.records))
+        self.assertEqual(self.call(client, "ping", 1), ({"pong": 1}, b"\x00\x01"))
+        self.assertTrue(client.connected)
+
+    def test_shutdown_sends_the_services_final_emits_then_disconnects_clients_cleanly(self):
+        app, sio = make_web_app()
+
+        class Farewell(Service):
+            def on_stop(self):
+                sio.emit("bye", {"last": True})
+        url, manager = self.serve(app, sio, services=[Farewell()])
+        events = []
+        clients = []
+        for transports in (["websocket"], ["polling"]):
+            client = socketio.Client()
+            client.on("bye", lambda data, t=transports[0]: events.append((t, "bye", data)))
+            client.on("disconnect", lambda reason=None, t=transports[0]: events.append((t, "disconnect", reason)))
+            clients.append(self.connect(url, client, transports=transports))
+        manager.shutdown()
+        self.assertTrue(wait_until(lambda: len(events) == 4, timeout=CLIENT_TIMEOUT), events)
+        for transport in ("websocket", "polling"):
+            self.assertEqual([event[1:] for event in events if event[0] == transport],
+                             [("bye", {"last": True}), ("disconnect", "server disconnect")])
+        self.assertFalse(any(client.connected for client in clients))
 
     def test_controller_stop_over_real_clients(self):
         app, sio = make_web_app()
@@ -5657,6 +7459,83 @@ SIGNAL_APP = textwrap.dedent("""
 """)
 
 
+SOCKET_APP = textwrap.dedent("""
+    import socket
+    import sys
+
+    from flask import Flask
+    from flask_socketio import SocketIO
+
+    import specter
+
+    app = Flask(__name__)
+    sio = SocketIO(app, async_mode="gevent")
+
+
+    @app.route("/ready")
+    def ready():
+        return "ok"
+
+
+    class Farewell(specter.Service):
+        def on_stop(self):
+            self.require("socketio").emit("bye", {"last": True})
+
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    print("port", port, flush=True)
+    if sys.argv[1] == "manager":
+        specter.ServiceManager(app, sio).register_service(Farewell()).run("127.0.0.1", port)
+    else:  # boot() with signals on, then the usual Flask-SocketIO server
+        specter.boot(app, sio, services=[Farewell()])
+        sio.run(app, host="127.0.0.1", port=port)
+""")
+
+
+BOOT_APP = textwrap.dedent("""
+    import sys
+
+    import gevent
+    from flask import Flask
+    from flask_socketio import SocketIO
+
+    import specter
+
+    marker = sys.argv[1]
+    app = Flask(__name__)
+    sio = SocketIO(app, async_mode="gevent")
+
+
+    class Worker(specter.Service):
+        def on_start(self):
+            proc = self.start_process(["sleep", "60"])
+            print("grandchild", proc.pid, flush=True)
+
+        def on_stop(self):
+            with open(marker, "w") as f:
+                f.write("stopped")
+
+
+    class Slow(specter.Service):
+        def on_start(self):
+            print("booting", flush=True)
+            gevent.sleep(60)  # a start that takes its time: the SIGTERM comes meanwhile
+
+
+    manager = specter.ServiceManager(app, sio)
+    manager.register_service(Worker()).register_service(Slow())
+    if sys.argv[2] == "manager":
+        manager.run("127.0.0.1", 0)
+    else:
+        manager.boot()
+        sio.run(app, host="127.0.0.1", port=0)
+    print("served after a cancelled boot", flush=True)
+""")
+
+
 class TestSignals(SpecterTestCase):
 
     def blocking(self, fn, *args, **kwargs):
@@ -5725,11 +7604,92 @@ class TestSignals(SpecterTestCase):
         self.assertNotIn("Traceback", stderr())
         return stderr()
 
+    def test_sigterm_disconnects_socket_clients_cleanly_after_the_final_emits(self):
+        workdir = tempfile.mkdtemp(prefix="specter-web-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "sockapp.py")
+        with open(script, "w") as f:
+            f.write(SOCKET_APP)
+        env = dict(os.environ, PYTHONPATH=SPECTER_DIR)
+        for mode in ("manager", "socketio"):
+            with self.subTest(mode=mode):
+                child = gevent.subprocess.Popen([sys.executable, "-u", script, mode], stdout=gevent.subprocess.PIPE,
+                                                stderr=gevent.subprocess.PIPE, env=env, cwd=workdir,
+                                                universal_newlines=True, start_new_session=True)
+                self.addCleanup(self.reap, child)
+                with gevent.Timeout(CLIENT_TIMEOUT, AssertionError("the child never printed its port")):
+                    port = int(child.stdout.readline().split()[1])
+                url = "http://127.0.0.1:%d" % port
+                self.assertTrue(wait_until(lambda: self.served(port), timeout=CLIENT_TIMEOUT, step=0.02))
+                events = []
+                for transport in ("websocket", "polling"):
+                    client = socketio.Client()
+                    client.on("bye", lambda data, t=transport: events.append((t, "bye", data)))
+                    client.on("disconnect", lambda reason=None, t=transport: events.append((t, "disconnect", reason)))
+                    self.blocking(client.connect, url, transports=[transport], wait_timeout=CLIENT_TIMEOUT)
+                    self.addCleanup(lambda c=client: c.connected and self.blocking(c.disconnect))
+                child.send_signal(signal.SIGTERM)
+                try:
+                    code = child.wait(timeout=CLIENT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    code = None
+                errors = child.stderr.read()
+                self.assertEqual(code, 0, errors)
+                self.assertNotIn("Traceback", errors)
+                self.assertTrue(wait_until(lambda: len(events) == 4, timeout=CLIENT_TIMEOUT), events)
+                for transport in ("websocket", "polling"):
+                    self.assertEqual([event[1:] for event in events if event[0] == transport],
+                                     [("bye", {"last": True}), ("disconnect", "server disconnect")])
+
+    def test_sigterm_during_boot_rolls_back_and_exits_cleanly(self):
+        workdir = tempfile.mkdtemp(prefix="specter-web-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "bootapp.py")
+        with open(script, "w") as f:
+            f.write(BOOT_APP)
+        env = dict(os.environ, PYTHONPATH=SPECTER_DIR)
+        for mode in ("manager", "boot"):
+            with self.subTest(mode=mode):
+                marker = os.path.join(workdir, "stopped-" + mode)
+                # stderr goes to a file: the grandchild inherits it, so a pipe would stay open while it lives.
+                errors_path = os.path.join(workdir, "stderr-" + mode)
+                with open(errors_path, "w") as errors:
+                    child = gevent.subprocess.Popen([sys.executable, "-u", script, marker, mode],
+                                                    stdout=gevent.subprocess.PIPE, stderr=errors, env=env,
+                                                    cwd=workdir, universal_newlines=True, start_new_session=True)
+                self.addCleanup(self.reap, child)
+
+                def stderr():
+                    with open(errors_path) as f:
+                        return f.read()
+                lines = {}
+                with gevent.Timeout(CLIENT_TIMEOUT, AssertionError("the child never reached its slow start")):
+                    while "booting" not in lines:
+                        word, _, rest = child.stdout.readline().strip().partition(" ")
+                        self.assertTrue(word, "the child ended early: %s" % stderr())
+                        lines[word] = rest
+                grandchild = int(lines["grandchild"])
+                self.addCleanup(self.kill_stray, grandchild)
+                self.assertFalse(pid_gone(grandchild))
+                child.send_signal(signal.SIGTERM)
+                try:
+                    code = child.wait(timeout=CLIENT_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    code = None
+                self.assertEqual(code, 0, stderr())
+                self.assertNotIn("Traceback", stderr())
+                self.assertEqual(child.stdout.read(), "", "the program went on after the interrupted boot")
+                with open(marker) as f:
+                    self.assertEqual(f.read(), "stopped")
+                self.assertTrue(wait_until(lambda: pid_gone(grandchild), timeout=3.0, step=0.01))
+
     def reap(self, child):
         if child.poll() is None:
             child.kill()
             child.wait()
-        child.stdout.close()
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
 
     def kill_stray(self, pid):
         if not pid_gone(pid):
@@ -5762,6 +7722,65 @@ SLACK = 0.005
 def child_args(code):
     """argv running ``code`` in an unbuffered Python child."""
     return [sys.executable, "-u", "-c", code]
+
+
+def live_children():
+    """Pids of this process's children that still run (zombies excluded), read from /proc.
+
+    A child forked but not yet exec'd counts too: it is the one a start
+    interrupted at the wrong moment would leave behind.
+    """
+    me, found = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as stat:
+                data = stat.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        if fields[0] not in (b"Z", b"X") and int(fields[1]) == me:
+            found.add(int(entry))
+    return found
+
+
+def kill_new_children(before):
+    """SIGKILL, by pid, each child started since ``before`` that still runs (a test's strays)."""
+    for pid in live_children() - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# An app whose only way to end its SIGTERM-ignoring child is the atexit shutdown.
+ATEXIT_APP = textwrap.dedent("""
+    import sys
+
+    import specter
+
+    STUBBORN = ("import signal, time\\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
+                "print('ready', flush=True)\\n"
+                "time.sleep(30)\\n")
+
+
+    class Owner(specter.Service):
+        def on_start(self):
+            self.proc = specter.ManagedProcess("stubborn", terminate_timeout=0.2, kill_timeout=2.0)
+            self.proc.start([sys.executable, "-c", STUBBORN], owner=self,
+                            stdout=specter.ManagedProcess.PIPE)
+            self.proc.stdout.readline()  # SIGTERM is ignored from here on
+
+
+    owner = Owner()
+    manager = specter.ServiceManager(signals=False)
+    manager.register_service(owner)
+    manager.boot()
+    print("grandchild", owner.proc.pid, flush=True)
+    # The script ends here: only the atexit hook stops the service.
+""")
 
 
 class TestManagedProcess(SpecterTestCase):
@@ -6043,6 +8062,67 @@ class TestManagedProcess(SpecterTestCase):
         self.assertLess(time.monotonic() - started, 1.0)
         self.assertEqual(proc.returncode, -signal.SIGKILL)
 
+    def test_an_interrupted_stop_still_ends_the_group_on_time_and_releases_everything(self):
+        # The caller's own deadline (or a kill) ends its wait, not the teardown:
+        # SIGKILL still follows the grace counted from the first SIGTERM, and the
+        # readers, the pipes and the owner's entry are released after it.
+        stubborn = ("import signal, time\n"
+                    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                    "print('ready')\n"
+                    "time.sleep(30)\n")
+        for interruption in ("timeout", "kill"):
+            with self.subTest(interruption=interruption):
+                owner = self.started(Service("owner"))
+                proc = self.make("stubborn", terminate_timeout=0.6)
+                proc.start(child_args(stubborn), owner=owner, stdout=specter.ManagedProcess.PIPE)
+                lines, reader = self.collect(proc, "stdout")
+                self.assertTrue(wait_until(lambda: lines == [b"ready"], timeout=5))
+                self.assertEqual(len(owner.health()["resources"]), 1)
+                started = time.monotonic()
+                with captured_logs():
+                    if interruption == "timeout":
+                        with self.assertRaises(gevent.Timeout):
+                            with gevent.Timeout(0.4):
+                                proc.stop()
+                    else:
+                        stopper = gevent.spawn(proc.stop)
+                        gevent.sleep(0.4)
+                        stopper.kill()
+                    self.assertTrue(proc.running)  # SIGTERM ignored, grace not over yet
+                    self.assertTrue(wait_until(lambda: not proc.running, timeout=2))
+                    elapsed = time.monotonic() - started
+                    self.assertEqual(proc.returncode, -signal.SIGKILL)
+                    # SIGKILL 0.6 s after SIGTERM, not a new grace from the interruption (1.0 s)
+                    self.assertLess(elapsed, 0.6 + 0.3)
+                    self.assertTrue(wait_until(lambda: reader.dead and proc.stdout.closed))
+                    self.assertEqual(owner.health()["resources"], [])
+
+    def test_a_restart_right_after_an_interrupted_stop_keeps_running(self):
+        # The teardown an interrupted stop() leaves behind finishes that run
+        # only: a start() made meanwhile has already ended the old run, and
+        # the new child is not the old teardown's to end.
+        proc = self.piped("print('up')\nimport time\ntime.sleep(30)\n", make_kwargs={"terminate_timeout": 1.0})
+
+        def slow_to_unwind(line):
+            try:
+                gevent.sleep(LONG)
+            except greenlet.GreenletExit:
+                gevent.sleep(0.3)  # the reader takes a while to die
+                raise
+        entered = []
+        proc.watch_stream("stdout", lambda line: (entered.append(line), slow_to_unwind(line)))
+        self.assertTrue(wait_until(lambda: entered, timeout=5))
+        with self.assertRaises(gevent.Timeout):
+            with gevent.Timeout(0.15):
+                proc.stop()  # interrupted while the reader unwinds
+        self.assertFalse(proc.running)
+        proc.start(child_args("import time; time.sleep(30)"))
+        new_pid = proc.pid
+        gevent.sleep(0.5)  # the old teardown has finished by now
+        self.assertTrue(proc.running)
+        self.assertEqual(proc.pid, new_pid)
+        self.assertFalse(pid_gone(new_pid))
+
     def test_stop_ends_grandchildren(self):
         proc = self.make("tree")
         proc.start(["sh", "-c", "sleep 30 & echo $!; sleep 30 & echo $!; wait"],
@@ -6298,6 +8378,618 @@ class TestManagedProcess(SpecterTestCase):
         health = proc.health()
         self.assertFalse(health["running"])
         self.assertEqual(health["returncode"], -signal.SIGTERM)
+
+    # Interrupted starts ---------------------------------------------------------
+
+    def no_new_children(self):
+        """Snapshot this process's children; strays are killed by pid when the test ends."""
+        before = live_children()
+        self.addCleanup(kill_new_children, before)
+        return before
+
+    def test_a_start_killed_by_its_owner_stopping_leaves_no_child(self):
+        # The owner's stop() kills the greenlet starting the process at every
+        # point of the launch: before it runs, between fork and exec, after.
+        class Launcher(Service):
+            def on_start(self):
+                self.spawn(self.start_process, ["sleep", "30"])
+
+        before = self.no_new_children()
+        for cycle in range(12):
+            service = Launcher("launcher").start()
+            for _ in range(cycle % 4):
+                gevent.sleep(0)
+            service.stop()
+            self.assertEqual(live_children() - before, set(), "cycle %d left a child" % cycle)
+
+    def test_a_start_interrupted_by_a_kill_or_timeout_leaves_no_child(self):
+        before = self.no_new_children()
+        for exception in (greenlet.GreenletExit, gevent.Timeout):
+            for yields in range(3):
+                with self.subTest(exception=exception.__name__, yields=yields):
+                    proc = self.make("interrupted")
+
+                    def starting():
+                        try:
+                            return proc.start(["sleep", "30"])
+                        except gevent.Timeout as exc:
+                            return exc  # kept off the hub's error output
+
+                    starter = gevent.spawn(starting)
+                    for _ in range(yields + 1):
+                        gevent.sleep(0)
+                    starter.kill(exception, timeout=WAIT)
+                    self.assertTrue(starter.dead)
+                    if starter.value is not proc:  # the launch had finished already otherwise
+                        self.assertIsInstance(starter.value, exception)
+                        self.assertFalse(proc.running)
+                    proc.stop()
+                    self.assertEqual(live_children() - before, set())
+
+    def test_stop_racing_start_ends_the_child(self):
+        before = self.no_new_children()
+        proc = self.make("raced")
+        starter = gevent.spawn(proc.start, ["sleep", "30"])
+        gevent.sleep(0)  # the starter is inside the launch now
+        self.assertIs(proc.stop(), proc)
+        self.assertEqual(live_children() - before, set())
+        starter.join(timeout=WAIT)
+        self.assertIs(starter.value, proc)  # the start completed; stop() ended what it launched
+        self.assertEqual(proc.returncode, -signal.SIGTERM)
+
+    def test_a_boot_rollback_ends_a_process_still_starting(self):
+        class Helper(Service):
+            def on_start(self):
+                self.spawn(self.start_process, ["sleep", "30"])
+
+        class Broken(Service):
+            def on_start(self):
+                gevent.sleep(0)  # the helper's launch is between fork and exec now
+                raise RuntimeError("cannot start")
+
+        before = self.no_new_children()
+        for _ in range(3):
+            manager = ServiceManager(signals=False)
+            manager.register_service(Helper("helper"))
+            manager.register_service(Broken("broken"))
+            with self.assertRaises(RuntimeError), captured_logs():
+                manager.boot()
+            self.assertEqual(live_children() - before, set())
+
+    def test_atexit_shutdown_kills_a_child_that_ignores_sigterm(self):
+        workdir = tempfile.mkdtemp(prefix="specter-atexit-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        script = os.path.join(workdir, "atexit_app.py")
+        with open(script, "w") as f:
+            f.write(ATEXIT_APP)
+        errors_path = os.path.join(workdir, "stderr.txt")
+
+        def errors():
+            with open(errors_path) as f:
+                return f.read()
+        with open(errors_path, "w") as stderr:
+            app = gevent.subprocess.Popen([sys.executable, "-u", script], stdout=gevent.subprocess.PIPE,
+                                          stderr=stderr, env=dict(os.environ, PYTHONPATH=SPECTER_DIR),
+                                          cwd=workdir, start_new_session=True)
+        self.addCleanup(app.stdout.close)
+        self.addCleanup(lambda: app.poll() is None and os.killpg(app.pid, signal.SIGKILL))
+        line = app.stdout.readline().split()
+        self.assertEqual(line[:1], [b"grandchild"], errors())
+        grandchild = int(line[1])
+        self.addCleanup(lambda: pid_gone(grandchild) or os.kill(grandchild, signal.SIGKILL))
+        self.assertEqual(app.wait(timeout=5), 0, errors())
+        self.assertTrue(wait_until(lambda: pid_gone(grandchild)), "the child outlived the app")
+        self.assertNotIn("Traceback", errors())
+
+    # PID reuse ----------------------------------------------------------------
+
+    def test_a_group_seen_gone_is_never_signalled_after_its_pgid_is_reused(self):
+        # The child exits while its reader is busy in a handler, so stop()
+        # kills the reaper before the reaper could record the group's end.
+        proc = self.make("reused")
+        proc.start(child_args("print('done')"), stdout=specter.ManagedProcess.PIPE)
+        busy = gevent.event.Event()
+        proc.watch_stream("stdout", lambda line: (busy.set(), gevent.sleep(LONG)))
+        self.assertTrue(busy.wait(WAIT))
+        self.assertEqual(proc.wait(timeout=5), 0)
+        old = proc.pid
+        self.assertTrue(wait_until(lambda: pid_gone(old)))
+        proc.stop()
+        # The kernel now hands the old number to a stranger's process group:
+        # simulated by mapping the old pgid onto a real stranger's group.
+        stranger = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: stranger.poll() is None and (stranger.kill(), stranger.wait()))
+        real_killpg, real_members = os.killpg, specter._process_group_members
+
+        def killpg(pgid, signum):
+            return real_killpg(stranger.pid if pgid == old else pgid, signum)
+
+        def members(pgid):
+            if pgid != old:
+                return real_members(pgid)
+            return [old if pid == stranger.pid else pid for pid in real_members(stranger.pid) or ()]
+
+        with mock.patch.object(os, "killpg", killpg), \
+                mock.patch.object(specter, "_process_group_members", members):
+            proc.stop()
+            proc.start(child_args("pass"))
+            self.assertEqual(proc.wait(timeout=5), 0)
+            proc.stop()
+        self.assertIsNone(stranger.poll(), "the stranger's group was signalled")
+
+    def test_a_reaped_leader_whose_pid_runs_again_is_not_ours(self):
+        # Reuse between the child's exit and stop(): a live process holds the
+        # leader's pid although gevent reaped our leader, so the group is foreign.
+        proc = self.make("reused")
+        proc.start(child_args("print('done')"), stdout=specter.ManagedProcess.PIPE)
+        busy = gevent.event.Event()
+        proc.watch_stream("stdout", lambda line: (busy.set(), gevent.sleep(LONG)))  # holds the reaper
+        self.assertTrue(busy.wait(WAIT))
+        self.assertEqual(proc.wait(timeout=5), 0)
+        old = proc.pid
+        self.assertTrue(wait_until(lambda: pid_gone(old)))
+        stranger = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: stranger.poll() is None and (stranger.kill(), stranger.wait()))
+        real_killpg, real_members = os.killpg, specter._process_group_members
+
+        def killpg(pgid, signum):
+            return real_killpg(stranger.pid if pgid == old else pgid, signum)
+
+        def members(pgid):
+            if pgid != old:
+                return real_members(pgid)
+            return [old if pid == stranger.pid else pid for pid in real_members(stranger.pid) or ()]
+
+        with mock.patch.object(os, "killpg", killpg), \
+                mock.patch.object(specter, "_process_group_members", members):
+            proc.stop()
+            proc.start(child_args("pass"))
+            self.assertEqual(proc.wait(timeout=5), 0)
+        self.assertIsNone(stranger.poll(), "the stranger's group was signalled")
+
+    # Text mode chunks ---------------------------------------------------------
+
+    def test_text_mode_chunks_arrive_as_the_child_writes_them(self):
+        proc = self.piped("import sys, time\nsys.stdout.write('first\\r\\n')\nsys.stdout.flush()\n"
+                          "time.sleep(30)\n", text=True)
+        chunks, reader = self.collect(proc, "stdout", chunk_size=4096)
+        self.assertEqual(wait_until(lambda: "".join(chunks), timeout=WAIT), "first\n")
+        self.assertTrue(all(isinstance(chunk, str) for chunk in chunks))
+        self.assertTrue(proc.running)
+        self.assertFalse(reader.dead)
+
+    def test_text_mode_chunks_decode_characters_split_across_reads(self):
+        proc = self.piped("import sys\nsys.stdout.write('\\u00e9t\\u00e9 ' * 50 + 'end\\r')\n", text=True)
+        chunks, reader = self.collect(proc, "stdout", chunk_size=3)
+        reader.join(timeout=WAIT)
+        self.assertTrue(reader.dead)
+        self.assertEqual("".join(chunks), "\u00e9t\u00e9 " * 50 + "end\n")
+        self.assertTrue(all(0 < len(chunk.encode()) <= 4 for chunk in chunks), chunks)
+
+
+# Testing ######################################################################
+
+
+class Ticker(Service):
+    """A service whose interval records the clock's time at each tick."""
+
+    def __init__(self, name="ticker", *, period=60.0):
+        super().__init__(name)
+        self.period = period
+        self.log = []
+
+    def on_start(self):
+        self.interval(lambda: self.log.append(("tick", specter._now())), self.period)
+
+
+class TestTestingKit(SpecterTestCase):
+    """ManualClock, isolated(), leak_check() and the public SpecterTestCase."""
+
+    def test_interval_ticks_exactly_n_times_in_advance_of_n_periods(self):
+        with specter.ManualClock() as clock:
+            svc = self.started(Ticker(period=60.0))
+            clock.advance(60 * 5)
+            self.assertEqual(svc.log, [("tick", 60.0 * k) for k in range(1, 6)])
+            clock.advance(59.5)
+            self.assertEqual(len(svc.log), 5)
+            clock.advance(0.5)
+            self.assertEqual(svc.log[-1], ("tick", 360.0))
+            clock.advance(60 * 1000)
+            self.assertEqual(len(svc.log), 1006)
+            self.assertEqual(clock.now(), 60.0 * 1006)
+            svc.stop()
+
+    def test_advance_runs_due_callbacks_in_due_time_order_in_the_callers_turn(self):
+        seen = []
+        with specter.ManualClock(start=100.0) as clock:
+            svc = self.started(Service("order"))
+            for delay in (30, 10, 20, 10):
+                svc.timeout(functools.partial(lambda d: seen.append((d, clock.now())), delay), delay)
+            svc.interval(lambda: seen.append(("iv", clock.now())), 15)
+            self.assertEqual(clock.now(), 100.0)
+            clock.advance(25)
+            # Returned with every due callback run, without the test yielding.
+            self.assertEqual(seen, [(10, 110.0), (10, 110.0), ("iv", 115.0), (20, 120.0)])
+            self.assertEqual(clock.now(), 125.0)
+            clock.advance(5)
+            # A tie goes to the callback scheduled first: the timeout (at 100) before the re-armed tick (at 115).
+            self.assertEqual(seen[4:], [(30, 130.0), ("iv", 130.0)])
+            svc.stop()
+
+    def test_advance_drives_callbacks_that_spawn_and_sleep_on_specter_timers(self):
+        steps = []
+        with specter.ManualClock() as clock:
+            svc = self.started(Service("chain"))
+
+            def second():
+                steps.append(("second", clock.now()))
+                svc.spawn(lambda: steps.append(("spawned", clock.now())))
+
+            def first():
+                steps.append(("first", clock.now()))
+                svc.spawn_later(5, second)
+
+            svc.timeout(first, 10)
+            clock.advance(14)
+            self.assertEqual(steps, [("first", 10.0)])
+            clock.advance(1)
+            self.assertEqual(steps, [("first", 10.0), ("second", 15.0), ("spawned", 15.0)])
+            svc.stop()
+
+    def test_spawn_later_follows_the_clock_and_stop_cancels_it(self):
+        ran = Recorder()
+        with specter.ManualClock() as clock:
+            svc = self.started(Service("later"))
+            svc.spawn_later(3600, ran, "late")
+            dropped = svc.spawn_later(10, ran, "never")
+            svc.cancel_greenlet(dropped)
+            clock.advance(3599)
+            self.assertEqual(ran.calls, [])
+            clock.advance(1)
+            self.assertEqual(ran.calls, [("late",)])
+            svc.spawn_later(60, ran, "stopped first")
+            svc.stop()
+            clock.advance(120)
+            self.assertEqual(ran.calls, [("late",)])
+            self.assertEqual(clock._pending(), [])
+
+    def test_supervision_backoff_follows_the_clock(self):
+        attempts = []
+
+        def flaky():
+            attempts.append(clock.now())
+            raise ValueError("down")
+
+        with specter.ManualClock() as clock:
+            svc = Service("supervised")
+            svc.restart_backoff = 1.0
+            svc.restart_max_backoff = 8.0
+            self.started(svc)
+            with self.assertLogs("specter", "ERROR"):
+                svc.supervise(flaky, max_restarts=6, within=3600)
+                clock.advance(0)
+                self.assertEqual(attempts, [0.0])
+                clock.advance(100)
+            # Waits of 1, 2, 4, 8, 8, 8 s between attempts; the 7th failure marks it failed.
+            self.assertEqual(attempts, [0.0, 1.0, 3.0, 7.0, 15.0, 23.0, 31.0])
+            self.assertEqual(svc.status, "failed")
+            svc.stop()
+
+    def test_watcher_polls_and_backs_off_on_the_clock(self):
+        results = iter([1, 2, specter.WatcherError("flaky"), specter.WatcherError("flaky"), 3])
+        polls = []
+
+        def poll():
+            polls.append(clock.now())
+            value = next(results, 4)
+            if isinstance(value, Exception):
+                raise value
+            return value
+
+        with specter.ManualClock() as clock:
+            values = []
+            watcher = specter.Watcher("w", poll=poll, interval=5.0, max_backoff=60.0)
+            watcher.subscribe(lambda value, w: values.append(value))
+            try:
+                with self.assertLogs("specter.watcher", "WARNING"):
+                    watcher.start()
+                    clock.advance(10)
+                    self.assertEqual(polls[:3], [0.0, 5.0, 10.0])
+                    clock.advance(30)
+                # Backoff after failure k waits interval * 2**(k-1) scaled by a jitter in [0.5, 1).
+                gaps = [b - a for a, b in zip(polls[2:5], polls[3:6])]
+                self.assertTrue(2.5 <= gaps[0] < 5.0, gaps)
+                self.assertTrue(5.0 <= gaps[1] < 10.0, gaps)
+                self.assertEqual(values[:3], [1, 2, 3])
+                self.assertAlmostEqual(gaps[2], 5.0, places=9)  # a value resets the backoff
+                self.assertGreater(watcher.health()["uptime_seconds"], 39.0)
+            finally:
+                watcher.stop()
+
+    def test_cache_ttl_follows_the_clock(self):
+        with specter.ManualClock() as clock:
+            cache = create_cache("prices", ttl=300)
+            computed = Recorder(result="fresh")
+            self.assertEqual(cache.get_or_compute(computed), "fresh")
+            clock.advance(299.5)
+            self.assertTrue(cache.is_valid())
+            self.assertEqual(cache.get_or_compute(computed), "fresh")
+            self.assertEqual(computed.count, 1)
+            clock.advance(0.5)
+            self.assertFalse(cache.is_valid())
+            self.assertIsNone(cache.get())
+            cache.get_or_compute(computed)
+            self.assertEqual(computed.count, 2)
+            cache.destroy()
+
+    def test_an_hour_of_every_timer_kind_passes_in_under_a_second_of_wall_time(self):
+        """No SPECTER timer reads the real clock behind the ManualClock's back."""
+        counts = collections.Counter()
+
+        class Everything(Service):
+            restart_backoff = 30.0
+            restart_max_backoff = 30.0
+
+            def on_start(self):
+                self.interval(lambda: counts.update(["interval"]), 60)
+                self.timeout(lambda: counts.update(["timeout"]), 1800)
+                self.spawn_later(900, lambda: counts.update(["spawn_later"]))
+                self.supervise(self.crash, max_restarts=1000, within=60)
+
+            def crash(self):
+                counts.update(["supervised"])
+                raise ValueError("again")
+
+        def poll():
+            counts.update(["poll"])
+            if counts["poll"] % 2:
+                raise specter.WatcherError("odd poll")  # every other poll backs off
+            return counts["poll"]
+
+        started = time.monotonic()
+        with specter.ManualClock() as clock, \
+                mock.patch.object(specter._service_log, "exception"), \
+                mock.patch.object(specter._watcher_log, "warning"):
+            cache = create_cache("hourly", ttl=3600)
+            cache.set("v")
+            svc = self.started(Everything("everything"))
+            watcher = specter.Watcher("poller", poll=poll, interval=10, max_backoff=40)
+            self.addCleanup(watcher.stop)
+            watcher.start()
+            clock.advance(3599)
+            self.assertTrue(cache.is_valid())
+            clock.advance(1)
+            self.assertFalse(cache.is_valid())
+            svc.stop()
+            watcher.stop()
+        elapsed = time.monotonic() - started
+        self.assertEqual(counts["interval"], 60)
+        self.assertEqual(counts["timeout"], 1)
+        self.assertEqual(counts["spawn_later"], 1)
+        self.assertEqual(counts["supervised"], 121)  # at 0 and every 30 s until 3600
+        # 10 s after a value, 5-10 s (jittered backoff) after a failure: 2 polls per 15-20 s.
+        self.assertTrue(361 <= counts["poll"] <= 481, counts)
+        self.assertLess(elapsed, 1.0)
+
+    def test_outside_the_with_timers_run_on_real_time_again(self):
+        with specter.ManualClock() as clock:
+            self.assertEqual(specter._now(), clock.now())
+        svc = self.started(Ticker(period=SHORT))
+        self.assertEventually(lambda: len(svc.log) >= 2)
+        self.assertGreater(svc.log[0][1], 1000.0)  # time.monotonic(), not a manual time
+        self.assertIsInstance(specter._clock, specter._Clock)
+
+    def test_manual_clock_rejects_bad_use_precisely(self):
+        clock = specter.ManualClock()
+        with self.assertRaisesRegex(ValueError, "seconds must be 0 or more seconds, got -1"):
+            clock.advance(-1)
+        with self.assertRaisesRegex(TypeError, "seconds must be a number of seconds, got str"):
+            clock.advance("1")
+        with self.assertRaisesRegex(ValueError, "start must be 0 or more"):
+            specter.ManualClock(start=-5)
+        with clock:
+            with self.assertRaisesRegex(RuntimeError, "already in force"):
+                clock.__enter__()
+            svc = self.started(Service("reentrant"))
+            errors = []
+
+            def nested():
+                try:
+                    clock.advance(1)
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+
+            svc.timeout(nested, 1)
+            clock.advance(1)
+            self.assertEqual(len(errors), 1)
+            self.assertIn("already running", errors[0])
+            svc.stop()
+
+    def test_isolated_sets_aside_bus_and_registry_contents_and_restores_them(self):
+        from specter import bus, registry  # the names apps import keep working
+        outer = Recorder()
+        self.addCleanup(bus.on("ping", outer))
+        registry.provide("db", "outer-db")
+        self.addCleanup(registry.unregister, "db")
+        self.addCleanup(registry.unregister, "late")
+        waiter = gevent.spawn(outcome_of, registry.wait_for, "late", 5)
+        gevent.sleep(0)
+        with specter.isolated():
+            self.assertIs(bus, specter.bus)
+            self.assertFalse(bus.has_listeners("ping"))
+            self.assertEqual(registry.list(), [])
+            inner = Recorder()
+            bus.on("ping", inner)
+            bus.emit("ping", 1)
+            registry.provide("db", "inner-db")
+            registry.provide("late", "inner")  # the outer wait is not satisfied from inside
+            stuck = gevent.spawn(outcome_of, registry.wait_for, "never")
+            gevent.sleep(0)
+        self.assertEqual((outer.calls, inner.calls), ([], [(1,)]))
+        bus.emit("ping", 2)
+        self.assertEqual((outer.calls, inner.calls), ([(2,)], [(1,)]))
+        self.assertEqual(registry.list(), ["db"])
+        self.assertEqual(registry.require("db"), "outer-db")
+        self.assertIn("the isolated() block ended while waiting for 'never'", str(stuck.get(timeout=1)))
+        self.assertFalse(waiter.ready())
+        registry.provide("late", "outer")
+        self.assertEqual(waiter.get(timeout=1), "outer")
+
+    def test_isolated_works_as_a_decorator(self):
+        specter.registry.provide("outer", 1)
+        self.addCleanup(specter.registry.unregister, "outer")
+
+        @specter.isolated()
+        def inside():
+            return specter.registry.list()
+
+        self.assertEqual(inside(), [])
+        self.assertEqual(specter.registry.list(), ["outer"])
+
+    def test_leak_check_names_each_leftover_created_inside_the_block(self):
+        before = gevent.spawn(gevent.sleep, LONG)  # alive before the block: not a leak
+        self.addCleanup(specter.bus.on("old", print))
+        self.addCleanup(before.kill)
+        with self.assertRaises(AssertionError) as cm:
+            with specter.leak_check(grace=0.05):
+                svc = Service("leaky").start()
+                svc.interval(print, 60)
+                svc.listen("svc:event", print)
+                specter.registry.provide("cfg", {"a": 1})
+                loose = gevent.spawn(gevent.sleep, LONG)
+                loose.name = "loose-sleeper"
+                child = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+        try:
+            message = str(cm.exception)
+            self.assertIn("leftover(s) created inside the block", message)
+            self.assertIn("greenlet 'loose-sleeper'", message)
+            self.assertIn("child process %d: sleep 30" % child.pid, message)
+            self.assertIn("bus listener of 'svc:event'", message)
+            self.assertIn("registry key 'cfg'", message)
+            self.assertRegex(message, r"pending timer: interval-\d+ of service 'leaky' \(every 60 s\): print")
+            self.assertIn("running service 'leaky' (running)", message)
+            self.assertNotIn("old", message)
+            self.assertNotIn(repr(before.name), message)
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            svc.stop()
+            loose.kill()
+            specter.registry.unregister("cfg")
+
+    def test_leak_check_passes_a_block_that_cleans_up(self):
+        with specter.leak_check():
+            svc = Service("tidy").start()
+            svc.interval(print, 60)
+            svc.spawn(gevent.sleep, LONG)
+            svc.listen("e", print)
+            specter.registry.provide("k", 1, owner=svc)
+            child = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+            quick = gevent.spawn(gevent.sleep, 0)
+            svc.stop()
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            # A greenlet killed without waiting still ends within the grace period.
+            dying = gevent.spawn(self._slow_finally)
+            gevent.sleep(0)
+            dying.kill(block=False)
+        self.assertTrue(quick.dead and dying.dead)
+
+    @staticmethod
+    def _slow_finally():
+        try:
+            gevent.sleep(LONG)
+        finally:
+            gevent.sleep(0.05)
+
+    def test_leak_check_reports_pending_manual_timers_and_unstarted_greenlets(self):
+        with self.assertRaises(AssertionError) as cm:
+            with specter.leak_check(grace=0), specter.ManualClock():
+                svc = Service("paused").start()
+                svc.spawn_later(30, print)
+                svc.timeout(print, 45)
+        svc.stop()
+        message = str(cm.exception)
+        self.assertIn("greenlet 'print' of service 'paused' (not started yet)", message)
+        self.assertIn("pending timer: start of greenlet 'print' (spawn_later)", message)
+        self.assertRegex(message, r"pending timer: timeout-\d+ of service 'paused' \(after 45 s\)")
+
+    def test_leak_check_works_under_and_over_other_greenlet_tracers(self):
+        seen = []
+
+        def chained(event, args):
+            seen.append(event)
+            if below is not None:
+                below(event, args)
+
+        below = greenlet.settrace(chained)  # over the test case's own check, as gevent's monitor would be
+        self.addCleanup(greenlet.settrace, below)
+        with self.assertRaisesRegex(AssertionError, "greenlet 'noted-through-the-chain'"):
+            with specter.leak_check(grace=0):
+                loose = gevent.spawn(gevent.sleep, LONG)
+                loose.name = "noted-through-the-chain"
+        loose.kill()
+        self.assertIn("switch", seen)
+        self.assertIs(greenlet.gettrace(), chained)  # the check left the tracer on top alone
+
+    def test_leak_check_leaves_a_failing_block_to_its_own_exception(self):
+        loose = gevent.spawn(gevent.sleep, LONG)
+        self.addCleanup(loose.kill)
+        with self.assertRaisesRegex(KeyError, "boom"):
+            with specter.leak_check():
+                other = gevent.spawn(gevent.sleep, LONG)
+                self.addCleanup(other.kill)
+                raise KeyError("boom")
+
+    def test_specter_test_case_isolates_checks_leaks_and_gives_a_manual_clock(self):
+        from specter import bus, registry
+        self.addCleanup(bus.on("outer", print))
+        registry.provide("outer", 1)
+        self.addCleanup(registry.unregister, "outer")
+        seen = {}
+
+        class AppTests(specter.SpecterTestCase):
+            manual_clock = True
+
+            def test_clean(self):
+                seen["bus"] = bus.listener_count()
+                seen["keys"] = registry.list()
+                seen["clock"] = self.clock
+                svc = Ticker(period=60)
+                self.addCleanup(svc.stop)
+                svc.start()
+                self.clock.advance(600)
+                seen["ticks"] = len(svc.log)
+
+            def test_leaky(self):
+                Ticker("forgotten", period=60).start()
+                registry.provide("forgotten", 2)
+
+        class RealTime(specter.SpecterTestCase):
+            def test_no_clock(self):
+                seen["real"] = self.clock
+
+        result = unittest.TestResult()
+        suite = unittest.TestSuite([AppTests("test_clean"), AppTests("test_leaky"), RealTime("test_no_clock")])
+        suite.run(result)
+        self.assertEqual(result.errors, [])
+        self.assertEqual(seen["bus"], 0)
+        self.assertEqual(seen["keys"], [])
+        self.assertIsInstance(seen["clock"], specter.ManualClock)
+        self.assertEqual(seen["ticks"], 10)
+        self.assertIsNone(seen["real"])
+        self.assertEqual(len(result.failures), 1, result.failures)
+        failed, trace = result.failures[0]
+        self.assertEqual(failed.id().rsplit(".", 1)[-1], "test_leaky")
+        self.assertIn("running service 'forgotten'", trace)
+        self.assertIn("registry key 'forgotten'", trace)
+        self.assertEqual(registry.list(), ["outer"])
+        self.assertEqual(bus.listener_count(), 1)
+        self.assertIsInstance(specter._clock, specter._Clock)
+        for obj in gc.get_objects():
+            if isinstance(obj, Ticker) and obj.name == "forgotten":
+                obj.stop()
+
 
 
 # Cluster ######################################################################
@@ -6599,8 +9291,9 @@ class TestCluster(ClusterTestCase):
         server = self.own_redis()
         cluster = self.join(server.url, share=["x:*"])
         gaps = []
-        specter.bus.on("cluster:gap", gaps.append)
+        self.addCleanup(specter.bus.on("cluster:gap", gaps.append))
         cache = create_cache("prices", shared=True)
+        self.addCleanup(cache.destroy)
         cache.set(1)
         specter.bus.emit("x:one", 1)
         self.assertEventually(lambda: cluster.health()["bus"]["sent"] == 1)
@@ -6662,9 +9355,9 @@ class TestClusterBus(ClusterTestCase):
         node = self.node("node-b", BUS_NODE, PATCH="1")  # a monkey-patched app, this one is not
         node.wait_for("ready")
         seq, local_pings, remote_pings = [], [], []
-        specter.bus.on("job:seq", seq.append)
-        specter.bus.on("job:ping", local_pings.append, origin="local")
-        specter.bus.on("job:ping", remote_pings.append, origin="remote")
+        self.addCleanup(specter.bus.on("job:seq", seq.append))
+        self.addCleanup(specter.bus.on("job:ping", local_pings.append, origin="local"))
+        self.addCleanup(specter.bus.on("job:ping", remote_pings.append, origin="remote"))
         for number in range(100):
             specter.bus.emit("job:ping", number)
         specter.bus.emit("job:go", {"n": 100})
@@ -6680,7 +9373,7 @@ class TestClusterBus(ClusterTestCase):
     def test_non_json_payload_is_a_type_error_before_any_listener(self):
         self.join(share=["job:*"])
         heard = Recorder()
-        specter.bus.on("job:x", heard)
+        self.addCleanup(specter.bus.on("job:x", heard))
         with self.assertRaisesRegex(TypeError, "JSON"):
             specter.bus.emit("job:x", {"when": object()})
         self.assertEqual(heard.count, 0)
@@ -6697,14 +9390,14 @@ class TestClusterBus(ClusterTestCase):
         self.assertTrue(unsubscribe())
         specter.bus.emit("x", 2)
         self.assertEqual(local.firsts, [1])
-        specter.bus.on("x", local, origin="remote")
+        self.addCleanup(specter.bus.on("x", local, origin="remote"))
         self.assertTrue(specter.bus.off("x", local))
         self.assertFalse(specter.bus.has_listeners("x"))
 
     def test_a_trimmed_read_position_is_reported_as_a_gap(self):
         cluster = self.join(share=["job:*"])
         gaps = []
-        specter.bus.on("cluster:gap", gaps.append)
+        self.addCleanup(specter.bus.on("cluster:gap", gaps.append))
         with self.assertLogs("specter.cluster", "WARNING"):
             # Another node's events, 5 of which were trimmed before this node read them.
             for seq in (1, 7):
@@ -6997,6 +9690,20 @@ class TestLease(ClusterTestCase):
         started = other.wait_for("boss-start", timeout=ttl * 2)[0]
         self.assertLessEqual(started["t"] - killed, ttl * 4 / 3)
 
+    def test_a_singleton_in_standby_is_ready(self):
+        self.redis.set("specter:lease:service:Boss", "another node", px=60000)
+
+        class Boss(Service):
+            singleton = True
+        app = Flask(__name__)
+        boss = Boss("Boss")
+        manager = boot(app, None, services=[boss], cluster=self.redis_server.url, probes=True, signals=False)
+        self.addCleanup(manager.shutdown)
+        gevent.sleep(0.1)
+        response = app.test_client().get("/readyz")
+        self.assertEqual((boss.status, response.status_code), ("standby", 200))
+        self.assertEqual(manager.health()["status"], "ok")
+
     def test_a_holder_that_loses_its_lease_stops_its_work_and_waits_again(self):
         self.join()
         stops = []
@@ -7067,9 +9774,11 @@ class TestClusterCache(ClusterTestCase):
         node = self.node("node-b", CACHE_NODE)
         node.wait_for("ready")
         prices = create_cache("prices", shared=True)
+        self.addCleanup(prices.destroy)
         unshared = create_cache("prices")  # same name, not shared: remote invalidations leave it alone
+        self.addCleanup(unshared.destroy)
         heard = Recorder()
-        specter.bus.on("prices:invalidated", heard)
+        self.addCleanup(specter.bus.on("prices:invalidated", heard))
         unshared.set(1)
         prices.invalidate()
         node.wait_for("invalidated")
@@ -7157,7 +9866,8 @@ class TestJobBoardDemo(SpecterTestCase):
 
     def start_board(self, **overrides):
         """Boot the demo and serve it on a free port; cleanups stop the server, then shut down."""
-        app, _socketio, boot_board = import_demo()(dict(DEMO_CONFIG, **overrides))
+        app, socketio_server, boot_board = import_demo()(dict(DEMO_CONFIG, **overrides))
+        settle_engineio(self, socketio_server)
         manager = boot_board(signals=False)
         self.addCleanup(manager.shutdown)
         server = pywsgi.WSGIServer(("127.0.0.1", 0), app, log=None, handler_class=UpgradeClosingHandler)
@@ -7325,6 +10035,19 @@ class TestJobBoardDemo(SpecterTestCase):
         self.assertIn("cancelled: server shutting down", jobs[queued["id"]]["output"])
         self.assertEqual(self.http.get("/api/jobs").status_code, 503, "routes answer 503 once stopped")
 
+    def test_shutdown_pushes_the_cancelled_states_to_connected_clients(self):
+        manager = self.start_board(JOBBOARD_WORKERS=1)
+        _client, events = self.connect()
+        running = self.submit(name="long", steps=50, delay=0.05)
+        queued = self.submit(name="waiting", steps=2, delay=0.01)
+        self.assertTrue(wait_until(lambda: "running" in self.statuses(events, running["id"])))
+
+        manager.shutdown()
+        # 'live' stops after the runner, so what the runner wrote while stopping went out.
+        self.assertTrue(wait_until(lambda: self.statuses(events, running["id"])[-1:] == ["cancelled"]
+                                   and self.statuses(events, queued["id"])[-1:] == ["cancelled"]))
+        self.assertIn("cancelled: server shutting down", self.updates(events, running["id"])[-1]["output"])
+
     def test_health_host_updates_and_housekeeping(self):
         self.start_board(JOBBOARD_KEEP_FINISHED=1)
         client, events = self.connect()
@@ -7336,9 +10059,9 @@ class TestJobBoardDemo(SpecterTestCase):
         self.assertEqual(response.status_code, 200)
         health = response.get_json()
         self.assertEqual(health["status"], "ok")
-        self.assertEqual([s["name"] for s in health["services"]],
-                         ["jobs.runner", "host.monitor", "live", "jobs.housekeeper", "jobs"])
-        self.assertTrue(all(s["status"] == "ok" for s in health["services"]))
+        self.assertEqual(sorted(health["services"]),
+                         ["host.monitor", "jobs", "jobs.housekeeper", "jobs.runner", "live"])
+        self.assertTrue(all(s["status"] == "ok" for s in health["services"].values()))
 
         ids = [self.submit(name="quick %d" % n, steps=1, delay=0.01)["id"] for n in range(3)]
         removed = lambda: {data["id"] for name, data in events if name == "job:removed"}
@@ -7348,6 +10071,298 @@ class TestJobBoardDemo(SpecterTestCase):
         self.assertEqual(removed() | {survivor["id"]}, set(ids))
         self.assertEqual(self.call(client, "jobs:list")["count"], 1)
         self.assertEqual(self.http.get("/api/stats").get_json()["stats"]["total"], 1)
+
+    def test_readme_http_answers_are_the_apps(self):
+        """The jobboard README's curl examples get the answers shown under them.
+
+        POST /api/jobs also answers with exactly the status codes the README's
+        table row lists, a body that is not JSON included.
+        """
+        with open(os.path.join(EXAMPLES, "jobboard", "README.md"), encoding="utf-8") as source:
+            readme = source.read()
+        self.start_board(JOBBOARD_WORKERS=1)
+        commands = re.findall(r"^(curl (?:[^\n]*\\\n)*[^\n]*\n)((?:#[^\n]*\n)*)", readme, re.M)
+        self.assertGreaterEqual(len(commands), 3, "the README's curl examples were not found")
+        for command, answer in commands:
+            with self.subTest(command=command):
+                path = re.search(r"localhost:5000(/\S+)", command).group(1)
+                body = json.loads(re.search(r"-d '(.*?)'", command, re.S).group(1))
+                response = self.http.post(path, json=body)
+                if not answer:
+                    self.assertEqual(response.status_code, 201)
+                    self.assertEqual({k: response.get_json()[k] for k in body}, body)
+                    continue
+                expected = json.loads("".join(line[1:] for line in answer.splitlines()))
+                self.assertEqual(response.status_code, 400)
+                self.assertEqual(response.get_json(), expected)
+
+        row = next(line for line in readme.splitlines() if line.startswith("| `POST /api/jobs` |"))
+        answers = row.split("|")[3]
+        self.assertEqual(sorted(set(re.findall(r"`(\d{3})\b", answers))), ["201", "400", "503"])
+        for kwargs in ({"data": "name=x", "content_type": "text/plain"},
+                       {"data": "{not json", "content_type": "application/json"}):
+            with self.subTest(body=kwargs):
+                response = self.http.post("/api/jobs", **kwargs)
+                self.assertEqual(response.status_code, 400)
+                self.assertEqual(list(response.get_json()), ["error"])
+        self.manager.shutdown()
+        self.assertEqual(self.http.post("/api/jobs", json={"name": "late"}).status_code, 503)
+
+
+# The browser test needs Debian's chromium and chromium-driver, and selenium (the test extra).
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as ChromeDriverService
+except ImportError:  # reported by browser_missing()
+    webdriver = None
+
+BROWSER_INSTALL = "apt-get install -y chromium chromium-driver"
+BROWSER_TIMEOUT = 10.0  # page load, and the bound of each wait in a browser
+PAGE_STATE_JS = """
+return {
+  conn: document.getElementById("conn").dataset.state,
+  transport: document.getElementById("conn").dataset.transport,
+  banner: document.getElementById("banner").hidden ? "" : document.getElementById("banner").textContent,
+  jobs: Array.from(document.querySelectorAll("#jobs > li")).map(function (li) {
+    return {id: li.dataset.id, name: li.querySelector(".job-name").textContent,
+            status: li.querySelector(".badge").textContent, progress: Number(li.dataset.progress),
+            count: li.querySelector(".count").textContent};
+  }),
+};
+"""
+
+
+def browser_missing():
+    """Why the browser test cannot run here (with what to install), or None."""
+    missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
+    if missing:
+        return "%s not found; install them with: %s" % (" and ".join(missing), BROWSER_INSTALL)
+    if webdriver is None:
+        return "selenium is not installed; install it with: python -m pip install -e '.[test]'"
+    return None
+
+
+def free_port():
+    """A port that was free a moment ago on 127.0.0.1."""
+    with contextlib.closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class TestJobBoardBrowser(SpecterTestCase):
+    """The demo as a person sees it: headless Chromium, driven by Selenium, against app.py in a child process.
+
+    Selenium calls block this process's hub; nothing else needs it, since
+    the server runs in its own process.
+    """
+
+    ceiling = 90
+
+    def setUp(self):
+        super().setUp()
+        reason = browser_missing()
+        if reason:
+            if os.environ.get("CI"):
+                self.fail("CI must run the browser test: " + reason)
+            self.skipTest(reason)
+        self.drivers = []
+        self.workdir = tempfile.mkdtemp(prefix="specter-browser-")
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+
+    # Fixtures -----------------------------------------------------------------
+
+    def start_server(self):
+        """Run examples/jobboard/app.py on a free port in its own process group; its URL once it answers."""
+        port = free_port()
+        self.log_path = os.path.join(self.workdir, "server.log")
+        with open(self.log_path, "w") as log:
+            self.server = subprocess.Popen(
+                [sys.executable, "-u", os.path.join(EXAMPLES, "jobboard", "app.py"), "--port", str(port)],
+                cwd=self.workdir, env=dict(os.environ, PYTHONPATH=SPECTER_DIR),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.addCleanup(self.kill_server)
+        self.url = "http://127.0.0.1:%d" % port
+        if not wait_until(lambda: self.server.poll() is not None or self.answers("/api/health"),
+                          timeout=BROWSER_TIMEOUT, step=0.05) or self.server.poll() is not None:
+            self.fail("the job board did not start:\n" + self.server_log())
+        return self.url
+
+    def kill_server(self):
+        if self.server.poll() is None:
+            os.killpg(self.server.pid, signal.SIGKILL)
+        self.server.wait()
+
+    def server_log(self):
+        with open(self.log_path) as log:
+            return log.read()[-4000:]
+
+    def answers(self, path):
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def api(self, path, payload=None):
+        """GET, or POST ``payload`` as JSON, to the board's HTTP API; the decoded answer."""
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.url + path, data, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.load(response)
+
+    def open_browser(self):
+        """A headless Chromium at 1280x900 on the board, driven through the system chromedriver."""
+        options = webdriver.ChromeOptions()
+        options.binary_location = shutil.which("chromium")
+        for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
+                         "--disable-background-networking", "--no-first-run", "--disable-extensions"):
+            options.add_argument(argument)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+        # An explicit driver path: Selenium never looks for, or downloads, a driver of its own.
+        service = ChromeDriverService(executable_path=shutil.which("chromedriver"),
+                                      log_output=os.path.join(self.workdir, "chromedriver.log"))
+        driver = webdriver.Chrome(options=options, service=service)
+        self.addCleanup(driver.quit)
+        self.drivers.append(driver)
+        driver.set_page_load_timeout(BROWSER_TIMEOUT)
+        driver.set_script_timeout(BROWSER_TIMEOUT)
+        driver.get(self.url + "/")
+        return driver
+
+    @contextlib.contextmanager
+    def evidence(self):
+        """On failure, save a screenshot of every browser and the server's log, and print where."""
+        try:
+            yield
+        except BaseException:
+            folder = tempfile.mkdtemp(prefix="specter-browser-failure-")
+            for number, driver in enumerate(self.drivers, 1):
+                try:
+                    driver.save_screenshot(os.path.join(folder, "browser-%d.png" % number))
+                except Exception as exc:  # a dead browser must not hide the real failure
+                    print("no screenshot of browser %d: %s" % (number, exc), file=sys.stderr)
+            if getattr(self, "server", None) is not None:
+                shutil.copy(self.log_path, os.path.join(folder, "server.log"))
+            print("\n%s failed; screenshots and the server log are in %s" % (self.id(), folder), file=sys.stderr)
+            raise
+
+    # Reading the page ---------------------------------------------------------
+
+    @staticmethod
+    def page(driver):
+        """What the page shows: connection state, transport, banner, and every job row."""
+        return driver.execute_script(PAGE_STATE_JS)
+
+    def row(self, driver, name):
+        """The row showing the job named ``name``, or None."""
+        return next((job for job in self.page(driver)["jobs"] if job["name"] == name), None)
+
+    def wait_for(self, predicate, what, timeout=BROWSER_TIMEOUT):
+        value = wait_until(predicate, timeout=timeout, step=0.02)
+        if not value:
+            self.fail("%s: not seen within %.1f s" % (what, timeout))
+        return value
+
+    def wait_live(self, driver):
+        """Wait until the page is connected over Socket.IO and upgraded to a websocket."""
+        self.wait_for(lambda: self.page(driver)["conn"] == "live" and self.page(driver)["transport"] == "websocket",
+                      "a live Socket.IO connection over websocket")
+
+    def assert_clean_console_and_local_requests(self, driver):
+        errors = [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        self.assertEqual(errors, [], "the page logged errors")
+        urls = []
+        for entry in driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.requestWillBeSent":
+                urls.append(message["params"]["request"]["url"])
+            elif message["method"] == "Network.webSocketCreated":
+                urls.append(message["params"]["url"])
+        origin = urllib.parse.urlsplit(self.url).netloc
+        self.assertTrue(any("/static/socket.io.min.js" in url for url in urls), urls)
+        self.assertTrue(any(url.startswith("ws://%s/socket.io/" % origin) for url in urls), urls)
+        foreign = [url for url in urls if not url.startswith("data:") and urllib.parse.urlsplit(url).netloc != origin]
+        self.assertEqual(foreign, [], "the page contacted another host")
+
+    # Tests --------------------------------------------------------------------
+
+    def test_page_shows_jobs_live_in_every_browser_without_any_other_host(self):
+        self.start_server()
+        with self.evidence():
+            first = self.open_browser()
+            self.wait_live(first)
+            second = self.open_browser()
+            self.wait_live(second)
+
+            name = "from the form"
+            form = first.find_element("id", "job-form")
+            form.find_element("name", "name").send_keys(name)
+            for field, value in (("steps", "8"), ("delay", "0.15")):
+                box = form.find_element("name", field)
+                box.clear()
+                box.send_keys(value)
+            clicked = time.monotonic()
+            form.find_element("css selector", "button[type=submit]").click()
+            self.wait_for(lambda: self.row(first, name), "the submitted job in its page", timeout=2.0)
+            self.assertLess(time.monotonic() - clicked, 2.0)
+
+            # Both pages, watched side by side until the job is done in both.
+            seen = {first: [], second: []}
+
+            def both_done():
+                for driver, log in seen.items():
+                    row = self.row(driver, name)
+                    if row is not None:
+                        log.append((row["status"], row["progress"]))
+                return all(log and log[-1][0] == "done" for log in seen.values())
+            self.wait_for(both_done, "the job done in both browsers")
+            for driver, log in seen.items():
+                with self.subTest(browser=self.drivers.index(driver) + 1):
+                    running = {progress for status, progress in log if status == "running"}
+                    self.assertGreaterEqual(len(running - {0, 8}), 2, "progress moves while it runs: %s" % log)
+                    progress = [progress for _status, progress in log]
+                    self.assertEqual(progress, sorted(progress), "progress never goes backwards")
+                    self.assertEqual(self.row(driver, name)["count"], "8/8")
+
+            # A job from the JSON API shows up in both, with no reload.
+            for driver in seen:
+                driver.execute_script("window.notReloaded = true;")
+            job = self.api("/api/jobs", {"name": "from the API", "steps": 2, "delay": 0.05})
+            for driver in seen:
+                self.wait_for(lambda: (self.row(driver, "from the API") or {}).get("status") == "done",
+                              "the API job done in a browser")
+                self.assertTrue(driver.execute_script("return window.notReloaded === true;"))
+                self.assertEqual(self.row(driver, "from the API")["id"], job["id"])
+                self.assertEqual([row["name"] for row in self.page(driver)["jobs"]], ["from the API", name],
+                                 "newest first")
+            for driver in seen:
+                self.assert_clean_console_and_local_requests(driver)
+
+    def test_server_stop_shows_disconnected_and_the_running_job_cancelled(self):
+        self.start_server()
+        with self.evidence():
+            browser = self.open_browser()
+            self.wait_live(browser)
+            job = self.api("/api/jobs", {"name": "long", "steps": 50, "delay": 0.2})
+            self.wait_for(lambda: (self.row(browser, "long") or {}).get("progress", 0) >= 1,
+                          "the long job running")
+            pid = self.api("/api/jobs/%s" % job["id"])["pid"]
+            self.assertEqual(self.row(browser, "long")["status"], "running")
+
+            os.kill(self.server.pid, signal.SIGTERM)
+            self.assertTrue(wait_until(lambda: self.server.poll() is not None, timeout=BROWSER_TIMEOUT, step=0.02),
+                            "the server did not exit after SIGTERM:\n" + self.server_log())
+            self.assertEqual(self.server.returncode, 0, self.server_log())
+            self.assertNotIn("Traceback", self.server_log())
+            self.assertTrue(pid_gone(pid), "no job process outlives the server")
+
+            self.wait_for(lambda: self.page(browser)["conn"] == "disconnected", "the page showing it is disconnected")
+            page = self.page(browser)
+            self.assertIn("Disconnected", page["banner"])
+            long_job = self.row(browser, "long")
+            self.assertEqual(long_job["status"], "cancelled",
+                             "the state the server gave the job at shutdown, not a frozen 'running'")
+            self.assertLess(long_job["progress"], 50)
 
 
 REPO = os.path.dirname(os.path.abspath(specter.__file__))
@@ -7404,7 +10419,8 @@ class TestExamples(SpecterTestCase):
         names = [os.path.basename(path) for path in example_files()]
         for expected in ("quickstart.py", "polling_service.py", "queue_worker.py",
                          "controller_app.py", "state_primitives.py", "process_watcher.py",
-                         "graceful_shutdown.py", "registry_and_bus.py", "cluster_demo.py"):
+                         "graceful_shutdown.py", "registry_and_bus.py", "factory_app.py",
+                         "cluster_demo.py"):
             self.assertIn(expected, names)
         self.assertFalse([name for name in names if name.startswith("jobboard")])
 
@@ -7419,6 +10435,35 @@ class TestExamples(SpecterTestCase):
                 self.assertIn("Run:", docstring)
                 flag = SHORT_MODE.get(name, ["--once"])[0]
                 self.assertIn('"%s"' % flag, text, "%s does not accept %s" % (name, flag))
+
+    def test_controller_app_presence_forgets_a_disconnected_client(self):
+        """A client that disconnects without 'leave' no longer counts as a room member."""
+        spec = importlib.util.spec_from_file_location(
+            "controller_app_example", os.path.join(EXAMPLES, "controller_app.py"))
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        app, socketio_server = example.create_app()
+        quiet = open(os.devnull, "w")  # the example prints as it mounts and tears down
+        self.addCleanup(quiet.close)
+        with contextlib.redirect_stdout(quiet):
+            manager, _chat = example.wire(app, socketio_server)
+
+        def shut_down_quietly():
+            with contextlib.redirect_stdout(quiet):
+                manager.shutdown()
+        self.addCleanup(shut_down_quietly)
+
+        def join(client):
+            return client.emit("join", {"room": "general"}, callback=True)["members"]
+
+        alice, bob = socketio_server.test_client(app), socketio_server.test_client(app)
+        self.assertEqual((join(alice), join(bob)), (1, 2))
+        bob.disconnect()
+        carol = socketio_server.test_client(app)
+        self.assertEqual(join(carol), 2, "bob still counted after he disconnected")
+        alice.disconnect()
+        carol.disconnect()
+        self.assertEqual(join(socketio_server.test_client(app)), 1)
 
     def test_every_example_exits_cleanly(self):
         self.assertFalse(gevent.monkey.is_anything_patched(), "the test process must not monkey-patch")
@@ -7439,6 +10484,404 @@ class TestExamples(SpecterTestCase):
                 self.assertTrue(stdout.strip(), "%s printed nothing" % name)
         # Concurrency is the point: the whole set takes about as long as the slowest one.
         self.assertLess(elapsed, EXAMPLE_TIMEOUT)
+
+
+
+# Docs #########################################################################
+
+
+# The documents whose ```python blocks must run as written.
+DOCS = ("specter.md", "README.md")
+
+# Fence labels for what is not Python: shell commands, output, other languages.
+NOT_PYTHON_FENCES = ("sh", "bash", "text", "html", "nginx")
+
+BLOCK_TIMEOUT = 20  # one block's wall-clock limit
+
+FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
+
+
+class DocBlock:
+    """One fenced block of a document: where it is, its info string and its text."""
+
+    def __init__(self, doc, line, info, code):
+        self.doc, self.line, self.info, self.code = doc, line, info.strip(), code
+        words = self.info.split()
+        self.language = words[0] if words else ""
+        self.file = next((w[len("file="):] for w in words[1:] if w.startswith("file=")), None)
+
+    def __repr__(self):
+        return "%s:%d" % (self.doc, self.line)
+
+    @property
+    def monkey_patches(self):
+        """Whether the block calls gevent's monkey patching, which must come before any import."""
+        return any(isinstance(node, ast.Attribute) and node.attr.startswith("patch_")
+                   and isinstance(node.value, ast.Name) and node.value.id == "monkey"
+                   for node in ast.walk(ast.parse(self.code)))
+
+
+def doc_blocks(doc):
+    """Every fenced block of ``doc`` (a file beside this test file), in order."""
+    with open(os.path.join(HERE, doc), encoding="utf-8") as source:
+        text = source.read()
+    return [DocBlock(doc, text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2))
+            for m in FENCE.finditer(text)]
+
+
+def python_fence_count(doc):
+    """How many lines of ``doc`` look like the opening of a Python fence.
+
+    Counted without the block parser and more loosely than it reads fences
+    (indented, ``~~~``, ``py``, ``python3``, ``pycon``), so a block the
+    runner would not see shows up as a difference.
+    """
+    with open(os.path.join(HERE, doc), encoding="utf-8") as source:
+        return sum(1 for line in source if re.match(r"\s*(```|~~~)\s*py", line, re.I))
+
+
+# Imported once by the block runner before it forks (about 0.4 s a block saved).
+BLOCK_PRELOAD = "flask,flask_socketio,gevent,gevent.pywsgi,socketio,unittest,specter"
+
+# Runs blocks in forked copies of one interpreter that has imported the
+# modules named in argv[2] (none: a fresh interpreter), each child in its
+# own process group with its own stdout/stderr files; prints one JSON line
+# per block.
+BLOCK_RUNNER = r"""
+import atexit, importlib, json, os, runpy, signal, sys, time
+
+timeout = float(sys.argv[1])
+for module in filter(None, sys.argv[2].split(",")):
+    importlib.import_module(module)
+for path in sys.argv[3:]:
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        for fd, suffix in ((1, ".out"), (2, ".err")):
+            os.dup2(os.open(path + suffix, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = [path]
+        code = 0
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    deadline = started + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            returncode = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            returncode = "killed after %ss" % timeout
+            break
+        time.sleep(0.002)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # anything the block left running in its group
+    except ProcessLookupError:
+        pass
+    print(json.dumps({"path": path, "returncode": returncode,
+                      "seconds": round(time.monotonic() - started, 3)}), flush=True)
+"""
+
+
+def run_blocks(directory, blocks):
+    """Run every block; {block: (returncode, stdout, stderr, seconds)}.
+
+    A block that monkey-patches runs in a fresh interpreter of its own (its
+    patch_all must come before any import); the others run in forked copies
+    of BLOCK_RUNNER's warmed interpreter.
+    """
+    paths = {}
+    for block in blocks:
+        name = "%s-L%d.py" % (block.doc.replace(".", "_"), block.line)
+        paths[block] = os.path.join(directory, name)
+        with open(paths[block], "w", encoding="utf-8") as script:
+            script.write(block.code)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    fresh = [b for b in blocks if b.monkey_patches]
+    forked = [paths[b] for b in blocks if not b.monkey_patches]
+    commands = [[sys.executable, "-c", BLOCK_RUNNER, str(BLOCK_TIMEOUT), BLOCK_PRELOAD] + forked]
+    commands += [[sys.executable, "-c", BLOCK_RUNNER, str(BLOCK_TIMEOUT), "", paths[b]]
+                 for b in fresh]
+    processes = [gevent.subprocess.Popen(command, cwd=directory, env=env, start_new_session=True,
+                                         stdout=gevent.subprocess.PIPE,
+                                         stderr=gevent.subprocess.PIPE, universal_newlines=True)
+                 for command in commands]
+    reports = {}
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=BLOCK_TIMEOUT * (len(forked) + 1))
+            if process.returncode != 0:
+                raise AssertionError("the block runner failed:\n%s" % stderr)
+            for line in stdout.splitlines():
+                report = json.loads(line)
+                reports[report["path"]] = report
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    results = {}
+    for block, path in paths.items():
+        report = reports.get(path, {"returncode": "not run", "seconds": 0})
+        outputs = []
+        for suffix in (".out", ".err"):
+            if not os.path.exists(path + suffix):
+                outputs.append("")
+                continue
+            with open(path + suffix, encoding="utf-8", errors="replace") as output:
+                outputs.append(output.read())
+        results[block] = (report["returncode"],) + tuple(outputs) + (report["seconds"],)
+    return results
+
+
+class TestGuide(SpecterTestCase):
+    """Every ```python block of specter.md and README.md runs as written."""
+
+    ceiling = 60
+
+    def blocks(self):
+        return [block for doc in DOCS for block in doc_blocks(doc)]
+
+    def test_every_python_fence_is_parsed_as_a_block(self):
+        for doc in DOCS:
+            with self.subTest(doc=doc):
+                python = [b for b in doc_blocks(doc) if b.language == "python"]
+                self.assertGreater(len(python), 0)
+                self.assertEqual(len(python), python_fence_count(doc))
+
+    def test_python_is_not_hidden_in_other_fences(self):
+        for block in self.blocks():
+            if block.language == "python":
+                continue
+            with self.subTest(block=block):
+                self.assertIn(block.language, NOT_PYTHON_FENCES + ("",))
+                try:
+                    tree = ast.parse(block.code)
+                except SyntaxError:
+                    continue
+                statements = [type(n).__name__ for n in tree.body if not isinstance(n, ast.Expr)]
+                self.assertEqual(statements, [], "%r is Python: fence it as python (python "
+                                 "file=PATH for a file of a larger project)" % (block,))
+
+    def test_blocks_with_a_socketio_client_say_what_to_install(self):
+        """socketio.Client needs python-socketio's client extra, which Flask-SocketIO does not bring."""
+        for doc in DOCS:
+            with open(os.path.join(HERE, doc), encoding="utf-8") as source:
+                lines = source.read().splitlines()
+            for block in doc_blocks(doc):
+                if block.language != "python" or not re.search(r"socketio\.(Simple)?Client\(", block.code):
+                    continue
+                with self.subTest(block=block):
+                    heading, fenced = 0, False  # the block's section starts at the last heading
+                    for number, line in enumerate(lines[:block.line - 1]):
+                        if line.startswith("```"):
+                            fenced = not fenced
+                        elif not fenced and re.match(r"#{1,6} ", line):
+                            heading = number
+                    section = "\n".join(lines[heading:block.line])
+                    self.assertIn('pip install "python-socketio[client]"', section)
+
+    def test_install_commands_never_take_specter_runtime_from_the_index(self):
+        """PyPI's specter-runtime is the older 0.1.x package: every install names this repository."""
+        commands = 0
+        for doc in DOCS + (os.path.join("examples", "jobboard", "README.md"),):
+            with open(os.path.join(HERE, doc), encoding="utf-8") as source:
+                lines = source.read().splitlines()
+            for number, line in enumerate(lines, 1):
+                for match in re.finditer(r"pip install ([^`#&|;]*)", line):
+                    commands += 1
+                    for argument in shlex.split(match.group(1)):
+                        name = re.split(r"[^A-Za-z0-9._-]", argument, 1)[0]
+                        if re.sub(r"[._]", "-", name.lower()) == "specter-runtime":
+                            with self.subTest(doc=doc, line=number):
+                                self.assertRegex(argument, r"^specter-runtime @ \S",
+                                                 "an install by name from the package index")
+        self.assertGreater(commands, 5)
+
+    def test_vendoring_recipe_gives_an_importable_copy(self):
+        """Section 9's shell recipe, run in an empty project, then its myapp/app.py imported."""
+        blocks = doc_blocks("specter.md")
+        recipe = next(b for b in blocks if b.language == "sh" and "cp specter.py" in b.code)
+        app = next(b for b in blocks if b.file == "myapp/app.py")
+        project = tempfile.mkdtemp(prefix="specter-vendor-")
+        self.addCleanup(shutil.rmtree, project, ignore_errors=True)
+        shutil.copy(specter.__file__, project)  # the checkout the recipe copies from
+        steps = [line for line in recipe.code.splitlines() if not line.startswith("pip ")]
+        subprocess.run(["bash", "-ec", "\n".join(steps)], cwd=project, check=True, timeout=30,
+                       start_new_session=True)
+        os.remove(os.path.join(project, "specter.py"))
+        with open(os.path.join(project, "myapp", "app.py"), "w", encoding="utf-8") as source:
+            source.write(app.code)
+        script = ("import sys, myapp.app, myapp._vendor.specter as vendored\n"
+                  "print(vendored.__version__, 'specter' in sys.modules, myapp.app.bus is vendored.bus)")
+        env = dict(os.environ, PYTHONPATH=project)
+        proc = subprocess.run([sys.executable, "-c", script], cwd=project, env=env,
+                              capture_output=True, text=True, timeout=60, start_new_session=True)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(proc.stdout.split(), [specter.__version__, "False", "True"])
+
+    def test_guide_shows_presence_with_connect_disconnect_sid_and_rooms(self):
+        """Part I has a runnable block doing what every presence feature needs."""
+        with open(os.path.join(HERE, "specter.md"), encoding="utf-8") as source:
+            part_one_lines = source.read().split("\n# Part II")[0].count("\n") + 1
+        needed = ('"connect"', '"disconnect"', "request.sid", "join_room(", "leave_room(", "to=room")
+        presence = [b for b in doc_blocks("specter.md") if b.language == "python" and not b.file
+                    and b.line < part_one_lines and all(word in b.code for word in needed)]
+        self.assertTrue(presence, "no guide block subscribes to connect and disconnect, "
+                                  "keys state by request.sid and uses rooms")
+
+    def test_gunicorn_is_installed_with_its_gevent_extra(self):
+        """gunicorn's gevent worker needs the extra (packaging, a recent gevent); plain gunicorn fails."""
+        with open(os.path.join(HERE, "specter.md"), encoding="utf-8") as source:
+            text = source.read()
+        installs = [argument for match in re.finditer(r"pip install ([^`#&|;\n]*)", text)
+                    for argument in shlex.split(match.group(1)) if argument.startswith("gunicorn")]
+        self.assertTrue(installs, "the guide never says how to install gunicorn")
+        for argument in installs:
+            self.assertTrue(argument.startswith("gunicorn[gevent]"), argument)
+
+    def test_guide_states_engineio_message_limit_where_sizes_are_discussed(self):
+        with open(os.path.join(HERE, "specter.md"), encoding="utf-8") as source:
+            text = source.read()
+        default = SocketIO(Flask(__name__), async_mode="gevent").server.eio.max_http_buffer_size
+        stated = re.findall(r"`max_http_buffer_size`\s*\(([\d,]+) bytes by default", text)
+        self.assertTrue(stated)
+        self.assertEqual({int(number.replace(",", "")) for number in stated}, {default})
+        sections = re.split(r"\n(?=#{2,3} \d)", text.split("\n# Part II")[0])
+        for title in ("### 7.2 Constraints", "### 13.1 "):
+            with self.subTest(section=title):
+                section = next(part for part in sections if part.startswith(title))
+                self.assertIn("max_http_buffer_size", section)
+
+    def test_guide_shows_json_errors_for_unknown_paths_under_a_prefix(self):
+        """Flask answers a path no route matches with HTML; the guide shows the app-level fix, run."""
+        blocks = [b for b in doc_blocks("specter.md") if b.language == "python" and not b.file
+                  and "errorhandler(HTTPException)" in b.code and "url_prefix" in b.code]
+        self.assertTrue(blocks, "no runnable block answers unknown API paths in JSON")
+
+    def test_project_files_compile_and_import_only_public_names(self):
+        files = [b for b in self.blocks() if b.language == "python" and b.file]
+        self.assertTrue(files)
+        for block in files:
+            with self.subTest(block=block, file=block.file):
+                self.assertTrue(block.code.startswith("# %s\n" % block.file),
+                                "%r must start with a comment naming %s" % (block, block.file))
+                tree = compile(block.code, block.file, "exec", ast.PyCF_ONLY_AST)
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] == "specter":
+                        for alias in node.names:
+                            self.assertIn(alias.name, specter.__all__)
+
+    def test_every_python_block_runs_as_written(self):
+        runnable = [b for b in self.blocks() if b.language == "python" and not b.file]
+        self.assertGreater(len(runnable), 50)
+        directory = tempfile.mkdtemp(prefix="specter-docs-")
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        results = run_blocks(directory, runnable)
+        self.assertEqual(len(results), len(runnable))
+        for block, (returncode, stdout, stderr, seconds) in results.items():
+            with self.subTest(block=block):
+                report = "%r (%.2f s)\n--- stdout\n%s\n--- stderr\n%s" % (
+                    block, seconds, stdout[-2000:], stderr[-4000:])
+                self.assertEqual(returncode, 0, report)
+                # gevent's hub reports a greenlet that died of an exception this way.
+                self.assertNotIn(" failed with ", stderr, report)
+
+
+# Packaging ####################################################################
+
+
+# What a source distribution must carry beyond the module: enough to run the
+# test suite, read the guide and try the examples from the unpacked archive.
+SDIST_FILES = ("specter.py", "test_specter.py", "specter.md", "README.md", "LICENSE",
+               "pyproject.toml", "examples/jobboard/README.md", "examples/jobboard/app.py",
+               "examples/jobboard/templates/index.html")
+
+# Left out of the copy the packages are built from: VCS data, virtualenvs, build output.
+BUILD_IGNORED = shutil.ignore_patterns(
+    ".git", ".ci-venv", ".venv", ".bench", "build", "dist", "*.egg-info", "__pycache__", "*.pyc")
+
+
+def build_hook(hook, source, outdir):
+    """Call setuptools' PEP 517 ``hook`` in a fresh interpreter in ``source``; the file name it built.
+
+    The same hooks ``python -m build --no-isolation`` and pip call, without
+    their wrappers (and without the network: the build requirements are the
+    ``test`` extra's).
+    """
+    script = "import sys\nfrom setuptools import build_meta\nprint(build_meta.%s(sys.argv[1]))\n" % hook
+    proc = subprocess.run(
+        [sys.executable, "-c", script, outdir], cwd=source, capture_output=True, text=True,
+        timeout=60, start_new_session=True,
+    )
+    if proc.returncode != 0:
+        raise AssertionError("%s failed in %s:\n%s\n%s" % (hook, source, proc.stdout, proc.stderr))
+    return proc.stdout.strip().splitlines()[-1]
+
+
+class TestPackaging(SpecterTestCase):
+    """The sdist carries the module, its tests, docs and examples; the wheel the module alone."""
+
+    ceiling = 60
+
+    @classmethod
+    def setUpClass(cls):
+        """Build once: the sdist from a copy of the checkout, the wheel from the unpacked sdist."""
+        cls.tmp = tempfile.mkdtemp(prefix="specter-build-")
+        source = os.path.join(cls.tmp, "source")
+        shutil.copytree(HERE, source, ignore=BUILD_IGNORED)
+        dist = os.path.join(cls.tmp, "dist")
+        os.mkdir(dist)
+        cls.sdist = os.path.join(dist, build_hook("build_sdist", source, dist))
+        with tarfile.open(cls.sdist) as archive:
+            members = [m for m in archive.getmembers() if m.isfile()]
+            root = os.path.commonpath([m.name for m in members])
+            cls.sdist_files = sorted(os.path.relpath(m.name, root) for m in members)
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            archive.extractall(os.path.join(cls.tmp, "unpacked"), members=members, **safe)
+        unpacked = os.path.join(cls.tmp, "unpacked", root)
+        cls.wheel = os.path.join(dist, build_hook("build_wheel", unpacked, dist))
+        with zipfile.ZipFile(cls.wheel) as archive:
+            cls.wheel_files = sorted(archive.namelist())
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+
+    def test_sdist_carries_tests_docs_examples_and_licence(self):
+        for name in SDIST_FILES:
+            self.assertIn(name, self.sdist_files)
+        examples = sorted(os.path.relpath(path, HERE)
+                          for path in glob.glob(os.path.join(HERE, "examples", "*.py")))
+        self.assertTrue(examples)
+        self.assertEqual([name for name in examples if name not in self.sdist_files], [])
+        self.assertFalse([name for name in self.sdist_files
+                          if "__pycache__" in name or name.endswith(".pyc")])
+
+    def test_wheel_carries_the_single_module(self):
+        installed = [name for name in self.wheel_files if ".dist-info/" not in name]
+        self.assertEqual(installed, ["specter.py"])
+        self.assertTrue(os.path.basename(self.wheel).startswith(
+            "specter_runtime-%s-py3-none-any" % specter.__version__), self.wheel)
+
+    def test_test_extra_names_what_the_build_needs(self):
+        with open(os.path.join(HERE, "pyproject.toml"), encoding="utf-8") as source:
+            text = source.read()
+        extra = re.search(r"^test = \[(.*?)^\]", text, re.S | re.M).group(1)
+        for requirement in ("setuptools", "wheel", "python-socketio[client]"):
+            self.assertIn('"%s' % requirement, extra)
 
 
 if __name__ == "__main__":

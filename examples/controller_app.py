@@ -11,7 +11,9 @@ The example shows:
 * A plain Flask route using ``json_endpoint``, ``expect_json``,
   ``require_fields`` and ``HTTPError``.
 * ``StatusRouter``: a ``Router`` subclass with ``@route`` class routes.
-* ``PresenceHandler``: a ``Handler`` subclass with an ``events`` mapping.
+* ``PresenceHandler``: a ``Handler`` subclass with an ``events`` mapping;
+  members keyed by ``request.sid``, rooms joined with ``join_room``, and a
+  ``disconnect`` event that forgets a closed connection.
 * A subscriber added straight on the ``SocketIngress`` with ``schema=``.
 * ``boot(app, socketio, ..., providers=..., signals=False)``.
 * The same wiring by hand (``wire_by_hand``): ``ServiceManager(app,
@@ -142,10 +144,16 @@ class ChatController(Controller):
 
 
 class PresenceHandler(Handler):
-    """Who is in which room: an ``events`` mapping of socket events to methods."""
+    """Who is in which room: an ``events`` mapping of socket events to methods.
+
+    Members are keyed by ``request.sid``, the connection's id. A client that
+    closes its tab never sends 'leave', so 'disconnect' forgets the
+    connection in every room (Flask-SocketIO empties its own rooms; this
+    dict is ours to clean).
+    """
 
     name = "presence"
-    events = {"join": "on_join", "leave": "on_leave"}
+    events = {"join": "on_join", "leave": "on_leave", "disconnect": "on_disconnect"}
     event_priorities = {"join": 10}
 
     def on_setup(self):
@@ -160,8 +168,18 @@ class PresenceHandler(Handler):
     def on_leave(self, data):
         room = data["room"]
         leave_room(room)
-        self.members.get(room, set()).discard(request.sid)
+        self.forget(request.sid, [room])
         return {"left": room}
+
+    def on_disconnect(self):
+        self.forget(request.sid, list(self.members))
+
+    def forget(self, sid, rooms):
+        for room in rooms:
+            members = self.members.get(room, set())
+            members.discard(sid)
+            if not members:
+                self.members.pop(room, None)  # an empty room is no room
 
 
 class StatusRouter(Router):
@@ -178,14 +196,14 @@ class StatusRouter(Router):
     @route("/")
     def index(self):
         manager = self.require("service_manager")
-        return {"booted": manager.booted, "services": [s["name"] for s in manager.health()["services"]]}
+        return {"booted": manager.booted, "services": list(manager.health()["services"])}
 
     @route("/services/<name>", json_errors="Could not read the service status")
     def service_status(self, name):
-        for health in self.require("service_manager").health()["services"]:
-            if health["name"] == name:
-                return Outcome.success({"status": health["status"], "errors": health["errors"]})
-        return Outcome.failure("No service named %r" % name, status=404)
+        health = self.require("service_manager").health()["services"].get(name)  # keyed by name
+        if health is None:
+            return Outcome.failure("No service named %r" % name, status=404)
+        return Outcome.success({"status": health["status"], "errors": health["errors"]})
 
 
 # The app ######################################################################
@@ -232,9 +250,10 @@ def wire_by_hand(app, socketio):
     registration order and sets up the handlers.
     """
     manager = ServiceManager(app, socketio, signals=False)
-    moderation = manager.register_service(Moderation())  # registered first: started first
-    chat = manager.register_controller(ChatController(), url_prefix="/chat")
-    presence = manager.register_handler(PresenceHandler())
+    moderation, chat, presence = Moderation(), ChatController(), PresenceHandler()
+    (manager.register_service(moderation)  # registered first: started first
+     .register_controller(chat, url_prefix="/chat")
+     .register_handler(presence))  # each register_* returns the manager
     print("registered, before boot(): moderation=%s chat=%s presence.registered=%s booted=%s"
           % (moderation.status, chat.status, presence.registered, manager.booted))
     manager.boot(providers={"moderation": moderation})  # also provided under a key, for service()
@@ -297,6 +316,13 @@ def demo(app, socketio, manager, chat):
         print("%s received: %s" % (name, events))
     assert invalid_ack["status"] == 400
 
+    print("\n== Socket.IO: bob disconnects without 'leave'; 'disconnect' takes him out of the room")
+    bob.disconnect()
+    carol = socketio.test_client(app)
+    joined = show_ack(carol, "join", {"room": "general"})
+    assert joined["members"] == 2, "alice and carol, not bob"
+    carol.disconnect()
+
     print("\n== health and provider state")
     health = chat.health()
     print("chat: status=%s schemas=%s has_blueprint=%s has_handler=%s resources=%s"
@@ -312,7 +338,6 @@ def demo(app, socketio, manager, chat):
     assert stopped.status_code == 503
 
     alice.disconnect()
-    bob.disconnect()
     manager.shutdown()
     print("\nshutdown: booted=%s, manager status=%s" % (manager.booted, manager.status))
 

@@ -149,7 +149,7 @@ def cache_demo():
     print("after the 0.2 s TTL: is_valid() -> %s, get('expired') -> %r"
           % (forecast.is_valid(), forecast.get("expired")))
     print("get_or_compute again -> %s" % forecast.get_or_compute(compute_forecast))
-    forecast.on_invalidate(lambda cache: print("  on_invalidate: %s emptied" % cache.name))
+    forecast.on_invalidate(lambda: print("  on_invalidate: forecast emptied"))
     forecast.invalidate()
     print("after invalidate(): get() -> %r" % forecast.get())
 
@@ -169,7 +169,7 @@ def cache_demo():
     order = []
     for cache in (readings, stats, report):
         cache.set("%s v1" % cache.name)
-        cache.on_invalidate(lambda c: order.append(c.name))
+        cache.on_invalidate(lambda c=cache: order.append(c.name))
     readings.invalidate()
     print("readings.invalidate() emptied, in order: %s; all empty now: %s"
           % (order, not any(c.is_valid() for c in (readings, stats, report))))
@@ -179,7 +179,7 @@ def cache_demo():
     pong = create_cache("pong", depends_on=["ping:invalidated"])
     counts = {"ping": 0, "pong": 0}
     for cache in (ping, pong):
-        cache.on_invalidate(lambda c: counts.__setitem__(c.name, counts[c.name] + 1))
+        cache.on_invalidate(lambda c=cache: counts.__setitem__(c.name, counts[c.name] + 1))
     ping.invalidate()
     print("ping.invalidate() returned; invalidations per cache: %s" % counts)
     assert counts == {"ping": 1, "pong": 1}

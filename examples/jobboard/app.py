@@ -273,7 +273,10 @@ class LiveUpdates(Service):
 
     Job changes are coalesced over ``push_interval`` seconds, then each job
     that changed is sent once as 'job:update' (pruned ones as 'job:removed');
-    host samples go out as 'host:update'.
+    host samples go out as 'host:update'. It starts before the runner and
+    stops after it (see ``create_app``), so the 'cancelled' states the runner
+    writes while it stops are still pushed, by ``on_stop``, before the
+    browsers lose their connection.
     """
 
     name = "live"
@@ -292,6 +295,9 @@ class LiveUpdates(Service):
         self._latest = None
         self.model.subscribe(self._on_jobs, selector="jobs", owner=self)
         self.host_store.subscribe(self._on_host, owner=self)
+
+    def on_stop(self):
+        self._flush()  # the last window: final states written during shutdown
 
     def _on_jobs(self, jobs, _model):
         # Runs in the writer's greenlet: remember the latest state and let one
@@ -478,9 +484,9 @@ def create_app(config=None):
                                  "running": 0, "queued": 0})
     runner = JobRunner(model, worker_count=cfg["JOBBOARD_WORKERS"], maxsize=cfg["JOBBOARD_MAX_QUEUE"],
                        drain_timeout=cfg["JOBBOARD_DRAIN_TIMEOUT"], stop_grace=cfg["JOBBOARD_STOP_GRACE"])
+    live = LiveUpdates(socketio, model, host, push_interval=cfg["JOBBOARD_PUSH_INTERVAL"])
     services = [
         HostMonitor(host, runner, interval=cfg["JOBBOARD_HOST_INTERVAL"]),
-        LiveUpdates(socketio, model, host, push_interval=cfg["JOBBOARD_PUSH_INTERVAL"]),
         Housekeeper(model, interval=cfg["JOBBOARD_PRUNE_INTERVAL"], max_age=cfg["JOBBOARD_KEEP_SECONDS"],
                     keep=cfg["JOBBOARD_KEEP_FINISHED"]),
     ]
@@ -492,7 +498,9 @@ def create_app(config=None):
     def boot_board(*, signals=True):
         return specter.boot(
             app, socketio,
-            providers={"jobs.model": model, "jobs.queue": runner, "host.store": host},
+            # Providers start first, in this order, and stop last, in reverse:
+            # 'live' outlives the runner, so it pushes the runner's final states.
+            providers={"live": live, "jobs.model": model, "jobs.queue": runner, "host.store": host},
             services=services,
             controllers=[JobsController()],
             signals=signals,
