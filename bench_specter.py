@@ -1395,6 +1395,265 @@ def bench_memory(cfg: Config) -> List[Row]:
     return rows
 
 
+# -- cluster (a redis-server of its own) -------------------------------------
+
+_LATENCY_EMITTER = r'''
+import json, sys, time, gevent, specter
+cluster = specter.Cluster(sys.argv[1], share=["lat:*"]).start()
+raw = cluster._redis
+sys.stdin.readline()
+rate, seconds = float(sys.argv[2]), float(sys.argv[3])
+for side in ("specter", "raw"):
+    start = time.monotonic()
+    for k in range(int(rate * seconds)):
+        due = start + k / rate
+        gevent.sleep(max(0.0, due - time.monotonic()))
+        if side == "specter":
+            specter.bus.emit("lat:x", {"t": time.monotonic()})
+        else:
+            raw.xadd("raw:lat", {"d": json.dumps({"t": time.monotonic()})})
+    gevent.sleep(0.5)
+cluster.stop()
+'''
+
+
+def _redis_server():
+    """A throwaway redis-server on a free 127.0.0.1 port and a temp dir, or None."""
+    import shutil
+    import socket
+    import tempfile
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None, None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folder = tempfile.mkdtemp(prefix="bench-redis-")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", folder],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return proc, "redis://127.0.0.1:%d/0" % port
+
+
+def _goal_row(name, spec_ns, base_ns, goal_ns, note):
+    """A row judged against an absolute goal (per-op time at most ``goal_ns``)."""
+    row = Row(name, spec_ns, base_ns, spec_ns / base_ns if base_ns else None, None, note=note)
+    row.status = "PASS" if spec_ns <= goal_ns else "over"
+    return row
+
+
+def _percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+@workload("cluster")
+def bench_cluster(cfg: Config) -> List[Row]:
+    """Cluster over a real redis-server, beside raw redis-py on the same
+    connection class: shared emits, remote delivery latency (another
+    process, 1,000/s), ClusterQueue with 1 and 8 workers, enqueue, leases."""
+    proc, url = _redis_server()
+    if proc is None:
+        return [Row("cluster (redis-server missing: apt-get install -y redis-server)", status="info")]
+    cluster = None
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                cluster = specter.Cluster(url, node_id="bench", share=["b:*", "lat:*"]).start()
+                break
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                gevent.sleep(0.02)
+        return (_bench_cluster_bus(cfg, cluster, url) + _bench_cluster_queue(cfg, cluster)
+                + _bench_cluster_lease(cfg, cluster))
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        proc.kill()
+        proc.wait()
+
+
+def _bench_cluster_bus(cfg, cluster, url):
+    raw = cluster._redis
+    n = cfg.pick(5000, 2000)  # below Cluster.outbox_limit: a burst beyond it is dropped, by design
+    payload = {"id": 1, "text": "x" * 180}
+
+    def spec(count):
+        emit = specter.bus.emit
+        target = cluster._sent + count
+        dropped = cluster._dropped
+        for _ in range(count):
+            emit("b:x", payload)
+        with gevent.Timeout(60):
+            while cluster._sent < target:
+                if cluster._dropped != dropped:
+                    raise RuntimeError("shared emits were dropped: %s" % cluster.health()["bus"])
+                gevent.sleep(0.0005)
+
+    def base(count):
+        body = json.dumps(payload)
+        for start in range(0, count, 500):
+            pipe = raw.pipeline(transaction=False)
+            for _ in range(min(500, count - start)):
+                pipe.xadd("raw:bus", {"n": "bench", "e": "b:x", "d": body}, maxlen=10000, approximate=True)
+            pipe.execute()
+
+    stats, _ = measure({"specter": spec, "baseline": base}, n, cfg, calibrate=False)
+    rows = [_goal_row("cluster: shared emit from one node, per emit", stats["specter"].median,
+                      stats["baseline"].median, 1e9 / 5000,
+                      "goal >= 5,000/s; baseline: raw XADD pipelined x500; %s emits per batch"
+                      % format(n, ","))]
+    # Remote delivery: another process emits at 1,000/s; this one timestamps arrival.
+    rate, seconds = 1000.0, cfg.pick(3.0, 1.5)
+    lat = {"specter": [], "raw": []}
+    specter.bus.on("lat:x", lambda data: lat["specter"].append(time.monotonic() - data["t"]))
+
+    def raw_reader():
+        last = "$"
+        while True:
+            reply = raw.xread({"raw:lat": last}, block=2000, count=100)
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    last = entry_id
+                    lat["raw"].append(time.monotonic() - json.loads(fields["d"])["t"])
+    reader = gevent.spawn(raw_reader)
+    child = gevent.subprocess.Popen([sys.executable, "-c", _LATENCY_EMITTER, url, str(rate), str(seconds)],
+                                    stdin=gevent.subprocess.PIPE, env=dict(os.environ, PYTHONPATH=HERE))
+    try:
+        gevent.sleep(1.0)
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        child.wait(timeout=seconds * 2 + 30)
+    finally:
+        reader.kill()
+        if child.poll() is None:
+            child.kill()
+    expected = int(rate * seconds)
+    for q, goal in ((0.5, 1e6), (0.99, 5e6)):
+        spec_ns = _percentile(lat["specter"], q) * 1e9 if lat["specter"] else float("inf")
+        base_ns = _percentile(lat["raw"], q) * 1e9 if lat["raw"] else float("nan")
+        rows.append(_goal_row("cluster: remote delivery p%d at 1,000/s" % int(q * 100), spec_ns, base_ns, goal,
+                              "goal <= %d ms; baseline raw XADD -> XREAD BLOCK; received %d/%d (raw %d/%d)"
+                              % (goal / 1e6, len(lat["specter"]), expected, len(lat["raw"]), expected)))
+    return rows
+
+
+def _bench_cluster_queue(cfg, cluster):
+    raw = cluster._redis
+    rows = []
+    for workers, goal in ((1, 3000), (8, 20000)):
+        n = cfg.pick(20000, 5000) if workers == 8 else cfg.pick(6000, 2000)
+        name = "bq%d" % workers
+        stream = "specter:queue:%s" % name
+        body = json.dumps({"id": 1, "text": "x" * 180})
+
+        def fill(key, count):
+            for start in range(0, count, 1000):
+                pipe = raw.pipeline(transaction=False)
+                for _ in range(min(1000, count - start)):
+                    pipe.xadd(key, {"d": body, "a": 0})
+                pipe.execute()
+
+        class Count(specter.ClusterQueue):
+            handled = 0
+
+            def handle_item(self, item):
+                self.handled += 1
+        queue = Count(name, worker_count=workers).start()
+        raw.xgroup_create("raw:q", "g", id="0", mkstream=True)
+
+        def spec(count):
+            target = queue.handled + count
+            fill(stream, count)
+            started = time.perf_counter()
+            with gevent.Timeout(60):
+                while queue.handled < target:
+                    gevent.sleep(0.0002)
+            return time.perf_counter() - started
+
+        def base(count):
+            fill("raw:q", count)
+            started = time.perf_counter()
+            done = 0
+            while done < count:
+                reply = raw.xreadgroup("g", "c", {"raw:q": ">"}, count=workers, block=1000)
+                ids = [entry_id for _, entries in reply or () for entry_id, fields in entries
+                       if json.loads(fields["d"])]
+                raw.pipeline(transaction=True).xack("raw:q", "g", *ids).xdel("raw:q", *ids).execute()
+                done += len(ids)
+            return time.perf_counter() - started
+
+        # Filling the stream (pipelined XADD) is left out of the timing on both sides.
+        times = {"specter": [], "baseline": []}
+        try:
+            for side, fn in (("specter", spec), ("baseline", base)):
+                fn(max(100, n // 10))  # warm-up
+            for r in range(cfg.repeats):
+                for side, fn in ((("specter", spec), ("baseline", base)) if r % 2 == 0
+                                 else (("baseline", base), ("specter", spec))):
+                    times[side].append(fn(n) * 1e9 / n)
+        finally:
+            queue.stop()
+            raw.delete("raw:q")
+        spec_ns, base_ns = statistics.median(times["specter"]), statistics.median(times["baseline"])
+        rows.append(_goal_row("cluster: ClusterQueue %d worker%s, per item" % (workers, "s" if workers > 1 else ""),
+                              spec_ns, base_ns, 1e9 / goal,
+                              "goal >= %s items/s (%.0f/s); baseline: raw XREADGROUP COUNT %d + XACK/XDEL per read"
+                              % (format(goal, ","), 1e9 / spec_ns, workers)))
+    queue = specter.ClusterQueue("benq").start()
+    try:
+        enqueue = queue.enqueue
+
+        def spec(count):
+            for i in range(count):
+                enqueue(i)
+
+        def base(count):
+            for i in range(count):
+                raw.xadd("raw:enq", {"d": json.dumps(i), "a": 0})
+        queue.cancel_greenlet(queue._reader)  # measure enqueue alone: nothing consumes
+        stats, _ = measure({"specter": spec, "baseline": base}, cfg.pick(3000, 1000), cfg, calibrate=False)
+    finally:
+        queue.stop()
+    rows.append(Row("cluster: ClusterQueue.enqueue, per item", stats["specter"].median, stats["baseline"].median,
+                    stats["specter"].median / stats["baseline"].median, None,
+                    note="one round trip each (Lua: maxsize check + XADD) vs raw XADD").finish())
+    return rows
+
+
+def _bench_cluster_lease(cfg, cluster):
+    raw, scripts = cluster._redis, cluster._scripts
+
+    def spec(count):
+        for _ in range(count):
+            scripts.acquire(keys=["specter:lease:b", "specter:lease:b:fence"], args=["me", 10000])
+            scripts.release_lease(keys=["specter:lease:b"], args=["me"])
+
+    def base(count):
+        for _ in range(count):
+            raw.set("raw:lease", "me", nx=True, px=10000)
+            raw.delete("raw:lease")
+
+    def spec_renew(count):
+        for _ in range(count):
+            scripts.renew(keys=["specter:lease:b"], args=["me", 10000])
+
+    def base_renew(count):
+        for _ in range(count):
+            raw.pexpire("raw:lease", 10000)
+    n = cfg.pick(2000, 500)
+    rows = []
+    for label, s, b, note in (
+            ("acquire + release", spec, base, "Lua SET NX PX + INCR fence, compare-and-DEL vs raw SET NX PX + DEL"),
+            ("renew", spec_renew, base_renew, "Lua compare token + PEXPIRE vs raw PEXPIRE")):
+        stats, _ = measure({"specter": s, "baseline": b}, n, cfg, calibrate=False)
+        rows.append(Row("cluster: lease %s" % label, stats["specter"].median, stats["baseline"].median,
+                        stats["specter"].median / stats["baseline"].median, 1.5, note=note))
+    return rows
+
+
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------

@@ -31,6 +31,8 @@ __all__ = [
     "Handler", "SocketIngress", "Controller", "ServiceManager", "boot",
     # processes
     "ManagedProcess", "start_process",
+    # cluster
+    "Cluster", "ClusterQueue", "Lease",
     # testing
     "ManualClock", "isolated", "leak_check", "SpecterTestCase",
 ]
@@ -42,6 +44,7 @@ import collections.abc
 import contextlib
 import copy
 import decimal
+import fnmatch
 import functools
 import heapq
 import inspect
@@ -55,13 +58,15 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import types
 import unittest
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+import weakref
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import click
 import flask
@@ -71,7 +76,10 @@ import werkzeug.exceptions
 import gevent
 import gevent.event
 import gevent.lock
+import gevent.monkey
 import gevent.queue
+import gevent.socket
+import gevent.ssl
 import gevent.subprocess
 from gevent import Greenlet, pywsgi
 import greenlet
@@ -359,14 +367,25 @@ class EventBus:
 
     def __init__(self):
         self._listeners = {}
+        self._outbound = None  # the cluster's link while it shares events (see Cluster)
 
-    def on(self, event: str, callback: Callable[..., Any]) -> Callable[[], bool]:
-        """Subscribe ``callback(data)``; subscribing it twice keeps one registration."""
+    def on(self, event: str, callback: Callable[..., Any], *, origin: str = "any") -> Callable[[], bool]:
+        """Subscribe ``callback(data)``; subscribing it twice keeps one registration.
+
+        ``origin`` matters with a Cluster: 'local' hears only events emitted
+        in this process, 'remote' only those from other nodes, 'any' both.
+        """
         event = _bus_event(event)
         _check_callable(callback, "callback")
+        if origin != "any":
+            if origin not in ("local", "remote"):
+                raise ValueError("origin must be 'any', 'local' or 'remote', got %r" % (origin,))
+            callback = _BusOrigin(origin, callback)
         current = self._listeners.get(event, ())
         if callback not in current:
             self._listeners[event] = current + (callback,)
+        if type(callback) is _BusOrigin:
+            return functools.partial(self._remove, event, callback)
         return functools.partial(self.off, event, callback)
 
     def once(self, event: str, callback: Callable[..., Any]) -> Callable[[], bool]:
@@ -380,18 +399,26 @@ class EventBus:
     def off(self, event: str, callback: Callable[..., Any]) -> bool:
         """Remove ``callback`` (including a pending ``once``); unknown pairs are ignored."""
         def unwanted(fn):
-            return fn == callback or (type(fn) is _BusOnce and fn.callback == callback)
+            return fn == callback or (type(fn) in _BUS_WRAPPERS and fn.callback == callback)
         return _drop_keyed(self._listeners, _bus_event(event), unwanted) is not None
 
     def emit(self, event: str, data: Any = None) -> None:
-        """Call every listener of ``event`` with ``data``, now, in this greenlet."""
+        """Call every listener of ``event`` with ``data``, now, in this greenlet.
+
+        A shared event (see Cluster.share) is then published to the other
+        nodes; its payload is checked before any listener runs.
+        """
+        outbound = self._outbound
+        shared = None if outbound is None else outbound.prepare(event, data)
         listeners = self._listeners.get(event)
         if listeners is None:
-            # Only a miss can be a bad name: on() never stores one. The test
-            # is _bus_event's, inline: calling it would cost more than the lookup.
-            if type(event) is not str or not event:
-                _bus_event(event)
-            return
+            if shared is None:
+                # Only a miss can be a bad name: on() never stores one. The test
+                # is _bus_event's, inline: calling it would cost more than the lookup.
+                if type(event) is not str or not event:
+                    _bus_event(event)
+                return
+            listeners = ()
         # _notify(listeners, (data,), ...), inline: bench_specter.py's bus.emit
         # row goes over its target through the extra frame and call(*args).
         for callback in listeners:
@@ -399,6 +426,8 @@ class EventBus:
                 callback(data)
             except Exception:
                 _bus_log.exception("listener %s of %r raised", _callable_name(callback), event)
+        if shared is not None:
+            outbound.publish(shared)
 
     def clear(self, event: Optional[str] = None) -> None:
         """Drop the listeners of one event, or of every event."""
@@ -414,6 +443,22 @@ class EventBus:
         if event is None:
             return sum(len(fns) for fns in self._listeners.values())
         return len(self._listeners.get(_bus_event(event), ()))
+
+    def _attach(self, outbound):
+        """Route shared events through ``outbound`` (a cluster's link), or stop when None."""
+        self._outbound = outbound
+
+    def _deliver_remote(self, event, data):
+        """Run the listeners of an event another node emitted; 'local'-only ones are skipped."""
+        for callback in self._listeners.get(event, ()):
+            if type(callback) is _BusOrigin:
+                if callback.origin == "local":
+                    continue
+                callback = callback.callback
+            try:
+                callback(data)
+            except Exception:
+                _bus_log.exception("listener %s of remote %r raised", _callable_name(callback), event)
 
     def _remove(self, event, wrapper):
         return _drop_keyed(self._listeners, event, lambda fn: fn is wrapper) is not None
@@ -437,6 +482,33 @@ class _BusOnce:
 
     def __repr__(self):
         return "once(%s)" % _callable_name(self.callback)
+
+
+class _BusOrigin:
+    """A listener that hears events of one origin only; a local emit calls it directly."""
+
+    __slots__ = ("origin", "callback")
+
+    def __init__(self, origin, callback):
+        self.origin = origin
+        self.callback = callback
+
+    def __call__(self, data):
+        if self.origin == "local":
+            return self.callback(data)
+        return None  # 'remote': only EventBus._deliver_remote calls its callback
+
+    def __eq__(self, other):
+        return type(other) is _BusOrigin and other.origin == self.origin and other.callback == self.callback
+
+    def __hash__(self):
+        return hash((self.origin, self.callback))
+
+    def __repr__(self):
+        return "%s(%s)" % (self.origin, _callable_name(self.callback))
+
+
+_BUS_WRAPPERS = (_BusOnce, _BusOrigin)
 
 
 # Event names are taken as given; an empty one is a TypeError (R0, "Argument rules").
@@ -721,6 +793,8 @@ class Service(_Owner):
     stop_timeout = 5.0
     restart_backoff = 0.1
     restart_max_backoff = 5.0
+    singleton = False  # with a Cluster: on_start runs only on the node holding lease 'service:<name>'
+    singleton_ttl = 10.0  # ttl of that lease, and of singleton intervals
     # The Flask app whose application context the service's own work runs in
     # (set by the ServiceManager it is registered with, or inherited on adopt()).
     _specter_app: Optional[flask.Flask] = None
@@ -746,6 +820,7 @@ class Service(_Owner):
         self._restarts = 0
         self._failure = None
         self._stuck = ()
+        self._singleton = None
 
     def on_start(self) -> None:
         """Acquire timers, greenlets and listeners here."""
@@ -755,7 +830,7 @@ class Service(_Owner):
 
     @property
     def status(self) -> str:
-        """'created', 'starting', 'running', 'stopping', 'stopped' or 'failed'."""
+        """'created', 'starting', 'running', 'stopping', 'stopped', 'failed', or 'standby' (singleton)."""
         return self._status
 
     @property
@@ -774,7 +849,7 @@ class Service(_Owner):
             # ahead of Service, a @dataclass's) skipped Service's: say so here.
             raise _service_uninitialised(type(self))
         self._await_transition()
-        if self._status in _ACTIVE:
+        if self._status in _ACTIVE or self._status == "standby":
             return self
         if self._status == "stopping":
             raise RuntimeError("%s: cannot start() from inside its own stop()" % self.name)
@@ -829,6 +904,9 @@ class Service(_Owner):
             self._stop_requested = True
             return self
         self._await_transition()
+        if self._singleton is not None:
+            _cluster_singleton_end(self)
+            return self
         if self._status not in _ACTIVE:
             if self._cleanups or self._children or self._timers or self._tasks or self._listeners:
                 self._release()
@@ -893,17 +971,22 @@ class Service(_Owner):
         _clock.start_later(task, seconds)
         return task
 
-    def interval(self, callback: Callable[..., Any], seconds: float) -> str:
+    def interval(self, callback: Callable[..., Any], seconds: float, *,
+                 singleton: Union[bool, str] = False) -> str:
         """Call ``callback()`` every ``seconds`` at a fixed rate; returns an id.
 
         Tick k is due at t0 + k * seconds, so the schedule does not drift.
         Each tick runs in its own owned greenlet; a tick that comes due while
         the previous one is still running is skipped rather than queued. A
-        callback that raises is logged and the interval goes on.
+        callback that raises is logged and the interval goes on. With a
+        Cluster every node ticks, unless ``singleton`` is True (or a lease
+        name): then only the node holding that lease does.
         """
         self._check_active("interval")
         _check_callable(callback, "callback")
         seconds = _check_seconds(seconds, "interval seconds", positive=True)
+        if singleton is not False:
+            callback = _cluster_singleton_callback(self, callback, singleton)
         return self._add_timer("interval", callback, seconds, True)
 
     def timeout(self, callback: Callable[..., Any], seconds: float) -> str:
@@ -965,14 +1048,14 @@ class Service(_Owner):
         task.start()
         return task
 
-    def listen(self: _S, event: str, handler: Callable[..., Any]) -> _S:
-        """Subscribe ``handler`` on the bus until the service stops."""
+    def listen(self: _S, event: str, handler: Callable[..., Any], *, origin: str = "any") -> _S:
+        """Subscribe ``handler`` on the bus until the service stops (``origin`` as in EventBus.on)."""
         self._check_active("listen")
         _check_callable(handler, "handler")
         # A wrapper of our own: the bus keeps one registration per callable, and
         # another service listening with the same function must not lose it.
         listener = functools.partial(handler)
-        bus.on(event, listener)
+        bus.on(event, listener, origin=origin)
         if self._listeners is None:
             self._listeners = []
         self._listeners.append((event, listener))
@@ -981,6 +1064,11 @@ class Service(_Owner):
     def emit(self: _S, event: str, data: Any = None) -> _S:
         bus.emit(event, data)
         return self
+
+    def lease(self, name: str, ttl: float = 10.0) -> Lease:
+        """A cluster Lease held by this service until it stops (held at once without a cluster)."""
+        self._check_active("lease")
+        return _cluster_service_lease(self, name, ttl)
 
     def adopt(self: _S, child: Optional[Service], start: bool = True) -> _S:
         """Tie ``child``'s lifecycle to this one: it is stopped when this service stops."""
@@ -1016,7 +1104,7 @@ class Service(_Owner):
         intervals = sum(1 for t in timers.values() if t.repeat)
         return {
             "name": self.name,
-            "status": "ok" if status == "running" else ("failed" if status == "failed" else "stopped"),
+            "status": "ok" if status in ("running", "standby") else ("failed" if status == "failed" else "stopped"),
             "lifecycle": status,
             "counts": {
                 "tasks": sum(1 for t in self._tasks if not t.dead),
@@ -1047,6 +1135,8 @@ class Service(_Owner):
     def _lifecycle_started(self):
         # Subclasses with machinery of their own (QueueService) extend this
         # rather than on_start, so overriding on_start cannot skip it.
+        if self.singleton and _cluster_singleton_begin(self):
+            return  # standby: on_start runs when this node holds the lease
         self.on_start()
 
     def _lifecycle_stopping(self):
@@ -2053,7 +2143,7 @@ class Cache:
     (a cycle, a diamond); see invalidate().
     """
 
-    def __init__(self, name, ttl=0, depends_on=None):
+    def __init__(self, name, ttl=0, depends_on=None, shared=False):
         self.name = _check_name(name, "cache name")
         self._ttl = _check_seconds(ttl, "ttl")
         self._value = None
@@ -2073,6 +2163,9 @@ class Cache:
         self._depends_on = tuple(_bus_event(event) for event in depends_on)
         for event in self._depends_on:
             bus.on(event, self._on_dependency)
+        self._shared = bool(shared)  # with a Cluster, invalidate() reaches every node
+        if self._shared:
+            _cluster_cache_register(self)
 
     @property
     def ttl(self) -> float:
@@ -2164,6 +2257,8 @@ class Cache:
             cascade.seen.add(self)
             self._clear()
             cascade.unannounced.append(self)
+        if self._shared:
+            _cluster_cache_invalidated(self)
 
     def on_invalidate(self, callback: Callable[..., Any]) -> Callable[[], bool]:
         """Call ``callback()`` (no arguments, as in 0.1.2) on every invalidation; returns an unsubscribe."""
@@ -2179,6 +2274,8 @@ class Cache:
         self._callbacks = ()
         self._value = None
         self._expires = -math.inf
+        if self._shared:
+            _cluster_cache_unregister(self)
 
     stop = destroy
 
@@ -2260,9 +2357,10 @@ def create_model(name: str, initial_state: Optional[Dict[str, Any]] = None, **kw
     return Model(name, initial_state, **kwargs)
 
 
-def create_cache(name: str, ttl: float = 0, depends_on: Union[str, Iterable[str], None] = None) -> Cache:
-    """A new Cache."""
-    return Cache(name, ttl, depends_on)
+def create_cache(name: str, ttl: float = 0, depends_on: Union[str, Iterable[str], None] = None,
+                 shared: bool = False) -> Cache:
+    """A new Cache (``shared=True``: invalidations cross the cluster)."""
+    return Cache(name, ttl, depends_on, shared)
 
 
 class _StateCascade:
@@ -4740,9 +4838,16 @@ class ServiceManager(Service):
 def boot(app: flask.Flask, socketio: Any, *, services: Optional[Iterable[Service]] = None,
          handlers: Optional[Iterable[Any]] = None, controllers: Optional[Iterable[Controller]] = None,
          providers: Optional[Dict[str, Any]] = None, signals: bool = True,
-         probes: Union[bool, str] = False, block_threshold: Optional[float] = None) -> ServiceManager:
-    """Register everything on a new ServiceManager, boot it and return it."""
+         probes: Union[bool, str] = False, block_threshold: Optional[float] = None,
+         cluster: Union[Cluster, str, None] = None) -> ServiceManager:
+    """Register everything on a new ServiceManager, boot it and return it.
+
+    ``cluster`` (a Cluster or a Redis URL) starts before every service,
+    stops after them all, and is provided as 'cluster'.
+    """
     manager = ServiceManager(app, socketio, signals=signals, probes=probes, block_threshold=block_threshold)
+    if cluster is not None:
+        _cluster_boot(manager, cluster, socketio)
     if providers:
         manager._add_providers(providers)
     for service in services or ():
@@ -5354,8 +5459,8 @@ def _web_readiness(manager):
     statuses = [manager.status] + [service.status for service in manager._services]
     if "failed" in statuses:
         return "failed"
-    if any(status != "running" for status in statuses):
-        return "degraded"
+    if any(status != "running" and status != "standby" for status in statuses):
+        return "degraded"  # a singleton waiting for its lease on another node is ready, not degraded
     return "ok"
 
 
@@ -5972,6 +6077,1401 @@ def _process_group_members(pgid, parent=False):
         if len(fields) > 2 and int(fields[1 if parent else 2]) == pgid and fields[0] not in (b"Z", b"X"):
             members.append(int(entry))
     return members
+
+
+###############################################################################
+# Cluster ######################################################################
+###############################################################################
+
+_cluster_log = logging.getLogger("specter.cluster")
+
+# The Cluster started in this process, if any: one process is one node.
+_cluster_active: Optional[Cluster] = None
+
+# Shared caches by name; a remote invalidation of a name reaches each of them.
+_cluster_caches: Dict[str, Any] = {}
+
+# Fencing counters of leases taken without a cluster (a cluster of one).
+_cluster_local_tokens: Dict[str, int] = collections.Counter()
+
+
+class Cluster(Service):
+    """One node of an app that runs on several processes sharing one Redis.
+
+    Started first and stopped last by ``boot(..., cluster=...)`` (provided
+    as ``'cluster'``), or on its own with ``Cluster(url).start()``. It holds
+    the Redis connection pool, announces the node with a heartbeat, carries
+    the shared bus events and shared cache invalidations, and reconnects
+    with capped, jittered backoff when Redis goes away; until then local
+    behaviour goes on and ``health()`` says 'degraded'. In a process that is
+    not monkey-patched its sockets are gevent's and its parser is
+    redis-py's pure-Python one, so waiting on Redis never blocks the hub.
+    """
+
+    heartbeat = 1.0  # seconds between node heartbeats, which also check the connection
+    node_timeout = 3.0  # a node unseen for this long is not listed by nodes()
+    block = 2.0  # longest blocking read, seconds: a finite wait notices a half-open socket
+    socket_timeout = 5.0  # above block, so a blocking read is never cut short by it
+    connect_timeout = 2.0
+    max_backoff = 1.0  # reconnect attempts at most this far apart: 'ok' within 2 s of Redis coming back
+    stream_maxlen = 10000  # shared events kept in Redis (approximate trim) for nodes that lag
+    outbox_limit = 10000  # shared emits waiting to be sent; beyond it they are dropped and counted
+
+    def __init__(self, url: Optional[str] = None, *, namespace: str = "specter",
+                 node_id: Optional[str] = None, share: Iterable[str] = (),
+                 redis_options: Optional[Dict[str, Any]] = None):
+        super().__init__("cluster")
+        self._url = _cluster_url(url)
+        self.namespace = _check_name(namespace, "namespace")
+        if node_id is None:
+            node_id = "%s:%d:%s" % (socket.gethostname(), os.getpid(), os.urandom(3).hex())
+        self.node_id = _check_name(node_id, "node_id")
+        if redis_options is not None and not isinstance(redis_options, dict):
+            raise TypeError("redis_options must be a dict of redis-py connection options, got %s"
+                            % _describe(redis_options))
+        self._options = dict(redis_options or {})
+        self._patterns: Tuple[str, ...] = ()
+        self._match: Optional[Callable[[str], Any]] = None
+        if isinstance(share, str):
+            share = (share,)
+        self.share(*share)
+        self._redis: Any = None  # a redis.Redis once started
+        self._scripts: Any = None
+        self._redis_errors: Tuple[Type[BaseException], ...] = ()
+        self._connected = gevent.event.Event()
+        self._lost = gevent.event.Event()
+        self._reconnects = 0
+        self._redis_error = None
+        self._nodes: List[Dict[str, Any]] = []
+        self._clock_offset = 0.0
+        self._started_at: Optional[float] = None
+        self._redis_now = 0.0
+        self._response_error: Any = None
+        self._outbox: Deque[Tuple[str, str]] = collections.deque()
+        self._outbox_ready = gevent.event.Event()
+        self._bus_last = "0-0"
+        self._bus_seq = None
+        self._sent = 0
+        self._received = 0
+        self._dropped = 0
+        self._dropped_unreported = 0
+        self._gaps = 0
+        self._lag = 0.0
+        self._applying = None
+        self._queues: List[ClusterQueue] = []
+        self._leases: List[Lease] = []
+        self._sio_managers: List[Any] = []
+
+    @property
+    def url(self) -> str:
+        """The Redis URL with any password masked."""
+        return _cluster_mask(self._url)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def share(self, *patterns: str) -> Cluster:
+        """Make the bus events matching these ``fnmatch`` patterns cross processes.
+
+        Events named ``cluster:...`` stay local: they describe this node.
+        """
+        for pattern in patterns:
+            _check_name(pattern, "share pattern")
+        self._patterns += tuple(pattern.strip() for pattern in patterns)
+        if self._patterns:
+            self._match = re.compile("|".join(fnmatch.translate(p) for p in self._patterns)).match
+        return self
+
+    def on_start(self) -> None:
+        global _cluster_active
+        if _cluster_active is not None and _cluster_active is not self:
+            raise RuntimeError("a Cluster is already running in this process (node %s); "
+                               "one process is one node" % _cluster_active.node_id)
+        redis = _cluster_import_redis()
+        self._redis_errors = (redis.RedisError,)
+        self._redis = _cluster_client(redis, self._url, self._options, self)
+        self.add_cleanup(self._redis.connection_pool.disconnect)
+        self._scripts = _ClusterScripts(self._redis)
+        self._started_at = time.time()
+        try:
+            self._heartbeat()
+            self._bus_position()
+        except redis.RedisError as exc:
+            raise ConnectionError("cannot reach Redis at %s: %s" % (self.url, exc)) from None
+        self._connected.set()
+        _cluster_active = self
+        self.add_cleanup(_cluster_detach)
+        bus._attach(_ClusterBusLink(self))
+        # Supervised: a loop that died on a surprise would silently cut this node off.
+        for loop in (self._monitor, self._read_bus, self._send_bus):
+            self.supervise(loop)
+        _cluster_log.info("node %s joined %s (namespace %r)", self.node_id, self.url, self.namespace)
+
+    def on_stop(self) -> None:
+        bus._attach(None)
+        for lease in list(self._leases):
+            lease.release()  # while Redis is still reachable, so the next holder need not wait
+        if self._connected.is_set():
+            self._flush_outbox()
+            try:
+                self._redis.pipeline(transaction=True).zrem(self._key("nodes"), self.node_id) \
+                    .hdel(self._key("nodeinfo"), self.node_id).execute()
+            except self._redis_errors as exc:
+                _cluster_log.warning("could not remove node %s from Redis: %s", self.node_id, exc)
+        self._connected.clear()
+
+    def nodes(self) -> List[Dict[str, Any]]:
+        """The live nodes (heartbeat seen within ``node_timeout``), this one included.
+
+        Asks Redis when connected; otherwise the list seen at the last heartbeat.
+        """
+        if self._connected.is_set():
+            try:
+                self._nodes = self._live_nodes(register=False)
+            except self._redis_errors as exc:
+                self._fault(exc)
+        return [dict(node) for node in self._nodes]
+
+    def lease(self, name: str, ttl: float = 10.0) -> Lease:
+        """A Lease owned by the cluster: acquired and renewed while the cluster runs."""
+        self._check_active("lease")
+        return _cluster_lease(self, self, name, ttl)
+
+    def socketio_manager(self, channel: str = "socketio") -> Any:
+        """A python-socketio client manager whose emits reach clients on every node.
+
+        Pass it as ``SocketIO(app, client_manager=...)``. It publishes over
+        this cluster's connection (so it works unpatched) and listens as
+        soon as the cluster is connected, reconnecting with it.
+        """
+        manager = _cluster_socketio_manager_class()(self, _check_name(channel, "channel"))
+        self._sio_managers.append(manager)
+        return manager
+
+    def health(self) -> Dict[str, Any]:
+        report = super().health()
+        connected = self._connected.is_set()
+        if report["status"] == "ok" and not connected:
+            report["status"] = "degraded"
+        report.update(
+            connected=connected, url=self.url, node_id=self.node_id, namespace=self.namespace,
+            nodes=[node["node_id"] for node in self._nodes], reconnects=self._reconnects,
+            last_error=self._redis_error or report["last_error"],
+            bus={"shared": list(self._patterns), "sent": self._sent, "received": self._received,
+                 "dropped": self._dropped, "lag": self._lag, "outbox": len(self._outbox)},
+            lag=self._lag, gaps=self._gaps,
+            leases=sorted(lease.name for lease in self._leases if lease.held),
+            queues={queue.name: queue._cq_stats() for queue in self._queues},
+            socketio=[manager.health() for manager in self._sio_managers],
+        )
+        return report
+
+    def _key(self, *parts):
+        return ":".join((self.namespace,) + parts)
+
+    def _fault(self, exc):
+        """A Redis call failed: mark the node disconnected and let the monitor reconnect."""
+        self._redis_error = "%s: %s" % (type(exc).__name__, exc)
+        if self._connected.is_set():
+            self._connected.clear()
+            _cluster_log.warning("lost Redis at %s: %s", self.url, exc)
+        self._lost.set()
+
+    def _await_connection(self, timeout=None):
+        return self._connected.wait(timeout)
+
+    def _heartbeat(self):
+        sent = time.time()
+        self._nodes = self._live_nodes(register=True)
+        now = time.time()
+        self._clock_offset = self._redis_now - (sent + now) / 2
+
+    def _live_nodes(self, register):
+        info = json.dumps({"node_id": self.node_id, "host": socket.gethostname(), "pid": os.getpid(),
+                           "started_at": self._started_at})
+        now, infos = self._scripts.nodes(
+            keys=[self._key("nodes"), self._key("nodeinfo")],
+            args=[self.node_id, info, int(self.node_timeout * 1000), 1 if register else 0])
+        self._redis_now = int(now) / 1000.0
+        return sorted((json.loads(text) for text in infos if text), key=lambda node: node["node_id"])
+
+    def _monitor(self):
+        """Heartbeat while connected; after a fault, retry with capped jittered backoff."""
+        while True:
+            if self._connected.is_set():
+                if not self._lost.wait(self.heartbeat):
+                    try:
+                        self._heartbeat()
+                    except self._redis_errors as exc:
+                        self._fault(exc)
+                continue
+            failures = 0
+            while True:
+                failures += 1
+                delay = min(self.max_backoff, 0.05 * 2 ** failures)
+                gevent.sleep(delay * (0.5 + random.random() / 2))
+                try:
+                    self._heartbeat()
+                    reason = self._restore_bus()
+                    break
+                except self._redis_errors as exc:
+                    self._redis_error = "%s: %s" % (type(exc).__name__, exc)
+            self._reconnects += 1
+            self._lost.clear()
+            self._connected.set()
+            _cluster_log.info("Redis at %s is back after %d attempt(s)", self.url, failures)
+            self._gap(reason, None)  # and shared caches invalidate: anything may have changed meanwhile
+
+    def _restore_bus(self):
+        """After a reconnect: why this node may have missed shared events."""
+        reasons = []
+        seq = self._redis.get(self._key("bus", "seq"))
+        if self._bus_seq is not None and (seq is None or int(seq) < self._bus_seq):
+            reasons.append("redis lost the shared events (restarted without persistence?)")
+            self._bus_seq = None
+            self._bus_last = "0-0"
+        if self._dropped_unreported:
+            reasons.append("%d shared emit(s) of this node were dropped" % self._dropped_unreported)
+            self._dropped_unreported = 0
+        return "; ".join(reasons) if reasons else "reconnected after losing Redis"
+
+    def _gap(self, reason, missed):
+        self._gaps += 1
+        _cluster_log.warning("bus gap on node %s: %s", self.node_id, reason)
+        self._invalidate_shared_caches()
+        bus.emit("cluster:gap", {"reason": reason, "missed": missed, "node_id": self.node_id})
+
+    def _bus_position(self):
+        newest = self._redis.xrevrange(self._key("bus"), "+", "-", count=1)
+        if newest:
+            self._bus_last, fields = newest[0]
+            self._bus_seq = int(fields.get("s", 0))
+        else:
+            self._bus_last, self._bus_seq = "0-0", None
+
+    def _share_prepare(self, event, data):
+        match = self._match
+        if match is None or type(event) is not str or not match(event) or event.startswith("cluster:"):
+            return None
+        return event, _cluster_json(data, "the payload of shared event %r" % event)
+
+    def _share_publish(self, entry):
+        if not self._connected.is_set() or len(self._outbox) >= self.outbox_limit:
+            self._dropped += 1
+            self._dropped_unreported += 1
+            return
+        self._outbox.append(entry)
+        self._outbox_ready.set()
+
+    def _send_bus(self):
+        while True:
+            self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            self._flush_outbox()
+
+    def _flush_outbox(self):
+        outbox = self._outbox
+        while outbox:
+            batch = [outbox.popleft() for _ in range(min(len(outbox), 500))]
+            args = [self.stream_maxlen, self.node_id]
+            for event, payload in batch:
+                args += (event, payload)
+            try:
+                self._scripts.emit(keys=[self._key("bus"), self._key("bus", "seq")], args=args)
+                self._sent += len(batch)
+            except self._redis_errors as exc:
+                self._dropped += len(batch)
+                self._dropped_unreported += len(batch)
+                self._fault(exc)
+
+    def _read_bus(self):
+        stream = self._key("bus")
+        block = int(self.block * 1000)
+        while True:
+            if not self._connected.is_set():
+                self._connected.wait()
+            try:
+                reply = self._redis.xread({stream: self._bus_last}, count=1000, block=block)
+            except self._redis_errors as exc:
+                self._fault(exc)
+                continue
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    try:
+                        self._bus_entry(entry_id, fields)
+                    except (ValueError, TypeError, KeyError):
+                        # Not ours (another program writing to the stream): skip it, loudly.
+                        _cluster_log.exception("skipped malformed shared event %s: %r", entry_id, fields)
+
+    def _bus_entry(self, entry_id, fields):
+        self._bus_last = entry_id
+        seq = int(fields.get("s", 0))
+        if self._bus_seq is not None and seq != self._bus_seq + 1:
+            if seq <= self._bus_seq:
+                self._gap("redis lost the shared events (restarted without persistence?)", None)
+            else:
+                self._gap("%d shared event(s) were trimmed before this node read them"
+                          % (seq - self._bus_seq - 1), seq - self._bus_seq - 1)
+        self._bus_seq = seq
+        if fields.get("n") == self.node_id:
+            return  # our own: its listeners ran when it was emitted
+        self._received += 1
+        self._lag = max(0.0, time.time() + self._clock_offset - int(entry_id.partition("-")[0]) / 1000.0)
+        event, data = fields.get("e"), json.loads(fields.get("d", "null"))
+        if event:
+            bus._deliver_remote(event, data)
+        else:
+            self._apply_remote_invalidation(data)
+
+    def _publish_invalidation(self, name):
+        # An empty event name marks a cache invalidation: no bus event can have one.
+        self._share_publish(("", json.dumps(name)))
+
+    def _apply_remote_invalidation(self, name):
+        self._applying = getcurrent()
+        try:
+            for cache in list(_cluster_caches.get(name, ())):
+                cache.invalidate()
+        finally:
+            self._applying = None
+
+    def _invalidate_shared_caches(self):
+        self._applying = getcurrent()
+        try:
+            for caches in list(_cluster_caches.values()):
+                for cache in list(caches):
+                    cache.invalidate()
+        finally:
+            self._applying = None
+
+
+class ClusterQueue(QueueService):
+    """A QueueService whose items live in Redis, consumed by every node's queue of that name.
+
+    Delivery is at least once: an item is acknowledged (and deleted) only
+    after ``handle_item`` returns. One that raises comes back after
+    ``retry_backoff[n]`` seconds (the last value repeating), and after
+    ``max_deliveries`` it becomes a dead letter. An item whose node dies is
+    reclaimed by another node once it has been idle ``visibility_timeout``
+    seconds, while a long handler keeps its claim alive on its own. A read
+    fetches only as many items as there are idle workers, so nothing is
+    stranded on a busy node. ``stop()`` finishes the items being handled
+    and hands the rest back to the shared backlog at once.
+    """
+
+    group = "specter"
+
+    def __init__(self, name=None, *, worker_count=1, maxsize=0, visibility_timeout=30.0,
+                 max_deliveries=5, retry_backoff=(1, 5, 30, 120), initial_state=None):
+        super().__init__(name, worker_count=worker_count, maxsize=maxsize, initial_state=initial_state)
+        self.visibility_timeout = _check_seconds(visibility_timeout, "visibility_timeout", positive=True)
+        self.max_deliveries = _check_count(max_deliveries, "max_deliveries", 1)
+        if isinstance(retry_backoff, (int, float)) and not isinstance(retry_backoff, bool):
+            retry_backoff = (retry_backoff,)
+        if not isinstance(retry_backoff, (list, tuple)) or not retry_backoff:
+            raise TypeError("retry_backoff must be a non-empty list of seconds, got %s" % _describe(retry_backoff))
+        self.retry_backoff = tuple(_check_seconds(s, "retry_backoff item") for s in retry_backoff)
+        self._cluster = None
+        self._reader = self._acker = None
+        self._in_hand = {}  # entry id -> (item payload, failed attempts) fetched and not acknowledged
+        self._acks = []
+        self._ack_ready = gevent.event.Event()
+        self._wake = gevent.event.Event()  # a worker became idle: the reader may fetch
+        self._hk_wake = gevent.event.Event()  # a retry or delayed item was scheduled
+        self._handling = {}  # worker greenlet -> id of the entry it handles
+        self._idle = 0
+        self._stats = {"backlog": None, "pending": None, "delayed": None, "dead": None}
+        self._dead_count = 0
+
+    def on_dead_letter(self, item: Any, error: str, deliveries: int) -> None:
+        """Called on the node that buried ``item`` after its last failed delivery."""
+        _cluster_log.warning("%s: item buried as a dead letter after %d deliveries: %s",
+                             self.name, deliveries, error)
+
+    def enqueue(self, item: Any, *, delay: float = 0) -> bool:  # type: ignore[override]  # the contract's signature
+        """Add ``item`` (JSON) to the shared backlog, after ``delay`` seconds if given.
+
+        False when the queue is stopped, the backlog is at ``maxsize`` or
+        Redis is unreachable; never waits for a reconnect.
+        """
+        payload = _cluster_json(item, "a ClusterQueue item")
+        delay = _check_seconds(delay, "delay")
+        cluster = self._cluster
+        if self._status not in _ACTIVE or cluster is None or not cluster._connected.is_set():
+            return False
+        try:
+            added = cluster._scripts.enqueue(
+                keys=[self._stream, self._delayed_key],
+                args=[payload, self.maxsize, int(delay * 1000), os.urandom(8).hex()])
+        except cluster._redis_errors as exc:
+            cluster._fault(exc)
+            return False
+        if added and delay:
+            self._hk_wake.set()
+        return bool(added)
+
+    def pending_count(self) -> int:
+        """Items waiting in the shared backlog (delayed ones included), not yet taken by any node."""
+        self._cq_refresh()
+        return self._stats["backlog"] + self._stats["delayed"]
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait until no item is waiting or being handled on any node; False on timeout."""
+        timeout = _check_seconds(timeout, "timeout", allow_none=True)
+        deadline = None if timeout is None else _monotonic() + timeout
+        while True:
+            try:
+                self._cq_refresh()
+                done = not self._in_hand and not self._acks and not (
+                    self._stats["backlog"] + self._stats["pending"] + self._stats["delayed"])
+            except self._require_cluster()._redis_errors:
+                done = False
+            if done:
+                return True
+            if deadline is not None and _monotonic() >= deadline:
+                return False
+            gevent.sleep(0.01)
+
+    def dead_letters(self, limit: int = 100) -> List[Dict[str, Any]]:
+        """The oldest ``limit`` dead letters: id, item, error, deliveries, node, at (epoch seconds)."""
+        _check_count(limit, "limit", 1)
+        entries = self._require_cluster()._redis.xrange(self._dead_key, "-", "+", count=limit)
+        return [{"id": entry_id, "item": json.loads(fields["d"]), "error": fields.get("error"),
+                 "deliveries": int(fields.get("n", 0)), "node": fields.get("node"),
+                 "at": int(entry_id.partition("-")[0]) / 1000.0} for entry_id, fields in entries]
+
+    def requeue_dead(self, ids: Optional[Iterable[str]] = None) -> int:
+        """Put dead letters (all, or those ``ids``) back in the backlog with fresh attempts."""
+        if ids is not None:
+            ids = [_check_name(entry_id, "dead letter id") for entry_id in ids]
+            if not ids:
+                return 0
+        cluster = self._require_cluster()
+        moved = cluster._scripts.requeue(keys=[self._stream, self._dead_key], args=ids or [])
+        self._wake.set()
+        return int(moved)
+
+    def health(self) -> Dict[str, Any]:
+        report = super().health()
+        report["queue"]["in_hand"] = len(self._in_hand)
+        report["cluster"] = self._cq_stats()
+        return report
+
+    def _require_cluster(self):
+        cluster = self._cluster or _cluster_active
+        if cluster is None:
+            raise RuntimeError("ClusterQueue %r needs a started Cluster: boot(..., cluster=...) "
+                               "or Cluster(url).start() first" % self.name)
+        if self._cluster is None:
+            self._cq_keys(cluster)
+        return cluster
+
+    def _cq_keys(self, cluster):
+        self._stream = cluster._key("queue", self.name)
+        self._delayed_key = self._stream + ":delayed"
+        self._dead_key = self._stream + ":dead"
+
+    def _lifecycle_started(self):
+        cluster = self._require_cluster()
+        self._cq_keys(cluster)
+        try:
+            self._cq_group(cluster)
+        except cluster._redis_errors as exc:
+            raise ConnectionError("ClusterQueue %r cannot reach Redis at %s: %s"
+                                  % (self.name, cluster.url, exc)) from None
+        self._cluster = cluster
+        cluster._queues.append(self)
+        self.add_cleanup(functools.partial(_cluster_drop, cluster._queues, self))
+        self.on_start()
+        # Fetched entries waiting for a worker: never more than the idle workers (plus
+        # reclaimed ones), so unbounded; maxsize bounds the shared backlog instead.
+        self.queue = gevent.queue.JoinableQueue()
+        self._idle = self.worker_count
+        self._workers = tuple(
+            self.spawn(self._cq_work, label="%s.worker-%d" % (self.name, index))
+            for index in range(self.worker_count))
+        self._acker = self.supervise(self._cq_ack_loop)
+        self._reader = self.supervise(self._cq_read)
+        self.supervise(self._cq_housekeep)
+        self.on_workers_started()
+
+    def _lifecycle_stopping(self):
+        try:
+            self.on_workers_stopping()
+        except Exception:
+            self._record_error("on_workers_stopping")
+        current = getcurrent()
+        for task in (self._reader, self._acker):
+            if task is not None and task is not current:
+                self.cancel_greenlet(task)
+        self._reader = self._acker = None
+        while self.queue.qsize():
+            self.queue.get_nowait()  # back to the backlog below, with the other unfinished ones
+        own = self._handling.get(current)  # a worker stopping its own queue: its item is finished after
+        deadline = _monotonic() + self.drain_timeout
+        while any(worker is not current for worker in self._handling) and _monotonic() < deadline:
+            gevent.sleep(0.005)
+        for worker in self._workers:
+            if worker is not current:
+                self.cancel_greenlet(worker)  # idle ones end at once; one past drain_timeout is interrupted
+        self._cq_flush_acks()
+        # Fetched but not started, or interrupted: back to the shared backlog at once, for the
+        # other nodes; an interrupted attempt does not count against the item.
+        self._cq_release([entry_id for entry_id in self._in_hand if entry_id != own])
+        self._refresh_counters()
+        self._workers = ()
+
+    def _cq_group(self, cluster):
+        try:
+            cluster._redis.xgroup_create(self._stream, self.group, id="0", mkstream=True)
+        except cluster._response_error as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _cq_work(self):
+        get, handle, handling = self.queue.get, self.handle_item, self._handling
+        if self._specter_app is not None:  # a fresh app context per item, as QueueService does
+            handle = functools.partial(_life_in_app_context, self._specter_app, handle)
+        me = getcurrent()
+        while True:
+            entry_id, payload, deliveries = get()  # the worker ends when stop() kills it
+            self._idle -= 1
+            handling[me] = entry_id
+            try:
+                handle(json.loads(payload))
+            except _CALLBACK_ERRORS as exc:
+                self._failed += 1
+                self._record_error(me.name)
+                self._cq_failed(entry_id, payload, deliveries, "%s: %s" % (type(exc).__name__, exc))
+            else:
+                self._processed += 1
+                self._acks.append(entry_id)
+                self._ack_ready.set()
+                if self._status not in _ACTIVE:
+                    self._cq_flush_acks()  # stopped by its own handler: nobody else will acknowledge it
+            finally:
+                handling.pop(me, None)
+                self._idle += 1
+                self._wake.set()
+
+    def _cq_failed(self, entry_id, payload, deliveries, error):
+        if deliveries < self.max_deliveries:
+            delay = self.retry_backoff[min(deliveries, len(self.retry_backoff)) - 1]
+            self._cq_settle(entry_id, payload, deliveries, error, int(delay * 1000))
+            return
+        self._cq_settle(entry_id, payload, deliveries, error, -1)
+        try:
+            self.on_dead_letter(json.loads(payload), error, deliveries)
+        except Exception:
+            self._record_error("on_dead_letter")
+
+    def _cq_settle(self, entry_id, payload, deliveries, error, delay):
+        """Retry later (delay >= 0, milliseconds) or bury (delay < 0) one delivered entry."""
+        cluster = self._cluster
+        while True:
+            try:
+                cluster._scripts.settle(
+                    keys=[self._stream, self._delayed_key, self._dead_key],
+                    args=[self.group, entry_id, payload, deliveries, error, delay, cluster.node_id])
+                break
+            except cluster._redis_errors as exc:
+                cluster._fault(exc)
+                if not cluster._await_connection(self.visibility_timeout):
+                    return  # still down: the entry stays pending and is redelivered later
+        self._in_hand.pop(entry_id, None)
+        if delay < 0:
+            self._dead_count += 1
+        else:
+            self._hk_wake.set()
+
+    def _cq_read(self):
+        cluster = self._cluster
+        block = int(cluster.block * 1000)
+        recover = True  # first our own pending entries: held before a reconnect or a restart
+        while True:
+            free = self._idle - self.queue.qsize()
+            if free <= 0:
+                self._wake.clear()
+                self._wake.wait()
+                continue
+            if not cluster._connected.is_set():
+                cluster._connected.wait()
+                recover = True
+                continue
+            try:
+                if recover:
+                    self._cq_recover()
+                    recover = False
+                    continue
+                reply = cluster._redis.xreadgroup(self.group, cluster.node_id, {self._stream: ">"},
+                                                  count=free, block=block)
+            except cluster._response_error as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._cq_group(cluster)  # Redis lost the queue (restarted without persistence): start over
+                continue
+            except cluster._redis_errors as exc:
+                cluster._fault(exc)
+                continue
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    self._cq_take(entry_id, fields, 1)
+
+    def _cq_take(self, entry_id, fields, delivered):
+        payload = (fields or {}).get("d")
+        if payload is None:
+            if fields:
+                _cluster_log.error("%s: dropped entry %s, which has no item: %r", self.name, entry_id, fields)
+            self._acks.append(entry_id)  # deleted while pending, or not an item: nothing to do
+            self._ack_ready.set()
+            return
+        attempts = int(fields.get("a", 0)) if str(fields.get("a", "0")).isdigit() else 0
+        self._in_hand[entry_id] = (payload, attempts)
+        deliveries = attempts + delivered
+        if deliveries > self.max_deliveries:
+            self._cq_failed(entry_id, payload, deliveries - 1,
+                            "delivered %d times without being acknowledged (its node died or stalled)"
+                            % (deliveries - 1))
+            return
+        self.queue.put((entry_id, payload, deliveries))
+
+    def _cq_recover(self):
+        cluster = self._cluster
+        start = "0"
+        while True:
+            reply = cluster._redis.xreadgroup(self.group, cluster.node_id, {self._stream: start}, count=100)
+            entries = reply[0][1] if reply else []
+            for entry_id, fields in entries:
+                if entry_id not in self._in_hand:
+                    self._cq_take(entry_id, fields, 1)
+            if len(entries) < 100:
+                return
+            start = entries[-1][0]
+
+    def _cq_ack_loop(self):
+        while True:
+            self._ack_ready.wait()
+            self._ack_ready.clear()
+            self._cq_flush_acks()
+
+    def _cq_flush_acks(self):
+        cluster = self._cluster
+        while self._acks:
+            ids, self._acks = self._acks, []
+            try:
+                cluster._redis.pipeline(transaction=True).xack(self._stream, self.group, *ids) \
+                    .xdel(self._stream, *ids).execute()
+            except BaseException as exc:
+                self._acks = ids + self._acks
+                if not isinstance(exc, cluster._redis_errors):
+                    raise  # killed mid-call: the ids wait for the next flush
+                cluster._fault(exc)
+                if self._status not in _ACTIVE or not cluster._await_connection(self.visibility_timeout):
+                    return  # unacknowledged: redelivered later, which at-least-once allows
+                continue
+            for entry_id in ids:
+                self._in_hand.pop(entry_id, None)
+
+    def _cq_release(self, ids):
+        """Hand entries this node holds back to the shared backlog (their attempts unchanged)."""
+        cluster = self._cluster
+        args = [self.group]
+        for entry_id in ids:
+            payload, attempts = self._in_hand.pop(entry_id, (None, 0))
+            if payload is not None:
+                args += (entry_id, payload, attempts)
+        if len(args) == 1 or not cluster._connected.is_set():
+            return
+        try:
+            cluster._scripts.release(keys=[self._stream], args=args)
+        except cluster._redis_errors as exc:
+            cluster._fault(exc)  # they stay pending and are reclaimed after visibility_timeout
+
+    def _cq_housekeep(self):
+        """Move due retries into the stream, keep long claims alive, reclaim dead nodes' items."""
+        cluster = self._cluster
+        vt_ms = int(self.visibility_timeout * 1000)
+        next_beat = _monotonic() + self.visibility_timeout / 3
+        next_claim = _monotonic()
+        next_stats = _monotonic()
+        while True:
+            wait = 0.25
+            try:
+                if cluster._connected.is_set():
+                    due_in = cluster._scripts.promote(keys=[self._stream, self._delayed_key], args=[500])
+                    if due_in is not None and int(due_in) >= 0:
+                        wait = min(wait, int(due_in) / 1000.0)
+                    now = _monotonic()
+                    if now >= next_beat:
+                        next_beat = now + self.visibility_timeout / 3
+                        if self._in_hand:
+                            cluster._redis.xclaim(self._stream, self.group, cluster.node_id, 0,
+                                                  list(self._in_hand), justid=True)
+                    if now >= next_claim:
+                        next_claim = now + self.visibility_timeout / 2
+                        self._cq_reclaim(vt_ms)
+                    if now >= next_stats:
+                        next_stats = now + 1.0
+                        self._cq_refresh()
+                else:
+                    cluster._connected.wait()
+                    continue
+            except cluster._response_error as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._cq_group(cluster)
+            except cluster._redis_errors as exc:
+                cluster._fault(exc)
+                continue
+            self._hk_wake.clear()
+            self._hk_wake.wait(max(wait, 0.001))
+
+    def _cq_reclaim(self, vt_ms):
+        cluster = self._cluster
+        free = max(1, self._idle - self.queue.qsize())
+        reply = cluster._redis.xautoclaim(self._stream, self.group, cluster.node_id, vt_ms, "0-0", count=free)
+        claimed = [entry for entry in reply[1] if entry[1]] if reply else []
+        if not claimed:
+            return
+        counts = {row["message_id"]: row["times_delivered"] for row in cluster._redis.xpending_range(
+            self._stream, self.group, claimed[0][0], claimed[-1][0], len(claimed) + 100, cluster.node_id)}
+        _cluster_log.info("%s: reclaimed %d item(s) idle for over %s s", self.name, len(claimed),
+                          self.visibility_timeout)
+        for entry_id, fields in claimed:
+            self._cq_take(entry_id, fields, counts.get(entry_id, 2))
+
+    def _cq_refresh(self):
+        cluster = self._require_cluster()
+        pipe = cluster._redis.pipeline(transaction=False)
+        pipe.xlen(self._stream).xpending(self._stream, self.group).zcard(self._delayed_key).xlen(self._dead_key)
+        length, pending, delayed, dead = pipe.execute(raise_on_error=False)
+        for value in (length, delayed, dead):
+            if isinstance(value, Exception):
+                raise value
+        pending = 0 if isinstance(pending, Exception) else pending["pending"]
+        self._stats = {"backlog": max(0, length - pending), "pending": pending, "delayed": delayed, "dead": dead}
+
+    def _cq_stats(self):
+        return dict(self._stats, in_hand=len(self._in_hand), dead_here=self._dead_count)
+
+
+class Lease:
+    """A cluster-wide lease: at most one holder at a time, with a fencing token.
+
+    Acquired (``SET NX PX`` plus an ``INCR`` of the fencing counter, in one
+    script) and renewed every ``ttl/3`` by its own greenlet. Validity is
+    counted on this node's monotonic clock from the moment the acquire or
+    renew was sent, minus a margin, so ``held`` turns False on time even
+    when Redis cannot be reached or this process was paused. ``token`` grows
+    every time anyone acquires the lease: pass it with side effects so a
+    store can refuse a stale holder. Without a cluster the lease is held at
+    once (one process is a cluster of one).
+    """
+
+    stop_timeout = 5.0
+
+    def __init__(self, cluster: Optional[Cluster], name: str, ttl: float = 10.0):
+        self.name = _check_name(name, "lease name")
+        self.ttl = _check_seconds(ttl, "ttl", positive=True)
+        if cluster is not None and not isinstance(cluster, Cluster):
+            raise TypeError("cluster must be a Cluster or None, got %s" % _describe(cluster))
+        self._cluster = cluster
+        self._holder = "%s:%s" % (cluster.node_id if cluster else os.getpid(), os.urandom(6).hex())
+        self._held = False
+        self._token = None
+        self._valid_until = -math.inf
+        self._on_acquired: Tuple[Callable[..., Any], ...] = ()
+        self._on_lost: Tuple[Callable[..., Any], ...] = ()
+        self._loop: Optional[Greenlet] = None
+        self._closed = False
+        self._acquisitions = 0
+
+    @property
+    def held(self) -> bool:
+        """True while this node holds the lease and its validity has not run out."""
+        return self._held and _monotonic() < self._valid_until
+
+    @property
+    def token(self) -> Optional[int]:
+        """The fencing token of the latest acquisition by this node, or None."""
+        return self._token
+
+    def remaining(self) -> float:
+        """Seconds of validity left (0.0 when not held)."""
+        return max(0.0, self._valid_until - _monotonic()) if self._held else 0.0
+
+    def on_acquired(self, callback: Callable[..., Any]) -> Callable[[], bool]:
+        """Call ``callback(lease)`` each time this node acquires the lease; returns an unsubscribe."""
+        _check_callable(callback, "callback")
+        self._on_acquired += (callback,)
+        return functools.partial(_drop, self, "_on_acquired", callback)
+
+    def on_lost(self, callback: Callable[..., Any]) -> Callable[[], bool]:
+        """Call ``callback(lease)`` when a held lease is lost, expires or is released."""
+        _check_callable(callback, "callback")
+        self._on_lost += (callback,)
+        return functools.partial(_drop, self, "_on_lost", callback)
+
+    def start(self) -> Lease:
+        """Begin acquiring and renewing; idempotent."""
+        self._closed = False
+        cluster = self._cluster
+        if cluster is None:
+            if not self._held:
+                _cluster_local_tokens[self.name] += 1
+                self._set_held(_cluster_local_tokens[self.name], math.inf)
+            return self
+        if self._loop is None or self._loop.dead:
+            self._loop = gevent.spawn(self._run)
+            self._loop.name = "lease:%s" % self.name
+            if self not in cluster._leases:
+                cluster._leases.append(self)
+        return self
+
+    def release(self) -> None:
+        """Stop renewing and give the lease up now; on_lost runs if it was held."""
+        self._closed = True
+        loop, self._loop = self._loop, None
+        if loop is not None and loop is not getcurrent():
+            loop.kill(block=True, timeout=self.stop_timeout)
+        cluster = self._cluster
+        if cluster is not None:
+            _cluster_drop(cluster._leases, self)
+            if cluster._connected.is_set():
+                try:
+                    cluster._scripts.release_lease(keys=[cluster._key("lease", self.name)], args=[self._holder])
+                except cluster._redis_errors as exc:
+                    _cluster_log.warning("lease %s: release failed (it expires by itself): %s", self.name, exc)
+        self._lose("released")
+
+    stop = release
+
+    def health(self) -> Dict[str, Any]:
+        return {"name": self.name, "type": "lease", "held": self.held, "token": self._token,
+                "remaining": self.remaining(), "acquisitions": self._acquisitions}
+
+    def __repr__(self):
+        return "<Lease %r %s>" % (self.name, "held" if self.held else "not held")
+
+    def _run(self):
+        cluster = self._cluster
+        key, fence = cluster._key("lease", self.name), cluster._key("lease", self.name, "fence")
+        ttl_ms = int(self.ttl * 1000)
+        margin = self.ttl * 0.01 + 0.05
+        while not self._closed:
+            sent = _monotonic()
+            try:
+                if self._held:
+                    if cluster._scripts.renew(keys=[key], args=[self._holder, ttl_ms]):
+                        self._valid_until = sent + self.ttl - margin
+                    else:
+                        self._lose("taken over by another node")
+                else:
+                    token = cluster._scripts.acquire(keys=[key, fence], args=[self._holder, ttl_ms])
+                    if token and not self._closed:
+                        self._set_held(int(token), sent + self.ttl - margin)
+            except cluster._redis_errors as exc:
+                cluster._fault(exc)
+            if self._held and _monotonic() >= self._valid_until:
+                self._lose("expired while Redis could not be reached")
+            gevent.sleep(self.ttl / 3)
+
+    def _set_held(self, token, valid_until):
+        self._token = token
+        self._valid_until = valid_until
+        self._held = True
+        self._acquisitions += 1
+        _cluster_log.debug("lease %s acquired (token %d)", self.name, token)
+        for callback in self._on_acquired:
+            try:
+                callback(self)
+            except Exception:
+                _cluster_log.exception("lease %s: on_acquired callback %s raised", self.name, _callable_name(callback))
+
+    def _lose(self, why):
+        if not self._held:
+            return
+        self._held = False
+        self._valid_until = -math.inf
+        _cluster_log.debug("lease %s lost: %s", self.name, why)
+        for callback in self._on_lost:
+            try:
+                callback(self)
+            except Exception:
+                _cluster_log.exception("lease %s: on_lost callback %s raised", self.name, _callable_name(callback))
+
+
+class _ClusterBusLink:
+    """What the bus calls for each emit while a cluster shares events."""
+
+    __slots__ = ("prepare", "publish")
+
+    def __init__(self, cluster):
+        self.prepare = cluster._share_prepare
+        self.publish = cluster._share_publish
+
+
+class _ClusterScripts:
+    """The Lua scripts of the cluster, registered once per connection pool.
+
+    Each runs atomically in Redis; times come from Redis ``TIME``, never
+    from a node's clock.
+    """
+
+    NOW = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
+
+    NODES = NOW + """
+    if ARGV[4] == '1' then
+      redis.call('ZADD', KEYS[1], now, ARGV[1])
+      redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+      local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - 10 * ARGV[3])
+      for _, id in ipairs(gone) do redis.call('ZREM', KEYS[1], id) redis.call('HDEL', KEYS[2], id) end
+    end
+    local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - ARGV[3], '+inf')
+    local infos = {}
+    if #live > 0 then infos = redis.call('HMGET', KEYS[2], unpack(live)) end
+    return {tostring(now), infos}
+    """
+
+    EMIT = """
+    for i = 3, #ARGV, 2 do
+      local seq = redis.call('INCR', KEYS[2])
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'n', ARGV[2], 's', seq, 'e', ARGV[i], 'd', ARGV[i + 1])
+    end
+    return 1
+    """
+
+    ENQUEUE = """
+    local limit = tonumber(ARGV[2])
+    if limit > 0 and redis.call('XLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2]) >= limit then return 0 end
+    if tonumber(ARGV[3]) > 0 then
+    """ + NOW + """
+      redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), cjson.encode({ARGV[4], 0, ARGV[1]}))
+    else
+      redis.call('XADD', KEYS[1], '*', 'd', ARGV[1], 'a', 0)
+    end
+    return 1
+    """
+
+    PROMOTE = NOW + """
+    local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+    for _, member in ipairs(due) do
+      local item = cjson.decode(member)
+      redis.call('XADD', KEYS[1], '*', 'd', item[3], 'a', item[2])
+      redis.call('ZREM', KEYS[2], member)
+    end
+    local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    if #nxt == 0 then return -1 end
+    return math.max(0, tonumber(nxt[2]) - now)
+    """
+
+    SETTLE = """
+    if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+    redis.call('XDEL', KEYS[1], ARGV[2])
+    if tonumber(ARGV[6]) < 0 then
+      redis.call('XADD', KEYS[3], '*', 'd', ARGV[3], 'n', ARGV[4], 'error', ARGV[5], 'node', ARGV[7], 'id', ARGV[2])
+    else
+    """ + NOW + """
+      redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), cjson.encode({ARGV[2], tonumber(ARGV[4]), ARGV[3]}))
+    end
+    return 1
+    """
+
+    RELEASE = """
+    for i = 2, #ARGV, 3 do
+      if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+        redis.call('XDEL', KEYS[1], ARGV[i])
+        redis.call('XADD', KEYS[1], '*', 'd', ARGV[i + 1], 'a', ARGV[i + 2])
+      end
+    end
+    return 1
+    """
+
+    REQUEUE = """
+    local entries
+    if #ARGV == 0 then entries = redis.call('XRANGE', KEYS[2], '-', '+')
+    else
+      entries = {}
+      for _, id in ipairs(ARGV) do
+        local found = redis.call('XRANGE', KEYS[2], id, id)
+        if #found > 0 then table.insert(entries, found[1]) end
+      end
+    end
+    for _, entry in ipairs(entries) do
+      local fields = entry[2]
+      for i = 1, #fields, 2 do
+        if fields[i] == 'd' then redis.call('XADD', KEYS[1], '*', 'd', fields[i + 1], 'a', 0) end
+      end
+      redis.call('XDEL', KEYS[2], entry[1])
+    end
+    return #entries
+    """
+
+    ACQUIRE = """
+    if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return redis.call('INCR', KEYS[2]) end
+    return 0
+    """
+
+    RENEW = """
+    if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+    return 0
+    """
+
+    RELEASE_LEASE = """
+    if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+    return 0
+    """
+
+    def __init__(self, client):
+        for name in ("nodes", "emit", "enqueue", "promote", "settle", "release", "requeue",
+                     "acquire", "renew", "release_lease"):
+            setattr(self, name, client.register_script(getattr(self, name.upper())))
+
+
+def _cluster_import_redis():
+    try:
+        import redis
+    except ImportError as exc:
+        raise ImportError("the SPECTER cluster needs redis-py 5 or newer: "
+                          'pip install "specter-runtime[redis]" (or pip install "redis>=5")') from exc
+    return redis
+
+
+def _cluster_client(redis, url, options, cluster):
+    """A redis-py client whose connections never block the hub, patched or not."""
+    kwargs = redis.connection.parse_url(url)
+    base = kwargs.pop("connection_class", redis.connection.Connection)
+    kwargs.update(decode_responses=True, socket_timeout=cluster.socket_timeout,
+                  socket_connect_timeout=cluster.connect_timeout, retry=None)
+    kwargs.update(options)
+    if not gevent.monkey.is_module_patched("select") and "parser_class" not in options:
+        # hiredis's readiness check calls the real poll() and would freeze the hub.
+        resp3 = str(kwargs.get("protocol", 2)) == "3"
+        kwargs["parser_class"] = (getattr(redis.connection, "_RESP3Parser" if resp3 else "_RESP2Parser", None)
+                                  or redis.connection.PythonParser)
+    kwargs["connection_class"] = _cluster_connection_class(redis, base)
+    pool = redis.ConnectionPool(**kwargs)
+    client = redis.Redis(connection_pool=pool)
+    cluster._response_error = redis.ResponseError
+    return client
+
+
+_cluster_classes: Dict[Any, Any] = {}
+
+
+def _cluster_connection_class(redis, base):
+    """``base`` with its socket made by gevent (``gevent.ssl`` for TLS), built once per class."""
+    cls = _cluster_classes.get(base)
+    if cls is not None:
+        return cls
+    connection = redis.connection
+
+    class _GeventConnection(base):
+        def _connect(self):
+            if isinstance(self, connection.UnixDomainSocketConnection):
+                sock = gevent.socket.socket(gevent.socket.AF_UNIX, gevent.socket.SOCK_STREAM)
+                sock.settimeout(self.socket_connect_timeout)
+                try:
+                    sock.connect(self.path)
+                except OSError:
+                    sock.close()
+                    raise
+                sock.settimeout(self.socket_timeout)
+                return sock
+            sock = gevent.socket.create_connection((self.host, self.port), self.socket_connect_timeout)
+            sock.setsockopt(gevent.socket.IPPROTO_TCP, gevent.socket.TCP_NODELAY, 1)
+            if self.socket_keepalive:
+                sock.setsockopt(gevent.socket.SOL_SOCKET, gevent.socket.SO_KEEPALIVE, 1)
+            sock.settimeout(self.socket_timeout)
+            if isinstance(self, connection.SSLConnection):
+                try:
+                    return _cluster_tls(self, sock)
+                except OSError:
+                    sock.close()
+                    raise
+            return sock
+
+    _GeventConnection.__name__ = _GeventConnection.__qualname__ = "Gevent" + base.__name__
+    _cluster_classes[base] = _GeventConnection
+    return _GeventConnection
+
+
+def _cluster_url(url):
+    """The Redis URL given, or SPECTER_REDIS_URL's; checked, never logged unmasked."""
+    if url is None:
+        url = os.environ.get("SPECTER_REDIS_URL") or None
+        if url is None:
+            raise ValueError("Cluster needs a Redis URL: pass url='redis://host:6379/0' "
+                             "or set the environment variable SPECTER_REDIS_URL")
+    if not isinstance(url, str):
+        raise TypeError("url must be a string like 'redis://host:6379/0', got %s" % _describe(url))
+    url = url.strip()
+    if url.partition("://")[0].lower() not in ("redis", "rediss", "unix") or "://" not in url:
+        raise ValueError("url must start with redis://, rediss:// or unix://, got %r" % _cluster_mask(url))
+    return url
+
+
+def _cluster_tls(conn, sock):
+    """``sock`` wrapped by ``gevent.ssl`` with the TLS settings of redis-py's SSLConnection ``conn``."""
+    context = gevent.ssl.create_default_context()
+    context.check_hostname = bool(conn.check_hostname)
+    context.verify_mode = conn.cert_reqs
+    if conn.certfile or conn.keyfile:
+        context.load_cert_chain(certfile=conn.certfile, keyfile=conn.keyfile, password=conn.certificate_password)
+    ca_data = getattr(conn, "ca_data", None)
+    if conn.ca_certs is not None or conn.ca_path is not None or ca_data is not None:
+        context.load_verify_locations(cafile=conn.ca_certs, capath=conn.ca_path, cadata=ca_data)
+    if getattr(conn, "ssl_min_version", None) is not None:
+        context.minimum_version = conn.ssl_min_version
+    if getattr(conn, "ssl_ciphers", None):
+        context.set_ciphers(conn.ssl_ciphers)
+    return context.wrap_socket(sock, server_hostname=conn.host)
+
+
+def _cluster_mask(url):
+    """``url`` with the password (if any) replaced by ***."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def _cluster_json(value, what):
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError("%s must be JSON-serialisable (dicts, lists, strings, numbers, booleans, None): %s"
+                        % (what, exc)) from None
+
+
+def _cluster_detach():
+    global _cluster_active
+    _cluster_active = None
+
+
+def _cluster_drop(items, item):
+    """Remove ``item`` (by identity) from the list ``items`` if present."""
+    for index, entry in enumerate(items):
+        if entry is item:
+            del items[index]
+            return True
+    return False
+
+
+def _cluster_lease(owner, cluster, name, ttl):
+    """A started Lease owned by ``owner``; the owner's existing lease of that name if it has one."""
+    name = _check_name(name, "lease name")
+    for _, resource in owner._cleanups or ():
+        if isinstance(resource, Lease) and resource.name == name and not resource._closed:
+            return resource
+    lease = Lease(cluster, name, ttl)
+    owner.own(lease, "release")
+    return lease.start()
+
+
+def _cluster_service_lease(service, name, ttl):
+    """Service.lease(): over the running cluster, or held at once without one."""
+    return _cluster_lease(service, _cluster_active, name, ttl)
+
+
+def _cluster_singleton_callback(service, callback, singleton):
+    """Wrap an interval callback so only the node holding the lease ticks."""
+    if isinstance(singleton, str):
+        name = singleton
+    elif singleton is True:
+        name = "interval:%s:%s" % (service.name, _callable_name(callback))
+    else:
+        raise TypeError("singleton must be True, False or a lease name, got %s" % _describe(singleton))
+    lease = _cluster_service_lease(service, name, service.singleton_ttl)
+
+    @functools.wraps(callback)
+    def tick():
+        if lease.held:  # checked at each tick: a node paused past its lease does not tick again
+            return callback()
+        return None
+
+    return tick
+
+
+def _cluster_singleton_begin(service):
+    """Service start of a singleton: True when it now waits in 'standby' for its lease."""
+    cluster = _cluster_active
+    if cluster is None:
+        return False
+    lease = Lease(cluster, "service:%s" % service.name, service.singleton_ttl)
+    # In greenlets of their own, so a slow on_start or on_stop never delays a renewal.
+    lease.on_acquired(lambda lease: gevent.spawn(_cluster_singleton_settle, service, lease))
+    lease.on_lost(lambda lease: gevent.spawn(_cluster_singleton_settle, service, lease))
+    service._singleton = lease
+    service._status = "standby"
+    lease.start()
+    return True
+
+
+def _cluster_singleton_settle(service, lease):
+    """Bring a singleton service in line with its lease: run on_start when held, stop the work when not."""
+    service._await_transition()
+    while service._singleton is lease:
+        if service._status == "standby" and lease.held:
+            _cluster_singleton_promote(service, lease)
+        elif service._status in ("running", "failed") and not lease.held:
+            _cluster_singleton_demote(service, lease)
+        else:
+            return
+
+
+def _cluster_singleton_promote(service, lease):
+    """The lease is ours: run on_start, as start() would."""
+    service._begin_transition("starting")
+    service._stop_requested = False
+    try:
+        service.on_start()
+    except BaseException:
+        service._record_error("on_start")
+        service._status = "stopping"
+        try:
+            service._release()
+        finally:
+            service._status = "standby"
+            service._end_transition()
+        lease.release()  # let another node try; this one tries again after its ttl
+        lease.start()
+        return
+    if service._status == "starting":
+        service._status = "running"
+    service._end_transition()
+    _service_log.info("%s: holds lease %s (token %s), running", service.name, lease.name, lease.token)
+    if service._stop_requested:
+        service.stop()
+
+
+def _cluster_singleton_demote(service, lease):
+    """The lease is gone: stop the work (on_stop, then release what it owns) and wait in standby."""
+    service._begin_transition("stopping")
+    try:
+        try:
+            service.on_stop()
+        except Exception:
+            service._record_error("on_stop")
+    finally:
+        try:
+            service._release()
+        finally:
+            service._status = "standby"
+            service._end_transition()
+    _service_log.info("%s: lost lease %s, back to standby", service.name, lease.name)
+
+
+def _cluster_singleton_end(service):
+    """Service.stop() of a singleton: stop the work if it runs here, then give the lease up."""
+    lease, service._singleton = service._singleton, None
+    lease._closed = True  # no promotion or demotion may race this stop
+    lease._on_acquired = lease._on_lost = ()
+    if service._status == "standby":
+        service._status = "stopped"
+    else:
+        service.stop()
+    lease.release()
+
+
+def _cluster_cache_register(cache):
+    _cluster_caches.setdefault(cache.name, weakref.WeakSet()).add(cache)
+
+
+def _cluster_cache_unregister(cache):
+    caches = _cluster_caches.get(cache.name)
+    if caches is not None:
+        caches.discard(cache)
+        if not caches:
+            del _cluster_caches[cache.name]
+
+
+def _cluster_cache_invalidated(cache):
+    """A shared cache was invalidated here: tell the other nodes, unless this came from them."""
+    cluster = _cluster_active
+    if cluster is not None and cluster._applying is not getcurrent():
+        cluster._publish_invalidation(cache.name)
+
+
+def _cluster_boot(manager, cluster, socketio):
+    """boot(cluster=...): the cluster is the first provider, so it starts first and stops last."""
+    if isinstance(cluster, str):
+        cluster = Cluster(cluster)
+    elif not isinstance(cluster, Cluster):
+        raise TypeError("cluster must be a Cluster or a Redis URL, got %s" % _describe(cluster))
+    manager._add_providers({"cluster": cluster})
+    client_manager = getattr(getattr(socketio, "server", None), "manager", None)
+    if client_manager is not None and not callable(getattr(client_manager, "_publish", None)):
+        # Only pub/sub managers (RedisManager, ours...) carry emits to the other nodes.
+        _cluster_log.warning(
+            "a cluster is configured but this SocketIO's client manager (%s) does not share emits "
+            "between nodes; create it with SocketIO(app, client_manager=cluster.socketio_manager())",
+            type(client_manager).__name__)
+    return cluster
+
+
+_cluster_sio_class = None
+
+
+def _cluster_sio_listen(manager):
+    """Messages of the manager's channel, for ever: resubscribes whenever the cluster reconnects."""
+    cluster = manager.cluster
+    while True:
+        cluster._connected.wait()
+        pubsub = cluster._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(manager.channel)
+            manager.listening = True
+            while True:
+                message = pubsub.get_message(timeout=cluster.block)
+                if message is not None and message["type"] == "message":
+                    manager.received += 1
+                    yield message["data"]
+        except cluster._redis_errors as exc:
+            cluster._fault(exc)
+        finally:
+            manager.listening = False
+            pubsub.close()
+
+
+def _cluster_socketio_manager_class():
+    global _cluster_sio_class
+    if _cluster_sio_class is not None:
+        return _cluster_sio_class
+    import socketio
+
+    class _ClusterSocketIOManager(socketio.PubSubManager):
+        """Socket.IO emits published on a Redis channel over the cluster's own connections."""
+
+        name = "specter-cluster"
+
+        def __init__(self, cluster, channel):
+            super().__init__(channel="%s:%s" % (cluster.namespace, channel))
+            self.cluster = cluster
+            self.published = 0
+            self.received = 0
+            self.dropped = 0
+            self.listening = False
+
+        def _publish(self, data):
+            cluster = self.cluster
+            if not cluster._connected.is_set():
+                self.dropped += 1
+                return
+            try:
+                cluster._redis.publish(self.channel, getattr(self, "json", json).dumps(data))
+                self.published += 1
+            except cluster._redis_errors as exc:
+                self.dropped += 1
+                cluster._fault(exc)
+
+        def _listen(self):
+            return _cluster_sio_listen(self)
+
+        def health(self):
+            return {"channel": self.channel, "listening": self.listening, "published": self.published,
+                    "received": self.received, "dropped": self.dropped}
+
+    _cluster_sio_class = _ClusterSocketIOManager
+    return _cluster_sio_class
 
 
 ###############################################################################

@@ -48,6 +48,7 @@ import gevent.monkey
 import gevent.queue
 import gevent.subprocess
 import greenlet
+import redis
 import socketio
 import werkzeug.exceptions
 from flask import Flask, abort, request
@@ -104,6 +105,7 @@ API_NAMES = [
     "HTTPError", "json_endpoint", "expect_json", "require_fields",
     "Router", "route", "Handler", "SocketIngress", "Controller",
     "ServiceManager", "boot", "ManagedProcess", "start_process",
+    "Cluster", "ClusterQueue", "Lease",
     "ManualClock", "isolated", "leak_check", "SpecterTestCase",
 ]
 
@@ -9673,6 +9675,843 @@ class TestTestingKit(SpecterTestCase):
 
 
 
+# Cluster ######################################################################
+
+
+REDIS_SERVER = shutil.which("redis-server")
+REDIS_MISSING = "redis-server is not installed: apt-get install -y redis-server"
+NODE_TIMEOUT = 15  # a child node's start (imports included) on a loaded machine
+
+
+def free_port():
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of the test's own: a free 127.0.0.1 port, a temp dir, killed by pid."""
+
+    def __init__(self, appendonly=False):
+        self.dir = tempfile.mkdtemp(prefix="specter-redis-")
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.process = None
+
+    @property
+    def url(self):
+        return "redis://127.0.0.1:%d/0" % self.port
+
+    def start(self):
+        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+                "--dir", self.dir]
+        self.process = gevent.subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                               start_new_session=True)
+        client = self.client()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.RedisError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("redis-server did not start on port %d" % self.port)
+                gevent.sleep(0.01)
+            finally:
+                client.close()
+
+    def kill(self):
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def cleanup(self):
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def client(self):
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5)
+
+
+# What every child node runs first: out() reports JSON lines, serve() boots and waits.
+NODE_PRELUDE = '''
+import os
+if os.environ.get("PATCH"):
+    from gevent import monkey
+    monkey.patch_all()
+import json, sys, time
+import flask, gevent, specter
+
+def out(kind, **data):
+    sys.stdout.write(json.dumps(dict(data, kind=kind, t=time.time())) + "\\n")
+    sys.stdout.flush()
+
+cluster = specter.Cluster(os.environ["SPECTER_REDIS_URL"], node_id=os.environ["NODE_ID"])
+
+def serve(*services):
+    manager = specter.boot(flask.Flask("node"), None, services=services, cluster=cluster)
+    out("ready")
+    try:
+        gevent.sleep(120)
+    finally:
+        out("exited")
+'''
+
+
+class Node:
+    """A real app process joined to the test's Redis, in its own process group.
+
+    It reports JSON lines on stdout (``out(kind, ...)``); the test reads them
+    as they come and kills the process by pid at the end.
+    """
+
+    def __init__(self, test, url, node_id, body, env=None):
+        self.node_id = node_id
+        environment = dict(os.environ, PYTHONPATH=HERE, SPECTER_REDIS_URL=url, NODE_ID=node_id)
+        environment.update(env or {})
+        self.process = gevent.subprocess.Popen(
+            [sys.executable, "-u", "-c", NODE_PRELUDE + textwrap.dedent(body)], env=environment,
+            stdout=gevent.subprocess.PIPE, stderr=gevent.subprocess.PIPE, universal_newlines=True,
+            start_new_session=True)
+        self.lines = []
+        self.errors = []
+        self.readers = [gevent.spawn(self._read), gevent.spawn(self._read_errors)]
+        test.addCleanup(self.kill)
+
+    def _read(self):
+        for line in self.process.stdout:
+            try:
+                self.lines.append(json.loads(line))
+            except ValueError:
+                self.lines.append({"kind": "text", "text": line})
+
+    def _read_errors(self):
+        for line in self.process.stderr:
+            self.errors.append(line)
+
+    def records(self, kind):
+        return [record for record in self.lines if record["kind"] == kind]
+
+    def wait_for(self, kind, count=1, timeout=NODE_TIMEOUT):
+        if not wait_until(lambda: len(self.records(kind)) >= count or self.process.poll() is not None,
+                          timeout) or len(self.records(kind)) < count:
+            raise AssertionError("node %s: no %d %r record(s) within %s s; stderr:\n%s"
+                                 % (self.node_id, count, kind, timeout, "".join(self.errors)[-3000:]))
+        return self.records(kind)
+
+    def signal(self, signum):
+        os.kill(self.process.pid, signum)
+
+    def kill(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        gevent.joinall(self.readers, timeout=2)
+
+
+class ClusterTestCase(SpecterTestCase):
+    """A redis-server per TestCase (emptied before each test) and helpers for nodes."""
+
+    ceiling = 40
+    redis_server = None
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        if REDIS_SERVER is not None:
+            cls.redis_server = RedisServer().start()
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.redis_server is not None:
+            cls.redis_server.cleanup()
+        super().tearDownClass()
+
+    def setUp(self):
+        super().setUp()
+        self.require_redis()
+        self.redis = self.redis_server.client()
+        self.addCleanup(self.redis.close)
+        self.redis.flushall()
+
+    def require_redis(self):
+        if REDIS_SERVER is None:
+            if os.environ.get("CI"):
+                self.fail(REDIS_MISSING + " (the tests need it when CI is set)")
+            self.skipTest(REDIS_MISSING)
+
+    def own_redis(self, **kwargs):
+        server = RedisServer(**kwargs).start()
+        self.addCleanup(server.cleanup)
+        return server
+
+    def join(self, url=None, **kwargs):
+        """This process as a node; stopped at the end, after what the test starts later."""
+        kwargs.setdefault("node_id", "test-node")
+        cluster = specter.Cluster(url or self.redis_server.url, **kwargs)
+        return self.started(cluster)
+
+    def node(self, node_id, body, url=None, **env):
+        return Node(self, url or self.redis_server.url, node_id, body, env)
+
+
+class TestCluster(ClusterTestCase):
+
+    def test_core_works_when_redis_cannot_be_imported(self):
+        code = textwrap.dedent('''
+            import sys
+            sys.modules["redis"] = None  # import redis now raises ImportError
+            import specter
+            got = []
+            specter.bus.on("x", got.append)
+            specter.bus.emit("x", 1)
+            class S(specter.Service):
+                def on_start(self):
+                    self.interval(lambda: got.append("tick"), 0.01, singleton=True)
+                    self.lease_token = self.lease("l").token
+            s = S().start()
+            import gevent; gevent.sleep(0.05)
+            s.stop()
+            assert got[0] == 1 and "tick" in got and s.lease_token == 1, got
+            try:
+                specter.Cluster("redis://127.0.0.1:1").start()
+            except ImportError as exc:
+                print("ImportError:", exc)
+        ''')
+        result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=HERE),
+                                capture_output=True, text=True, timeout=NODE_TIMEOUT)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn('pip install "specter-runtime[redis]"', result.stdout)
+
+    def test_url_comes_from_the_environment_or_a_value_error_names_both(self):
+        with mock.patch.dict(os.environ, {"SPECTER_REDIS_URL": self.redis_server.url}):
+            self.assertEqual(specter.Cluster().url, self.redis_server.url)
+        with mock.patch.dict(os.environ, {}, clear=True):
+            with self.assertRaisesRegex(ValueError, "url=.*SPECTER_REDIS_URL"):
+                specter.Cluster()
+        with self.assertRaisesRegex(ValueError, "redis://, rediss:// or unix://"):
+            specter.Cluster("http://127.0.0.1:6379")
+        with self.assertRaises(TypeError):
+            specter.Cluster(6379)
+
+    def test_unreachable_redis_fails_start_with_the_url_masked(self):
+        url = "redis://user:s3cret@127.0.0.1:%d/0" % free_port()
+        cluster = specter.Cluster(url)
+        started = time.monotonic()
+        with self.assertRaises(ConnectionError) as caught:
+            cluster.start()
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertIn("redis://user:***@127.0.0.1", str(caught.exception))
+        self.assertNotIn("s3cret", str(caught.exception) + repr(cluster.health()))
+        self.assertEqual(cluster.status, "stopped")
+        self.assertIsNone(specter._cluster_active)
+
+    def test_boot_starts_the_cluster_first_stops_it_last_and_provides_it(self):
+        seen = []
+
+        class Uses(Service):
+            def on_start(self):
+                seen.append(("start", self.require("cluster").connected))
+
+            def on_stop(self):
+                seen.append(("stop", self.require("cluster").connected))
+        manager = boot(Flask(__name__), None, services=[Uses()], cluster=self.redis_server.url,
+                       signals=False)
+        cluster = specter.registry.require("cluster")
+        self.assertIsInstance(cluster, specter.Cluster)
+        manager.shutdown()
+        self.assertEqual(seen, [("start", True), ("stop", True)])
+        self.assertEqual(cluster.status, "stopped")
+
+    def test_boot_with_unreachable_redis_starts_nothing(self):
+        service = RecordingService("s", [])
+        with self.assertRaises(ConnectionError), self.assertLogs("specter", "ERROR"):
+            boot(Flask(__name__), None, services=[service], cluster="redis://127.0.0.1:%d" % free_port(),
+                 signals=False)
+        self.assertEqual(service.status, "created")
+
+    def test_boot_warns_when_socketio_does_not_share_emits(self):
+        app = Flask(__name__)
+        sio = SocketIO(app, async_mode="gevent")
+        with self.assertLogs("specter.cluster", "WARNING") as logs:
+            manager = boot(app, sio, cluster=self.redis_server.url, signals=False)
+        self.addCleanup(manager.shutdown)
+        self.assertIn("socketio_manager()", "\n".join(logs.output))
+
+    def test_nodes_lists_live_nodes_and_drops_a_killed_one(self):
+        cluster = self.join()
+        other = self.node("node-b", "serve()")
+        other.wait_for("ready")
+        nodes = cluster.nodes()
+        self.assertEqual([node["node_id"] for node in nodes], ["node-b", "test-node"])
+        self.assertEqual(nodes[0]["pid"], other.process.pid)
+        self.assertEqual(set(nodes[0]), {"node_id", "host", "pid", "started_at"})
+        other.kill()
+        self.assertEventually(lambda: [n["node_id"] for n in cluster.nodes()] == ["test-node"],
+                              timeout=cluster.node_timeout + 2 * cluster.heartbeat)
+
+    def test_the_hub_never_stalls_while_the_cluster_reads_unpatched(self):
+        self.assertFalse(gevent.monkey.is_anything_patched())
+        cluster = specter.Cluster(self.redis_server.url, node_id="test-node", share=["x:*"])
+        cluster.block = 0.3  # several blocking reads end within the measurement
+        self.started(cluster)
+        self.started(specter.ClusterQueue("idle"))
+        manager = cluster.socketio_manager()
+        listener = gevent.spawn(lambda: next(manager._listen()))
+        self.addCleanup(listener.kill)
+        gaps = []
+        last = time.monotonic()
+        deadline = last + 1.2
+        while last < deadline:
+            gevent.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+        self.assertLess(max(gaps), 0.05 + 0.01, "the hub stalled %.0f ms" % (max(gaps) * 1000))
+
+    def test_redis_restart_degrades_health_then_recovers_with_a_gap(self):
+        server = self.own_redis()
+        cluster = self.join(server.url, share=["x:*"])
+        gaps = []
+        self.addCleanup(specter.bus.on("cluster:gap", gaps.append))
+        cache = create_cache("prices", shared=True)
+        self.addCleanup(cache.destroy)
+        cache.set(1)
+        specter.bus.emit("x:one", 1)
+        self.assertEventually(lambda: cluster.health()["bus"]["sent"] == 1)
+        with self.assertLogs("specter.cluster", "WARNING") as logs:
+            server.kill()
+            self.assertEventually(lambda: cluster.health()["status"] == "degraded", timeout=3)
+            health = cluster.health()
+            self.assertFalse(health["connected"])
+            self.assertTrue(health["last_error"])
+            specter.bus.emit("x:two", 2)  # local delivery goes on; the shared copy is dropped and counted
+            self.assertEqual(cluster.health()["bus"]["dropped"], 1)
+            server.start()
+            back = time.monotonic()
+            self.assertEventually(lambda: cluster.health()["status"] == "ok", timeout=3)
+            self.assertLess(time.monotonic() - back, 2.0)
+            self.assertEventually(lambda: gaps)
+        self.assertIn("lost Redis at %s" % server.url, "\n".join(logs.output))
+        self.assertIn("lost the shared events", gaps[0]["reason"])
+        self.assertIn("1 shared emit(s) of this node were dropped", gaps[0]["reason"])
+        self.assertEqual(cluster.health()["reconnects"], 1)
+        self.assertFalse(cache.is_valid())
+
+    def test_health_reports_the_contract_fields(self):
+        cluster = self.join()
+        health = cluster.health()
+        for key in ("connected", "node_id", "nodes", "reconnects", "last_error", "lag", "gaps",
+                    "leases", "queues"):
+            self.assertIn(key, health)
+        self.assertEqual((health["status"], health["node_id"], health["nodes"]), ("ok", "test-node", ["test-node"]))
+
+    def test_one_cluster_per_process(self):
+        self.join()
+        with self.assertRaisesRegex(RuntimeError, "already running"):
+            specter.Cluster(self.redis_server.url).start()
+
+
+BUS_NODE = '''
+cluster.share("job:*")
+
+class Echo(specter.Service):
+    def on_start(self):
+        self.listen("job:ping", lambda data: out("ping", data=data))
+        self.listen("job:seq", lambda data: out("seq-local", data=data), origin="local")
+        self.listen("job:seq", lambda data: out("seq-remote", data=data), origin="remote")
+        self.listen("job:go", self.go, origin="remote")
+
+    def go(self, data):
+        for number in range(data["n"]):
+            specter.bus.emit("job:seq", number)
+
+serve(Echo())
+'''
+
+
+class TestClusterBus(ClusterTestCase):
+
+    def test_shared_events_cross_processes_in_order_without_echo(self):
+        self.join(share=["job:*"])
+        node = self.node("node-b", BUS_NODE, PATCH="1")  # a monkey-patched app, this one is not
+        node.wait_for("ready")
+        seq, local_pings, remote_pings = [], [], []
+        self.addCleanup(specter.bus.on("job:seq", seq.append))
+        self.addCleanup(specter.bus.on("job:ping", local_pings.append, origin="local"))
+        self.addCleanup(specter.bus.on("job:ping", remote_pings.append, origin="remote"))
+        for number in range(100):
+            specter.bus.emit("job:ping", number)
+        specter.bus.emit("job:go", {"n": 100})
+        self.assertEventually(lambda: len(seq) == 100 and len(node.records("ping")) == 100, timeout=5)
+        gevent.sleep(0.1)
+        self.assertEqual(seq, list(range(100)))
+        self.assertEqual([r["data"] for r in node.records("ping")], list(range(100)))
+        self.assertEqual(local_pings, list(range(100)))
+        self.assertEqual(remote_pings, [])  # our own events never come back to us
+        self.assertEqual([r["data"] for r in node.records("seq-local")], list(range(100)))
+        self.assertEqual(node.records("seq-remote"), [])
+
+    def test_non_json_payload_is_a_type_error_before_any_listener(self):
+        self.join(share=["job:*"])
+        heard = Recorder()
+        self.addCleanup(specter.bus.on("job:x", heard))
+        with self.assertRaisesRegex(TypeError, "JSON"):
+            specter.bus.emit("job:x", {"when": object()})
+        self.assertEqual(heard.count, 0)
+        specter.bus.emit("other", object())  # not shared: anything goes
+        specter.bus.emit("job:x", {"ok": [1, "two", None]})
+        self.assertEqual(heard.count, 1)
+
+    def test_origin_must_be_any_local_or_remote(self):
+        with self.assertRaisesRegex(ValueError, "origin"):
+            specter.bus.on("x", print, origin="elsewhere")
+        local = Recorder()
+        unsubscribe = specter.bus.on("x", local, origin="local")
+        specter.bus.emit("x", 1)
+        self.assertTrue(unsubscribe())
+        specter.bus.emit("x", 2)
+        self.assertEqual(local.firsts, [1])
+        self.addCleanup(specter.bus.on("x", local, origin="remote"))
+        self.assertTrue(specter.bus.off("x", local))
+        self.assertFalse(specter.bus.has_listeners("x"))
+
+    def test_a_trimmed_read_position_is_reported_as_a_gap(self):
+        cluster = self.join(share=["job:*"])
+        gaps = []
+        self.addCleanup(specter.bus.on("cluster:gap", gaps.append))
+        with self.assertLogs("specter.cluster", "WARNING"):
+            # Another node's events, 5 of which were trimmed before this node read them.
+            for seq in (1, 7):
+                self.redis.incr("specter:bus:seq")
+                self.redis.xadd("specter:bus", {"n": "elsewhere", "s": seq, "e": "job:x", "d": "1"})
+            self.assertEventually(lambda: gaps)
+        self.assertEqual(gaps[0]["missed"], 5)
+        self.assertEqual(cluster.health()["gaps"], 1)
+
+
+QUEUE_NODE = '''
+class Jobs(specter.ClusterQueue):
+    def handle_item(self, item):
+        out("start", item=item)
+        if item.get("nap_on") == cluster.node_id:
+            gevent.sleep(item["nap"])
+        elif item.get("sleep"):
+            gevent.sleep(item["sleep"])
+        out("done", item=item)
+
+    def on_dropped(self, items):
+        out("dropped", items=items)
+
+serve(Jobs("jobs", worker_count=int(os.environ.get("WORKERS", "2")),
+           visibility_timeout=float(os.environ.get("VT", "30"))))
+'''
+
+
+class RecordingQueue(specter.ClusterQueue):
+    """A ClusterQueue that records what it starts and finishes, optionally failing or sleeping."""
+
+    def __init__(self, name="jobs", *, fail=lambda item, deliveries: False, **kwargs):
+        super().__init__(name, **kwargs)
+        self.started_items, self.handled, self.dead = [], [], []
+        self.fail = fail
+        self.attempts = collections.Counter()
+
+    def handle_item(self, item):
+        key = json.dumps(item, sort_keys=True)
+        self.attempts[key] += 1
+        self.started_items.append(item)
+        if isinstance(item, dict) and item.get("sleep"):
+            gevent.sleep(item["sleep"])
+        if self.fail(item, self.attempts[key]):
+            raise ValueError("cannot handle %r" % (item,))
+        self.handled.append(item)
+
+    def on_dead_letter(self, item, error, deliveries):
+        self.dead.append((item, error, deliveries))
+
+
+class TestClusterQueue(ClusterTestCase):
+
+    def test_every_item_is_handled_exactly_once_across_nodes(self):
+        self.join()
+        nodes = [self.node("node-b", QUEUE_NODE), self.node("node-c", QUEUE_NODE, PATCH="1")]
+        for node in nodes:
+            node.wait_for("ready")
+        queue = self.started(RecordingQueue(worker_count=2))
+        for number in range(300):
+            self.assertTrue(queue.enqueue({"id": number}))
+        self.assertTrue(queue.join(timeout=15))
+        handled = [item["id"] for item in queue.handled]
+        for node in nodes:
+            handled += [record["item"]["id"] for record in node.records("done")]
+        self.assertEqual(sorted(handled), list(range(300)))
+        self.assertTrue(all(node.records("done") for node in nodes), "every node takes a share")
+        self.assertEqual(queue.pending_count(), 0)
+
+    def test_a_failing_item_is_retried_then_becomes_a_dead_letter(self):
+        self.join()
+        queue = self.started(RecordingQueue(max_deliveries=3, retry_backoff=(0.05, 0.1),
+                                            fail=lambda item, n: item == "bad" or (item == "flaky" and n == 1)))
+        with self.assertLogs("specter", "ERROR"):
+            queue.enqueue("bad")
+            queue.enqueue("flaky")
+            self.assertTrue(queue.join(timeout=5))
+        self.assertEqual(queue.handled, ["flaky"])
+        self.assertEqual(queue.attempts[json.dumps("bad")], 3)
+        self.assertEqual(queue.dead, [("bad", "ValueError: cannot handle 'bad'", 3)])
+        [letter] = queue.dead_letters()
+        self.assertEqual((letter["item"], letter["deliveries"], letter["node"]), ("bad", 3, "test-node"))
+        queue.fail = lambda item, n: False
+        self.assertEqual(queue.requeue_dead(), 1)
+        self.assertTrue(queue.join(timeout=5))
+        self.assertEqual(queue.handled, ["flaky", "bad"])
+        self.assertEqual(queue.dead_letters(), [])
+
+    def test_an_item_of_a_killed_node_is_finished_by_another(self):
+        self.join()
+        victim = self.node("node-b", QUEUE_NODE, VT="1.0", WORKERS="1")
+        victim.wait_for("ready")
+        self.redis.xadd("specter:queue:jobs", {"d": json.dumps({"id": 1, "nap_on": "node-b", "nap": 60}),
+                                               "a": 0})
+        victim.wait_for("start")
+        victim.kill()
+        killed = time.monotonic()
+        queue = self.started(RecordingQueue(visibility_timeout=1.0))
+        self.assertEventually(lambda: queue.handled, timeout=3)
+        self.assertEqual(queue.handled, [{"id": 1, "nap_on": "node-b", "nap": 60}])
+        self.assertLess(time.monotonic() - killed, 1.0 * 1.5 + 0.5)
+        self.assertTrue(queue.join(timeout=2))
+
+    def test_a_handler_longer_than_the_visibility_timeout_is_not_reclaimed(self):
+        self.join()
+        other = self.node("node-b", QUEUE_NODE, VT="0.4")
+        other.wait_for("ready")
+        queue = self.started(RecordingQueue(visibility_timeout=0.4, worker_count=2))
+        queue.enqueue({"id": 1, "sleep": 1.5})
+        self.assertTrue(queue.join(timeout=5))
+        starts = len(queue.started_items) + len(other.records("start"))
+        dones = len(queue.handled) + len(other.records("done"))
+        self.assertEqual((starts, dones), (1, 1))
+
+    def test_stop_hands_the_backlog_to_the_other_nodes(self):
+        self.join()
+        leaving = self.node("node-b", QUEUE_NODE, WORKERS="1")
+        leaving.wait_for("ready")
+        for number in range(10):
+            self.redis.xadd("specter:queue:jobs", {"d": json.dumps({"id": number, "sleep": 0.2}), "a": 0})
+        leaving.wait_for("start")
+        leaving.signal(signal.SIGTERM)
+        leaving.wait_for("exited")
+        self.assertEqual(leaving.process.wait(timeout=5), 0)
+        queue = self.started(RecordingQueue(worker_count=10))  # visibility_timeout stays 30 s
+        self.assertTrue(queue.join(timeout=3), "the backlog came back at once, not after visibility_timeout")
+        ids = sorted([item["id"] for item in queue.handled] + [r["item"]["id"] for r in leaving.records("done")])
+        self.assertEqual(ids, list(range(10)))
+        self.assertEqual(leaving.records("dropped"), [])
+
+    def test_enqueue_refuses_non_json_and_returns_false_when_it_cannot_queue(self):
+        self.join()
+        queue = RecordingQueue(maxsize=2)
+        self.assertFalse(queue.enqueue(1))  # not started
+        with self.assertRaisesRegex(TypeError, "JSON"):
+            queue.enqueue({1, 2})
+        self.started(queue)
+        queue.enqueue({"sleep": 0.3})
+        queue.enqueue({"sleep": 0.3})
+        self.assertFalse(queue.enqueue(3), "the backlog is at maxsize")
+        self.assertTrue(queue.join(timeout=3))
+        queue.stop()
+        self.assertFalse(queue.enqueue(4))
+
+    def test_a_delayed_item_waits(self):
+        self.join()
+        queue = self.started(RecordingQueue())
+        started = time.monotonic()
+        queue.enqueue("later", delay=0.3)
+        self.assertEqual(queue.pending_count(), 1)
+        self.assertEventually(lambda: queue.handled)
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+        self.assertEqual(queue.health()["cluster"]["delayed"] is not None, True)
+
+    def test_items_survive_a_redis_restart_with_persistence(self):
+        server = self.own_redis(appendonly=True)
+        self.join(server.url)
+        gate = gevent.event.Event()
+        queue = self.started(RecordingQueue(worker_count=2, fail=lambda item, n: not gate.wait(5)))
+        for number in range(20):
+            self.assertTrue(queue.enqueue(number))
+        self.assertEventually(lambda: len(queue.started_items) == 2)  # two in hand, 18 waiting
+        with self.assertLogs("specter.cluster", "WARNING"):
+            server.kill()
+            server.start()
+            gate.set()
+            self.assertTrue(queue.join(timeout=10))
+        self.assertEqual(sorted(queue.handled), list(range(20)))
+
+    def test_consumption_resumes_after_the_connections_are_killed(self):
+        cluster = self.join()
+        queue = self.started(RecordingQueue())
+        queue.enqueue(1)
+        self.assertTrue(queue.join(timeout=3))
+        with self.assertLogs("specter.cluster", "WARNING"):
+            self.redis.client_kill_filter(_type="normal", skipme=True)
+            self.assertEventually(lambda: cluster.health()["reconnects"] >= 1, timeout=3)
+        self.assertEventually(lambda: queue.enqueue(2), timeout=3)
+        self.assertTrue(queue.join(timeout=5))
+        self.assertEqual(queue.handled, [1, 2])
+
+    def test_needs_a_started_cluster(self):
+        with self.assertRaisesRegex(RuntimeError, "needs a started Cluster"):
+            RecordingQueue().start()
+
+
+LEASE_NODE = '''
+class Ticker(specter.Service):
+    def on_start(self):
+        lease = self.lease("leader", ttl=float(os.environ["TTL"]))
+        lease.on_acquired(lambda lease: out("acquired", token=lease.token))
+        lease.on_lost(lambda lease: out("lost"))
+        self.interval(lambda: out("tick", token=lease.token), 0.05, singleton="leader")
+
+class Boss(specter.Service):
+    singleton = True
+    singleton_ttl = float(os.environ["TTL"])
+
+    def on_start(self):
+        out("boss-start")
+
+    def on_stop(self):
+        out("boss-stop")
+
+serve(Ticker(), Boss())
+'''
+
+
+class TestLease(ClusterTestCase):
+
+    def test_one_holder_ticks_and_another_takes_over_after_sigkill(self):
+        ttl = 1.5
+        nodes = [self.node("node-%s" % name, LEASE_NODE, TTL=str(ttl)) for name in "abc"]
+        for node in nodes:
+            node.wait_for("ready")
+        self.assertEventually(lambda: sum(len(node.records("acquired")) for node in nodes) == 1, timeout=3)
+        [holder] = [node for node in nodes if node.records("acquired")]
+        first_token = holder.records("acquired")[0]["token"]
+        holder.wait_for("tick", 5)
+        self.assertEqual([node for node in nodes if node.records("tick")], [holder])
+        holder.kill()
+        killed = time.time()
+        others = [node for node in nodes if node is not holder]
+        self.assertEventually(lambda: any(node.records("acquired") for node in others), timeout=ttl * 2)
+        [successor] = [node for node in others if node.records("acquired")]
+        acquired = successor.records("acquired")[0]
+        self.assertLessEqual(acquired["t"] - killed, ttl * 4 / 3)
+        self.assertGreater(acquired["token"], first_token)
+        successor.wait_for("tick")
+        gevent.sleep(0.3)
+        self.assertEqual([node for node in others if node.records("tick")], [successor])
+
+    def test_a_paused_holder_does_not_tick_again_once_another_holds_the_lease(self):
+        ttl = 1.0
+        nodes = [self.node("node-%s" % name, LEASE_NODE, TTL=str(ttl)) for name in "ab"]
+        for node in nodes:
+            node.wait_for("ready")
+        self.assertEventually(lambda: any(node.records("acquired") for node in nodes), timeout=3)
+        [holder] = [node for node in nodes if node.records("acquired")]
+        [other] = [node for node in nodes if node is not holder]
+        holder.wait_for("tick")
+        holder.signal(signal.SIGSTOP)
+        stopped = time.time()
+        other.wait_for("acquired", timeout=ttl * 2)
+        holder.signal(signal.SIGCONT)
+        holder.wait_for("lost", timeout=ttl)
+        gevent.sleep(0.3)
+        self.assertEqual([r for r in holder.records("tick") if r["t"] > stopped], [])
+        self.assertTrue(other.records("tick"))
+
+    def test_a_singleton_service_waits_in_standby_and_takes_over(self):
+        holder = self.node("node-b", LEASE_NODE, TTL="1.0")
+        holder.wait_for("boss-start")
+        self.join()
+
+        class Boss(Service):
+            singleton = True
+            singleton_ttl = 1.0
+
+            def on_start(self):
+                self.ticks = 0
+                self.interval(self.tick, 0.02)
+
+            def tick(self):
+                self.ticks += 1
+        boss = self.started(Boss("Boss"))
+        gevent.sleep(0.5)
+        self.assertEqual((boss.status, boss.running, boss.health()["status"]), ("standby", False, "ok"))
+        with self.assertRaises(RuntimeError):
+            boss.interval(print, 1)  # on_start has not run here: nothing may be acquired
+        holder.signal(signal.SIGTERM)
+        holder.wait_for("boss-stop")
+        self.assertEventually(lambda: boss.status == "running", timeout=1.0)
+        self.assertEventually(lambda: boss.ticks > 0)
+        boss.stop()
+        self.assertEqual(boss.status, "stopped")
+        self.assertIsNone(self.redis.get("specter:lease:service:Boss"))
+
+    def test_a_singleton_service_takes_over_when_its_holder_dies(self):
+        ttl = 1.0
+        nodes = [self.node("node-%s" % name, LEASE_NODE, TTL=str(ttl)) for name in "ab"]
+        for node in nodes:
+            node.wait_for("ready")
+        self.assertEventually(lambda: any(node.records("boss-start") for node in nodes), timeout=3)
+        gevent.sleep(0.2)
+        [holder] = [node for node in nodes if node.records("boss-start")]
+        [other] = [node for node in nodes if node is not holder]
+        holder.kill()
+        killed = time.time()
+        started = other.wait_for("boss-start", timeout=ttl * 2)[0]
+        self.assertLessEqual(started["t"] - killed, ttl * 4 / 3)
+
+    def test_a_singleton_in_standby_is_ready(self):
+        self.redis.set("specter:lease:service:Boss", "another node", px=60000)
+
+        class Boss(Service):
+            singleton = True
+        app = Flask(__name__)
+        boss = Boss("Boss")
+        manager = boot(app, None, services=[boss], cluster=self.redis_server.url, probes=True, signals=False)
+        self.addCleanup(manager.shutdown)
+        gevent.sleep(0.1)
+        response = app.test_client().get("/readyz")
+        self.assertEqual((boss.status, response.status_code), ("standby", 200))
+        self.assertEqual(manager.health()["status"], "ok")
+
+    def test_a_holder_that_loses_its_lease_stops_its_work_and_waits_again(self):
+        self.join()
+        stops = []
+
+        class Boss(Service):
+            singleton = True
+            singleton_ttl = 0.6
+
+            def on_stop(self):
+                stops.append(self.status)
+        boss = self.started(Boss("Boss"))
+        self.assertEventually(lambda: boss.status == "running")
+        self.redis.set("specter:lease:service:Boss", "someone else", px=60000)  # taken over
+        self.assertEventually(lambda: boss.status == "standby", timeout=1.0)
+        self.assertEqual(stops, ["stopping"])
+        self.redis.delete("specter:lease:service:Boss")
+        self.assertEventually(lambda: boss.status == "running", timeout=1.0)
+
+    def test_tokens_grow_and_release_frees_the_lease_at_once(self):
+        cluster = self.join()
+        lease = cluster.lease("report", ttl=5)
+        self.assertEventually(lambda: lease.held)
+        first = lease.token
+        self.assertGreater(lease.remaining(), 4)
+        self.assertEqual(cluster.health()["leases"], ["report"])
+        lost = Recorder()
+        lease.on_lost(lost)
+        lease.release()
+        self.assertEqual((lease.held, lost.count), (False, 1))
+        again = cluster.lease("report2", ttl=5)
+        self.assertIsNone(self.redis.get("specter:lease:report"))
+        self.redis.set("specter:lease:report2:fence", 41)
+        later = cluster.lease("report", ttl=5)
+        self.assertEventually(lambda: later.held)
+        self.assertGreater(later.token, first)
+        self.assertEventually(lambda: again.held)
+
+    def test_without_a_cluster_singletons_behave_as_plain_ones(self):
+        ticks = []
+
+        class Boss(Service):
+            singleton = True
+
+            def on_start(self):
+                self.token = self.lease("mine").token
+                self.interval(lambda: ticks.append(1), 0.01, singleton=True)
+        boss = self.started(Boss())
+        self.assertEqual(boss.status, "running")
+        self.assertIsNotNone(boss.token)
+        self.assertEventually(lambda: len(ticks) >= 2)
+        with self.assertRaisesRegex(TypeError, "singleton must be True, False or a lease name"):
+            boss.interval(print, 1, singleton=1)
+
+
+CACHE_NODE = '''
+cluster.share("cmd:*")
+prices = specter.create_cache("prices", shared=True)
+specter.bus.on("prices:invalidated", lambda data: out("invalidated"))
+specter.bus.on("cmd:invalidate", lambda data: prices.invalidate())
+serve()
+'''
+
+
+class TestClusterCache(ClusterTestCase):
+
+    def test_invalidate_on_one_node_invalidates_the_cache_on_every_node(self):
+        self.join(share=["cmd:*"])
+        node = self.node("node-b", CACHE_NODE)
+        node.wait_for("ready")
+        prices = create_cache("prices", shared=True)
+        self.addCleanup(prices.destroy)
+        unshared = create_cache("prices")  # same name, not shared: remote invalidations leave it alone
+        self.addCleanup(unshared.destroy)
+        heard = Recorder()
+        self.addCleanup(specter.bus.on("prices:invalidated", heard))
+        unshared.set(1)
+        prices.invalidate()
+        node.wait_for("invalidated")
+        prices.set(1)
+        specter.bus.emit("cmd:invalidate")  # the other node invalidates its copy
+        self.assertEventually(lambda: heard.count == 2)
+        self.assertFalse(prices.is_valid())
+        self.assertTrue(unshared.is_valid())
+        gevent.sleep(0.2)
+        self.assertEqual((heard.count, len(node.records("invalidated"))), (2, 2))  # no echo, no loop
+
+
+SOCKET_NODE = '''
+from flask_socketio import SocketIO
+app = flask.Flask("node")
+sio = SocketIO(app, async_mode="gevent", client_manager=cluster.socketio_manager())
+manager = specter.boot(app, sio, cluster=cluster)
+
+def report_port():
+    while manager.server is None or not manager.server.server_port:
+        gevent.sleep(0.01)
+    out("ready", port=manager.server.server_port)
+
+gevent.spawn(report_port)
+manager.run(port=0)
+'''
+
+
+class TestClusterSocketIO(ClusterTestCase):
+
+    def test_an_emit_on_one_node_reaches_a_client_of_another(self):
+        node = self.node("node-b", SOCKET_NODE)
+        port = node.wait_for("ready")[0]["port"]
+        app = Flask(__name__)
+        cluster = specter.Cluster(self.redis_server.url, node_id="test-node")
+        sio = SocketIO(app, async_mode="gevent", client_manager=cluster.socketio_manager())
+        manager = boot(app, sio, cluster=cluster, signals=False)
+        self.addCleanup(manager.shutdown)
+        got = []
+        client = socketio.Client()
+        client.on("news", got.append)
+        pool = gevent.get_hub().threadpool
+        pool.spawn(client.connect, "http://127.0.0.1:%d" % port, wait_timeout=CLIENT_TIMEOUT).get()
+        self.addCleanup(lambda: client.connected and pool.spawn(client.disconnect).get())
+        sio.emit("news", {"from": "test-node"})
+        self.assertEventually(lambda: got, timeout=3)
+        self.assertEqual(got, [{"from": "test-node"}])
+        self.assertEqual(cluster.health()["socketio"][0]["published"], 1)
+
+
 # Examples #####################################################################
 
 
@@ -10263,7 +11102,8 @@ class TestExamples(SpecterTestCase):
         names = [os.path.basename(path) for path in example_files()]
         for expected in ("quickstart.py", "polling_service.py", "queue_worker.py",
                          "controller_app.py", "state_primitives.py", "process_watcher.py",
-                         "graceful_shutdown.py", "registry_and_bus.py", "factory_app.py"):
+                         "graceful_shutdown.py", "registry_and_bus.py", "factory_app.py",
+                         "cluster_demo.py"):
             self.assertIn(expected, names)
         self.assertFalse([name for name in names if name.startswith("jobboard")])
 
