@@ -11163,6 +11163,23 @@ class TestJobBoardCluster(ClusterTestCase):
         hosts = {data.get("node") for event, data in on_b if event == "host:update"}
         self.assertEqual(hosts, {"b"}, "host samples go to the node's own browsers only")
 
+    def test_cancel_on_one_node_stops_the_job_on_the_node_running_it(self):
+        self.start_nodes("a", "b")
+        job = self.api("a", "/api/jobs", {"name": "long", "steps": 50, "delay": 0.05})
+        running = wait_until(lambda: (lambda j: j["progress"] >= 1 and j)(self.job("a", job["id"])), timeout=5)
+        self.assertTrue(running, "the job did not start")
+        other = "b" if running["node"] == "a" else "a"
+        self.assertEqual(self.api(other, "/api/jobs/%s/cancel" % job["id"], {})["status"], "cancelled")
+        self.assertTrue(wait_until(lambda: pid_gone(running["pid"]), timeout=5),
+                        "the node running the job stopped its process")
+        for name in ("a", "b"):
+            final = wait_until(lambda: (lambda j: j["returncode"] is not None and j)(self.job(name, job["id"])),
+                               timeout=5)
+            self.assertTrue(final, self.job(name, job["id"]))
+            self.assertEqual(final["status"], "cancelled")
+            self.assertLess(final["returncode"], 0, "ended by a signal")
+            self.assertLess(final["progress"], 50)
+
     def test_sigkill_of_the_node_running_a_job_lets_the_other_node_finish_it(self):
         self.start_nodes("a", "b")
         clients = {name: self.connect(name) for name in ("a", "b")}
