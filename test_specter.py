@@ -11079,7 +11079,7 @@ class TestJobBoardCluster(ClusterTestCase):
             process = gevent.subprocess.Popen(
                 [sys.executable, "-u", os.path.join(EXAMPLES, "jobboard", "app.py"), "--redis",
                  self.redis_server.url, "--port", str(port), "--node", name, "--workers", "1"],
-                cwd=self.workdir, env=dict(os.environ, PYTHONPATH=SPECTER_DIR, **BOARD_NODE_ENV, **env),
+                cwd=self.workdir, env=dict(os.environ, PYTHONPATH=SPECTER_DIR, **dict(BOARD_NODE_ENV, **env)),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             self.addCleanup(self.stop_node, process)
             self.nodes[name] = (process, "http://127.0.0.1:%d" % port)
@@ -11203,6 +11203,26 @@ class TestJobBoardCluster(ClusterTestCase):
                          (survivor, 2, 20, 0))
         outputs = [update["output"] for update in self.updates(clients[survivor], job["id"])]
         self.assertTrue(any("restarted on %s (attempt 2)" % survivor in output for output in outputs), outputs)
+
+    def test_a_stopping_node_hands_its_running_job_to_another_at_once(self):
+        self.start_nodes("a", "b", FLASK_JOBBOARD_VISIBILITY_TIMEOUT="30")  # no reclaim within this test
+        job = self.api("a", "/api/jobs", {"name": "long", "steps": 20, "delay": 0.05})
+        running = wait_until(lambda: (lambda j: j["progress"] >= 2 and j)(self.job("a", job["id"])), timeout=5)
+        self.assertTrue(running, "the job did not start")
+        leaving, staying = running["node"], "b" if running["node"] == "a" else "a"
+        on_staying = self.connect(staying)
+        process = self.nodes[leaving][0]
+        os.kill(process.pid, signal.SIGTERM)
+        self.assertEqual(process.wait(timeout=10), 0, self.log(leaving))
+        self.assertTrue(pid_gone(running["pid"]), "the job's process stopped with its node")
+
+        final = wait_until(lambda: (lambda j: j["status"] == "done" and j)(self.job(staying, job["id"])),
+                           timeout=6)
+        self.assertTrue(final, self.job(staying, job["id"]))
+        self.assertEqual((final["node"], final["attempt"], final["progress"]), (staying, 2, 20))
+        statuses = [(update["status"], update["node"]) for update in self.updates(on_staying, job["id"])]
+        self.assertIn(("queued", leaving), statuses, "back in the queue, never cancelled: %s" % statuses)
+        self.assertNotIn("cancelled", [status for status, _node in statuses])
 
     def test_housekeeping_runs_on_one_node_and_prunes_every_node(self):
         self.start_nodes("a", "b", FLASK_JOBBOARD_KEEP_FINISHED="1")

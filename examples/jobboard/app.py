@@ -341,8 +341,8 @@ class ClusterJobRunner(JobWork, ClusterQueue):
 
     def on_workers_stopping(self):
         # ClusterQueue stops the workers next and hands their jobs back to the shared
-        # queue; the job's process ends with its worker (handle_item's finally).
-        self._closing = True
+        # queue; the job's process ends with its worker (handle_item's finally). No
+        # _closing here: a job is never cancelled because one node stops.
         for job_id in list(self._processes):
             note = "%s stopped: back in the queue" % self.node
             job = self.get(job_id)
