@@ -57,7 +57,7 @@ DEFAULTS = {
     "JOBBOARD_KEEP_FINISHED": 50,     # ...and only this many finished jobs are kept
     # A cluster: with a Redis URL this process is one node of the board.
     "JOBBOARD_REDIS_URL": None,
-    "JOBBOARD_NODE": None,            # this node's name (default: host, pid and a random part)
+    "JOBBOARD_NODE": None,            # this node's name (None: host, pid and a random part; main(): host:port)
     "JOBBOARD_VISIBILITY_TIMEOUT": 5.0,  # a job whose node died is restarted elsewhere after this
 }
 
@@ -183,8 +183,8 @@ class JobWork:
             if self.node is not None:
                 fields.update(node=self.node, progress=0)
                 if attempt > 1:  # its node died or stopped while it ran: at least once, so from the start
-                    fields["output"] = (job["output"] + ["restarted on %s (attempt %d)" % (self.node, attempt)]
-                                        )[-OUTPUT_TAIL:]
+                    note = "restarted on %s (attempt %d)" % (self.node, attempt)
+                    fields["output"] = (job["output"] + [note])[-OUTPUT_TAIL:]
             if not self._patch(job_id, **fields):
                 return  # cancelled while it was starting
             self.emit("jobs:started", self.get(job_id))
@@ -428,8 +428,8 @@ class LiveUpdates(Service):
     def _on_job(self, job):
         # Runs in the writer's greenlet: keep the latest version and let one
         # timer per window do the sending.
-        self._removed.discard(job["id"])
         self._schedule()
+        self._removed.discard(job["id"])
         self._changed[job["id"]] = job
 
     def _on_pruned(self, pruned):
@@ -677,6 +677,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be 1 or more")
+    if args.node and not args.redis:
+        parser.error("--node names a node of a cluster: give --redis URL too")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     # Any setting can also come from the environment: FLASK_JOBBOARD_STOP_GRACE=5 (a JSON value).
@@ -690,7 +692,10 @@ def main(argv=None):
     node = " as node %s" % config["JOBBOARD_NODE"] if args.redis else ""
     print("Job board on http://%s:%d/%s (Ctrl-C to stop)" % (args.host, args.port, node), flush=True)
     _app, _socketio, boot_board = create_app(config)
-    manager = boot_board()
+    try:
+        manager = boot_board()
+    except ConnectionError as exc:  # --redis, and no Redis there: nothing was started
+        raise SystemExit("The job board did not start: %s" % exc)
     manager.run(host=args.host, port=args.port)  # returns after SIGINT/SIGTERM shut everything down
     print("Job board stopped.", flush=True)
 
