@@ -11048,6 +11048,201 @@ class TestJobBoardBrowser(SpecterTestCase):
             self.assertLess(long_job["progress"], 50)
 
 
+# The board on several nodes: short timings, set through the app's FLASK_JOBBOARD_* variables.
+BOARD_NODE_ENV = {
+    "FLASK_JOBBOARD_VISIBILITY_TIMEOUT": "1.0",
+    "FLASK_JOBBOARD_PUSH_INTERVAL": "0.01",
+    "FLASK_JOBBOARD_HOST_INTERVAL": "0.1",
+    "FLASK_JOBBOARD_PRUNE_INTERVAL": "0.05",
+    "FLASK_JOBBOARD_STOP_GRACE": "1.0",
+}
+
+
+class TestJobBoardCluster(ClusterTestCase):
+    """examples/jobboard/app.py --redis: real node processes sharing the test's redis-server."""
+
+    def setUp(self):
+        super().setUp()
+        self.pool = gevent.get_hub().threadpool
+        self.workdir = tempfile.mkdtemp(prefix="specter-board-")
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+        self.nodes = {}
+
+    # Fixtures -----------------------------------------------------------------
+
+    def start_nodes(self, *names, **env):
+        """Start one app.py node per name (one worker each) in its own process group; wait until all answer."""
+        for name in names:
+            port = free_port()
+            log = open(os.path.join(self.workdir, name + ".log"), "w")
+            self.addCleanup(log.close)
+            process = gevent.subprocess.Popen(
+                [sys.executable, "-u", os.path.join(EXAMPLES, "jobboard", "app.py"), "--redis",
+                 self.redis_server.url, "--port", str(port), "--node", name, "--workers", "1"],
+                cwd=self.workdir, env=dict(os.environ, PYTHONPATH=SPECTER_DIR, **dict(BOARD_NODE_ENV, **env)),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.addCleanup(self.stop_node, process)
+            self.nodes[name] = (process, "http://127.0.0.1:%d" % port)
+        for name in names:
+            process, _url = self.nodes[name]
+            if not wait_until(lambda: process.poll() is not None or self.answers(name), timeout=NODE_TIMEOUT) \
+                    or process.poll() is not None:
+                self.fail("node %s did not start:\n%s" % (name, self.log(name)))
+
+    def stop_node(self, process):
+        """SIGTERM (its jobs' processes are stopped with it), SIGKILL to the group if it lingers."""
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except gevent.subprocess.TimeoutExpired:
+                pass
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def log(self, name):
+        with open(os.path.join(self.workdir, name + ".log")) as log:
+            return log.read()[-4000:]
+
+    def answers(self, name):
+        try:
+            return self.api(name, "/api/health") is not None
+        except OSError:
+            return False
+
+    def api(self, name, path, payload=None):
+        """GET, or POST ``payload`` as JSON, to a node's HTTP API; the decoded answer."""
+        data = None if payload is None else json.dumps(payload).encode()
+        request = urllib.request.Request(self.nodes[name][1] + path, data, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.load(response)
+
+    def job(self, name, job_id):
+        return self.api(name, "/api/jobs/%s" % job_id)
+
+    def connect(self, name):
+        """A real Socket.IO client of one node, recording every pushed event as (name, data)."""
+        client = socketio.Client(reconnection=False)
+        events = []
+        for event in ("job:update", "job:removed", "host:update"):
+            client.on(event, functools.partial(lambda event, data: events.append((event, data)), event))
+        self.pool.spawn(client.connect, self.nodes[name][1], wait_timeout=CLIENT_TIMEOUT).get()
+        self.addCleanup(lambda: client.connected and self.pool.spawn(client.disconnect).get())
+        return events
+
+    @staticmethod
+    def updates(events, job_id):
+        return [data for event, data in events if event == "job:update" and data["id"] == job_id]
+
+    # Tests --------------------------------------------------------------------
+
+    def test_jobs_submitted_on_one_node_run_on_free_workers_and_show_live_on_every_node(self):
+        self.start_nodes("a", "b")
+        on_b = self.connect("b")
+        first = self.api("a", "/api/jobs", {"name": "first", "steps": 4, "delay": 0.1})
+        second = self.api("a", "/api/jobs", {"name": "second", "steps": 4, "delay": 0.1})
+        ids = (first["id"], second["id"])
+        self.assertTrue(wait_until(lambda: all(self.updates(on_b, job_id)[-1:] and
+                                               self.updates(on_b, job_id)[-1]["status"] == "done"
+                                               for job_id in ids), timeout=10), on_b)
+
+        finals = [self.updates(on_b, job_id)[-1] for job_id in ids]
+        self.assertEqual(sorted(job["node"] for job in finals), ["a", "b"],
+                         "one worker per node: the second job went to the other node's free worker")
+        for job_id, final in zip(ids, finals):
+            with self.subTest(job=job_id):
+                seen = self.updates(on_b, job_id)
+                self.assertIn("running", [update["status"] for update in seen], "pushed live, not only at the end")
+                revs = [update["rev"] for update in seen]
+                self.assertEqual(len(revs), len(set(revs)), "each change pushed once, not once per node: %s" % revs)
+                self.assertEqual((final["progress"], final["returncode"], final["attempt"]), (4, 0, 1))
+                for node in ("a", "b"):
+                    self.assertEqual(self.job(node, job_id), final, "every node's API has the same job")
+        self.assertEqual(self.api("b", "/api/jobs")["count"], 2)
+        hosts = {data.get("node") for event, data in on_b if event == "host:update"}
+        self.assertEqual(hosts, {"b"}, "host samples go to the node's own browsers only")
+
+    def test_cancel_on_one_node_stops_the_job_on_the_node_running_it(self):
+        self.start_nodes("a", "b")
+        job = self.api("a", "/api/jobs", {"name": "long", "steps": 50, "delay": 0.05})
+        running = wait_until(lambda: (lambda j: j["progress"] >= 1 and j)(self.job("a", job["id"])), timeout=5)
+        self.assertTrue(running, "the job did not start")
+        other = "b" if running["node"] == "a" else "a"
+        self.assertEqual(self.api(other, "/api/jobs/%s/cancel" % job["id"], {})["status"], "cancelled")
+        self.assertTrue(wait_until(lambda: pid_gone(running["pid"]), timeout=5),
+                        "the node running the job stopped its process")
+        for name in ("a", "b"):
+            final = wait_until(lambda: (lambda j: j["returncode"] is not None and j)(self.job(name, job["id"])),
+                               timeout=5)
+            self.assertTrue(final, self.job(name, job["id"]))
+            self.assertEqual(final["status"], "cancelled")
+            self.assertLess(final["returncode"], 0, "ended by a signal")
+            self.assertLess(final["progress"], 50)
+
+    def test_sigkill_of_the_node_running_a_job_lets_the_other_node_finish_it(self):
+        self.start_nodes("a", "b")
+        clients = {name: self.connect(name) for name in ("a", "b")}
+        job = self.api("a", "/api/jobs", {"name": "long", "steps": 20, "delay": 0.05})
+        running = wait_until(lambda: (lambda j: j["progress"] >= 2 and j)(self.job("a", job["id"])), timeout=5)
+        self.assertTrue(running, "the job did not start")
+        victim, survivor = running["node"], "b" if running["node"] == "a" else "a"
+        process = self.nodes[victim][0]
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        # The job's own process is in a session of its own and outlives its node: end it too.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(running["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+
+        final = wait_until(lambda: (lambda j: j["status"] == "done" and j)(self.job(survivor, job["id"])),
+                           timeout=10)
+        self.assertTrue(final, self.job(survivor, job["id"]))
+        self.assertLess(time.monotonic() - killed, 1.0 * 1.5 + 20 * 0.05 + 3, "taken over after visibility_timeout")
+        self.assertEqual((final["node"], final["attempt"], final["progress"], final["returncode"]),
+                         (survivor, 2, 20, 0))
+        outputs = [update["output"] for update in self.updates(clients[survivor], job["id"])]
+        self.assertTrue(any("restarted on %s (attempt 2)" % survivor in output for output in outputs), outputs)
+
+    def test_a_stopping_node_hands_its_running_job_to_another_at_once(self):
+        self.start_nodes("a", "b", FLASK_JOBBOARD_VISIBILITY_TIMEOUT="30")  # no reclaim within this test
+        job = self.api("a", "/api/jobs", {"name": "long", "steps": 20, "delay": 0.05})
+        running = wait_until(lambda: (lambda j: j["progress"] >= 2 and j)(self.job("a", job["id"])), timeout=5)
+        self.assertTrue(running, "the job did not start")
+        leaving, staying = running["node"], "b" if running["node"] == "a" else "a"
+        on_staying = self.connect(staying)
+        process = self.nodes[leaving][0]
+        os.kill(process.pid, signal.SIGTERM)
+        self.assertEqual(process.wait(timeout=10), 0, self.log(leaving))
+        self.assertTrue(pid_gone(running["pid"]), "the job's process stopped with its node")
+
+        final = wait_until(lambda: (lambda j: j["status"] == "done" and j)(self.job(staying, job["id"])),
+                           timeout=6)
+        self.assertTrue(final, self.job(staying, job["id"]))
+        self.assertEqual((final["node"], final["attempt"], final["progress"]), (staying, 2, 20))
+        statuses = [(update["status"], update["node"]) for update in self.updates(on_staying, job["id"])]
+        self.assertIn(("queued", leaving), statuses, "back in the queue, never cancelled: %s" % statuses)
+        self.assertNotIn("cancelled", [status for status, _node in statuses])
+
+    def test_housekeeping_runs_on_one_node_and_prunes_every_node(self):
+        self.start_nodes("a", "b", FLASK_JOBBOARD_KEEP_FINISHED="1")
+        lifecycles = {name: self.api(name, "/api/health")["services"]["jobs.housekeeper"]["lifecycle"]
+                      for name in ("a", "b")}
+        self.assertEqual(sorted(lifecycles.values()), ["running", "standby"])
+        standby = next(name for name, state in lifecycles.items() if state == "standby")
+        on_standby = self.connect(standby)
+        ids = [self.api("a", "/api/jobs", {"name": "quick %d" % n, "steps": 1, "delay": 0.01})["id"]
+               for n in range(3)]
+        removed = lambda: [data["id"] for event, data in on_standby if event == "job:removed"]
+        self.assertTrue(wait_until(lambda: len(removed()) == 2 and all(
+            self.api(name, "/api/jobs")["count"] == 1 for name in ("a", "b")), timeout=10),
+            (removed(), [self.api(name, "/api/jobs") for name in ("a", "b")]))
+        self.assertEqual(len(set(removed())), 2, "each removal pushed once")
+        [kept] = self.api(standby, "/api/jobs")["jobs"]
+        self.assertEqual(set(removed()) | {kept["id"]}, set(ids))
+        self.assertEqual(self.api(standby, "/api/health")["services"]["jobs.housekeeper"]["lifecycle"], "standby")
+
+
 REPO = os.path.dirname(os.path.abspath(specter.__file__))
 
 

@@ -11,6 +11,11 @@ Run from the repository root (after ``pip install .``, or from a checkout):
 
     python examples/jobboard/app.py [--host 127.0.0.1] [--port 5000] [--workers 2]
 
+With ``--redis URL`` [``--node NAME``] the process is one node of a board
+shared by every node on that Redis: any node's free workers take the next
+job, every browser sees every job, one node does the housekeeping, and the
+jobs of a node that dies are run again by another (at least once).
+
 Tests boot it in-process: ``app, socketio, boot_board = create_app(config)``
 then ``manager = boot_board(signals=False)``. See README.md beside this file.
 """
@@ -21,12 +26,13 @@ import logging
 import os
 import re
 import secrets
+import socket
 import sys
 import time
 
 import gevent
-from flask import Flask, render_template
-from flask_socketio import SocketIO, emit
+from flask import Config, Flask, render_template
+from flask_socketio import SocketIO, emit, join_room
 
 try:
     import specter
@@ -34,8 +40,8 @@ except ImportError:  # a checkout without `pip install .`: use the specter.py tw
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
     import specter
 
-from specter import (Controller, Field, HTTPError, ManagedProcess, QueueService, Schema, SchemaError,
-                     Service, Watcher, create_cache, create_model, create_store, expect_json)
+from specter import (Cluster, ClusterQueue, Controller, Field, HTTPError, ManagedProcess, QueueService, Schema,
+                     SchemaError, Service, Watcher, create_cache, create_model, create_store, expect_json)
 
 logger = logging.getLogger("jobboard")
 
@@ -49,6 +55,10 @@ DEFAULTS = {
     "JOBBOARD_PRUNE_INTERVAL": 10.0,  # housekeeping period
     "JOBBOARD_KEEP_SECONDS": 600.0,   # finished jobs older than this are pruned...
     "JOBBOARD_KEEP_FINISHED": 50,     # ...and only this many finished jobs are kept
+    # A cluster: with a Redis URL this process is one node of the board.
+    "JOBBOARD_REDIS_URL": None,
+    "JOBBOARD_NODE": None,            # this node's name (None: host, pid and a random part; main(): host:port)
+    "JOBBOARD_VISIBILITY_TIMEOUT": 5.0,  # a job whose node died is restarted elsewhere after this
 }
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
@@ -99,19 +109,27 @@ JOB_SCHEMA = Schema("job", {
 ###############################################################################
 
 
-class JobRunner(QueueService):
-    """Runs queued jobs, one child process per job, and records them in the jobs model.
+class JobWork:
+    """What a job runner does, on one process or on several; mixed into a queue class below.
 
-    The model holds ``jobs.<id>``; the bus hears ``jobs:submitted``,
+    The model holds ``jobs.<id>``; every write of a job bumps its ``rev`` and
+    is announced as ``jobs:changed``. The bus also hears ``jobs:submitted``,
     ``jobs:started`` and ``jobs:finished``. Stopping the runner cancels the
-    running jobs (their processes are stopped) and the queued ones (handed
-    back by ``on_dropped``).
+    running jobs (their processes are stopped) and the queued ones.
+
+    On a cluster each node's model is a mirror: the ``jobs:*`` events are
+    shared, and a node applies a remote ``jobs:changed`` only when it is
+    newer than what it has (``_version``), so every mirror ends on the same
+    record whatever order the events arrive in. A node that joins asks the
+    others for their jobs (``jobs:sync``), and asks again after a
+    ``cluster:gap``.
     """
 
     name = "jobs.runner"
+    node = None  # this node's id on a cluster; None on one process
 
-    def __init__(self, model, *, worker_count=2, maxsize=100, drain_timeout=0.0, stop_grace=2.0):
-        super().__init__(worker_count=worker_count, maxsize=maxsize)
+    def __init__(self, model, *, worker_count=2, maxsize=100, drain_timeout=0.0, stop_grace=2.0, **options):
+        super().__init__(worker_count=worker_count, maxsize=maxsize, **options)
         self.model = model
         self.drain_timeout = drain_timeout
         self.stop_grace = stop_grace
@@ -122,6 +140,13 @@ class JobRunner(QueueService):
 
     def on_start(self):
         self._closing = False
+        if self.node is not None:
+            self.listen("jobs:changed", self._on_remote_change, origin="remote")
+            self.listen("jobs:pruned", self._on_remote_prune, origin="remote")
+            self.listen("jobs:sync", self._on_sync, origin="remote")
+            self.listen("jobs:snapshot", self._on_snapshot, origin="remote")
+            self.listen("cluster:gap", lambda _gap: self.emit("jobs:sync", {"node": self.node}))
+            self.emit("jobs:sync", {"node": self.node})  # what the others ran before this node joined
 
     def on_workers_stopping(self):
         # Runs before the queue is drained: from here on no new job starts,
@@ -131,12 +156,13 @@ class JobRunner(QueueService):
             self.cancel(job_id, reason="server shutting down")
 
     def on_dropped(self, items):
-        for job_id in items:
-            self._finish(job_id, "cancelled", note="cancelled: server shutting down")
+        for item in items:
+            self._finish(item["id"], "cancelled", note="cancelled: server shutting down")
 
-    def handle_item(self, job_id):
+    def handle_item(self, item):
+        job_id = item["id"]
         job = self.get(job_id)
-        if job is None or job["status"] != "queued":
+        if job is None or job["status"] in FINISHED:
             return  # cancelled (or pruned) while it waited
         if self._closing:
             self._finish(job_id, "cancelled", note="cancelled: server shutting down")
@@ -152,7 +178,14 @@ class JobRunner(QueueService):
             except OSError as exc:
                 self._finish(job_id, "failed", note="error: could not start the job: %s" % exc)
                 return
-            if not self._patch(job_id, status="running", started_at=time.time(), pid=process.pid):
+            attempt = job.get("attempt", 0) + 1
+            fields = dict(status="running", started_at=time.time(), pid=process.pid, attempt=attempt)
+            if self.node is not None:
+                fields.update(node=self.node, progress=0)
+                if attempt > 1:  # its node died or stopped while it ran: at least once, so from the start
+                    note = "restarted on %s (attempt %d)" % (self.node, attempt)
+                    fields["output"] = (job["output"] + [note])[-OUTPUT_TAIL:]
+            if not self._patch(job_id, **fields):
                 return  # cancelled while it was starting
             self.emit("jobs:started", self.get(job_id))
             reader = process.watch_stream("stdout", functools.partial(self._on_line, job_id))
@@ -174,16 +207,21 @@ class JobRunner(QueueService):
             "progress": 0, "steps": spec["steps"], "delay": spec["delay"], "fail_at": spec["fail_at"],
             "output": [], "pid": None, "returncode": None,
             "created_at": time.time(), "started_at": None, "finished_at": None,
+            "node": None, "attempt": 0, "rev": 1,
         }
         self.model.set(("jobs", job_id), job)
-        if not self.enqueue(job_id):
+        if not self.enqueue({"id": job_id, "job": job}):
             self.model.delete(("jobs", job_id))
             return None
+        self.emit("jobs:changed", job)
         self.emit("jobs:submitted", job)
         return job
 
     def cancel(self, job_id, *, reason="requested by user"):
-        """Cancel a queued or running job (its process is stopped); the job, or None if unknown."""
+        """Cancel a queued or running job (its process is stopped); the job, or None if unknown.
+
+        On a cluster the node running it hears the final state and stops its process.
+        """
         job = self._finish(job_id, "cancelled", note="cancelled: %s" % reason)
         process = self._processes.get(job_id)
         if process is not None:
@@ -203,24 +241,30 @@ class JobRunner(QueueService):
 
     # Helpers ----------------------------------------------------------------
 
+    def _write(self, job):
+        """Store a new version of a job and announce it (to every node, on a cluster)."""
+        job["rev"] = job.get("rev", 0) + 1
+        self.model.set(("jobs", job["id"]), job)
+        self.emit("jobs:changed", job)
+
     def _patch(self, job_id, **fields):
         """Update a queued or running job; False if it is gone or already finished."""
         job = self.get(job_id)
         if job is None or job["status"] in FINISHED:
             return False
         job.update(fields)
-        self.model.set(("jobs", job_id), job)
+        self._write(job)
         return True
 
     def _on_line(self, job_id, line):
         job = self.get(job_id)
-        if job is None:
-            return
+        if job is None or job["status"] == "queued" or job.get("node") != self.node:
+            return  # handed back to the queue, or to another node: that run writes the job now
         match = _PROGRESS_LINE.fullmatch(line.strip())
         if match and job["status"] not in FINISHED:
             job["progress"] = int(match.group(1))
         job["output"] = (job["output"] + [line])[-OUTPUT_TAIL:]
-        self.model.set(("jobs", job_id), job)
+        self._write(job)
 
     def _finish(self, job_id, status, *, returncode=None, note=None):
         """Move a job to a final status once; later calls only fill in the return code."""
@@ -234,10 +278,82 @@ class JobRunner(QueueService):
             job.update(status=status, finished_at=time.time())
             if note:
                 job["output"] = (job["output"] + [note])[-OUTPUT_TAIL:]
-        self.model.set(("jobs", job_id), job)
+        self._write(job)
         if first:
             self.emit("jobs:finished", job)
         return job
+
+    # Cluster ----------------------------------------------------------------
+
+    def _merge(self, job):
+        """Keep ``job`` if it is newer than this node's copy; True if it was kept."""
+        current = self.get(job["id"])
+        if current is not None and _version(job) <= _version(current):
+            return False
+        self.model.set(("jobs", job["id"]), job)
+        return True
+
+    def _on_remote_change(self, job):
+        if self._merge(job) and job["status"] in FINISHED and job["id"] in self._processes:
+            # Cancelled on another node while it runs here. Stopped in a greenlet of its
+            # own: this listener runs in the cluster's bus reader, which must not wait.
+            self.spawn(self._processes[job["id"]].stop, timeout=self.stop_grace)
+
+    def _on_remote_prune(self, pruned):
+        gone = set(pruned["ids"])
+        jobs = self.model.get("jobs", {})
+        self.model.set("jobs", {key: job for key, job in jobs.items() if key not in gone})
+
+    def _on_sync(self, _request):
+        self.emit("jobs:snapshot", {"jobs": self.jobs()})
+
+    def _on_snapshot(self, snapshot):
+        for job in snapshot["jobs"]:
+            self._merge(job)
+
+
+def _version(job):
+    """Orders the versions of one job: a final state is never undone, then ``rev`` decides.
+
+    The status breaks a tie (two nodes wrote the same rev at once), so every
+    node picks the same winner.
+    """
+    return job["status"] in FINISHED, job["rev"], STATUSES.index(job["status"])
+
+
+class JobRunner(JobWork, QueueService):
+    """Runs queued jobs on this process's workers, one child process per job."""
+
+
+class ClusterJobRunner(JobWork, ClusterQueue):
+    """Runs jobs from the cluster's shared queue: whichever node has a free worker takes the next one.
+
+    At least once: when a node dies mid-job, another node takes the job over
+    after ``visibility_timeout`` and runs it again from the start (the job
+    says 'restarted on <node> (attempt 2)'). When a node stops, its running
+    jobs go back to the queue at once, marked queued, instead of being
+    cancelled.
+    """
+
+    def __init__(self, model, *, node, **options):
+        super().__init__(model, **options)
+        self.node = node
+
+    def on_workers_stopping(self):
+        # ClusterQueue stops the workers next and hands their jobs back to the shared
+        # queue; the job's process ends with its worker (handle_item's finally). No
+        # _closing here: a job is never cancelled because one node stops.
+        for job_id in list(self._processes):
+            note = "%s stopped: back in the queue" % self.node
+            job = self.get(job_id)
+            if job is not None and job["status"] == "running":
+                self._patch(job_id, status="queued", pid=None,
+                            output=(job["output"] + [note])[-OUTPUT_TAIL:])
+
+    def handle_item(self, item):
+        # The job may reach this node's queue before its 'jobs:changed' event does.
+        self._merge(item["job"])
+        super().handle_item(item)
 
 
 class HostMonitor(Service):
@@ -248,6 +364,7 @@ class HostMonitor(Service):
     def __init__(self, store, runner, *, interval=1.0):
         super().__init__()
         self.store = store
+        self.node = runner.node
         self.runner = runner
         self.sample_interval = interval
 
@@ -260,73 +377,95 @@ class HostMonitor(Service):
     def sample(self):
         load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
         counts = self.runner.counts()
-        return {
+        sample = {
             "load": [round(value, 2) for value in load],
             "cpus": os.cpu_count() or 1,
             "running": counts["running"],
             "queued": counts["queued"],
         }
+        if self.node is not None:
+            sample["node"] = self.node  # the page shows which node it is connected to
+        return sample
 
 
 class LiveUpdates(Service):
     """Pushes job and host changes to every connected browser over Socket.IO.
 
-    Job changes are coalesced over ``push_interval`` seconds, then each job
-    that changed is sent once as 'job:update' (pruned ones as 'job:removed');
-    host samples go out as 'host:update'. It starts before the runner and
-    stops after it (see ``create_app``), so the 'cancelled' states the runner
-    writes while it stops are still pushed, by ``on_stop``, before the
-    browsers lose their connection.
+    It relays this process's ``jobs:changed`` and ``jobs:pruned`` events
+    (``origin='local'``): job changes are coalesced over ``push_interval``
+    seconds, then each job that changed is sent once as 'job:update', and
+    pruned ones as 'job:removed'. On a cluster the SocketIO's client
+    manager is the cluster's, so the node that changed a job pushes it to
+    the browsers of every node; relaying the remote copies too would send
+    each update once per node. Host samples go out as 'host:update', on a
+    cluster only to the browsers of this node (its room ``room``).
+
+    It starts before the runner and stops after it (see ``create_app``), so
+    the final states the runner writes while it stops are still pushed, by
+    ``on_stop``, before the browsers lose their connection.
     """
 
     name = "live"
 
-    def __init__(self, socketio, model, host_store, *, push_interval=0.05):
+    def __init__(self, socketio, host_store, *, push_interval=0.05, room=None):
         super().__init__()
         self.socketio = socketio
-        self.model = model
         self.host_store = host_store
         self.push_interval = push_interval
-        self._latest = None
-        self._sent = {}
+        self.room = room
+        self._changed = {}
+        self._removed = set()
 
     def on_start(self):
-        self._sent = self.model.get("jobs", {})
-        self._latest = None
-        self.model.subscribe(self._on_jobs, selector="jobs", owner=self)
+        self._changed, self._removed = {}, set()
+        self.listen("jobs:changed", self._on_job, origin="local")
+        self.listen("jobs:pruned", self._on_pruned, origin="local")
         self.host_store.subscribe(self._on_host, owner=self)
 
     def on_stop(self):
         self._flush()  # the last window: final states written during shutdown
 
-    def _on_jobs(self, jobs, _model):
-        # Runs in the writer's greenlet: remember the latest state and let one
+    def _on_job(self, job):
+        # Runs in the writer's greenlet: keep the latest version and let one
         # timer per window do the sending.
-        pending = self._latest is not None
-        self._latest = jobs or {}
-        if not pending and self.running:
+        self._schedule()
+        self._removed.discard(job["id"])
+        self._changed[job["id"]] = job
+
+    def _on_pruned(self, pruned):
+        self._schedule()
+        for job_id in pruned["ids"]:
+            self._changed.pop(job_id, None)
+            self._removed.add(job_id)
+
+    def _schedule(self):
+        if not (self._changed or self._removed) and self.running:
             self.timeout(self._flush, self.push_interval)
 
     def _flush(self):
-        jobs, self._latest = self._latest, None
-        if jobs is None:
-            return
-        sent = self._sent
-        for job_id, job in jobs.items():
-            if sent.get(job_id) != job:
-                self.socketio.emit("job:update", job)
-        for job_id in sent.keys() - jobs.keys():
+        changed, self._changed = self._changed, {}
+        removed, self._removed = self._removed, set()
+        for job in changed.values():
+            self.socketio.emit("job:update", job)
+        for job_id in removed:
             self.socketio.emit("job:removed", {"id": job_id})
-        self._sent = jobs
 
     def _on_host(self, snapshot, _store):
-        self.socketio.emit("host:update", snapshot)
+        self.socketio.emit("host:update", snapshot, to=self.room)
 
 
 class Housekeeper(Service):
-    """A supervised task that prunes finished jobs: too old, or beyond the newest ``keep``."""
+    """A supervised task that prunes finished jobs: too old, or beyond the newest ``keep``.
+
+    A singleton: on a cluster one node sweeps (the others wait in
+    'standby' and one takes over within ``singleton_ttl`` if it goes), and
+    its ``jobs:pruned`` event removes the jobs from every node's model. On
+    one process it is a plain service.
+    """
 
     name = "jobs.housekeeper"
+    singleton = True
+    singleton_ttl = 5.0
 
     def __init__(self, model, *, interval=10.0, max_age=600.0, keep=50):
         super().__init__()
@@ -348,7 +487,7 @@ class Housekeeper(Service):
         doomed.update(job["id"] for job in finished[:max(0, len(finished) - self.keep)])
         if doomed:
             self.model.set("jobs", {key: job for key, job in jobs.items() if key not in doomed})
-            self.emit("jobs:pruned", {"count": len(doomed)})
+            self.emit("jobs:pruned", {"count": len(doomed), "ids": sorted(doomed)})
         return len(doomed)
 
     def _sweep_forever(self):
@@ -417,6 +556,9 @@ class JobsController(Controller):
         handler.on("jobs:list", self.on_list)
 
     def on_connect(self, auth=None):
+        room = self.service("live").room
+        if room is not None:
+            join_room(room)  # this node's browsers: host samples go to them only
         emit("host:update", self.service("host.store").get())
 
     def on_submit(self, spec):
@@ -476,15 +618,28 @@ def create_app(config=None):
     app = Flask(__name__)
     app.config.update(DEFAULTS)
     app.config.update(config or {})
-    socketio = SocketIO(app, async_mode="gevent")
     cfg = app.config
-
+    queue_options = dict(worker_count=cfg["JOBBOARD_WORKERS"], maxsize=cfg["JOBBOARD_MAX_QUEUE"],
+                         drain_timeout=cfg["JOBBOARD_DRAIN_TIMEOUT"], stop_grace=cfg["JOBBOARD_STOP_GRACE"])
     model = create_model("jobs", {"jobs": {}})
+    cluster = None
+    if cfg["JOBBOARD_REDIS_URL"]:
+        # One node of several: the jobs:* events cross processes, the runner takes
+        # jobs from a queue in Redis, and an emit reaches the browsers of every node.
+        cluster = Cluster(cfg["JOBBOARD_REDIS_URL"], namespace="jobboard", node_id=cfg["JOBBOARD_NODE"],
+                          share=["jobs:*"])
+        socketio = SocketIO(app, async_mode="gevent", client_manager=cluster.socketio_manager())
+        runner = ClusterJobRunner(model, node=cluster.node_id,
+                                  visibility_timeout=cfg["JOBBOARD_VISIBILITY_TIMEOUT"], **queue_options)
+        room = "node:" + cluster.node_id
+    else:
+        socketio = SocketIO(app, async_mode="gevent")
+        runner = JobRunner(model, **queue_options)
+        room = None
+
     host = create_store("host", {"load": [0.0, 0.0, 0.0], "cpus": os.cpu_count() or 1,
                                  "running": 0, "queued": 0})
-    runner = JobRunner(model, worker_count=cfg["JOBBOARD_WORKERS"], maxsize=cfg["JOBBOARD_MAX_QUEUE"],
-                       drain_timeout=cfg["JOBBOARD_DRAIN_TIMEOUT"], stop_grace=cfg["JOBBOARD_STOP_GRACE"])
-    live = LiveUpdates(socketio, model, host, push_interval=cfg["JOBBOARD_PUSH_INTERVAL"])
+    live = LiveUpdates(socketio, host, push_interval=cfg["JOBBOARD_PUSH_INTERVAL"], room=room)
     services = [
         HostMonitor(host, runner, interval=cfg["JOBBOARD_HOST_INTERVAL"]),
         Housekeeper(model, interval=cfg["JOBBOARD_PRUNE_INTERVAL"], max_age=cfg["JOBBOARD_KEEP_SECONDS"],
@@ -504,6 +659,7 @@ def create_app(config=None):
             services=services,
             controllers=[JobsController()],
             signals=signals,
+            cluster=cluster,  # None on one process; else started first, stopped last
         )
 
     return app, socketio, boot_board
@@ -515,14 +671,31 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000)")
     parser.add_argument("--workers", type=int, default=DEFAULTS["JOBBOARD_WORKERS"],
                         help="jobs that run at once (default %(default)s)")
+    parser.add_argument("--redis", metavar="URL",
+                        help="run as one node of a cluster sharing this Redis (redis://host:6379/0)")
+    parser.add_argument("--node", help="this node's name in the cluster (default: <hostname>:<port>)")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be 1 or more")
+    if args.node and not args.redis:
+        parser.error("--node names a node of a cluster: give --redis URL too")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    print("Job board on http://%s:%d/ (Ctrl-C to stop)" % (args.host, args.port), flush=True)
-    _app, _socketio, boot_board = create_app({"JOBBOARD_WORKERS": args.workers})
-    manager = boot_board()
+    # Any setting can also come from the environment: FLASK_JOBBOARD_STOP_GRACE=5 (a JSON value).
+    config = Config(os.getcwd())
+    config.from_prefixed_env()
+    config = {key: value for key, value in config.items() if key.startswith("JOBBOARD_")}
+    config["JOBBOARD_WORKERS"] = args.workers
+    if args.redis:
+        config.update(JOBBOARD_REDIS_URL=args.redis,
+                      JOBBOARD_NODE=args.node or "%s:%d" % (socket.gethostname(), args.port))
+    node = " as node %s" % config["JOBBOARD_NODE"] if args.redis else ""
+    print("Job board on http://%s:%d/%s (Ctrl-C to stop)" % (args.host, args.port, node), flush=True)
+    _app, _socketio, boot_board = create_app(config)
+    try:
+        manager = boot_board()
+    except ConnectionError as exc:  # --redis, and no Redis there: nothing was started
+        raise SystemExit("The job board did not start: %s" % exc)
     manager.run(host=args.host, port=args.port)  # returns after SIGINT/SIGTERM shut everything down
     print("Job board stopped.", flush=True)
 
