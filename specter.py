@@ -646,6 +646,16 @@ _STOP_METHODS = ("stop", "close", "disconnect", "destroy", "terminate", "kill")
 _timer_ids = itertools.count(1)
 
 
+def _life_per_round(loop):
+    """Mark an owned loop that pushes an app context per round (attempt, item) itself.
+
+    Its greenlet then runs outside one: a context held for the loop's whole
+    life would swallow the per-round ones (see _life_task_context).
+    """
+    loop._life_per_round = True
+    return loop
+
+
 def _service_check_init(cls, init):
     """Wrap a Service subclass's own ``__init__`` so that skipping ``super().__init__()`` fails at once.
 
@@ -1199,6 +1209,7 @@ class Service(_Owner):
         timer.cancel()
         return True
 
+    @_life_per_round
     def _supervise(self, callback, args, kwargs, max_restarts, within, label):
         failures = collections.deque()
         while True:
@@ -1453,6 +1464,7 @@ class QueueService(Service):
                 return  # nobody else could finish what is left
             gevent.sleep(0.005)
 
+    @_life_per_round
     def _work(self):
         # Counting in bulk: a worker tallies its items in locals and adds
         # them to the service's counters after every _QUEUE_BATCH items,
@@ -1861,13 +1873,9 @@ def _life_in_app_context(app, fn, *args):
 
 def _life_task_context(app, callback):
     """The context of an owned greenlet's callback; loops that push one per round run outside it."""
-    if app is None or getattr(callback, "__func__", None) in _LIFE_PER_ROUND:
+    if app is None or getattr(callback, "_life_per_round", False):
         return _LIFE_NO_CONTEXT
     return _life_app_context(app)
-
-
-# Loops that push a context per round themselves (per attempt, per item).
-_LIFE_PER_ROUND = frozenset((Service._supervise, QueueService._work))
 
 
 ###############################################################################
@@ -2272,8 +2280,7 @@ class Cache:
             bus.off(event, self._on_dependency)
         self._depends_on = ()
         self._callbacks = ()
-        self._value = None
-        self._expires = -math.inf
+        self._clear()  # a computation still in flight must not fill a destroyed cache
         if self._shared:
             _cluster_cache_unregister(self)
 
@@ -6629,6 +6636,7 @@ class ClusterQueue(QueueService):
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    @_life_per_round
     def _cq_work(self):
         get, handle, handling = self.queue.get, self.handle_item, self._handling
         if self._specter_app is not None:  # a fresh app context per item, as QueueService does

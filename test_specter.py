@@ -4175,6 +4175,21 @@ class TestCache(SpecterTestCase):
                 specter.bus.emit("src:invalidated")
                 self.assertEqual(callback.count, 0)
 
+    def test_a_computation_in_flight_does_not_fill_a_destroyed_cache(self):
+        cache = create_cache("late")
+        gate = gevent.event.Event()
+
+        def slow():
+            gate.wait(WAIT)
+            return "late"
+        computing = gevent.spawn(cache.get_or_compute, slow)
+        gevent.sleep(0)
+        cache.destroy()
+        gate.set()
+        self.assertEqual(computing.get(timeout=WAIT), "late")  # its caller still gets its value
+        self.assertFalse(cache.is_valid())
+        self.assertIsNone(cache.get())
+
     def test_owned_by_a_service(self):
         svc = self.started(Service("holder"))
         cache = svc.own(create_cache("owned", depends_on=["src"]))
@@ -10168,6 +10183,26 @@ class TestClusterQueue(ClusterTestCase):
         self.assertTrue(queue.join(timeout=5))
         self.assertEqual(queue.handled, ["flaky", "bad"])
         self.assertEqual(queue.dead_letters(), [])
+
+    def test_each_item_of_an_app_bound_queue_gets_its_own_app_context(self):
+        app = Flask(__name__)
+        teardowns = Recorder()
+        app.teardown_appcontext(teardowns)
+        seen = []
+
+        class Items(RecordingQueue):
+            def handle_item(self, item):
+                seen.append((flask.current_app.name, teardowns.count))
+                super().handle_item(item)
+        queue = Items(worker_count=1)
+        manager = boot(app, None, services=[queue], cluster=self.redis_server.url, signals=False)
+        self.addCleanup(manager.shutdown)
+        for number in range(3):
+            self.assertTrue(queue.enqueue(number))
+        self.assertTrue(queue.join(timeout=5))
+        self.assertEqual([name for name, _ in seen], [app.name] * 3)
+        first = seen[0][1]
+        self.assertEqual([count for _, count in seen], [first, first + 1, first + 2])  # popped after each item
 
     def test_an_item_of_a_killed_node_is_finished_by_another(self):
         self.join()
