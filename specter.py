@@ -2679,21 +2679,14 @@ class Field:
     """
 
     __slots__ = ("type", "required", "default", "choices", "validator", "label", "min", "max",
-                 "min_length", "max_length", "pattern", "items", "_coerce")
+                 "min_length", "max_length", "pattern", "items")
 
     def __init__(self, type=str, *, required=False, default=None, choices=None, validator=None,
                  label=None, min=None, max=None, min_length=None, max_length=None, pattern=None,
                  items=None):
         # Built-in types are looked up by identity: hashing ``type`` would fail
         # for an unhashable callable coercer (a dataclass instance, say).
-        builtin = _schema_builtin(type)
-        if isinstance(type, Schema):
-            coerce = None
-        elif builtin is not None:
-            coerce = _SCHEMA_COERCERS[builtin]
-        elif callable(type):
-            coerce = type
-        else:
+        if not (isinstance(type, Schema) or _schema_builtin(type) is not None or callable(type)):
             raise TypeError("Field type must be a type, a callable coercer or a Schema, got %s"
                             % _describe(type))
         if validator is not None:
@@ -2729,7 +2722,6 @@ class Field:
         self.max_length = max_length
         self.pattern = pattern
         self.items = items
-        self._coerce = coerce
 
     def make_default(self) -> Any:
         """The default for an absent field: a factory's result, or a copy of a list/dict.
@@ -4579,8 +4571,7 @@ class ServiceManager(Service):
         try:
             if booting is not None:
                 self._cancel_boot(booting)
-            steps = [handler.teardown for handler in reversed(self._handlers)]
-            steps += [service.stop for service in reversed(self._services)]
+            steps = self._teardown_steps(self._services)
             steps += [self._disconnect_clients, self._end_socketio_tasks, self._ingress.clear, self.stop, registry.clear,
                       self._stop_server]
             _run_all(steps, self._record_error)
@@ -4693,8 +4684,7 @@ class ServiceManager(Service):
         """Undo a boot: handlers torn down, started services stopped in reverse, the manager stopped."""
         self._boot_phase = "rolling back"
         self._booted = False
-        steps = [handler.teardown for handler in reversed(self._handlers)]
-        steps += [service.stop for service in reversed(started)]
+        steps = self._teardown_steps(started)
         steps += [self.stop, self._remove_signals]
         _run_all(steps, self._record_error)
 
@@ -4753,6 +4743,11 @@ class ServiceManager(Service):
         finally:
             timer.close()
         _web_log.debug("disconnected %d Socket.IO session(s)", count)
+
+    def _teardown_steps(self, services):
+        """Shutdown's and rollback's order: handlers torn down in reverse, then ``services`` stopped in reverse."""
+        return ([handler.teardown for handler in reversed(self._handlers)]
+                + [service.stop for service in reversed(services)])
 
     def _end_socketio_tasks(self):
         """End Engine.IO's service task, so no greenlet of the SocketIO outlives shutdown.
@@ -5382,8 +5377,7 @@ class _WebLoopMonitor:
         if not self._reports:
             return
         first = self._reports[0]
-        while self._reports:
-            self._reports.popleft()
+        self._reports.clear()
         loop = self._hub.loop if self._hub is not None else gevent.get_hub().loop
         loop.update_now()  # the loop's clock when it last polled, before the block, to now
         seconds = loop.now() - first[0]
