@@ -450,15 +450,9 @@ class EventBus:
 
     def _deliver_remote(self, event, data):
         """Run the listeners of an event another node emitted; 'local'-only ones are skipped."""
-        for callback in self._listeners.get(event, ()):
-            if type(callback) is _BusOrigin:
-                if callback.origin == "local":
-                    continue
-                callback = callback.callback
-            try:
-                callback(data)
-            except Exception:
-                _bus_log.exception("listener %s of remote %r raised", _callable_name(callback), event)
+        listeners = (fn.callback if type(fn) is _BusOrigin else fn for fn in self._listeners.get(event, ())
+                     if not (type(fn) is _BusOrigin and fn.origin == "local"))
+        _notify(listeners, (data,), _bus_log, "remote %r: listener %s raised", event)
 
     def _remove(self, event, wrapper):
         return _drop_keyed(self._listeners, event, lambda fn: fn is wrapper) is not None
