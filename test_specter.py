@@ -10424,6 +10424,25 @@ class TestLease(ClusterTestCase):
         self.assertGreater(later.token, first)
         self.assertEventually(lambda: again.held)
 
+    def test_a_manual_clock_drives_renewals_while_validity_stays_on_real_time(self):
+        cluster = self.join()
+        clock = self.use_manual_clock()
+        lease = cluster.lease("clocked", ttl=0.6)
+        self.assertEventually(lambda: lease.held)
+        began = time.monotonic()
+        while time.monotonic() - began < 1.2:  # twice the ttl of real time, renewed by the clock
+            clock.advance(0.2)
+            gevent.sleep(0.05)
+        self.assertTrue(lease.held)
+        self.assertEqual(self.redis.pttl("specter:lease:clocked") > 300, True)
+        began = time.monotonic()
+        clock.advance(3600)  # an hour of the clock's time costs no real time
+        self.assertLess(time.monotonic() - began, 1.0)
+        # The clock stands still now: nothing renews, so the lease runs out on real time, as in Redis.
+        self.assertEventually(lambda: not lease.held, timeout=1.0)
+        self.assertEventually(lambda: self.redis.get("specter:lease:clocked") is None, timeout=0.5)
+        lease.release()
+
     def test_without_a_cluster_singletons_behave_as_plain_ones(self):
         ticks = []
 
