@@ -6513,8 +6513,12 @@ class ClusterQueue(QueueService):
         return bool(added)
 
     def pending_count(self) -> int:
-        """Items waiting in the shared backlog (delayed ones included), not yet taken by any node."""
-        self._cq_refresh()
+        """Items waiting in the shared backlog (delayed ones included), not yet taken by any node.
+
+        ConnectionError (naming the URL) while Redis is unreachable: the
+        shared backlog cannot be known, and a stale figure would mislead.
+        """
+        self._cq_ask("pending_count()", lambda cluster: self._cq_refresh())
         return self._stats["backlog"] + self._stats["delayed"]
 
     def join(self, timeout: Optional[float] = None) -> bool:
@@ -6537,7 +6541,8 @@ class ClusterQueue(QueueService):
     def dead_letters(self, limit: int = 100) -> List[Dict[str, Any]]:
         """The oldest ``limit`` dead letters: id, item, error, deliveries, node, at (epoch seconds)."""
         _check_count(limit, "limit", 1)
-        entries = self._require_cluster()._redis.xrange(self._dead_key, "-", "+", count=limit)
+        entries = self._cq_ask("dead_letters()",
+                               lambda cluster: cluster._redis.xrange(self._dead_key, "-", "+", count=limit))
         return [{"id": entry_id, "item": json.loads(fields["d"]), "error": fields.get("error"),
                  "deliveries": int(fields.get("n", 0)), "node": fields.get("node"),
                  "at": int(entry_id.partition("-")[0]) / 1000.0} for entry_id, fields in entries]
@@ -6548,8 +6553,8 @@ class ClusterQueue(QueueService):
             ids = [_check_name(entry_id, "dead letter id") for entry_id in ids]
             if not ids:
                 return 0
-        cluster = self._require_cluster()
-        moved = cluster._scripts.requeue(keys=[self._stream, self._dead_key], args=ids or [])
+        moved = self._cq_ask("requeue_dead()", lambda cluster: cluster._scripts.requeue(
+            keys=[self._stream, self._dead_key], args=ids or []))
         self._wake.set()
         return int(moved)
 
@@ -6567,6 +6572,26 @@ class ClusterQueue(QueueService):
         if self._cluster is None:
             self._cq_keys(cluster)
         return cluster
+
+    def _cq_ask(self, what, call):
+        """``call(cluster)`` for a caller who waits for Redis's answer; ConnectionError when it cannot have one.
+
+        Like an unreachable Redis at start(): the built-in ConnectionError,
+        naming the queue, the call and the (masked) URL, never redis-py's
+        own exception types, which the caller may not even import. It does
+        not wait for a reconnect: the cluster keeps reconnecting by itself.
+        """
+        cluster = self._require_cluster()
+        if cluster._connected.is_set():
+            try:
+                return call(cluster)
+            except cluster._response_error:
+                raise  # Redis answered: a bug or a foreign key, not a lost connection
+            except cluster._redis_errors as exc:
+                cluster._fault(exc)
+        raise ConnectionError("ClusterQueue %r: %s needs Redis at %s, which cannot be reached now (%s); "
+                              "the cluster reconnects by itself" % (self.name, what, cluster.url,
+                                                                     cluster._redis_error))
 
     def _cq_keys(self, cluster):
         self._stream = cluster._key("queue", self.name)

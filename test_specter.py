@@ -10262,6 +10262,23 @@ class TestClusterQueue(ClusterTestCase):
         self.assertTrue(queue.join(timeout=5))
         self.assertEqual(queue.handled, [1, 2])
 
+    def test_shared_counts_raise_a_connection_error_naming_the_url_while_redis_is_down(self):
+        server = self.own_redis()
+        cluster = self.join(server.url)
+        queue = self.started(RecordingQueue())
+        self.assertEqual(queue.pending_count(), 0)
+        with self.assertLogs("specter.cluster", "WARNING"):
+            server.kill()
+            for call in (queue.pending_count, queue.dead_letters, queue.requeue_dead):
+                with self.assertRaises(ConnectionError) as caught:
+                    call()
+                self.assertNotIsInstance(caught.exception, redis.RedisError)
+                self.assertIn("Redis at %s" % server.url, str(caught.exception))
+                self.assertIn(call.__name__, str(caught.exception))
+            server.start()
+            self.assertEventually(lambda: cluster.connected, timeout=3)
+        self.assertEqual((queue.pending_count(), queue.dead_letters(), queue.requeue_dead()), (0, [], 0))
+
     def test_needs_a_started_cluster(self):
         with self.assertRaisesRegex(RuntimeError, "needs a started Cluster"):
             RecordingQueue().start()
