@@ -6407,7 +6407,7 @@ class Cluster(Service):
 
     def _bus_entry(self, entry_id, fields):
         self._bus_last = entry_id
-        seq = int(fields.get("s", 0))
+        seq = int(fields["s"])  # an entry without one is not ours: skipped (loudly) before it can fake a gap
         if self._bus_seq is not None and seq != self._bus_seq + 1:
             if seq <= self._bus_seq:
                 self._gap("redis lost the shared events (restarted without persistence?)", None)
@@ -6419,7 +6419,7 @@ class Cluster(Service):
             return  # our own: its listeners ran when it was emitted
         self._received += 1
         self._lag = max(0.0, time.time() + self._clock_offset - int(entry_id.partition("-")[0]) / 1000.0)
-        event, data = fields.get("e"), json.loads(fields.get("d", "null"))
+        event, data = fields.get("e"), _cluster_item(fields.get("d", "null"))
         if event:
             bus._deliver_remote(event, data)
         else:
@@ -6543,7 +6543,7 @@ class ClusterQueue(QueueService):
         _check_count(limit, "limit", 1)
         entries = self._cq_ask("dead_letters()",
                                lambda cluster: cluster._redis.xrange(self._dead_key, "-", "+", count=limit))
-        return [{"id": entry_id, "item": json.loads(fields["d"]), "error": fields.get("error"),
+        return [{"id": entry_id, "item": _cluster_item(fields.get("d", "null"), raw=True), "error": fields.get("error"),
                  "deliveries": int(fields.get("n", 0)), "node": fields.get("node"),
                  "at": int(entry_id.partition("-")[0]) / 1000.0} for entry_id, fields in entries]
 
@@ -6665,7 +6665,13 @@ class ClusterQueue(QueueService):
             self._idle -= 1
             handling[me] = entry_id
             try:
-                handle(json.loads(payload))
+                try:
+                    item = _cluster_item(payload)
+                except ValueError as exc:
+                    # No node can ever handle it: buried at once, retrying cannot help.
+                    self._cq_failed(entry_id, payload, deliveries, "not a JSON item: %s" % exc, retry=False)
+                    continue
+                handle(item)
             except _CALLBACK_ERRORS as exc:
                 self._failed += 1
                 self._record_error(me.name)
@@ -6681,14 +6687,14 @@ class ClusterQueue(QueueService):
                 self._idle += 1
                 self._wake.set()
 
-    def _cq_failed(self, entry_id, payload, deliveries, error):
-        if deliveries < self.max_deliveries:
+    def _cq_failed(self, entry_id, payload, deliveries, error, retry=True):
+        if retry and deliveries < self.max_deliveries:
             delay = self.retry_backoff[min(deliveries, len(self.retry_backoff)) - 1]
             self._cq_settle(entry_id, payload, deliveries, error, int(delay * 1000))
             return
         self._cq_settle(entry_id, payload, deliveries, error, -1)
         try:
-            self.on_dead_letter(json.loads(payload), error, deliveries)
+            self.on_dead_letter(_cluster_item(payload, raw=True), error, deliveries)
         except Exception:
             self._record_error("on_dead_letter")
 
@@ -7196,7 +7202,9 @@ def _cluster_client(redis, url, options, cluster):
     """A redis-py client whose connections never block the hub, patched or not."""
     kwargs = redis.connection.parse_url(url)
     base = kwargs.pop("connection_class", redis.connection.Connection)
-    kwargs.update(decode_responses=True, socket_timeout=cluster.socket_timeout,
+    # 'surrogateescape': one entry that is not UTF-8 (written by another program) must not
+    # make a whole reply undecodable, which would wedge the reader that fetched it for ever.
+    kwargs.update(decode_responses=True, encoding_errors="surrogateescape", socket_timeout=cluster.socket_timeout,
                   socket_connect_timeout=cluster.connect_timeout, retry=None)
     kwargs.update(options)
     if not gevent.monkey.is_module_patched("select") and "parser_class" not in options:
@@ -7294,6 +7302,28 @@ def _cluster_json(value, what):
     except (TypeError, ValueError) as exc:
         raise TypeError("%s must be JSON-serialisable (dicts, lists, strings, numbers, booleans, None): %s"
                         % (what, exc)) from None
+
+
+def _cluster_item(payload, raw=False):
+    """A queue item or shared event payload read from Redis; ValueError if it is not UTF-8 JSON.
+
+    SPECTER writes ASCII JSON. Text another program wrote that was not
+    UTF-8 arrives with surrogate escapes (see _cluster_client) and is
+    refused here, like text that is not JSON. With ``raw``, such a payload
+    is returned as its text instead (dead letters show what they hold).
+    """
+    try:
+        if not payload.isascii():
+            try:
+                payload.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a surrogate escape stands for a byte that was not UTF-8
+                raise ValueError("its bytes are not UTF-8 (byte 0x%02x at position %d)"
+                                 % (ord(payload[exc.start]) - 0xDC00, exc.start)) from None
+        return json.loads(payload)
+    except ValueError:
+        if raw:
+            return payload
+        raise
 
 
 def _cluster_detach():

@@ -10077,6 +10077,22 @@ class TestClusterBus(ClusterTestCase):
         self.assertTrue(specter.bus.off("x", local))
         self.assertFalse(specter.bus.has_listeners("x"))
 
+    def test_a_foreign_or_undecodable_entry_is_skipped_and_delivery_goes_on(self):
+        self.join(share=["job:*"])
+        heard = Recorder()
+        self.addCleanup(specter.bus.on("job:x", heard))
+        gaps = Recorder()
+        self.addCleanup(specter.bus.on("cluster:gap", gaps))
+        with self.assertLogs("specter.cluster", "ERROR") as logs:
+            self.redis.xadd("specter:bus", {"n": "elsewhere", "s": 1, "e": "job:x", "d": b'"caf\xe9"'})
+            self.redis.xadd("specter:bus", {"note": "another program's entry"})
+            self.redis.xadd("specter:bus", {"n": "elsewhere", "s": 2, "e": "job:x", "d": "2"})
+            self.assertEventually(lambda: heard.count, timeout=3)
+        self.assertEqual(heard.firsts, [2])
+        self.assertEqual(gaps.count, 0)
+        self.assertEqual(len(logs.records), 2)
+        self.assertIn("not UTF-8", "\n".join(logs.output))
+
     def test_a_trimmed_read_position_is_reported_as_a_gap(self):
         cluster = self.join(share=["job:*"])
         gaps = []
@@ -10278,6 +10294,21 @@ class TestClusterQueue(ClusterTestCase):
             server.start()
             self.assertEventually(lambda: cluster.connected, timeout=3)
         self.assertEqual((queue.pending_count(), queue.dead_letters(), queue.requeue_dead()), (0, [], 0))
+
+    def test_an_entry_that_is_not_utf8_json_is_buried_at_once_and_the_queue_goes_on(self):
+        self.join()
+        queue = self.started(RecordingQueue(retry_backoff=60))
+        self.redis.xadd("specter:queue:jobs", {"d": b'"caf\xe9"', "a": 0})  # written by another program
+        self.redis.xadd("specter:queue:jobs", {"d": "{not json", "a": 0})
+        self.assertTrue(queue.enqueue("fine"))
+        self.assertTrue(queue.join(timeout=3), "a poison entry wedged the queue")
+        self.assertEqual((queue.handled, queue.started_items), (["fine"], ["fine"]))
+        self.assertEqual([(item, deliveries) for item, _, deliveries in queue.dead],
+                         [('"caf\udce9"', 1), ("{not json", 1)])
+        letters = queue.dead_letters()
+        self.assertIn("not UTF-8 (byte 0xe9 at position 4)", letters[0]["error"])
+        self.assertIn("not a JSON item", letters[1]["error"])
+        self.assertEqual(queue.health()["last_error"], None)
 
     def test_needs_a_started_cluster(self):
         with self.assertRaisesRegex(RuntimeError, "needs a started Cluster"):
