@@ -6322,10 +6322,22 @@ class Cluster(Service):
             self._lost.clear()
             self._connected.set()
             _cluster_log.info("Redis at %s is back after %d attempt(s)", self.url, failures)
-            self._gap(reason, None)  # and shared caches invalidate: anything may have changed meanwhile
+            if reason:
+                self._gap(reason, None)  # which invalidates the shared caches too
+            else:
+                # Nothing was missed (the read position held), but the contract has shared
+                # caches reload after any reconnect: cheap, and never stale.
+                self._invalidate_shared_caches()
 
     def _restore_bus(self):
-        """After a reconnect: why this node may have missed shared events."""
+        """After a reconnect: why shared events may have been missed, or None when none were.
+
+        The read position survives a lost connection, so reading on from it
+        misses nothing unless Redis lost the stream, or some node dropped
+        emits while it could not reach Redis. This node reports its own
+        drops here, and tells the others with a marker entry in the stream
+        (each of them emits 'cluster:gap' when it reads it).
+        """
         reasons = []
         seq = self._redis.get(self._key("bus", "seq"))
         if self._bus_seq is not None and (seq is None or int(seq) < self._bus_seq):
@@ -6334,8 +6346,10 @@ class Cluster(Service):
             self._bus_last = "0-0"
         if self._dropped_unreported:
             reasons.append("%d shared emit(s) of this node were dropped" % self._dropped_unreported)
+            self._outbox.appendleft(("", json.dumps({"dropped": self._dropped_unreported})))
+            self._outbox_ready.set()
             self._dropped_unreported = 0
-        return "; ".join(reasons) if reasons else "reconnected after losing Redis"
+        return "; ".join(reasons) or None
 
     def _gap(self, reason, missed):
         self._gaps += 1
@@ -6422,11 +6436,16 @@ class Cluster(Service):
         event, data = fields.get("e"), _cluster_item(fields.get("d", "null"))
         if event:
             bus._deliver_remote(event, data)
+        elif type(data) is dict:  # no event name and an object: another node's report of dropped emits
+            dropped = int(data["dropped"])
+            self._gap("node %s dropped %d shared emit(s) while it could not reach Redis"
+                      % (fields.get("n"), dropped), dropped)
         else:
             self._apply_remote_invalidation(data)
 
     def _publish_invalidation(self, name):
-        # An empty event name marks a cache invalidation: no bus event can have one.
+        # An empty event name marks a cache invalidation (the cache's name, a string) or a
+        # report of dropped emits (an object): no bus event can have an empty name.
         self._share_publish(("", json.dumps(name)))
 
     def _apply_remote_invalidation(self, name):

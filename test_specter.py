@@ -9999,6 +9999,56 @@ class TestCluster(ClusterTestCase):
         self.assertEqual(cluster.health()["reconnects"], 1)
         self.assertFalse(cache.is_valid())
 
+    def test_a_reconnect_that_missed_nothing_is_no_gap_but_shared_caches_reload(self):
+        cluster = self.join(share=["x:*"])
+        gaps = Recorder()
+        self.addCleanup(specter.bus.on("cluster:gap", gaps))
+        cache = create_cache("prices", shared=True)
+        self.addCleanup(cache.destroy)
+        cache.set(1)
+        heard = Recorder()
+        self.addCleanup(specter.bus.on("x:event", heard))
+
+        def another_node_emits(number):
+            self.redis.xadd("specter:bus", {"n": "elsewhere", "s": self.redis.incr("specter:bus:seq"),
+                                            "e": "x:event", "d": number})
+            self.assertEventually(lambda: heard.count == number, timeout=3)
+        another_node_emits(1)  # the reader now waits in XREAD on its connection
+        with self.assertLogs("specter.cluster", "WARNING"):
+            self.redis.client_kill_filter(_type="normal", skipme=True)  # this node's connections, not Redis
+            self.assertEventually(lambda: cluster.health()["reconnects"] >= 1 and cluster.connected, timeout=3)
+        another_node_emits(2)  # read on from the kept position
+        self.assertEqual((gaps.count, cluster.health()["gaps"]), (0, 0))
+        self.assertFalse(cache.is_valid())
+
+    def test_emits_another_node_dropped_while_redis_was_down_are_a_gap_here(self):
+        server = self.own_redis(appendonly=True)  # the stream survives: only the drops were missed
+        self.join(server.url, share=["x:*"])
+        ticks = Recorder()
+        self.addCleanup(specter.bus.on("x:tick", ticks))
+        node = self.node("node-b", """
+            cluster.share("x:*")
+
+            def emit_forever():
+                for number in range(100000):
+                    specter.bus.emit("x:tick", number)
+                    gevent.sleep(0.02)
+            gevent.spawn(emit_forever)
+            serve()
+        """, url=server.url)
+        node.wait_for("ready")
+        self.assertEventually(lambda: ticks.count, timeout=3)
+        gaps = Recorder()
+        self.addCleanup(specter.bus.on("cluster:gap", gaps))
+        with self.assertLogs("specter.cluster", "WARNING"):
+            server.kill()
+            gevent.sleep(0.3)  # node-b drops its emits meanwhile
+            server.start()
+            self.assertEventually(lambda: gaps.count, timeout=5)
+        [[gap]] = gaps.calls
+        self.assertIn("node node-b dropped", gap["reason"])
+        self.assertGreater(gap["missed"], 0)
+
     def test_health_reports_the_contract_fields(self):
         cluster = self.join()
         health = cluster.health()
