@@ -6503,6 +6503,7 @@ class ClusterQueue(QueueService):
         self._idle = 0
         self._stats = {"backlog": None, "pending": None, "delayed": None, "dead": None}
         self._dead_count = 0
+        self._lost_claims = 0  # items finished here after another node had reclaimed them
 
     def on_dead_letter(self, item: Any, error: str, deliveries: int) -> None:
         """Called on the node that buried ``item`` after its last failed delivery."""
@@ -6722,15 +6723,18 @@ class ClusterQueue(QueueService):
         cluster = self._cluster
         while True:
             try:
-                cluster._scripts.settle(
+                settled = cluster._scripts.settle(
                     keys=[self._stream, self._delayed_key, self._dead_key],
-                    args=[self.group, entry_id, payload, deliveries, error, delay, cluster.node_id])
+                    args=[self.group, cluster.node_id, entry_id, payload, deliveries, error, delay])
                 break
             except cluster._redis_errors as exc:
                 cluster._fault(exc)
                 if not cluster._await_connection(self.visibility_timeout):
                     return  # still down: the entry stays pending and is redelivered later
         self._in_hand.pop(entry_id, None)
+        if not settled:
+            self._cq_lost_claims([entry_id])
+            return
         if delay < 0:
             self._dead_count += 1
         else:
@@ -6811,8 +6815,7 @@ class ClusterQueue(QueueService):
         while self._acks:
             ids, self._acks = self._acks, []
             try:
-                cluster._redis.pipeline(transaction=True).xack(self._stream, self.group, *ids) \
-                    .xdel(self._stream, *ids).execute()
+                stale = cluster._scripts.ack(keys=[self._stream], args=[self.group, cluster.node_id, *ids])
             except BaseException as exc:
                 self._acks = ids + self._acks
                 if not isinstance(exc, cluster._redis_errors):
@@ -6823,16 +6826,27 @@ class ClusterQueue(QueueService):
                 continue
             for entry_id in ids:
                 self._in_hand.pop(entry_id, None)
+            if stale:
+                self._cq_lost_claims(stale)
+
+    def _cq_lost_claims(self, ids):
+        """Items finished here after another node reclaimed them: say so, they may have run twice."""
+        self._lost_claims += len(ids)
+        _cluster_log.warning(
+            "%s: %d item(s) finished here were no longer this node's: reclaimed by another node (this "
+            "node was paused or stalled past visibility_timeout=%s s), so maybe handled twice, or lost "
+            "by Redis; their owner, if any, settles them: %s",
+            self.name, len(ids), self.visibility_timeout, ", ".join(ids[:10]))
 
     def _cq_release(self, ids):
         """Hand entries this node holds back to the shared backlog (their attempts unchanged)."""
         cluster = self._cluster
-        args = [self.group]
+        args = [self.group, cluster.node_id]
         for entry_id in ids:
             payload, attempts = self._in_hand.pop(entry_id, (None, 0))
             if payload is not None:
                 args += (entry_id, payload, attempts)
-        if len(args) == 1 or not cluster._connected.is_set():
+        if len(args) == 2 or not cluster._connected.is_set():
             return
         try:
             cluster._scripts.release(keys=[self._stream], args=args)
@@ -6856,9 +6870,9 @@ class ClusterQueue(QueueService):
                     now = _monotonic()
                     if now >= next_beat:
                         next_beat = now + self.visibility_timeout / 3
-                        if self._in_hand:
-                            cluster._redis.xclaim(self._stream, self.group, cluster.node_id, 0,
-                                                  list(self._in_hand), justid=True)
+                        if self._in_hand:  # only those still ours: never take one back from its new owner
+                            cluster._scripts.keep(keys=[self._stream],
+                                                  args=[self.group, cluster.node_id, *self._in_hand])
                     if now >= next_claim:
                         next_claim = now + self.visibility_timeout / 2
                         self._cq_reclaim(vt_ms)
@@ -6904,7 +6918,8 @@ class ClusterQueue(QueueService):
         self._stats = {"backlog": max(0, length - pending), "pending": pending, "delayed": delayed, "dead": dead}
 
     def _cq_stats(self):
-        return dict(self._stats, in_hand=len(self._in_hand), dead_here=self._dead_count)
+        return dict(self._stats, in_hand=len(self._in_hand), dead_here=self._dead_count,
+                    lost_claims=self._lost_claims)
 
 
 class Lease:
@@ -7120,21 +7135,55 @@ class _ClusterScripts:
     return math.max(0, tonumber(nxt[2]) - now)
     """
 
-    SETTLE = """
-    if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-    redis.call('XDEL', KEYS[1], ARGV[2])
-    if tonumber(ARGV[6]) < 0 then
-      redis.call('XADD', KEYS[3], '*', 'd', ARGV[3], 'n', ARGV[4], 'error', ARGV[5], 'node', ARGV[7], 'id', ARGV[2])
+    # Whether the pending entry ``id`` is this node's (group ARGV[1], node ARGV[2]). A node
+    # paused past visibility_timeout finds its item reclaimed by another: its late
+    # acknowledgement, retry, hand-back or claim heartbeat must leave it to the new owner.
+    OWNED = """
+    local function owned(id)
+      local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], id, id, 1)  -- an error: Redis lost the group
+      return p.err == nil and #p > 0 and p[1][2] == ARGV[2]
+    end
+    """
+
+    ACK = OWNED + """
+    local stale = {}
+    for i = 3, #ARGV do
+      if owned(ARGV[i]) then
+        redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+        redis.call('XDEL', KEYS[1], ARGV[i])
+      else
+        table.insert(stale, ARGV[i])
+      end
+    end
+    return stale
+    """
+
+    KEEP = OWNED + """
+    local stale = {}
+    for i = 3, #ARGV do
+      if owned(ARGV[i]) then redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+      else table.insert(stale, ARGV[i]) end
+    end
+    return stale
+    """
+
+    SETTLE = OWNED + """
+    if not owned(ARGV[3]) then return 0 end
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+    redis.call('XDEL', KEYS[1], ARGV[3])
+    if tonumber(ARGV[7]) < 0 then
+      redis.call('XADD', KEYS[3], '*', 'd', ARGV[4], 'n', ARGV[5], 'error', ARGV[6], 'node', ARGV[2], 'id', ARGV[3])
     else
     """ + NOW + """
-      redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), cjson.encode({ARGV[2], tonumber(ARGV[4]), ARGV[3]}))
+      redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), cjson.encode({ARGV[3], tonumber(ARGV[5]), ARGV[4]}))
     end
     return 1
     """
 
-    RELEASE = """
-    for i = 2, #ARGV, 3 do
-      if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    RELEASE = OWNED + """
+    for i = 3, #ARGV, 3 do
+      if owned(ARGV[i]) then
+        redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
         redis.call('XDEL', KEYS[1], ARGV[i])
         redis.call('XADD', KEYS[1], '*', 'd', ARGV[i + 1], 'a', ARGV[i + 2])
       end
@@ -7178,7 +7227,7 @@ class _ClusterScripts:
     """
 
     def __init__(self, client, no_script):
-        for name in ("nodes", "emit", "enqueue", "promote", "settle", "release", "requeue",
+        for name in ("nodes", "emit", "enqueue", "promote", "ack", "keep", "settle", "release", "requeue",
                      "acquire", "renew", "release_lease"):
             setattr(self, name, _ClusterScript(client, getattr(self, name.upper()), no_script))
 

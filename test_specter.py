@@ -10261,6 +10261,27 @@ class TestClusterQueue(ClusterTestCase):
         dones = len(queue.handled) + len(other.records("done"))
         self.assertEqual((starts, dones), (1, 1))
 
+    def test_a_node_paused_past_the_visibility_timeout_leaves_the_reclaimed_item_to_its_new_owner(self):
+        self.join()
+        paused = self.node("node-b", QUEUE_NODE, VT="0.6", WORKERS="1")
+        paused.wait_for("ready")
+        item = {"id": 1, "nap_on": "node-b", "nap": 0.3, "sleep": 1.5}  # 0.3 s there, 1.5 s here
+        self.redis.xadd("specter:queue:jobs", {"d": json.dumps(item), "a": 0})
+        paused.wait_for("start")
+        paused.signal(signal.SIGSTOP)
+        queue = self.started(RecordingQueue(visibility_timeout=0.6))
+        self.assertEventually(lambda: queue.started_items, timeout=3)  # reclaimed here
+        paused.signal(signal.SIGCONT)
+        paused.wait_for("done")  # its handler ends late; its claim heartbeat runs again too
+        gevent.sleep(0.4)
+        pending = self.redis.xpending_range("specter:queue:jobs", "specter", "-", "+", 10)
+        self.assertEqual([entry["consumer"] for entry in pending], ["test-node"],
+                         "the paused node's late ack or heartbeat took the item from its new owner")
+        self.assertTrue(queue.join(timeout=3))
+        self.assertEqual(queue.handled, [item])
+        self.assertEqual(queue.health()["cluster"]["lost_claims"], 0)
+        self.assertIn("no longer this node's", "".join(paused.errors))
+
     def test_stop_hands_the_backlog_to_the_other_nodes(self):
         self.join()
         leaving = self.node("node-b", QUEUE_NODE, WORKERS="1")
