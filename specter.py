@@ -6656,17 +6656,21 @@ class ClusterQueue(QueueService):
             self.queue.get_nowait()  # back to the backlog below, with the other unfinished ones
         own = self._handling.get(current)  # a worker stopping its own queue: its item is finished after
         deadline = _monotonic() + self.drain_timeout
-        while any(worker is not current for worker in self._handling) and _monotonic() < deadline:
-            gevent.sleep(0.005)
-        for worker in self._workers:
-            if worker is not current:
-                self.cancel_greenlet(worker)  # idle ones end at once; one past drain_timeout is interrupted
-        self._cq_flush_acks()
-        # Fetched but not started, or interrupted: back to the shared backlog at once, for the
-        # other nodes; an interrupted attempt does not count against the item.
-        self._cq_release([entry_id for entry_id in self._in_hand if entry_id != own])
-        self._refresh_counters()
-        self._workers = ()
+        try:
+            while any(worker is not current for worker in self._handling) and _monotonic() < deadline:
+                gevent.sleep(0.005)
+        finally:
+            # Also when stop() itself is interrupted (a Timeout around it): what this node
+            # holds goes back now, not after visibility_timeout on another node.
+            for worker in self._workers:
+                if worker is not current:
+                    self.cancel_greenlet(worker)  # idle ones end at once; one past drain_timeout is interrupted
+            self._cq_flush_acks()
+            # Fetched but not started, or interrupted: back to the shared backlog at once, for the
+            # other nodes; an interrupted attempt does not count against the item.
+            self._cq_release([entry_id for entry_id in self._in_hand if entry_id != own])
+            self._refresh_counters()
+            self._workers = ()
 
     def _cq_group(self, cluster):
         try:

@@ -10298,6 +10298,22 @@ class TestClusterQueue(ClusterTestCase):
         self.assertEqual(ids, list(range(10)))
         self.assertEqual(leaving.records("dropped"), [])
 
+    def test_a_stop_interrupted_by_a_timeout_still_hands_the_items_back(self):
+        self.join()
+        gate = gevent.event.Event()
+        self.addCleanup(gate.set)
+        queue = self.started(RecordingQueue(worker_count=2, fail=lambda item, n: not gate.wait(10)))
+        for number in range(3):
+            queue.enqueue(number)
+        self.assertEventually(lambda: len(queue.started_items) == 2)
+        with gevent.Timeout(0.2, False):
+            queue.stop()  # interrupted while it waits for the two handlers
+        self.assertEqual(queue.status, "stopped")
+        self.assertEqual(self.redis.xpending("specter:queue:jobs", "specter")["pending"], 0,
+                         "items stayed claimed by a stopped node until visibility_timeout")
+        self.assertEqual(self.redis.xlen("specter:queue:jobs"), 3)
+        self.assertEqual(queue.handled, [])
+
     def test_enqueue_refuses_non_json_and_returns_false_when_it_cannot_queue(self):
         self.join()
         queue = RecordingQueue(maxsize=2)
