@@ -6211,6 +6211,8 @@ class Cluster(Service):
 
     def on_stop(self) -> None:
         bus._attach(None)
+        for queue in list(self._queues):
+            queue.stop()  # stopped after them by boot(); alone, first, so they hand their items back
         for lease in list(self._leases):
             lease.release()  # while Redis is still reachable, so the next holder need not wait
         if self._connected.is_set():

@@ -10314,6 +10314,21 @@ class TestClusterQueue(ClusterTestCase):
         self.assertEqual(self.redis.xlen("specter:queue:jobs"), 3)
         self.assertEqual(queue.handled, [])
 
+    def test_stopping_the_cluster_first_still_hands_the_items_back(self):
+        cluster = self.join()
+        gate = gevent.event.Event()
+        self.addCleanup(gate.set)
+        queue = self.started(RecordingQueue(fail=lambda item, n: not gate.wait(10)))
+        queue.drain_timeout = 0.1
+        for number in range(2):
+            queue.enqueue(number)
+        self.assertEventually(lambda: queue.started_items)
+        cluster.stop()  # Cluster(url).start() alone: its queues stop first, while Redis is reachable
+        queue.stop()
+        self.assertEqual(self.redis.xpending("specter:queue:jobs", "specter")["pending"], 0,
+                         "items stayed claimed by a stopped node until visibility_timeout")
+        self.assertEqual(self.redis.xlen("specter:queue:jobs"), 2)
+
     def test_enqueue_refuses_non_json_and_returns_false_when_it_cannot_queue(self):
         self.join()
         queue = RecordingQueue(maxsize=2)
