@@ -7217,8 +7217,17 @@ class _ClusterScripts:
     return #entries
     """
 
+    # A missing fence counter starts at Redis's time in microseconds (built as a string: Lua
+    # would print so large a number in exponent form), not at 0: after Redis lost its data
+    # the tokens still grow, and a store that saw an older holder's token refuses it still.
     ACQUIRE = """
-    if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return redis.call('INCR', KEYS[2]) end
+    if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+      if redis.call('EXISTS', KEYS[2]) == 0 then
+        local t = redis.call('TIME')
+        redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
+      end
+      return redis.call('INCR', KEYS[2])
+    end
     return 0
     """
 

@@ -10593,6 +10593,21 @@ class TestLease(ClusterTestCase):
         self.assertEventually(lambda: self.redis.get("specter:lease:clocked") is None, timeout=0.5)
         lease.release()
 
+    def test_tokens_still_grow_after_redis_lost_its_data(self):
+        server = self.own_redis()  # no persistence: a restart forgets the fence counter
+        cluster = self.join(server.url)
+        lease = cluster.lease("export", ttl=0.6)
+        self.assertEventually(lambda: lease.held)
+        first = lease.token
+        lost, acquired = Recorder(), Recorder()
+        lease.on_lost(lost)
+        lease.on_acquired(acquired)
+        with self.assertLogs("specter.cluster", "WARNING"):
+            server.kill()
+            server.start()
+            self.assertEventually(lambda: acquired.count, timeout=4)
+        self.assertGreater(lease.token, first, "a store that saw the old token would refuse every write")
+
     def test_without_a_cluster_singletons_behave_as_plain_ones(self):
         ticks = []
 
