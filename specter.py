@@ -6616,9 +6616,11 @@ class ClusterQueue(QueueService):
                                                                      cluster._redis_error))
 
     def _cq_keys(self, cluster):
+        # One kind per key prefix: names may hold ':', so a suffix ('jobs' + ':dead') could
+        # be another queue's name ('jobs:dead') and it would consume these dead letters.
         self._stream = cluster._key("queue", self.name)
-        self._delayed_key = self._stream + ":delayed"
-        self._dead_key = self._stream + ":dead"
+        self._delayed_key = cluster._key("queue-delayed", self.name)
+        self._dead_key = cluster._key("queue-dead", self.name)
 
     def _lifecycle_started(self):
         cluster = self._require_cluster()
@@ -7028,7 +7030,7 @@ class Lease:
 
     def _run(self):
         cluster = self._cluster
-        key, fence = cluster._key("lease", self.name), cluster._key("lease", self.name, "fence")
+        key, fence = cluster._key("lease", self.name), cluster._key("fence", self.name)  # never a lease's name
         ttl_ms = int(self.ttl * 1000)
         margin = self.ttl * 0.01 + 0.05
         while not self._closed:

@@ -10412,6 +10412,17 @@ class TestClusterQueue(ClusterTestCase):
         self.assertIn("not a JSON item", letters[1]["error"])
         self.assertEqual(queue.health()["last_error"], None)
 
+    def test_queues_whose_names_extend_each_other_never_share_keys(self):
+        self.join()
+        jobs = self.started(RecordingQueue("jobs", max_deliveries=1, fail=lambda item, n: True))
+        other = self.started(RecordingQueue("jobs:dead"))
+        with self.assertLogs("specter", "ERROR"):
+            jobs.enqueue("bad")
+            self.assertEventually(lambda: jobs.dead)
+        gevent.sleep(0.2)
+        self.assertEqual(other.started_items, [], "a queue consumed another queue's dead letters")
+        self.assertEqual([letter["item"] for letter in jobs.dead_letters()], ["bad"])
+
     def test_needs_a_started_cluster(self):
         with self.assertRaisesRegex(RuntimeError, "needs a started Cluster"):
             RecordingQueue().start()
@@ -10568,7 +10579,7 @@ class TestLease(ClusterTestCase):
         self.assertEqual((lease.held, lost.count), (False, 1))
         again = cluster.lease("report2", ttl=5)
         self.assertIsNone(self.redis.get("specter:lease:report"))
-        self.redis.set("specter:lease:report2:fence", 41)
+        self.redis.set("specter:fence:report2", 41)
         later = cluster.lease("report", ttl=5)
         self.assertEventually(lambda: later.held)
         self.assertGreater(later.token, first)
