@@ -6300,7 +6300,10 @@ class Cluster(Service):
         return sorted((json.loads(text) for text in infos if text), key=lambda node: node["node_id"])
 
     def _monitor(self):
-        """Heartbeat while connected; after a fault, retry with capped jittered backoff."""
+        """Heartbeat while connected; after a fault, retry with capped jittered backoff.
+
+        Real time even under a ManualClock: Redis counts node liveness in real time.
+        """
         while True:
             if self._connected.is_set():
                 if not self._lost.wait(self.heartbeat):
@@ -7659,7 +7662,7 @@ class ManualClock:
     """A clock a test drives: inside ``with ManualClock() as clock:`` every SPECTER timer uses it.
 
     Intervals, timeouts, ``spawn_later``, supervision backoff, Watcher polls
-    and backoff and Cache TTLs read ``now()`` and wait on this clock, whose
+    and backoff, Cache TTLs and lease renewals read ``now()`` and wait on this clock, whose
     time moves only when ``advance(seconds)`` moves it. ``advance`` runs the
     callbacks that fall due in due-time order (ties in the order they were
     scheduled), in the calling greenlet's turn; after each one it lets every
