@@ -6200,6 +6200,7 @@ class Cluster(Service):
             self._bus_position()
         except redis.RedisError as exc:
             raise ConnectionError("cannot reach Redis at %s: %s" % (self.url, exc)) from None
+        self._lost.clear()  # a fault seen before an earlier stop(): else the monitor would spin on it
         self._connected.set()
         _cluster_active = self
         self.add_cleanup(_cluster_detach)

@@ -10049,6 +10049,27 @@ class TestCluster(ClusterTestCase):
         self.assertIn("node node-b dropped", gap["reason"])
         self.assertGreater(gap["missed"], 0)
 
+    def test_a_cluster_restarted_after_a_fault_keeps_the_hub_running(self):
+        code = textwrap.dedent('''
+            import sys, time, gevent, redis, specter
+            cluster = specter.Cluster(sys.argv[1], node_id="restarted").start()
+            gevent.sleep(0.1)  # its reader now waits in XREAD
+            client = redis.Redis.from_url(sys.argv[1])
+            client.client_kill_filter(_type="normal", skipme=True)
+            while cluster.connected:
+                gevent.sleep(0.001)
+            cluster.stop()  # before the monitor reconnected
+            cluster.start()
+            fired = gevent.event.Event()
+            gevent.spawn_later(0.05, fired.set)
+            print("timer fired" if fired.wait(2) else "timer late")
+            cluster.stop()
+        ''')
+        result = subprocess.run([sys.executable, "-c", code, self.redis_server.url], capture_output=True,
+                                text=True, timeout=NODE_TIMEOUT, env=dict(os.environ, PYTHONPATH=HERE),
+                                start_new_session=True)
+        self.assertEqual(result.stdout.strip(), "timer fired", result.stderr[-2000:])
+
     def test_health_reports_the_contract_fields(self):
         cluster = self.join()
         health = cluster.health()
