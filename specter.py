@@ -6627,6 +6627,7 @@ class ClusterQueue(QueueService):
         self._dead_key = cluster._key("queue-dead", self.name)
 
     def _lifecycle_started(self):
+        self._cluster = None  # restarted: the cluster running now, not the one of an earlier start
         cluster = self._require_cluster()
         self._cq_keys(cluster)
         try:

@@ -10444,6 +10444,19 @@ class TestClusterQueue(ClusterTestCase):
         self.assertEqual(other.started_items, [], "a queue consumed another queue's dead letters")
         self.assertEqual([letter["item"] for letter in jobs.dead_letters()], ["bad"])
 
+    def test_a_queue_restarted_under_a_new_cluster_uses_that_cluster(self):
+        first = specter.Cluster(self.redis_server.url, node_id="first")
+        first.start()
+        queue = RecordingQueue()
+        queue.start()
+        queue.stop()
+        first.stop()
+        self.join()  # a new node in the same process: the same app booted again
+        self.started(queue)
+        self.assertTrue(queue.enqueue(1), "the queue still talks through the stopped cluster")
+        self.assertTrue(queue.join(timeout=3))
+        self.assertEqual(queue.handled, [1])
+
     def test_needs_a_started_cluster(self):
         with self.assertRaisesRegex(RuntimeError, "needs a started Cluster"):
             RecordingQueue().start()
