@@ -1628,7 +1628,7 @@ def _bench_cluster_lease(cfg, cluster):
 
     def spec(count):
         for _ in range(count):
-            scripts.acquire(keys=["specter:lease:b", "specter:lease:b:fence"], args=["me", 10000])
+            scripts.acquire(keys=["specter:lease:b", "specter:fence:b"], args=["me", 10000])
             scripts.release_lease(keys=["specter:lease:b"], args=["me"])
 
     def base(count):

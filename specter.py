@@ -46,6 +46,7 @@ import copy
 import decimal
 import fnmatch
 import functools
+import hashlib
 import heapq
 import inspect
 import io
@@ -6187,13 +6188,14 @@ class Cluster(Service):
         self._redis_errors = (redis.RedisError,)
         self._redis = _cluster_client(redis, self._url, self._options, self)
         self.add_cleanup(self._redis.connection_pool.disconnect)
-        self._scripts = _ClusterScripts(self._redis)
+        self._scripts = _ClusterScripts(self._redis, redis.exceptions.NoScriptError)
         self._started_at = time.time()
         try:
             self._heartbeat()
             self._bus_position()
         except redis.RedisError as exc:
             raise ConnectionError("cannot reach Redis at %s: %s" % (self.url, exc)) from None
+        self._lost.clear()  # a fault seen before an earlier stop(): else the monitor would spin on it
         self._connected.set()
         _cluster_active = self
         self.add_cleanup(_cluster_detach)
@@ -6205,6 +6207,8 @@ class Cluster(Service):
 
     def on_stop(self) -> None:
         bus._attach(None)
+        for queue in list(self._queues):
+            queue.stop()  # stopped after them by boot(); alone, first, so they hand their items back
         for lease in list(self._leases):
             lease.release()  # while Redis is still reachable, so the next holder need not wait
         if self._connected.is_set():
@@ -6292,7 +6296,10 @@ class Cluster(Service):
         return sorted((json.loads(text) for text in infos if text), key=lambda node: node["node_id"])
 
     def _monitor(self):
-        """Heartbeat while connected; after a fault, retry with capped jittered backoff."""
+        """Heartbeat while connected; after a fault, retry with capped jittered backoff.
+
+        Real time even under a ManualClock: Redis counts node liveness in real time.
+        """
         while True:
             if self._connected.is_set():
                 if not self._lost.wait(self.heartbeat):
@@ -6316,10 +6323,22 @@ class Cluster(Service):
             self._lost.clear()
             self._connected.set()
             _cluster_log.info("Redis at %s is back after %d attempt(s)", self.url, failures)
-            self._gap(reason, None)  # and shared caches invalidate: anything may have changed meanwhile
+            if reason:
+                self._gap(reason, None)  # which invalidates the shared caches too
+            else:
+                # Nothing was missed (the read position held), but the contract has shared
+                # caches reload after any reconnect: cheap, and never stale.
+                self._invalidate_shared_caches()
 
     def _restore_bus(self):
-        """After a reconnect: why this node may have missed shared events."""
+        """After a reconnect: why shared events may have been missed, or None when none were.
+
+        The read position survives a lost connection, so reading on from it
+        misses nothing unless Redis lost the stream, or some node dropped
+        emits while it could not reach Redis. This node reports its own
+        drops here, and tells the others with a marker entry in the stream
+        (each of them emits 'cluster:gap' when it reads it).
+        """
         reasons = []
         seq = self._redis.get(self._key("bus", "seq"))
         if self._bus_seq is not None and (seq is None or int(seq) < self._bus_seq):
@@ -6328,8 +6347,10 @@ class Cluster(Service):
             self._bus_last = "0-0"
         if self._dropped_unreported:
             reasons.append("%d shared emit(s) of this node were dropped" % self._dropped_unreported)
+            self._outbox.appendleft(("", json.dumps({"dropped": self._dropped_unreported})))
+            self._outbox_ready.set()
             self._dropped_unreported = 0
-        return "; ".join(reasons) if reasons else "reconnected after losing Redis"
+        return "; ".join(reasons) or None
 
     def _gap(self, reason, missed):
         self._gaps += 1
@@ -6401,7 +6422,7 @@ class Cluster(Service):
 
     def _bus_entry(self, entry_id, fields):
         self._bus_last = entry_id
-        seq = int(fields.get("s", 0))
+        seq = int(fields["s"])  # an entry without one is not ours: skipped (loudly) before it can fake a gap
         if self._bus_seq is not None and seq != self._bus_seq + 1:
             if seq <= self._bus_seq:
                 self._gap("redis lost the shared events (restarted without persistence?)", None)
@@ -6413,14 +6434,19 @@ class Cluster(Service):
             return  # our own: its listeners ran when it was emitted
         self._received += 1
         self._lag = max(0.0, time.time() + self._clock_offset - int(entry_id.partition("-")[0]) / 1000.0)
-        event, data = fields.get("e"), json.loads(fields.get("d", "null"))
+        event, data = fields.get("e"), _cluster_item(fields.get("d", "null"))
         if event:
             bus._deliver_remote(event, data)
+        elif type(data) is dict:  # no event name and an object: another node's report of dropped emits
+            dropped = int(data["dropped"])
+            self._gap("node %s dropped %d shared emit(s) while it could not reach Redis"
+                      % (fields.get("n"), dropped), dropped)
         else:
             self._apply_remote_invalidation(data)
 
     def _publish_invalidation(self, name):
-        # An empty event name marks a cache invalidation: no bus event can have one.
+        # An empty event name marks a cache invalidation (the cache's name, a string) or a
+        # report of dropped emits (an object): no bus event can have an empty name.
         self._share_publish(("", json.dumps(name)))
 
     def _apply_remote_invalidation(self, name):
@@ -6478,6 +6504,7 @@ class ClusterQueue(QueueService):
         self._idle = 0
         self._stats = {"backlog": None, "pending": None, "delayed": None, "dead": None}
         self._dead_count = 0
+        self._lost_claims = 0  # items finished here after another node had reclaimed them
 
     def on_dead_letter(self, item: Any, error: str, deliveries: int) -> None:
         """Called on the node that buried ``item`` after its last failed delivery."""
@@ -6507,8 +6534,12 @@ class ClusterQueue(QueueService):
         return bool(added)
 
     def pending_count(self) -> int:
-        """Items waiting in the shared backlog (delayed ones included), not yet taken by any node."""
-        self._cq_refresh()
+        """Items waiting in the shared backlog (delayed ones included), not yet taken by any node.
+
+        ConnectionError (naming the URL) while Redis is unreachable: the
+        shared backlog cannot be known, and a stale figure would mislead.
+        """
+        self._cq_ask("pending_count()", lambda cluster: self._cq_refresh())
         return self._stats["backlog"] + self._stats["delayed"]
 
     def join(self, timeout: Optional[float] = None) -> bool:
@@ -6531,8 +6562,9 @@ class ClusterQueue(QueueService):
     def dead_letters(self, limit: int = 100) -> List[Dict[str, Any]]:
         """The oldest ``limit`` dead letters: id, item, error, deliveries, node, at (epoch seconds)."""
         _check_count(limit, "limit", 1)
-        entries = self._require_cluster()._redis.xrange(self._dead_key, "-", "+", count=limit)
-        return [{"id": entry_id, "item": json.loads(fields["d"]), "error": fields.get("error"),
+        entries = self._cq_ask("dead_letters()",
+                               lambda cluster: cluster._redis.xrange(self._dead_key, "-", "+", count=limit))
+        return [{"id": entry_id, "item": _cluster_item(fields.get("d", "null"), raw=True), "error": fields.get("error"),
                  "deliveries": int(fields.get("n", 0)), "node": fields.get("node"),
                  "at": int(entry_id.partition("-")[0]) / 1000.0} for entry_id, fields in entries]
 
@@ -6542,8 +6574,8 @@ class ClusterQueue(QueueService):
             ids = [_check_name(entry_id, "dead letter id") for entry_id in ids]
             if not ids:
                 return 0
-        cluster = self._require_cluster()
-        moved = cluster._scripts.requeue(keys=[self._stream, self._dead_key], args=ids or [])
+        moved = self._cq_ask("requeue_dead()", lambda cluster: cluster._scripts.requeue(
+            keys=[self._stream, self._dead_key], args=ids or []))
         self._wake.set()
         return int(moved)
 
@@ -6562,12 +6594,35 @@ class ClusterQueue(QueueService):
             self._cq_keys(cluster)
         return cluster
 
+    def _cq_ask(self, what, call):
+        """``call(cluster)`` for a caller who waits for Redis's answer; ConnectionError when it cannot have one.
+
+        Like an unreachable Redis at start(): the built-in ConnectionError,
+        naming the queue, the call and the (masked) URL, never redis-py's
+        own exception types, which the caller may not even import. It does
+        not wait for a reconnect: the cluster keeps reconnecting by itself.
+        """
+        cluster = self._require_cluster()
+        if cluster._connected.is_set():
+            try:
+                return call(cluster)
+            except cluster._response_error:
+                raise  # Redis answered: a bug or a foreign key, not a lost connection
+            except cluster._redis_errors as exc:
+                cluster._fault(exc)
+        raise ConnectionError("ClusterQueue %r: %s needs Redis at %s, which cannot be reached now (%s); "
+                              "the cluster reconnects by itself" % (self.name, what, cluster.url,
+                                                                     cluster._redis_error))
+
     def _cq_keys(self, cluster):
+        # One kind per key prefix: names may hold ':', so a suffix ('jobs' + ':dead') could
+        # be another queue's name ('jobs:dead') and it would consume these dead letters.
         self._stream = cluster._key("queue", self.name)
-        self._delayed_key = self._stream + ":delayed"
-        self._dead_key = self._stream + ":dead"
+        self._delayed_key = cluster._key("queue-delayed", self.name)
+        self._dead_key = cluster._key("queue-dead", self.name)
 
     def _lifecycle_started(self):
+        self._cluster = None  # restarted: the cluster running now, not the one of an earlier start
         cluster = self._require_cluster()
         self._cq_keys(cluster)
         try:
@@ -6605,17 +6660,21 @@ class ClusterQueue(QueueService):
             self.queue.get_nowait()  # back to the backlog below, with the other unfinished ones
         own = self._handling.get(current)  # a worker stopping its own queue: its item is finished after
         deadline = _monotonic() + self.drain_timeout
-        while any(worker is not current for worker in self._handling) and _monotonic() < deadline:
-            gevent.sleep(0.005)
-        for worker in self._workers:
-            if worker is not current:
-                self.cancel_greenlet(worker)  # idle ones end at once; one past drain_timeout is interrupted
-        self._cq_flush_acks()
-        # Fetched but not started, or interrupted: back to the shared backlog at once, for the
-        # other nodes; an interrupted attempt does not count against the item.
-        self._cq_release([entry_id for entry_id in self._in_hand if entry_id != own])
-        self._refresh_counters()
-        self._workers = ()
+        try:
+            while any(worker is not current for worker in self._handling) and _monotonic() < deadline:
+                gevent.sleep(0.005)
+        finally:
+            # Also when stop() itself is interrupted (a Timeout around it): what this node
+            # holds goes back now, not after visibility_timeout on another node.
+            for worker in self._workers:
+                if worker is not current:
+                    self.cancel_greenlet(worker)  # idle ones end at once; one past drain_timeout is interrupted
+            self._cq_flush_acks()
+            # Fetched but not started, or interrupted: back to the shared backlog at once, for the
+            # other nodes; an interrupted attempt does not count against the item.
+            self._cq_release([entry_id for entry_id in self._in_hand if entry_id != own])
+            self._refresh_counters()
+            self._workers = ()
 
     def _cq_group(self, cluster):
         try:
@@ -6635,7 +6694,13 @@ class ClusterQueue(QueueService):
             self._idle -= 1
             handling[me] = entry_id
             try:
-                handle(json.loads(payload))
+                try:
+                    item = _cluster_item(payload)
+                except ValueError as exc:
+                    # No node can ever handle it: buried at once, retrying cannot help.
+                    self._cq_failed(entry_id, payload, deliveries, "not a JSON item: %s" % exc, retry=False)
+                    continue
+                handle(item)
             except _CALLBACK_ERRORS as exc:
                 self._failed += 1
                 self._record_error(me.name)
@@ -6651,14 +6716,14 @@ class ClusterQueue(QueueService):
                 self._idle += 1
                 self._wake.set()
 
-    def _cq_failed(self, entry_id, payload, deliveries, error):
-        if deliveries < self.max_deliveries:
+    def _cq_failed(self, entry_id, payload, deliveries, error, retry=True):
+        if retry and deliveries < self.max_deliveries:
             delay = self.retry_backoff[min(deliveries, len(self.retry_backoff)) - 1]
             self._cq_settle(entry_id, payload, deliveries, error, int(delay * 1000))
             return
         self._cq_settle(entry_id, payload, deliveries, error, -1)
         try:
-            self.on_dead_letter(json.loads(payload), error, deliveries)
+            self.on_dead_letter(_cluster_item(payload, raw=True), error, deliveries)
         except Exception:
             self._record_error("on_dead_letter")
 
@@ -6667,15 +6732,18 @@ class ClusterQueue(QueueService):
         cluster = self._cluster
         while True:
             try:
-                cluster._scripts.settle(
+                settled = cluster._scripts.settle(
                     keys=[self._stream, self._delayed_key, self._dead_key],
-                    args=[self.group, entry_id, payload, deliveries, error, delay, cluster.node_id])
+                    args=[self.group, cluster.node_id, entry_id, payload, deliveries, error, delay])
                 break
             except cluster._redis_errors as exc:
                 cluster._fault(exc)
                 if not cluster._await_connection(self.visibility_timeout):
                     return  # still down: the entry stays pending and is redelivered later
         self._in_hand.pop(entry_id, None)
+        if not settled:
+            self._cq_lost_claims([entry_id])
+            return
         if delay < 0:
             self._dead_count += 1
         else:
@@ -6756,8 +6824,7 @@ class ClusterQueue(QueueService):
         while self._acks:
             ids, self._acks = self._acks, []
             try:
-                cluster._redis.pipeline(transaction=True).xack(self._stream, self.group, *ids) \
-                    .xdel(self._stream, *ids).execute()
+                stale = cluster._scripts.ack(keys=[self._stream], args=[self.group, cluster.node_id, *ids])
             except BaseException as exc:
                 self._acks = ids + self._acks
                 if not isinstance(exc, cluster._redis_errors):
@@ -6768,16 +6835,27 @@ class ClusterQueue(QueueService):
                 continue
             for entry_id in ids:
                 self._in_hand.pop(entry_id, None)
+            if stale:
+                self._cq_lost_claims(stale)
+
+    def _cq_lost_claims(self, ids):
+        """Items finished here after another node reclaimed them: say so, they may have run twice."""
+        self._lost_claims += len(ids)
+        _cluster_log.warning(
+            "%s: %d item(s) finished here were no longer this node's: reclaimed by another node (this "
+            "node was paused or stalled past visibility_timeout=%s s), so maybe handled twice, or lost "
+            "by Redis; their owner, if any, settles them: %s",
+            self.name, len(ids), self.visibility_timeout, ", ".join(ids[:10]))
 
     def _cq_release(self, ids):
         """Hand entries this node holds back to the shared backlog (their attempts unchanged)."""
         cluster = self._cluster
-        args = [self.group]
+        args = [self.group, cluster.node_id]
         for entry_id in ids:
             payload, attempts = self._in_hand.pop(entry_id, (None, 0))
             if payload is not None:
                 args += (entry_id, payload, attempts)
-        if len(args) == 1 or not cluster._connected.is_set():
+        if len(args) == 2 or not cluster._connected.is_set():
             return
         try:
             cluster._scripts.release(keys=[self._stream], args=args)
@@ -6801,9 +6879,9 @@ class ClusterQueue(QueueService):
                     now = _monotonic()
                     if now >= next_beat:
                         next_beat = now + self.visibility_timeout / 3
-                        if self._in_hand:
-                            cluster._redis.xclaim(self._stream, self.group, cluster.node_id, 0,
-                                                  list(self._in_hand), justid=True)
+                        if self._in_hand:  # only those still ours: never take one back from its new owner
+                            cluster._scripts.keep(keys=[self._stream],
+                                                  args=[self.group, cluster.node_id, *self._in_hand])
                     if now >= next_claim:
                         next_claim = now + self.visibility_timeout / 2
                         self._cq_reclaim(vt_ms)
@@ -6849,7 +6927,8 @@ class ClusterQueue(QueueService):
         self._stats = {"backlog": max(0, length - pending), "pending": pending, "delayed": delayed, "dead": dead}
 
     def _cq_stats(self):
-        return dict(self._stats, in_hand=len(self._in_hand), dead_here=self._dead_count)
+        return dict(self._stats, in_hand=len(self._in_hand), dead_here=self._dead_count,
+                    lost_claims=self._lost_claims)
 
 
 class Lease:
@@ -6952,7 +7031,7 @@ class Lease:
 
     def _run(self):
         cluster = self._cluster
-        key, fence = cluster._key("lease", self.name), cluster._key("lease", self.name, "fence")
+        key, fence = cluster._key("lease", self.name), cluster._key("fence", self.name)  # never a lease's name
         ttl_ms = int(self.ttl * 1000)
         margin = self.ttl * 0.01 + 0.05
         while not self._closed:
@@ -6971,7 +7050,10 @@ class Lease:
                 cluster._fault(exc)
             if self._held and _monotonic() >= self._valid_until:
                 self._lose("expired while Redis could not be reached")
-            gevent.sleep(self.ttl / 3)
+            # Renewals are scheduled on SPECTER's clock (a ManualClock drives them in a
+            # test), but validity stays on the real monotonic clock: Redis expires the
+            # key in real time, so a lease never claims more than Redis grants.
+            _clock.sleep(self.ttl / 3)
 
     def _set_held(self, token, valid_until):
         self._token = token
@@ -7062,21 +7144,55 @@ class _ClusterScripts:
     return math.max(0, tonumber(nxt[2]) - now)
     """
 
-    SETTLE = """
-    if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-    redis.call('XDEL', KEYS[1], ARGV[2])
-    if tonumber(ARGV[6]) < 0 then
-      redis.call('XADD', KEYS[3], '*', 'd', ARGV[3], 'n', ARGV[4], 'error', ARGV[5], 'node', ARGV[7], 'id', ARGV[2])
+    # Whether the pending entry ``id`` is this node's (group ARGV[1], node ARGV[2]). A node
+    # paused past visibility_timeout finds its item reclaimed by another: its late
+    # acknowledgement, retry, hand-back or claim heartbeat must leave it to the new owner.
+    OWNED = """
+    local function owned(id)
+      local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], id, id, 1)  -- an error: Redis lost the group
+      return p.err == nil and #p > 0 and p[1][2] == ARGV[2]
+    end
+    """
+
+    ACK = OWNED + """
+    local stale = {}
+    for i = 3, #ARGV do
+      if owned(ARGV[i]) then
+        redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+        redis.call('XDEL', KEYS[1], ARGV[i])
+      else
+        table.insert(stale, ARGV[i])
+      end
+    end
+    return stale
+    """
+
+    KEEP = OWNED + """
+    local stale = {}
+    for i = 3, #ARGV do
+      if owned(ARGV[i]) then redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+      else table.insert(stale, ARGV[i]) end
+    end
+    return stale
+    """
+
+    SETTLE = OWNED + """
+    if not owned(ARGV[3]) then return 0 end
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+    redis.call('XDEL', KEYS[1], ARGV[3])
+    if tonumber(ARGV[7]) < 0 then
+      redis.call('XADD', KEYS[3], '*', 'd', ARGV[4], 'n', ARGV[5], 'error', ARGV[6], 'node', ARGV[2], 'id', ARGV[3])
     else
     """ + NOW + """
-      redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), cjson.encode({ARGV[2], tonumber(ARGV[4]), ARGV[3]}))
+      redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), cjson.encode({ARGV[3], tonumber(ARGV[5]), ARGV[4]}))
     end
     return 1
     """
 
-    RELEASE = """
-    for i = 2, #ARGV, 3 do
-      if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    RELEASE = OWNED + """
+    for i = 3, #ARGV, 3 do
+      if owned(ARGV[i]) then
+        redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
         redis.call('XDEL', KEYS[1], ARGV[i])
         redis.call('XADD', KEYS[1], '*', 'd', ARGV[i + 1], 'a', ARGV[i + 2])
       end
@@ -7104,8 +7220,17 @@ class _ClusterScripts:
     return #entries
     """
 
+    # A missing fence counter starts at Redis's time in microseconds (built as a string: Lua
+    # would print so large a number in exponent form), not at 0: after Redis lost its data
+    # the tokens still grow, and a store that saw an older holder's token refuses it still.
     ACQUIRE = """
-    if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return redis.call('INCR', KEYS[2]) end
+    if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+      if redis.call('EXISTS', KEYS[2]) == 0 then
+        local t = redis.call('TIME')
+        redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
+      end
+      return redis.call('INCR', KEYS[2])
+    end
     return 0
     """
 
@@ -7119,10 +7244,35 @@ class _ClusterScripts:
     return 0
     """
 
-    def __init__(self, client):
-        for name in ("nodes", "emit", "enqueue", "promote", "settle", "release", "requeue",
+    def __init__(self, client, no_script):
+        for name in ("nodes", "emit", "enqueue", "promote", "ack", "keep", "settle", "release", "requeue",
                      "acquire", "renew", "release_lease"):
-            setattr(self, name, client.register_script(getattr(self, name.upper())))
+            setattr(self, name, _ClusterScript(client, getattr(self, name.upper()), no_script))
+
+
+class _ClusterScript:
+    """One Lua script, called ``script(keys=[...], args=[...])``.
+
+    A bare EVALSHA through the client: redis-py's Script wrapper costs a
+    noticeable share of a lease renewal (an import, tuple copies and a type
+    check per call). After a Redis restart forgot the script, it is loaded
+    again once.
+    """
+
+    __slots__ = ("text", "sha", "execute", "no_script")
+
+    def __init__(self, client, text, no_script):
+        self.text = text
+        self.sha = hashlib.sha1(text.encode("utf-8")).hexdigest()
+        self.execute = client.execute_command
+        self.no_script = no_script
+
+    def __call__(self, keys, args):
+        try:
+            return self.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+        except self.no_script:
+            self.execute("SCRIPT LOAD", self.text)
+            return self.execute("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 def _cluster_import_redis():
@@ -7138,7 +7288,9 @@ def _cluster_client(redis, url, options, cluster):
     """A redis-py client whose connections never block the hub, patched or not."""
     kwargs = redis.connection.parse_url(url)
     base = kwargs.pop("connection_class", redis.connection.Connection)
-    kwargs.update(decode_responses=True, socket_timeout=cluster.socket_timeout,
+    # 'surrogateescape': one entry that is not UTF-8 (written by another program) must not
+    # make a whole reply undecodable, which would wedge the reader that fetched it for ever.
+    kwargs.update(decode_responses=True, encoding_errors="surrogateescape", socket_timeout=cluster.socket_timeout,
                   socket_connect_timeout=cluster.connect_timeout, retry=None)
     kwargs.update(options)
     if not gevent.monkey.is_module_patched("select") and "parser_class" not in options:
@@ -7236,6 +7388,28 @@ def _cluster_json(value, what):
     except (TypeError, ValueError) as exc:
         raise TypeError("%s must be JSON-serialisable (dicts, lists, strings, numbers, booleans, None): %s"
                         % (what, exc)) from None
+
+
+def _cluster_item(payload, raw=False):
+    """A queue item or shared event payload read from Redis; ValueError if it is not UTF-8 JSON.
+
+    SPECTER writes ASCII JSON. Text another program wrote that was not
+    UTF-8 arrives with surrogate escapes (see _cluster_client) and is
+    refused here, like text that is not JSON. With ``raw``, such a payload
+    is returned as its text instead (dead letters show what they hold).
+    """
+    try:
+        if not payload.isascii():
+            try:
+                payload.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a surrogate escape stands for a byte that was not UTF-8
+                raise ValueError("its bytes are not UTF-8 (byte 0x%02x at position %d)"
+                                 % (ord(payload[exc.start]) - 0xDC00, exc.start)) from None
+        return json.loads(payload)
+    except ValueError:
+        if raw:
+            return payload
+        raise
 
 
 def _cluster_detach():
@@ -7486,7 +7660,7 @@ class ManualClock:
     """A clock a test drives: inside ``with ManualClock() as clock:`` every SPECTER timer uses it.
 
     Intervals, timeouts, ``spawn_later``, supervision backoff, Watcher polls
-    and backoff and Cache TTLs read ``now()`` and wait on this clock, whose
+    and backoff, Cache TTLs and lease renewals read ``now()`` and wait on this clock, whose
     time moves only when ``advance(seconds)`` moves it. ``advance`` runs the
     callbacks that fall due in due-time order (ties in the order they were
     scheduled), in the calling greenlet's turn; after each one it lets every

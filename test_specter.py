@@ -10014,6 +10014,77 @@ class TestCluster(ClusterTestCase):
         self.assertEqual(cluster.health()["reconnects"], 1)
         self.assertFalse(cache.is_valid())
 
+    def test_a_reconnect_that_missed_nothing_is_no_gap_but_shared_caches_reload(self):
+        cluster = self.join(share=["x:*"])
+        gaps = Recorder()
+        self.addCleanup(specter.bus.on("cluster:gap", gaps))
+        cache = create_cache("prices", shared=True)
+        self.addCleanup(cache.destroy)
+        cache.set(1)
+        heard = Recorder()
+        self.addCleanup(specter.bus.on("x:event", heard))
+
+        def another_node_emits(number):
+            self.redis.xadd("specter:bus", {"n": "elsewhere", "s": self.redis.incr("specter:bus:seq"),
+                                            "e": "x:event", "d": number})
+            self.assertEventually(lambda: heard.count == number, timeout=3)
+        another_node_emits(1)  # the reader now waits in XREAD on its connection
+        with self.assertLogs("specter.cluster", "WARNING"):
+            self.redis.client_kill_filter(_type="normal", skipme=True)  # this node's connections, not Redis
+            self.assertEventually(lambda: cluster.health()["reconnects"] >= 1 and cluster.connected, timeout=3)
+        another_node_emits(2)  # read on from the kept position
+        self.assertEqual((gaps.count, cluster.health()["gaps"]), (0, 0))
+        self.assertFalse(cache.is_valid())
+
+    def test_emits_another_node_dropped_while_redis_was_down_are_a_gap_here(self):
+        server = self.own_redis(appendonly=True)  # the stream survives: only the drops were missed
+        self.join(server.url, share=["x:*"])
+        ticks = Recorder()
+        self.addCleanup(specter.bus.on("x:tick", ticks))
+        node = self.node("node-b", """
+            cluster.share("x:*")
+
+            def emit_forever():
+                for number in range(100000):
+                    specter.bus.emit("x:tick", number)
+                    gevent.sleep(0.02)
+            gevent.spawn(emit_forever)
+            serve()
+        """, url=server.url)
+        node.wait_for("ready")
+        self.assertEventually(lambda: ticks.count, timeout=3)
+        gaps = Recorder()
+        self.addCleanup(specter.bus.on("cluster:gap", gaps))
+        with self.assertLogs("specter.cluster", "WARNING"):
+            server.kill()
+            gevent.sleep(0.3)  # node-b drops its emits meanwhile
+            server.start()
+            self.assertEventually(lambda: gaps.count, timeout=5)
+        [[gap]] = gaps.calls
+        self.assertIn("node node-b dropped", gap["reason"])
+        self.assertGreater(gap["missed"], 0)
+
+    def test_a_cluster_restarted_after_a_fault_keeps_the_hub_running(self):
+        code = textwrap.dedent('''
+            import sys, time, gevent, redis, specter
+            cluster = specter.Cluster(sys.argv[1], node_id="restarted").start()
+            gevent.sleep(0.1)  # its reader now waits in XREAD
+            client = redis.Redis.from_url(sys.argv[1])
+            client.client_kill_filter(_type="normal", skipme=True)
+            while cluster.connected:
+                gevent.sleep(0.001)
+            cluster.stop()  # before the monitor reconnected
+            cluster.start()
+            fired = gevent.event.Event()
+            gevent.spawn_later(0.05, fired.set)
+            print("timer fired" if fired.wait(2) else "timer late")
+            cluster.stop()
+        ''')
+        result = subprocess.run([sys.executable, "-c", code, self.redis_server.url], capture_output=True,
+                                text=True, timeout=NODE_TIMEOUT, env=dict(os.environ, PYTHONPATH=HERE),
+                                start_new_session=True)
+        self.assertEqual(result.stdout.strip(), "timer fired", result.stderr[-2000:])
+
     def test_health_reports_the_contract_fields(self):
         cluster = self.join()
         health = cluster.health()
@@ -10091,6 +10162,22 @@ class TestClusterBus(ClusterTestCase):
         self.addCleanup(specter.bus.on("x", local, origin="remote"))
         self.assertTrue(specter.bus.off("x", local))
         self.assertFalse(specter.bus.has_listeners("x"))
+
+    def test_a_foreign_or_undecodable_entry_is_skipped_and_delivery_goes_on(self):
+        self.join(share=["job:*"])
+        heard = Recorder()
+        self.addCleanup(specter.bus.on("job:x", heard))
+        gaps = Recorder()
+        self.addCleanup(specter.bus.on("cluster:gap", gaps))
+        with self.assertLogs("specter.cluster", "ERROR") as logs:
+            self.redis.xadd("specter:bus", {"n": "elsewhere", "s": 1, "e": "job:x", "d": b'"caf\xe9"'})
+            self.redis.xadd("specter:bus", {"note": "another program's entry"})
+            self.redis.xadd("specter:bus", {"n": "elsewhere", "s": 2, "e": "job:x", "d": "2"})
+            self.assertEventually(lambda: heard.count, timeout=3)
+        self.assertEqual(heard.firsts, [2])
+        self.assertEqual(gaps.count, 0)
+        self.assertEqual(len(logs.records), 2)
+        self.assertIn("not UTF-8", "\n".join(logs.output))
 
     def test_a_trimmed_read_position_is_reported_as_a_gap(self):
         cluster = self.join(share=["job:*"])
@@ -10230,6 +10317,27 @@ class TestClusterQueue(ClusterTestCase):
         dones = len(queue.handled) + len(other.records("done"))
         self.assertEqual((starts, dones), (1, 1))
 
+    def test_a_node_paused_past_the_visibility_timeout_leaves_the_reclaimed_item_to_its_new_owner(self):
+        self.join()
+        paused = self.node("node-b", QUEUE_NODE, VT="0.6", WORKERS="1")
+        paused.wait_for("ready")
+        item = {"id": 1, "nap_on": "node-b", "nap": 0.3, "sleep": 1.5}  # 0.3 s there, 1.5 s here
+        self.redis.xadd("specter:queue:jobs", {"d": json.dumps(item), "a": 0})
+        paused.wait_for("start")
+        paused.signal(signal.SIGSTOP)
+        queue = self.started(RecordingQueue(visibility_timeout=0.6))
+        self.assertEventually(lambda: queue.started_items, timeout=3)  # reclaimed here
+        paused.signal(signal.SIGCONT)
+        paused.wait_for("done")  # its handler ends late; its claim heartbeat runs again too
+        gevent.sleep(0.4)
+        pending = self.redis.xpending_range("specter:queue:jobs", "specter", "-", "+", 10)
+        self.assertEqual([entry["consumer"] for entry in pending], ["test-node"],
+                         "the paused node's late ack or heartbeat took the item from its new owner")
+        self.assertTrue(queue.join(timeout=3))
+        self.assertEqual(queue.handled, [item])
+        self.assertEqual(queue.health()["cluster"]["lost_claims"], 0)
+        self.assertIn("no longer this node's", "".join(paused.errors))
+
     def test_stop_hands_the_backlog_to_the_other_nodes(self):
         self.join()
         leaving = self.node("node-b", QUEUE_NODE, WORKERS="1")
@@ -10245,6 +10353,37 @@ class TestClusterQueue(ClusterTestCase):
         ids = sorted([item["id"] for item in queue.handled] + [r["item"]["id"] for r in leaving.records("done")])
         self.assertEqual(ids, list(range(10)))
         self.assertEqual(leaving.records("dropped"), [])
+
+    def test_a_stop_interrupted_by_a_timeout_still_hands_the_items_back(self):
+        self.join()
+        gate = gevent.event.Event()
+        self.addCleanup(gate.set)
+        queue = self.started(RecordingQueue(worker_count=2, fail=lambda item, n: not gate.wait(10)))
+        for number in range(3):
+            queue.enqueue(number)
+        self.assertEventually(lambda: len(queue.started_items) == 2)
+        with gevent.Timeout(0.2, False):
+            queue.stop()  # interrupted while it waits for the two handlers
+        self.assertEqual(queue.status, "stopped")
+        self.assertEqual(self.redis.xpending("specter:queue:jobs", "specter")["pending"], 0,
+                         "items stayed claimed by a stopped node until visibility_timeout")
+        self.assertEqual(self.redis.xlen("specter:queue:jobs"), 3)
+        self.assertEqual(queue.handled, [])
+
+    def test_stopping_the_cluster_first_still_hands_the_items_back(self):
+        cluster = self.join()
+        gate = gevent.event.Event()
+        self.addCleanup(gate.set)
+        queue = self.started(RecordingQueue(fail=lambda item, n: not gate.wait(10)))
+        queue.drain_timeout = 0.1
+        for number in range(2):
+            queue.enqueue(number)
+        self.assertEventually(lambda: queue.started_items)
+        cluster.stop()  # Cluster(url).start() alone: its queues stop first, while Redis is reachable
+        queue.stop()
+        self.assertEqual(self.redis.xpending("specter:queue:jobs", "specter")["pending"], 0,
+                         "items stayed claimed by a stopped node until visibility_timeout")
+        self.assertEqual(self.redis.xlen("specter:queue:jobs"), 2)
 
     def test_enqueue_refuses_non_json_and_returns_false_when_it_cannot_queue(self):
         self.join()
@@ -10296,6 +10435,62 @@ class TestClusterQueue(ClusterTestCase):
         self.assertEventually(lambda: queue.enqueue(2), timeout=3)
         self.assertTrue(queue.join(timeout=5))
         self.assertEqual(queue.handled, [1, 2])
+
+    def test_shared_counts_raise_a_connection_error_naming_the_url_while_redis_is_down(self):
+        server = self.own_redis()
+        cluster = self.join(server.url)
+        queue = self.started(RecordingQueue())
+        self.assertEqual(queue.pending_count(), 0)
+        with self.assertLogs("specter.cluster", "WARNING"):
+            server.kill()
+            for call in (queue.pending_count, queue.dead_letters, queue.requeue_dead):
+                with self.assertRaises(ConnectionError) as caught:
+                    call()
+                self.assertNotIsInstance(caught.exception, redis.RedisError)
+                self.assertIn("Redis at %s" % server.url, str(caught.exception))
+                self.assertIn(call.__name__, str(caught.exception))
+            server.start()
+            self.assertEventually(lambda: cluster.connected, timeout=3)
+        self.assertEqual((queue.pending_count(), queue.dead_letters(), queue.requeue_dead()), (0, [], 0))
+
+    def test_an_entry_that_is_not_utf8_json_is_buried_at_once_and_the_queue_goes_on(self):
+        self.join()
+        queue = self.started(RecordingQueue(retry_backoff=60))
+        self.redis.xadd("specter:queue:jobs", {"d": b'"caf\xe9"', "a": 0})  # written by another program
+        self.redis.xadd("specter:queue:jobs", {"d": "{not json", "a": 0})
+        self.assertTrue(queue.enqueue("fine"))
+        self.assertTrue(queue.join(timeout=3), "a poison entry wedged the queue")
+        self.assertEqual((queue.handled, queue.started_items), (["fine"], ["fine"]))
+        self.assertEqual([(item, deliveries) for item, _, deliveries in queue.dead],
+                         [('"caf\udce9"', 1), ("{not json", 1)])
+        letters = queue.dead_letters()
+        self.assertIn("not UTF-8 (byte 0xe9 at position 4)", letters[0]["error"])
+        self.assertIn("not a JSON item", letters[1]["error"])
+        self.assertEqual(queue.health()["last_error"], None)
+
+    def test_queues_whose_names_extend_each_other_never_share_keys(self):
+        self.join()
+        jobs = self.started(RecordingQueue("jobs", max_deliveries=1, fail=lambda item, n: True))
+        other = self.started(RecordingQueue("jobs:dead"))
+        with self.assertLogs("specter", "ERROR"):
+            jobs.enqueue("bad")
+            self.assertEventually(lambda: jobs.dead)
+        gevent.sleep(0.2)
+        self.assertEqual(other.started_items, [], "a queue consumed another queue's dead letters")
+        self.assertEqual([letter["item"] for letter in jobs.dead_letters()], ["bad"])
+
+    def test_a_queue_restarted_under_a_new_cluster_uses_that_cluster(self):
+        first = specter.Cluster(self.redis_server.url, node_id="first")
+        first.start()
+        queue = RecordingQueue()
+        queue.start()
+        queue.stop()
+        first.stop()
+        self.join()  # a new node in the same process: the same app booted again
+        self.started(queue)
+        self.assertTrue(queue.enqueue(1), "the queue still talks through the stopped cluster")
+        self.assertTrue(queue.join(timeout=3))
+        self.assertEqual(queue.handled, [1])
 
     def test_needs_a_started_cluster(self):
         with self.assertRaisesRegex(RuntimeError, "needs a started Cluster"):
@@ -10453,11 +10648,45 @@ class TestLease(ClusterTestCase):
         self.assertEqual((lease.held, lost.count), (False, 1))
         again = cluster.lease("report2", ttl=5)
         self.assertIsNone(self.redis.get("specter:lease:report"))
-        self.redis.set("specter:lease:report2:fence", 41)
+        self.redis.set("specter:fence:report2", 41)
         later = cluster.lease("report", ttl=5)
         self.assertEventually(lambda: later.held)
         self.assertGreater(later.token, first)
         self.assertEventually(lambda: again.held)
+
+    def test_a_manual_clock_drives_renewals_while_validity_stays_on_real_time(self):
+        cluster = self.join()
+        clock = self.use_manual_clock()
+        lease = cluster.lease("clocked", ttl=0.6)
+        self.assertEventually(lambda: lease.held)
+        began = time.monotonic()
+        while time.monotonic() - began < 1.2:  # twice the ttl of real time, renewed by the clock
+            clock.advance(0.2)
+            gevent.sleep(0.05)
+        self.assertTrue(lease.held)
+        self.assertEqual(self.redis.pttl("specter:lease:clocked") > 300, True)
+        began = time.monotonic()
+        clock.advance(3600)  # an hour of the clock's time costs no real time
+        self.assertLess(time.monotonic() - began, 1.0)
+        # The clock stands still now: nothing renews, so the lease runs out on real time, as in Redis.
+        self.assertEventually(lambda: not lease.held, timeout=1.0)
+        self.assertEventually(lambda: self.redis.get("specter:lease:clocked") is None, timeout=0.5)
+        lease.release()
+
+    def test_tokens_still_grow_after_redis_lost_its_data(self):
+        server = self.own_redis()  # no persistence: a restart forgets the fence counter
+        cluster = self.join(server.url)
+        lease = cluster.lease("export", ttl=0.6)
+        self.assertEventually(lambda: lease.held)
+        first = lease.token
+        lost, acquired = Recorder(), Recorder()
+        lease.on_lost(lost)
+        lease.on_acquired(acquired)
+        with self.assertLogs("specter.cluster", "WARNING"):
+            server.kill()
+            server.start()
+            self.assertEventually(lambda: acquired.count, timeout=4)
+        self.assertGreater(lease.token, first, "a store that saw the old token would refuse every write")
 
     def test_without_a_cluster_singletons_behave_as_plain_ones(self):
         ticks = []
