@@ -813,6 +813,26 @@ class TestRegistry(SpecterTestCase):
 # Lifecycle: Service ###########################################################
 
 
+class Stubborn(Service):
+    """Spawns 'clinger', a greenlet that ignores GreenletExit until ``release`` is set."""
+
+    stop_timeout = SHORT
+
+    def __init__(self, release):
+        super().__init__("stubborn")
+        self.release = release
+
+    def on_start(self):
+        self.clinger = self.spawn(self._cling, label="clinger")
+
+    def _cling(self):
+        while not self.release.is_set():
+            try:
+                self.release.wait(LONG)
+            except greenlet.GreenletExit:
+                pass
+
+
 class TestService(SpecterTestCase):
     def test_seed_shape_without_init(self):
         orders = []
@@ -1891,21 +1911,7 @@ class TestService(SpecterTestCase):
 
     def test_a_stuck_greenlet_stays_reported_after_a_restart_while_it_lives(self):
         release = gevent.event.Event()
-
-        class Stubborn(Service):
-            stop_timeout = SHORT
-
-            def on_start(self):
-                self.clinger = self.spawn(self._cling, label="clinger")
-
-            def _cling(self):
-                while not release.is_set():
-                    try:
-                        release.wait(LONG)
-                    except greenlet.GreenletExit:
-                        pass
-
-        svc = self.started(Stubborn())
+        svc = self.started(Stubborn(release))
         gevent.sleep(0)
         first = svc.clinger
         with self.assertLogs("specter", "ERROR"):
@@ -1971,21 +1977,7 @@ class TestService(SpecterTestCase):
 
     def test_cancel_greenlet_reports_a_greenlet_that_refuses_to_die(self):
         release = gevent.event.Event()
-
-        class Stubborn(Service):
-            stop_timeout = SHORT
-
-            def on_start(self):
-                self.clinger = self.spawn(self._cling, label="clinger")
-
-            def _cling(self):
-                while not release.is_set():
-                    try:
-                        release.wait(LONG)
-                    except greenlet.GreenletExit:
-                        pass
-
-        svc = self.started(Stubborn())
+        svc = self.started(Stubborn(release))
         gevent.sleep(0)
         with self.assertLogs("specter", "ERROR") as cm:
             svc.cancel_greenlet(svc.clinger)
