@@ -221,10 +221,11 @@ def _run_all(steps, on_error):
 
 
 def _describe(value):
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return "%s %s" % (type(value).__name__, text)
+    return "%s %s" % (type(value).__name__, _clip(repr(value)))
+
+
+def _clip(text, limit=60):
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _callable_name(fn):
@@ -3030,20 +3031,20 @@ def _schema_int(value):
                 whole = _schema_whole(number)
                 if whole is not None:
                     return whole
-        raise SchemaError("must be an integer, got %s" % _schema_clip(repr(value)))
+        raise SchemaError("must be an integer, got %s" % _clip(repr(value)))
     if cls is int:
         return value
     if cls is float:
         if value.is_integer():
             return int(value)
-        raise SchemaError("must be a whole number, got %s" % _schema_clip(repr(value)))
+        raise SchemaError("must be a whole number, got %s" % _clip(repr(value)))
     if cls is bool:
         raise SchemaError("must be an integer, got a boolean")
     if isinstance(value, decimal.Decimal):
         whole = _schema_whole(value)
         if whole is not None:
             return whole
-        raise SchemaError("must be a whole number, got %s" % _schema_clip(repr(value)))
+        raise SchemaError("must be a whole number, got %s" % _clip(repr(value)))
     if isinstance(value, numbers.Integral):
         return int(value)
     raise SchemaError("must be an integer, got %s" % _schema_kind(value))
@@ -3072,11 +3073,11 @@ def _schema_float(value):
     if cls is str:
         text = value if len(value) <= 64 else value.strip()   # float() skips whitespace itself
         if len(text) > 64 or "_" in text:
-            raise SchemaError("must be a number, got %s" % _schema_clip(repr(value)))
+            raise SchemaError("must be a number, got %s" % _clip(repr(value)))
         try:
             number = float(text)
         except ValueError:
-            raise SchemaError("must be a number, got %s" % _schema_clip(repr(value))) from None
+            raise SchemaError("must be a number, got %s" % _clip(repr(value))) from None
     elif cls is int:
         number = float(value)
     elif cls is float:
@@ -3089,7 +3090,7 @@ def _schema_float(value):
         raise SchemaError("must be a number, got %s" % _schema_kind(value))
     if -_SCHEMA_INF < number < _SCHEMA_INF:    # False for NaN too
         return number
-    raise SchemaError("must be a finite number, got %s" % _schema_clip(repr(value)))
+    raise SchemaError("must be a finite number, got %s" % _clip(repr(value)))
 
 
 _SCHEMA_INF = math.inf
@@ -3122,7 +3123,7 @@ def _schema_bool(value):
     elif cls is int and (value == 0 or value == 1):
         return value == 1
     raise SchemaError("must be true or false (also yes/no, on/off, 1/0), got %s"
-                      % _schema_clip(repr(value)))
+                      % _clip(repr(value)))
 
 
 def _schema_list(value):
@@ -3203,7 +3204,7 @@ class _SchemaCompiler:
         else:
             self._validate_function()
         source = "\n\n\n".join("\n".join(lines) for lines in self.functions) + "\n"
-        label = "<specter schema %s%s>" % (_schema_clip(ascii(self.schema.name), 60), " nested" if nested else "")
+        label = "<specter schema %s%s>" % (_clip(ascii(self.schema.name), 60), " nested" if nested else "")
         exec(compile(source, label, "exec"), self.namespace)
         for key, field, check, constant, default in self.defaults:
             if callable(default):           # list or dict: always an empty one
@@ -3213,7 +3214,7 @@ class _SchemaCompiler:
                 self.namespace[constant] = clean
         if self.legend:
             source += "\n# Constants (values, escaped, not compiled):\n" + "\n".join(
-                "#   %s = %s" % (name, _schema_clip(ascii(self.namespace[name]), 100)) for name in self.legend) + "\n"
+                "#   %s = %s" % (name, _clip(ascii(self.namespace[name]), 100)) for name in self.legend) + "\n"
         return self.namespace["clean_object" if nested else "validate"], source
 
     # -- names -----------------------------------------------------------------
@@ -3533,7 +3534,7 @@ def _schema_unknown(data, known, path, errors):
     """Record the keys of ``data`` a strict schema does not declare (the first ten by name)."""
     unknown = [key for key in data if key not in known]
     for key in unknown[:10]:
-        errors[_schema_path((path, _schema_clip(str(key))))] = "is not an allowed field"
+        errors[_schema_path((path, _clip(str(key))))] = "is not an allowed field"
     if len(unknown) > 10:
         errors[_schema_path((path, "..."))] = "%d more unknown fields" % (len(unknown) - 10)
 
@@ -3584,10 +3585,6 @@ def _schema_kind(value):
 def _schema_unit(value, count):
     unit = "character" if isinstance(value, str) else "item"
     return unit if count == 1 else unit + "s"
-
-
-def _schema_clip(text, limit=60):
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _schema_jsonable(value):
@@ -3766,8 +3763,8 @@ class Router(_Owner):
     def __init__(self, name=None, *, url_prefix=None, import_name=None):
         self.name = _check_name(name or _web_default_name(self, Router), "router name")
         prefix = url_prefix if url_prefix is not None else type(self).url_prefix
-        if prefix and (not isinstance(prefix, str) or not prefix.startswith("/")):
-            raise ValueError("url_prefix must be a path starting with '/', got %r" % (prefix,))
+        if prefix:
+            _web_path(prefix, "url_prefix must be a path starting with '/'")
         self.url_prefix = prefix
         self.import_name = import_name or type(self).__module__
         self._views = []
@@ -5038,8 +5035,7 @@ def _web_error_response(exc, message, log, include_trace):
 
 
 def _web_route_spec(rule, methods, endpoint, json_errors):
-    if not isinstance(rule, str) or not rule.startswith("/"):
-        raise ValueError("route rule must be a path starting with '/', got %r" % (rule,))
+    _web_path(rule, "route rule must be a path starting with '/'")
     if methods is not None:
         if not isinstance(methods, (list, tuple, set, frozenset)) or not all(isinstance(m, str) for m in methods):
             raise TypeError("methods must be a list of HTTP method names, got %r" % (methods,))
@@ -5071,10 +5067,15 @@ def _web_view(fn, json_errors):
     return view
 
 
+def _web_path(value, message):
+    """A rule, prefix or namespace: a string starting with '/', else ValueError (R0, "Argument rules")."""
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError("%s, got %r" % (message, value))
+    return value
+
+
 def _web_namespace(namespace):
-    if not isinstance(namespace, str) or not namespace.startswith("/"):
-        raise ValueError("namespace must start with '/', got %r" % (namespace,))
-    return namespace
+    return _web_path(namespace, "namespace must start with '/'")
 
 
 def _web_priority(priority):
@@ -5412,9 +5413,7 @@ def _web_probe_prefix(probes):
         return None
     if probes is True:
         return ""
-    if not isinstance(probes, str) or not probes.startswith("/"):
-        raise ValueError("probes must be True, False or a path prefix starting with '/', got %r" % (probes,))
-    return probes.rstrip("/")
+    return _web_path(probes, "probes must be True, False or a path prefix starting with '/'").rstrip("/")
 
 
 def _web_probes_mount(app, prefix):
@@ -8010,7 +8009,7 @@ def _testing_describe_callable(fn):
     owner = getattr(fn, "__self__", None)
     if owner is None or inspect.ismodule(owner):
         return _callable_name(fn)
-    return "%s of %s" % (_callable_name(fn), _schema_clip(repr(owner), 60))
+    return "%s of %s" % (_callable_name(fn), _clip(repr(owner), 60))
 
 
 def _testing_describe_timer(callback):

@@ -8042,7 +8042,9 @@ class TestRealClients(SpecterTestCase):
         self.assertEqual(ctl.calls, [1, 3])
 
 
-SIGNAL_APP = textwrap.dedent("""
+# What the signal and socket apps share: an app with a /ready route, and a
+# free port picked and printed for the test to read.
+APP_PRELUDE = textwrap.dedent("""
     import socket
     import sys
 
@@ -8052,7 +8054,6 @@ SIGNAL_APP = textwrap.dedent("""
 
     import specter
 
-    marker = sys.argv[1]
     app = Flask(__name__)
     sio = SocketIO(app, async_mode="gevent")
 
@@ -8060,6 +8061,20 @@ SIGNAL_APP = textwrap.dedent("""
     @app.route("/ready")
     def ready():
         return "ok"
+
+
+    def serve_port():
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        print("port", port, flush=True)
+        return port
+""")
+
+
+SIGNAL_APP = APP_PRELUDE + textwrap.dedent("""
+    marker = sys.argv[1]
 
 
     class Worker(specter.Service):
@@ -8080,11 +8095,7 @@ SIGNAL_APP = textwrap.dedent("""
                 f.write("stopped")
 
 
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    print("port", port, flush=True)
+    port = serve_port()
     if sys.argv[2] == "manager":
         manager = specter.ServiceManager(app, sio)
         manager.register_service(Worker())
@@ -8096,34 +8107,13 @@ SIGNAL_APP = textwrap.dedent("""
 """)
 
 
-SOCKET_APP = textwrap.dedent("""
-    import socket
-    import sys
-
-    from flask import Flask
-    from flask_socketio import SocketIO
-
-    import specter
-
-    app = Flask(__name__)
-    sio = SocketIO(app, async_mode="gevent")
-
-
-    @app.route("/ready")
-    def ready():
-        return "ok"
-
-
+SOCKET_APP = APP_PRELUDE + textwrap.dedent("""
     class Farewell(specter.Service):
         def on_stop(self):
             self.require("socketio").emit("bye", {"last": True})
 
 
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    print("port", port, flush=True)
+    port = serve_port()
     if sys.argv[1] == "manager":
         specter.ServiceManager(app, sio).register_service(Farewell()).run("127.0.0.1", port)
     else:  # boot() with signals on, then the usual Flask-SocketIO server
@@ -8416,6 +8406,9 @@ def child_args(code):
 
 def live_children():
     """Pids of this process's children that still run (zombies excluded), read from /proc.
+
+    Read here rather than through specter._process_group_members on purpose:
+    the oracle of the no-orphan tests must not be the code they check.
 
     A child forked but not yet exec'd counts too: it is the one a start
     interrupted at the wrong moment would leave behind.
@@ -9173,6 +9166,29 @@ class TestManagedProcess(SpecterTestCase):
 
     # PID reuse ----------------------------------------------------------------
 
+    def stranger(self):
+        """A process in a group of its own that SPECTER must never signal."""
+        stranger = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
+        self.addCleanup(lambda: stranger.poll() is None and (stranger.kill(), stranger.wait()))
+        return stranger
+
+    @contextlib.contextmanager
+    def pgid_reused_by(self, old, stranger):
+        """Simulate the kernel handing pgid ``old`` to ``stranger``'s group (real reuse cannot be forced)."""
+        real_killpg, real_members = os.killpg, specter._process_group_members
+
+        def killpg(pgid, signum):
+            return real_killpg(stranger.pid if pgid == old else pgid, signum)
+
+        def members(pgid):
+            if pgid != old:
+                return real_members(pgid)
+            return [old if pid == stranger.pid else pid for pid in real_members(stranger.pid) or ()]
+
+        with mock.patch.object(os, "killpg", killpg), \
+                mock.patch.object(specter, "_process_group_members", members):
+            yield
+
     def test_a_group_seen_gone_is_never_signalled_after_its_pgid_is_reused(self):
         # The child exits while its reader is busy in a handler, so stop()
         # kills the reaper before the reaper could record the group's end.
@@ -9187,20 +9203,8 @@ class TestManagedProcess(SpecterTestCase):
         proc.stop()
         # The kernel now hands the old number to a stranger's process group:
         # simulated by mapping the old pgid onto a real stranger's group.
-        stranger = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
-        self.addCleanup(lambda: stranger.poll() is None and (stranger.kill(), stranger.wait()))
-        real_killpg, real_members = os.killpg, specter._process_group_members
-
-        def killpg(pgid, signum):
-            return real_killpg(stranger.pid if pgid == old else pgid, signum)
-
-        def members(pgid):
-            if pgid != old:
-                return real_members(pgid)
-            return [old if pid == stranger.pid else pid for pid in real_members(stranger.pid) or ()]
-
-        with mock.patch.object(os, "killpg", killpg), \
-                mock.patch.object(specter, "_process_group_members", members):
+        stranger = self.stranger()
+        with self.pgid_reused_by(old, stranger):
             proc.stop()
             proc.start(child_args("pass"))
             self.assertEqual(proc.wait(timeout=5), 0)
@@ -9218,20 +9222,8 @@ class TestManagedProcess(SpecterTestCase):
         self.assertEqual(proc.wait(timeout=5), 0)
         old = proc.pid
         self.assertTrue(wait_until(lambda: pid_gone(old)))
-        stranger = gevent.subprocess.Popen(["sleep", "30"], start_new_session=True)
-        self.addCleanup(lambda: stranger.poll() is None and (stranger.kill(), stranger.wait()))
-        real_killpg, real_members = os.killpg, specter._process_group_members
-
-        def killpg(pgid, signum):
-            return real_killpg(stranger.pid if pgid == old else pgid, signum)
-
-        def members(pgid):
-            if pgid != old:
-                return real_members(pgid)
-            return [old if pid == stranger.pid else pid for pid in real_members(stranger.pid) or ()]
-
-        with mock.patch.object(os, "killpg", killpg), \
-                mock.patch.object(specter, "_process_group_members", members):
+        stranger = self.stranger()
+        with self.pgid_reused_by(old, stranger):
             proc.stop()
             proc.start(child_args("pass"))
             self.assertEqual(proc.wait(timeout=5), 0)
@@ -9846,6 +9838,8 @@ class ClusterTestCase(SpecterTestCase):
         if REDIS_SERVER is None:
             if os.environ.get("CI"):
                 self.fail(REDIS_MISSING + " (the tests need it when CI is set)")
+            # The one allowed skip: a user's machine without the system package.
+            # .ci/run installs it, and under CI the line above fails instead.
             self.skipTest(REDIS_MISSING)
 
     def own_redis(self, **kwargs):
@@ -11103,6 +11097,9 @@ class TestJobBoardBrowser(SpecterTestCase):
         if reason:
             if os.environ.get("CI"):
                 self.fail("CI must run the browser test: " + reason)
+            # The one allowed skip: a user's machine without chromium and its
+            # driver (the reason names the apt-get line). .ci/run installs them,
+            # and under CI the line above fails instead.
             self.skipTest(reason)
         self.drivers = []
         self.workdir = tempfile.mkdtemp(prefix="specter-browser-")
